@@ -1,0 +1,1 @@
+//! Embedded core service (placeholder, being written).

@@ -1,0 +1,213 @@
+//! The core-service boundary: everything that must outlive a connection or a gateway
+//! process goes through [`CoreService`].
+//!
+//! The gateway speaks to every core service (embedded log, Kafka, RocketMQ) in the same
+//! Kafka-like terms: topics split into partitions, records with key / headers / value
+//! appended at offsets, a live tail, one-shot reads from a position, and keyed state
+//! (persistent sessions, retained messages) that every gateway instance converges on.
+//! Nothing here knows MQTT: the mapping between MQTT messages and records (LMQ header names)
+//! lives in `router::mapping`, and session state arrives as opaque bytes.
+//!
+//! Rule of the trait: a future returned by [`CoreService::append`] resolves `Ok` only once
+//! the record is durably accepted (per the service's durability policy). The session sends
+//! PUBACK / PUBREC after that and never before.
+
+pub mod embedded;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use std::fmt;
+use std::sync::Arc;
+
+use crate::events::ClientEvent;
+
+/// One record as the core service stores it (Kafka's model: key, headers, value, time).
+#[derive(Clone, PartialEq, Eq)]
+pub struct CoreRecord {
+    pub key: Option<Bytes>,
+    /// Header names and values, in order (LMQ names: `topic`, `qoslevel`, `clientId`, ...).
+    pub headers: Vec<(String, Bytes)>,
+    pub value: Bytes,
+    /// Creation time, milliseconds since the Unix epoch.
+    pub timestamp_ms: i64,
+}
+
+impl CoreRecord {
+    pub fn header(&self, name: &str) -> Option<&Bytes> {
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v)
+    }
+}
+
+impl fmt::Debug for CoreRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CoreRecord")
+            .field("key", &self.key)
+            .field("headers", &self.headers)
+            .field("value_len", &self.value.len())
+            .field("timestamp_ms", &self.timestamp_ms)
+            .finish()
+    }
+}
+
+/// A (topic, partition) pair of the core service.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TopicPartition {
+    pub topic: Arc<str>,
+    pub partition: u32,
+}
+
+impl TopicPartition {
+    pub fn new(topic: impl Into<Arc<str>>, partition: u32) -> Self {
+        TopicPartition {
+            topic: topic.into(),
+            partition,
+        }
+    }
+}
+
+impl fmt::Display for TopicPartition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.topic, self.partition)
+    }
+}
+
+/// A stored record with its position. Shared (`Arc`) so that fan-out never copies payloads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub tp: TopicPartition,
+    pub offset: u64,
+    pub record: CoreRecord,
+}
+
+/// Where an append landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Position {
+    pub partition: u32,
+    pub offset: u64,
+}
+
+/// Result of a one-shot read.
+#[derive(Debug, Clone, Default)]
+pub struct Fetched {
+    /// Records with offsets `>= from`, in offset order (may be empty).
+    pub records: Vec<Arc<Record>>,
+    /// Offset to read from next time.
+    pub next_offset: u64,
+    /// Offset the next appended record will get (the end of the log).
+    pub high_watermark: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The service cannot be reached or refuses work right now; retrying later may succeed.
+    #[error("core service unavailable: {0}")]
+    Unavailable(String),
+    #[error("unknown core-service topic `{0}`")]
+    UnknownTopic(String),
+    #[error("core service timed out after {0:?}")]
+    Timeout(std::time::Duration),
+    #[error("core service storage error: {0}")]
+    Storage(String),
+    /// The service was shut down by this process.
+    #[error("core service closed")]
+    Closed,
+}
+
+impl From<std::io::Error> for BackendError {
+    fn from(e: std::io::Error) -> Self {
+        BackendError::Storage(e.to_string())
+    }
+}
+
+pub type Result<T, E = BackendError> = std::result::Result<T, E>;
+
+/// Keyed-state stores, each a compacted keyspace shared by all gateway instances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StateStore {
+    /// Persistent MQTT sessions, key = ClientId, value = opaque bytes from `session::persist`.
+    Sessions,
+    /// Retained messages, key = MQTT topic, value = an encoded [`CoreRecord`].
+    Retained,
+}
+
+/// A change to a [`StateStore`]: `None` value = deleted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateUpdate {
+    pub store: StateStore,
+    pub key: String,
+    pub value: Option<Bytes>,
+}
+
+/// The live tail of the core service: records appended after the assigned positions.
+/// Like a Kafka consumer with manual assignment.
+pub trait Tail: Send {
+    /// Start (or restart) delivering records of `tp` from offset `from`.
+    fn assign(&mut self, tp: TopicPartition, from: u64);
+    /// Stop delivering records of `tp`.
+    fn unassign(&mut self, tp: &TopicPartition);
+    /// Wait for the next records of assigned partitions (each partition in offset order).
+    /// Cancel-safe: dropping the future loses nothing.
+    fn poll(&mut self) -> BoxFuture<'_, Result<Vec<Arc<Record>>>>;
+}
+
+/// A core service. One instance per gateway process, shared by all connections.
+pub trait CoreService: Send + Sync + 'static {
+    /// `embedded`, `kafka`, `rocketmq`.
+    fn kind(&self) -> &'static str;
+
+    /// Make sure `topic` exists with at least `partitions` partitions.
+    fn ensure_topic(&self, topic: &str, partitions: u32) -> BoxFuture<'_, Result<()>>;
+
+    /// Number of partitions of an existing topic.
+    fn partitions(&self, topic: &str) -> Result<u32>;
+
+    /// Append a record; the partition is chosen from the key (same key, same partition,
+    /// so per-key order holds) or round-robin without a key. Resolves once durable.
+    fn append(&self, topic: &str, record: CoreRecord) -> BoxFuture<'static, Result<Position>>;
+
+    /// Read up to `max_records` records of `tp` starting at offset `from`. Offsets below the
+    /// retention start are skipped (the result starts at the first retained record).
+    fn fetch(
+        &self,
+        tp: &TopicPartition,
+        from: u64,
+        max_records: usize,
+    ) -> BoxFuture<'static, Result<Fetched>>;
+
+    /// Offset the next record of `tp` will get.
+    fn end_offset(&self, tp: &TopicPartition) -> BoxFuture<'static, Result<u64>>;
+
+    /// A new live tail with nothing assigned.
+    fn tail(&self) -> Box<dyn Tail>;
+
+    /// Write (Some) or delete (None) a key of a state store; resolves once durable.
+    fn put_state(
+        &self,
+        store: StateStore,
+        key: &str,
+        value: Option<Bytes>,
+    ) -> BoxFuture<'static, Result<()>>;
+
+    /// Current value of a key.
+    fn get_state(&self, store: StateStore, key: &str) -> BoxFuture<'static, Result<Option<Bytes>>>;
+
+    /// All current entries of a store, then every later change (from any gateway instance),
+    /// delivered to `updates` (bounded: a full channel delays the writer, it never drops).
+    /// Returns the snapshot.
+    fn watch_state(
+        &self,
+        store: StateStore,
+        updates: tokio::sync::mpsc::Sender<StateUpdate>,
+    ) -> BoxFuture<'static, Result<Vec<(String, Bytes)>>>;
+
+    /// Write a client status event (connect / disconnect / tcpclean) to the events topic.
+    fn emit_event(&self, event: ClientEvent) -> BoxFuture<'static, Result<()>>;
+
+    /// False while the service cannot accept writes (for `/readyz`).
+    fn is_available(&self) -> bool;
+
+    /// Flush and stop; later calls fail with [`BackendError::Closed`].
+    fn shutdown(&self) -> BoxFuture<'_, ()>;
+}
+
+pub type SharedCoreService = Arc<dyn CoreService>;

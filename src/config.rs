@@ -1,0 +1,430 @@
+//! `gateway.yaml`: every option, its default, and validation.
+//!
+//! Structs here are plain serde data with `deny_unknown_fields`, so a misspelt key is refused
+//! with a message naming it. Defaults are functions so that the shipped `gateway.yaml`, the
+//! docs and the code cannot drift apart silently: `check-config` prints the effective values.
+//! This module must not start anything.
+
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Name of this gateway instance in events and logs; default: host name + port.
+    #[serde(default)]
+    pub gateway_id: Option<String>,
+    /// Network listeners.
+    #[serde(default = "default_listeners")]
+    pub listeners: Vec<ListenerConfig>,
+    #[serde(default)]
+    pub mqtt: MqttConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    #[serde(default)]
+    pub topics: TopicsConfig,
+    #[serde(default)]
+    pub core: CoreConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        // An empty document yields every default.
+        serde_yaml_ng::from_str("{}").unwrap_or_else(|_| unreachable!("defaults deserialize"))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// Plain MQTT over TCP.
+    Tcp,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// Label used in logs and metrics.
+    pub name: String,
+    /// Address and port, e.g. `0.0.0.0:1883`; port 0 picks a free port.
+    pub bind: SocketAddr,
+    #[serde(default = "default_transport")]
+    pub transport: Transport,
+    /// Connections this listener accepts at once; further ones wait in the kernel backlog.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+}
+
+fn default_transport() -> Transport {
+    Transport::Tcp
+}
+fn default_max_connections() -> usize {
+    100_000
+}
+fn default_listeners() -> Vec<ListenerConfig> {
+    vec![ListenerConfig {
+        name: "tcp".into(),
+        bind: SocketAddr::from(([0, 0, 0, 0], 1883)),
+        transport: Transport::Tcp,
+        max_connections: default_max_connections(),
+    }]
+}
+
+/// MQTT protocol behaviour.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttConfig {
+    /// Seconds a new connection has to send its CONNECT.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_secs: u64,
+    /// Largest keepalive granted; a larger (or zero) request is lowered to this (MQTT 5 Server Keep Alive).
+    #[serde(default = "default_keepalive_max")]
+    pub keepalive_max_secs: u16,
+    /// Largest session expiry granted to MQTT 5 clients; cleanSession=false 3.1.1 sessions get this.
+    #[serde(default = "default_session_expiry_max")]
+    pub session_expiry_max_secs: u32,
+    /// QoS 1/2 PUBLISHes a client may have unacknowledged towards us (our Receive Maximum).
+    #[serde(default = "default_receive_maximum")]
+    pub receive_maximum: u16,
+    /// QoS 1/2 messages we send a client before waiting for its acknowledgements
+    /// (lowered to the client's Receive Maximum).
+    #[serde(default = "default_max_inflight")]
+    pub max_inflight: u16,
+    /// Messages waiting per connection for delivery; beyond it QoS 0 is dropped and QoS 1/2
+    /// is read back from the core service once the client catches up.
+    #[serde(default = "default_queue_capacity")]
+    pub queue_capacity: usize,
+    /// Topic aliases accepted from MQTT 5 clients (Topic Alias Maximum); 0 disables.
+    #[serde(default = "default_topic_alias_max")]
+    pub topic_alias_max: u16,
+    /// Seconds to wait for the core service to acknowledge a message before giving up on it
+    /// and disconnecting the client (nothing is acknowledged to the client in that case).
+    #[serde(default = "default_backend_timeout")]
+    pub backend_timeout_secs: u64,
+    /// Whether retained messages are supported.
+    #[serde(default = "default_true")]
+    pub retain_available: bool,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        serde_yaml_ng::from_str("{}").unwrap_or_else(|_| unreachable!("defaults deserialize"))
+    }
+}
+
+fn default_connect_timeout() -> u64 {
+    10
+}
+fn default_keepalive_max() -> u16 {
+    480
+}
+fn default_session_expiry_max() -> u32 {
+    3 * 24 * 3600
+}
+fn default_receive_maximum() -> u16 {
+    128
+}
+fn default_max_inflight() -> u16 {
+    64
+}
+fn default_queue_capacity() -> usize {
+    1024
+}
+fn default_topic_alias_max() -> u16 {
+    32
+}
+fn default_backend_timeout() -> u64 {
+    30
+}
+fn default_true() -> bool {
+    true
+}
+
+/// LMQ limits (SPEC §5).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Longest MQTT topic name, in characters.
+    #[serde(default = "default_64")]
+    pub max_topic_len: usize,
+    /// Longest ClientId, in characters.
+    #[serde(default = "default_64")]
+    pub max_client_id_len: usize,
+    /// Largest PUBLISH payload, in bytes.
+    #[serde(default = "default_max_payload")]
+    pub max_payload_bytes: usize,
+    /// Subscriptions a client may hold at once.
+    #[serde(default = "default_max_subscriptions")]
+    pub max_subscriptions: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        serde_yaml_ng::from_str("{}").unwrap_or_else(|_| unreachable!("defaults deserialize"))
+    }
+}
+
+fn default_64() -> usize {
+    64
+}
+fn default_max_payload() -> usize {
+    65_536
+}
+fn default_max_subscriptions() -> usize {
+    30
+}
+
+/// Record key of a message written to the core service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RecordKey {
+    /// The publishing ClientId: per-client order (LMQ's upstream order).
+    ClientId,
+    /// The full MQTT topic: per-topic order.
+    Topic,
+    /// No key: spread over partitions.
+    None,
+}
+
+/// Parent topics (SPEC §2).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicsConfig {
+    /// Declared parent topics; `name: "*"` accepts any parent topic (development).
+    #[serde(default = "default_parents")]
+    pub parents: Vec<ParentTopic>,
+    #[serde(default = "default_record_key")]
+    pub record_key: RecordKey,
+    /// Core-service topic that receives client status events.
+    #[serde(default = "default_events_topic")]
+    pub events_topic: String,
+}
+
+impl Default for TopicsConfig {
+    fn default() -> Self {
+        serde_yaml_ng::from_str("{}").unwrap_or_else(|_| unreachable!("defaults deserialize"))
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParentTopic {
+    /// First topic level, or `*`.
+    pub name: String,
+    /// Core-service topic; default: the parent topic's own name.
+    #[serde(default)]
+    pub core_topic: Option<String>,
+    /// Partitions when the gateway creates the core-service topic.
+    #[serde(default = "default_partitions")]
+    pub partitions: u32,
+}
+
+fn default_parents() -> Vec<ParentTopic> {
+    vec![ParentTopic {
+        name: "*".into(),
+        core_topic: None,
+        partitions: default_partitions(),
+    }]
+}
+fn default_record_key() -> RecordKey {
+    RecordKey::ClientId
+}
+fn default_events_topic() -> String {
+    "GID_LMQ_STATUS".into()
+}
+fn default_partitions() -> u32 {
+    4
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CoreKind {
+    Embedded,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoreConfig {
+    /// Which core service stores messages and state.
+    #[serde(default = "default_core_kind")]
+    pub kind: CoreKind,
+    #[serde(default)]
+    pub embedded: EmbeddedConfig,
+}
+
+impl Default for CoreConfig {
+    fn default() -> Self {
+        serde_yaml_ng::from_str("{}").unwrap_or_else(|_| unreachable!("defaults deserialize"))
+    }
+}
+
+fn default_core_kind() -> CoreKind {
+    CoreKind::Embedded
+}
+
+/// When the embedded log calls fsync.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FsyncPolicy {
+    /// Before acknowledging each batch of appends (group commit): survives power loss.
+    Always,
+    /// Every `fsync_interval_ms`; acknowledged after the write reached the OS, so a process
+    /// crash loses nothing but a power loss may lose the last interval.
+    Interval,
+    /// Leave flushing to the OS.
+    Never,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbeddedConfig {
+    /// Directory holding the log segments and state files.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    #[serde(default = "default_fsync")]
+    pub fsync: FsyncPolicy,
+    #[serde(default = "default_fsync_interval")]
+    pub fsync_interval_ms: u64,
+    /// Records older than this are deleted (whole segments at a time).
+    #[serde(default = "default_retention_hours")]
+    pub retention_hours: u64,
+    /// A segment file is closed and a new one started at this size.
+    #[serde(default = "default_segment_bytes")]
+    pub segment_bytes: u64,
+    /// Recent records kept in memory per partition for fast reads by lagging readers.
+    #[serde(default = "default_cache_records")]
+    pub cache_records: usize,
+}
+
+impl Default for EmbeddedConfig {
+    fn default() -> Self {
+        serde_yaml_ng::from_str("{}").unwrap_or_else(|_| unreachable!("defaults deserialize"))
+    }
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("data")
+}
+fn default_fsync() -> FsyncPolicy {
+    FsyncPolicy::Always
+}
+fn default_fsync_interval() -> u64 {
+    100
+}
+fn default_retention_hours() -> u64 {
+    72
+}
+fn default_segment_bytes() -> u64 {
+    64 * 1024 * 1024
+}
+fn default_cache_records() -> usize {
+    16_384
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    #[serde(default = "default_log_format")]
+    pub format: LogFormat,
+    /// `tracing` filter, e.g. `info` or `lmq_gateway=debug`; `RUST_LOG` overrides it.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: default_log_format(),
+            level: default_log_level(),
+        }
+    }
+}
+
+fn default_log_format() -> LogFormat {
+    LogFormat::Human
+}
+fn default_log_level() -> String {
+    "info".into()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: serde_yaml_ng::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Load and validate a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let config: Config =
+            serde_yaml_ng::from_str(&text).map_err(|source| ConfigError::Parse {
+                path: path.to_owned(),
+                source,
+            })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parse from a string (tests, embedding).
+    pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
+        let config: Config =
+            serde_yaml_ng::from_str(text).map_err(|source| ConfigError::Parse {
+                path: PathBuf::from("<string>"),
+                source,
+            })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if self.listeners.is_empty() {
+            return invalid("listeners: at least one listener is required".into());
+        }
+        for p in &self.topics.parents {
+            if p.name.is_empty() || p.name.contains(['/', '+', '#']) {
+                return invalid(format!(
+                    "topics.parents: `{}` is not a single topic level",
+                    p.name
+                ));
+            }
+            if p.partitions == 0 {
+                return invalid(format!(
+                    "topics.parents[{}].partitions must be at least 1",
+                    p.name
+                ));
+            }
+        }
+        if self.mqtt.receive_maximum == 0 || self.mqtt.max_inflight == 0 {
+            return invalid("mqtt.receive_maximum and mqtt.max_inflight must be at least 1".into());
+        }
+        if self.mqtt.queue_capacity == 0 {
+            return invalid("mqtt.queue_capacity must be at least 1".into());
+        }
+        Ok(())
+    }
+}

@@ -428,3 +428,35 @@ impl Config {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_gateway_yaml_is_valid_and_matches_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("gateway.yaml");
+        let shipped = Config::load(&path).expect("gateway.yaml loads");
+        let defaults = Config::default();
+        // The shipped file documents the defaults: both must serialise the same.
+        let a = serde_yaml_ng::to_string(&shipped).unwrap();
+        let b = serde_yaml_ng::to_string(&defaults).unwrap();
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_by_name() {
+        let err = Config::from_yaml("mqtt:\n  keepalive_maxx_secs: 5\n").unwrap_err().to_string();
+        assert!(err.contains("keepalive_maxx_secs"), "{err}");
+        let err = Config::from_yaml("nonsense: 1\n").unwrap_err().to_string();
+        assert!(err.contains("nonsense"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_are_explained() {
+        let err = Config::from_yaml("topics:\n  parents:\n    - name: a/b\n").unwrap_err().to_string();
+        assert!(err.contains("a/b"), "{err}");
+        let err = Config::from_yaml("listeners: []\n").unwrap_err().to_string();
+        assert!(err.contains("at least one listener"), "{err}");
+    }
+}

@@ -1,12 +1,23 @@
 //! lmq-gateway: a stateless MQTT 3.1.1 / 5.0 gateway in the style of Alibaba Cloud LMQ.
 //!
 //! Module map (see ARCHITECTURE.md for the data flow):
-//! - [`protocol`]: MQTT codec, pure.
+//! - [`protocol`]: MQTT codec, pure, no I/O.
 //! - [`config`]: `gateway.yaml`.
+//! - [`server`]: listeners and the shared [`server::Context`]; [`gateway`] wires it all up.
+//! - [`connection`]: one task per client: read, decode, session logic, write.
+//! - [`session`]: session state, persistence format, takeover registry.
+//! - [`router`]: topic matching, subscription trie, MQTT ↔ record mapping, dispatch.
 //! - [`backend`]: the core-service trait and its engines.
+//! - [`limits`]: LMQ limits.
 //! - [`events`]: client status events.
 
 pub mod backend;
 pub mod config;
+pub mod connection;
 pub mod events;
+pub mod gateway;
+pub mod limits;
 pub mod protocol;
+pub mod router;
+pub mod server;
+pub mod session;

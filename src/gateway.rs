@@ -1,0 +1,86 @@
+//! Composition root: builds the core service, router, registry and listeners from a
+//! [`Config`], and shuts them down in order. `main` and the integration tests both use it.
+
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+use crate::backend::embedded::EmbeddedCore;
+use crate::backend::SharedCoreService;
+use crate::config::{Config, CoreKind};
+use crate::limits::Limits;
+use crate::router::mapping::TopicMap;
+use crate::router::Router;
+use crate::server::{Context, Listener};
+use crate::session::registry::{Kick, Registry};
+
+/// A running gateway.
+pub struct Gateway {
+    pub ctx: Arc<Context>,
+    /// Bound address of each listener, in config order (port 0 resolved).
+    pub addrs: Vec<(String, SocketAddr)>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Gateway {
+    /// Open the core service, start the router and bind every listener.
+    pub async fn start(config: Config) -> anyhow::Result<Gateway> {
+        let backend: SharedCoreService = match config.core.kind {
+            CoreKind::Embedded => EmbeddedCore::open(&config.core.embedded, &config.topics.events_topic).await?,
+        };
+        let router = Router::start(backend.clone(), TopicMap::new(&config.topics)).await?;
+        let mut listeners = Vec::new();
+        for l in &config.listeners {
+            let bound = Listener::bind(l)
+                .await
+                .map_err(|e| anyhow::anyhow!("listener `{}` cannot bind {}: {e}", l.name, l.bind))?;
+            listeners.push(bound);
+        }
+        let addrs: Vec<(String, SocketAddr)> = listeners
+            .iter()
+            .map(|l| Ok((l.config.name.clone(), l.local_addr()?)))
+            .collect::<std::io::Result<_>>()?;
+        let gateway_id = config.gateway_id.clone().unwrap_or_else(|| {
+            let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "gateway".into());
+            let port = addrs.first().map(|(_, a)| a.port()).unwrap_or(0);
+            format!("{host}:{port}")
+        });
+        let ctx = Arc::new(Context {
+            limits: Limits::new(config.limits.clone()),
+            config,
+            gateway_id,
+            backend,
+            router,
+            registry: Registry::new(),
+            next_conn_id: AtomicU64::new(1),
+            shutdown: CancellationToken::new(),
+        });
+        let tasks = listeners.into_iter().map(|l| tokio::spawn(l.serve(ctx.clone()))).collect();
+        for (name, addr) in &addrs {
+            tracing::info!(listener = %name, %addr, "listening");
+        }
+        Ok(Gateway { ctx, addrs, tasks })
+    }
+
+    /// Address of the first listener.
+    pub fn addr(&self) -> SocketAddr {
+        self.addrs[0].1
+    }
+
+    /// Graceful shutdown: stop accepting, disconnect clients (MQTT 5 reason 0x8B) and let
+    /// them save their sessions, then flush and close the core service.
+    pub async fn shutdown(self) {
+        let kicked = self.ctx.registry.kick_all(Kick::Shutdown);
+        self.ctx.shutdown.cancel();
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        if !self.ctx.registry.drained(Duration::from_secs(10)).await {
+            tracing::warn!("some connections did not finish within 10 s");
+        }
+        self.ctx.backend.shutdown().await;
+        tracing::info!(kicked, "gateway stopped");
+    }
+}

@@ -1,0 +1,403 @@
+//! Mapping between MQTT messages and core-service records (SPEC §2).
+//!
+//! Parent topic → core-service topic, record key, and the LMQ header names
+//! (`topic`, `mqttSecondTopic`, `qoslevel`, `clientId`, `mqtt5UserProperty`, ...), so that
+//! applications migrating from LMQ read the same fields. Also the other direction: any record
+//! in a parent topic's core-service topic — written by a gateway or by any application —
+//! becomes an MQTT message.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::backend::CoreRecord;
+use crate::config::{RecordKey, TopicsConfig};
+use crate::protocol::{PublishProperties, QoS, UserProperties};
+
+/// Header names (LMQ's, plus ours for what LMQ has no name for).
+pub mod header {
+    pub const TOPIC: &str = "topic";
+    pub const SECOND_TOPIC: &str = "mqttSecondTopic";
+    pub const QOS: &str = "qoslevel";
+    pub const CLIENT_ID: &str = "clientId";
+    pub const USER_PROPERTY: &str = "mqtt5UserProperty";
+    pub const EXPIRY: &str = "mqtt5MsgExpireInterval";
+    pub const CONTENT_TYPE: &str = "mqtt5ContentType";
+    pub const RETAIN: &str = "retain";
+    pub const RESPONSE_TOPIC: &str = "mqtt5ResponseTopic";
+    pub const CORRELATION_DATA: &str = "mqtt5CorrelationData";
+    pub const PAYLOAD_FORMAT: &str = "mqtt5PayloadFormatIndicator";
+}
+
+/// An application message as the router and sessions see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub topic: Arc<str>,
+    pub payload: Bytes,
+    pub qos: QoS,
+    pub retain: bool,
+    /// ClientId of the publisher (empty for records written by other applications).
+    pub publisher: Arc<str>,
+    pub payload_format_indicator: Option<u8>,
+    pub message_expiry_interval: Option<u32>,
+    pub content_type: Option<String>,
+    pub response_topic: Option<String>,
+    pub correlation_data: Option<Bytes>,
+    pub user_properties: UserProperties,
+    /// When the message was published, epoch ms.
+    pub timestamp_ms: i64,
+}
+
+impl Message {
+    /// Whether the message expiry interval has passed at `now_ms`.
+    pub fn expired(&self, now_ms: i64) -> bool {
+        match self.message_expiry_interval {
+            Some(secs) => now_ms >= self.timestamp_ms + i64::from(secs) * 1000,
+            None => false,
+        }
+    }
+
+    /// PUBLISH properties to send to a subscriber at `now_ms` (expiry counts down).
+    pub fn publish_properties(&self, now_ms: i64) -> PublishProperties {
+        let message_expiry_interval = self.message_expiry_interval.map(|secs| {
+            let left = (self.timestamp_ms + i64::from(secs) * 1000 - now_ms).max(0) / 1000;
+            u32::try_from(left).unwrap_or(secs).max(1)
+        });
+        PublishProperties {
+            payload_format_indicator: self.payload_format_indicator,
+            message_expiry_interval,
+            topic_alias: None,
+            response_topic: self.response_topic.clone(),
+            correlation_data: self.correlation_data.clone(),
+            user_properties: self.user_properties.clone(),
+            subscription_identifiers: Vec::new(),
+            content_type: self.content_type.clone(),
+        }
+    }
+}
+
+/// Where a parent topic is stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CoreTopic {
+    pub name: Arc<str>,
+    pub partitions: u32,
+}
+
+/// Parent topics declared in `gateway.yaml`, resolved to core-service topics.
+#[derive(Debug, Clone)]
+pub struct TopicMap {
+    declared: HashMap<String, CoreTopic>,
+    /// `*` declared: any parent maps to a core topic of the same name.
+    any: Option<u32>,
+    key: RecordKey,
+}
+
+impl TopicMap {
+    pub fn new(config: &TopicsConfig) -> TopicMap {
+        let mut declared = HashMap::new();
+        let mut any = None;
+        for p in &config.parents {
+            if p.name == "*" {
+                any = Some(p.partitions);
+            } else {
+                let name = p.core_topic.clone().unwrap_or_else(|| p.name.clone());
+                declared.insert(p.name.clone(), CoreTopic { name: name.into(), partitions: p.partitions });
+            }
+        }
+        TopicMap { declared, any, key: config.record_key }
+    }
+
+    /// Core topic for a parent topic, or `None` when the parent is not declared.
+    pub fn core_topic(&self, parent: &str) -> Option<CoreTopic> {
+        if let Some(t) = self.declared.get(parent) {
+            return Some(t.clone());
+        }
+        match self.any {
+            Some(partitions) if is_safe_core_name(parent) => Some(CoreTopic { name: parent.into(), partitions }),
+            _ => None,
+        }
+    }
+
+    /// Parent topics declared by name (without `*`).
+    pub fn declared(&self) -> impl Iterator<Item = (&str, &CoreTopic)> {
+        self.declared.iter().map(|(k, v)| (k.as_str(), v))
+    }
+
+    /// Whether any parent topic is accepted.
+    pub fn accepts_any(&self) -> bool {
+        self.any.is_some()
+    }
+
+    /// Parent topic whose records live in core topic `core`.
+    pub fn parent_of_core(&self, core: &str) -> Option<String> {
+        if let Some((parent, _)) = self.declared.iter().find(|(_, t)| &*t.name == core) {
+            return Some(parent.clone());
+        }
+        self.any.map(|_| core.to_string())
+    }
+
+    /// Build the record for a message.
+    pub fn to_record(&self, msg: &Message) -> CoreRecord {
+        let key = match self.key {
+            RecordKey::ClientId if !msg.publisher.is_empty() => Some(Bytes::copy_from_slice(msg.publisher.as_bytes())),
+            RecordKey::Topic => Some(Bytes::copy_from_slice(msg.topic.as_bytes())),
+            _ => None,
+        };
+        CoreRecord { key, headers: message_headers(msg), value: msg.payload.clone(), timestamp_ms: msg.timestamp_ms }
+    }
+}
+
+/// Core topic names are also file names (embedded) and Kafka topic names.
+fn is_safe_core_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 200
+        && name != "."
+        && name != ".."
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+}
+
+/// The LMQ headers of a message.
+pub fn message_headers(msg: &Message) -> Vec<(String, Bytes)> {
+    let mut h = Vec::with_capacity(6);
+    let s = |v: &str| Bytes::copy_from_slice(v.as_bytes());
+    h.push((header::TOPIC.to_string(), s(&msg.topic)));
+    let second = match msg.topic.find('/') {
+        Some(i) => &msg.topic[i..],
+        None => "",
+    };
+    if !second.is_empty() {
+        h.push((header::SECOND_TOPIC.to_string(), s(second)));
+    }
+    h.push((header::QOS.to_string(), s(&(msg.qos as u8).to_string())));
+    if !msg.publisher.is_empty() {
+        h.push((header::CLIENT_ID.to_string(), s(&msg.publisher)));
+    }
+    if msg.retain {
+        h.push((header::RETAIN.to_string(), s("true")));
+    }
+    if !msg.user_properties.is_empty() {
+        let arr: Vec<serde_json::Value> = msg
+            .user_properties
+            .iter()
+            .map(|(k, v)| serde_json::json!({"key": k, "value": v}))
+            .collect();
+        h.push((header::USER_PROPERTY.to_string(), Bytes::from(serde_json::Value::Array(arr).to_string())));
+    }
+    if let Some(e) = msg.message_expiry_interval {
+        h.push((header::EXPIRY.to_string(), s(&e.to_string())));
+    }
+    if let Some(ct) = &msg.content_type {
+        h.push((header::CONTENT_TYPE.to_string(), s(ct)));
+    }
+    if let Some(rt) = &msg.response_topic {
+        h.push((header::RESPONSE_TOPIC.to_string(), s(rt)));
+    }
+    if let Some(cd) = &msg.correlation_data {
+        h.push((header::CORRELATION_DATA.to_string(), cd.clone()));
+    }
+    if let Some(pf) = msg.payload_format_indicator {
+        h.push((header::PAYLOAD_FORMAT.to_string(), s(&pf.to_string())));
+    }
+    h
+}
+
+fn header_str<'a>(rec: &'a CoreRecord, name: &str) -> Option<&'a str> {
+    rec.header(name).and_then(|v| std::str::from_utf8(v).ok())
+}
+
+/// Turn a record of parent topic `parent` into an MQTT message (SPEC §2, cloud-to-device):
+/// topic = `topic` header, else parent + `mqttSecondTopic`, else the parent; QoS =
+/// `qoslevel` (default 1). Returns `None` for a record whose topic is not a valid MQTT topic
+/// name of that parent.
+pub fn record_to_message(parent: &str, rec: &CoreRecord) -> Option<Message> {
+    let topic: Arc<str> = match header_str(rec, header::TOPIC) {
+        Some(t) => t.into(),
+        None => match header_str(rec, header::SECOND_TOPIC) {
+            Some(second) if second.starts_with('/') => format!("{parent}{second}").into(),
+            Some(second) => format!("{parent}/{second}").into(),
+            None => parent.into(),
+        },
+    };
+    if super::topic::validate_name(&topic).is_err() || super::topic::parent(&topic) != parent {
+        return None;
+    }
+    let qos = header_str(rec, header::QOS)
+        .and_then(|q| q.trim().parse::<u8>().ok())
+        .and_then(QoS::from_u8)
+        .unwrap_or(QoS::AtLeastOnce);
+    let user_properties = header_str(rec, header::USER_PROPERTY)
+        .and_then(|j| serde_json::from_str::<Vec<serde_json::Value>>(j).ok())
+        .map(|arr| {
+            arr.iter()
+                .filter_map(|v| Some((v.get("key")?.as_str()?.to_string(), v.get("value")?.as_str()?.to_string())))
+                .collect()
+        })
+        .unwrap_or_default();
+    Some(Message {
+        topic,
+        payload: rec.value.clone(),
+        qos,
+        retain: header_str(rec, header::RETAIN) == Some("true"),
+        publisher: header_str(rec, header::CLIENT_ID).unwrap_or("").into(),
+        payload_format_indicator: header_str(rec, header::PAYLOAD_FORMAT).and_then(|v| v.parse().ok()),
+        message_expiry_interval: header_str(rec, header::EXPIRY).and_then(|v| v.parse().ok()),
+        content_type: header_str(rec, header::CONTENT_TYPE).map(str::to_string),
+        response_topic: header_str(rec, header::RESPONSE_TOPIC).map(str::to_string),
+        correlation_data: rec.header(header::CORRELATION_DATA).cloned(),
+        user_properties,
+        timestamp_ms: rec.timestamp_ms,
+    })
+}
+
+/// Encode a record as a state-store value (retained messages).
+pub fn encode_record(rec: &CoreRecord) -> Bytes {
+    let mut b = BytesMut::with_capacity(32 + rec.value.len());
+    b.put_i64(rec.timestamp_ms);
+    match &rec.key {
+        Some(k) => {
+            b.put_u32(k.len() as u32);
+            b.put_slice(k);
+        }
+        None => b.put_u32(u32::MAX),
+    }
+    b.put_u32(rec.headers.len() as u32);
+    for (k, v) in &rec.headers {
+        b.put_u32(k.len() as u32);
+        b.put_slice(k.as_bytes());
+        b.put_u32(v.len() as u32);
+        b.put_slice(v);
+    }
+    b.put_u32(rec.value.len() as u32);
+    b.put_slice(&rec.value);
+    b.freeze()
+}
+
+/// Decode [`encode_record`]'s output; `None` if it is corrupt.
+pub fn decode_record(mut b: Bytes) -> Option<CoreRecord> {
+    fn take(b: &mut Bytes) -> Option<Bytes> {
+        if b.remaining() < 4 {
+            return None;
+        }
+        let n = b.get_u32() as usize;
+        (b.remaining() >= n).then(|| b.split_to(n))
+    }
+    if b.remaining() < 12 {
+        return None;
+    }
+    let timestamp_ms = b.get_i64();
+    let key = if b.remaining() >= 4 && b[..4] == [0xff; 4] {
+        b.advance(4);
+        None
+    } else {
+        Some(take(&mut b)?)
+    };
+    if b.remaining() < 4 {
+        return None;
+    }
+    let n = b.get_u32() as usize;
+    let mut headers = Vec::with_capacity(n.min(64));
+    for _ in 0..n {
+        let k = take(&mut b)?;
+        let v = take(&mut b)?;
+        headers.push((String::from_utf8(k.to_vec()).ok()?, v));
+    }
+    let value = take(&mut b)?;
+    Some(CoreRecord { key, headers, value, timestamp_ms })
+}
+
+/// `<parent>/p2p/<clientId>`: the target ClientId of a P2P topic.
+pub fn p2p_target(topic: &str) -> Option<&str> {
+    let mut it = topic.splitn(3, '/');
+    let _parent = it.next()?;
+    if it.next()? != "p2p" {
+        return None;
+    }
+    it.next().filter(|t| !t.is_empty() && !t.contains('/'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ParentTopic;
+
+    fn msg() -> Message {
+        Message {
+            topic: "sensors/room1/temp".into(),
+            payload: Bytes::from_static(b"21.5"),
+            qos: QoS::AtLeastOnce,
+            retain: true,
+            publisher: "GID_dev@@@d1".into(),
+            payload_format_indicator: Some(1),
+            message_expiry_interval: Some(60),
+            content_type: Some("text/plain".into()),
+            response_topic: Some("sensors/reply".into()),
+            correlation_data: Some(Bytes::from_static(b"c1")),
+            user_properties: vec![("a".into(), "1".into()), ("a".into(), "2".into())],
+            timestamp_ms: 1_700_000_000_000,
+        }
+    }
+
+    #[test]
+    fn records_carry_lmq_headers_and_map_back() {
+        let cfg = TopicsConfig::default();
+        let map = TopicMap::new(&cfg);
+        let rec = map.to_record(&msg());
+        assert_eq!(rec.key.as_deref(), Some(&b"GID_dev@@@d1"[..]));
+        assert_eq!(rec.header("topic").map(|v| &v[..]), Some(&b"sensors/room1/temp"[..]));
+        assert_eq!(rec.header("mqttSecondTopic").map(|v| &v[..]), Some(&b"/room1/temp"[..]));
+        assert_eq!(rec.header("qoslevel").map(|v| &v[..]), Some(&b"1"[..]));
+        assert_eq!(rec.header("clientId").map(|v| &v[..]), Some(&b"GID_dev@@@d1"[..]));
+        assert_eq!(
+            rec.header("mqtt5UserProperty").map(|v| &v[..]),
+            Some(&br#"[{"key":"a","value":"1"},{"key":"a","value":"2"}]"#[..])
+        );
+        assert_eq!(record_to_message("sensors", &rec), Some(msg()));
+    }
+
+    #[test]
+    fn foreign_records_get_topic_from_second_topic_or_parent() {
+        let mut rec = CoreRecord { key: None, headers: vec![], value: Bytes::from_static(b"x"), timestamp_ms: 5 };
+        let m = record_to_message("cmd", &rec).unwrap();
+        assert_eq!(&*m.topic, "cmd");
+        assert_eq!(m.qos, QoS::AtLeastOnce);
+        rec.headers.push(("mqttSecondTopic".into(), Bytes::from_static(b"/dev1/set")));
+        assert_eq!(&*record_to_message("cmd", &rec).unwrap().topic, "cmd/dev1/set");
+        rec.headers.push(("qoslevel".into(), Bytes::from_static(b"0")));
+        assert_eq!(record_to_message("cmd", &rec).unwrap().qos, QoS::AtMostOnce);
+        rec.headers.push(("topic".into(), Bytes::from_static(b"other/x")));
+        assert_eq!(record_to_message("cmd", &rec), None, "topic of another parent is refused");
+    }
+
+    #[test]
+    fn undeclared_parents_are_refused() {
+        let cfg = TopicsConfig {
+            parents: vec![ParentTopic { name: "sensors".into(), core_topic: Some("iot.sensors".into()), partitions: 2 }],
+            ..TopicsConfig::default()
+        };
+        let map = TopicMap::new(&cfg);
+        assert_eq!(map.core_topic("sensors").map(|t| t.name), Some("iot.sensors".into()));
+        assert_eq!(map.core_topic("other"), None);
+        assert_eq!(map.parent_of_core("iot.sensors").as_deref(), Some("sensors"));
+        let any = TopicMap::new(&TopicsConfig::default());
+        assert!(any.core_topic("x").is_some());
+        assert!(any.core_topic("..").is_none());
+    }
+
+    #[test]
+    fn record_encoding_round_trips() {
+        let map = TopicMap::new(&TopicsConfig::default());
+        let rec = map.to_record(&msg());
+        assert_eq!(decode_record(encode_record(&rec)), Some(rec.clone()));
+        let nokey = CoreRecord { key: None, ..rec };
+        assert_eq!(decode_record(encode_record(&nokey)), Some(nokey));
+        assert_eq!(decode_record(Bytes::from_static(b"short")), None);
+    }
+
+    #[test]
+    fn p2p_targets() {
+        assert_eq!(p2p_target("cmd/p2p/GID_a@@@1"), Some("GID_a@@@1"));
+        assert_eq!(p2p_target("cmd/x/GID_a@@@1"), None);
+        assert_eq!(p2p_target("cmd/p2p"), None);
+        assert_eq!(p2p_target("cmd/p2p/a/b"), None);
+    }
+}

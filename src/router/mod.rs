@@ -1,0 +1,513 @@
+//! Routing records from the core service to the sessions of this gateway.
+//!
+//! The dispatcher task owns the core service's live [`Tail`]. For every record it builds the
+//! MQTT [`Message`] once, finds the matching local sessions in the subscription [`trie`], and
+//! offers the shared `Arc`s to each session's bounded queue with `try_send` — it never waits
+//! for a session. When a queue is full, a QoS 0 delivery is dropped and counted; for QoS 1/2
+//! the session is marked *lagging* on that partition: the dispatcher skips it there, and the
+//! session reads the missed records back from the core service itself, then re-attaches
+//! (see `session::catchup`). The log is the buffer; a slow subscriber blocks no one.
+//!
+//! Data flows one way: backend → router → session. The router never writes to the backend
+//! except to create topics.
+
+pub mod mapping;
+pub mod topic;
+pub mod trie;
+
+use parking_lot::Mutex;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot, Notify};
+
+use crate::backend::{Record, SharedCoreService, StateStore, StateUpdate, Tail, TopicPartition};
+use crate::protocol::QoS;
+use mapping::{CoreTopic, Message, TopicMap};
+use trie::{PlainMatch, Trie};
+
+/// Identifies one connected session in the router (unique per process).
+pub type SessionId = u64;
+
+/// Records the dispatcher keeps per partition so that a session re-attaching slightly behind
+/// can be served without another read from the core service.
+const REPLAY_RING: usize = 4096;
+
+/// Something for a session to deliver.
+#[derive(Debug)]
+pub enum Delivery {
+    /// A record that matched the session. `shared` names the `$share/...` subscription it
+    /// was routed through, if any.
+    Live { record: Arc<Record>, message: Arc<Message>, shared: Option<Arc<str>> },
+    /// Records of one partition handed over at re-attach time (unfiltered: the session
+    /// matches them against its own subscriptions).
+    Replay { records: Vec<(Arc<Record>, Arc<Message>)> },
+}
+
+/// The router's handle on one connected session.
+pub struct SessionSlot {
+    pub id: SessionId,
+    pub client_id: Arc<str>,
+    tx: mpsc::Sender<Delivery>,
+    /// Partitions the dispatcher skips for this session → first offset it did not deliver.
+    lagging: Mutex<HashMap<TopicPartition, u64>>,
+    any_lagging: AtomicBool,
+    /// Woken when a partition starts lagging.
+    pub lag_notify: Notify,
+}
+
+impl SessionSlot {
+    /// Partitions on which this session must read back from the core service, with the
+    /// first offset to read. Does not clear them.
+    pub fn lagging(&self) -> Vec<(TopicPartition, u64)> {
+        self.lagging.lock().iter().map(|(tp, o)| (tp.clone(), *o)).collect()
+    }
+
+    /// Mark a partition lagging from `offset` (e.g. a restored session catching up).
+    pub fn mark_lagging(&self, tp: TopicPartition, offset: u64) {
+        let mut l = self.lagging.lock();
+        let e = l.entry(tp).or_insert(offset);
+        *e = (*e).min(offset);
+        self.any_lagging.store(true, Ordering::Release);
+        drop(l);
+        self.lag_notify.notify_one();
+    }
+
+    fn is_lagging(&self, tp: &TopicPartition) -> bool {
+        self.any_lagging.load(Ordering::Acquire) && self.lagging.lock().contains_key(tp)
+    }
+
+    fn clear_lagging(&self, tp: &TopicPartition) {
+        let mut l = self.lagging.lock();
+        l.remove(tp);
+        self.any_lagging.store(!l.is_empty(), Ordering::Release);
+    }
+}
+
+/// Outcome of [`Router::reattach`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reattach {
+    /// Live delivery resumed (records the session had not read were handed over as a replay).
+    Attached,
+    /// The dispatcher has moved on too far; read on from the given offset and try again.
+    Behind(u64),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RouterError {
+    #[error("parent topic `{0}` is not declared")]
+    UndeclaredParent(String),
+    #[error("core service: {0}")]
+    Backend(#[from] crate::backend::BackendError),
+    #[error("router stopped")]
+    Stopped,
+}
+
+enum Command {
+    Assign { topic: CoreTopic, done: oneshot::Sender<Result<(), crate::backend::BackendError>> },
+    Reattach { slot: Arc<SessionSlot>, tp: TopicPartition, from: u64, done: oneshot::Sender<Reattach> },
+}
+
+#[derive(Default)]
+struct State {
+    trie: Trie,
+    sessions: HashMap<SessionId, Arc<SessionSlot>>,
+    by_client: HashMap<Arc<str>, SessionId>,
+    /// Next offset the dispatcher will route, per assigned partition.
+    positions: HashMap<TopicPartition, u64>,
+    /// Core topics assigned to the tail.
+    assigned: HashMap<Arc<str>, u32>,
+}
+
+/// Counters the metrics module reads.
+#[derive(Default, Debug)]
+pub struct RouterStats {
+    pub routed: AtomicU64,
+    pub dropped_qos0: AtomicU64,
+    pub dropped_shared: AtomicU64,
+    pub lag_events: AtomicU64,
+}
+
+pub struct Router {
+    state: Mutex<State>,
+    retained: Mutex<HashMap<String, Arc<Message>>>,
+    topics: TopicMap,
+    backend: SharedCoreService,
+    commands: mpsc::Sender<Command>,
+    next_id: AtomicU64,
+    pub stats: RouterStats,
+}
+
+impl Router {
+    /// Start the router: load retained messages, assign declared topics and spawn the
+    /// dispatcher. The returned handle stops nothing on drop; the dispatcher ends when the
+    /// core service's tail fails for good or the process exits.
+    pub async fn start(backend: SharedCoreService, topics: TopicMap) -> Result<Arc<Router>, RouterError> {
+        let (cmd_tx, cmd_rx) = mpsc::channel(1024);
+        let router = Arc::new(Router {
+            state: Mutex::new(State::default()),
+            retained: Mutex::new(HashMap::new()),
+            topics,
+            backend: backend.clone(),
+            commands: cmd_tx,
+            next_id: AtomicU64::new(1),
+            stats: RouterStats::default(),
+        });
+        // Retained messages: snapshot, then every update from any gateway.
+        let (upd_tx, mut upd_rx) = mpsc::channel::<StateUpdate>(1024);
+        let snapshot = backend.watch_state(StateStore::Retained, upd_tx).await?;
+        for (topic, value) in snapshot {
+            router.apply_retained_value(&topic, Some(value));
+        }
+        let weak = Arc::downgrade(&router);
+        tokio::spawn(async move {
+            while let Some(u) = upd_rx.recv().await {
+                let Some(r) = weak.upgrade() else { break };
+                r.apply_retained_value(&u.key, u.value);
+            }
+        });
+        let tail = backend.tail();
+        tokio::spawn(dispatch(Arc::downgrade(&router), tail, cmd_rx));
+        let declared: Vec<CoreTopic> = router.topics.declared().map(|(_, t)| t.clone()).collect();
+        for t in declared {
+            router.ensure_core_topic(&t).await?;
+        }
+        Ok(router)
+    }
+
+    pub fn topics(&self) -> &TopicMap {
+        &self.topics
+    }
+
+    pub fn backend(&self) -> &SharedCoreService {
+        &self.backend
+    }
+
+    /// Create the core topic if needed and make the dispatcher tail it.
+    pub async fn ensure_core_topic(&self, topic: &CoreTopic) -> Result<(), RouterError> {
+        if self.state.lock().assigned.contains_key(&topic.name) {
+            return Ok(());
+        }
+        self.backend.ensure_topic(&topic.name, topic.partitions).await?;
+        let (done, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Assign { topic: topic.clone(), done })
+            .await
+            .map_err(|_| RouterError::Stopped)?;
+        rx.await.map_err(|_| RouterError::Stopped)??;
+        Ok(())
+    }
+
+    /// Register a connected session; its deliveries arrive on the returned receiver.
+    pub fn register(&self, client_id: Arc<str>, capacity: usize) -> (Arc<SessionSlot>, mpsc::Receiver<Delivery>) {
+        let (tx, rx) = mpsc::channel(capacity);
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let slot = Arc::new(SessionSlot {
+            id,
+            client_id: client_id.clone(),
+            tx,
+            lagging: Mutex::new(HashMap::new()),
+            any_lagging: AtomicBool::new(false),
+            lag_notify: Notify::new(),
+        });
+        let mut st = self.state.lock();
+        st.sessions.insert(id, slot.clone());
+        st.by_client.insert(client_id, id);
+        (slot, rx)
+    }
+
+    /// Remove a session and all its subscriptions.
+    pub fn unregister(&self, slot: &SessionSlot, filters: &[String]) {
+        let mut st = self.state.lock();
+        for f in filters {
+            if let Ok(p) = topic::parse_filter(f) {
+                st.trie.remove(p.group, p.filter, slot.id);
+            }
+        }
+        st.sessions.remove(&slot.id);
+        if st.by_client.get(&slot.client_id) == Some(&slot.id) {
+            st.by_client.remove(&slot.client_id);
+        }
+    }
+
+    /// Core topics a filter can receive records from.
+    pub fn core_topics_for_filter(&self, filter: &str) -> Result<Vec<CoreTopic>, RouterError> {
+        let parent = topic::parent(filter);
+        if parent == "+" || parent == "#" {
+            let st = self.state.lock();
+            return Ok(st.assigned.iter().map(|(n, p)| CoreTopic { name: n.clone(), partitions: *p }).collect());
+        }
+        self.topics.core_topic(parent).map(|t| vec![t]).ok_or_else(|| RouterError::UndeclaredParent(parent.into()))
+    }
+
+    /// Add a subscription (full filter, possibly `$share/...`). Returns the partitions it
+    /// reads and, for each, the offset from which live delivery starts.
+    pub async fn subscribe(
+        &self,
+        slot: &SessionSlot,
+        raw_filter: &str,
+        qos: QoS,
+    ) -> Result<Vec<(TopicPartition, u64)>, RouterError> {
+        let parsed = topic::parse_filter(raw_filter).map_err(|_| RouterError::UndeclaredParent(raw_filter.into()))?;
+        let cores = self.core_topics_for_filter(parsed.filter)?;
+        for t in &cores {
+            self.ensure_core_topic(t).await?;
+        }
+        let mut st = self.state.lock();
+        match parsed.group {
+            None => st.trie.insert(parsed.filter, slot.id, qos),
+            Some(g) => st.trie.insert_shared(g, parsed.filter, slot.id, qos),
+        };
+        let mut out = Vec::new();
+        for t in &cores {
+            for p in 0..t.partitions {
+                let tp = TopicPartition::new(t.name.clone(), p);
+                if let Some(pos) = st.positions.get(&tp) {
+                    out.push((tp, *pos));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Live positions of the given core topics (for P2P and restored sessions).
+    pub fn positions(&self, topics: &[CoreTopic]) -> Vec<(TopicPartition, u64)> {
+        let st = self.state.lock();
+        let mut out = Vec::new();
+        for t in topics {
+            for p in 0..t.partitions {
+                let tp = TopicPartition::new(t.name.clone(), p);
+                if let Some(pos) = st.positions.get(&tp) {
+                    out.push((tp, *pos));
+                }
+            }
+        }
+        out
+    }
+
+    /// Every core topic currently tailed.
+    pub fn assigned_topics(&self) -> Vec<CoreTopic> {
+        let st = self.state.lock();
+        st.assigned.iter().map(|(n, p)| CoreTopic { name: n.clone(), partitions: *p }).collect()
+    }
+
+    pub fn unsubscribe(&self, slot: &SessionSlot, raw_filter: &str) -> bool {
+        let Ok(parsed) = topic::parse_filter(raw_filter) else { return false };
+        self.state.lock().trie.remove(parsed.group, parsed.filter, slot.id)
+    }
+
+    /// Ask the dispatcher to resume live delivery of `tp` to `slot` from offset `from`.
+    pub async fn reattach(&self, slot: Arc<SessionSlot>, tp: TopicPartition, from: u64) -> Result<Reattach, RouterError> {
+        let (done, rx) = oneshot::channel();
+        self.commands.send(Command::Reattach { slot, tp, from, done }).await.map_err(|_| RouterError::Stopped)?;
+        rx.await.map_err(|_| RouterError::Stopped)
+    }
+
+    /// Retained messages matching a filter (not `$share`), oldest topic order unspecified.
+    pub fn retained_matching(&self, filter: &str) -> Vec<Arc<Message>> {
+        self.retained.lock().values().filter(|m| topic::matches(filter, &m.topic)).cloned().collect()
+    }
+
+    pub fn retained_count(&self) -> usize {
+        self.retained.lock().len()
+    }
+
+    /// Apply a retained-message change made by this gateway (the core service's update
+    /// stream will confirm it; applying it now makes it visible at once).
+    pub fn apply_retained(&self, topic: &str, message: Option<Arc<Message>>) {
+        let mut r = self.retained.lock();
+        match message {
+            Some(m) => {
+                r.insert(topic.to_string(), m);
+            }
+            None => {
+                r.remove(topic);
+            }
+        }
+    }
+
+    fn apply_retained_value(&self, topic: &str, value: Option<bytes::Bytes>) {
+        let message = value.and_then(mapping::decode_record).and_then(|rec| {
+            let parent = topic::parent(topic).to_string();
+            mapping::record_to_message(&parent, &rec).map(Arc::new)
+        });
+        self.apply_retained(topic, message);
+    }
+
+    /// Route one batch of records (called by the dispatcher only).
+    fn route(&self, records: Vec<Arc<Record>>, rings: &mut HashMap<TopicPartition, VecDeque<(Arc<Record>, Arc<Message>)>>) {
+        let mut st = self.state.lock();
+        let mut plain: Vec<PlainMatch> = Vec::new();
+        let mut sent: HashSet<SessionId> = HashSet::new();
+        for record in records {
+            let next = record.offset + 1;
+            let message = self
+                .topics
+                .parent_of_core(&record.tp.topic)
+                .and_then(|parent| mapping::record_to_message(&parent, &record.record));
+            if let Some(message) = message {
+                let message = Arc::new(message);
+                let ring = rings.entry(record.tp.clone()).or_default();
+                if ring.len() >= REPLAY_RING {
+                    ring.pop_front();
+                }
+                ring.push_back((record.clone(), message.clone()));
+                self.route_one(&mut st, &record, &message, &mut plain, &mut sent);
+            }
+            let pos = st.positions.entry(record.tp.clone()).or_insert(0);
+            *pos = (*pos).max(next);
+        }
+    }
+
+    fn route_one(
+        &self,
+        st: &mut State,
+        record: &Arc<Record>,
+        message: &Arc<Message>,
+        plain: &mut Vec<PlainMatch>,
+        sent: &mut HashSet<SessionId>,
+    ) {
+        self.stats.routed.fetch_add(1, Ordering::Relaxed);
+        let State { trie, sessions, by_client, .. } = st;
+        if let Some(target) = mapping::p2p_target(&message.topic) {
+            // P2P: only the target client, no subscription needed.
+            if let Some(slot) = by_client.get(target).and_then(|id| sessions.get(id)) {
+                self.offer(slot, record, message, message.qos, None);
+            }
+            return;
+        }
+        plain.clear();
+        sent.clear();
+        let mut groups = Vec::new();
+        trie.matches(&message.topic, plain, &mut groups);
+        // One delivery per session, at the highest QoS of its matching subscriptions.
+        plain.sort_by_key(|m| (m.session, std::cmp::Reverse(m.qos)));
+        for m in plain.iter() {
+            if !sent.insert(m.session) {
+                continue;
+            }
+            if let Some(slot) = sessions.get(&m.session) {
+                self.offer(slot, record, message, message.qos.min(m.qos), None);
+            }
+        }
+        for (group, g) in groups {
+            let n = g.members.len();
+            let mut delivered = false;
+            for i in 0..n {
+                let (sid, _qos) = g.members[(g.next + i) % n];
+                let Some(slot) = sessions.get(&sid) else { continue };
+                if slot.is_lagging(&record.tp) {
+                    continue;
+                }
+                let d = Delivery::Live { record: record.clone(), message: message.clone(), shared: Some(g.full.clone()) };
+                if slot.tx.try_send(d).is_ok() {
+                    g.next = (g.next + i + 1) % n;
+                    delivered = true;
+                    break;
+                }
+            }
+            if !delivered {
+                if message.qos == QoS::AtMostOnce {
+                    self.stats.dropped_qos0.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    self.stats.dropped_shared.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(group, topic = %message.topic, "shared subscription group cannot keep up; message not delivered to the group");
+                }
+            }
+        }
+    }
+
+    /// Offer a delivery to a session without waiting.
+    fn offer(&self, slot: &SessionSlot, record: &Arc<Record>, message: &Arc<Message>, qos: QoS, shared: Option<Arc<str>>) {
+        if slot.is_lagging(&record.tp) {
+            return;
+        }
+        let d = Delivery::Live { record: record.clone(), message: message.clone(), shared };
+        match slot.tx.try_send(d) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) if qos == QoS::AtMostOnce => {
+                self.stats.dropped_qos0.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.stats.lag_events.fetch_add(1, Ordering::Relaxed);
+                slot.mark_lagging(record.tp.clone(), record.offset);
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+    }
+}
+
+async fn dispatch(router: std::sync::Weak<Router>, mut tail: Box<dyn Tail>, mut commands: mpsc::Receiver<Command>) {
+    let mut rings: HashMap<TopicPartition, VecDeque<(Arc<Record>, Arc<Message>)>> = HashMap::new();
+    loop {
+        tokio::select! {
+            cmd = commands.recv() => {
+                let Some(cmd) = cmd else { return };
+                let Some(r) = router.upgrade() else { return };
+                match cmd {
+                    Command::Assign { topic, done } => {
+                        let res = assign(&r, tail.as_mut(), &topic).await;
+                        let _ = done.send(res);
+                    }
+                    Command::Reattach { slot, tp, from, done } => {
+                        let _ = done.send(reattach(&r, &slot, &tp, from, &rings));
+                    }
+                }
+            }
+            batch = tail.poll() => {
+                let Some(r) = router.upgrade() else { return };
+                match batch {
+                    Ok(records) => r.route(records, &mut rings),
+                    Err(crate::backend::BackendError::Closed) => return,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "reading from the core service failed; retrying");
+                        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn assign(r: &Router, tail: &mut dyn Tail, topic: &CoreTopic) -> Result<(), crate::backend::BackendError> {
+    if r.state.lock().assigned.contains_key(&topic.name) {
+        return Ok(());
+    }
+    let partitions = r.backend.partitions(&topic.name)?;
+    for p in 0..partitions {
+        let tp = TopicPartition::new(topic.name.clone(), p);
+        let end = r.backend.end_offset(&tp).await?;
+        tail.assign(tp.clone(), end);
+        r.state.lock().positions.insert(tp, end);
+    }
+    r.state.lock().assigned.insert(topic.name.clone(), partitions);
+    Ok(())
+}
+
+fn reattach(
+    r: &Router,
+    slot: &Arc<SessionSlot>,
+    tp: &TopicPartition,
+    from: u64,
+    rings: &HashMap<TopicPartition, VecDeque<(Arc<Record>, Arc<Message>)>>,
+) -> Reattach {
+    let st = r.state.lock();
+    let pos = st.positions.get(tp).copied().unwrap_or(0);
+    if pos <= from {
+        slot.clear_lagging(tp);
+        return Reattach::Attached;
+    }
+    let Some(ring) = rings.get(tp) else { return Reattach::Behind(from) };
+    let covered = ring.front().map(|(rec, _)| rec.offset <= from).unwrap_or(false);
+    if !covered {
+        return Reattach::Behind(from);
+    }
+    let records: Vec<_> = ring.iter().filter(|(rec, _)| rec.offset >= from).cloned().collect();
+    match slot.tx.try_send(Delivery::Replay { records }) {
+        Ok(()) => {
+            slot.clear_lagging(tp);
+            Reattach::Attached
+        }
+        Err(_) => Reattach::Behind(from),
+    }
+}

@@ -1,0 +1,124 @@
+//! Which ClientIds are connected to this gateway, for session takeover, and delayed will
+//! messages waiting to be published.
+
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::sync::Arc;
+use tokio::sync::{oneshot, watch};
+
+/// Why a connection is asked to end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kick {
+    /// The same ClientId connected again; `clean_start` of the new connection.
+    TakenOver { new_clean_start: bool },
+    /// Server shutdown.
+    Shutdown,
+    /// Administrative disconnect.
+    Administrative,
+}
+
+struct Entry {
+    conn_id: u64,
+    kick: Option<oneshot::Sender<Kick>>,
+    /// Becomes true when the connection has finished (state saved, events written).
+    done: watch::Receiver<bool>,
+}
+
+/// Handle a connection keeps while registered.
+pub struct Registration {
+    pub conn_id: u64,
+    pub kicked: oneshot::Receiver<Kick>,
+    pub done: watch::Sender<bool>,
+}
+
+#[derive(Default)]
+pub struct Registry {
+    clients: Mutex<HashMap<String, Entry>>,
+    wills: Mutex<HashMap<String, oneshot::Sender<()>>>,
+}
+
+impl Registry {
+    pub fn new() -> Arc<Registry> {
+        Arc::new(Registry::default())
+    }
+
+    /// Register `client_id`; if it was connected, kick the old connection and wait (at most
+    /// `wait`) until it finished saving its session.
+    pub async fn take(&self, client_id: &str, conn_id: u64, kick: Kick, wait: std::time::Duration) -> Registration {
+        // A new connection cancels a pending delayed will of the same client.
+        if let Some(cancel) = self.wills.lock().remove(client_id) {
+            let _ = cancel.send(());
+        }
+        let (kick_tx, kick_rx) = oneshot::channel();
+        let (done_tx, done_rx) = watch::channel(false);
+        let old = self
+            .clients
+            .lock()
+            .insert(client_id.to_string(), Entry { conn_id, kick: Some(kick_tx), done: done_rx });
+        if let Some(mut old) = old {
+            if let Some(k) = old.kick.take() {
+                let _ = k.send(kick);
+            }
+            let _ = tokio::time::timeout(wait, old.done.wait_for(|d| *d)).await;
+        }
+        Registration { conn_id, kicked: kick_rx, done: done_tx }
+    }
+
+    /// Remove the entry if it still belongs to `conn_id`.
+    pub fn release(&self, client_id: &str, conn_id: u64) {
+        let mut c = self.clients.lock();
+        if c.get(client_id).map(|e| e.conn_id) == Some(conn_id) {
+            c.remove(client_id);
+        }
+    }
+
+    /// Kick one client; false if it is not connected here.
+    pub fn kick(&self, client_id: &str, kick: Kick) -> bool {
+        let mut c = self.clients.lock();
+        match c.get_mut(client_id).and_then(|e| e.kick.take()) {
+            Some(k) => k.send(kick).is_ok(),
+            None => false,
+        }
+    }
+
+    /// Kick everyone (shutdown) and return how many were asked.
+    pub fn kick_all(&self, kick: Kick) -> usize {
+        let mut c = self.clients.lock();
+        c.values_mut().filter_map(|e| e.kick.take()).map(|k| k.send(kick)).filter(Result::is_ok).count()
+    }
+
+    /// Wait until every registered connection is gone, at most `wait`.
+    pub async fn drained(&self, wait: std::time::Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            if self.clients.lock().is_empty() {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn connected(&self) -> usize {
+        self.clients.lock().len()
+    }
+
+    pub fn client_ids(&self) -> Vec<String> {
+        self.clients.lock().keys().cloned().collect()
+    }
+
+    /// Park a delayed will; returns the receiver that fires if a new connection cancels it.
+    pub fn park_will(&self, client_id: &str) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        if let Some(old) = self.wills.lock().insert(client_id.to_string(), tx) {
+            let _ = old.send(());
+        }
+        rx
+    }
+
+    pub fn will_done(&self, client_id: &str) {
+        self.wills.lock().remove(client_id);
+    }
+}

@@ -1,0 +1,350 @@
+//! Shared harness for integration tests: a real gateway on port 0 over a temp data dir,
+//! real MQTT clients (rumqttc v4 and v5), and a raw-socket client for byte-level checks.
+#![allow(dead_code)]
+
+use bytes::BytesMut;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+use lmq_gateway::config::Config;
+use lmq_gateway::gateway::Gateway;
+use lmq_gateway::protocol::{self, Packet, Protocol};
+
+pub const WAIT: Duration = Duration::from_secs(5);
+
+pub struct TestGateway {
+    pub gw: Option<Gateway>,
+    pub dir: tempfile::TempDir,
+    pub addr: SocketAddr,
+    extra: String,
+}
+
+fn config(dir: &std::path::Path, extra: &str) -> Config {
+    let yaml = format!(
+        "listeners:\n  - name: tcp\n    bind: 127.0.0.1:0\ncore:\n  embedded:\n    data_dir: {}\n    fsync: never\n{extra}",
+        dir.display()
+    );
+    Config::from_yaml(&yaml).expect("test config")
+}
+
+impl TestGateway {
+    pub async fn start() -> TestGateway {
+        Self::start_with("").await
+    }
+
+    /// `extra`: more top-level YAML (not `listeners` / `core`).
+    pub async fn start_with(extra: &str) -> TestGateway {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let gw = Gateway::start(config(dir.path(), extra)).await.expect("gateway starts");
+        let addr = gw.addr();
+        TestGateway { gw: Some(gw), dir, addr, extra: extra.to_string() }
+    }
+
+    /// Graceful stop, then start again on the same data directory (new port).
+    pub async fn restart(&mut self) {
+        if let Some(gw) = self.gw.take() {
+            gw.shutdown().await;
+        }
+        let gw = Gateway::start(config(self.dir.path(), &self.extra)).await.expect("gateway restarts");
+        self.addr = gw.addr();
+        self.gw = Some(gw);
+    }
+
+    pub fn gateway(&self) -> &Gateway {
+        self.gw.as_ref().expect("running")
+    }
+}
+
+/// rumqttc v4 (MQTT 3.1.1) client whose events are forwarded to a channel.
+pub mod v4 {
+    use super::*;
+    pub use rumqttc::{AsyncClient, Event, Incoming, LastWill, MqttOptions, Packet, Publish, QoS};
+
+    pub struct Client {
+        pub client: AsyncClient,
+        pub events: mpsc::UnboundedReceiver<Result<Event, String>>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    pub fn options(addr: SocketAddr, id: &str) -> MqttOptions {
+        let mut o = MqttOptions::new(id, addr.ip().to_string(), addr.port());
+        o.set_keep_alive(Duration::from_secs(30));
+        o
+    }
+
+    pub async fn connect(addr: SocketAddr, id: &str) -> Client {
+        connect_with(options(addr, id)).await
+    }
+
+    /// Connect and wait for CONNACK. The event loop stops at the first error (no reconnect).
+    pub async fn connect_with(opts: MqttOptions) -> Client {
+        let (client, mut eventloop) = AsyncClient::new(opts, 1000);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(e) => {
+                        if tx.send(Ok(e)).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e.to_string()));
+                        return;
+                    }
+                }
+            }
+        });
+        let mut c = Client { client, events: rx, task };
+        c.wait_for(|e| matches!(e, Event::Incoming(Incoming::ConnAck(_)))).await;
+        c
+    }
+
+    impl Client {
+        /// Wait for an event matching `f`; panics on timeout or connection error.
+        pub async fn wait_for(&mut self, f: impl Fn(&Event) -> bool) -> Event {
+            let deadline = tokio::time::Instant::now() + WAIT;
+            loop {
+                match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                    Ok(Some(Ok(e))) if f(&e) => return e,
+                    Ok(Some(Ok(_))) => {}
+                    Ok(Some(Err(e))) => panic!("connection error while waiting: {e}"),
+                    Ok(None) => panic!("event loop ended"),
+                    Err(_) => panic!("timed out waiting for event"),
+                }
+            }
+        }
+
+        pub async fn suback(&mut self) -> rumqttc::SubAck {
+            match self.wait_for(|e| matches!(e, Event::Incoming(Incoming::SubAck(_)))).await {
+                Event::Incoming(Incoming::SubAck(s)) => s,
+                _ => unreachable!(),
+            }
+        }
+
+        pub async fn subscribe(&mut self, filter: &str, qos: QoS) -> rumqttc::SubAck {
+            self.client.subscribe(filter, qos).await.expect("subscribe queued");
+            self.suback().await
+        }
+
+        pub async fn publish(&mut self, topic: &str, qos: QoS, retain: bool, payload: &[u8]) {
+            self.client.publish(topic, qos, retain, payload.to_vec()).await.expect("publish queued");
+            match qos {
+                QoS::AtMostOnce => {
+                    self.wait_for(|e| matches!(e, Event::Outgoing(rumqttc::Outgoing::Publish(_)))).await;
+                }
+                QoS::AtLeastOnce => {
+                    self.wait_for(|e| matches!(e, Event::Incoming(Incoming::PubAck(_)))).await;
+                }
+                QoS::ExactlyOnce => {
+                    self.wait_for(|e| matches!(e, Event::Incoming(Incoming::PubComp(_)))).await;
+                }
+            }
+        }
+
+        pub async fn next_publish(&mut self) -> Publish {
+            match self.wait_for(|e| matches!(e, Event::Incoming(Incoming::Publish(_)))).await {
+                Event::Incoming(Incoming::Publish(p)) => p,
+                _ => unreachable!(),
+            }
+        }
+
+        /// No PUBLISH arrives within `d`.
+        pub async fn no_publish(&mut self, d: Duration) -> bool {
+            let deadline = tokio::time::Instant::now() + d;
+            loop {
+                match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                    Ok(Some(Ok(Event::Incoming(Incoming::Publish(p))))) => {
+                        panic!("unexpected publish on {}: {:?}", p.topic, p.payload)
+                    }
+                    Ok(Some(Ok(_))) => {}
+                    Ok(Some(Err(_))) | Ok(None) => return true,
+                    Err(_) => return true,
+                }
+            }
+        }
+
+        pub async fn disconnect(mut self) {
+            let _ = self.client.disconnect().await;
+            let _ = tokio::time::timeout(WAIT, async {
+                while let Some(e) = self.events.recv().await {
+                    if e.is_err() {
+                        break;
+                    }
+                }
+            })
+            .await;
+            self.task.abort();
+        }
+
+        /// Drop the TCP connection without DISCONNECT.
+        pub fn kill(self) {
+            self.task.abort();
+        }
+    }
+}
+
+/// rumqttc v5 client.
+pub mod v5 {
+    use super::*;
+    pub use rumqttc::v5::mqttbytes::v5::{Packet, Publish, PublishProperties, SubscribeProperties};
+    pub use rumqttc::v5::mqttbytes::QoS;
+    pub use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+
+    pub struct Client {
+        pub client: AsyncClient,
+        pub events: mpsc::UnboundedReceiver<Result<Event, String>>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    pub fn options(addr: SocketAddr, id: &str) -> MqttOptions {
+        let mut o = MqttOptions::new(id, addr.ip().to_string(), addr.port());
+        o.set_keep_alive(Duration::from_secs(30));
+        o
+    }
+
+    pub async fn connect(addr: SocketAddr, id: &str) -> Client {
+        connect_with(options(addr, id)).await.0
+    }
+
+    pub async fn connect_with(opts: MqttOptions) -> (Client, rumqttc::v5::mqttbytes::v5::ConnAck) {
+        let (client, mut eventloop) = AsyncClient::new(opts, 1000);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(e) => {
+                        if tx.send(Ok(e)).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(format!("{e:?}")));
+                        return;
+                    }
+                }
+            }
+        });
+        let mut c = Client { client, events: rx, task };
+        let ack = match c.wait_for(|e| matches!(e, Event::Incoming(Packet::ConnAck(_)))).await {
+            Event::Incoming(Packet::ConnAck(a)) => a,
+            _ => unreachable!(),
+        };
+        (c, ack)
+    }
+
+    impl Client {
+        pub async fn wait_for(&mut self, f: impl Fn(&Event) -> bool) -> Event {
+            let deadline = tokio::time::Instant::now() + WAIT;
+            loop {
+                match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                    Ok(Some(Ok(e))) if f(&e) => return e,
+                    Ok(Some(Ok(_))) => {}
+                    Ok(Some(Err(e))) => panic!("connection error while waiting: {e}"),
+                    Ok(None) => panic!("event loop ended"),
+                    Err(_) => panic!("timed out waiting for event"),
+                }
+            }
+        }
+
+        pub async fn subscribe(&mut self, filter: &str, qos: QoS) -> rumqttc::v5::mqttbytes::v5::SubAck {
+            self.client.subscribe(filter, qos).await.expect("subscribe queued");
+            self.suback().await
+        }
+
+        pub async fn suback(&mut self) -> rumqttc::v5::mqttbytes::v5::SubAck {
+            match self.wait_for(|e| matches!(e, Event::Incoming(Packet::SubAck(_)))).await {
+                Event::Incoming(Packet::SubAck(s)) => s,
+                _ => unreachable!(),
+            }
+        }
+
+        pub async fn next_publish(&mut self) -> Publish {
+            match self.wait_for(|e| matches!(e, Event::Incoming(Packet::Publish(_)))).await {
+                Event::Incoming(Packet::Publish(p)) => p,
+                _ => unreachable!(),
+            }
+        }
+
+        pub async fn disconnect(mut self) {
+            let _ = self.client.disconnect().await;
+            let _ = tokio::time::timeout(WAIT, async {
+                while let Some(e) = self.events.recv().await {
+                    if e.is_err() {
+                        break;
+                    }
+                }
+            })
+            .await;
+            self.task.abort();
+        }
+
+        pub fn kill(self) {
+            self.task.abort();
+        }
+    }
+}
+
+/// A client that speaks raw bytes through the gateway's own codec, for exact checks.
+pub struct Raw {
+    pub stream: TcpStream,
+    pub buf: BytesMut,
+    pub protocol: Protocol,
+}
+
+impl Raw {
+    pub async fn connect(addr: SocketAddr, protocol: Protocol) -> Raw {
+        let stream = TcpStream::connect(addr).await.expect("tcp connect");
+        Raw { stream, buf: BytesMut::new(), protocol }
+    }
+
+    pub async fn send(&mut self, p: &Packet) {
+        let mut b = BytesMut::new();
+        protocol::encode(p, self.protocol, &mut b).expect("encode");
+        self.stream.write_all(&b).await.expect("write");
+    }
+
+    pub async fn send_bytes(&mut self, b: &[u8]) {
+        let _ = self.stream.write_all(b).await;
+    }
+
+    /// Next packet, or None when the server closed the connection.
+    pub async fn recv(&mut self) -> Option<Packet> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if let Ok(Some(p)) = protocol::decode(&mut self.buf, self.protocol, 1 << 20) {
+                return Some(p);
+            }
+            match tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return None,
+                Ok(Ok(_)) => {}
+                Err(_) => panic!("timed out waiting for a packet"),
+            }
+        }
+    }
+
+    /// Read until the server closes; returns the packets seen before.
+    pub async fn until_closed(&mut self) -> Vec<Packet> {
+        let mut seen = Vec::new();
+        while let Some(p) = self.recv().await {
+            seen.push(p);
+        }
+        seen
+    }
+}
+
+pub fn connect_packet(id: &str, protocol: Protocol, clean: bool) -> Packet {
+    Packet::Connect(Box::new(protocol::Connect {
+        protocol,
+        clean_start: clean,
+        keep_alive: 30,
+        client_id: id.into(),
+        will: None,
+        username: None,
+        password: None,
+        properties: Default::default(),
+    }))
+}

@@ -1,0 +1,220 @@
+//! MQTT 5.0 behaviour with a real client (rumqttc v5) and the raw codec client.
+
+mod common;
+
+use bytes::Bytes;
+use common::v5::{self, Event, Packet, PublishProperties, QoS, SubscribeProperties};
+use common::{connect_packet, Raw, TestGateway};
+use lmq_gateway::protocol::{self as p, Protocol, ReasonCode};
+use std::time::Duration;
+
+#[tokio::test]
+async fn user_properties_content_type_and_expiry_travel_end_to_end() {
+    let gw = TestGateway::start().await;
+    let mut sub = v5::connect(gw.addr, "v5-sub").await;
+    sub.subscribe("props/#", QoS::AtLeastOnce).await;
+    let mut publ = v5::connect(gw.addr, "v5-pub").await;
+    let props = PublishProperties {
+        user_properties: vec![("k".into(), "v1".into()), ("k".into(), "v2".into())],
+        content_type: Some("application/json".into()),
+        message_expiry_interval: Some(3600),
+        response_topic: Some("props/reply".into()),
+        correlation_data: Some(Bytes::from_static(b"corr")),
+        payload_format_indicator: Some(1),
+        ..Default::default()
+    };
+    publ.client
+        .publish_with_properties("props/a", QoS::AtLeastOnce, false, "{}", props)
+        .await
+        .unwrap();
+    let got = sub.next_publish().await;
+    let gp = got.properties.expect("properties");
+    assert_eq!(gp.user_properties, vec![("k".into(), "v1".into()), ("k".into(), "v2".into())]);
+    assert_eq!(gp.content_type.as_deref(), Some("application/json"));
+    assert_eq!(gp.response_topic.as_deref(), Some("props/reply"));
+    assert_eq!(gp.correlation_data.as_deref(), Some(&b"corr"[..]));
+    assert_eq!(gp.payload_format_indicator, Some(1));
+    let left = gp.message_expiry_interval.expect("expiry counts down");
+    assert!(left <= 3600 && left > 3590, "{left}");
+}
+
+#[tokio::test]
+async fn subscription_identifiers_and_no_local() {
+    let gw = TestGateway::start().await;
+    let mut c = v5::connect(gw.addr, "v5-ids").await;
+    let props = SubscribeProperties { id: Some(42), user_properties: vec![] };
+    c.client.subscribe_with_properties("ids/#", QoS::AtLeastOnce, props).await.unwrap();
+    c.suback().await;
+    let filter = rumqttc::v5::mqttbytes::v5::Filter {
+        path: "nl/#".into(),
+        qos: QoS::AtLeastOnce,
+        nolocal: true,
+        preserve_retain: false,
+        retain_forward_rule: rumqttc::v5::mqttbytes::v5::RetainForwardRule::OnEverySubscribe,
+    };
+    c.client.subscribe_many(vec![filter]).await.unwrap();
+    c.suback().await;
+    let mut other = v5::connect(gw.addr, "v5-other").await;
+    other.client.publish("ids/x", QoS::AtLeastOnce, false, "a").await.unwrap();
+    let got = c.next_publish().await;
+    assert_eq!(got.properties.map(|p| p.subscription_identifiers), Some(vec![42]));
+    // no-local: our own publish on nl/# is not echoed back; another client's is.
+    c.client.publish("nl/1", QoS::AtLeastOnce, false, "own").await.unwrap();
+    other.client.publish("nl/1", QoS::AtLeastOnce, false, "theirs").await.unwrap();
+    let got = c.next_publish().await;
+    assert_eq!(&got.payload[..], b"theirs");
+}
+
+#[tokio::test]
+async fn shared_subscription_spreads_messages_over_the_group() {
+    let gw = TestGateway::start().await;
+    let mut a = v5::connect(gw.addr, "share-a").await;
+    let mut b = v5::connect(gw.addr, "share-b").await;
+    a.subscribe("$share/g1/jobs/#", QoS::AtLeastOnce).await;
+    b.subscribe("$share/g1/jobs/#", QoS::AtLeastOnce).await;
+    let mut publ = v5::connect(gw.addr, "share-pub").await;
+    for i in 0..10 {
+        publ.client.publish("jobs/x", QoS::AtLeastOnce, false, format!("{i}")).await.unwrap();
+    }
+    let mut seen = Vec::new();
+    let mut from_a = 0;
+    let mut from_b = 0;
+    let deadline = tokio::time::Instant::now() + common::WAIT;
+    while seen.len() < 10 && tokio::time::Instant::now() < deadline {
+        tokio::select! {
+            e = a.events.recv() => if let Some(Ok(Event::Incoming(Packet::Publish(p)))) = e { from_a += 1; seen.push(p.payload) },
+            e = b.events.recv() => if let Some(Ok(Event::Incoming(Packet::Publish(p)))) = e { from_b += 1; seen.push(p.payload) },
+        }
+    }
+    assert_eq!(seen.len(), 10, "each message reaches exactly one member");
+    assert!(from_a > 0 && from_b > 0, "both members get work: a={from_a} b={from_b}");
+}
+
+#[tokio::test]
+async fn retain_handling_and_retain_as_published() {
+    let gw = TestGateway::start().await;
+    let mut publ = v5::connect(gw.addr, "rh-pub").await;
+    publ.client.publish("rh/x", QoS::AtLeastOnce, true, "r").await.unwrap();
+    publ.wait_for(|e| matches!(e, Event::Incoming(Packet::PubAck(_)))).await;
+    let mut c = v5::connect(gw.addr, "rh-sub").await;
+    let never = rumqttc::v5::mqttbytes::v5::Filter {
+        path: "rh/#".into(),
+        qos: QoS::AtLeastOnce,
+        nolocal: false,
+        preserve_retain: true,
+        retain_forward_rule: rumqttc::v5::mqttbytes::v5::RetainForwardRule::Never,
+    };
+    c.client.subscribe_many(vec![never]).await.unwrap();
+    c.suback().await;
+    publ.client.publish("rh/x", QoS::AtLeastOnce, true, "live").await.unwrap();
+    let got = c.next_publish().await;
+    assert_eq!(&got.payload[..], b"live", "retain handling 2: no retained message at subscribe");
+    assert!(got.retain, "retain-as-published keeps the flag on live delivery");
+}
+
+#[tokio::test]
+async fn session_expiry_and_session_present() {
+    let gw = TestGateway::start().await;
+    let mut o = v5::options(gw.addr, "v5-exp");
+    o.set_clean_start(false);
+    o.set_session_expiry_interval(Some(600));
+    let (mut c, ack) = v5::connect_with(o.clone()).await;
+    assert!(!ack.session_present);
+    c.subscribe("exp/#", QoS::AtLeastOnce).await;
+    c.disconnect().await;
+    let mut app = v5::connect(gw.addr, "v5-exp-app").await;
+    app.client.publish("exp/1", QoS::AtLeastOnce, false, "while away").await.unwrap();
+    app.wait_for(|e| matches!(e, Event::Incoming(Packet::PubAck(_)))).await;
+    let (mut c, ack) = v5::connect_with(o).await;
+    assert!(ack.session_present);
+    assert_eq!(&c.next_publish().await.payload[..], b"while away");
+}
+
+#[tokio::test]
+async fn topic_alias_from_client_is_resolved() {
+    let gw = TestGateway::start().await;
+    let mut sub = v5::connect(gw.addr, "alias-sub").await;
+    sub.subscribe("alias/#", QoS::AtLeastOnce).await;
+    let mut raw = Raw::connect(gw.addr, Protocol::V5).await;
+    raw.send(&connect_packet("alias-pub", Protocol::V5, true)).await;
+    let Some(p::Packet::ConnAck(ack)) = raw.recv().await else { panic!("no connack") };
+    assert_eq!(ack.code, ReasonCode::SUCCESS);
+    assert!(ack.properties.topic_alias_maximum.unwrap_or(0) > 0);
+    let mut publish = p::Publish {
+        dup: false,
+        qos: p::QoS::AtLeastOnce,
+        retain: false,
+        topic: "alias/long/topic".into(),
+        packet_id: std::num::NonZeroU16::new(1),
+        payload: Bytes::from_static(b"one"),
+        properties: p::PublishProperties { topic_alias: Some(1), ..Default::default() },
+    };
+    raw.send(&p::Packet::Publish(publish.clone())).await;
+    publish.topic = String::new();
+    publish.packet_id = std::num::NonZeroU16::new(2);
+    publish.payload = Bytes::from_static(b"two");
+    raw.send(&p::Packet::Publish(publish)).await;
+    for expected in [&b"one"[..], &b"two"[..]] {
+        let got = sub.next_publish().await;
+        assert_eq!(got.topic, "alias/long/topic");
+        assert_eq!(&got.payload[..], expected);
+    }
+}
+
+#[tokio::test]
+async fn message_expiry_drops_stale_offline_messages() {
+    let gw = TestGateway::start().await;
+    let mut o = v5::options(gw.addr, "exp-msg");
+    o.set_clean_start(false);
+    o.set_session_expiry_interval(Some(600));
+    let (mut c, _) = v5::connect_with(o.clone()).await;
+    c.subscribe("em/#", QoS::AtLeastOnce).await;
+    c.disconnect().await;
+    let mut app = v5::connect(gw.addr, "exp-app").await;
+    let short = PublishProperties { message_expiry_interval: Some(1), ..Default::default() };
+    app.client.publish_with_properties("em/1", QoS::AtLeastOnce, false, "stale", short).await.unwrap();
+    app.client.publish("em/1", QoS::AtLeastOnce, false, "fresh").await.unwrap();
+    app.wait_for(|e| matches!(e, Event::Incoming(Packet::PubAck(_)))).await;
+    app.wait_for(|e| matches!(e, Event::Incoming(Packet::PubAck(_)))).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let (mut c, _) = v5::connect_with(o).await;
+    assert_eq!(&c.next_publish().await.payload[..], b"fresh");
+}
+
+#[tokio::test]
+async fn takeover_sends_disconnect_0x8e_to_the_old_connection() {
+    let gw = TestGateway::start().await;
+    let mut old = Raw::connect(gw.addr, Protocol::V5).await;
+    old.send(&connect_packet("take-me", Protocol::V5, true)).await;
+    assert!(matches!(old.recv().await, Some(p::Packet::ConnAck(_))));
+    let _new = v5::connect(gw.addr, "take-me").await;
+    let seen = old.until_closed().await;
+    assert!(
+        seen.iter().any(|p| matches!(p, p::Packet::Disconnect(d) if d.code == ReasonCode::SESSION_TAKEN_OVER)),
+        "{seen:?}"
+    );
+}
+
+#[tokio::test]
+async fn will_delay_is_cancelled_by_a_quick_reconnect() {
+    let gw = TestGateway::start().await;
+    let mut watcher = v5::connect(gw.addr, "wd-watch").await;
+    watcher.subscribe("wd/#", QoS::AtLeastOnce).await;
+    let mut o = v5::options(gw.addr, "wd-dev");
+    o.set_clean_start(false);
+    o.set_session_expiry_interval(Some(600));
+    let mut will = rumqttc::v5::mqttbytes::v5::LastWill::new("wd/dev", "dead", QoS::AtLeastOnce, false, None);
+    will.properties = Some(rumqttc::v5::mqttbytes::v5::LastWillProperties { delay_interval: Some(2), ..Default::default() });
+    o.set_last_will(will.clone());
+    let (c, _) = v5::connect_with(o.clone()).await;
+    c.kill();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (c, _) = v5::connect_with(o).await; // back within the delay: no will
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let got = tokio::time::timeout(Duration::from_millis(200), watcher.next_publish()).await;
+    assert!(got.is_err(), "will must not be published");
+    // Now go away for longer than the delay.
+    c.kill();
+    let got = watcher.next_publish().await;
+    assert_eq!(&got.payload[..], b"dead");
+}

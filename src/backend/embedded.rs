@@ -1,1 +1,0 @@
-//! Embedded core service (placeholder, being written).

@@ -223,11 +223,7 @@ pub struct ParentTopic {
 }
 
 fn default_parents() -> Vec<ParentTopic> {
-    vec![ParentTopic {
-        name: "*".into(),
-        core_topic: None,
-        partitions: default_partitions(),
-    }]
+    vec![ParentTopic { name: "*".into(), core_topic: None, partitions: default_partitions() }]
 }
 fn default_record_key() -> RecordKey {
     RecordKey::ClientId
@@ -343,10 +339,7 @@ pub struct LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig {
-            format: default_log_format(),
-            level: default_log_level(),
-        }
+        LogConfig { format: default_log_format(), level: default_log_level() }
     }
 }
 
@@ -360,15 +353,9 @@ fn default_log_level() -> String {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("{path}: {source}")]
-    Parse {
-        path: PathBuf,
-        source: serde_yaml_ng::Error,
-    },
+    Parse { path: PathBuf, source: serde_yaml_ng::Error },
     #[error("{0}")]
     Invalid(String),
 }
@@ -376,26 +363,18 @@ pub enum ConfigError {
 impl Config {
     /// Load and validate a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
         let config: Config =
-            serde_yaml_ng::from_str(&text).map_err(|source| ConfigError::Parse {
-                path: path.to_owned(),
-                source,
-            })?;
+            serde_yaml_ng::from_str(&text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source })?;
         config.validate()?;
         Ok(config)
     }
 
     /// Parse from a string (tests, embedding).
     pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
-        let config: Config =
-            serde_yaml_ng::from_str(text).map_err(|source| ConfigError::Parse {
-                path: PathBuf::from("<string>"),
-                source,
-            })?;
+        let config: Config = serde_yaml_ng::from_str(text)
+            .map_err(|source| ConfigError::Parse { path: PathBuf::from("<string>"), source })?;
         config.validate()?;
         Ok(config)
     }
@@ -407,16 +386,10 @@ impl Config {
         }
         for p in &self.topics.parents {
             if p.name.is_empty() || p.name.contains(['/', '+', '#']) {
-                return invalid(format!(
-                    "topics.parents: `{}` is not a single topic level",
-                    p.name
-                ));
+                return invalid(format!("topics.parents: `{}` is not a single topic level", p.name));
             }
             if p.partitions == 0 {
-                return invalid(format!(
-                    "topics.parents[{}].partitions must be at least 1",
-                    p.name
-                ));
+                return invalid(format!("topics.parents[{}].partitions must be at least 1", p.name));
             }
         }
         if self.mqtt.receive_maximum == 0 || self.mqtt.max_inflight == 0 {

@@ -45,10 +45,7 @@ const CATCHUP_BATCH: usize = 256;
 const PERSIST_EVERY: Duration = Duration::from_millis(100);
 
 pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 /// Serve one client connection to the end.
@@ -141,7 +138,9 @@ fn packet_name(p: &Packet) -> &'static str {
 #[derive(Debug, Clone)]
 enum End {
     /// DISCONNECT from the client; `with_will` for MQTT 5 reason 0x04.
-    ClientDisconnect { with_will: bool },
+    ClientDisconnect {
+        with_will: bool,
+    },
     /// Socket closed or failed without DISCONNECT.
     Dropped(&'static str),
     /// We close it; MQTT 5 clients get a DISCONNECT with this reason first.
@@ -229,12 +228,13 @@ impl Conn {
 
         // Keepalive: MQTT 5 clients asking for none or too long get Server Keep Alive.
         let mut server_keep_alive = None;
-        let ka = if protocol == Protocol::V5 && (connect.keep_alive == 0 || connect.keep_alive > mqtt.keepalive_max_secs) {
-            server_keep_alive = Some(mqtt.keepalive_max_secs);
-            mqtt.keepalive_max_secs
-        } else {
-            connect.keep_alive.min(mqtt.keepalive_max_secs.max(1))
-        };
+        let ka =
+            if protocol == Protocol::V5 && (connect.keep_alive == 0 || connect.keep_alive > mqtt.keepalive_max_secs) {
+                server_keep_alive = Some(mqtt.keepalive_max_secs);
+                mqtt.keepalive_max_secs
+            } else {
+                connect.keep_alive.min(mqtt.keepalive_max_secs.max(1))
+            };
         let requested_expiry = match protocol {
             Protocol::V5 => connect.properties.session_expiry_interval.unwrap_or(0),
             _ if connect.clean_start => 0,
@@ -244,17 +244,20 @@ impl Conn {
 
         // Takeover: the old connection saves its session before we load it.
         let new_clean_start = connect.clean_start;
-        let registration = ctx
-            .registry
-            .take(&client_id, conn_id, Kick::TakenOver { new_clean_start }, Duration::from_secs(10))
-            .await;
+        let registration =
+            ctx.registry.take(&client_id, conn_id, Kick::TakenOver { new_clean_start }, Duration::from_secs(10)).await;
 
         // Session: load the stored one unless clean start.
         let backend = &ctx.backend;
         let stored = if connect.clean_start {
             None
         } else {
-            match tokio::time::timeout(Duration::from_secs(mqtt.backend_timeout_secs), backend.get_state(StateStore::Sessions, &client_id)).await {
+            match tokio::time::timeout(
+                Duration::from_secs(mqtt.backend_timeout_secs),
+                backend.get_state(StateStore::Sessions, &client_id),
+            )
+            .await
+            {
                 Ok(Ok(v)) => v.and_then(|b| Stored::decode(&b)).filter(|s| !s.expired(now_ms())),
                 Ok(Err(e)) => {
                     tracing::warn!(client_id, error = %e, "cannot load session");
@@ -346,9 +349,11 @@ impl Conn {
     /// Subscriptions and positions of a restored session go back to the router.
     async fn restore(&mut self, inflight: Vec<StoredInflight>) -> Result<(), ReasonCode> {
         let router = self.ctx.router.clone();
-        let filters: Vec<(String, QoS)> = self.state.subscriptions.iter().map(|s| (s.filter.clone(), s.options.qos)).collect();
+        let filters: Vec<(String, QoS)> =
+            self.state.subscriptions.iter().map(|s| (s.filter.clone(), s.options.qos)).collect();
         for (filter, qos) in filters {
-            let positions = router.subscribe(&self.slot, &filter, qos).await.map_err(|_| ReasonCode::SERVER_UNAVAILABLE)?;
+            let positions =
+                router.subscribe(&self.slot, &filter, qos).await.map_err(|_| ReasonCode::SERVER_UNAVAILABLE)?;
             for (tp, live) in positions {
                 self.state.cursor(&tp, live);
             }
@@ -361,7 +366,12 @@ impl Conn {
             let message = if inf.released {
                 None
             } else {
-                let fetched = self.ctx.backend.fetch(&origin.tp, origin.offset, 1).await.map_err(|_| ReasonCode::SERVER_UNAVAILABLE)?;
+                let fetched = self
+                    .ctx
+                    .backend
+                    .fetch(&origin.tp, origin.offset, 1)
+                    .await
+                    .map_err(|_| ReasonCode::SERVER_UNAVAILABLE)?;
                 fetched
                     .records
                     .into_iter()
@@ -380,7 +390,8 @@ impl Conn {
             );
         }
         // Every cursor reads back what the session missed while away.
-        let cursors: Vec<(TopicPartition, u64)> = self.state.cursors.iter().map(|(tp, c)| (tp.clone(), c.committed())).collect();
+        let cursors: Vec<(TopicPartition, u64)> =
+            self.state.cursors.iter().map(|(tp, c)| (tp.clone(), c.committed())).collect();
         for (tp, from) in cursors {
             self.slot.mark_lagging(tp, from);
         }
@@ -615,14 +626,19 @@ impl Conn {
             Packet::Disconnect(d) => {
                 if let Some(e) = d.properties.session_expiry_interval {
                     if self.expiry_was_zero && e > 0 {
-                        return Err(End::Server(ReasonCode::PROTOCOL_ERROR, "session expiry raised from 0 [MQTT-3.14.2-2]"));
+                        return Err(End::Server(
+                            ReasonCode::PROTOCOL_ERROR,
+                            "session expiry raised from 0 [MQTT-3.14.2-2]",
+                        ));
                     }
                     self.session_expiry = e.min(self.ctx.config.mqtt.session_expiry_max_secs);
                 }
                 Err(End::ClientDisconnect { with_will: d.code == ReasonCode::DISCONNECT_WITH_WILL })
             }
             Packet::Connect(_) => Err(End::Server(ReasonCode::PROTOCOL_ERROR, "second CONNECT [MQTT-3.1.0-2]")),
-            Packet::Auth(_) => Err(End::Server(ReasonCode::BAD_AUTHENTICATION_METHOD, "AUTH without an authentication method")),
+            Packet::Auth(_) => {
+                Err(End::Server(ReasonCode::BAD_AUTHENTICATION_METHOD, "AUTH without an authentication method"))
+            }
             Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp => {
                 Err(End::Server(ReasonCode::PROTOCOL_ERROR, "server-to-client packet sent by a client"))
             }
@@ -671,7 +687,9 @@ impl Conn {
         }
         if p.qos != QoS::AtMostOnce {
             self.inbound_inflight += 1;
-            if self.protocol == Protocol::V5 && self.inbound_inflight > usize::from(self.ctx.config.mqtt.receive_maximum) {
+            if self.protocol == Protocol::V5
+                && self.inbound_inflight > usize::from(self.ctx.config.mqtt.receive_maximum)
+            {
                 return Err(End::Server(ReasonCode::RECEIVE_MAXIMUM_EXCEEDED, "receive maximum exceeded"));
             }
         }
@@ -683,7 +701,10 @@ impl Conn {
             self.done_inbound(p.qos);
             return Err(End::Server(ReasonCode::RETAIN_NOT_SUPPORTED, "retain not supported"));
         }
-        if p.topic.starts_with('$') || self.ctx.limits.check_topic(&p.topic).is_err() || topic::validate_name(&p.topic).is_err() {
+        if p.topic.starts_with('$')
+            || self.ctx.limits.check_topic(&p.topic).is_err()
+            || topic::validate_name(&p.topic).is_err()
+        {
             self.done_inbound(p.qos);
             return self.refuse_publish(&p, ReasonCode::TOPIC_NAME_INVALID, "topic name not allowed");
         }
@@ -780,7 +801,10 @@ impl Conn {
                 }
             };
             if parsed.group.is_some() && options.no_local {
-                return Err(End::Server(ReasonCode::PROTOCOL_ERROR, "no local on a shared subscription [MQTT-3.8.3-4]"));
+                return Err(End::Server(
+                    ReasonCode::PROTOCOL_ERROR,
+                    "no local on a shared subscription [MQTT-3.8.3-4]",
+                ));
             }
             if self.ctx.limits.check_filter(parsed.filter).is_err() {
                 codes.push(ReasonCode::TOPIC_FILTER_INVALID);
@@ -806,7 +830,11 @@ impl Conn {
             for (tp, live) in positions {
                 self.state.cursor(&tp, live);
             }
-            let sub = Subscription { filter: filter.clone(), options: *options, identifier: s.properties.subscription_identifier };
+            let sub = Subscription {
+                filter: filter.clone(),
+                options: *options,
+                identifier: s.properties.subscription_identifier,
+            };
             self.state.subscribe(sub);
             self.dirty = true;
             codes.push(ReasonCode(options.qos as u8));
@@ -942,7 +970,10 @@ impl Conn {
                 if f.records.is_empty() || f.next_offset >= f.high_watermark {
                     let router = self.ctx.router.clone();
                     let slot = self.slot.clone();
-                    Some(async move { CatchupStep::Reattached(tp.clone(), next, router.reattach(slot, tp, next).await) }.boxed())
+                    Some(
+                        async move { CatchupStep::Reattached(tp.clone(), next, router.reattach(slot, tp, next).await) }
+                            .boxed(),
+                    )
                 } else {
                     Some(self.fetch_step(tp, next))
                 }
@@ -950,11 +981,13 @@ impl Conn {
             CatchupStep::Fetched(tp, Err(e)) => {
                 tracing::warn!(client_id = %self.client_id, error = %e, "reading back from the core service failed; retrying");
                 let from = self.state.cursors.get(&tp).map(|c| c.next).unwrap_or(0);
-                Some(async move {
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                    CatchupStep::Retry(tp, from)
-                }
-                .boxed())
+                Some(
+                    async move {
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        CatchupStep::Retry(tp, from)
+                    }
+                    .boxed(),
+                )
             }
             CatchupStep::Retry(tp, from) => Some(self.fetch_step(tp, from)),
             CatchupStep::Reattached(_, _, Ok(Reattach::Attached)) => None,
@@ -988,7 +1021,9 @@ impl Conn {
                 let delayed = self.will.as_ref().and_then(|w| w.properties.will_delay_interval).unwrap_or(0) > 0;
                 (Some(ReasonCode::SESSION_TAKEN_OVER), *new_clean_start || !delayed, "session taken over".to_string())
             }
-            End::Kicked(Kick::Shutdown) => (Some(ReasonCode::SERVER_SHUTTING_DOWN), true, "server shutting down".to_string()),
+            End::Kicked(Kick::Shutdown) => {
+                (Some(ReasonCode::SERVER_SHUTTING_DOWN), true, "server shutting down".to_string())
+            }
             End::Kicked(Kick::Administrative) => (Some(ReasonCode::ADMINISTRATIVE_ACTION), true, "kicked".to_string()),
         };
         if matches!(end, End::ClientDisconnect { .. }) {
@@ -1020,7 +1055,10 @@ impl Conn {
         } else {
             backend.put_state(StateStore::Sessions, &self.client_id, None)
         };
-        if let Err(e) = tokio::time::timeout(Duration::from_secs(self.ctx.config.mqtt.backend_timeout_secs), save).await.unwrap_or(Err(BackendError::Timeout(Duration::from_secs(0)))) {
+        if let Err(e) = tokio::time::timeout(Duration::from_secs(self.ctx.config.mqtt.backend_timeout_secs), save)
+            .await
+            .unwrap_or(Err(BackendError::Timeout(Duration::from_secs(0))))
+        {
             tracing::warn!(client_id = %self.client_id, error = %e, "cannot save session at disconnect");
         }
         if publish_will {
@@ -1084,7 +1122,11 @@ fn with_timestamp(message: Arc<Message>, ts: i64) -> Arc<Message> {
 
 /// Append a message to its core topic and, when retained, update the retained store.
 /// Resolves when both are durable.
-fn store_message(ctx: &Arc<Context>, core: &str, message: Arc<Message>) -> BoxFuture<'static, Result<(), BackendError>> {
+fn store_message(
+    ctx: &Arc<Context>,
+    core: &str,
+    message: Arc<Message>,
+) -> BoxFuture<'static, Result<(), BackendError>> {
     let record = ctx.router.topics().to_record(&message);
     let append = ctx.backend.append(core, record.clone());
     if !message.retain {
@@ -1109,7 +1151,8 @@ fn record_message(ctx: &Context, tp: &TopicPartition, rec: &crate::backend::Core
 }
 
 fn publish_packet(o: &Outbound, packet_id: Option<PacketId>, dup: bool, protocol: Protocol) -> Publish {
-    let mut properties = if protocol == Protocol::V5 { o.message.publish_properties(now_ms()) } else { PublishProperties::default() };
+    let mut properties =
+        if protocol == Protocol::V5 { o.message.publish_properties(now_ms()) } else { PublishProperties::default() };
     if protocol == Protocol::V5 {
         properties.subscription_identifiers = o.subscription_ids.clone();
     }

@@ -38,10 +38,8 @@ impl Gateway {
                 .map_err(|e| anyhow::anyhow!("listener `{}` cannot bind {}: {e}", l.name, l.bind))?;
             listeners.push(bound);
         }
-        let addrs: Vec<(String, SocketAddr)> = listeners
-            .iter()
-            .map(|l| Ok((l.config.name.clone(), l.local_addr()?)))
-            .collect::<std::io::Result<_>>()?;
+        let addrs: Vec<(String, SocketAddr)> =
+            listeners.iter().map(|l| Ok((l.config.name.clone(), l.local_addr()?))).collect::<std::io::Result<_>>()?;
         let gateway_id = config.gateway_id.clone().unwrap_or_else(|| {
             let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "gateway".into());
             let port = addrs.first().map(|(_, a)| a.port()).unwrap_or(0);

@@ -2,7 +2,7 @@
 //!
 //! Module map (see ARCHITECTURE.md for the data flow):
 //! - [`protocol`]: MQTT codec, pure, no I/O.
-//! - [`config`]: `gateway.yaml`.
+//! - [`config`]: settings from `gateway.yaml`.
 //! - [`server`]: listeners and the shared [`server::Context`]; [`gateway`] wires it all up.
 //! - [`connection`]: one task per client: read, decode, session logic, write.
 //! - [`session`]: session state, persistence format, takeover registry.

@@ -31,7 +31,8 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let config = Config::load(&cli.config).with_context(|| format!("invalid configuration {}", cli.config.display()))?;
+    let config =
+        Config::load(&cli.config).with_context(|| format!("invalid configuration {}", cli.config.display()))?;
     match cli.command.unwrap_or(Command::Serve) {
         Command::CheckConfig => {
             println!("{} is valid; effective settings:\n", cli.config.display());

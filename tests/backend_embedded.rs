@@ -24,9 +24,7 @@ fn config(dir: &std::path::Path) -> EmbeddedConfig {
 }
 
 async fn open(dir: &tempfile::TempDir) -> Arc<EmbeddedCore> {
-    EmbeddedCore::open(&config(dir.path()), EVENTS)
-        .await
-        .expect("open embedded core")
+    EmbeddedCore::open(&config(dir.path()), EVENTS).await.expect("open embedded core")
 }
 
 macro_rules! conformance {
@@ -73,25 +71,15 @@ async fn restart_keeps_everything() {
         let pos = core.append("restart", rec.clone()).await.unwrap();
         sent.push((pos, rec));
     }
-    core.put_state(StateStore::Sessions, "c1", Some(Bytes::from_static(b"s1")))
+    core.put_state(StateStore::Sessions, "c1", Some(Bytes::from_static(b"s1"))).await.unwrap();
+    core.put_state(StateStore::Sessions, "c2", Some(Bytes::from_static(b"s2"))).await.unwrap();
+    core.put_state(StateStore::Sessions, "c2", None).await.unwrap();
+    core.put_state(StateStore::Retained, "a/b", Some(Bytes::from_static(b"r"))).await.unwrap();
+    let ends: Vec<u64> = futures::future::join_all((0..3).map(|p| core.end_offset(&TopicPartition::new("restart", p))))
         .await
-        .unwrap();
-    core.put_state(StateStore::Sessions, "c2", Some(Bytes::from_static(b"s2")))
-        .await
-        .unwrap();
-    core.put_state(StateStore::Sessions, "c2", None)
-        .await
-        .unwrap();
-    core.put_state(StateStore::Retained, "a/b", Some(Bytes::from_static(b"r")))
-        .await
-        .unwrap();
-    let ends: Vec<u64> = futures::future::join_all(
-        (0..3).map(|p| core.end_offset(&TopicPartition::new("restart", p))),
-    )
-    .await
-    .into_iter()
-    .map(|r| r.unwrap())
-    .collect();
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
     core.shutdown().await;
     drop(core);
 
@@ -107,22 +95,13 @@ async fn restart_keeps_everything() {
         let got = core.fetch(&tp, pos.offset, 1).await.unwrap();
         assert_eq!(&got.records[0].record, rec);
     }
-    assert_eq!(
-        core.get_state(StateStore::Sessions, "c1").await.unwrap(),
-        Some(Bytes::from_static(b"s1"))
-    );
-    assert_eq!(
-        core.get_state(StateStore::Sessions, "c2").await.unwrap(),
-        None
-    );
+    assert_eq!(core.get_state(StateStore::Sessions, "c1").await.unwrap(), Some(Bytes::from_static(b"s1")));
+    assert_eq!(core.get_state(StateStore::Sessions, "c2").await.unwrap(), None);
     let (tx, _rx) = tokio::sync::mpsc::channel(1);
     let retained = core.watch_state(StateStore::Retained, tx).await.unwrap();
     assert_eq!(retained, vec![("a/b".to_owned(), Bytes::from_static(b"r"))]);
     // Offsets continue where they stopped.
-    let pos = core
-        .append("restart", conformance::record(Some("k0"), "after"))
-        .await
-        .unwrap();
+    let pos = core.append("restart", conformance::record(Some("k0"), "after")).await.unwrap();
     assert_eq!(pos.offset, ends[pos.partition as usize]);
     assert_eq!(core.partitions(EVENTS).unwrap(), 1);
     core.shutdown().await;

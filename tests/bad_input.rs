@@ -103,10 +103,7 @@ async fn packet_id_zero_is_malformed() {
     // PUBLISH QoS 1, topic "a", packet id 0, no properties.
     raw.send_bytes(&[0x32, 0x06, 0x00, 0x01, b'a', 0x00, 0x00, 0x00]).await;
     let code = disconnect_code(&raw.until_closed().await);
-    assert!(
-        code == Some(ReasonCode::MALFORMED_PACKET) || code == Some(ReasonCode::PROTOCOL_ERROR),
-        "{code:?}"
-    );
+    assert!(code == Some(ReasonCode::MALFORMED_PACKET) || code == Some(ReasonCode::PROTOCOL_ERROR), "{code:?}");
     bystander_still_works(&gw).await;
 }
 
@@ -115,8 +112,7 @@ async fn unsupported_protocol_level_gets_connack_0x01() {
     let gw = TestGateway::start().await;
     let mut raw = Raw::connect(gw.addr, Protocol::V311).await;
     // CONNECT "MQTT" level 9.
-    raw.send_bytes(&[0x10, 0x0d, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x09, 0x02, 0x00, 0x1e, 0x00, 0x01, b'x'])
-        .await;
+    raw.send_bytes(&[0x10, 0x0d, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x09, 0x02, 0x00, 0x1e, 0x00, 0x01, b'x']).await;
     let seen = raw.until_closed().await;
     match seen.first() {
         Some(Packet::ConnAck(a)) => assert_eq!(a.code.to_v3_connack(), 1),

@@ -13,7 +13,7 @@ async fn user_properties_content_type_and_expiry_travel_end_to_end() {
     let gw = TestGateway::start().await;
     let mut sub = v5::connect(gw.addr, "v5-sub").await;
     sub.subscribe("props/#", QoS::AtLeastOnce).await;
-    let mut publ = v5::connect(gw.addr, "v5-pub").await;
+    let publ = v5::connect(gw.addr, "v5-pub").await;
     let props = PublishProperties {
         user_properties: vec![("k".into(), "v1".into()), ("k".into(), "v2".into())],
         content_type: Some("application/json".into()),
@@ -23,10 +23,7 @@ async fn user_properties_content_type_and_expiry_travel_end_to_end() {
         payload_format_indicator: Some(1),
         ..Default::default()
     };
-    publ.client
-        .publish_with_properties("props/a", QoS::AtLeastOnce, false, "{}", props)
-        .await
-        .unwrap();
+    publ.client.publish_with_properties("props/a", QoS::AtLeastOnce, false, "{}", props).await.unwrap();
     let got = sub.next_publish().await;
     let gp = got.properties.expect("properties");
     assert_eq!(gp.user_properties, vec![("k".into(), "v1".into()), ("k".into(), "v2".into())]);
@@ -54,7 +51,7 @@ async fn subscription_identifiers_and_no_local() {
     };
     c.client.subscribe_many(vec![filter]).await.unwrap();
     c.suback().await;
-    let mut other = v5::connect(gw.addr, "v5-other").await;
+    let other = v5::connect(gw.addr, "v5-other").await;
     other.client.publish("ids/x", QoS::AtLeastOnce, false, "a").await.unwrap();
     let got = c.next_publish().await;
     assert_eq!(got.properties.map(|p| p.subscription_identifiers), Some(vec![42]));
@@ -72,7 +69,7 @@ async fn shared_subscription_spreads_messages_over_the_group() {
     let mut b = v5::connect(gw.addr, "share-b").await;
     a.subscribe("$share/g1/jobs/#", QoS::AtLeastOnce).await;
     b.subscribe("$share/g1/jobs/#", QoS::AtLeastOnce).await;
-    let mut publ = v5::connect(gw.addr, "share-pub").await;
+    let publ = v5::connect(gw.addr, "share-pub").await;
     for i in 0..10 {
         publ.client.publish("jobs/x", QoS::AtLeastOnce, false, format!("{i}")).await.unwrap();
     }
@@ -204,7 +201,15 @@ async fn will_delay_is_cancelled_by_a_quick_reconnect() {
     o.set_clean_start(false);
     o.set_session_expiry_interval(Some(600));
     let mut will = rumqttc::v5::mqttbytes::v5::LastWill::new("wd/dev", "dead", QoS::AtLeastOnce, false, None);
-    will.properties = Some(rumqttc::v5::mqttbytes::v5::LastWillProperties { delay_interval: Some(2), ..Default::default() });
+    will.properties = Some(rumqttc::v5::mqttbytes::v5::LastWillProperties {
+        delay_interval: Some(2),
+        payload_format_indicator: None,
+        message_expiry_interval: None,
+        content_type: None,
+        response_topic: None,
+        correlation_data: None,
+        user_properties: vec![],
+    });
     o.set_last_will(will.clone());
     let (c, _) = v5::connect_with(o.clone()).await;
     c.kill();

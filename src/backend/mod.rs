@@ -58,10 +58,7 @@ pub struct TopicPartition {
 
 impl TopicPartition {
     pub fn new(topic: impl Into<Arc<str>>, partition: u32) -> Self {
-        TopicPartition {
-            topic: topic.into(),
-            partition,
-        }
+        TopicPartition { topic: topic.into(), partition }
     }
 }
 
@@ -167,12 +164,7 @@ pub trait CoreService: Send + Sync + 'static {
 
     /// Read up to `max_records` records of `tp` starting at offset `from`. Offsets below the
     /// retention start are skipped (the result starts at the first retained record).
-    fn fetch(
-        &self,
-        tp: &TopicPartition,
-        from: u64,
-        max_records: usize,
-    ) -> BoxFuture<'static, Result<Fetched>>;
+    fn fetch(&self, tp: &TopicPartition, from: u64, max_records: usize) -> BoxFuture<'static, Result<Fetched>>;
 
     /// Offset the next record of `tp` will get.
     fn end_offset(&self, tp: &TopicPartition) -> BoxFuture<'static, Result<u64>>;
@@ -181,12 +173,7 @@ pub trait CoreService: Send + Sync + 'static {
     fn tail(&self) -> Box<dyn Tail>;
 
     /// Write (Some) or delete (None) a key of a state store; resolves once durable.
-    fn put_state(
-        &self,
-        store: StateStore,
-        key: &str,
-        value: Option<Bytes>,
-    ) -> BoxFuture<'static, Result<()>>;
+    fn put_state(&self, store: StateStore, key: &str, value: Option<Bytes>) -> BoxFuture<'static, Result<()>>;
 
     /// Current value of a key.
     fn get_state(&self, store: StateStore, key: &str) -> BoxFuture<'static, Result<Option<Bytes>>>;

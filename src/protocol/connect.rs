@@ -7,8 +7,7 @@ use super::error::{DecodeError, EncodeError};
 use super::primitives::{check_topic_name, Reader, Sink};
 use super::properties;
 use super::types::{
-    ConnAck, ConnAckProperties, Connect, ConnectProperties, LastWill, Protocol, QoS, ReasonCode,
-    WillProperties,
+    ConnAck, ConnAckProperties, Connect, ConnectProperties, LastWill, Protocol, QoS, ReasonCode, WillProperties,
 };
 
 const RESERVED: u8 = 0x01;
@@ -56,45 +55,23 @@ pub(crate) fn decode_connect(r: &mut Reader<'_>) -> Result<Connect, DecodeError>
         return Err(DecodeError::PasswordWithoutUsername);
     }
     let keep_alive = r.u16("keep alive")?;
-    let properties = if protocol.is_v5() {
-        properties::decode_connect(r)?
-    } else {
-        ConnectProperties::default()
-    };
+    let properties = if protocol.is_v5() { properties::decode_connect(r)? } else { ConnectProperties::default() };
 
     let client_id = r.string("client identifier")?;
     let will = if will_flag {
-        let properties = if protocol.is_v5() {
-            properties::decode_will(r)?
-        } else {
-            WillProperties::default()
-        };
+        let properties = if protocol.is_v5() { properties::decode_will(r)? } else { WillProperties::default() };
         let topic = r.string("will topic")?;
         if topic.is_empty() {
             return Err(DecodeError::EmptyTopicName);
         }
         check_topic_name(&topic)?;
         let payload = r.binary("will payload")?;
-        Some(LastWill {
-            topic,
-            payload,
-            qos: will_qos,
-            retain: will_retain,
-            properties,
-        })
+        Some(LastWill { topic, payload, qos: will_qos, retain: will_retain, properties })
     } else {
         None
     };
-    let username = if has_username {
-        Some(r.string("user name")?)
-    } else {
-        None
-    };
-    let password = if has_password {
-        Some(r.binary("password")?)
-    } else {
-        None
-    };
+    let username = if has_username { Some(r.string("user name")?) } else { None };
+    let password = if has_password { Some(r.binary("password")?) } else { None };
     Ok(Connect {
         protocol,
         clean_start: flags & CLEAN_START != 0,
@@ -155,10 +132,7 @@ pub(crate) fn write_connect<S: Sink>(c: &Connect, s: &mut S) -> Result<(), Encod
     Ok(())
 }
 
-pub(crate) fn decode_connack(
-    r: &mut Reader<'_>,
-    protocol: Protocol,
-) -> Result<ConnAck, DecodeError> {
+pub(crate) fn decode_connack(r: &mut Reader<'_>, protocol: Protocol) -> Result<ConnAck, DecodeError> {
     let flags = r.u8("connect acknowledge flags")?;
     if flags & 0xFE != 0 {
         return Err(DecodeError::InvalidConnAckFlags);
@@ -167,24 +141,13 @@ pub(crate) fn decode_connack(
     let (code, properties) = if protocol.is_v5() {
         (ReasonCode(code), properties::decode_connack(r)?)
     } else {
-        let code = V3_RETURN_CODES
-            .get(usize::from(code))
-            .copied()
-            .ok_or(DecodeError::InvalidReturnCode(code))?;
+        let code = V3_RETURN_CODES.get(usize::from(code)).copied().ok_or(DecodeError::InvalidReturnCode(code))?;
         (code, ConnAckProperties::default())
     };
-    Ok(ConnAck {
-        session_present: flags & 0x01 != 0,
-        code,
-        properties,
-    })
+    Ok(ConnAck { session_present: flags & 0x01 != 0, code, properties })
 }
 
-pub(crate) fn write_connack<S: Sink>(
-    c: &ConnAck,
-    protocol: Protocol,
-    s: &mut S,
-) -> Result<(), EncodeError> {
+pub(crate) fn write_connack<S: Sink>(c: &ConnAck, protocol: Protocol, s: &mut S) -> Result<(), EncodeError> {
     // MQTT 3.1 has no Session Present flag: the byte is reserved.
     let session_present = c.session_present && protocol != Protocol::V31;
     s.put_u8(u8::from(session_present));
@@ -267,10 +230,7 @@ mod tests {
                 payload: Bytes::new(),
                 qos: QoS::AtMostOnce,
                 retain: false,
-                properties: WillProperties {
-                    will_delay_interval: Some(5),
-                    ..Default::default()
-                },
+                properties: WillProperties { will_delay_interval: Some(5), ..Default::default() },
             }),
             username: Some("u".into()),
             password: Some(Bytes::from_static(b"p")),
@@ -301,21 +261,14 @@ mod tests {
     #[test]
     fn mqtt31_and_minimal_connects() {
         let p = decode_all(&connect(b"MQIsdp", 3, 0x02, CID), Protocol::V311).unwrap();
-        let Packet::Connect(c) = &p else {
-            panic!("{p:?}")
-        };
+        let Packet::Connect(c) = &p else { panic!("{p:?}") };
         assert_eq!(c.protocol, Protocol::V31);
-        assert_eq!(
-            encode_vec(&p, Protocol::V311),
-            connect(b"MQIsdp", 3, 0x02, CID)
-        );
+        assert_eq!(encode_vec(&p, Protocol::V311), connect(b"MQIsdp", 3, 0x02, CID));
         // Password without user name is fine in MQTT 5.
         let mut tail = CID.to_vec();
         tail.extend_from_slice(&[0x00, 0x01, b'p']);
         let p = decode_all(&connect(b"MQTT", 5, 0x40, &tail), Protocol::V311).unwrap();
-        let Packet::Connect(c) = &p else {
-            panic!("{p:?}")
-        };
+        let Packet::Connect(c) = &p else { panic!("{p:?}") };
         assert_eq!(c.password.as_deref(), Some(&b"p"[..]));
         assert_eq!(c.username, None);
     }
@@ -329,76 +282,20 @@ mod tests {
         let mut empty_will = CID.to_vec();
         empty_will.extend_from_slice(&[0x00, 0x00, 0x00, 0x00]);
         let cases: Vec<(Vec<u8>, DecodeError, u8)> = vec![
-            (
-                connect(b"MQTX", 4, 0, CID),
-                DecodeError::UnsupportedProtocolVersion(4),
-                0x84,
-            ),
-            (
-                connect(b"MQTT", 3, 0, CID),
-                DecodeError::UnsupportedProtocolVersion(3),
-                0x84,
-            ),
-            (
-                connect(b"MQTT", 6, 0, CID),
-                DecodeError::UnsupportedProtocolVersion(6),
-                0x84,
-            ),
-            (
-                connect(b"MQIsdp", 4, 0, CID),
-                DecodeError::UnsupportedProtocolVersion(4),
-                0x84,
-            ),
-            (
-                connect(b"MQTT", 4, 0x03, CID),
-                DecodeError::ReservedConnectFlag,
-                0x81,
-            ),
-            (
-                connect(b"MQTT", 5, 0x1C, CID),
-                DecodeError::InvalidWillQoS,
-                0x81,
-            ),
-            (
-                connect(b"MQTT", 4, 0x08, CID),
-                DecodeError::WillFlagsWithoutWill,
-                0x81,
-            ),
-            (
-                connect(b"MQTT", 5, 0x20, CID),
-                DecodeError::WillFlagsWithoutWill,
-                0x81,
-            ),
-            (
-                connect(b"MQTT", 4, 0x40, &password_tail),
-                DecodeError::PasswordWithoutUsername,
-                0x81,
-            ),
-            (
-                connect(b"MQTT", 4, 0x04, &wild_will),
-                DecodeError::WildcardInTopicName,
-                0x90,
-            ),
-            (
-                connect(b"MQTT", 4, 0x04, &empty_will),
-                DecodeError::EmptyTopicName,
-                0x90,
-            ),
-            (
-                connect(b"MQTT", 4, 0x80, CID),
-                DecodeError::UnexpectedEof("user name"),
-                0x81,
-            ),
-            (
-                connect(b"MQTT", 4, 0, &[0x00, 0x01, 0x00]),
-                DecodeError::NullCharInString,
-                0x81,
-            ),
-            (
-                connect(b"MQTT", 4, 0, &[0x00, 0x01, b'c', 0xFF]),
-                DecodeError::TrailingBytes(1),
-                0x81,
-            ),
+            (connect(b"MQTX", 4, 0, CID), DecodeError::UnsupportedProtocolVersion(4), 0x84),
+            (connect(b"MQTT", 3, 0, CID), DecodeError::UnsupportedProtocolVersion(3), 0x84),
+            (connect(b"MQTT", 6, 0, CID), DecodeError::UnsupportedProtocolVersion(6), 0x84),
+            (connect(b"MQIsdp", 4, 0, CID), DecodeError::UnsupportedProtocolVersion(4), 0x84),
+            (connect(b"MQTT", 4, 0x03, CID), DecodeError::ReservedConnectFlag, 0x81),
+            (connect(b"MQTT", 5, 0x1C, CID), DecodeError::InvalidWillQoS, 0x81),
+            (connect(b"MQTT", 4, 0x08, CID), DecodeError::WillFlagsWithoutWill, 0x81),
+            (connect(b"MQTT", 5, 0x20, CID), DecodeError::WillFlagsWithoutWill, 0x81),
+            (connect(b"MQTT", 4, 0x40, &password_tail), DecodeError::PasswordWithoutUsername, 0x81),
+            (connect(b"MQTT", 4, 0x04, &wild_will), DecodeError::WildcardInTopicName, 0x90),
+            (connect(b"MQTT", 4, 0x04, &empty_will), DecodeError::EmptyTopicName, 0x90),
+            (connect(b"MQTT", 4, 0x80, CID), DecodeError::UnexpectedEof("user name"), 0x81),
+            (connect(b"MQTT", 4, 0, &[0x00, 0x01, 0x00]), DecodeError::NullCharInString, 0x81),
+            (connect(b"MQTT", 4, 0, &[0x00, 0x01, b'c', 0xFF]), DecodeError::TrailingBytes(1), 0x81),
         ];
         for (bytes, err, code) in cases {
             let got = decode_all(&bytes, Protocol::V311).unwrap_err();
@@ -412,34 +309,19 @@ mod tests {
         check_vector(
             &[0x20, 0x02, 0x01, 0x00],
             Protocol::V311,
-            &Packet::ConnAck(ConnAck {
-                session_present: true,
-                ..Default::default()
-            }),
+            &Packet::ConnAck(ConnAck { session_present: true, ..Default::default() }),
         );
         check_vector(
             &[0x20, 0x02, 0x00, 0x05],
             Protocol::V311,
-            &Packet::ConnAck(ConnAck {
-                code: ReasonCode::NOT_AUTHORIZED,
-                ..Default::default()
-            }),
+            &Packet::ConnAck(ConnAck { code: ReasonCode::NOT_AUTHORIZED, ..Default::default() }),
         );
         // MQTT 5 reason codes are mapped to 3.1.1 return codes.
-        let p = Packet::ConnAck(ConnAck {
-            code: ReasonCode::BAD_AUTHENTICATION_METHOD,
-            ..Default::default()
-        });
+        let p = Packet::ConnAck(ConnAck { code: ReasonCode::BAD_AUTHENTICATION_METHOD, ..Default::default() });
         assert_eq!(encode_vec(&p, Protocol::V311), [0x20, 0x02, 0x00, 0x04]);
+        check_vector(&[0x20, 0x03, 0x00, 0x00, 0x00], Protocol::V5, &Packet::ConnAck(ConnAck::default()));
         check_vector(
-            &[0x20, 0x03, 0x00, 0x00, 0x00],
-            Protocol::V5,
-            &Packet::ConnAck(ConnAck::default()),
-        );
-        check_vector(
-            &[
-                0x20, 0x0B, 0x00, 0x00, 0x08, 0x12, 0x00, 0x02, b'i', b'd', 0x22, 0x00, 0x0A,
-            ],
+            &[0x20, 0x0B, 0x00, 0x00, 0x08, 0x12, 0x00, 0x02, b'i', b'd', 0x22, 0x00, 0x0A],
             Protocol::V5,
             &Packet::ConnAck(ConnAck {
                 session_present: false,
@@ -454,30 +336,18 @@ mod tests {
         check_vector(
             &[0x20, 0x03, 0x00, 0x84, 0x00],
             Protocol::V5,
-            &Packet::ConnAck(ConnAck {
-                code: ReasonCode::UNSUPPORTED_PROTOCOL_VERSION,
-                ..Default::default()
-            }),
+            &Packet::ConnAck(ConnAck { code: ReasonCode::UNSUPPORTED_PROTOCOL_VERSION, ..Default::default() }),
         );
     }
 
     #[test]
     fn connack_negative_vectors() {
-        assert_eq!(
-            decode_all(&[0x20, 0x02, 0x02, 0x00], Protocol::V311),
-            Err(DecodeError::InvalidConnAckFlags)
-        );
-        assert_eq!(
-            decode_all(&[0x20, 0x02, 0x00, 0x06], Protocol::V311),
-            Err(DecodeError::InvalidReturnCode(6))
-        );
+        assert_eq!(decode_all(&[0x20, 0x02, 0x02, 0x00], Protocol::V311), Err(DecodeError::InvalidConnAckFlags));
+        assert_eq!(decode_all(&[0x20, 0x02, 0x00, 0x06], Protocol::V311), Err(DecodeError::InvalidReturnCode(6)));
         assert_eq!(
             decode_all(&[0x20, 0x02, 0x00, 0x00], Protocol::V5),
             Err(DecodeError::UnexpectedEof("property length"))
         );
-        assert_eq!(
-            decode_all(&[0x20, 0x03, 0x00, 0x00, 0x00], Protocol::V311),
-            Err(DecodeError::TrailingBytes(1))
-        );
+        assert_eq!(decode_all(&[0x20, 0x03, 0x00, 0x00, 0x00], Protocol::V311), Err(DecodeError::TrailingBytes(1)));
     }
 }

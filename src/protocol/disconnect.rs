@@ -9,10 +9,7 @@ use super::primitives::{Reader, Sink};
 use super::properties;
 use super::types::{Auth, AuthProperties, Disconnect, DisconnectProperties, Protocol, ReasonCode};
 
-pub(crate) fn decode_disconnect(
-    r: &mut Reader<'_>,
-    protocol: Protocol,
-) -> Result<Disconnect, DecodeError> {
+pub(crate) fn decode_disconnect(r: &mut Reader<'_>, protocol: Protocol) -> Result<Disconnect, DecodeError> {
     let mut out = Disconnect::default();
     if protocol.is_v5() && !r.is_empty() {
         out.code = ReasonCode(r.u8("reason code")?);
@@ -30,11 +27,7 @@ fn disconnect_props_empty(p: &DisconnectProperties) -> bool {
         && p.server_reference.is_none()
 }
 
-pub(crate) fn write_disconnect<S: Sink>(
-    d: &Disconnect,
-    protocol: Protocol,
-    s: &mut S,
-) -> Result<(), EncodeError> {
+pub(crate) fn write_disconnect<S: Sink>(d: &Disconnect, protocol: Protocol, s: &mut S) -> Result<(), EncodeError> {
     if !protocol.is_v5() {
         return Ok(());
     }
@@ -68,11 +61,7 @@ fn auth_props_empty(p: &AuthProperties) -> bool {
         && p.user_properties.is_empty()
 }
 
-pub(crate) fn write_auth<S: Sink>(
-    a: &Auth,
-    protocol: Protocol,
-    s: &mut S,
-) -> Result<(), EncodeError> {
+pub(crate) fn write_auth<S: Sink>(a: &Auth, protocol: Protocol, s: &mut S) -> Result<(), EncodeError> {
     if !protocol.is_v5() {
         return Err(EncodeError::UnsupportedPacket("AUTH"));
     }
@@ -101,21 +90,13 @@ mod tests {
         check_vector(&[0xE0, 0x00], Protocol::V311, &normal);
         check_vector(&[0xE0, 0x00], Protocol::V5, &normal);
         // Explicit success with empty properties is the same packet.
-        assert_eq!(
-            decode_all(&[0xE0, 0x02, 0x00, 0x00], Protocol::V5).unwrap(),
-            normal
-        );
-        let taken_over = Packet::Disconnect(Disconnect {
-            code: ReasonCode::SESSION_TAKEN_OVER,
-            ..Default::default()
-        });
+        assert_eq!(decode_all(&[0xE0, 0x02, 0x00, 0x00], Protocol::V5).unwrap(), normal);
+        let taken_over = Packet::Disconnect(Disconnect { code: ReasonCode::SESSION_TAKEN_OVER, ..Default::default() });
         check_vector(&[0xE0, 0x01, 0x8E], Protocol::V5, &taken_over);
         // 3.1.1 DISCONNECT has remaining length 0.
         assert_eq!(encode_vec(&taken_over, Protocol::V311), [0xE0, 0x00]);
         check_vector(
-            &[
-                0xE0, 0x0C, 0x04, 0x0A, 0x11, 0x00, 0x00, 0x00, 0x3C, 0x1F, 0x00, 0x02, b'b', b'y',
-            ],
+            &[0xE0, 0x0C, 0x04, 0x0A, 0x11, 0x00, 0x00, 0x00, 0x3C, 0x1F, 0x00, 0x02, b'b', b'y'],
             Protocol::V5,
             &Packet::Disconnect(Disconnect {
                 code: ReasonCode::DISCONNECT_WITH_WILL,
@@ -130,20 +111,13 @@ mod tests {
 
     #[test]
     fn disconnect_negative_vectors() {
-        assert_eq!(
-            decode_all(&[0xE0, 0x01, 0x00], Protocol::V311),
-            Err(DecodeError::TrailingBytes(1))
-        );
-        let err =
-            decode_all(&[0xE0, 0x05, 0x00, 0x03, 0x21, 0x00, 0x01], Protocol::V5).unwrap_err();
+        assert_eq!(decode_all(&[0xE0, 0x01, 0x00], Protocol::V311), Err(DecodeError::TrailingBytes(1)));
+        let err = decode_all(&[0xE0, 0x05, 0x00, 0x03, 0x21, 0x00, 0x01], Protocol::V5).unwrap_err();
         assert_eq!(err, DecodeError::InvalidProperty(0x21));
         assert_eq!(err.reason_code(), ReasonCode::MALFORMED_PACKET);
         assert_eq!(
             decode_all(&[0xE1, 0x00], Protocol::V5),
-            Err(DecodeError::InvalidFlags {
-                packet_type: 14,
-                flags: 1
-            })
+            Err(DecodeError::InvalidFlags { packet_type: 14, flags: 1 })
         );
     }
 
@@ -151,10 +125,7 @@ mod tests {
     fn auth_vectors() {
         check_vector(&[0xF0, 0x00], Protocol::V5, &Packet::Auth(Auth::default()));
         check_vector(
-            &[
-                0xF0, 0x0F, 0x18, 0x0D, 0x15, 0x00, 0x05, b'S', b'C', b'R', b'A', b'M', 0x16, 0x00,
-                0x02, 0x01, 0x02,
-            ],
+            &[0xF0, 0x0F, 0x18, 0x0D, 0x15, 0x00, 0x05, b'S', b'C', b'R', b'A', b'M', 0x16, 0x00, 0x02, 0x01, 0x02],
             Protocol::V5,
             &Packet::Auth(Auth {
                 code: ReasonCode::CONTINUE_AUTHENTICATION,
@@ -165,24 +136,13 @@ mod tests {
                 },
             }),
         );
-        let err = decode_all(
-            &[
-                0xF0, 0x0A, 0x18, 0x08, 0x15, 0x00, 0x01, b'a', 0x15, 0x00, 0x01, b'b',
-            ],
-            Protocol::V5,
-        )
-        .unwrap_err();
+        let err = decode_all(&[0xF0, 0x0A, 0x18, 0x08, 0x15, 0x00, 0x01, b'a', 0x15, 0x00, 0x01, b'b'], Protocol::V5)
+            .unwrap_err();
         assert_eq!(err, DecodeError::DuplicateProperty(0x15));
         assert_eq!(err.reason_code(), ReasonCode::PROTOCOL_ERROR);
         // AUTH cannot be encoded for 3.1.1.
         let p = Packet::Auth(Auth::default());
-        assert_eq!(
-            encoded_len(&p, Protocol::V311),
-            Err(EncodeError::UnsupportedPacket("AUTH"))
-        );
-        assert_eq!(
-            encode(&p, Protocol::V311, &mut BytesMut::new()),
-            Err(EncodeError::UnsupportedPacket("AUTH"))
-        );
+        assert_eq!(encoded_len(&p, Protocol::V311), Err(EncodeError::UnsupportedPacket("AUTH")));
+        assert_eq!(encode(&p, Protocol::V311, &mut BytesMut::new()), Err(EncodeError::UnsupportedPacket("AUTH")));
     }
 }

@@ -39,9 +39,7 @@ pub enum DecodeError {
     NullCharInString,
     #[error("packet ends in the middle of {0}: remaining length too short")]
     UnexpectedEof(&'static str),
-    #[error(
-        "{0} unused bytes at the end of the packet: remaining length does not match its contents"
-    )]
+    #[error("{0} unused bytes at the end of the packet: remaining length does not match its contents")]
     TrailingBytes(usize),
     #[error("malformed packet: {0}")]
     Malformed(&'static str),
@@ -73,9 +71,7 @@ pub enum DecodeError {
     EmptyUnsubscribe,
     #[error("SUBACK or UNSUBACK without reason codes [MQTT-3.9.3-1] [MQTT-3.11.3-1]")]
     EmptyAck,
-    #[error(
-        "reserved bits of subscription options {0:#04x} are not 0 [MQTT-3.8.3-4] [MQTT-3.8.3-5]"
-    )]
+    #[error("reserved bits of subscription options {0:#04x} are not 0 [MQTT-3.8.3-4] [MQTT-3.8.3-5]")]
     InvalidSubscriptionOptions(u8),
     #[error("retain handling 3 [MQTT-3.8.3.1]")]
     InvalidRetainHandling,

@@ -52,11 +52,7 @@ const AUTH: u8 = 15;
 ///
 /// After an error the connection must be closed (after sending the CONNACK or DISCONNECT
 /// with [`DecodeError::reason_code`] where the protocol allows); `buf` is then unspecified.
-pub fn decode(
-    buf: &mut BytesMut,
-    protocol: Protocol,
-    max_size: usize,
-) -> Result<Option<Packet>, DecodeError> {
+pub fn decode(buf: &mut BytesMut, protocol: Protocol, max_size: usize) -> Result<Option<Packet>, DecodeError> {
     let Some(&first) = buf.first() else {
         return Ok(None);
     };
@@ -82,10 +78,7 @@ pub fn decode(
     }
     let size = header_len + remaining;
     if size > max_size {
-        return Err(DecodeError::PacketTooLarge {
-            size,
-            max: max_size,
-        });
+        return Err(DecodeError::PacketTooLarge { size, max: max_size });
     }
     if buf.len() < size {
         return Ok(None);
@@ -126,8 +119,7 @@ fn check_flags(packet_type: u8, flags: u8, protocol: Protocol) -> Result<(), Dec
             return Ok(());
         }
         PUBREL | SUBSCRIBE | UNSUBSCRIBE => 0b0010,
-        CONNECT | CONNACK | PUBACK | PUBREC | PUBCOMP | SUBACK | UNSUBACK | PINGREQ | PINGRESP
-        | DISCONNECT => 0,
+        CONNECT | CONNACK | PUBACK | PUBREC | PUBCOMP | SUBACK | UNSUBACK | PINGREQ | PINGRESP | DISCONNECT => 0,
         AUTH if protocol.is_v5() => 0,
         other => return Err(DecodeError::InvalidPacketType(other)),
     };
@@ -168,12 +160,7 @@ fn remaining_len(packet: &Packet, protocol: Protocol) -> Result<usize, EncodeErr
     Ok(c.0)
 }
 
-fn write_packet(
-    packet: &Packet,
-    protocol: Protocol,
-    remaining: usize,
-    buf: &mut BytesMut,
-) -> Result<(), EncodeError> {
+fn write_packet(packet: &Packet, protocol: Protocol, remaining: usize, buf: &mut BytesMut) -> Result<(), EncodeError> {
     BufMut::put_u8(buf, first_byte(packet));
     Sink::put_varint(buf, remaining)?;
     write_body(packet, protocol, buf)
@@ -204,9 +191,7 @@ fn write_body<S: Sink>(packet: &Packet, protocol: Protocol, s: &mut S) -> Result
         Packet::Connect(c) => connect::write_connect(c, s),
         Packet::ConnAck(c) => connect::write_connack(c, protocol, s),
         Packet::Publish(p) => publish::write(p, protocol, s),
-        Packet::PubAck(p) | Packet::PubRec(p) | Packet::PubRel(p) | Packet::PubComp(p) => {
-            puback::write(p, protocol, s)
-        }
+        Packet::PubAck(p) | Packet::PubRec(p) | Packet::PubRel(p) | Packet::PubComp(p) => puback::write(p, protocol, s),
         Packet::Subscribe(p) => subscribe::write_subscribe(p, protocol, s),
         Packet::SubAck(p) => subscribe::write_suback(p, protocol, s),
         Packet::Unsubscribe(p) => unsubscribe::write_unsubscribe(p, protocol, s),
@@ -272,10 +257,7 @@ mod tests {
             check_vector(&[0xC0, 0x00], proto, &Packet::PingReq);
             check_vector(&[0xD0, 0x00], proto, &Packet::PingResp);
         }
-        assert_eq!(
-            decode_all(&[0xC0, 0x01, 0x00], Protocol::V311),
-            Err(DecodeError::TrailingBytes(1))
-        );
+        assert_eq!(decode_all(&[0xC0, 0x01, 0x00], Protocol::V311), Err(DecodeError::TrailingBytes(1)));
     }
 
     #[test]
@@ -298,10 +280,7 @@ mod tests {
     #[test]
     fn invalid_packet_types() {
         let mut buf = BytesMut::from(&[0x00, 0x00][..]);
-        assert_eq!(
-            decode(&mut buf, Protocol::V5, 1024),
-            Err(DecodeError::InvalidPacketType(0))
-        );
+        assert_eq!(decode(&mut buf, Protocol::V5, 1024), Err(DecodeError::InvalidPacketType(0)));
         // AUTH does not exist in 3.1.1.
         let mut buf = BytesMut::from(&[0xF0, 0x00][..]);
         let err = decode(&mut buf, Protocol::V311, 1024).unwrap_err();
@@ -325,23 +304,14 @@ mod tests {
         // PUBLISH announcing 200 bytes; only the fixed header is buffered.
         let mut buf = BytesMut::from(&[0x30, 0xC8, 0x01][..]);
         let err = decode(&mut buf, Protocol::V5, 100).unwrap_err();
-        assert_eq!(
-            err,
-            DecodeError::PacketTooLarge {
-                size: 203,
-                max: 100
-            }
-        );
+        assert_eq!(err, DecodeError::PacketTooLarge { size: 203, max: 100 });
         assert_eq!(err.reason_code(), ReasonCode::PACKET_TOO_LARGE);
         // Exactly at the limit is accepted (waits for the body).
         let mut buf = BytesMut::from(&[0x30, 0xC8, 0x01][..]);
         assert_eq!(decode(&mut buf, Protocol::V5, 203), Ok(None));
         // The size limit counts the fixed header too.
         let mut buf = BytesMut::from(&[0xC0, 0x00][..]);
-        assert!(matches!(
-            decode(&mut buf, Protocol::V5, 1),
-            Err(DecodeError::PacketTooLarge { size: 2, max: 1 })
-        ));
+        assert!(matches!(decode(&mut buf, Protocol::V5, 1), Err(DecodeError::PacketTooLarge { size: 2, max: 1 })));
     }
 
     #[test]
@@ -359,21 +329,12 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        assert_eq!(
-            decode(&mut buf, Protocol::V311, 1024).unwrap(),
-            Some(Packet::PubAck(PubResponse::new(pid(7))))
-        );
-        assert_eq!(
-            decode(&mut buf, Protocol::V311, 1024).unwrap(),
-            Some(Packet::PingReq)
-        );
+        assert_eq!(decode(&mut buf, Protocol::V311, 1024).unwrap(), Some(Packet::PubAck(PubResponse::new(pid(7)))));
+        assert_eq!(decode(&mut buf, Protocol::V311, 1024).unwrap(), Some(Packet::PingReq));
         assert_eq!(decode(&mut buf, Protocol::V311, 1024).unwrap(), None);
         assert_eq!(&buf[..], &[0xE0]);
         buf.extend_from_slice(&[0x00]);
-        assert_eq!(
-            decode(&mut buf, Protocol::V311, 1024).unwrap(),
-            Some(Packet::Disconnect(Disconnect::default()))
-        );
+        assert_eq!(decode(&mut buf, Protocol::V311, 1024).unwrap(), Some(Packet::Disconnect(Disconnect::default())));
         assert!(buf.is_empty());
         assert_eq!(decode(&mut buf, Protocol::V311, 1024).unwrap(), None);
     }

@@ -21,11 +21,7 @@ impl<'a> Reader<'a> {
     /// Reader over `data[start..]`.
     pub(crate) fn new(data: &'a Bytes, start: usize) -> Self {
         let end = data.len();
-        Reader {
-            data,
-            pos: start.min(end),
-            end,
-        }
+        Reader { data, pos: start.min(end), end }
     }
 
     pub(crate) fn remaining(&self) -> usize {
@@ -45,15 +41,9 @@ impl<'a> Reader<'a> {
     }
 
     fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], DecodeError> {
-        let end = self
-            .pos
-            .checked_add(n)
-            .filter(|&e| e <= self.end)
-            .ok_or(DecodeError::UnexpectedEof(what))?;
+        let end = self.pos.checked_add(n).filter(|&e| e <= self.end).ok_or(DecodeError::UnexpectedEof(what))?;
         let data: &'a Bytes = self.data;
-        let s = data
-            .get(self.pos..end)
-            .ok_or(DecodeError::UnexpectedEof(what))?;
+        let s = data.get(self.pos..end).ok_or(DecodeError::UnexpectedEof(what))?;
         self.pos = end;
         Ok(s)
     }
@@ -70,11 +60,7 @@ impl<'a> Reader<'a> {
     pub(crate) fn sub(&mut self, n: usize, what: &'static str) -> Result<Reader<'a>, DecodeError> {
         let start = self.pos;
         self.take(n, what)?;
-        Ok(Reader {
-            data: self.data,
-            pos: start,
-            end: self.pos,
-        })
+        Ok(Reader { data: self.data, pos: start, end: self.pos })
     }
 
     /// Zero-copy slice of everything left.
@@ -283,10 +269,7 @@ mod tests {
             assert!(r.is_empty());
         }
         let mut out = BytesMut::new();
-        assert_eq!(
-            out.put_varint(MAX_VARINT + 1),
-            Err(EncodeError::VarIntTooLarge(MAX_VARINT + 1))
-        );
+        assert_eq!(out.put_varint(MAX_VARINT + 1), Err(EncodeError::VarIntTooLarge(MAX_VARINT + 1)));
     }
 
     #[test]
@@ -301,26 +284,14 @@ mod tests {
         let data = reader_over(&[0x00, 0x02, b'h', b'i']);
         assert_eq!(Reader::new(&data, 0).string("s").unwrap(), "hi");
         let data = reader_over(&[0x00, 0x02, 0xC3, 0x28]);
-        assert_eq!(
-            Reader::new(&data, 0).string("s"),
-            Err(DecodeError::InvalidUtf8)
-        );
+        assert_eq!(Reader::new(&data, 0).string("s"), Err(DecodeError::InvalidUtf8));
         // Encoded surrogate U+D800 is not UTF-8 [MQTT-1.5.3-1].
         let data = reader_over(&[0x00, 0x03, 0xED, 0xA0, 0x80]);
-        assert_eq!(
-            Reader::new(&data, 0).string("s"),
-            Err(DecodeError::InvalidUtf8)
-        );
+        assert_eq!(Reader::new(&data, 0).string("s"), Err(DecodeError::InvalidUtf8));
         let data = reader_over(&[0x00, 0x02, b'a', 0x00]);
-        assert_eq!(
-            Reader::new(&data, 0).string("s"),
-            Err(DecodeError::NullCharInString)
-        );
+        assert_eq!(Reader::new(&data, 0).string("s"), Err(DecodeError::NullCharInString));
         let data = reader_over(&[0x00, 0x05, b'a']);
-        assert_eq!(
-            Reader::new(&data, 0).string("s"),
-            Err(DecodeError::UnexpectedEof("s"))
-        );
+        assert_eq!(Reader::new(&data, 0).string("s"), Err(DecodeError::UnexpectedEof("s")));
         let long = "x".repeat(65_536);
         let mut out = BytesMut::new();
         assert_eq!(out.put_str(&long), Err(EncodeError::StringTooLong(65_536)));

@@ -8,8 +8,8 @@
 use super::error::{DecodeError, EncodeError};
 use super::primitives::{Counter, Reader, Sink};
 use super::types::{
-    AckProperties, AuthProperties, ConnAckProperties, ConnectProperties, DisconnectProperties,
-    PublishProperties, SubscribeProperties, UserProperties, WillProperties,
+    AckProperties, AuthProperties, ConnAckProperties, ConnectProperties, DisconnectProperties, PublishProperties,
+    SubscribeProperties, UserProperties, WillProperties,
 };
 use bytes::Bytes;
 
@@ -69,10 +69,7 @@ fn set<T>(slot: &mut Option<T>, id: u8, v: T) -> Result<(), DecodeError> {
 fn flag(p: &mut Reader<'_>, slot: &mut Option<u8>, id: u8) -> Result<(), DecodeError> {
     let v = p.u8("property value")?;
     if v > 1 {
-        return Err(DecodeError::InvalidPropertyValue {
-            id,
-            value: u32::from(v),
-        });
+        return Err(DecodeError::InvalidPropertyValue { id, value: u32::from(v) });
     }
     set(slot, id, v)
 }
@@ -130,10 +127,7 @@ fn user_prop(p: &mut Reader<'_>, list: &mut UserProperties) -> Result<(), Decode
 fn subscription_id(p: &mut Reader<'_>) -> Result<u32, DecodeError> {
     let v = p.varint("subscription identifier")?;
     if v == 0 {
-        return Err(DecodeError::InvalidPropertyValue {
-            id: SUBSCRIPTION_IDENTIFIER,
-            value: 0,
-        });
+        return Err(DecodeError::InvalidPropertyValue { id: SUBSCRIPTION_IDENTIFIER, value: 0 });
     }
     Ok(v)
 }
@@ -146,37 +140,19 @@ pub(crate) fn decode_connect(r: &mut Reader<'_>) -> Result<ConnectProperties, De
     let mut out = ConnectProperties::default();
     while !p.is_empty() {
         match id(&mut p)? {
-            SESSION_EXPIRY_INTERVAL => u32_prop(
-                &mut p,
-                &mut out.session_expiry_interval,
-                SESSION_EXPIRY_INTERVAL,
-            )?,
+            SESSION_EXPIRY_INTERVAL => u32_prop(&mut p, &mut out.session_expiry_interval, SESSION_EXPIRY_INTERVAL)?,
             RECEIVE_MAXIMUM => nonzero_u16(&mut p, &mut out.receive_maximum, RECEIVE_MAXIMUM)?,
-            MAXIMUM_PACKET_SIZE => {
-                nonzero_u32(&mut p, &mut out.maximum_packet_size, MAXIMUM_PACKET_SIZE)?
+            MAXIMUM_PACKET_SIZE => nonzero_u32(&mut p, &mut out.maximum_packet_size, MAXIMUM_PACKET_SIZE)?,
+            TOPIC_ALIAS_MAXIMUM => u16_prop(&mut p, &mut out.topic_alias_maximum, TOPIC_ALIAS_MAXIMUM)?,
+            REQUEST_RESPONSE_INFORMATION => {
+                flag(&mut p, &mut out.request_response_information, REQUEST_RESPONSE_INFORMATION)?
             }
-            TOPIC_ALIAS_MAXIMUM => {
-                u16_prop(&mut p, &mut out.topic_alias_maximum, TOPIC_ALIAS_MAXIMUM)?
+            REQUEST_PROBLEM_INFORMATION => {
+                flag(&mut p, &mut out.request_problem_information, REQUEST_PROBLEM_INFORMATION)?
             }
-            REQUEST_RESPONSE_INFORMATION => flag(
-                &mut p,
-                &mut out.request_response_information,
-                REQUEST_RESPONSE_INFORMATION,
-            )?,
-            REQUEST_PROBLEM_INFORMATION => flag(
-                &mut p,
-                &mut out.request_problem_information,
-                REQUEST_PROBLEM_INFORMATION,
-            )?,
             USER_PROPERTY => user_prop(&mut p, &mut out.user_properties)?,
-            AUTHENTICATION_METHOD => str_prop(
-                &mut p,
-                &mut out.authentication_method,
-                AUTHENTICATION_METHOD,
-            )?,
-            AUTHENTICATION_DATA => {
-                bin_prop(&mut p, &mut out.authentication_data, AUTHENTICATION_DATA)?
-            }
+            AUTHENTICATION_METHOD => str_prop(&mut p, &mut out.authentication_method, AUTHENTICATION_METHOD)?,
+            AUTHENTICATION_DATA => bin_prop(&mut p, &mut out.authentication_data, AUTHENTICATION_DATA)?,
             other => return Err(DecodeError::InvalidProperty(other)),
         }
     }
@@ -188,19 +164,9 @@ pub(crate) fn decode_will(r: &mut Reader<'_>) -> Result<WillProperties, DecodeEr
     let mut out = WillProperties::default();
     while !p.is_empty() {
         match id(&mut p)? {
-            WILL_DELAY_INTERVAL => {
-                u32_prop(&mut p, &mut out.will_delay_interval, WILL_DELAY_INTERVAL)?
-            }
-            PAYLOAD_FORMAT_INDICATOR => flag(
-                &mut p,
-                &mut out.payload_format_indicator,
-                PAYLOAD_FORMAT_INDICATOR,
-            )?,
-            MESSAGE_EXPIRY_INTERVAL => u32_prop(
-                &mut p,
-                &mut out.message_expiry_interval,
-                MESSAGE_EXPIRY_INTERVAL,
-            )?,
+            WILL_DELAY_INTERVAL => u32_prop(&mut p, &mut out.will_delay_interval, WILL_DELAY_INTERVAL)?,
+            PAYLOAD_FORMAT_INDICATOR => flag(&mut p, &mut out.payload_format_indicator, PAYLOAD_FORMAT_INDICATOR)?,
+            MESSAGE_EXPIRY_INTERVAL => u32_prop(&mut p, &mut out.message_expiry_interval, MESSAGE_EXPIRY_INTERVAL)?,
             CONTENT_TYPE => str_prop(&mut p, &mut out.content_type, CONTENT_TYPE)?,
             RESPONSE_TOPIC => str_prop(&mut p, &mut out.response_topic, RESPONSE_TOPIC)?,
             CORRELATION_DATA => bin_prop(&mut p, &mut out.correlation_data, CORRELATION_DATA)?,
@@ -216,55 +182,31 @@ pub(crate) fn decode_connack(r: &mut Reader<'_>) -> Result<ConnAckProperties, De
     let mut out = ConnAckProperties::default();
     while !p.is_empty() {
         match id(&mut p)? {
-            SESSION_EXPIRY_INTERVAL => u32_prop(
-                &mut p,
-                &mut out.session_expiry_interval,
-                SESSION_EXPIRY_INTERVAL,
-            )?,
+            SESSION_EXPIRY_INTERVAL => u32_prop(&mut p, &mut out.session_expiry_interval, SESSION_EXPIRY_INTERVAL)?,
             RECEIVE_MAXIMUM => nonzero_u16(&mut p, &mut out.receive_maximum, RECEIVE_MAXIMUM)?,
             MAXIMUM_QOS => flag(&mut p, &mut out.maximum_qos, MAXIMUM_QOS)?,
             RETAIN_AVAILABLE => flag(&mut p, &mut out.retain_available, RETAIN_AVAILABLE)?,
-            MAXIMUM_PACKET_SIZE => {
-                nonzero_u32(&mut p, &mut out.maximum_packet_size, MAXIMUM_PACKET_SIZE)?
+            MAXIMUM_PACKET_SIZE => nonzero_u32(&mut p, &mut out.maximum_packet_size, MAXIMUM_PACKET_SIZE)?,
+            ASSIGNED_CLIENT_IDENTIFIER => {
+                str_prop(&mut p, &mut out.assigned_client_identifier, ASSIGNED_CLIENT_IDENTIFIER)?
             }
-            ASSIGNED_CLIENT_IDENTIFIER => str_prop(
-                &mut p,
-                &mut out.assigned_client_identifier,
-                ASSIGNED_CLIENT_IDENTIFIER,
-            )?,
-            TOPIC_ALIAS_MAXIMUM => {
-                u16_prop(&mut p, &mut out.topic_alias_maximum, TOPIC_ALIAS_MAXIMUM)?
-            }
+            TOPIC_ALIAS_MAXIMUM => u16_prop(&mut p, &mut out.topic_alias_maximum, TOPIC_ALIAS_MAXIMUM)?,
             REASON_STRING => str_prop(&mut p, &mut out.reason_string, REASON_STRING)?,
             USER_PROPERTY => user_prop(&mut p, &mut out.user_properties)?,
-            WILDCARD_SUBSCRIPTION_AVAILABLE => flag(
-                &mut p,
-                &mut out.wildcard_subscription_available,
-                WILDCARD_SUBSCRIPTION_AVAILABLE,
-            )?,
-            SUBSCRIPTION_IDENTIFIER_AVAILABLE => flag(
-                &mut p,
-                &mut out.subscription_identifiers_available,
-                SUBSCRIPTION_IDENTIFIER_AVAILABLE,
-            )?,
-            SHARED_SUBSCRIPTION_AVAILABLE => flag(
-                &mut p,
-                &mut out.shared_subscription_available,
-                SHARED_SUBSCRIPTION_AVAILABLE,
-            )?,
+            WILDCARD_SUBSCRIPTION_AVAILABLE => {
+                flag(&mut p, &mut out.wildcard_subscription_available, WILDCARD_SUBSCRIPTION_AVAILABLE)?
+            }
+            SUBSCRIPTION_IDENTIFIER_AVAILABLE => {
+                flag(&mut p, &mut out.subscription_identifiers_available, SUBSCRIPTION_IDENTIFIER_AVAILABLE)?
+            }
+            SHARED_SUBSCRIPTION_AVAILABLE => {
+                flag(&mut p, &mut out.shared_subscription_available, SHARED_SUBSCRIPTION_AVAILABLE)?
+            }
             SERVER_KEEP_ALIVE => u16_prop(&mut p, &mut out.server_keep_alive, SERVER_KEEP_ALIVE)?,
-            RESPONSE_INFORMATION => {
-                str_prop(&mut p, &mut out.response_information, RESPONSE_INFORMATION)?
-            }
+            RESPONSE_INFORMATION => str_prop(&mut p, &mut out.response_information, RESPONSE_INFORMATION)?,
             SERVER_REFERENCE => str_prop(&mut p, &mut out.server_reference, SERVER_REFERENCE)?,
-            AUTHENTICATION_METHOD => str_prop(
-                &mut p,
-                &mut out.authentication_method,
-                AUTHENTICATION_METHOD,
-            )?,
-            AUTHENTICATION_DATA => {
-                bin_prop(&mut p, &mut out.authentication_data, AUTHENTICATION_DATA)?
-            }
+            AUTHENTICATION_METHOD => str_prop(&mut p, &mut out.authentication_method, AUTHENTICATION_METHOD)?,
+            AUTHENTICATION_DATA => bin_prop(&mut p, &mut out.authentication_data, AUTHENTICATION_DATA)?,
             other => return Err(DecodeError::InvalidProperty(other)),
         }
     }
@@ -276,16 +218,8 @@ pub(crate) fn decode_publish(r: &mut Reader<'_>) -> Result<PublishProperties, De
     let mut out = PublishProperties::default();
     while !p.is_empty() {
         match id(&mut p)? {
-            PAYLOAD_FORMAT_INDICATOR => flag(
-                &mut p,
-                &mut out.payload_format_indicator,
-                PAYLOAD_FORMAT_INDICATOR,
-            )?,
-            MESSAGE_EXPIRY_INTERVAL => u32_prop(
-                &mut p,
-                &mut out.message_expiry_interval,
-                MESSAGE_EXPIRY_INTERVAL,
-            )?,
+            PAYLOAD_FORMAT_INDICATOR => flag(&mut p, &mut out.payload_format_indicator, PAYLOAD_FORMAT_INDICATOR)?,
+            MESSAGE_EXPIRY_INTERVAL => u32_prop(&mut p, &mut out.message_expiry_interval, MESSAGE_EXPIRY_INTERVAL)?,
             // Alias 0 and aliases above the negotiated maximum are the session's to reject
             // (Topic Alias invalid, 0x94).
             TOPIC_ALIAS => u16_prop(&mut p, &mut out.topic_alias, TOPIC_ALIAS)?,
@@ -351,11 +285,7 @@ pub(crate) fn decode_disconnect(r: &mut Reader<'_>) -> Result<DisconnectProperti
     let mut out = DisconnectProperties::default();
     while !p.is_empty() {
         match id(&mut p)? {
-            SESSION_EXPIRY_INTERVAL => u32_prop(
-                &mut p,
-                &mut out.session_expiry_interval,
-                SESSION_EXPIRY_INTERVAL,
-            )?,
+            SESSION_EXPIRY_INTERVAL => u32_prop(&mut p, &mut out.session_expiry_interval, SESSION_EXPIRY_INTERVAL)?,
             REASON_STRING => str_prop(&mut p, &mut out.reason_string, REASON_STRING)?,
             USER_PROPERTY => user_prop(&mut p, &mut out.user_properties)?,
             SERVER_REFERENCE => str_prop(&mut p, &mut out.server_reference, SERVER_REFERENCE)?,
@@ -370,14 +300,8 @@ pub(crate) fn decode_auth(r: &mut Reader<'_>) -> Result<AuthProperties, DecodeEr
     let mut out = AuthProperties::default();
     while !p.is_empty() {
         match id(&mut p)? {
-            AUTHENTICATION_METHOD => str_prop(
-                &mut p,
-                &mut out.authentication_method,
-                AUTHENTICATION_METHOD,
-            )?,
-            AUTHENTICATION_DATA => {
-                bin_prop(&mut p, &mut out.authentication_data, AUTHENTICATION_DATA)?
-            }
+            AUTHENTICATION_METHOD => str_prop(&mut p, &mut out.authentication_method, AUTHENTICATION_METHOD)?,
+            AUTHENTICATION_DATA => bin_prop(&mut p, &mut out.authentication_data, AUTHENTICATION_DATA)?,
             REASON_STRING => str_prop(&mut p, &mut out.reason_string, REASON_STRING)?,
             USER_PROPERTY => user_prop(&mut p, &mut out.user_properties)?,
             other => return Err(DecodeError::InvalidProperty(other)),
@@ -465,16 +389,8 @@ impl Props for ConnectProperties {
         opt_u16(s, RECEIVE_MAXIMUM, self.receive_maximum);
         opt_u32(s, MAXIMUM_PACKET_SIZE, self.maximum_packet_size);
         opt_u16(s, TOPIC_ALIAS_MAXIMUM, self.topic_alias_maximum);
-        opt_u8(
-            s,
-            REQUEST_RESPONSE_INFORMATION,
-            self.request_response_information,
-        );
-        opt_u8(
-            s,
-            REQUEST_PROBLEM_INFORMATION,
-            self.request_problem_information,
-        );
+        opt_u8(s, REQUEST_RESPONSE_INFORMATION, self.request_response_information);
+        opt_u8(s, REQUEST_PROBLEM_INFORMATION, self.request_problem_information);
         self.user_properties.write(s)?;
         opt_str(s, AUTHENTICATION_METHOD, &self.authentication_method)?;
         opt_bin(s, AUTHENTICATION_DATA, &self.authentication_data)
@@ -500,29 +416,13 @@ impl Props for ConnAckProperties {
         opt_u8(s, MAXIMUM_QOS, self.maximum_qos);
         opt_u8(s, RETAIN_AVAILABLE, self.retain_available);
         opt_u32(s, MAXIMUM_PACKET_SIZE, self.maximum_packet_size);
-        opt_str(
-            s,
-            ASSIGNED_CLIENT_IDENTIFIER,
-            &self.assigned_client_identifier,
-        )?;
+        opt_str(s, ASSIGNED_CLIENT_IDENTIFIER, &self.assigned_client_identifier)?;
         opt_u16(s, TOPIC_ALIAS_MAXIMUM, self.topic_alias_maximum);
         opt_str(s, REASON_STRING, &self.reason_string)?;
         self.user_properties.write(s)?;
-        opt_u8(
-            s,
-            WILDCARD_SUBSCRIPTION_AVAILABLE,
-            self.wildcard_subscription_available,
-        );
-        opt_u8(
-            s,
-            SUBSCRIPTION_IDENTIFIER_AVAILABLE,
-            self.subscription_identifiers_available,
-        );
-        opt_u8(
-            s,
-            SHARED_SUBSCRIPTION_AVAILABLE,
-            self.shared_subscription_available,
-        );
+        opt_u8(s, WILDCARD_SUBSCRIPTION_AVAILABLE, self.wildcard_subscription_available);
+        opt_u8(s, SUBSCRIPTION_IDENTIFIER_AVAILABLE, self.subscription_identifiers_available);
+        opt_u8(s, SHARED_SUBSCRIPTION_AVAILABLE, self.shared_subscription_available);
         opt_u16(s, SERVER_KEEP_ALIVE, self.server_keep_alive);
         opt_str(s, RESPONSE_INFORMATION, &self.response_information)?;
         opt_str(s, SERVER_REFERENCE, &self.server_reference)?;
@@ -624,9 +524,7 @@ mod tests {
 
     #[test]
     fn user_properties_and_subscription_ids_repeat() {
-        let data = reader(&[
-            0x0C, 0x26, 0x00, 0x01, b'a', 0x00, 0x00, 0x26, 0x00, 0x00, 0x00, 0x00, 0x0B,
-        ]);
+        let data = reader(&[0x0C, 0x26, 0x00, 0x01, b'a', 0x00, 0x00, 0x26, 0x00, 0x00, 0x00, 0x00, 0x0B]);
         // The trailing 0x0B lacks its value.
         assert_eq!(
             decode_publish(&mut Reader::new(&data, 0)).unwrap_err(),
@@ -658,10 +556,7 @@ mod tests {
         );
         // Multi-byte identifier is never valid.
         let data = reader(&[0x02, 0x81, 0x00]);
-        assert_eq!(
-            decode_ack(&mut Reader::new(&data, 0)).unwrap_err(),
-            DecodeError::InvalidProperty(0x81)
-        );
+        assert_eq!(decode_ack(&mut Reader::new(&data, 0)).unwrap_err(), DecodeError::InvalidProperty(0x81));
     }
 
     #[test]
@@ -679,28 +574,19 @@ mod tests {
                 decode_connect(&mut Reader::new(&data, 0)).map(|_| ())
             };
             let err = res.unwrap_err();
-            assert!(
-                matches!(err, DecodeError::InvalidPropertyValue { .. }),
-                "{err:?}"
-            );
+            assert!(matches!(err, DecodeError::InvalidPropertyValue { .. }), "{err:?}");
             assert_eq!(err.reason_code().0, 0x82);
         }
         let data = reader(&[0x02, 0x0B, 0x00]);
         assert_eq!(
             decode_subscribe(&mut Reader::new(&data, 0)).unwrap_err(),
-            DecodeError::InvalidPropertyValue {
-                id: SUBSCRIPTION_IDENTIFIER,
-                value: 0
-            }
+            DecodeError::InvalidPropertyValue { id: SUBSCRIPTION_IDENTIFIER, value: 0 }
         );
     }
 
     #[test]
     fn property_length_overruns_packet() {
         let data = reader(&[0x05, 0x26, 0x00]);
-        assert_eq!(
-            decode_ack(&mut Reader::new(&data, 0)).unwrap_err(),
-            DecodeError::UnexpectedEof("properties")
-        );
+        assert_eq!(decode_ack(&mut Reader::new(&data, 0)).unwrap_err(), DecodeError::UnexpectedEof("properties"));
     }
 }

@@ -24,11 +24,7 @@ pub(crate) fn decode(r: &mut Reader<'_>, protocol: Protocol) -> Result<PubRespon
     Ok(out)
 }
 
-pub(crate) fn write<S: Sink>(
-    p: &PubResponse,
-    protocol: Protocol,
-    s: &mut S,
-) -> Result<(), EncodeError> {
+pub(crate) fn write<S: Sink>(p: &PubResponse, protocol: Protocol, s: &mut S) -> Result<(), EncodeError> {
     s.put_u16(p.packet_id.get());
     if protocol.is_v5() {
         let no_props = properties::ack_is_empty(&p.properties);
@@ -46,10 +42,7 @@ pub(crate) fn write<S: Sink>(
 /// Properties of a v5 acknowledgement, for the tests of the other ack kinds.
 #[cfg(test)]
 pub(crate) fn reason(reason: &str) -> super::types::AckProperties {
-    super::types::AckProperties {
-        reason_string: Some(reason.into()),
-        user_properties: Vec::new(),
-    }
+    super::types::AckProperties { reason_string: Some(reason.into()), user_properties: Vec::new() }
 }
 
 #[cfg(test)]
@@ -88,19 +81,10 @@ mod tests {
         for (first, p) in all_kinds(PubResponse::new(pid(7))) {
             check_vector(&[first, 0x02, 0x00, 0x07], Protocol::V5, &p);
             // Property length omitted / zero: still success without properties.
-            assert_eq!(
-                decode_all(&[first, 0x03, 0x00, 0x07, 0x00], Protocol::V5).unwrap(),
-                p
-            );
-            assert_eq!(
-                decode_all(&[first, 0x04, 0x00, 0x07, 0x00, 0x00], Protocol::V5).unwrap(),
-                p
-            );
+            assert_eq!(decode_all(&[first, 0x03, 0x00, 0x07, 0x00], Protocol::V5).unwrap(), p);
+            assert_eq!(decode_all(&[first, 0x04, 0x00, 0x07, 0x00, 0x00], Protocol::V5).unwrap(), p);
         }
-        let r = PubResponse {
-            code: ReasonCode::NO_MATCHING_SUBSCRIBERS,
-            ..PubResponse::new(pid(7))
-        };
+        let r = PubResponse { code: ReasonCode::NO_MATCHING_SUBSCRIBERS, ..PubResponse::new(pid(7)) };
         for (first, p) in all_kinds(r) {
             check_vector(&[first, 0x03, 0x00, 0x07, 0x10], Protocol::V5, &p);
         }
@@ -115,9 +99,7 @@ mod tests {
         };
         for (first, p) in all_kinds(r) {
             check_vector(
-                &[
-                    first, 0x0B, 0x00, 0x02, 0x92, 0x07, 0x1F, 0x00, 0x04, b'g', b'o', b'n', b'e',
-                ],
+                &[first, 0x0B, 0x00, 0x02, 0x92, 0x07, 0x1F, 0x00, 0x04, b'g', b'o', b'n', b'e'],
                 Protocol::V5,
                 &p,
             );
@@ -126,33 +108,20 @@ mod tests {
 
     #[test]
     fn negative_vectors() {
-        assert_eq!(
-            decode_all(&[0x40, 0x02, 0x00, 0x00], Protocol::V311),
-            Err(DecodeError::ZeroPacketId)
-        );
-        assert_eq!(
-            decode_all(&[0x40, 0x01, 0x00], Protocol::V5),
-            Err(DecodeError::UnexpectedEof("packet identifier"))
-        );
+        assert_eq!(decode_all(&[0x40, 0x02, 0x00, 0x00], Protocol::V311), Err(DecodeError::ZeroPacketId));
+        assert_eq!(decode_all(&[0x40, 0x01, 0x00], Protocol::V5), Err(DecodeError::UnexpectedEof("packet identifier")));
         let err = decode_all(&[0x50, 0x03, 0x00, 0x01, 0x00], Protocol::V311).unwrap_err();
         assert_eq!(err, DecodeError::TrailingBytes(1));
         assert_eq!(err.reason_code(), ReasonCode::MALFORMED_PACKET);
         // User property missing its value.
         assert_eq!(
-            decode_all(
-                &[0x40, 0x08, 0x00, 0x01, 0x00, 0x04, 0x26, 0x00, 0x01, b'k'],
-                Protocol::V5
-            ),
+            decode_all(&[0x40, 0x08, 0x00, 0x01, 0x00, 0x04, 0x26, 0x00, 0x01, b'k'], Protocol::V5),
             Err(DecodeError::UnexpectedEof("user property value"))
         );
         // Reason string twice.
-        let err = decode_all(
-            &[
-                0x40, 0x0B, 0x00, 0x01, 0x00, 0x07, 0x1F, 0x00, 0x00, 0x1F, 0x00, 0x01, b'a',
-            ],
-            Protocol::V5,
-        )
-        .unwrap_err();
+        let err =
+            decode_all(&[0x40, 0x0B, 0x00, 0x01, 0x00, 0x07, 0x1F, 0x00, 0x00, 0x1F, 0x00, 0x01, b'a'], Protocol::V5)
+                .unwrap_err();
         assert_eq!(err, DecodeError::DuplicateProperty(0x1F));
         assert_eq!(err.reason_code(), ReasonCode::PROTOCOL_ERROR);
     }

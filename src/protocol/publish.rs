@@ -10,11 +10,7 @@ const DUP: u8 = 0b1000;
 const RETAIN: u8 = 0b0001;
 
 /// `flags` are the low four bits of the fixed header, already checked for QoS 3.
-pub(crate) fn decode(
-    r: &mut Reader<'_>,
-    flags: u8,
-    protocol: Protocol,
-) -> Result<Publish, DecodeError> {
+pub(crate) fn decode(r: &mut Reader<'_>, flags: u8, protocol: Protocol) -> Result<Publish, DecodeError> {
     let qos = QoS::from_u8((flags >> 1) & 0x03).ok_or(DecodeError::InvalidPublishQoS)?;
     let dup = flags & DUP != 0;
     if dup && qos == QoS::AtMostOnce {
@@ -26,25 +22,9 @@ pub(crate) fn decode(
         return Err(DecodeError::EmptyTopicName);
     }
     check_topic_name(&topic)?;
-    let packet_id = if qos == QoS::AtMostOnce {
-        None
-    } else {
-        Some(r.packet_id()?)
-    };
-    let properties = if protocol.is_v5() {
-        properties::decode_publish(r)?
-    } else {
-        PublishProperties::default()
-    };
-    Ok(Publish {
-        dup,
-        qos,
-        retain: flags & RETAIN != 0,
-        topic,
-        packet_id,
-        payload: r.rest(),
-        properties,
-    })
+    let packet_id = if qos == QoS::AtMostOnce { None } else { Some(r.packet_id()?) };
+    let properties = if protocol.is_v5() { properties::decode_publish(r)? } else { PublishProperties::default() };
+    Ok(Publish { dup, qos, retain: flags & RETAIN != 0, topic, packet_id, payload: r.rest(), properties })
 }
 
 /// Low four bits of the fixed header. DUP is never set for QoS 0 [MQTT-3.3.1-2].
@@ -59,11 +39,7 @@ pub(crate) fn flags(p: &Publish) -> u8 {
     f
 }
 
-pub(crate) fn write<S: Sink>(
-    p: &Publish,
-    protocol: Protocol,
-    s: &mut S,
-) -> Result<(), EncodeError> {
+pub(crate) fn write<S: Sink>(p: &Publish, protocol: Protocol, s: &mut S) -> Result<(), EncodeError> {
     s.put_str(&p.topic)?;
     if p.qos != QoS::AtMostOnce {
         let id = p.packet_id.ok_or(EncodeError::MissingPacketId)?;
@@ -106,18 +82,12 @@ mod tests {
         check_vector(
             &[0x33, 0x07, 0x00, 0x01, b'a', 0x00, 0x0A, b'h', b'i'],
             Protocol::V311,
-            &Packet::Publish(Publish {
-                retain: true,
-                ..publish(QoS::AtLeastOnce, "a", Some(10), b"hi")
-            }),
+            &Packet::Publish(Publish { retain: true, ..publish(QoS::AtLeastOnce, "a", Some(10), b"hi") }),
         );
         check_vector(
             &[0x3C, 0x05, 0x00, 0x01, b'a', 0x12, 0x34],
             Protocol::V311,
-            &Packet::Publish(Publish {
-                dup: true,
-                ..publish(QoS::ExactlyOnce, "a", Some(0x1234), b"")
-            }),
+            &Packet::Publish(Publish { dup: true, ..publish(QoS::ExactlyOnce, "a", Some(0x1234), b"") }),
         );
     }
 
@@ -164,10 +134,7 @@ mod tests {
             &[0x30, 0x06, 0x00, 0x00, 0x03, 0x23, 0x00, 0x01],
             Protocol::V5,
             &Packet::Publish(Publish {
-                properties: PublishProperties {
-                    topic_alias: Some(1),
-                    ..Default::default()
-                },
+                properties: PublishProperties { topic_alias: Some(1), ..Default::default() },
                 ..publish(QoS::AtMostOnce, "", None, b"")
             }),
         );
@@ -187,12 +154,7 @@ mod tests {
                 DecodeError::InvalidPublishQoS,
                 ReasonCode::MALFORMED_PACKET,
             ),
-            (
-                &[0x38, 0x03, 0x00, 0x01, b'a'],
-                Protocol::V311,
-                DecodeError::DupWithQoS0,
-                ReasonCode::MALFORMED_PACKET,
-            ),
+            (&[0x38, 0x03, 0x00, 0x01, b'a'], Protocol::V311, DecodeError::DupWithQoS0, ReasonCode::MALFORMED_PACKET),
             (
                 &[0x30, 0x03, 0x00, 0x01, b'+'],
                 Protocol::V311,
@@ -211,12 +173,7 @@ mod tests {
                 DecodeError::ZeroPacketId,
                 ReasonCode::MALFORMED_PACKET,
             ),
-            (
-                &[0x30, 0x02, 0x00, 0x00],
-                Protocol::V311,
-                DecodeError::EmptyTopicName,
-                ReasonCode::TOPIC_NAME_INVALID,
-            ),
+            (&[0x30, 0x02, 0x00, 0x00], Protocol::V311, DecodeError::EmptyTopicName, ReasonCode::TOPIC_NAME_INVALID),
             (
                 &[0x30, 0x03, 0x00, 0x02, b'a'],
                 Protocol::V311,
@@ -242,9 +199,7 @@ mod tests {
                 ReasonCode::MALFORMED_PACKET,
             ),
             (
-                &[
-                    0x30, 0x0A, 0x00, 0x01, b'a', 0x06, 0x23, 0x00, 0x01, 0x23, 0x00, 0x02,
-                ],
+                &[0x30, 0x0A, 0x00, 0x01, b'a', 0x06, 0x23, 0x00, 0x01, 0x23, 0x00, 0x02],
                 Protocol::V5,
                 DecodeError::DuplicateProperty(0x23),
                 ReasonCode::PROTOCOL_ERROR,
@@ -267,42 +222,22 @@ mod tests {
     fn encode_errors() {
         let mut buf = BytesMut::new();
         let p = Packet::Publish(publish(QoS::AtLeastOnce, "a", None, b""));
-        assert_eq!(
-            encode(&p, Protocol::V311, &mut buf),
-            Err(EncodeError::MissingPacketId)
-        );
+        assert_eq!(encode(&p, Protocol::V311, &mut buf), Err(EncodeError::MissingPacketId));
         let long = "t".repeat(70_000);
-        let p = Packet::Publish(Publish {
-            topic: long,
-            ..publish(QoS::AtMostOnce, "", None, b"")
-        });
-        assert_eq!(
-            encode(&p, Protocol::V5, &mut buf),
-            Err(EncodeError::StringTooLong(70_000))
-        );
+        let p = Packet::Publish(Publish { topic: long, ..publish(QoS::AtMostOnce, "", None, b"") });
+        assert_eq!(encode(&p, Protocol::V5, &mut buf), Err(EncodeError::StringTooLong(70_000)));
         assert!(buf.is_empty());
         // DUP is dropped for QoS 0 [MQTT-3.3.1-2].
-        let p = Packet::Publish(Publish {
-            dup: true,
-            ..publish(QoS::AtMostOnce, "a", None, b"")
-        });
-        assert_eq!(
-            encode_vec(&p, Protocol::V311),
-            [0x30, 0x03, 0x00, 0x01, b'a']
-        );
+        let p = Packet::Publish(Publish { dup: true, ..publish(QoS::AtMostOnce, "a", None, b"") });
+        assert_eq!(encode_vec(&p, Protocol::V311), [0x30, 0x03, 0x00, 0x01, b'a']);
     }
 
     #[test]
     fn remaining_length_too_large_to_encode() {
         let p = Packet::Publish(publish(QoS::AtMostOnce, "a", None, b""));
-        let Packet::Publish(mut big) = p else {
-            unreachable!()
-        };
+        let Packet::Publish(mut big) = p else { unreachable!() };
         big.payload = Bytes::from(vec![0u8; 268_435_455]);
         let p = Packet::Publish(big);
-        assert_eq!(
-            super::super::encoded_len(&p, Protocol::V311),
-            Err(EncodeError::PacketTooLarge(268_435_455 + 3))
-        );
+        assert_eq!(super::super::encoded_len(&p, Protocol::V311), Err(EncodeError::PacketTooLarge(268_435_455 + 3)));
     }
 }

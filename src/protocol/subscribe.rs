@@ -7,24 +7,17 @@ use super::error::{DecodeError, EncodeError};
 use super::primitives::{Reader, Sink};
 use super::properties;
 use super::types::{
-    AckProperties, Protocol, QoS, ReasonCode, RetainHandling, SubAck, Subscribe,
-    SubscribeProperties, SubscriptionOptions,
+    AckProperties, Protocol, QoS, ReasonCode, RetainHandling, SubAck, Subscribe, SubscribeProperties,
+    SubscriptionOptions,
 };
 
 const NO_LOCAL: u8 = 0x04;
 const RETAIN_AS_PUBLISHED: u8 = 0x08;
 const RETAIN_HANDLING_SHIFT: u8 = 4;
 
-pub(crate) fn decode_subscribe(
-    r: &mut Reader<'_>,
-    protocol: Protocol,
-) -> Result<Subscribe, DecodeError> {
+pub(crate) fn decode_subscribe(r: &mut Reader<'_>, protocol: Protocol) -> Result<Subscribe, DecodeError> {
     let packet_id = r.packet_id()?;
-    let properties = if protocol.is_v5() {
-        properties::decode_subscribe(r)?
-    } else {
-        SubscribeProperties::default()
-    };
+    let properties = if protocol.is_v5() { properties::decode_subscribe(r)? } else { SubscribeProperties::default() };
     let mut filters = Vec::new();
     while !r.is_empty() {
         let filter = r.string("topic filter")?;
@@ -34,11 +27,7 @@ pub(crate) fn decode_subscribe(
     if filters.is_empty() {
         return Err(DecodeError::EmptySubscribe);
     }
-    Ok(Subscribe {
-        packet_id,
-        filters,
-        properties,
-    })
+    Ok(Subscribe { packet_id, filters, properties })
 }
 
 fn decode_options(b: u8, protocol: Protocol) -> Result<SubscriptionOptions, DecodeError> {
@@ -76,11 +65,7 @@ fn encode_options(o: &SubscriptionOptions, protocol: Protocol) -> u8 {
     b
 }
 
-pub(crate) fn write_subscribe<S: Sink>(
-    p: &Subscribe,
-    protocol: Protocol,
-    s: &mut S,
-) -> Result<(), EncodeError> {
+pub(crate) fn write_subscribe<S: Sink>(p: &Subscribe, protocol: Protocol, s: &mut S) -> Result<(), EncodeError> {
     s.put_u16(p.packet_id.get());
     if protocol.is_v5() {
         properties::encode(&p.properties, s)?;
@@ -94,11 +79,7 @@ pub(crate) fn write_subscribe<S: Sink>(
 
 pub(crate) fn decode_suback(r: &mut Reader<'_>, protocol: Protocol) -> Result<SubAck, DecodeError> {
     let packet_id = r.packet_id()?;
-    let properties = if protocol.is_v5() {
-        properties::decode_ack(r)?
-    } else {
-        AckProperties::default()
-    };
+    let properties = if protocol.is_v5() { properties::decode_ack(r)? } else { AckProperties::default() };
     let mut codes = Vec::with_capacity(r.remaining());
     while !r.is_empty() {
         let code = r.u8("reason code")?;
@@ -110,18 +91,10 @@ pub(crate) fn decode_suback(r: &mut Reader<'_>, protocol: Protocol) -> Result<Su
     if codes.is_empty() {
         return Err(DecodeError::EmptyAck);
     }
-    Ok(SubAck {
-        packet_id,
-        codes,
-        properties,
-    })
+    Ok(SubAck { packet_id, codes, properties })
 }
 
-pub(crate) fn write_suback<S: Sink>(
-    p: &SubAck,
-    protocol: Protocol,
-    s: &mut S,
-) -> Result<(), EncodeError> {
+pub(crate) fn write_suback<S: Sink>(p: &SubAck, protocol: Protocol, s: &mut S) -> Result<(), EncodeError> {
     s.put_u16(p.packet_id.get());
     if protocol.is_v5() {
         properties::encode(&p.properties, s)?;
@@ -144,26 +117,17 @@ mod tests {
     use super::*;
 
     fn opts(qos: QoS) -> SubscriptionOptions {
-        SubscriptionOptions {
-            qos,
-            ..Default::default()
-        }
+        SubscriptionOptions { qos, ..Default::default() }
     }
 
     #[test]
     fn v311_subscribe() {
         check_vector(
-            &[
-                0x82, 0x0E, 0x00, 0x0A, 0x00, 0x03, b'a', b'/', b'b', 0x01, 0x00, 0x03, b'c', b'/',
-                b'd', 0x02,
-            ],
+            &[0x82, 0x0E, 0x00, 0x0A, 0x00, 0x03, b'a', b'/', b'b', 0x01, 0x00, 0x03, b'c', b'/', b'd', 0x02],
             Protocol::V311,
             &Packet::Subscribe(Subscribe {
                 packet_id: pid(10),
-                filters: vec![
-                    ("a/b".into(), opts(QoS::AtLeastOnce)),
-                    ("c/d".into(), opts(QoS::ExactlyOnce)),
-                ],
+                filters: vec![("a/b".into(), opts(QoS::AtLeastOnce)), ("c/d".into(), opts(QoS::ExactlyOnce))],
                 properties: SubscribeProperties::default(),
             }),
         );
@@ -182,23 +146,11 @@ mod tests {
                     retain_handling: RetainHandling::Never,
                 },
             )],
-            properties: SubscribeProperties {
-                subscription_identifier: Some(5),
-                user_properties: Vec::new(),
-            },
+            properties: SubscribeProperties { subscription_identifier: Some(5), user_properties: Vec::new() },
         });
-        check_vector(
-            &[
-                0x82, 0x09, 0x00, 0x01, 0x02, 0x0B, 0x05, 0x00, 0x01, b't', 0x2D,
-            ],
-            Protocol::V5,
-            &p,
-        );
+        check_vector(&[0x82, 0x09, 0x00, 0x01, 0x02, 0x0B, 0x05, 0x00, 0x01, b't', 0x2D], Protocol::V5, &p);
         // 3.1.1 keeps only the QoS bits.
-        assert_eq!(
-            encode_vec(&p, Protocol::V311),
-            [0x82, 0x06, 0x00, 0x01, 0x00, 0x01, b't', 0x01]
-        );
+        assert_eq!(encode_vec(&p, Protocol::V311), [0x82, 0x06, 0x00, 0x01, 0x00, 0x01, b't', 0x01]);
     }
 
     #[test]
@@ -208,11 +160,7 @@ mod tests {
             Protocol::V311,
             &Packet::SubAck(SubAck {
                 packet_id: pid(10),
-                codes: vec![
-                    ReasonCode::GRANTED_QOS_0,
-                    ReasonCode::GRANTED_QOS_2,
-                    ReasonCode(0x80),
-                ],
+                codes: vec![ReasonCode::GRANTED_QOS_0, ReasonCode::GRANTED_QOS_2, ReasonCode(0x80)],
                 properties: AckProperties::default(),
             }),
         );
@@ -225,16 +173,9 @@ mod tests {
             ],
             properties: AckProperties::default(),
         });
-        check_vector(
-            &[0x90, 0x06, 0x00, 0x0A, 0x00, 0x01, 0x87, 0x9E],
-            Protocol::V5,
-            &v5,
-        );
+        check_vector(&[0x90, 0x06, 0x00, 0x0A, 0x00, 0x01, 0x87, 0x9E], Protocol::V5, &v5);
         // Every MQTT 5 failure becomes 0x80 in 3.1.1.
-        assert_eq!(
-            encode_vec(&v5, Protocol::V311),
-            [0x90, 0x05, 0x00, 0x0A, 0x01, 0x80, 0x80]
-        );
+        assert_eq!(encode_vec(&v5, Protocol::V311), [0x90, 0x05, 0x00, 0x0A, 0x01, 0x80, 0x80]);
         check_vector(
             &[0x90, 0x07, 0x00, 0x03, 0x03, 0x1F, 0x00, 0x00, 0x02],
             Protocol::V5,
@@ -249,18 +190,8 @@ mod tests {
     #[test]
     fn negative_vectors() {
         let cases: &[(&[u8], Protocol, DecodeError, ReasonCode)] = &[
-            (
-                &[0x82, 0x02, 0x00, 0x01],
-                Protocol::V311,
-                DecodeError::EmptySubscribe,
-                ReasonCode::PROTOCOL_ERROR,
-            ),
-            (
-                &[0x82, 0x03, 0x00, 0x01, 0x00],
-                Protocol::V5,
-                DecodeError::EmptySubscribe,
-                ReasonCode::PROTOCOL_ERROR,
-            ),
+            (&[0x82, 0x02, 0x00, 0x01], Protocol::V311, DecodeError::EmptySubscribe, ReasonCode::PROTOCOL_ERROR),
+            (&[0x82, 0x03, 0x00, 0x01, 0x00], Protocol::V5, DecodeError::EmptySubscribe, ReasonCode::PROTOCOL_ERROR),
             (
                 &[0x82, 0x06, 0x00, 0x01, 0x00, 0x01, b'a', 0x04],
                 Protocol::V311,
@@ -303,12 +234,7 @@ mod tests {
                 DecodeError::UnexpectedEof("properties"),
                 ReasonCode::MALFORMED_PACKET,
             ),
-            (
-                &[0x90, 0x02, 0x00, 0x01],
-                Protocol::V311,
-                DecodeError::EmptyAck,
-                ReasonCode::MALFORMED_PACKET,
-            ),
+            (&[0x90, 0x02, 0x00, 0x01], Protocol::V311, DecodeError::EmptyAck, ReasonCode::MALFORMED_PACKET),
             (
                 &[0x90, 0x03, 0x00, 0x01, 0x03],
                 Protocol::V311,

@@ -246,11 +246,7 @@ pub struct PubResponse {
 
 impl PubResponse {
     pub fn new(packet_id: PacketId) -> Self {
-        PubResponse {
-            packet_id,
-            code: ReasonCode::SUCCESS,
-            properties: AckProperties::default(),
-        }
+        PubResponse { packet_id, code: ReasonCode::SUCCESS, properties: AckProperties::default() }
     }
 }
 

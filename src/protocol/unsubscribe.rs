@@ -6,16 +6,9 @@ use super::primitives::{Reader, Sink};
 use super::properties;
 use super::types::{AckProperties, Protocol, ReasonCode, UnsubAck, Unsubscribe, UserProperties};
 
-pub(crate) fn decode_unsubscribe(
-    r: &mut Reader<'_>,
-    protocol: Protocol,
-) -> Result<Unsubscribe, DecodeError> {
+pub(crate) fn decode_unsubscribe(r: &mut Reader<'_>, protocol: Protocol) -> Result<Unsubscribe, DecodeError> {
     let packet_id = r.packet_id()?;
-    let user_properties = if protocol.is_v5() {
-        properties::decode_unsubscribe(r)?
-    } else {
-        UserProperties::new()
-    };
+    let user_properties = if protocol.is_v5() { properties::decode_unsubscribe(r)? } else { UserProperties::new() };
     let mut filters = Vec::new();
     while !r.is_empty() {
         filters.push(r.string("topic filter")?);
@@ -23,18 +16,10 @@ pub(crate) fn decode_unsubscribe(
     if filters.is_empty() {
         return Err(DecodeError::EmptyUnsubscribe);
     }
-    Ok(Unsubscribe {
-        packet_id,
-        filters,
-        user_properties,
-    })
+    Ok(Unsubscribe { packet_id, filters, user_properties })
 }
 
-pub(crate) fn write_unsubscribe<S: Sink>(
-    p: &Unsubscribe,
-    protocol: Protocol,
-    s: &mut S,
-) -> Result<(), EncodeError> {
+pub(crate) fn write_unsubscribe<S: Sink>(p: &Unsubscribe, protocol: Protocol, s: &mut S) -> Result<(), EncodeError> {
     s.put_u16(p.packet_id.get());
     if protocol.is_v5() {
         properties::encode(&p.user_properties, s)?;
@@ -45,17 +30,10 @@ pub(crate) fn write_unsubscribe<S: Sink>(
     Ok(())
 }
 
-pub(crate) fn decode_unsuback(
-    r: &mut Reader<'_>,
-    protocol: Protocol,
-) -> Result<UnsubAck, DecodeError> {
+pub(crate) fn decode_unsuback(r: &mut Reader<'_>, protocol: Protocol) -> Result<UnsubAck, DecodeError> {
     let packet_id = r.packet_id()?;
     if !protocol.is_v5() {
-        return Ok(UnsubAck {
-            packet_id,
-            codes: Vec::new(),
-            properties: AckProperties::default(),
-        });
+        return Ok(UnsubAck { packet_id, codes: Vec::new(), properties: AckProperties::default() });
     }
     let properties = properties::decode_ack(r)?;
     let mut codes = Vec::with_capacity(r.remaining());
@@ -65,18 +43,10 @@ pub(crate) fn decode_unsuback(
     if codes.is_empty() {
         return Err(DecodeError::EmptyAck);
     }
-    Ok(UnsubAck {
-        packet_id,
-        codes,
-        properties,
-    })
+    Ok(UnsubAck { packet_id, codes, properties })
 }
 
-pub(crate) fn write_unsuback<S: Sink>(
-    p: &UnsubAck,
-    protocol: Protocol,
-    s: &mut S,
-) -> Result<(), EncodeError> {
+pub(crate) fn write_unsuback<S: Sink>(p: &UnsubAck, protocol: Protocol, s: &mut S) -> Result<(), EncodeError> {
     s.put_u16(p.packet_id.get());
     if protocol.is_v5() {
         properties::encode(&p.properties, s)?;
@@ -96,9 +66,7 @@ mod tests {
     #[test]
     fn unsubscribe_vectors() {
         check_vector(
-            &[
-                0xA2, 0x0A, 0x00, 0x0B, 0x00, 0x03, b'a', b'/', b'b', 0x00, 0x01, b'c',
-            ],
+            &[0xA2, 0x0A, 0x00, 0x0B, 0x00, 0x03, b'a', b'/', b'b', 0x00, 0x01, b'c'],
             Protocol::V311,
             &Packet::Unsubscribe(Unsubscribe {
                 packet_id: pid(11),
@@ -112,17 +80,11 @@ mod tests {
             user_properties: vec![("k".into(), "v".into())],
         });
         check_vector(
-            &[
-                0xA2, 0x0D, 0x00, 0x01, 0x07, 0x26, 0x00, 0x01, b'k', 0x00, 0x01, b'v', 0x00, 0x01,
-                b't',
-            ],
+            &[0xA2, 0x0D, 0x00, 0x01, 0x07, 0x26, 0x00, 0x01, b'k', 0x00, 0x01, b'v', 0x00, 0x01, b't'],
             Protocol::V5,
             &p,
         );
-        assert_eq!(
-            encode_vec(&p, Protocol::V311),
-            [0xA2, 0x05, 0x00, 0x01, 0x00, 0x01, b't']
-        );
+        assert_eq!(encode_vec(&p, Protocol::V311), [0xA2, 0x05, 0x00, 0x01, 0x00, 0x01, b't']);
     }
 
     #[test]
@@ -132,43 +94,23 @@ mod tests {
             codes: vec![ReasonCode::SUCCESS, ReasonCode::NO_SUBSCRIPTION_EXISTED],
             properties: AckProperties::default(),
         });
-        check_vector(
-            &[0xB0, 0x05, 0x00, 0x0B, 0x00, 0x00, 0x11],
-            Protocol::V5,
-            &v5,
-        );
+        check_vector(&[0xB0, 0x05, 0x00, 0x0B, 0x00, 0x00, 0x11], Protocol::V5, &v5);
         // 3.1.1 UNSUBACK has no payload.
         assert_eq!(encode_vec(&v5, Protocol::V311), [0xB0, 0x02, 0x00, 0x0B]);
         check_vector(
             &[0xB0, 0x02, 0x00, 0x0B],
             Protocol::V311,
-            &Packet::UnsubAck(UnsubAck {
-                packet_id: pid(11),
-                codes: Vec::new(),
-                properties: AckProperties::default(),
-            }),
+            &Packet::UnsubAck(UnsubAck { packet_id: pid(11), codes: Vec::new(), properties: AckProperties::default() }),
         );
     }
 
     #[test]
     fn negative_vectors() {
         let cases: &[(&[u8], Protocol, DecodeError, ReasonCode)] = &[
+            (&[0xA2, 0x02, 0x00, 0x01], Protocol::V311, DecodeError::EmptyUnsubscribe, ReasonCode::PROTOCOL_ERROR),
+            (&[0xA2, 0x03, 0x00, 0x01, 0x00], Protocol::V5, DecodeError::EmptyUnsubscribe, ReasonCode::PROTOCOL_ERROR),
             (
-                &[0xA2, 0x02, 0x00, 0x01],
-                Protocol::V311,
-                DecodeError::EmptyUnsubscribe,
-                ReasonCode::PROTOCOL_ERROR,
-            ),
-            (
-                &[0xA2, 0x03, 0x00, 0x01, 0x00],
-                Protocol::V5,
-                DecodeError::EmptyUnsubscribe,
-                ReasonCode::PROTOCOL_ERROR,
-            ),
-            (
-                &[
-                    0xA2, 0x09, 0x00, 0x01, 0x03, 0x1F, 0x00, 0x00, 0x00, 0x01, b't',
-                ],
+                &[0xA2, 0x09, 0x00, 0x01, 0x03, 0x1F, 0x00, 0x00, 0x00, 0x01, b't'],
                 Protocol::V5,
                 DecodeError::InvalidProperty(0x1F),
                 ReasonCode::MALFORMED_PACKET,
@@ -185,12 +127,7 @@ mod tests {
                 DecodeError::TrailingBytes(1),
                 ReasonCode::MALFORMED_PACKET,
             ),
-            (
-                &[0xB0, 0x03, 0x00, 0x01, 0x00],
-                Protocol::V5,
-                DecodeError::EmptyAck,
-                ReasonCode::MALFORMED_PACKET,
-            ),
+            (&[0xB0, 0x03, 0x00, 0x01, 0x00], Protocol::V5, DecodeError::EmptyAck, ReasonCode::MALFORMED_PACKET),
         ];
         for (bytes, proto, err, code) in cases {
             let got = decode_all(bytes, *proto).unwrap_err();

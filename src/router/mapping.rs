@@ -176,11 +176,8 @@ pub fn message_headers(msg: &Message) -> Vec<(String, Bytes)> {
         h.push((header::RETAIN.to_string(), s("true")));
     }
     if !msg.user_properties.is_empty() {
-        let arr: Vec<serde_json::Value> = msg
-            .user_properties
-            .iter()
-            .map(|(k, v)| serde_json::json!({"key": k, "value": v}))
-            .collect();
+        let arr: Vec<serde_json::Value> =
+            msg.user_properties.iter().map(|(k, v)| serde_json::json!({"key": k, "value": v})).collect();
         h.push((header::USER_PROPERTY.to_string(), Bytes::from(serde_json::Value::Array(arr).to_string())));
     }
     if let Some(e) = msg.message_expiry_interval {
@@ -371,7 +368,11 @@ mod tests {
     #[test]
     fn undeclared_parents_are_refused() {
         let cfg = TopicsConfig {
-            parents: vec![ParentTopic { name: "sensors".into(), core_topic: Some("iot.sensors".into()), partitions: 2 }],
+            parents: vec![ParentTopic {
+                name: "sensors".into(),
+                core_topic: Some("iot.sensors".into()),
+                partitions: 2,
+            }],
             ..TopicsConfig::default()
         };
         let map = TopicMap::new(&cfg);

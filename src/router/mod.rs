@@ -26,6 +26,9 @@ use crate::protocol::QoS;
 use mapping::{CoreTopic, Message, TopicMap};
 use trie::{PlainMatch, Trie};
 
+/// Recent routed records per partition, for re-attaching sessions.
+type ReplayRings = HashMap<TopicPartition, VecDeque<(Arc<Record>, Arc<Message>)>>;
+
 /// Identifies one connected session in the router (unique per process).
 pub type SessionId = u64;
 
@@ -190,10 +193,7 @@ impl Router {
         }
         self.backend.ensure_topic(&topic.name, topic.partitions).await?;
         let (done, rx) = oneshot::channel();
-        self.commands
-            .send(Command::Assign { topic: topic.clone(), done })
-            .await
-            .map_err(|_| RouterError::Stopped)?;
+        self.commands.send(Command::Assign { topic: topic.clone(), done }).await.map_err(|_| RouterError::Stopped)?;
         rx.await.map_err(|_| RouterError::Stopped)??;
         Ok(())
     }
@@ -297,7 +297,12 @@ impl Router {
     }
 
     /// Ask the dispatcher to resume live delivery of `tp` to `slot` from offset `from`.
-    pub async fn reattach(&self, slot: Arc<SessionSlot>, tp: TopicPartition, from: u64) -> Result<Reattach, RouterError> {
+    pub async fn reattach(
+        &self,
+        slot: Arc<SessionSlot>,
+        tp: TopicPartition,
+        from: u64,
+    ) -> Result<Reattach, RouterError> {
         let (done, rx) = oneshot::channel();
         self.commands.send(Command::Reattach { slot, tp, from, done }).await.map_err(|_| RouterError::Stopped)?;
         rx.await.map_err(|_| RouterError::Stopped)
@@ -335,7 +340,7 @@ impl Router {
     }
 
     /// Route one batch of records (called by the dispatcher only).
-    fn route(&self, records: Vec<Arc<Record>>, rings: &mut HashMap<TopicPartition, VecDeque<(Arc<Record>, Arc<Message>)>>) {
+    fn route(&self, records: Vec<Arc<Record>>, rings: &mut ReplayRings) {
         let mut st = self.state.lock();
         let mut plain: Vec<PlainMatch> = Vec::new();
         let mut sent: HashSet<SessionId> = HashSet::new();
@@ -399,7 +404,8 @@ impl Router {
                 if slot.is_lagging(&record.tp) {
                     continue;
                 }
-                let d = Delivery::Live { record: record.clone(), message: message.clone(), shared: Some(g.full.clone()) };
+                let d =
+                    Delivery::Live { record: record.clone(), message: message.clone(), shared: Some(g.full.clone()) };
                 if slot.tx.try_send(d).is_ok() {
                     g.next = (g.next + i + 1) % n;
                     delivered = true;
@@ -418,7 +424,14 @@ impl Router {
     }
 
     /// Offer a delivery to a session without waiting.
-    fn offer(&self, slot: &SessionSlot, record: &Arc<Record>, message: &Arc<Message>, qos: QoS, shared: Option<Arc<str>>) {
+    fn offer(
+        &self,
+        slot: &SessionSlot,
+        record: &Arc<Record>,
+        message: &Arc<Message>,
+        qos: QoS,
+        shared: Option<Arc<str>>,
+    ) {
         if slot.is_lagging(&record.tp) {
             return;
         }
@@ -438,7 +451,7 @@ impl Router {
 }
 
 async fn dispatch(router: std::sync::Weak<Router>, mut tail: Box<dyn Tail>, mut commands: mpsc::Receiver<Command>) {
-    let mut rings: HashMap<TopicPartition, VecDeque<(Arc<Record>, Arc<Message>)>> = HashMap::new();
+    let mut rings: ReplayRings = HashMap::new();
     loop {
         tokio::select! {
             cmd = commands.recv() => {
@@ -484,13 +497,7 @@ async fn assign(r: &Router, tail: &mut dyn Tail, topic: &CoreTopic) -> Result<()
     Ok(())
 }
 
-fn reattach(
-    r: &Router,
-    slot: &Arc<SessionSlot>,
-    tp: &TopicPartition,
-    from: u64,
-    rings: &HashMap<TopicPartition, VecDeque<(Arc<Record>, Arc<Message>)>>,
-) -> Reattach {
+fn reattach(r: &Router, slot: &Arc<SessionSlot>, tp: &TopicPartition, from: u64, rings: &ReplayRings) -> Reattach {
     let st = r.state.lock();
     let pos = st.positions.get(tp).copied().unwrap_or(0);
     if pos <= from {

@@ -11,7 +11,9 @@ pub enum TopicError {
     BadMultiLevelWildcard,
     #[error("`+` must occupy a whole level [MQTT-4.7.1-3]")]
     BadSingleLevelWildcard,
-    #[error("shared subscription must be `$share/<group>/<filter>` with a non-empty group without wildcards [MQTT-4.8.2-1]")]
+    #[error(
+        "shared subscription must be `$share/<group>/<filter>` with a non-empty group without wildcards [MQTT-4.8.2-1]"
+    )]
     BadSharedSubscription,
 }
 

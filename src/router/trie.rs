@@ -93,7 +93,12 @@ impl Trie {
 
     /// Every plain subscriber matching `topic`, and for each matching shared group a
     /// mutable handle to pick a member from.
-    pub fn matches<'a>(&'a mut self, topic: &str, plain: &mut Vec<PlainMatch>, groups: &mut Vec<(&'a str, &'a mut Group)>) {
+    pub fn matches<'a>(
+        &'a mut self,
+        topic: &str,
+        plain: &mut Vec<PlainMatch>,
+        groups: &mut Vec<(&'a str, &'a mut Group)>,
+    ) {
         let levels: Vec<&str> = topic.split('/').collect();
         let dollar = topic.starts_with('$');
         collect(&mut self.root, &levels, 0, dollar, plain, groups);
@@ -151,18 +156,18 @@ fn collect<'a>(
     groups: &mut Vec<(&'a str, &'a mut Group)>,
 ) {
     let wildcard_ok = !(dollar && depth == 0);
+    // Split the borrows of `node` so every branch can be visited.
+    let Node { children, plus, hash, subscribers, groups: here } = node;
     // `#` also matches the parent level itself ("sport/#" matches "sport").
     if wildcard_ok {
-        if let Some(h) = node.hash.as_deref_mut() {
-            gather(h, plain, groups);
+        if let Some(h) = hash.as_deref_mut() {
+            gather(&h.subscribers, &mut h.groups, plain, groups);
         }
     }
     let Some((first, rest)) = levels.split_first() else {
-        gather(node, plain, groups);
+        gather(subscribers, here, plain, groups);
         return;
     };
-    // Split the borrows of `node` so both the exact child and `+` can be visited.
-    let Node { children, plus, .. } = node;
     if let Some(child) = children.get_mut(*first) {
         collect(child, rest, depth + 1, dollar, plain, groups);
     }
@@ -173,9 +178,14 @@ fn collect<'a>(
     }
 }
 
-fn gather<'a>(node: &'a mut Node, plain: &mut Vec<PlainMatch>, groups: &mut Vec<(&'a str, &'a mut Group)>) {
-    plain.extend(node.subscribers.iter().map(|(s, q)| PlainMatch { session: *s, qos: *q }));
-    groups.extend(node.groups.iter_mut().map(|(g, grp)| (&**g, grp)));
+fn gather<'a>(
+    subscribers: &HashMap<SessionId, QoS>,
+    here: &'a mut HashMap<Box<str>, Group>,
+    plain: &mut Vec<PlainMatch>,
+    groups: &mut Vec<(&'a str, &'a mut Group)>,
+) {
+    plain.extend(subscribers.iter().map(|(s, q)| PlainMatch { session: *s, qos: *q }));
+    groups.extend(here.iter_mut().map(|(g, grp)| (&**g, grp)));
 }
 
 #[cfg(test)]

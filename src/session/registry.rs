@@ -51,10 +51,8 @@ impl Registry {
         }
         let (kick_tx, kick_rx) = oneshot::channel();
         let (done_tx, done_rx) = watch::channel(false);
-        let old = self
-            .clients
-            .lock()
-            .insert(client_id.to_string(), Entry { conn_id, kick: Some(kick_tx), done: done_rx });
+        let old =
+            self.clients.lock().insert(client_id.to_string(), Entry { conn_id, kick: Some(kick_tx), done: done_rx });
         if let Some(mut old) = old {
             if let Some(k) = old.kick.take() {
                 let _ = k.send(kick);

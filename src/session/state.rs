@@ -240,7 +240,11 @@ mod tests {
     }
 
     fn sub(filter: &str, qos: QoS, id: Option<u32>) -> Subscription {
-        Subscription { filter: filter.into(), options: SubscriptionOptions { qos, ..Default::default() }, identifier: id }
+        Subscription {
+            filter: filter.into(),
+            options: SubscriptionOptions { qos, ..Default::default() },
+            identifier: id,
+        }
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Shared harness for integration tests: a real gateway on port 0 over a temp data dir,
 //! real MQTT clients (rumqttc v4 and v5), and a raw-socket client for byte-level checks.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use bytes::BytesMut;
 use std::net::SocketAddr;
@@ -178,6 +178,18 @@ pub mod v4 {
             })
             .await;
             self.task.abort();
+        }
+
+        /// Wait until the server closes the connection; panics if it stays open.
+        pub async fn closed_by_server(&mut self) {
+            let deadline = tokio::time::Instant::now() + WAIT;
+            loop {
+                match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                    Ok(Some(Err(_))) | Ok(None) => return,
+                    Ok(Some(Ok(_))) => {}
+                    Err(_) => panic!("connection was not closed"),
+                }
+            }
         }
 
         /// Drop the TCP connection without DISCONNECT.

@@ -8,9 +8,7 @@
 #![allow(dead_code)]
 
 use bytes::Bytes;
-use lmq_gateway::backend::{
-    BackendError, CoreRecord, CoreService, Position, StateStore, StateUpdate, TopicPartition,
-};
+use lmq_gateway::backend::{BackendError, CoreRecord, CoreService, Position, StateStore, StateUpdate, TopicPartition};
 use lmq_gateway::events::{ClientEvent, EventType};
 use std::collections::HashMap;
 use std::time::Duration;
@@ -20,10 +18,7 @@ use tokio::time::timeout;
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 pub fn record(key: Option<&str>, value: &str) -> CoreRecord {
@@ -46,22 +41,17 @@ async fn step<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
 }
 
 async fn append(core: &dyn CoreService, topic: &str, rec: CoreRecord) -> Position {
-    step("append", core.append(topic, rec))
-        .await
-        .expect("append failed")
+    step("append", core.append(topic, rec)).await.expect("append failed")
 }
 
 /// Payload, key, headers and timestamp round-trip; offsets increase.
 pub async fn append_then_fetch(core: &dyn CoreService, topic: &str) {
-    step("ensure_topic", core.ensure_topic(topic, 1))
-        .await
-        .unwrap();
+    step("ensure_topic", core.ensure_topic(topic, 1)).await.unwrap();
     let mut sent = Vec::new();
     let mut last: Option<u64> = None;
     for i in 0..5 {
         let mut rec = record(Some("k"), &format!("payload-{i}"));
-        rec.headers
-            .push(("idx".into(), Bytes::from(vec![i as u8, 0, 255])));
+        rec.headers.push(("idx".into(), Bytes::from(vec![i as u8, 0, 255])));
         rec.timestamp_ms = 1_700_000_000_000 + i;
         let pos = append(core, topic, rec.clone()).await;
         assert_eq!(pos.partition, 0);
@@ -72,12 +62,7 @@ pub async fn append_then_fetch(core: &dyn CoreService, topic: &str) {
         sent.push((pos, rec));
     }
     // A record without key and with empty payload round-trips too.
-    let empty = CoreRecord {
-        key: None,
-        headers: vec![],
-        value: Bytes::new(),
-        timestamp_ms: 1,
-    };
+    let empty = CoreRecord { key: None, headers: vec![], value: Bytes::new(), timestamp_ms: 1 };
     let pos = append(core, topic, empty.clone()).await;
     sent.push((pos, empty));
 
@@ -96,9 +81,7 @@ pub async fn append_then_fetch(core: &dyn CoreService, topic: &str) {
 
 /// Once `append` resolved, `fetch` and `end_offset` see the record.
 pub async fn ack_means_visible(core: &dyn CoreService, topic: &str) {
-    step("ensure_topic", core.ensure_topic(topic, 2))
-        .await
-        .unwrap();
+    step("ensure_topic", core.ensure_topic(topic, 2)).await.unwrap();
     for i in 0..20 {
         let rec = record(Some(&format!("key-{i}")), &format!("v{i}"));
         let pos = append(core, topic, rec.clone()).await;
@@ -114,24 +97,16 @@ pub async fn ack_means_visible(core: &dyn CoreService, topic: &str) {
 
 /// Reads from a middle offset, past the end, and limited by `max_records`.
 pub async fn fetch_from_position(core: &dyn CoreService, topic: &str) {
-    step("ensure_topic", core.ensure_topic(topic, 1))
-        .await
-        .unwrap();
+    step("ensure_topic", core.ensure_topic(topic, 1)).await.unwrap();
     let mut offsets = Vec::new();
     for i in 0..10 {
-        offsets.push(
-            append(core, topic, record(None, &format!("m{i}")))
-                .await
-                .offset,
-        );
+        offsets.push(append(core, topic, record(None, &format!("m{i}"))).await.offset);
     }
     let tp = TopicPartition::new(topic, 0);
     let end = step("end_offset", core.end_offset(&tp)).await.unwrap();
     assert_eq!(end, offsets[9] + 1);
 
-    let mid = step("fetch", core.fetch(&tp, offsets[5], 100))
-        .await
-        .unwrap();
+    let mid = step("fetch", core.fetch(&tp, offsets[5], 100)).await.unwrap();
     let got: Vec<u64> = mid.records.iter().map(|r| r.offset).collect();
     assert_eq!(got, offsets[5..].to_vec());
     assert_eq!(mid.records[0].record.value, "m5");
@@ -159,9 +134,7 @@ pub async fn fetch_from_position(core: &dyn CoreService, topic: &str) {
 /// Concurrent appends with 3 keys: each key's records land in one partition, in order.
 pub async fn per_key_order(core: &dyn CoreService, topic: &str) {
     const PER_KEY: usize = 100;
-    step("ensure_topic", core.ensure_topic(topic, 4))
-        .await
-        .unwrap();
+    step("ensure_topic", core.ensure_topic(topic, 4)).await.unwrap();
     let keys = ["alpha", "beta", "gamma"];
     // Each key appends sequentially; the keys run concurrently.
     let runs = keys.iter().map(|key| async move {
@@ -175,10 +148,7 @@ pub async fn per_key_order(core: &dyn CoreService, topic: &str) {
     let results = futures::future::join_all(runs).await;
     for (key, positions) in keys.iter().zip(results) {
         let partition = positions[0].partition;
-        assert!(
-            positions.iter().all(|p| p.partition == partition),
-            "key {key} spread over partitions"
-        );
+        assert!(positions.iter().all(|p| p.partition == partition), "key {key} spread over partitions");
         assert!(positions.windows(2).all(|w| w[0].offset < w[1].offset));
         let tp = TopicPartition::new(topic, partition);
         let mut next = positions[0].offset;
@@ -197,20 +167,14 @@ pub async fn per_key_order(core: &dyn CoreService, topic: &str) {
             }
             next = fetched.next_offset;
         }
-        assert_eq!(
-            seqs,
-            (0..PER_KEY).collect::<Vec<_>>(),
-            "key {key} out of order"
-        );
+        assert_eq!(seqs, (0..PER_KEY).collect::<Vec<_>>(), "key {key} out of order");
     }
 }
 
 /// A tail delivers records appended after the assigned offset, nothing before it, and
 /// nothing after `unassign`; a cancelled poll loses nothing.
 pub async fn tail_delivers_new_records(core: &dyn CoreService, topic: &str) {
-    step("ensure_topic", core.ensure_topic(topic, 1))
-        .await
-        .unwrap();
+    step("ensure_topic", core.ensure_topic(topic, 1)).await.unwrap();
     let tp = TopicPartition::new(topic, 0);
     append(core, topic, record(None, "old-1")).await;
     append(core, topic, record(None, "old-2")).await;
@@ -219,9 +183,7 @@ pub async fn tail_delivers_new_records(core: &dyn CoreService, topic: &str) {
     let mut tail = core.tail();
     tail.assign(tp.clone(), end);
     // Nothing new yet: a poll waits (and is cancelled by the timeout without losing anything).
-    assert!(timeout(Duration::from_millis(200), tail.poll())
-        .await
-        .is_err());
+    assert!(timeout(Duration::from_millis(200), tail.poll()).await.is_err());
 
     let pos = append(core, topic, record(None, "new-1")).await;
     let got = step("poll", tail.poll()).await.unwrap();
@@ -233,11 +195,7 @@ pub async fn tail_delivers_new_records(core: &dyn CoreService, topic: &str) {
     // Several records, delivered in order, possibly over several polls.
     let mut expected = Vec::new();
     for i in 0..5 {
-        expected.push(
-            append(core, topic, record(None, &format!("n{i}")))
-                .await
-                .offset,
-        );
+        expected.push(append(core, topic, record(None, &format!("n{i}"))).await.offset);
     }
     let mut seen = Vec::new();
     while seen.len() < expected.len() {
@@ -265,91 +223,44 @@ pub async fn sessions_store(core: &dyn CoreService, topic: &str) {
     let key = format!("{topic}-client");
     let get = |k: String| core.get_state(StateStore::Sessions, &k);
     assert_eq!(step("get", get(key.clone())).await.unwrap(), None);
-    step(
-        "put",
-        core.put_state(StateStore::Sessions, &key, Some(Bytes::from_static(b"v1"))),
-    )
-    .await
-    .unwrap();
-    assert_eq!(
-        step("get", get(key.clone())).await.unwrap(),
-        Some(Bytes::from_static(b"v1"))
-    );
-    step(
-        "put",
-        core.put_state(StateStore::Sessions, &key, Some(Bytes::from_static(b"v2"))),
-    )
-    .await
-    .unwrap();
-    assert_eq!(
-        step("get", get(key.clone())).await.unwrap(),
-        Some(Bytes::from_static(b"v2"))
-    );
+    step("put", core.put_state(StateStore::Sessions, &key, Some(Bytes::from_static(b"v1")))).await.unwrap();
+    assert_eq!(step("get", get(key.clone())).await.unwrap(), Some(Bytes::from_static(b"v1")));
+    step("put", core.put_state(StateStore::Sessions, &key, Some(Bytes::from_static(b"v2")))).await.unwrap();
+    assert_eq!(step("get", get(key.clone())).await.unwrap(), Some(Bytes::from_static(b"v2")));
     // Stores are separate keyspaces.
-    assert_eq!(
-        step("get", core.get_state(StateStore::Retained, &key))
-            .await
-            .unwrap(),
-        None
-    );
-    step("delete", core.put_state(StateStore::Sessions, &key, None))
-        .await
-        .unwrap();
+    assert_eq!(step("get", core.get_state(StateStore::Retained, &key)).await.unwrap(), None);
+    step("delete", core.put_state(StateStore::Sessions, &key, None)).await.unwrap();
     assert_eq!(step("get", get(key.clone())).await.unwrap(), None);
     // Deleting a missing key is fine.
-    step("delete", core.put_state(StateStore::Sessions, &key, None))
-        .await
-        .unwrap();
+    step("delete", core.put_state(StateStore::Sessions, &key, None)).await.unwrap();
 }
 
 /// Retained: the watch returns a snapshot, then updates (deletes as `None`).
 pub async fn retained_store_and_watch(core: &dyn CoreService, topic: &str) {
     let k1 = format!("{topic}/a");
     let k2 = format!("{topic}/b");
-    step(
-        "put",
-        core.put_state(StateStore::Retained, &k1, Some(Bytes::from_static(b"one"))),
-    )
-    .await
-    .unwrap();
+    step("put", core.put_state(StateStore::Retained, &k1, Some(Bytes::from_static(b"one")))).await.unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::channel(16);
-    let snapshot = step("watch", core.watch_state(StateStore::Retained, tx))
-        .await
-        .unwrap();
-    let mine: HashMap<String, Bytes> = snapshot
-        .into_iter()
-        .filter(|(k, _)| k.starts_with(topic))
-        .collect();
+    let snapshot = step("watch", core.watch_state(StateStore::Retained, tx)).await.unwrap();
+    let mine: HashMap<String, Bytes> = snapshot.into_iter().filter(|(k, _)| k.starts_with(topic)).collect();
     assert_eq!(mine.len(), 1);
     assert_eq!(mine.get(&k1), Some(&Bytes::from_static(b"one")));
 
-    step(
-        "put",
-        core.put_state(StateStore::Retained, &k2, Some(Bytes::from_static(b"two"))),
-    )
-    .await
-    .unwrap();
+    step("put", core.put_state(StateStore::Retained, &k2, Some(Bytes::from_static(b"two")))).await.unwrap();
     let update = next_update(&mut rx, topic).await;
     assert_eq!(update.store, StateStore::Retained);
     assert_eq!(update.key, k2);
     assert_eq!(update.value, Some(Bytes::from_static(b"two")));
 
-    step("delete", core.put_state(StateStore::Retained, &k1, None))
-        .await
-        .unwrap();
+    step("delete", core.put_state(StateStore::Retained, &k1, None)).await.unwrap();
     let update = next_update(&mut rx, topic).await;
     assert_eq!((update.key.as_str(), update.value), (k1.as_str(), None));
 }
 
 /// Next update of the watch whose key belongs to this check.
-async fn next_update(
-    rx: &mut tokio::sync::mpsc::Receiver<StateUpdate>,
-    prefix: &str,
-) -> StateUpdate {
+async fn next_update(rx: &mut tokio::sync::mpsc::Receiver<StateUpdate>, prefix: &str) -> StateUpdate {
     loop {
-        let update = step("watch update", rx.recv())
-            .await
-            .expect("watch channel closed");
+        let update = step("watch update", rx.recv()).await.expect("watch channel closed");
         if update.key.starts_with(prefix) {
             return update;
         }
@@ -380,20 +291,13 @@ pub async fn events_written(core: &dyn CoreService, events_topic: &str, client_i
                 break;
             }
             next = fetched.next_offset;
-            if let Some(r) = fetched
-                .records
-                .iter()
-                .find(|r| r.record.key.as_deref() == Some(client_id.as_bytes()))
-            {
+            if let Some(r) = fetched.records.iter().find(|r| r.record.key.as_deref() == Some(client_id.as_bytes())) {
                 found = Some(r.clone());
             }
         }
     }
     let found = found.expect("event record not found");
-    assert_eq!(
-        found.record.header("eventType").map(|v| v.as_ref()),
-        Some(&b"connect"[..])
-    );
+    assert_eq!(found.record.header("eventType").map(|v| v.as_ref()), Some(&b"connect"[..]));
     let body: serde_json::Value = serde_json::from_slice(&found.record.value).unwrap();
     assert_eq!(body["eventType"], "connect");
     assert_eq!(body["clientId"], client_id);
@@ -416,23 +320,16 @@ pub async fn unknown_topic_refused(core: &dyn CoreService, topic: &str) {
 
 /// After `shutdown`, writes fail quickly instead of hanging.
 pub async fn closed_service_refuses(core: &dyn CoreService, topic: &str) {
-    step("ensure_topic", core.ensure_topic(topic, 1))
-        .await
-        .unwrap();
+    step("ensure_topic", core.ensure_topic(topic, 1)).await.unwrap();
     append(core, topic, record(None, "before")).await;
     let mut tail = core.tail();
     tail.assign(TopicPartition::new(topic, 0), 1_000_000);
     step("shutdown", core.shutdown()).await;
     assert!(!core.is_available());
-    assert!(step("append", core.append(topic, record(None, "after")))
+    assert!(step("append", core.append(topic, record(None, "after"))).await.is_err());
+    assert!(step("put_state", core.put_state(StateStore::Sessions, "k", Some(Bytes::from_static(b"v"))))
         .await
         .is_err());
-    assert!(step(
-        "put_state",
-        core.put_state(StateStore::Sessions, "k", Some(Bytes::from_static(b"v")))
-    )
-    .await
-    .is_err());
     assert!(step("poll", tail.poll()).await.is_err());
     // A second shutdown is harmless.
     step("shutdown", core.shutdown()).await;

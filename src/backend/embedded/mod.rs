@@ -57,8 +57,8 @@ use tokio::task::JoinHandle;
 use self::partition::{AppendReq, Partition, PartitionSettings};
 use self::state::KvStore;
 use super::{
-    BackendError, CoreRecord, CoreService, Fetched, Position, Record, Result, StateStore,
-    StateUpdate, Tail, TopicPartition,
+    BackendError, CoreRecord, CoreService, Fetched, Position, Record, Result, StateStore, StateUpdate, Tail,
+    TopicPartition,
 };
 use crate::config::EmbeddedConfig;
 use crate::events::ClientEvent;
@@ -115,26 +115,20 @@ pub fn valid_topic_name(name: &str) -> bool {
         && name.len() <= MAX_TOPIC_NAME
         && name != "."
         && name != ".."
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 fn check_topic_name(name: &str) -> Result<()> {
     if valid_topic_name(name) {
         Ok(())
     } else {
-        Err(BackendError::Storage(format!(
-            "invalid topic name `{name}`: use letters, digits, `-`, `_`, `.`"
-        )))
+        Err(BackendError::Storage(format!("invalid topic name `{name}`: use letters, digits, `-`, `_`, `.`")))
     }
 }
 
 /// FNV-1a, 32 bit: stable across versions and processes.
 fn fnv1a(bytes: &[u8]) -> u32 {
-    bytes.iter().fold(0x811c_9dc5u32, |h, &b| {
-        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
-    })
+    bytes.iter().fold(0x811c_9dc5u32, |h, &b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193))
 }
 
 fn now_ms() -> i64 {
@@ -155,11 +149,7 @@ fn open_topic_blocking(
     std::fs::create_dir_all(&topic_dir)?;
     let mut out = Vec::new();
     for p in existing.len() as u32..partitions {
-        out.push(Partition::recover(
-            TopicPartition::new(name, p),
-            topic_dir.join(p.to_string()),
-            settings.clone(),
-        )?);
+        out.push(Partition::recover(TopicPartition::new(name, p), topic_dir.join(p.to_string()), settings.clone())?);
     }
     let meta = serde_json::to_vec(&TopicMeta { partitions }).map_err(io::Error::other)?;
     let tmp = topic_dir.join("meta.json.tmp");
@@ -193,20 +183,15 @@ fn recover_blocking(
         }
         let meta_path = entry.path().join(META_FILE);
         let meta: TopicMeta = match std::fs::read(&meta_path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
-                io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("{}: {e}", meta_path.display()),
-                )
-            })?,
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e}", meta_path.display())))?,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 tracing::warn!(dir = %entry.path().display(), "log directory without meta.json ignored");
                 continue;
             }
             Err(e) => return Err(e),
         };
-        let partitions =
-            open_topic_blocking(log_dir, &name, &[], meta.partitions.max(1), settings)?;
+        let partitions = open_topic_blocking(log_dir, &name, &[], meta.partitions.max(1), settings)?;
         topics.insert(name, partitions);
     }
     let interval = Duration::from_millis(config.fsync_interval_ms);
@@ -229,17 +214,11 @@ impl EmbeddedCore {
         let log_dir = config.data_dir.join("log");
         let state_dir = config.data_dir.join("state");
         let (topics, sessions, retained) = {
-            let (log_dir, state_dir, config, settings) = (
-                log_dir.clone(),
-                state_dir.clone(),
-                config.clone(),
-                settings.clone(),
-            );
-            tokio::task::spawn_blocking(move || {
-                recover_blocking(&log_dir, &state_dir, &config, &settings)
-            })
-            .await
-            .map_err(|e| BackendError::Storage(format!("recovery task failed: {e}")))??
+            let (log_dir, state_dir, config, settings) =
+                (log_dir.clone(), state_dir.clone(), config.clone(), settings.clone());
+            tokio::task::spawn_blocking(move || recover_blocking(&log_dir, &state_dir, &config, &settings))
+                .await
+                .map_err(|e| BackendError::Storage(format!("recovery task failed: {e}")))??
         };
         let healthy = Arc::new(AtomicBool::new(true));
         let topics = topics
@@ -249,10 +228,7 @@ impl EmbeddedCore {
                 for p in &partitions {
                     p.start(Arc::clone(&healthy));
                 }
-                let topic = Topic {
-                    partitions,
-                    round_robin: AtomicU32::new(0),
-                };
+                let topic = Topic { partitions, round_robin: AtomicU32::new(0) };
                 (name, Arc::new(topic))
             })
             .collect();
@@ -324,11 +300,7 @@ impl Shared {
     }
 
     fn topic(&self, name: &str) -> Result<Arc<Topic>> {
-        self.topics
-            .read()
-            .get(name)
-            .cloned()
-            .ok_or_else(|| BackendError::UnknownTopic(name.to_owned()))
+        self.topics.read().get(name).cloned().ok_or_else(|| BackendError::UnknownTopic(name.to_owned()))
     }
 
     fn partition(&self, tp: &TopicPartition) -> Result<Arc<Partition>> {
@@ -349,12 +321,8 @@ impl Shared {
             Some(t) => t.partitions.clone(),
             None => Vec::new(),
         };
-        let (log_dir, topic, settings, existing_for_open) = (
-            self.log_dir.clone(),
-            name.to_owned(),
-            self.settings.clone(),
-            existing.clone(),
-        );
+        let (log_dir, topic, settings, existing_for_open) =
+            (self.log_dir.clone(), name.to_owned(), self.settings.clone(), existing.clone());
         let new = tokio::task::spawn_blocking(move || {
             open_topic_blocking(&log_dir, &topic, &existing_for_open, partitions, &settings)
         })
@@ -366,18 +334,10 @@ impl Shared {
             p.start(Arc::clone(&self.healthy));
             all.push(p);
         }
-        let old_rr = self
-            .topics
-            .read()
-            .get(name)
-            .map_or(0, |t| t.round_robin.load(Ordering::Relaxed));
-        self.topics.write().insert(
-            name.to_owned(),
-            Arc::new(Topic {
-                partitions: all,
-                round_robin: AtomicU32::new(old_rr),
-            }),
-        );
+        let old_rr = self.topics.read().get(name).map_or(0, |t| t.round_robin.load(Ordering::Relaxed));
+        self.topics
+            .write()
+            .insert(name.to_owned(), Arc::new(Topic { partitions: all, round_robin: AtomicU32::new(old_rr) }));
         tracing::info!(topic = name, partitions, "core topic ready");
         self.wake_all_tails();
         Ok(())
@@ -402,11 +362,7 @@ impl Shared {
             Some(key) => fnv1a(key) % n,
             None => topic.round_robin.fetch_add(1, Ordering::Relaxed) % n,
         };
-        topic
-            .partitions
-            .get(p as usize)
-            .and_then(|p| p.sender())
-            .ok_or(BackendError::Closed)
+        topic.partitions.get(p as usize).and_then(|p| p.sender()).ok_or(BackendError::Closed)
     }
 
     fn store(&self, store: StateStore) -> &Arc<KvStore> {
@@ -420,32 +376,20 @@ impl Shared {
         let Some(retention_ms) = self.retention_ms else {
             return 0;
         };
-        let partitions: Vec<Arc<Partition>> = self
-            .topics
-            .read()
-            .values()
-            .flat_map(|t| t.partitions.iter().cloned())
-            .collect();
-        tokio::task::spawn_blocking(move || {
-            partitions
-                .iter()
-                .map(|p| p.apply_retention(now_ms, retention_ms))
-                .sum()
-        })
-        .await
-        .unwrap_or_else(|e| {
-            tracing::error!(error = %e, "retention task failed");
-            0
-        })
+        let partitions: Vec<Arc<Partition>> =
+            self.topics.read().values().flat_map(|t| t.partitions.iter().cloned()).collect();
+        tokio::task::spawn_blocking(move || partitions.iter().map(|p| p.apply_retention(now_ms, retention_ms)).sum())
+            .await
+            .unwrap_or_else(|e| {
+                tracing::error!(error = %e, "retention task failed");
+                0
+            })
     }
 }
 
 async fn send_append(sender: mpsc::Sender<AppendReq>, record: CoreRecord) -> Result<Position> {
     let (done, rx) = oneshot::channel();
-    sender
-        .send(AppendReq { record, done })
-        .await
-        .map_err(|_| BackendError::Closed)?;
+    sender.send(AppendReq { record, done }).await.map_err(|_| BackendError::Closed)?;
     rx.await.map_err(|_| BackendError::Closed)?
 }
 
@@ -469,58 +413,30 @@ impl CoreService for EmbeddedCore {
         Box::pin(async move { send_append(sender?, record).await })
     }
 
-    fn fetch(
-        &self,
-        tp: &TopicPartition,
-        from: u64,
-        max_records: usize,
-    ) -> BoxFuture<'static, Result<Fetched>> {
-        let part = self
-            .shared
-            .check_open()
-            .and_then(|()| self.shared.partition(tp));
+    fn fetch(&self, tp: &TopicPartition, from: u64, max_records: usize) -> BoxFuture<'static, Result<Fetched>> {
+        let part = self.shared.check_open().and_then(|()| self.shared.partition(tp));
         Box::pin(async move { part?.fetch(from, max_records).await })
     }
 
     fn end_offset(&self, tp: &TopicPartition) -> BoxFuture<'static, Result<u64>> {
-        let end = self
-            .shared
-            .check_open()
-            .and_then(|()| self.shared.partition(tp))
-            .map(|p| p.high_watermark());
+        let end = self.shared.check_open().and_then(|()| self.shared.partition(tp)).map(|p| p.high_watermark());
         Box::pin(async move { end })
     }
 
     fn tail(&self) -> Box<dyn Tail> {
         let notify = Arc::new(Notify::new());
         self.shared.tails.lock().push(Arc::downgrade(&notify));
-        Box::new(EmbeddedTail {
-            shared: Arc::clone(&self.shared),
-            notify,
-            assigned: BTreeMap::new(),
-            start_at: 0,
-        })
+        Box::new(EmbeddedTail { shared: Arc::clone(&self.shared), notify, assigned: BTreeMap::new(), start_at: 0 })
     }
 
-    fn put_state(
-        &self,
-        store: StateStore,
-        key: &str,
-        value: Option<Bytes>,
-    ) -> BoxFuture<'static, Result<()>> {
-        let kv = self
-            .shared
-            .check_open()
-            .map(|()| Arc::clone(self.shared.store(store)));
+    fn put_state(&self, store: StateStore, key: &str, value: Option<Bytes>) -> BoxFuture<'static, Result<()>> {
+        let kv = self.shared.check_open().map(|()| Arc::clone(self.shared.store(store)));
         let key = key.to_owned();
         Box::pin(async move { kv?.put(key, value).await })
     }
 
     fn get_state(&self, store: StateStore, key: &str) -> BoxFuture<'static, Result<Option<Bytes>>> {
-        let value = self
-            .shared
-            .check_open()
-            .map(|()| self.shared.store(store).get(key));
+        let value = self.shared.check_open().map(|()| self.shared.store(store).get(key));
         Box::pin(async move { value })
     }
 
@@ -529,20 +445,14 @@ impl CoreService for EmbeddedCore {
         store: StateStore,
         updates: mpsc::Sender<StateUpdate>,
     ) -> BoxFuture<'static, Result<Vec<(String, Bytes)>>> {
-        let snapshot = self
-            .shared
-            .check_open()
-            .map(|()| self.shared.store(store).watch(updates));
+        let snapshot = self.shared.check_open().map(|()| self.shared.store(store).watch(updates));
         Box::pin(async move { snapshot })
     }
 
     fn emit_event(&self, event: ClientEvent) -> BoxFuture<'static, Result<()>> {
         let record = CoreRecord {
             key: Some(Bytes::from(event.client_id.clone().into_bytes())),
-            headers: vec![(
-                "eventType".to_owned(),
-                Bytes::from_static(event.event_type.as_str().as_bytes()),
-            )],
+            headers: vec![("eventType".to_owned(), Bytes::from_static(event.event_type.as_str().as_bytes()))],
             value: Bytes::from(event.to_json()),
             timestamp_ms: event.time,
         };
@@ -565,12 +475,7 @@ impl CoreService for EmbeddedCore {
             }
             let partitions: Vec<Arc<Partition>> = {
                 let _topics_guard = self.shared.topic_lock.lock().await;
-                self.shared
-                    .topics
-                    .read()
-                    .values()
-                    .flat_map(|t| t.partitions.iter().cloned())
-                    .collect()
+                self.shared.topics.read().values().flat_map(|t| t.partitions.iter().cloned()).collect()
             };
             let closes = partitions.iter().map(|p| p.close());
             futures::future::join_all(closes).await;

@@ -61,11 +61,7 @@ struct PartState {
 /// What a read needs, decided under the lock.
 enum ReadPlan {
     Done(Fetched),
-    Disk {
-        spans: Vec<ReadSpan>,
-        from: u64,
-        high_watermark: u64,
-    },
+    Disk { spans: Vec<ReadSpan>, from: u64, high_watermark: u64 },
 }
 
 pub(crate) struct Partition {
@@ -82,20 +78,12 @@ pub(crate) struct Partition {
 impl Partition {
     /// Recover a partition from `dir` (created if missing): scan its segments, truncate a
     /// torn tail of the last one, rebuild the sparse index. Blocking.
-    pub(crate) fn recover(
-        tp: TopicPartition,
-        dir: PathBuf,
-        settings: PartitionSettings,
-    ) -> io::Result<Partition> {
+    pub(crate) fn recover(tp: TopicPartition, dir: PathBuf, settings: PartitionSettings) -> io::Result<Partition> {
         std::fs::create_dir_all(&dir)?;
         let mut bases = Vec::new();
         for entry in std::fs::read_dir(&dir)? {
             let entry = entry?;
-            if let Some(base) = entry
-                .file_name()
-                .to_str()
-                .and_then(segment::parse_segment_file_name)
-            {
+            if let Some(base) = entry.file_name().to_str().and_then(segment::parse_segment_file_name) {
                 bases.push(base);
             }
         }
@@ -127,10 +115,7 @@ impl Partition {
                 if scan.meta.base_offset < prev.next_offset {
                     return Err(io::Error::new(
                         io::ErrorKind::InvalidData,
-                        format!(
-                            "segment {} overlaps the previous one",
-                            scan.meta.path.display()
-                        ),
+                        format!("segment {} overlaps the previous one", scan.meta.path.display()),
                     ));
                 }
             }
@@ -148,12 +133,7 @@ impl Partition {
             tp,
             dir,
             settings,
-            state: Mutex::new(PartState {
-                segments,
-                log_start,
-                high_watermark,
-                cache: VecDeque::new(),
-            }),
+            state: Mutex::new(PartState { segments, log_start, high_watermark, cache: VecDeque::new() }),
             sender: Mutex::new(None),
             writer: Mutex::new(None),
             waiters: Mutex::new(Vec::new()),
@@ -164,12 +144,7 @@ impl Partition {
     pub(crate) fn start(self: &Arc<Self>, healthy: Arc<AtomicBool>) {
         let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
         *self.sender.lock() = Some(tx);
-        let writer = Writer {
-            part: Arc::clone(self),
-            file: None,
-            healthy,
-            dirty: false,
-        };
+        let writer = Writer { part: Arc::clone(self), file: None, healthy, dirty: false };
         *self.writer.lock() = Some(tokio::spawn(writer.run(rx)));
     }
 
@@ -208,18 +183,13 @@ impl Partition {
     pub(crate) fn add_waiter(&self, notify: &Arc<Notify>) {
         let mut waiters = self.waiters.lock();
         waiters.retain(|w| w.strong_count() > 0);
-        if !waiters
-            .iter()
-            .any(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(notify)))
-        {
+        if !waiters.iter().any(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(notify))) {
             waiters.push(Arc::downgrade(notify));
         }
     }
 
     pub(crate) fn remove_waiter(&self, notify: &Arc<Notify>) {
-        self.waiters
-            .lock()
-            .retain(|w| w.strong_count() > 0 && !std::ptr::eq(w.as_ptr(), Arc::as_ptr(notify)));
+        self.waiters.lock().retain(|w| w.strong_count() > 0 && !std::ptr::eq(w.as_ptr(), Arc::as_ptr(notify)));
     }
 
     pub(crate) fn wake_tails(&self) {
@@ -240,26 +210,17 @@ impl Partition {
         loop {
             let (spans, start, high_watermark) = match self.plan_read(from, max) {
                 ReadPlan::Done(fetched) => return Ok(fetched),
-                ReadPlan::Disk {
-                    spans,
-                    from,
-                    high_watermark,
-                } => (spans, from, high_watermark),
+                ReadPlan::Disk { spans, from, high_watermark } => (spans, from, high_watermark),
             };
             let tp = self.tp.clone();
-            let read = tokio::task::spawn_blocking(move || {
-                segment::read_records(&tp, &spans, start, high_watermark, max)
-            })
-            .await
-            .map_err(|e| BackendError::Storage(format!("read task failed: {e}")))?;
+            let read =
+                tokio::task::spawn_blocking(move || segment::read_records(&tp, &spans, start, high_watermark, max))
+                    .await
+                    .map_err(|e| BackendError::Storage(format!("read task failed: {e}")))?;
             match read {
                 Ok(records) => {
                     let next_offset = records.last().map_or(high_watermark, |r| r.offset + 1);
-                    return Ok(Fetched {
-                        records,
-                        next_offset,
-                        high_watermark,
-                    });
+                    return Ok(Fetched { records, next_offset, high_watermark });
                 }
                 // Retention deleted a segment between planning and reading: plan again.
                 Err(e) if e.kind() == io::ErrorKind::NotFound && attempt < 3 => attempt += 1,
@@ -285,17 +246,10 @@ impl Partition {
                 let skip = usize::try_from(start - first.offset).unwrap_or(usize::MAX);
                 let records: Vec<_> = st.cache.iter().skip(skip).take(max).cloned().collect();
                 let next_offset = records.last().map_or(start, |r| r.offset + 1);
-                return ReadPlan::Done(Fetched {
-                    records,
-                    next_offset,
-                    high_watermark,
-                });
+                return ReadPlan::Done(Fetched { records, next_offset, high_watermark });
             }
         }
-        let first = st
-            .segments
-            .partition_point(|s| s.base_offset <= start)
-            .saturating_sub(1);
+        let first = st.segments.partition_point(|s| s.base_offset <= start).saturating_sub(1);
         let spans = st.segments[first..]
             .iter()
             .enumerate()
@@ -305,11 +259,7 @@ impl Partition {
                 end: s.size,
             })
             .collect();
-        ReadPlan::Disk {
-            spans,
-            from: start,
-            high_watermark,
-        }
+        ReadPlan::Disk { spans, from: start, high_watermark }
     }
 
     /// Drop the sealed segments (oldest first, never the active one) whose newest record is
@@ -319,18 +269,12 @@ impl Partition {
         let removed: Vec<SegmentMeta> = {
             let mut st = self.state.lock();
             let sealed = st.segments.len().saturating_sub(1);
-            let n = st.segments[..sealed]
-                .iter()
-                .take_while(|s| s.max_timestamp < cutoff)
-                .count();
+            let n = st.segments[..sealed].iter().take_while(|s| s.max_timestamp < cutoff).count();
             if n == 0 {
                 return 0;
             }
             let removed = st.segments.drain(..n).collect();
-            let start = st
-                .segments
-                .first()
-                .map_or(st.high_watermark, |s| s.base_offset);
+            let start = st.segments.first().map_or(st.high_watermark, |s| s.base_offset);
             st.log_start = start;
             while st.cache.front().is_some_and(|r| r.offset < start) {
                 st.cache.pop_front();
@@ -380,12 +324,7 @@ struct Writer {
 impl Writer {
     async fn run(mut self, mut rx: mpsc::Receiver<AppendReq>) {
         let policy = self.part.settings().fsync;
-        let mut tick = tokio::time::interval(
-            self.part
-                .settings()
-                .fsync_interval
-                .max(Duration::from_millis(1)),
-        );
+        let mut tick = tokio::time::interval(self.part.settings().fsync_interval.max(Duration::from_millis(1)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let first = tokio::select! {
@@ -482,10 +421,7 @@ impl Writer {
     async fn prepare(&mut self) -> io::Result<(PathBuf, u64)> {
         let (active_path, active_size, high_watermark) = {
             let st = self.part.state.lock();
-            let active = st
-                .segments
-                .last()
-                .ok_or_else(|| io::Error::other("partition has no segment"))?;
+            let active = st.segments.last().ok_or_else(|| io::Error::other("partition has no segment"))?;
             (active.path.clone(), active.size, st.high_watermark)
         };
         let settings = self.part.settings().clone();
@@ -499,12 +435,7 @@ impl Writer {
                         old.sync_data()?;
                     }
                 }
-                let file = OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .open(&path)?;
+                let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path)?;
                 if settings.fsync == FsyncPolicy::Always {
                     sync_dir(&dir);
                 }
@@ -532,10 +463,7 @@ impl Writer {
         Ok((active_path, active_size))
     }
 
-    async fn try_write(
-        &mut self,
-        batch: Vec<AppendReq>,
-    ) -> std::result::Result<(), (Vec<AppendReq>, io::Error)> {
+    async fn try_write(&mut self, batch: Vec<AppendReq>) -> std::result::Result<(), (Vec<AppendReq>, io::Error)> {
         let (_, size) = match self.prepare().await {
             Ok(v) => v,
             Err(e) => return Err((batch, e)),
@@ -589,21 +517,14 @@ impl Writer {
                     if st.cache.len() >= cache_cap {
                         st.cache.pop_front();
                     }
-                    st.cache.push_back(Arc::new(Record {
-                        tp: self.part.tp.clone(),
-                        offset,
-                        record: req.record,
-                    }));
+                    st.cache.push_back(Arc::new(Record { tp: self.part.tp.clone(), offset, record: req.record }));
                 }
                 dones.push((req.done, offset));
             }
             st.high_watermark = base + dones.len() as u64;
         }
         for (done, offset) in dones {
-            let _ = done.send(Ok(Position {
-                partition: self.part.tp.partition,
-                offset,
-            }));
+            let _ = done.send(Ok(Position { partition: self.part.tp.partition, offset }));
         }
         self.part.wake_tails();
         Ok(())
@@ -611,23 +532,14 @@ impl Writer {
 }
 
 /// Run blocking file work on the blocking pool.
-async fn run_blocking<T: Send + 'static>(
-    f: impl FnOnce() -> io::Result<T> + Send + 'static,
-) -> io::Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| io::Error::other(format!("blocking task failed: {e}")))?
+async fn run_blocking<T: Send + 'static>(f: impl FnOnce() -> io::Result<T> + Send + 'static) -> io::Result<T> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| io::Error::other(format!("blocking task failed: {e}")))?
 }
 
 /// Reject records that could not be read back.
 pub(crate) fn check_record(record: &CoreRecord) -> Result<()> {
     let len = segment::frame_len(record);
-    if len > segment::MAX_FRAME_BYTES
-        || record
-            .key
-            .as_ref()
-            .is_some_and(|k| k.len() > i32::MAX as usize)
-    {
+    if len > segment::MAX_FRAME_BYTES || record.key.as_ref().is_some_and(|k| k.len() > i32::MAX as usize) {
         return Err(BackendError::Storage(format!(
             "record of {len} bytes exceeds the limit of {} bytes",
             segment::MAX_FRAME_BYTES

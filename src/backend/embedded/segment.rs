@@ -56,11 +56,7 @@ pub(crate) fn parse_segment_file_name(name: &str) -> Option<u64> {
 /// Size of the body of `record` (what `len` counts minus the crc).
 fn body_len(record: &CoreRecord) -> usize {
     let key = record.key.as_ref().map_or(0, |k| k.len());
-    let headers: usize = record
-        .headers
-        .iter()
-        .map(|(n, v)| 8 + n.len() + v.len())
-        .sum();
+    let headers: usize = record.headers.iter().map(|(n, v)| 8 + n.len() + v.len()).sum();
     8 + 8 + 4 + key + 4 + headers + 4 + record.value.len()
 }
 
@@ -159,9 +155,7 @@ pub(crate) fn decode_body(body: Bytes) -> Result<(u64, CoreRecord), FrameError> 
     for _ in 0..count {
         let n = c.u32()?;
         let name = c.take(n)?;
-        let name = std::str::from_utf8(&name)
-            .map_err(|_| FrameError::Corrupt("header name is not UTF-8"))?
-            .to_owned();
+        let name = std::str::from_utf8(&name).map_err(|_| FrameError::Corrupt("header name is not UTF-8"))?.to_owned();
         let n = c.u32()?;
         headers.push((name, c.take(n)?));
     }
@@ -170,15 +164,7 @@ pub(crate) fn decode_body(body: Bytes) -> Result<(u64, CoreRecord), FrameError> 
     if c.at != c.body.len() {
         return Err(FrameError::Corrupt("trailing bytes in frame"));
     }
-    Ok((
-        offset,
-        CoreRecord {
-            key,
-            headers,
-            value,
-            timestamp_ms,
-        },
-    ))
+    Ok((offset, CoreRecord { key, headers, value, timestamp_ms }))
 }
 
 /// Decode one whole frame from the start of `buf`; returns the offset, record and the
@@ -231,9 +217,7 @@ pub(crate) fn read_frame<R: Read>(r: &mut R) -> Result<Option<(Bytes, usize)>, R
     }
     let len = u32::from_le_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]) as usize;
     if !(4..=MAX_FRAME_BYTES).contains(&len) {
-        return Err(ReadFrameError::Frame(FrameError::Corrupt(
-            "implausible frame length",
-        )));
+        return Err(ReadFrameError::Frame(FrameError::Corrupt("implausible frame length")));
     }
     let crc = u32::from_le_bytes([prefix[4], prefix[5], prefix[6], prefix[7]]);
     let mut body = BytesMut::zeroed(len - 4);
@@ -321,12 +305,7 @@ pub(crate) fn scan_segment(dir: &Path, base_offset: u64) -> io::Result<Scan> {
                 Ok((offset, record)) if offset == meta.next_offset => {
                     meta.push(offset, record.timestamp_ms, total as u64);
                 }
-                Ok((offset, _)) => {
-                    break Some(format!(
-                        "offset {offset} where {} was expected",
-                        meta.next_offset
-                    ))
-                }
+                Ok((offset, _)) => break Some(format!("offset {offset} where {} was expected", meta.next_offset)),
                 Err(e) => break Some(format!("{e:?}")),
             },
             Err(ReadFrameError::Frame(e)) => break Some(format!("{e:?}")),
@@ -371,27 +350,16 @@ pub(crate) fn read_records(
                 Ok(None) => break,
                 Err(ReadFrameError::Io(e)) => return Err(e),
                 Err(ReadFrameError::Frame(e)) => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!("{}: {e:?}", span.path.display()),
-                    ))
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e:?}", span.path.display())))
                 }
             };
-            let (offset, record) = decode_body(body).map_err(|e| {
-                io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("{}: {e:?}", span.path.display()),
-                )
-            })?;
+            let (offset, record) = decode_body(body)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e:?}", span.path.display())))?;
             if offset >= until {
                 return Ok(out);
             }
             if offset >= from {
-                out.push(Arc::new(Record {
-                    tp: tp.clone(),
-                    offset,
-                    record,
-                }));
+                out.push(Arc::new(Record { tp: tp.clone(), offset, record }));
                 if out.len() >= max {
                     return Ok(out);
                 }
@@ -408,10 +376,7 @@ mod tests {
     fn sample() -> CoreRecord {
         CoreRecord {
             key: Some(Bytes::from_static(b"client-1")),
-            headers: vec![
-                ("topic".into(), Bytes::from_static(b"a/b")),
-                ("qoslevel".into(), Bytes::from_static(b"1")),
-            ],
+            headers: vec![("topic".into(), Bytes::from_static(b"a/b")), ("qoslevel".into(), Bytes::from_static(b"1"))],
             value: Bytes::from_static(b"hello world"),
             timestamp_ms: 1_700_000_000_123,
         }
@@ -422,12 +387,7 @@ mod tests {
         let mut buf = Vec::new();
         let rec = sample();
         encode_record(&mut buf, 42, &rec);
-        let no_key = CoreRecord {
-            key: None,
-            headers: vec![],
-            value: Bytes::new(),
-            timestamp_ms: -5,
-        };
+        let no_key = CoreRecord { key: None, headers: vec![], value: Bytes::new(), timestamp_ms: -5 };
         encode_record(&mut buf, 43, &no_key);
         assert_eq!(frame_len(&rec) + frame_len(&no_key), buf.len());
         let (off, got, used) = decode_frame(&buf).unwrap();
@@ -441,17 +401,11 @@ mod tests {
     fn frame_errors_detected() {
         let mut buf = Vec::new();
         encode_record(&mut buf, 1, &sample());
-        assert_eq!(
-            decode_frame(&buf[..buf.len() - 1]).unwrap_err(),
-            FrameError::Torn
-        );
+        assert_eq!(decode_frame(&buf[..buf.len() - 1]).unwrap_err(), FrameError::Torn);
         assert_eq!(decode_frame(&buf[..3]).unwrap_err(), FrameError::Torn);
         let last = buf.len() - 1;
         buf[last] ^= 0xff;
-        assert_eq!(
-            decode_frame(&buf).unwrap_err(),
-            FrameError::Corrupt("crc mismatch")
-        );
+        assert_eq!(decode_frame(&buf).unwrap_err(), FrameError::Corrupt("crc mismatch"));
     }
 
     #[test]

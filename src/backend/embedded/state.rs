@@ -141,12 +141,7 @@ impl KvStore {
     ) -> io::Result<KvStore> {
         std::fs::create_dir_all(dir)?;
         let path = dir.join(file_name(store));
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)?;
+        let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path)?;
         let file_len = file.metadata()?.len();
         let mut reader = BufReader::with_capacity(256 * 1024, &file);
         let mut map = HashMap::new();
@@ -184,10 +179,7 @@ impl KvStore {
             path,
             fsync,
             fsync_interval,
-            shared: Mutex::new(Shared {
-                map,
-                subscribers: Vec::new(),
-            }),
+            shared: Mutex::new(Shared { map, subscribers: Vec::new() }),
             sender: Mutex::new(None),
             writer: Mutex::new(None),
             loaded_size: size,
@@ -201,14 +193,7 @@ impl KvStore {
             let shared = self.shared.lock();
             shared.map.iter().map(|(k, v)| frame_size(k, Some(v))).sum()
         };
-        let writer = KvWriter {
-            kv: Arc::clone(self),
-            file: None,
-            size: self.loaded_size,
-            live,
-            dirty: false,
-            healthy,
-        };
+        let writer = KvWriter { kv: Arc::clone(self), file: None, size: self.loaded_size, live, dirty: false, healthy };
         *self.writer.lock() = Some(tokio::spawn(writer.run(rx)));
     }
 
@@ -217,10 +202,7 @@ impl KvStore {
         check_put(&key, value.as_ref())?;
         let sender = self.sender.lock().clone().ok_or(BackendError::Closed)?;
         let (done, rx) = oneshot::channel();
-        sender
-            .send(PutReq { key, value, done })
-            .await
-            .map_err(|_| BackendError::Closed)?;
+        sender.send(PutReq { key, value, done }).await.map_err(|_| BackendError::Closed)?;
         rx.await.map_err(|_| BackendError::Closed)?
     }
 
@@ -233,11 +215,7 @@ impl KvStore {
         let mut shared = self.shared.lock();
         shared.subscribers.retain(|s| !s.is_closed());
         shared.subscribers.push(updates);
-        shared
-            .map
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect()
+        shared.map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
     }
 
     /// Stop accepting puts, finish the queued ones, sync and stop.
@@ -383,11 +361,7 @@ impl KvWriter {
                 if let Some(old) = old {
                     self.live -= frame_size(&req.key, Some(&old));
                 }
-                updates.push(StateUpdate {
-                    store: self.kv.store,
-                    key: req.key,
-                    value: req.value,
-                });
+                updates.push(StateUpdate { store: self.kv.store, key: req.key, value: req.value });
                 dones.push(req.done);
             }
             shared.subscribers.clone()
@@ -417,22 +391,13 @@ impl KvWriter {
     async fn compact(&mut self) {
         let entries: Vec<(String, Bytes)> = {
             let shared = self.kv.shared.lock();
-            shared
-                .map
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect()
+            shared.map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
         };
         let path = self.kv.path.clone();
         let result = tokio::task::spawn_blocking(move || -> io::Result<(File, u64)> {
             let tmp = path.with_extension("kv.compact");
             let mut buf = Vec::with_capacity(1024 * 1024);
-            let mut file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&tmp)?;
+            let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&tmp)?;
             let mut size = 0u64;
             for (key, value) in &entries {
                 encode(&mut buf, key, Some(value));
@@ -478,10 +443,7 @@ mod tests {
         let v = Bytes::from_static(b"value");
         encode(&mut buf, "k1", Some(&v));
         encode(&mut buf, "k2", None);
-        assert_eq!(
-            buf.len() as u64,
-            frame_size("k1", Some(&v)) + frame_size("k2", None)
-        );
+        assert_eq!(buf.len() as u64, frame_size("k1", Some(&v)) + frame_size("k2", None));
         let mut r = &buf[..];
         let (body, _) = read_frame(&mut r).unwrap().unwrap();
         assert_eq!(decode(body), Some(("k1".to_owned(), Some(v))));
@@ -492,12 +454,7 @@ mod tests {
     async fn open(dir: &Path) -> Arc<KvStore> {
         let dir = dir.to_path_buf();
         let kv = tokio::task::spawn_blocking(move || {
-            KvStore::load(
-                StateStore::Sessions,
-                &dir,
-                FsyncPolicy::Never,
-                Duration::from_millis(100),
-            )
+            KvStore::load(StateStore::Sessions, &dir, FsyncPolicy::Never, Duration::from_millis(100))
         })
         .await
         .unwrap()
@@ -517,23 +474,13 @@ mod tests {
             for k in 0..3 {
                 let mut v = big.to_vec();
                 v[0] = round;
-                kv.put(format!("key{k}"), Some(Bytes::from(v)))
-                    .await
-                    .unwrap();
+                kv.put(format!("key{k}"), Some(Bytes::from(v))).await.unwrap();
             }
         }
-        kv.put("gone".into(), Some(Bytes::from_static(b"x")))
-            .await
-            .unwrap();
+        kv.put("gone".into(), Some(Bytes::from_static(b"x"))).await.unwrap();
         kv.put("gone".into(), None).await.unwrap();
-        kv.put("small".into(), Some(Bytes::from_static(b"s")))
-            .await
-            .unwrap();
-        assert!(
-            kv.file_size() < 2 * 1024 * 1024,
-            "not compacted: {}",
-            kv.file_size()
-        );
+        kv.put("small".into(), Some(Bytes::from_static(b"s"))).await.unwrap();
+        assert!(kv.file_size() < 2 * 1024 * 1024, "not compacted: {}", kv.file_size());
         kv.close().await;
 
         let kv = open(dir.path()).await;
@@ -550,12 +497,8 @@ mod tests {
     async fn torn_tail_truncated() {
         let dir = tempfile::tempdir().unwrap();
         let kv = open(dir.path()).await;
-        kv.put("a".into(), Some(Bytes::from_static(b"1")))
-            .await
-            .unwrap();
-        kv.put("b".into(), Some(Bytes::from_static(b"2")))
-            .await
-            .unwrap();
+        kv.put("a".into(), Some(Bytes::from_static(b"1"))).await.unwrap();
+        kv.put("b".into(), Some(Bytes::from_static(b"2"))).await.unwrap();
         kv.close().await;
         let path = dir.path().join(file_name(StateStore::Sessions));
         let len = std::fs::metadata(&path).unwrap().len();
@@ -565,9 +508,7 @@ mod tests {
         let kv = open(dir.path()).await;
         assert_eq!(kv.get("a"), Some(Bytes::from_static(b"1")));
         assert_eq!(kv.get("b"), None);
-        kv.put("c".into(), Some(Bytes::from_static(b"3")))
-            .await
-            .unwrap();
+        kv.put("c".into(), Some(Bytes::from_static(b"3"))).await.unwrap();
         kv.close().await;
         let kv = open(dir.path()).await;
         assert_eq!(kv.get("c"), Some(Bytes::from_static(b"3")));

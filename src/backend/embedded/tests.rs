@@ -86,10 +86,7 @@ async fn corrupt_byte_in_tail_is_truncated() {
     bytes[at] ^= 0x55;
     std::fs::write(&seg, &bytes).unwrap();
     let core = EmbeddedCore::open(&cfg, "events").await.unwrap();
-    assert_eq!(
-        core.end_offset(&TopicPartition::new("t", 0)).await.unwrap(),
-        4
-    );
+    assert_eq!(core.end_offset(&TopicPartition::new("t", 0)).await.unwrap(), 4);
     core.shutdown().await;
 }
 
@@ -162,10 +159,7 @@ async fn retention_deletes_old_segments() {
     assert_eq!(part.segment_count(), before - deleted);
     let start = part.log_start();
     assert!(start > 0 && start <= 50, "log start {start}");
-    assert_eq!(
-        segment_files(&dir.path().join("log/t/0")).len(),
-        before - deleted
-    );
+    assert_eq!(segment_files(&dir.path().join("log/t/0")).len(), before - deleted);
     // Reading from 0 starts at the first retained record; nothing recent was lost.
     let got = core.fetch(&tp, 0, 1000).await.unwrap();
     assert_eq!(got.records[0].offset, start);
@@ -183,9 +177,7 @@ async fn retention_deletes_old_segments() {
 #[tokio::test]
 async fn topic_names_are_checked() {
     let dir = tempfile::tempdir().unwrap();
-    let core = EmbeddedCore::open(&config(dir.path()), "events")
-        .await
-        .unwrap();
+    let core = EmbeddedCore::open(&config(dir.path()), "events").await.unwrap();
     for bad in ["", ".", "..", "a/b", "../x", "a b", "x\0"] {
         assert!(core.ensure_topic(bad, 1).await.is_err(), "{bad:?}");
     }

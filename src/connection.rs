@@ -430,13 +430,33 @@ impl Conn {
         });
     }
 
-    /// The main loop.
-    async fn serve<R, W>(&mut self, reader: &mut R, writer: &mut W, mut inbuf: BytesMut) -> End
+    /// The main loop, then completion of the appends still outstanding: a message the
+    /// client handed over (QoS 0 included) is stored even if the client left right after.
+    async fn serve<R, W>(&mut self, reader: &mut R, writer: &mut W, inbuf: BytesMut) -> End
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
         let mut acks: FuturesOrdered<BoxFuture<'static, AckResult>> = FuturesOrdered::new();
+        let end = self.serve_loop(reader, writer, inbuf, &mut acks).await;
+        // Each future carries its own timeout, so this ends.
+        while let Some(r) = acks.next().await {
+            let _ = self.on_ack(r);
+        }
+        end
+    }
+
+    async fn serve_loop<R, W>(
+        &mut self,
+        reader: &mut R,
+        writer: &mut W,
+        mut inbuf: BytesMut,
+        acks: &mut FuturesOrdered<BoxFuture<'static, AckResult>>,
+    ) -> End
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
         let mut catchup: Option<BoxFuture<'static, CatchupStep>> = None;
         let mut catching: Option<TopicPartition> = None;
         let mut persist: Option<BoxFuture<'static, Result<(), BackendError>>> = None;
@@ -451,7 +471,7 @@ impl Conn {
         let shutdown = self.ctx.shutdown.clone();
 
         // Packets that arrived together with CONNECT.
-        if let Err(end) = self.decode_all(&mut inbuf, max_packet, &mut acks, backend_timeout).await {
+        if let Err(end) = self.decode_all(&mut inbuf, max_packet, acks, backend_timeout).await {
             return end;
         }
         loop {
@@ -491,7 +511,7 @@ impl Conn {
                         Err(_) => return End::Dropped("read error"),
                         Ok(_) => {
                             last_packet = Instant::now();
-                            if let Err(end) = self.decode_all(&mut inbuf, max_packet, &mut acks, backend_timeout).await {
+                            if let Err(end) = self.decode_all(&mut inbuf, max_packet, acks, backend_timeout).await {
                                 return end;
                             }
                         }

@@ -25,11 +25,16 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// Open the core service, start the router and bind every listener.
+    /// Open the core service named in the config, start the router and bind every listener.
     pub async fn start(config: Config) -> anyhow::Result<Gateway> {
         let backend: SharedCoreService = match config.core.kind {
             CoreKind::Embedded => EmbeddedCore::open(&config.core.embedded, &config.topics.events_topic).await?,
         };
+        Self::start_with_backend(config, backend).await
+    }
+
+    /// Start on an already opened core service (tests wrap one to inject failures).
+    pub async fn start_with_backend(config: Config, backend: SharedCoreService) -> anyhow::Result<Gateway> {
         let router = Router::start(backend.clone(), TopicMap::new(&config.topics)).await?;
         let mut listeners = Vec::new();
         for l in &config.listeners {

@@ -1,0 +1,162 @@
+//! The acknowledgement rule when the core service fails or stalls: nothing is acknowledged
+//! that was not stored, the client is told, and the gateway recovers when the service does.
+
+mod common;
+
+use bytes::Bytes;
+use common::{connect_packet, Raw};
+use futures::future::BoxFuture;
+use lmq_gateway::backend::embedded::EmbeddedCore;
+use lmq_gateway::backend::{
+    BackendError, CoreRecord, CoreService, Fetched, Position, Result, StateStore, StateUpdate, Tail, TopicPartition,
+};
+use lmq_gateway::config::Config;
+use lmq_gateway::events::ClientEvent;
+use lmq_gateway::gateway::Gateway;
+use lmq_gateway::protocol::{self as p, Packet, Protocol, ReasonCode};
+use std::num::NonZeroU16;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+const OK: u8 = 0;
+const FAIL: u8 = 1;
+const STALL: u8 = 2;
+
+/// The embedded core service with a switch that makes appends fail or hang.
+struct Flaky {
+    inner: Arc<EmbeddedCore>,
+    mode: Arc<AtomicU8>,
+}
+
+impl CoreService for Flaky {
+    fn kind(&self) -> &'static str {
+        "flaky"
+    }
+    fn ensure_topic(&self, topic: &str, partitions: u32) -> BoxFuture<'_, Result<()>> {
+        self.inner.ensure_topic(topic, partitions)
+    }
+    fn partitions(&self, topic: &str) -> Result<u32> {
+        self.inner.partitions(topic)
+    }
+    fn append(&self, topic: &str, record: CoreRecord) -> BoxFuture<'static, Result<Position>> {
+        match self.mode.load(Ordering::SeqCst) {
+            FAIL => Box::pin(async { Err(BackendError::Unavailable("injected".into())) }),
+            STALL => Box::pin(std::future::pending()),
+            _ => self.inner.append(topic, record),
+        }
+    }
+    fn fetch(&self, tp: &TopicPartition, from: u64, max: usize) -> BoxFuture<'static, Result<Fetched>> {
+        self.inner.fetch(tp, from, max)
+    }
+    fn end_offset(&self, tp: &TopicPartition) -> BoxFuture<'static, Result<u64>> {
+        self.inner.end_offset(tp)
+    }
+    fn tail(&self) -> Box<dyn Tail> {
+        self.inner.tail()
+    }
+    fn put_state(&self, store: StateStore, key: &str, value: Option<Bytes>) -> BoxFuture<'static, Result<()>> {
+        self.inner.put_state(store, key, value)
+    }
+    fn get_state(&self, store: StateStore, key: &str) -> BoxFuture<'static, Result<Option<Bytes>>> {
+        self.inner.get_state(store, key)
+    }
+    fn watch_state(
+        &self,
+        store: StateStore,
+        updates: tokio::sync::mpsc::Sender<StateUpdate>,
+    ) -> BoxFuture<'static, Result<Vec<(String, Bytes)>>> {
+        self.inner.watch_state(store, updates)
+    }
+    fn emit_event(&self, event: ClientEvent) -> BoxFuture<'static, Result<()>> {
+        self.inner.emit_event(event)
+    }
+    fn is_available(&self) -> bool {
+        self.mode.load(Ordering::SeqCst) == OK
+    }
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        self.inner.shutdown()
+    }
+}
+
+async fn start(mode: Arc<AtomicU8>) -> (Gateway, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "listeners:\n  - name: tcp\n    bind: 127.0.0.1:0\nmqtt:\n  backend_timeout_secs: 1\ncore:\n  embedded:\n    data_dir: {}\n",
+        dir.path().display()
+    );
+    let config = Config::from_yaml(&yaml).unwrap();
+    let inner = EmbeddedCore::open(&config.core.embedded, &config.topics.events_topic).await.unwrap();
+    let gw = Gateway::start_with_backend(config, Arc::new(Flaky { inner, mode })).await.unwrap();
+    (gw, dir)
+}
+
+fn publish(id: u16) -> Packet {
+    Packet::Publish(p::Publish {
+        dup: false,
+        qos: p::QoS::AtLeastOnce,
+        retain: false,
+        topic: "cu/x".into(),
+        packet_id: NonZeroU16::new(id),
+        payload: Bytes::from_static(b"m"),
+        properties: Default::default(),
+    })
+}
+
+async fn connected(addr: std::net::SocketAddr, id: &str, protocol: Protocol) -> Raw {
+    let mut raw = Raw::connect(addr, protocol).await;
+    raw.send(&connect_packet(id, protocol, true)).await;
+    assert!(matches!(raw.recv().await, Some(Packet::ConnAck(a)) if a.code == ReasonCode::SUCCESS));
+    raw
+}
+
+#[tokio::test]
+async fn failed_append_is_never_acknowledged() {
+    let mode = Arc::new(AtomicU8::new(OK));
+    let (gw, _dir) = start(mode.clone()).await;
+    let mut v5 = connected(gw.addr(), "cu5", Protocol::V5).await;
+    let mut v3 = connected(gw.addr(), "cu3", Protocol::V311).await;
+    mode.store(FAIL, Ordering::SeqCst);
+    v5.send(&publish(1)).await;
+    v3.send(&publish(1)).await;
+    let seen5 = v5.until_closed().await;
+    assert!(!seen5.iter().any(|p| matches!(p, Packet::PubAck(_))), "{seen5:?}");
+    assert!(seen5.iter().any(|p| matches!(p, Packet::Disconnect(d) if d.code == ReasonCode::SERVER_BUSY)));
+    let seen3 = v3.until_closed().await;
+    assert!(seen3.is_empty(), "3.1.1: closed without PUBACK: {seen3:?}");
+
+    // The service comes back: new publishes are acknowledged again.
+    mode.store(OK, Ordering::SeqCst);
+    let mut again = connected(gw.addr(), "cu5b", Protocol::V5).await;
+    again.send(&publish(2)).await;
+    assert!(
+        matches!(again.recv().await, Some(Packet::PubAck(a)) if a.packet_id.get() == 2 && a.code == ReasonCode::SUCCESS)
+    );
+}
+
+#[tokio::test]
+async fn stalled_core_service_gets_no_ack_and_a_bounded_wait() {
+    let mode = Arc::new(AtomicU8::new(STALL));
+    let (gw, _dir) = start(mode.clone()).await;
+    let mut v5 = connected(gw.addr(), "stall", Protocol::V5).await;
+    let start = std::time::Instant::now();
+    v5.send(&publish(1)).await;
+    let seen = v5.until_closed().await;
+    assert!(!seen.iter().any(|p| matches!(p, Packet::PubAck(_))), "{seen:?}");
+    assert!(start.elapsed() >= Duration::from_millis(900), "waited for the configured timeout");
+    assert!(start.elapsed() < Duration::from_secs(4));
+}
+
+#[tokio::test]
+async fn shutdown_disconnects_v5_clients_with_0x8b() {
+    let mode = Arc::new(AtomicU8::new(OK));
+    let (gw, _dir) = start(mode).await;
+    let mut v5 = connected(gw.addr(), "bye", Protocol::V5).await;
+    let stopper = tokio::spawn(gw.shutdown());
+    let seen = v5.until_closed().await;
+    assert!(
+        seen.iter().any(|p| matches!(p, Packet::Disconnect(d) if d.code == ReasonCode::SERVER_SHUTTING_DOWN)),
+        "{seen:?}"
+    );
+    tokio::time::timeout(Duration::from_secs(15), stopper).await.unwrap().unwrap();
+}

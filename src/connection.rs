@@ -185,6 +185,8 @@ struct Conn {
     pending: VecDeque<Pending>,
     out: BytesMut,
     dirty: bool,
+    /// A stored session exists for this ClientId (so a clean end must delete it).
+    stored: bool,
     inbound_inflight: usize,
 }
 
@@ -249,33 +251,35 @@ impl Conn {
 
         // Session: load the stored one unless clean start.
         let backend = &ctx.backend;
-        let stored = if connect.clean_start {
-            None
-        } else {
-            match tokio::time::timeout(
-                Duration::from_secs(mqtt.backend_timeout_secs),
-                backend.get_state(StateStore::Sessions, &client_id),
-            )
-            .await
-            {
-                Ok(Ok(v)) => v.and_then(|b| Stored::decode(&b)).filter(|s| !s.expired(now_ms())),
-                Ok(Err(e)) => {
-                    tracing::warn!(client_id, error = %e, "cannot load session");
-                    let _ = write_now(writer, &refuse(ReasonCode::SERVER_UNAVAILABLE), protocol).await;
-                    ctx.registry.release(&client_id, conn_id);
-                    return None;
-                }
-                Err(_) => {
-                    let _ = write_now(writer, &refuse(ReasonCode::SERVER_UNAVAILABLE), protocol).await;
-                    ctx.registry.release(&client_id, conn_id);
-                    return None;
-                }
+        let existing = match tokio::time::timeout(
+            Duration::from_secs(mqtt.backend_timeout_secs),
+            backend.get_state(StateStore::Sessions, &client_id),
+        )
+        .await
+        {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => {
+                tracing::warn!(client_id, error = %e, "cannot load session");
+                let _ = write_now(writer, &refuse(ReasonCode::SERVER_UNAVAILABLE), protocol).await;
+                ctx.registry.release(&client_id, conn_id);
+                return None;
+            }
+            Err(_) => {
+                let _ = write_now(writer, &refuse(ReasonCode::SERVER_UNAVAILABLE), protocol).await;
+                ctx.registry.release(&client_id, conn_id);
+                return None;
             }
         };
-        if connect.clean_start {
+        let had_stored = existing.is_some();
+        let stored = if connect.clean_start {
             // A clean start discards any stored session [MQTT-3.1.2-4].
-            let _ = backend.put_state(StateStore::Sessions, &client_id, None).await;
-        }
+            if had_stored {
+                let _ = backend.put_state(StateStore::Sessions, &client_id, None).await;
+            }
+            None
+        } else {
+            existing.and_then(|b| Stored::decode(&b)).filter(|s| !s.expired(now_ms()))
+        };
         let session_present = stored.is_some();
         let (state, inflight) = match stored {
             Some(s) => s.into_state(),
@@ -307,6 +311,7 @@ impl Conn {
             pending: VecDeque::new(),
             out: BytesMut::with_capacity(8192),
             dirty: false,
+            stored: session_present,
             inbound_inflight: 0,
             ctx: ctx.clone(),
         };
@@ -318,6 +323,14 @@ impl Conn {
             conn.ctx.router.unregister(&conn.slot, &[]);
             conn.ctx.registry.release(&client_id, conn_id);
             return None;
+        }
+
+        if session_expiry > 0 {
+            // Offline P2P messages: a persistent session reads every known core topic.
+            let router = conn.ctx.router.clone();
+            for (tp, live) in router.positions(&router.assigned_topics()) {
+                conn.state.cursor(&tp, live);
+            }
         }
 
         let mut props = ConnAckProperties::default();
@@ -458,11 +471,13 @@ impl Conn {
         W: AsyncWrite + Unpin,
     {
         let mut catchup: Option<BoxFuture<'static, CatchupStep>> = None;
-        let mut catching: Option<TopicPartition> = None;
         let mut persist: Option<BoxFuture<'static, Result<(), BackendError>>> = None;
-        let mut persist_tick = tokio::time::interval(PERSIST_EVERY);
-        persist_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_persist = Instant::now();
         let mut last_packet = Instant::now();
+        // One timer per connection, re-armed only when it fires: an idle connection costs no
+        // wake-ups, a busy one no timer churn.
+        let keepalive = tokio::time::sleep(self.keep_alive.max(Duration::from_secs(1)));
+        tokio::pin!(keepalive);
         let max_packet = self.ctx.limits.max_packet_size();
         let backend_timeout = Duration::from_secs(self.ctx.config.mqtt.backend_timeout_secs);
         // The kick receiver moves out of `self` so the loop can borrow `self` freely.
@@ -476,14 +491,13 @@ impl Conn {
         }
         loop {
             self.flush_pending();
-            let keepalive_deadline = last_packet + self.keep_alive;
+            let persist_due = self.dirty && self.session_expiry > 0 && persist.is_none();
             let can_read = acks.len() < MAX_OUTSTANDING_APPENDS;
             let can_take = self.pending.len() < PENDING_HIGH_WATER && self.out.len() < OUT_HIGH_WATER;
             if catchup.is_none() && can_take {
                 if let Some((tp, lag)) = self.slot.lagging().into_iter().next() {
                     let from = self.state.cursors.get(&tp).map(|c| c.next.min(lag)).unwrap_or(lag);
-                    catchup = Some(self.fetch_step(tp.clone(), from));
-                    catching = Some(tp);
+                    catchup = Some(self.fetch_step(tp, from));
                 }
             }
             tokio::select! {
@@ -531,7 +545,6 @@ impl Conn {
                 }
                 step = async { match catchup.as_mut() { Some(f) => f.await, None => std::future::pending().await } }, if catchup.is_some() && can_take => {
                     catchup = self.on_catchup(step);
-                    if catchup.is_none() { catching = None; }
                 }
                 _ = self.slot.lag_notify.notified(), if catchup.is_none() => {}
                 res = async { match persist.as_mut() { Some(f) => f.await, None => std::future::pending().await } }, if persist.is_some() => {
@@ -541,18 +554,22 @@ impl Conn {
                         self.dirty = true;
                     }
                 }
-                _ = persist_tick.tick() => {
-                    if self.dirty && persist.is_none() && self.session_expiry > 0 {
-                        self.dirty = false;
-                        let stored = Stored::from_state(&self.state, self.session_expiry, None);
-                        persist = Some(self.ctx.backend.put_state(StateStore::Sessions, &self.client_id, Some(stored.encode())));
-                    }
+                _ = tokio::time::sleep_until(last_persist + PERSIST_EVERY), if persist_due => {
+                    self.dirty = false;
+                    last_persist = Instant::now();
+                    self.advance_idle_cursors();
+                    let stored = Stored::from_state(&self.state, self.session_expiry, None);
+                    persist = Some(self.ctx.backend.put_state(StateStore::Sessions, &self.client_id, Some(stored.encode())));
+                    self.stored = true;
                 }
-                _ = tokio::time::sleep_until(keepalive_deadline), if !self.keep_alive.is_zero() => {
-                    return End::Server(ReasonCode::KEEP_ALIVE_TIMEOUT, "keepalive timeout");
+                _ = &mut keepalive, if !self.keep_alive.is_zero() => {
+                    let deadline = last_packet + self.keep_alive;
+                    if Instant::now() >= deadline {
+                        return End::Server(ReasonCode::KEEP_ALIVE_TIMEOUT, "keepalive timeout");
+                    }
+                    keepalive.as_mut().reset(deadline);
                 }
             }
-            let _ = &catching;
         }
     }
 
@@ -968,6 +985,27 @@ impl Conn {
         }
     }
 
+    /// Move cursors past records that were routed but did not match this session, so a
+    /// later catch-up does not re-read them. Safe only for partitions delivered live with an
+    /// empty queue: the routing position is read first, and every matching record below it
+    /// was put in the queue before the position moved.
+    fn advance_idle_cursors(&mut self) {
+        let tps: Vec<TopicPartition> = self.state.cursors.keys().cloned().collect();
+        let positions = self.ctx.router.positions_of(&tps);
+        if !self.rx.is_empty() {
+            return;
+        }
+        let lagging: Vec<TopicPartition> = self.slot.lagging().into_iter().map(|(tp, _)| tp).collect();
+        for (tp, pos) in positions {
+            if lagging.contains(&tp) {
+                continue;
+            }
+            if let Some(c) = self.state.cursors.get_mut(&tp) {
+                c.next = c.next.max(pos);
+            }
+        }
+    }
+
     fn fetch_step(&self, tp: TopicPartition, from: u64) -> BoxFuture<'static, CatchupStep> {
         let fut = self.ctx.backend.fetch(&tp, from, CATCHUP_BATCH);
         async move { CatchupStep::Fetched(tp, fut.await) }.boxed()
@@ -1072,8 +1110,10 @@ impl Conn {
         let save = if self.session_expiry > 0 {
             let stored = Stored::from_state(&self.state, self.session_expiry, Some(now_ms()));
             backend.put_state(StateStore::Sessions, &self.client_id, Some(stored.encode()))
-        } else {
+        } else if self.stored {
             backend.put_state(StateStore::Sessions, &self.client_id, None)
+        } else {
+            async { Ok(()) }.boxed()
         };
         if let Err(e) = tokio::time::timeout(Duration::from_secs(self.ctx.config.mqtt.backend_timeout_secs), save)
             .await

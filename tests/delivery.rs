@@ -255,3 +255,28 @@ async fn status_events_are_written_for_each_connection() {
         assert!(body["channelId"].as_str().is_some_and(|c| !c.is_empty()));
     }
 }
+
+#[tokio::test]
+async fn offline_p2p_messages_reach_a_persistent_session() {
+    let gw = TestGateway::start_with("topics:\n  parents:\n    - name: cmd\n    - name: \"*\"\n").await;
+    let mut o = v4::options(gw.addr, "GID_dev@@@p2p1");
+    o.set_clean_session(false);
+    let dev = v4::connect_with(o.clone()).await;
+    dev.disconnect().await;
+    let mut app = v4::connect(gw.addr, "p2p-app").await;
+    app.publish("cmd/p2p/GID_dev@@@p2p1", v4::QoS::AtLeastOnce, false, b"while offline").await;
+    let mut dev = v4::connect_with(o).await;
+    assert_eq!(&dev.next_publish().await.payload[..], b"while offline");
+}
+
+#[tokio::test]
+async fn undeclared_parent_topics_are_refused() {
+    let gw = TestGateway::start_with("topics:\n  parents:\n    - name: cmd\n").await;
+    let (mut raw, _) = connected(&gw, connect_packet("undeclared", Protocol::V5, true), Protocol::V5).await;
+    raw.send(&publish("other/x", QoS::AtLeastOnce, Some(1), b"x")).await;
+    assert!(matches!(raw.recv().await, Some(Packet::PubAck(a)) if a.code == ReasonCode::TOPIC_NAME_INVALID));
+    raw.send(&subscribe("other/#", QoS::AtLeastOnce)).await;
+    assert!(matches!(raw.recv().await, Some(Packet::SubAck(s)) if s.codes == vec![ReasonCode::TOPIC_FILTER_INVALID]));
+    raw.send(&publish("cmd/x", QoS::AtLeastOnce, Some(2), b"x")).await;
+    assert!(matches!(raw.recv().await, Some(Packet::PubAck(a)) if a.code == ReasonCode::SUCCESS));
+}

@@ -285,6 +285,13 @@ impl Router {
         out
     }
 
+    /// Routing positions of the given partitions: every record below has been offered to
+    /// the sessions it matched.
+    pub fn positions_of(&self, tps: &[TopicPartition]) -> Vec<(TopicPartition, u64)> {
+        let st = self.state.lock();
+        tps.iter().filter_map(|tp| st.positions.get(tp).map(|p| (tp.clone(), *p))).collect()
+    }
+
     /// Every core topic currently tailed.
     pub fn assigned_topics(&self) -> Vec<CoreTopic> {
         let st = self.state.lock();

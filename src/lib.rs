@@ -2,7 +2,7 @@
 //!
 //! Module map (see ARCHITECTURE.md for the data flow):
 //! - [`protocol`]: MQTT codec, pure.
-//! - [`config`]: `gateway.yaml`.
+//! - [`config`]: the `gateway.yaml` file.
 //! - [`backend`]: the core-service trait and its engines.
 //! - [`events`]: client status events.
 

@@ -178,9 +178,14 @@ impl Partition {
         self.sender.lock().clone()
     }
 
+    /// Refuse new appends; the writer finishes what is queued, syncs and stops.
+    pub(crate) fn stop_accepting(&self) {
+        self.sender.lock().take();
+    }
+
     /// Stop accepting appends, let the writer finish what is queued, sync and stop.
     pub(crate) async fn close(&self) {
-        self.sender.lock().take();
+        self.stop_accepting();
         let writer = self.writer.lock().take();
         if let Some(writer) = writer {
             if let Err(e) = writer.await {

@@ -393,8 +393,8 @@ impl Writer {
         );
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            // Not `biased`: under constant load the interval fsync must still get its turn.
             let first = tokio::select! {
-                biased;
                 req = rx.recv() => match req {
                     Some(req) => req,
                     None => break,

@@ -285,8 +285,8 @@ impl KvWriter {
         let mut tick = tokio::time::interval(self.kv.fsync_interval.max(Duration::from_millis(1)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            // Not `biased`: under constant load the interval fsync must still get its turn.
             let first = tokio::select! {
-                biased;
                 req = rx.recv() => match req {
                     Some(req) => req,
                     None => break,
@@ -390,7 +390,7 @@ impl KvWriter {
                     None => shared.map.remove(&req.key),
                 };
                 if let Some(old) = old {
-                    self.live -= frame_size(&req.key, Some(&old));
+                    self.live = self.live.saturating_sub(frame_size(&req.key, Some(&old)));
                 }
                 updates.push(StateUpdate {
                     store: self.kv.store,

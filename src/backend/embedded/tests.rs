@@ -8,7 +8,8 @@ fn config(dir: &Path) -> EmbeddedConfig {
         data_dir: dir.to_path_buf(),
         fsync: FsyncPolicy::Never,
         fsync_interval_ms: 50,
-        retention_hours: 1,
+        // Off: the background run at open uses the real clock and tests write old timestamps.
+        retention_hours: 0,
         segment_bytes: 64 * 1024 * 1024,
         cache_records: 16,
     }
@@ -144,10 +145,13 @@ async fn retention_deletes_old_segments() {
     let mut cfg = config(dir.path());
     cfg.segment_bytes = 2048;
     cfg.cache_records = 1000;
+    cfg.retention_hours = 1;
     let core = EmbeddedCore::open(&cfg, "events").await.unwrap();
     core.ensure_topic("t", 1).await.unwrap();
-    let now = 10 * 3_600_000i64;
-    let old = now - 2 * 3_600_000;
+    // The background retention run (real clock) must find nothing to delete, so the
+    // "old" records are written at the real time and retention is run two hours later.
+    let old = now_ms();
+    let now = old + 2 * 3_600_000;
     for i in 0..50 {
         core.append("t", record(i, old)).await.unwrap();
     }

@@ -61,8 +61,29 @@ async fn events_written() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_keeps_everything() {
+    restart_keeps_everything_with(FsyncPolicy::Always).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_keeps_everything_fsync_interval() {
+    restart_keeps_everything_with(FsyncPolicy::Interval).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_keeps_everything_fsync_never() {
+    restart_keeps_everything_with(FsyncPolicy::Never).await;
+}
+
+async fn open_with(dir: &tempfile::TempDir, fsync: FsyncPolicy) -> Arc<EmbeddedCore> {
+    let mut cfg = config(dir.path());
+    cfg.fsync = fsync;
+    cfg.fsync_interval_ms = 10;
+    EmbeddedCore::open(&cfg, EVENTS).await.expect("open embedded core")
+}
+
+async fn restart_keeps_everything_with(fsync: FsyncPolicy) {
     let dir = tempfile::tempdir().unwrap();
-    let core = open(&dir).await;
+    let core = open_with(&dir, fsync).await;
     core.ensure_topic("restart", 3).await.unwrap();
     let mut sent = Vec::new();
     for i in 0..60 {
@@ -80,10 +101,12 @@ async fn restart_keeps_everything() {
         .into_iter()
         .map(|r| r.unwrap())
         .collect();
+    // Let an interval fsync happen while idle.
+    tokio::time::sleep(std::time::Duration::from_millis(30)).await;
     core.shutdown().await;
     drop(core);
 
-    let core = open(&dir).await;
+    let core = open_with(&dir, fsync).await;
     assert!(core.is_available());
     assert_eq!(core.partitions("restart").unwrap(), 3);
     for (p, end) in ends.iter().enumerate() {

@@ -4,11 +4,10 @@
 
 use bytes::{Bytes, BytesMut};
 use lmq_gateway::protocol::{
-    decode, encode, encoded_len, AckProperties, Auth, AuthProperties, ConnAck, ConnAckProperties,
-    Connect, ConnectProperties, Disconnect, DisconnectProperties, LastWill, Packet, PacketId,
-    Protocol, PubResponse, Publish, PublishProperties, QoS, ReasonCode, RetainHandling, SubAck,
-    Subscribe, SubscribeProperties, SubscriptionOptions, UnsubAck, Unsubscribe, UserProperties,
-    WillProperties,
+    decode, encode, encoded_len, AckProperties, Auth, AuthProperties, ConnAck, ConnAckProperties, Connect,
+    ConnectProperties, Disconnect, DisconnectProperties, LastWill, Packet, PacketId, Protocol, PubResponse, Publish,
+    PublishProperties, QoS, ReasonCode, RetainHandling, SubAck, Subscribe, SubscribeProperties, SubscriptionOptions,
+    UnsubAck, Unsubscribe, UserProperties, WillProperties,
 };
 use proptest::collection::vec;
 use proptest::option;
@@ -33,11 +32,7 @@ fn pid() -> impl Strategy<Value = PacketId> {
 }
 
 fn qos() -> impl Strategy<Value = QoS> {
-    prop_oneof![
-        Just(QoS::AtMostOnce),
-        Just(QoS::AtLeastOnce),
-        Just(QoS::ExactlyOnce)
-    ]
+    prop_oneof![Just(QoS::AtMostOnce), Just(QoS::AtLeastOnce), Just(QoS::ExactlyOnce)]
 }
 
 fn user_props() -> impl Strategy<Value = UserProperties> {
@@ -53,10 +48,8 @@ fn reason() -> impl Strategy<Value = ReasonCode> {
 }
 
 fn ack_props() -> impl Strategy<Value = AckProperties> {
-    (option::of(text()), user_props()).prop_map(|(reason_string, user_properties)| AckProperties {
-        reason_string,
-        user_properties,
-    })
+    (option::of(text()), user_props())
+        .prop_map(|(reason_string, user_properties)| AckProperties { reason_string, user_properties })
 }
 
 fn connect_props() -> impl Strategy<Value = ConnectProperties> {
@@ -71,19 +64,17 @@ fn connect_props() -> impl Strategy<Value = ConnectProperties> {
         option::of(text()),
         option::of(binary()),
     )
-        .prop_map(
-            |(se, rm, mps, tam, rri, rpi, up, am, ad)| ConnectProperties {
-                session_expiry_interval: se,
-                receive_maximum: rm,
-                maximum_packet_size: mps,
-                topic_alias_maximum: tam,
-                request_response_information: rri,
-                request_problem_information: rpi,
-                user_properties: up,
-                authentication_method: am,
-                authentication_data: ad,
-            },
-        )
+        .prop_map(|(se, rm, mps, tam, rri, rpi, up, am, ad)| ConnectProperties {
+            session_expiry_interval: se,
+            receive_maximum: rm,
+            maximum_packet_size: mps,
+            topic_alias_maximum: tam,
+            request_response_information: rri,
+            request_problem_information: rpi,
+            user_properties: up,
+            authentication_method: am,
+            authentication_data: ad,
+        })
 }
 
 fn will_props() -> impl Strategy<Value = WillProperties> {
@@ -108,33 +99,15 @@ fn will_props() -> impl Strategy<Value = WillProperties> {
 }
 
 fn will(v5: bool) -> impl Strategy<Value = LastWill> {
-    let props = if v5 {
-        will_props().boxed()
-    } else {
-        Just(WillProperties::default()).boxed()
-    };
-    (topic_name(), binary(), qos(), any::<bool>(), props).prop_map(
-        |(topic, payload, qos, retain, properties)| LastWill {
-            topic,
-            payload,
-            qos,
-            retain,
-            properties,
-        },
-    )
+    let props = if v5 { will_props().boxed() } else { Just(WillProperties::default()).boxed() };
+    (topic_name(), binary(), qos(), any::<bool>(), props)
+        .prop_map(|(topic, payload, qos, retain, properties)| LastWill { topic, payload, qos, retain, properties })
 }
 
 fn connect(v5: bool) -> impl Strategy<Value = Packet> {
-    let protocol = if v5 {
-        Just(Protocol::V5).boxed()
-    } else {
-        prop_oneof![Just(Protocol::V311), Just(Protocol::V31)].boxed()
-    };
-    let props = if v5 {
-        connect_props().boxed()
-    } else {
-        Just(ConnectProperties::default()).boxed()
-    };
+    let protocol =
+        if v5 { Just(Protocol::V5).boxed() } else { prop_oneof![Just(Protocol::V311), Just(Protocol::V31)].boxed() };
+    let props = if v5 { connect_props().boxed() } else { Just(ConnectProperties::default()).boxed() };
     (
         protocol,
         any::<bool>(),
@@ -145,8 +118,10 @@ fn connect(v5: bool) -> impl Strategy<Value = Packet> {
         option::of(binary()),
         props,
     )
-        .prop_map(
-            move |(
+        .prop_map(move |(protocol, clean_start, keep_alive, client_id, will, username, password, properties)| {
+            // A 3.x password needs a user name [MQTT-3.1.2-22].
+            let password = if v5 || username.is_some() { password } else { None };
+            Packet::Connect(Box::new(Connect {
                 protocol,
                 clean_start,
                 keep_alive,
@@ -155,25 +130,8 @@ fn connect(v5: bool) -> impl Strategy<Value = Packet> {
                 username,
                 password,
                 properties,
-            )| {
-                // A 3.x password needs a user name [MQTT-3.1.2-22].
-                let password = if v5 || username.is_some() {
-                    password
-                } else {
-                    None
-                };
-                Packet::Connect(Box::new(Connect {
-                    protocol,
-                    clean_start,
-                    keep_alive,
-                    client_id,
-                    will,
-                    username,
-                    password,
-                    properties,
-                }))
-            },
-        )
+            }))
+        })
 }
 
 fn connack_props() -> impl Strategy<Value = ConnAckProperties> {
@@ -200,47 +158,38 @@ fn connack_props() -> impl Strategy<Value = ConnAckProperties> {
             option::of(binary()),
         ),
     )
-        .prop_map(
-            |((se, rm, mq, ra, mps, aci, tam, rs, up), (wsa, sia, ssa, ska, ri, sr, am, ad))| {
-                ConnAckProperties {
-                    session_expiry_interval: se,
-                    receive_maximum: rm,
-                    maximum_qos: mq,
-                    retain_available: ra,
-                    maximum_packet_size: mps,
-                    assigned_client_identifier: aci,
-                    topic_alias_maximum: tam,
-                    reason_string: rs,
-                    user_properties: up,
-                    wildcard_subscription_available: wsa,
-                    subscription_identifiers_available: sia,
-                    shared_subscription_available: ssa,
-                    server_keep_alive: ska,
-                    response_information: ri,
-                    server_reference: sr,
-                    authentication_method: am,
-                    authentication_data: ad,
-                }
-            },
-        )
+        .prop_map(|((se, rm, mq, ra, mps, aci, tam, rs, up), (wsa, sia, ssa, ska, ri, sr, am, ad))| {
+            ConnAckProperties {
+                session_expiry_interval: se,
+                receive_maximum: rm,
+                maximum_qos: mq,
+                retain_available: ra,
+                maximum_packet_size: mps,
+                assigned_client_identifier: aci,
+                topic_alias_maximum: tam,
+                reason_string: rs,
+                user_properties: up,
+                wildcard_subscription_available: wsa,
+                subscription_identifiers_available: sia,
+                shared_subscription_available: ssa,
+                server_keep_alive: ska,
+                response_information: ri,
+                server_reference: sr,
+                authentication_method: am,
+                authentication_data: ad,
+            }
+        })
 }
 
 fn connack(v5: bool) -> BoxedStrategy<Packet> {
     if v5 {
         (any::<bool>(), reason(), connack_props())
             .prop_map(|(session_present, code, properties)| {
-                Packet::ConnAck(ConnAck {
-                    session_present,
-                    code,
-                    properties,
-                })
+                Packet::ConnAck(ConnAck { session_present, code, properties })
             })
             .boxed()
     } else {
-        (
-            any::<bool>(),
-            prop::sample::select(vec![0u8, 0x84, 0x85, 0x88, 0x86, 0x87]),
-        )
+        (any::<bool>(), prop::sample::select(vec![0u8, 0x84, 0x85, 0x88, 0x86, 0x87]))
             .prop_map(|(session_present, code)| {
                 Packet::ConnAck(ConnAck {
                     session_present,
@@ -276,26 +225,10 @@ fn publish_props() -> impl Strategy<Value = PublishProperties> {
 }
 
 fn publish(v5: bool) -> impl Strategy<Value = Packet> {
-    let topic = if v5 {
-        prop_oneof![Just(String::new()), topic_name()].boxed()
-    } else {
-        topic_name().boxed()
-    };
-    let props = if v5 {
-        publish_props().boxed()
-    } else {
-        Just(PublishProperties::default()).boxed()
-    };
-    (
-        any::<bool>(),
-        qos(),
-        any::<bool>(),
-        topic,
-        pid(),
-        vec(any::<u8>(), 0..64),
-        props,
-    )
-        .prop_map(|(dup, qos, retain, topic, id, payload, properties)| {
+    let topic = if v5 { prop_oneof![Just(String::new()), topic_name()].boxed() } else { topic_name().boxed() };
+    let props = if v5 { publish_props().boxed() } else { Just(PublishProperties::default()).boxed() };
+    (any::<bool>(), qos(), any::<bool>(), topic, pid(), vec(any::<u8>(), 0..64), props).prop_map(
+        |(dup, qos, retain, topic, id, payload, properties)| {
             let at_most_once = qos == QoS::AtMostOnce;
             Packet::Publish(Publish {
                 dup: dup && !at_most_once,
@@ -306,7 +239,8 @@ fn publish(v5: bool) -> impl Strategy<Value = Packet> {
                 payload: Bytes::from(payload),
                 properties,
             })
-        })
+        },
+    )
 }
 
 fn pub_response(v5: bool) -> impl Strategy<Value = Packet> {
@@ -316,11 +250,7 @@ fn pub_response(v5: bool) -> impl Strategy<Value = Packet> {
         Just((ReasonCode::SUCCESS, AckProperties::default())).boxed()
     };
     (0..4u8, pid(), rest).prop_map(|(kind, packet_id, (code, properties))| {
-        let r = PubResponse {
-            packet_id,
-            code,
-            properties,
-        };
+        let r = PubResponse { packet_id, code, properties };
         match kind {
             0 => Packet::PubAck(r),
             1 => Packet::PubRec(r),
@@ -342,107 +272,60 @@ fn sub_options(v5: bool) -> BoxedStrategy<SubscriptionOptions> {
                 Just(RetainHandling::Never)
             ],
         )
-            .prop_map(
-                |(qos, no_local, retain_as_published, retain_handling)| SubscriptionOptions {
-                    qos,
-                    no_local,
-                    retain_as_published,
-                    retain_handling,
-                },
-            )
-            .boxed()
-    } else {
-        qos()
-            .prop_map(|qos| SubscriptionOptions {
+            .prop_map(|(qos, no_local, retain_as_published, retain_handling)| SubscriptionOptions {
                 qos,
-                ..Default::default()
+                no_local,
+                retain_as_published,
+                retain_handling,
             })
             .boxed()
+    } else {
+        qos().prop_map(|qos| SubscriptionOptions { qos, ..Default::default() }).boxed()
     }
 }
 
 fn subscribe(v5: bool) -> impl Strategy<Value = Packet> {
     let props = if v5 {
         (option::of(1..=MAX_VARINT), user_props())
-            .prop_map(
-                |(subscription_identifier, user_properties)| SubscribeProperties {
-                    subscription_identifier,
-                    user_properties,
-                },
-            )
+            .prop_map(|(subscription_identifier, user_properties)| SubscribeProperties {
+                subscription_identifier,
+                user_properties,
+            })
             .boxed()
     } else {
         Just(SubscribeProperties::default()).boxed()
     };
-    (pid(), vec((text(), sub_options(v5)), 1..4), props).prop_map(
-        |(packet_id, filters, properties)| {
-            Packet::Subscribe(Subscribe {
-                packet_id,
-                filters,
-                properties,
-            })
-        },
-    )
+    (pid(), vec((text(), sub_options(v5)), 1..4), props)
+        .prop_map(|(packet_id, filters, properties)| Packet::Subscribe(Subscribe { packet_id, filters, properties }))
 }
 
 fn suback(v5: bool) -> impl Strategy<Value = Packet> {
     let codes = if v5 {
         vec(reason(), 1..5).boxed()
     } else {
-        vec(
-            prop::sample::select(vec![0u8, 1, 2, 0x80]).prop_map(ReasonCode),
-            1..5,
-        )
-        .boxed()
+        vec(prop::sample::select(vec![0u8, 1, 2, 0x80]).prop_map(ReasonCode), 1..5).boxed()
     };
-    let props = if v5 {
-        ack_props().boxed()
-    } else {
-        Just(AckProperties::default()).boxed()
-    };
-    (pid(), codes, props).prop_map(|(packet_id, codes, properties)| {
-        Packet::SubAck(SubAck {
-            packet_id,
-            codes,
-            properties,
-        })
-    })
+    let props = if v5 { ack_props().boxed() } else { Just(AckProperties::default()).boxed() };
+    (pid(), codes, props)
+        .prop_map(|(packet_id, codes, properties)| Packet::SubAck(SubAck { packet_id, codes, properties }))
 }
 
 fn unsubscribe(v5: bool) -> impl Strategy<Value = Packet> {
-    let props = if v5 {
-        user_props().boxed()
-    } else {
-        Just(UserProperties::new()).boxed()
-    };
+    let props = if v5 { user_props().boxed() } else { Just(UserProperties::new()).boxed() };
     (pid(), vec(text(), 1..4), props).prop_map(|(packet_id, filters, user_properties)| {
-        Packet::Unsubscribe(Unsubscribe {
-            packet_id,
-            filters,
-            user_properties,
-        })
+        Packet::Unsubscribe(Unsubscribe { packet_id, filters, user_properties })
     })
 }
 
 fn unsuback(v5: bool) -> BoxedStrategy<Packet> {
     if v5 {
         (pid(), vec(reason(), 1..5), ack_props())
-            .prop_map(|(packet_id, codes, properties)| {
-                Packet::UnsubAck(UnsubAck {
-                    packet_id,
-                    codes,
-                    properties,
-                })
-            })
+            .prop_map(|(packet_id, codes, properties)| Packet::UnsubAck(UnsubAck { packet_id, codes, properties }))
             .boxed()
     } else {
         pid()
             .prop_map(|packet_id| {
-                Packet::UnsubAck(UnsubAck {
-                    packet_id,
-                    codes: Vec::new(),
-                    properties: AckProperties::default(),
-                })
+                Packet::UnsubAck(UnsubAck { packet_id, codes: Vec::new(), properties: AckProperties::default() })
             })
             .boxed()
     }
@@ -450,13 +333,7 @@ fn unsuback(v5: bool) -> BoxedStrategy<Packet> {
 
 fn disconnect(v5: bool) -> BoxedStrategy<Packet> {
     if v5 {
-        (
-            reason(),
-            option::of(any::<u32>()),
-            option::of(text()),
-            user_props(),
-            option::of(text()),
-        )
+        (reason(), option::of(any::<u32>()), option::of(text()), user_props(), option::of(text()))
             .prop_map(|(code, se, rs, up, sr)| {
                 Packet::Disconnect(Disconnect {
                     code,
@@ -475,14 +352,8 @@ fn disconnect(v5: bool) -> BoxedStrategy<Packet> {
 }
 
 fn auth() -> impl Strategy<Value = Packet> {
-    (
-        reason(),
-        option::of(text()),
-        option::of(binary()),
-        option::of(text()),
-        user_props(),
-    )
-        .prop_map(|(code, am, ad, rs, up)| {
+    (reason(), option::of(text()), option::of(binary()), option::of(text()), user_props()).prop_map(
+        |(code, am, ad, rs, up)| {
             Packet::Auth(Auth {
                 code,
                 properties: AuthProperties {
@@ -492,7 +363,8 @@ fn auth() -> impl Strategy<Value = Packet> {
                     user_properties: up,
                 },
             })
-        })
+        },
+    )
 }
 
 fn packet_v311() -> impl Strategy<Value = Packet> {

@@ -487,6 +487,27 @@ impl CoreService for EmbeddedCore {
     }
 }
 
+impl Drop for EmbeddedCore {
+    /// Without [`CoreService::shutdown`], still stop the writers (they drain their queues,
+    /// sync and exit on their own) so nothing keeps running detached forever.
+    fn drop(&mut self) {
+        if self.shared.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        if let Some(task) = self.retention_task.lock().take() {
+            task.abort();
+        }
+        for topic in self.shared.topics.read().values() {
+            for p in &topic.partitions {
+                p.stop_accepting();
+            }
+        }
+        self.shared.sessions.stop_accepting();
+        self.shared.retained.stop_accepting();
+        self.shared.wake_all_tails();
+    }
+}
+
 /// A live tail over the embedded log.
 struct EmbeddedTail {
     shared: Arc<Shared>,

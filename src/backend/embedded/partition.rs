@@ -153,9 +153,14 @@ impl Partition {
         self.sender.lock().clone()
     }
 
+    /// Refuse new appends; the writer finishes what is queued, syncs and stops.
+    pub(crate) fn stop_accepting(&self) {
+        self.sender.lock().take();
+    }
+
     /// Stop accepting appends, let the writer finish what is queued, sync and stop.
     pub(crate) async fn close(&self) {
-        self.sender.lock().take();
+        self.stop_accepting();
         let writer = self.writer.lock().take();
         if let Some(writer) = writer {
             if let Err(e) = writer.await {
@@ -327,8 +332,8 @@ impl Writer {
         let mut tick = tokio::time::interval(self.part.settings().fsync_interval.max(Duration::from_millis(1)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            // Not `biased`: under constant load the interval fsync must still get its turn.
             let first = tokio::select! {
-                biased;
                 req = rx.recv() => match req {
                     Some(req) => req,
                     None => break,

@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use super::partition::sync_dir;
@@ -127,6 +127,8 @@ pub(crate) struct KvStore {
     shared: Mutex<Shared>,
     sender: Mutex<Option<mpsc::Sender<PutReq>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
+    /// Set on close: a broadcast stuck on a subscriber that never reads gives up.
+    closing: watch::Sender<bool>,
     /// Valid file size after loading (consumed by the writer).
     loaded_size: u64,
 }
@@ -182,6 +184,7 @@ impl KvStore {
             shared: Mutex::new(Shared { map, subscribers: Vec::new() }),
             sender: Mutex::new(None),
             writer: Mutex::new(None),
+            closing: watch::channel(false).0,
             loaded_size: size,
         })
     }
@@ -218,9 +221,15 @@ impl KvStore {
         shared.map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
     }
 
+    /// Refuse new puts; the writer finishes the queued ones, syncs and stops.
+    pub(crate) fn stop_accepting(&self) {
+        self.closing.send_replace(true);
+        self.sender.lock().take();
+    }
+
     /// Stop accepting puts, finish the queued ones, sync and stop.
     pub(crate) async fn close(&self) {
-        self.sender.lock().take();
+        self.stop_accepting();
         let writer = self.writer.lock().take();
         if let Some(writer) = writer {
             if let Err(e) = writer.await {
@@ -254,8 +263,8 @@ impl KvWriter {
         let mut tick = tokio::time::interval(self.kv.fsync_interval.max(Duration::from_millis(1)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            // Not `biased`: under constant load the interval fsync must still get its turn.
             let first = tokio::select! {
-                biased;
                 req = rx.recv() => match req {
                     Some(req) => req,
                     None => break,
@@ -359,7 +368,7 @@ impl KvWriter {
                     None => shared.map.remove(&req.key),
                 };
                 if let Some(old) = old {
-                    self.live -= frame_size(&req.key, Some(&old));
+                    self.live = self.live.saturating_sub(frame_size(&req.key, Some(&old)));
                 }
                 updates.push(StateUpdate { store: self.kv.store, key: req.key, value: req.value });
                 dones.push(req.done);
@@ -367,11 +376,23 @@ impl KvWriter {
             shared.subscribers.clone()
         };
         let mut gone = false;
-        for sub in &subscribers {
+        let mut closing = self.kv.closing.subscribe();
+        'subscribers: for sub in &subscribers {
             for update in &updates {
-                if sub.send(update.clone()).await.is_err() {
-                    gone = true;
-                    break;
+                let sent = tokio::select! {
+                    sent = sub.send(update.clone()) => Some(sent.is_ok()),
+                    _ = closing.wait_for(|c| *c) => None,
+                };
+                match sent {
+                    Some(true) => {}
+                    Some(false) => {
+                        gone = true;
+                        break;
+                    }
+                    None => {
+                        tracing::warn!(store = ?self.kv.store, "closing: state update not delivered to a full watcher");
+                        break 'subscribers;
+                    }
                 }
             }
         }

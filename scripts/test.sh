@@ -17,4 +17,4 @@ fi
 
 cargo build --bins
 cargo test --no-fail-fast
-scripts/mosquitto-e2e.sh target/debug/lmq-gateway
+scripts/mosquitto-e2e.sh "${CARGO_TARGET_DIR:-target}/debug/lmq-gateway"

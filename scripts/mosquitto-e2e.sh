@@ -60,6 +60,21 @@ kill -9 $D
 wait $W
 check "will on abrupt close" "e2e/will/dev gone" "$(cat "$WORK/will.txt")"
 
+# Persistent session across a gateway crash: messages acknowledged while the device is
+# offline survive kill -9 of the gateway and reach the device when it returns.
+timeout 10 mosquitto_sub "${H[@]}" -i e2e-persist -c -q 1 -t 'e2e/persist/#' -C 1 >/dev/null &
+P=$!
+sleep 0.5
+mosquitto_pub "${H[@]}" -i e2e-persist-pub -q 1 -t e2e/persist/x -m first
+wait $P
+for i in 1 2 3; do mosquitto_pub "${H[@]}" -i e2e-persist-pub -q 1 -t e2e/persist/x -m "offline-$i"; done
+kill -9 "$GW"; wait "$GW" 2>/dev/null
+"$BIN" serve -c "$WORK/gateway.yaml" >>"$WORK/gateway.log" 2>&1 &
+GW=$!
+for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/$PORT) 2>/dev/null && break; sleep 0.1; done
+got=$(timeout 10 mosquitto_sub "${H[@]}" -i e2e-persist -c -q 1 -t 'e2e/persist/#' -C 3 | tr '\n' ' ')
+check "offline messages survive kill -9" "offline-1 offline-2 offline-3 " "$got"
+
 # The gateway is still alive after all this.
 if kill -0 "$GW" 2>/dev/null; then pass=$((pass+1)); echo "ok   gateway alive"; else fail=$((fail+1)); echo "FAIL gateway died"; cat "$WORK/gateway.log"; fi
 

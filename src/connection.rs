@@ -501,7 +501,6 @@ impl Conn {
                 }
             }
             tokio::select! {
-                biased;
                 k = &mut kicked => {
                     return End::Kicked(k.unwrap_or(Kick::Administrative));
                 }

@@ -280,3 +280,48 @@ async fn undeclared_parent_topics_are_refused() {
     raw.send(&publish("cmd/x", QoS::AtLeastOnce, Some(2), b"x")).await;
     assert!(matches!(raw.recv().await, Some(Packet::PubAck(a)) if a.code == ReasonCode::SUCCESS));
 }
+
+#[tokio::test]
+async fn qos0_to_a_stalled_subscriber_is_dropped_and_counted() {
+    let gw = TestGateway::start().await;
+    let (mut slow, _) = connected(&gw, connect_packet("slow0", Protocol::V311, true), Protocol::V311).await;
+    slow.send(&subscribe("q0flood/#", QoS::AtMostOnce)).await;
+    assert!(matches!(slow.recv().await, Some(Packet::SubAck(_))));
+    let mut fast = v4::connect(gw.addr, "fast0").await;
+    fast.subscribe("q0flood/#", v4::QoS::AtMostOnce).await;
+    let (mut publ, _) = connected(&gw, connect_packet("flooder0", Protocol::V311, true), Protocol::V311).await;
+    // Far more than the stalled client's socket buffers, write buffer and queue can hold.
+    let n = 6000usize;
+    let body = Bytes::from(vec![b'y'; 8192]);
+    let sender = tokio::spawn(async move {
+        for i in 0..n {
+            // Paced so that a subscriber that reads keeps up; the stalled one cannot.
+            if i % 50 == 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            publ.send(&Packet::Publish(p::Publish {
+                dup: false,
+                qos: QoS::AtMostOnce,
+                retain: false,
+                topic: "q0flood/x".into(),
+                packet_id: None,
+                payload: body.clone(),
+                properties: Default::default(),
+            }))
+            .await;
+        }
+        publ
+    });
+    let mut got = 0usize;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(2), fast.events.recv()).await {
+            Ok(Some(Ok(v4::Event::Incoming(v4::Incoming::Publish(_))))) => got += 1,
+            Ok(Some(Ok(_))) => {}
+            _ => break,
+        }
+    }
+    let _publ = sender.await.unwrap();
+    let dropped = gw.gateway().ctx.router.stats.dropped_qos0.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(dropped > 0, "the stalled subscriber's QoS 0 messages are dropped and counted");
+    assert_eq!(got, n, "the reading subscriber gets every message while the other one stalls");
+}

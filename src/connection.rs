@@ -41,6 +41,9 @@ const PENDING_HIGH_WATER: usize = 256;
 const MAX_OUTSTANDING_APPENDS: usize = 1024;
 /// Records read back per catch-up fetch.
 const CATCHUP_BATCH: usize = 256;
+/// Read buffer for a connection that is busy; an idle one keeps only [`IDLE_READ_BUFFER`].
+const BUSY_READ_BUFFER: usize = 16 * 1024;
+const IDLE_READ_BUFFER: usize = 256;
 /// How often a dirty persistent session is saved.
 const PERSIST_EVERY: Duration = Duration::from_millis(100);
 
@@ -55,7 +58,7 @@ where
 {
     let conn_id = ctx.next_conn_id.fetch_add(1, Ordering::Relaxed);
     let (mut reader, mut writer) = tokio::io::split(stream);
-    let mut inbuf = BytesMut::with_capacity(4096);
+    let mut inbuf = BytesMut::with_capacity(512);
     let max_packet = ctx.limits.max_packet_size();
     let connect_timeout = Duration::from_secs(ctx.config.mqtt.connect_timeout_secs);
 
@@ -309,7 +312,7 @@ impl Conn {
             client_max_packet: connect.properties.maximum_packet_size.map(|v| v as usize),
             topic_aliases: HashMap::new(),
             pending: VecDeque::new(),
-            out: BytesMut::with_capacity(8192),
+            out: BytesMut::new(),
             dirty: false,
             stored: session_present,
             inbound_inflight: 0,
@@ -489,8 +492,21 @@ impl Conn {
         if let Err(end) = self.decode_all(&mut inbuf, max_packet, acks, backend_timeout).await {
             return end;
         }
+        let mut last_read = 0usize;
         loop {
             self.flush_pending();
+            // Memory follows traffic: a connection whose last read was small and whose
+            // buffers are drained holds a few hundred bytes, not kilobytes.
+            if inbuf.is_empty() && last_read < IDLE_READ_BUFFER {
+                if inbuf.capacity() > IDLE_READ_BUFFER {
+                    inbuf = BytesMut::with_capacity(IDLE_READ_BUFFER);
+                }
+            } else if inbuf.capacity() - inbuf.len() < 1024 {
+                inbuf.reserve(BUSY_READ_BUFFER);
+            }
+            if self.out.is_empty() && self.out.capacity() > 4096 {
+                self.out = BytesMut::new();
+            }
             let persist_due = self.dirty && self.session_expiry > 0 && persist.is_none();
             let can_read = acks.len() < MAX_OUTSTANDING_APPENDS;
             let can_take = self.pending.len() < PENDING_HIGH_WATER && self.out.len() < OUT_HIGH_WATER;
@@ -522,7 +538,8 @@ impl Conn {
                     match read {
                         Ok(0) => return End::Dropped("connection closed by peer"),
                         Err(_) => return End::Dropped("read error"),
-                        Ok(_) => {
+                        Ok(n) => {
+                            last_read = n;
                             last_packet = Instant::now();
                             if let Err(end) = self.decode_all(&mut inbuf, max_packet, acks, backend_timeout).await {
                                 return end;

@@ -783,7 +783,7 @@ impl Conn {
             payload: p.payload.clone(),
             qos: p.qos,
             retain: p.retain,
-            publisher: self.client_id.as_str().into(),
+            publisher: self.slot.client_id.clone(),
             payload_format_indicator: p.properties.payload_format_indicator,
             message_expiry_interval: p.properties.message_expiry_interval,
             content_type: p.properties.content_type.clone(),
@@ -1223,7 +1223,7 @@ fn store_message(
 
 fn record_message(ctx: &Context, tp: &TopicPartition, rec: &crate::backend::CoreRecord) -> Option<Arc<Message>> {
     let parent = ctx.router.topics().parent_of_core(&tp.topic)?;
-    mapping::record_to_message(&parent, rec).map(Arc::new)
+    mapping::record_to_message(parent, rec).map(Arc::new)
 }
 
 fn publish_packet(o: &Outbound, packet_id: Option<PacketId>, dup: bool, protocol: Protocol) -> Publish {

@@ -87,6 +87,8 @@ pub struct CoreTopic {
 #[derive(Debug, Clone)]
 pub struct TopicMap {
     declared: HashMap<String, CoreTopic>,
+    /// Core topic → parent topic, for declared parents.
+    by_core: HashMap<String, String>,
     /// `*` declared: any parent maps to a core topic of the same name.
     any: Option<u32>,
     key: RecordKey,
@@ -104,7 +106,8 @@ impl TopicMap {
                 declared.insert(p.name.clone(), CoreTopic { name: name.into(), partitions: p.partitions });
             }
         }
-        TopicMap { declared, any, key: config.record_key }
+        let by_core = declared.iter().map(|(p, t)| (t.name.to_string(), p.clone())).collect();
+        TopicMap { declared, by_core, any, key: config.record_key }
     }
 
     /// Core topic for a parent topic, or `None` when the parent is not declared.
@@ -128,12 +131,13 @@ impl TopicMap {
         self.any.is_some()
     }
 
-    /// Parent topic whose records live in core topic `core`.
-    pub fn parent_of_core(&self, core: &str) -> Option<String> {
-        if let Some((parent, _)) = self.declared.iter().find(|(_, t)| &*t.name == core) {
-            return Some(parent.clone());
+    /// Parent topic whose records live in core topic `core` (called per routed record:
+    /// no allocation).
+    pub fn parent_of_core<'a>(&'a self, core: &'a str) -> Option<&'a str> {
+        if let Some(parent) = self.by_core.get(core) {
+            return Some(parent);
         }
-        self.any.map(|_| core.to_string())
+        self.any.map(|_| core)
     }
 
     /// Build the record for a message.

@@ -356,7 +356,7 @@ impl Router {
             let message = self
                 .topics
                 .parent_of_core(&record.tp.topic)
-                .and_then(|parent| mapping::record_to_message(&parent, &record.record));
+                .and_then(|parent| mapping::record_to_message(parent, &record.record));
             if let Some(message) = message {
                 let message = Arc::new(message);
                 let ring = rings.entry(record.tp.clone()).or_default();

@@ -382,7 +382,7 @@ mod tests {
         let map = TopicMap::new(&cfg);
         assert_eq!(map.core_topic("sensors").map(|t| t.name), Some("iot.sensors".into()));
         assert_eq!(map.core_topic("other"), None);
-        assert_eq!(map.parent_of_core("iot.sensors").as_deref(), Some("sensors"));
+        assert_eq!(map.parent_of_core("iot.sensors"), Some("sensors"));
         let any = TopicMap::new(&TopicsConfig::default());
         assert!(any.core_topic("x").is_some());
         assert!(any.core_topic("..").is_none());

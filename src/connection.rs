@@ -190,6 +190,8 @@ struct Conn {
     dirty: bool,
     /// A stored session exists for this ClientId (so a clean end must delete it).
     stored: bool,
+    /// The last status event being written (events are chained to keep their order).
+    last_event: Option<tokio::task::JoinHandle<()>>,
     inbound_inflight: usize,
 }
 
@@ -315,6 +317,7 @@ impl Conn {
             out: BytesMut::new(),
             dirty: false,
             stored: session_present,
+            last_event: None,
             inbound_inflight: 0,
             ctx: ctx.clone(),
         };
@@ -427,7 +430,9 @@ impl Conn {
         }
     }
 
-    fn emit(&self, event_type: EventType, reason: Option<String>) {
+    /// Write a status event. Events of one connection are written in order: each waits for
+    /// the previous one, without holding up the connection.
+    fn emit(&mut self, event_type: EventType, reason: Option<String>) {
         let ev = ClientEvent {
             event_type,
             client_id: self.client_id.clone(),
@@ -438,12 +443,16 @@ impl Conn {
             username: self.username.clone(),
             reason,
         };
-        let fut = self.ctx.backend.emit_event(ev);
-        tokio::spawn(async move {
-            if let Err(e) = fut.await {
+        let backend = self.ctx.backend.clone();
+        let previous = self.last_event.take();
+        self.last_event = Some(tokio::spawn(async move {
+            if let Some(p) = previous {
+                let _ = p.await;
+            }
+            if let Err(e) = backend.emit_event(ev).await {
                 tracing::warn!(error = %e, "cannot write client status event");
             }
-        });
+        }));
     }
 
     /// The main loop, then completion of the appends still outstanding: a message the
@@ -1143,6 +1152,11 @@ impl Conn {
             }
         }
         self.emit(EventType::Tcpclean, Some(event_reason));
+        // Written before we report done: a takeover's `connect` follows our `tcpclean`, and a
+        // shutdown does not close the core service under it.
+        if let Some(last) = self.last_event.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), last).await;
+        }
         let _ = self.registration.done.send(true);
         self.ctx.registry.release(&self.client_id, self.registration.conn_id);
         tracing::debug!(client_id = %self.client_id, ?end, "client disconnected");

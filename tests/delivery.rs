@@ -325,3 +325,34 @@ async fn qos0_to_a_stalled_subscriber_is_dropped_and_counted() {
     assert!(dropped > 0, "the stalled subscriber's QoS 0 messages are dropped and counted");
     assert_eq!(got, n, "the reading subscriber gets every message while the other one stalls");
 }
+
+#[tokio::test]
+async fn takeover_and_shutdown_events_are_written_in_order() {
+    let gw = TestGateway::start().await;
+    let mut first = v4::connect(gw.addr, "GID_ev@@@take").await;
+    let _second = v4::connect(gw.addr, "GID_ev@@@take").await;
+    first.closed_by_server().await;
+    let mut gw = gw;
+    gw.gw.take().unwrap().shutdown().await;
+    // Read the events back from the data directory after the shutdown.
+    let dir = gw.dir.path().to_path_buf();
+    let config =
+        lmq_gateway::config::Config::from_yaml(&format!("core:\n  embedded:\n    data_dir: {}\n", dir.display()))
+            .unwrap();
+    let core =
+        lmq_gateway::backend::embedded::EmbeddedCore::open(&config.core.embedded, "GID_LMQ_STATUS").await.unwrap();
+    use lmq_gateway::backend::CoreService;
+    let fetched = core.fetch(&TopicPartition::new("GID_LMQ_STATUS", 0), 0, 100).await.unwrap();
+    let seq: Vec<(String, String)> = fetched
+        .records
+        .iter()
+        .map(|r| {
+            let body: serde_json::Value = serde_json::from_slice(&r.record.value).unwrap();
+            (body["eventType"].as_str().unwrap().to_string(), body["reason"].as_str().unwrap_or("").to_string())
+        })
+        .collect();
+    let types: Vec<&str> = seq.iter().map(|(t, _)| t.as_str()).collect();
+    assert_eq!(types, vec!["connect", "tcpclean", "connect", "tcpclean"], "{seq:?}");
+    assert_eq!(seq[1].1, "session taken over");
+    assert_eq!(seq[3].1, "server shutting down");
+}

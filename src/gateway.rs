@@ -60,7 +60,13 @@ impl Gateway {
             next_conn_id: AtomicU64::new(1),
             shutdown: CancellationToken::new(),
         });
-        let tasks = listeners.into_iter().map(|l| tokio::spawn(l.serve(ctx.clone()))).collect();
+        let mut tasks: Vec<_> = listeners.into_iter().map(|l| tokio::spawn(l.serve(ctx.clone()))).collect();
+        tasks.push(tokio::spawn(crate::session::expiry::run(
+            ctx.backend.clone(),
+            ctx.registry.clone(),
+            Duration::from_secs(600),
+            ctx.shutdown.clone(),
+        )));
         for (name, addr) in &addrs {
             tracing::info!(listener = %name, %addr, "listening");
         }

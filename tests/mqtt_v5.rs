@@ -223,3 +223,21 @@ async fn will_delay_is_cancelled_by_a_quick_reconnect() {
     let got = watcher.next_publish().await;
     assert_eq!(&got.payload[..], b"dead");
 }
+
+#[tokio::test]
+async fn expired_sessions_are_swept_and_not_resumed() {
+    let gw = TestGateway::start().await;
+    let mut o = v5::options(gw.addr, "short-lived");
+    o.set_clean_start(false);
+    o.set_session_expiry_interval(Some(1));
+    let (mut c, _) = v5::connect_with(o.clone()).await;
+    c.subscribe("sl/#", QoS::AtLeastOnce).await;
+    c.disconnect().await;
+    let backend = gw.gateway().ctx.backend.clone();
+    let registry = gw.gateway().ctx.registry.clone();
+    assert_eq!(lmq_gateway::session::expiry::sweep_once(&backend, &registry).await, 0, "not expired yet");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(lmq_gateway::session::expiry::sweep_once(&backend, &registry).await, 1);
+    let (_c, ack) = v5::connect_with(o).await;
+    assert!(!ack.session_present);
+}

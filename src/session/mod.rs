@@ -3,7 +3,9 @@
 //! - [`state`]: subscriptions, read positions, messages in flight (pure data + rules).
 //! - [`persist`]: what of it is stored in the core service for persistent sessions.
 //! - [`registry`]: connected ClientIds on this gateway (takeover) and delayed wills.
+//! - [`expiry`]: removal of expired stored sessions.
 
+pub mod expiry;
 pub mod persist;
 pub mod registry;
 pub mod state;

@@ -29,10 +29,11 @@ pub async fn sweep_once(backend: &SharedCoreService, registry: &Registry) -> usi
             Some(s) => s.expired(now),
             None => true, // unreadable (older format): nothing could resume it
         };
-        if expired && !connected.contains(&client_id) {
-            if backend.put_state(StateStore::Sessions, &client_id, None).await.is_ok() {
-                deleted += 1;
-            }
+        if expired
+            && !connected.contains(&client_id)
+            && backend.put_state(StateStore::Sessions, &client_id, None).await.is_ok()
+        {
+            deleted += 1;
         }
     }
     if deleted > 0 {

@@ -22,7 +22,7 @@ pub async fn sweep_once(backend: &SharedCoreService, registry: &Registry) -> usi
         }
     };
     let now = now_ms();
-    let connected = registry.client_ids();
+    let connected: std::collections::HashSet<String> = registry.client_ids().into_iter().collect();
     let mut deleted = 0;
     for (client_id, value) in snapshot {
         let expired = match Stored::decode(&value) {

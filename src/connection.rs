@@ -610,6 +610,10 @@ impl Conn {
                 Ok(Some(p)) => self.on_packet(p, acks, backend_timeout).await?,
                 Ok(None) => return Ok(()),
                 Err(e) => {
+                    if matches!(e, DecodeError::PacketTooLarge { .. }) {
+                        // Refused from the fixed header: counted with the payload limit.
+                        let _ = self.ctx.limits.check_payload(usize::MAX);
+                    }
                     tracing::debug!(client_id = %self.client_id, error = %e, "malformed packet");
                     return Err(End::Server(e.reason_code(), "malformed packet"));
                 }

@@ -67,6 +67,13 @@ impl Gateway {
             Duration::from_secs(600),
             ctx.shutdown.clone(),
         )));
+        tasks.push(tokio::spawn(crate::session::takeover::run(
+            ctx.backend.clone(),
+            ctx.config.topics.events_topic.clone(),
+            ctx.gateway_id.clone(),
+            ctx.registry.clone(),
+            ctx.shutdown.clone(),
+        )));
         for (name, addr) in &addrs {
             tracing::info!(listener = %name, %addr, "listening");
         }

@@ -1,8 +1,14 @@
 //! LMQ limits (SPEC §5) in one place: topic length, ClientId length, payload size,
-//! subscriptions per client. Each check returns the reason code to answer with.
+//! subscriptions per client. Each check returns the reason code to answer with; every
+//! refusal is counted by reason and logged at most once per interval per reason.
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use crate::config::LimitsConfig;
 use crate::protocol::ReasonCode;
+
+/// Refusals of one reason are logged at most this often.
+const LOG_EVERY_MS: i64 = 10_000;
 
 /// A limit that was hit, for refusals and their counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -14,6 +20,13 @@ pub enum Refusal {
 }
 
 impl Refusal {
+    pub const ALL: [Refusal; 4] =
+        [Refusal::TopicTooLong, Refusal::ClientIdTooLong, Refusal::PayloadTooLarge, Refusal::TooManySubscriptions];
+
+    fn index(self) -> usize {
+        self as usize
+    }
+
     pub fn reason_code(self) -> ReasonCode {
         match self {
             Refusal::TopicTooLong => ReasonCode::TOPIC_NAME_INVALID,
@@ -33,19 +46,43 @@ impl Refusal {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Limits {
     config: LimitsConfig,
+    refused: [AtomicU64; 4],
+    /// Per reason: when it was last logged, and how many since.
+    last_logged_ms: [AtomicI64; 4],
+    unlogged: [AtomicU64; 4],
 }
 
 impl Limits {
     pub fn new(config: LimitsConfig) -> Limits {
-        Limits { config }
+        Limits { config, refused: Default::default(), last_logged_ms: Default::default(), unlogged: Default::default() }
+    }
+
+    /// Refusals so far for one reason.
+    pub fn refused(&self, r: Refusal) -> u64 {
+        self.refused[r.index()].load(Ordering::Relaxed)
+    }
+
+    fn refuse(&self, r: Refusal) -> Refusal {
+        let i = r.index();
+        self.refused[i].fetch_add(1, Ordering::Relaxed);
+        self.unlogged[i].fetch_add(1, Ordering::Relaxed);
+        let now = crate::connection::now_ms();
+        let last = self.last_logged_ms[i].load(Ordering::Relaxed);
+        if now - last >= LOG_EVERY_MS
+            && self.last_logged_ms[i].compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+        {
+            let n = self.unlogged[i].swap(0, Ordering::Relaxed);
+            tracing::warn!(reason = r.as_str(), count = n, "limit refusals (logged at most every 10 s per reason)");
+        }
+        r
     }
 
     pub fn check_topic(&self, topic: &str) -> Result<(), Refusal> {
         if topic.chars().count() > self.config.max_topic_len {
-            return Err(Refusal::TopicTooLong);
+            return Err(self.refuse(Refusal::TopicTooLong));
         }
         Ok(())
     }
@@ -57,14 +94,14 @@ impl Limits {
 
     pub fn check_client_id(&self, client_id: &str) -> Result<(), Refusal> {
         if client_id.chars().count() > self.config.max_client_id_len {
-            return Err(Refusal::ClientIdTooLong);
+            return Err(self.refuse(Refusal::ClientIdTooLong));
         }
         Ok(())
     }
 
     pub fn check_payload(&self, len: usize) -> Result<(), Refusal> {
         if len > self.config.max_payload_bytes {
-            return Err(Refusal::PayloadTooLarge);
+            return Err(self.refuse(Refusal::PayloadTooLarge));
         }
         Ok(())
     }
@@ -72,7 +109,7 @@ impl Limits {
     /// `current` subscriptions held, adding one more.
     pub fn check_subscription_count(&self, current: usize) -> Result<(), Refusal> {
         if current >= self.config.max_subscriptions {
-            return Err(Refusal::TooManySubscriptions);
+            return Err(self.refuse(Refusal::TooManySubscriptions));
         }
         Ok(())
     }
@@ -99,5 +136,8 @@ mod tests {
         assert_eq!(l.check_payload(65_537), Err(Refusal::PayloadTooLarge));
         assert!(l.check_subscription_count(29).is_ok());
         assert_eq!(l.check_subscription_count(30), Err(Refusal::TooManySubscriptions));
+        for r in Refusal::ALL {
+            assert_eq!(l.refused(r), 1, "{r:?} counted once");
+        }
     }
 }

@@ -241,3 +241,40 @@ async fn expired_sessions_are_swept_and_not_resumed() {
     let (_c, ack) = v5::connect_with(o).await;
     assert!(!ack.session_present);
 }
+
+#[tokio::test]
+async fn connect_on_another_gateway_takes_the_session_over() {
+    let gw = TestGateway::start().await;
+    let mut old = Raw::connect(gw.addr, Protocol::V5).await;
+    old.send(&connect_packet("GID_x@@@roaming", Protocol::V5, true)).await;
+    assert!(matches!(old.recv().await, Some(p::Packet::ConnAck(_))));
+    // Another gateway reports that the same ClientId connected there, later.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let event = lmq_gateway::events::ClientEvent {
+        event_type: lmq_gateway::events::EventType::Connect,
+        client_id: "GID_x@@@roaming".into(),
+        channel_id: "other-1".into(),
+        client_ip: "10.0.0.9".into(),
+        time: lmq_gateway::connection::now_ms(),
+        gateway_id: "another-gateway".into(),
+        username: None,
+        reason: None,
+    };
+    gw.gateway().ctx.backend.emit_event(event.clone()).await.unwrap();
+    let seen = old.until_closed().await;
+    assert!(
+        seen.iter().any(|p| matches!(p, p::Packet::Disconnect(d) if d.code == ReasonCode::SESSION_TAKEN_OVER)),
+        "{seen:?}"
+    );
+    // An event older than the local connection does not close it.
+    let mut newer = Raw::connect(gw.addr, Protocol::V5).await;
+    newer.send(&connect_packet("GID_x@@@roaming", Protocol::V5, true)).await;
+    assert!(matches!(newer.recv().await, Some(p::Packet::ConnAck(_))));
+    let stale = lmq_gateway::events::ClientEvent { time: event.time - 60_000, ..event };
+    gw.gateway().ctx.backend.emit_event(stale).await.unwrap();
+    newer.send(&p::Packet::PingReq).await;
+    assert!(matches!(newer.recv().await, Some(p::Packet::PingResp)));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    newer.send(&p::Packet::PingReq).await;
+    assert!(matches!(newer.recv().await, Some(p::Packet::PingResp)), "still connected");
+}

@@ -4,8 +4,10 @@
 //! - [`persist`]: what of it is stored in the core service for persistent sessions.
 //! - [`registry`]: connected ClientIds on this gateway (takeover) and delayed wills.
 //! - [`expiry`]: removal of expired stored sessions.
+//! - [`takeover`]: closing local connections taken over on another gateway.
 
 pub mod expiry;
 pub mod persist;
 pub mod registry;
 pub mod state;
+pub mod takeover;

@@ -19,6 +19,8 @@ pub enum Kick {
 
 struct Entry {
     conn_id: u64,
+    /// When this connection was registered, epoch ms.
+    since_ms: i64,
     kick: Option<oneshot::Sender<Kick>>,
     /// Becomes true when the connection has finished (state saved, events written).
     done: watch::Receiver<bool>,
@@ -51,8 +53,10 @@ impl Registry {
         }
         let (kick_tx, kick_rx) = oneshot::channel();
         let (done_tx, done_rx) = watch::channel(false);
-        let old =
-            self.clients.lock().insert(client_id.to_string(), Entry { conn_id, kick: Some(kick_tx), done: done_rx });
+        let old = self.clients.lock().insert(
+            client_id.to_string(),
+            Entry { conn_id, since_ms: crate::connection::now_ms(), kick: Some(kick_tx), done: done_rx },
+        );
         if let Some(mut old) = old {
             if let Some(k) = old.kick.take() {
                 let _ = k.send(kick);
@@ -76,6 +80,19 @@ impl Registry {
         match c.get_mut(client_id).and_then(|e| e.kick.take()) {
             Some(k) => k.send(kick).is_ok(),
             None => false,
+        }
+    }
+
+    /// Kick a client connected here before `than_ms` (a newer connection of the same
+    /// ClientId elsewhere wins; an older one does not).
+    pub fn kick_if_older(&self, client_id: &str, than_ms: i64, kick: Kick) -> bool {
+        let mut c = self.clients.lock();
+        match c.get_mut(client_id) {
+            Some(e) if e.since_ms < than_ms => match e.kick.take() {
+                Some(k) => k.send(kick).is_ok(),
+                None => false,
+            },
+            _ => false,
         }
     }
 

@@ -1,0 +1,239 @@
+//! CONNECT: validation, takeover of an existing session, restoring a stored session, CONNACK.
+
+use super::*;
+
+impl Conn {
+    /// Validate CONNECT, take over an existing session, restore state, send CONNACK.
+    pub(super) async fn accept<W: AsyncWrite + Unpin>(
+        ctx: Arc<Context>,
+        connect: Connect,
+        peer: SocketAddr,
+        conn_id: u64,
+        listener: Arc<str>,
+        writer: &mut W,
+    ) -> Option<Conn> {
+        let protocol = connect.protocol;
+        let refuse = |code: ReasonCode| Packet::ConnAck(ConnAck { code, ..ConnAck::default() });
+        let mqtt = &ctx.config.mqtt;
+
+        // ClientId: assign one when empty and allowed [MQTT-3.1.3-6/7/8].
+        let mut assigned = None;
+        let client_id = if connect.client_id.is_empty() {
+            if !connect.clean_start && protocol != Protocol::V5 {
+                let _ = write_now(writer, &refuse(ReasonCode::CLIENT_IDENTIFIER_NOT_VALID), protocol).await;
+                return None;
+            }
+            let id = format!("auto-{}-{conn_id}", ctx.gateway_id);
+            assigned = Some(id.clone());
+            id
+        } else {
+            connect.client_id.clone()
+        };
+        if ctx.limits.check_client_id(&client_id).is_err() || client_id.starts_with('$') {
+            let _ = write_now(writer, &refuse(ReasonCode::CLIENT_IDENTIFIER_NOT_VALID), protocol).await;
+            return None;
+        }
+        if let Some(w) = &connect.will {
+            if topic::validate_name(&w.topic).is_err() || ctx.limits.check_topic(&w.topic).is_err() {
+                let _ = write_now(writer, &refuse(ReasonCode::TOPIC_NAME_INVALID), protocol).await;
+                return None;
+            }
+        }
+
+        // Keepalive: MQTT 5 clients asking for none or too long get Server Keep Alive.
+        let mut server_keep_alive = None;
+        let ka =
+            if protocol == Protocol::V5 && (connect.keep_alive == 0 || connect.keep_alive > mqtt.keepalive_max_secs) {
+                server_keep_alive = Some(mqtt.keepalive_max_secs);
+                mqtt.keepalive_max_secs
+            } else {
+                connect.keep_alive.min(mqtt.keepalive_max_secs.max(1))
+            };
+        let requested_expiry = match protocol {
+            Protocol::V5 => connect.properties.session_expiry_interval.unwrap_or(0),
+            _ if connect.clean_start => 0,
+            _ => u32::MAX,
+        };
+        let session_expiry = requested_expiry.min(mqtt.session_expiry_max_secs);
+
+        // Takeover: the old connection saves its session before we load it.
+        let new_clean_start = connect.clean_start;
+        let registration =
+            ctx.registry.take(&client_id, conn_id, Kick::TakenOver { new_clean_start }, Duration::from_secs(10)).await;
+
+        // Session: load the stored one unless clean start.
+        let backend = &ctx.backend;
+        let existing = match tokio::time::timeout(
+            Duration::from_secs(mqtt.backend_timeout_secs),
+            backend.get_state(StateStore::Sessions, &client_id),
+        )
+        .await
+        {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => {
+                tracing::warn!(client_id, error = %e, "cannot load session");
+                let _ = write_now(writer, &refuse(ReasonCode::SERVER_UNAVAILABLE), protocol).await;
+                ctx.registry.release(&client_id, conn_id);
+                return None;
+            }
+            Err(_) => {
+                let _ = write_now(writer, &refuse(ReasonCode::SERVER_UNAVAILABLE), protocol).await;
+                ctx.registry.release(&client_id, conn_id);
+                return None;
+            }
+        };
+        let had_stored = existing.is_some();
+        let stored = if connect.clean_start {
+            // A clean start discards any stored session [MQTT-3.1.2-4].
+            if had_stored {
+                let _ = backend.put_state(StateStore::Sessions, &client_id, None).await;
+            }
+            None
+        } else {
+            existing.and_then(|b| Stored::decode(&b)).filter(|s| !s.expired(now_ms()))
+        };
+        let session_present = stored.is_some();
+        let (state, inflight) = match stored {
+            Some(s) => s.into_state(),
+            None => (SessionState::new(client_id.clone()), Vec::new()),
+        };
+
+        let (slot, rx) = ctx.router.register(client_id.clone().into(), mqtt.queue_capacity);
+        let window = match protocol {
+            Protocol::V5 => usize::from(connect.properties.receive_maximum.unwrap_or(u16::MAX).min(mqtt.max_inflight)),
+            _ => usize::from(mqtt.max_inflight),
+        };
+        let mut conn = Conn {
+            protocol,
+            client_id: client_id.clone(),
+            username: connect.username.clone(),
+            peer,
+            channel_id: format!("{}-{conn_id}", ctx.gateway_id),
+            keep_alive: Duration::from_millis(u64::from(ka) * 1500),
+            session_expiry,
+            expiry_was_zero: session_expiry == 0,
+            will: connect.will.clone(),
+            state,
+            slot,
+            rx,
+            registration,
+            window: window.max(1),
+            client_max_packet: connect.properties.maximum_packet_size.map(|v| v as usize),
+            topic_aliases: HashMap::new(),
+            pending: VecDeque::new(),
+            out: BytesMut::new(),
+            dirty: false,
+            stored: session_present,
+            last_event: None,
+            inbound_inflight: 0,
+            ctx: ctx.clone(),
+        };
+        let _ = listener;
+
+        // Re-register restored subscriptions with the router and catch up from stored positions.
+        if let Err(code) = conn.restore(inflight).await {
+            let _ = write_now(writer, &refuse(code), protocol).await;
+            conn.ctx.router.unregister(&conn.slot, &[]);
+            conn.ctx.registry.release(&client_id, conn_id);
+            return None;
+        }
+
+        if session_expiry > 0 {
+            // Offline P2P messages: a persistent session reads every known core topic.
+            let router = conn.ctx.router.clone();
+            for (tp, live) in router.positions(&router.assigned_topics()) {
+                conn.state.cursor(&tp, live);
+            }
+        }
+
+        let mut props = ConnAckProperties::default();
+        if protocol == Protocol::V5 {
+            props.receive_maximum = Some(mqtt.receive_maximum);
+            props.maximum_packet_size = u32::try_from(ctx.limits.max_packet_size()).ok();
+            props.topic_alias_maximum = Some(mqtt.topic_alias_max);
+            props.retain_available = (!mqtt.retain_available).then_some(0);
+            props.assigned_client_identifier = assigned;
+            props.server_keep_alive = server_keep_alive;
+            if requested_expiry != session_expiry {
+                props.session_expiry_interval = Some(session_expiry);
+            }
+        }
+        let ack = Packet::ConnAck(ConnAck { session_present, code: ReasonCode::SUCCESS, properties: props });
+        conn.emit(EventType::Connect, None);
+        if protocol::encode(&ack, protocol, &mut conn.out).is_err() {
+            return None;
+        }
+        // Re-sent in-flight messages go out right after CONNACK.
+        conn.resend_inflight();
+        if session_expiry > 0 {
+            conn.dirty = true;
+        }
+        tracing::debug!(client_id, %peer, ?protocol, session_present, "client connected");
+        Some(conn)
+    }
+
+    /// Subscriptions and positions of a restored session go back to the router.
+    pub(super) async fn restore(&mut self, inflight: Vec<StoredInflight>) -> Result<(), ReasonCode> {
+        let router = self.ctx.router.clone();
+        let filters: Vec<(String, QoS)> =
+            self.state.subscriptions.iter().map(|s| (s.filter.clone(), s.options.qos)).collect();
+        for (filter, qos) in filters {
+            let positions =
+                router.subscribe(&self.slot, &filter, qos).await.map_err(|_| ReasonCode::SERVER_UNAVAILABLE)?;
+            for (tp, live) in positions {
+                self.state.cursor(&tp, live);
+            }
+        }
+        // In-flight messages: fetch their bodies back from the log.
+        for inf in inflight {
+            let Some(pid) = inf.packet_id() else { continue };
+            let origin = inf.origin();
+            let qos = QoS::from_u8(inf.qos).unwrap_or(QoS::AtLeastOnce);
+            let message = if inf.released {
+                None
+            } else {
+                let fetched = self
+                    .ctx
+                    .backend
+                    .fetch(&origin.tp, origin.offset, 1)
+                    .await
+                    .map_err(|_| ReasonCode::SERVER_UNAVAILABLE)?;
+                fetched
+                    .records
+                    .into_iter()
+                    .find(|r| r.offset == origin.offset)
+                    .and_then(|r| record_message(&self.ctx, &r.tp, &r.record))
+            };
+            if !inf.released && message.is_none() {
+                continue; // gone by retention
+            }
+            let stage = if inf.released { OutboundStage::Released } else { OutboundStage::Published };
+            let message = message.unwrap_or_else(|| Arc::new(empty_message()));
+            self.state.cursor(&origin.tp, origin.offset).pending.insert(origin.offset);
+            self.state.outbound.insert(
+                pid,
+                Outbound { message, qos, retain: false, subscription_ids: Vec::new(), origin: Some(origin), stage },
+            );
+        }
+        // Every cursor reads back what the session missed while away.
+        let cursors: Vec<(TopicPartition, u64)> =
+            self.state.cursors.iter().map(|(tp, c)| (tp.clone(), c.committed())).collect();
+        for (tp, from) in cursors {
+            self.slot.mark_lagging(tp, from);
+        }
+        Ok(())
+    }
+
+    pub(super) fn resend_inflight(&mut self) {
+        let mut ids: Vec<PacketId> = self.state.outbound.keys().copied().collect();
+        ids.sort();
+        for pid in ids {
+            let Some(o) = self.state.outbound.get(&pid) else { continue };
+            let packet = match o.stage {
+                OutboundStage::Released => Packet::PubRel(PubResponse::new(pid)),
+                OutboundStage::Published => Packet::Publish(publish_packet(o, Some(pid), true, self.protocol)),
+            };
+            let _ = protocol::encode(&packet, self.protocol, &mut self.out);
+        }
+    }
+}

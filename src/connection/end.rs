@@ -1,0 +1,118 @@
+//! End of a connection: tell the client why, save or drop the session, publish the will,
+//! write events, leave the router and the registry.
+
+use super::*;
+
+impl Conn {
+    /// After the loop: tell the client why, save or drop the session, publish the will,
+    /// write events, leave the router and registry.
+    pub(super) async fn finish<W: AsyncWrite + Unpin>(mut self, end: End, writer: &mut W) {
+        let (reason, publish_will, event_reason) = match &end {
+            End::ClientDisconnect { with_will } => (None, *with_will, "client disconnect".to_string()),
+            End::Dropped(why) => (None, true, why.to_string()),
+            End::Server(code, why) => (Some(*code), true, why.to_string()),
+            End::Kicked(Kick::TakenOver { new_clean_start }) => {
+                // MQTT 5: the old connection's will is sent unless the new one resumes the
+                // session and the will is delayed.
+                let delayed = self.will.as_ref().and_then(|w| w.properties.will_delay_interval).unwrap_or(0) > 0;
+                (Some(ReasonCode::SESSION_TAKEN_OVER), *new_clean_start || !delayed, "session taken over".to_string())
+            }
+            End::Kicked(Kick::Shutdown) => {
+                (Some(ReasonCode::SERVER_SHUTTING_DOWN), true, "server shutting down".to_string())
+            }
+            End::Kicked(Kick::Administrative) => (Some(ReasonCode::ADMINISTRATIVE_ACTION), true, "kicked".to_string()),
+        };
+        if matches!(end, End::ClientDisconnect { .. }) {
+            self.emit(EventType::Disconnect, None);
+        }
+        if let (Some(code), Protocol::V5) = (reason, self.protocol) {
+            let d = Disconnect { code, properties: DisconnectProperties::default() };
+            self.send(&Packet::Disconnect(d));
+        }
+        if !self.out.is_empty() {
+            let out = std::mem::take(&mut self.out);
+            let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                let _ = writer.write_all(&out).await;
+                let _ = writer.flush().await;
+            })
+            .await;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), writer.shutdown()).await;
+
+        // Leave the router first so no more deliveries queue up.
+        let filters: Vec<String> = self.state.subscriptions.iter().map(|s| s.filter.clone()).collect();
+        self.ctx.router.unregister(&self.slot, &filters);
+        // Messages still pending were never sent; their positions stay uncommitted, so a
+        // persistent session gets them on reconnect.
+        let backend = self.ctx.backend.clone();
+        let save = if self.session_expiry > 0 {
+            let stored = Stored::from_state(&self.state, self.session_expiry, Some(now_ms()));
+            backend.put_state(StateStore::Sessions, &self.client_id, Some(stored.encode()))
+        } else if self.stored {
+            backend.put_state(StateStore::Sessions, &self.client_id, None)
+        } else {
+            async { Ok(()) }.boxed()
+        };
+        if let Err(e) = tokio::time::timeout(Duration::from_secs(self.ctx.config.mqtt.backend_timeout_secs), save)
+            .await
+            .unwrap_or(Err(BackendError::Timeout(Duration::from_secs(0))))
+        {
+            tracing::warn!(client_id = %self.client_id, error = %e, "cannot save session at disconnect");
+        }
+        if publish_will {
+            if let Some(will) = self.will.take() {
+                self.schedule_will(will);
+            }
+        }
+        self.emit(EventType::Tcpclean, Some(event_reason));
+        // Written before we report done: a takeover's `connect` follows our `tcpclean`, and a
+        // shutdown does not close the core service under it.
+        if let Some(last) = self.last_event.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), last).await;
+        }
+        let _ = self.registration.done.send(true);
+        self.ctx.registry.release(&self.client_id, self.registration.conn_id);
+        tracing::debug!(client_id = %self.client_id, ?end, "client disconnected");
+    }
+
+    pub(super) fn schedule_will(&self, will: LastWill) {
+        let delay = will.properties.will_delay_interval.unwrap_or(0).min(self.session_expiry);
+        let ctx = self.ctx.clone();
+        let client_id = self.client_id.clone();
+        let message = Arc::new(Message {
+            topic: will.topic.as_str().into(),
+            payload: will.payload.clone(),
+            qos: will.qos,
+            retain: will.retain,
+            publisher: client_id.as_str().into(),
+            payload_format_indicator: will.properties.payload_format_indicator,
+            message_expiry_interval: will.properties.message_expiry_interval,
+            content_type: will.properties.content_type.clone(),
+            response_topic: will.properties.response_topic.clone(),
+            correlation_data: will.properties.correlation_data.clone(),
+            user_properties: will.properties.user_properties.clone(),
+            timestamp_ms: now_ms(),
+        });
+        let cancel = (delay > 0).then(|| ctx.registry.park_will(&client_id));
+        tokio::spawn(async move {
+            if let Some(cancel) = cancel {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(u64::from(delay))) => {}
+                    _ = cancel => return,
+                }
+                ctx.registry.will_done(&client_id);
+            }
+            let Some(core) = ctx.router.topics().core_topic(topic::parent(&message.topic)) else {
+                tracing::warn!(client_id, topic = %message.topic, "will topic's parent is not declared; will dropped");
+                return;
+            };
+            if let Err(e) = ctx.router.ensure_core_topic(&core).await {
+                tracing::warn!(client_id, error = %e, "cannot publish will");
+                return;
+            }
+            if let Err(e) = store_message(&ctx, &core.name, with_timestamp(message, now_ms())).await {
+                tracing::warn!(client_id, error = %e, "cannot publish will");
+            }
+        });
+    }
+}

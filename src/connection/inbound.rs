@@ -1,0 +1,271 @@
+//! Client → gateway: PUBLISH stored through the core service and acknowledged only once
+//! durable, SUBSCRIBE / UNSUBSCRIBE.
+
+use super::*;
+
+/// Result of one core-service append, in publish order.
+pub(super) struct AckResult {
+    packet_id: Option<PacketId>,
+    qos: QoS,
+    outcome: Result<(), String>,
+}
+
+impl Conn {
+    /// Refuse a PUBLISH: MQTT 5 QoS 1/2 gets a negative acknowledgement and stays connected;
+    /// otherwise the protocol has no negative answer and the connection closes.
+    pub(super) fn refuse_publish(&mut self, p: &Publish, code: ReasonCode, why: &'static str) -> Result<(), End> {
+        tracing::debug!(client_id = %self.client_id, topic = %p.topic, reason = why, "publish refused");
+        match (self.protocol, p.qos, p.packet_id) {
+            (Protocol::V5, QoS::AtLeastOnce, Some(pid)) => {
+                self.send(&Packet::PubAck(PubResponse { packet_id: pid, code, properties: AckProperties::default() }));
+                Ok(())
+            }
+            (Protocol::V5, QoS::ExactlyOnce, Some(pid)) => {
+                self.send(&Packet::PubRec(PubResponse { packet_id: pid, code, properties: AckProperties::default() }));
+                Ok(())
+            }
+            _ => Err(End::Server(code, why)),
+        }
+    }
+
+    pub(super) async fn on_publish(
+        &mut self,
+        mut p: Publish,
+        acks: &mut FuturesOrdered<BoxFuture<'static, AckResult>>,
+        backend_timeout: Duration,
+    ) -> Result<(), End> {
+        // Topic alias (MQTT 5, client → server).
+        if let Some(alias) = p.properties.topic_alias {
+            if alias == 0 || alias > self.ctx.config.mqtt.topic_alias_max {
+                return Err(End::Server(ReasonCode::TOPIC_ALIAS_INVALID, "topic alias out of range [MQTT-3.3.2-9]"));
+            }
+            if p.topic.is_empty() {
+                match self.topic_aliases.get(&alias) {
+                    Some(t) => p.topic = t.clone(),
+                    None => return Err(End::Server(ReasonCode::PROTOCOL_ERROR, "unknown topic alias")),
+                }
+            } else {
+                self.topic_aliases.insert(alias, p.topic.clone());
+            }
+        }
+        if p.topic.is_empty() {
+            return Err(End::Server(ReasonCode::PROTOCOL_ERROR, "empty topic without alias [MQTT-4.7.3-1]"));
+        }
+        if p.qos != QoS::AtMostOnce {
+            self.inbound_inflight += 1;
+            if self.protocol == Protocol::V5
+                && self.inbound_inflight > usize::from(self.ctx.config.mqtt.receive_maximum)
+            {
+                return Err(End::Server(ReasonCode::RECEIVE_MAXIMUM_EXCEEDED, "receive maximum exceeded"));
+            }
+        }
+        if let Err(r) = self.ctx.limits.check_payload(p.payload.len()) {
+            self.done_inbound(p.qos);
+            return Err(End::Server(r.reason_code(), "payload too large"));
+        }
+        if p.retain && !self.ctx.config.mqtt.retain_available {
+            self.done_inbound(p.qos);
+            return Err(End::Server(ReasonCode::RETAIN_NOT_SUPPORTED, "retain not supported"));
+        }
+        if p.topic.starts_with('$')
+            || self.ctx.limits.check_topic(&p.topic).is_err()
+            || topic::validate_name(&p.topic).is_err()
+        {
+            self.done_inbound(p.qos);
+            return self.refuse_publish(&p, ReasonCode::TOPIC_NAME_INVALID, "topic name not allowed");
+        }
+        let Some(core) = self.ctx.router.topics().core_topic(topic::parent(&p.topic)) else {
+            self.done_inbound(p.qos);
+            return self.refuse_publish(&p, ReasonCode::TOPIC_NAME_INVALID, "parent topic not declared");
+        };
+        // QoS 2 re-sent before PUBREL: already stored, acknowledge again without storing twice.
+        if let (QoS::ExactlyOnce, Some(pid)) = (p.qos, p.packet_id) {
+            if self.state.inbound_qos2.contains(&pid.get()) {
+                self.done_inbound(p.qos);
+                self.send(&Packet::PubRec(PubResponse::new(pid)));
+                return Ok(());
+            }
+        }
+        if let Err(e) = self.ctx.router.ensure_core_topic(&core).await {
+            tracing::warn!(error = %e, "cannot create core topic");
+            self.done_inbound(p.qos);
+            return Err(End::Server(ReasonCode::SERVER_BUSY, "core service unavailable"));
+        }
+        let message = Arc::new(Message {
+            topic: p.topic.as_str().into(),
+            payload: p.payload.clone(),
+            qos: p.qos,
+            retain: p.retain,
+            publisher: self.slot.client_id.clone(),
+            payload_format_indicator: p.properties.payload_format_indicator,
+            message_expiry_interval: p.properties.message_expiry_interval,
+            content_type: p.properties.content_type.clone(),
+            response_topic: p.properties.response_topic.clone(),
+            correlation_data: p.properties.correlation_data.clone(),
+            user_properties: std::mem::take(&mut p.properties.user_properties),
+            timestamp_ms: now_ms(),
+        });
+        let fut = store_message(&self.ctx, &core.name, message);
+        let (packet_id, qos) = (p.packet_id, p.qos);
+        acks.push_back(
+            async move {
+                let outcome = match tokio::time::timeout(backend_timeout, fut).await {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err(format!("no acknowledgement within {backend_timeout:?}")),
+                };
+                AckResult { packet_id, qos, outcome }
+            }
+            .boxed(),
+        );
+        Ok(())
+    }
+
+    pub(super) fn done_inbound(&mut self, qos: QoS) {
+        if qos != QoS::AtMostOnce {
+            self.inbound_inflight = self.inbound_inflight.saturating_sub(1);
+        }
+    }
+
+    pub(super) fn on_ack(&mut self, r: AckResult) -> Result<(), End> {
+        self.done_inbound(r.qos);
+        match (r.outcome, r.qos, r.packet_id) {
+            (Ok(()), QoS::AtMostOnce, _) => Ok(()),
+            (Ok(()), QoS::AtLeastOnce, Some(pid)) => {
+                self.send(&Packet::PubAck(PubResponse::new(pid)));
+                Ok(())
+            }
+            (Ok(()), QoS::ExactlyOnce, Some(pid)) => {
+                self.state.inbound_qos2.insert(pid.get());
+                self.dirty = true;
+                self.send(&Packet::PubRec(PubResponse::new(pid)));
+                Ok(())
+            }
+            (Err(e), QoS::AtMostOnce, _) => {
+                tracing::warn!(client_id = %self.client_id, error = %e, "QoS 0 message not stored");
+                Ok(())
+            }
+            (Err(e), _, _) => {
+                // Never acknowledged: the client keeps the message and re-sends it.
+                tracing::warn!(client_id = %self.client_id, error = %e, "message not stored; disconnecting without acknowledging it");
+                Err(End::Server(ReasonCode::SERVER_BUSY, "core service did not acknowledge"))
+            }
+            (Ok(()), _, None) => Ok(()),
+        }
+    }
+
+    pub(super) async fn on_subscribe(&mut self, s: Subscribe) -> Result<(), End> {
+        let mut codes = Vec::with_capacity(s.filters.len());
+        let mut retained: Vec<(Arc<Message>, QoS, Vec<u32>)> = Vec::new();
+        let router = self.ctx.router.clone();
+        for (filter, options) in &s.filters {
+            let parsed = match topic::parse_filter(filter) {
+                Ok(p) => p,
+                Err(_) => {
+                    codes.push(ReasonCode::TOPIC_FILTER_INVALID);
+                    continue;
+                }
+            };
+            if parsed.group.is_some() && options.no_local {
+                return Err(End::Server(
+                    ReasonCode::PROTOCOL_ERROR,
+                    "no local on a shared subscription [MQTT-3.8.3-4]",
+                ));
+            }
+            if self.ctx.limits.check_filter(parsed.filter).is_err() {
+                codes.push(ReasonCode::TOPIC_FILTER_INVALID);
+                continue;
+            }
+            let exists = self.state.subscription(filter).is_some();
+            if !exists && self.ctx.limits.check_subscription_count(self.state.subscriptions.len()).is_err() {
+                codes.push(ReasonCode::QUOTA_EXCEEDED);
+                continue;
+            }
+            let positions = match router.subscribe(&self.slot, filter, options.qos).await {
+                Ok(p) => p,
+                Err(crate::router::RouterError::UndeclaredParent(_)) => {
+                    codes.push(ReasonCode::TOPIC_FILTER_INVALID);
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "subscribe failed");
+                    codes.push(ReasonCode::UNSPECIFIED_ERROR);
+                    continue;
+                }
+            };
+            for (tp, live) in positions {
+                self.state.cursor(&tp, live);
+            }
+            let sub = Subscription {
+                filter: filter.clone(),
+                options: *options,
+                identifier: s.properties.subscription_identifier,
+            };
+            self.state.subscribe(sub);
+            self.dirty = true;
+            codes.push(ReasonCode(options.qos as u8));
+            let send_retained = parsed.group.is_none()
+                && match options.retain_handling {
+                    RetainHandling::OnSubscribe => true,
+                    RetainHandling::OnNewSubscription => !exists,
+                    RetainHandling::Never => false,
+                };
+            if send_retained {
+                let now = now_ms();
+                for m in router.retained_matching(parsed.filter) {
+                    if !m.expired(now) {
+                        let qos = m.qos.min(options.qos);
+                        retained.push((m, qos, s.properties.subscription_identifier.into_iter().collect()));
+                    }
+                }
+            }
+        }
+        self.send(&Packet::SubAck(SubAck { packet_id: s.packet_id, codes, properties: AckProperties::default() }));
+        for (message, qos, subscription_ids) in retained {
+            self.pending.push_back(Pending { message, qos, retain: true, subscription_ids, origin: None });
+        }
+        Ok(())
+    }
+
+    pub(super) fn on_unsubscribe(&mut self, u: Unsubscribe) {
+        let mut codes = Vec::with_capacity(u.filters.len());
+        for f in &u.filters {
+            let existed = self.state.unsubscribe(f);
+            self.ctx.router.unsubscribe(&self.slot, f);
+            codes.push(if existed { ReasonCode::SUCCESS } else { ReasonCode::NO_SUBSCRIPTION_EXISTED });
+        }
+        self.dirty = true;
+        self.send(&Packet::UnsubAck(UnsubAck { packet_id: u.packet_id, codes, properties: AckProperties::default() }));
+    }
+}
+
+pub(super) fn with_timestamp(message: Arc<Message>, ts: i64) -> Arc<Message> {
+    let mut m = (*message).clone();
+    m.timestamp_ms = ts;
+    Arc::new(m)
+}
+
+/// Append a message to its core topic and, when retained, update the retained store.
+/// Resolves when both are durable.
+pub(super) fn store_message(
+    ctx: &Arc<Context>,
+    core: &str,
+    message: Arc<Message>,
+) -> BoxFuture<'static, Result<(), BackendError>> {
+    let record = ctx.router.topics().to_record(&message);
+    let append = ctx.backend.append(core, record.clone());
+    if !message.retain {
+        return async move { append.await.map(|_| ()) }.boxed();
+    }
+    let value = (!message.payload.is_empty()).then(|| mapping::encode_record(&record));
+    let retained = ctx.backend.put_state(StateStore::Retained, &message.topic, value);
+    let ctx = ctx.clone();
+    async move {
+        // `try_join` polls the append first, so its place in the per-key order is kept.
+        futures::try_join!(append, retained)?;
+        let local = (!message.payload.is_empty()).then(|| message.clone());
+        ctx.router.apply_retained(&message.topic, local);
+        Ok(())
+    }
+    .boxed()
+}

@@ -1,0 +1,486 @@
+//! One task per client connection: CONNECT handshake, then a loop that reads and decodes
+//! packets, applies them to the session, writes batched responses and deliveries, keeps
+//! the keepalive, and at the end saves the session, publishes the will and writes events.
+//!
+//! Every wait a client or the core service can stall is bounded: CONNECT timeout,
+//! keepalive, core-service acknowledgement timeout, final flush. Inbound QoS 1/2 is
+//! acknowledged only when the core service's append future resolved (SPEC §3).
+//! Reading the socket pauses while too many appends are outstanding (back-pressure).
+//!
+//! - this file: the task, the select loop, packet dispatch;
+//! - [`connect`]: CONNECT → CONNACK, session restore;
+//! - [`inbound`]: PUBLISH (store, then acknowledge), SUBSCRIBE, UNSUBSCRIBE;
+//! - [`outbound`]: deliveries, catch-up from the core service, in-flight window;
+//! - [`end`]: session save, will, events at the end.
+
+use bytes::{Bytes, BytesMut};
+use futures::future::BoxFuture;
+use futures::stream::{FuturesOrdered, StreamExt};
+use futures::FutureExt;
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
+
+use crate::backend::{BackendError, Fetched, StateStore, TopicPartition};
+use crate::events::{ClientEvent, EventType};
+use crate::protocol::{
+    self, AckProperties, ConnAck, ConnAckProperties, Connect, DecodeError, Disconnect, DisconnectProperties, LastWill,
+    Packet, PacketId, Protocol, PubResponse, Publish, PublishProperties, QoS, ReasonCode, RetainHandling, SubAck,
+    Subscribe, UnsubAck, Unsubscribe,
+};
+use crate::router::mapping::{self, Message};
+use crate::router::{topic, Delivery, Reattach, SessionSlot};
+use crate::server::Context;
+use crate::session::persist::{Stored, StoredInflight};
+use crate::session::registry::{Kick, Registration};
+use crate::session::state::{Origin, Outbound, OutboundStage, Pending, SessionState, Subscription};
+
+mod connect;
+mod end;
+mod inbound;
+mod outbound;
+
+use inbound::{store_message, with_timestamp, AckResult};
+use outbound::{empty_message, publish_packet, record_message, CatchupStep};
+
+/// Stop taking deliveries when this many bytes wait to be written.
+const OUT_HIGH_WATER: usize = 256 * 1024;
+/// Stop taking deliveries when this many messages wait for the in-flight window.
+const PENDING_HIGH_WATER: usize = 256;
+/// Outstanding core-service appends per connection before reading pauses.
+const MAX_OUTSTANDING_APPENDS: usize = 1024;
+/// Records read back per catch-up fetch.
+const CATCHUP_BATCH: usize = 256;
+/// Read buffer for a connection that is busy; an idle one keeps only [`IDLE_READ_BUFFER`].
+const BUSY_READ_BUFFER: usize = 16 * 1024;
+const IDLE_READ_BUFFER: usize = 256;
+/// How often a dirty persistent session is saved.
+const PERSIST_EVERY: Duration = Duration::from_millis(100);
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+/// Serve one client connection to the end.
+pub async fn run<S>(ctx: Arc<Context>, stream: S, peer: SocketAddr, listener: Arc<str>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let conn_id = ctx.next_conn_id.fetch_add(1, Ordering::Relaxed);
+    let (mut reader, mut writer) = tokio::io::split(stream);
+    let mut inbuf = BytesMut::with_capacity(512);
+    let max_packet = ctx.limits.max_packet_size();
+    let connect_timeout = Duration::from_secs(ctx.config.mqtt.connect_timeout_secs);
+
+    // CONNECT must come first, within the timeout.
+    let first = tokio::time::timeout(connect_timeout, async {
+        loop {
+            match protocol::decode(&mut inbuf, Protocol::V311, max_packet) {
+                Ok(Some(p)) => return Ok(p),
+                Ok(None) => {}
+                Err(e) => return Err(Some(e)),
+            }
+            match reader.read_buf(&mut inbuf).await {
+                Ok(0) | Err(_) => return Err(None),
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    let connect = match first {
+        Ok(Ok(Packet::Connect(c))) => *c,
+        Ok(Err(Some(DecodeError::UnsupportedProtocolVersion(_)))) => {
+            // Answer in 3.1.1 form, which every client version can read [MQTT-3.1.2-2].
+            let ack = ConnAck { code: ReasonCode::UNSUPPORTED_PROTOCOL_VERSION, ..ConnAck::default() };
+            let _ = write_now(&mut writer, &Packet::ConnAck(ack), Protocol::V311).await;
+            return;
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = ?e, "connection closed before a valid CONNECT");
+            return;
+        }
+        Ok(Ok(other)) => {
+            tracing::debug!(%peer, packet = ?packet_name(&other), "first packet was not CONNECT [MQTT-3.1.0-1]");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "no CONNECT within {connect_timeout:?}");
+            return;
+        }
+    };
+    let mut conn = match Conn::accept(ctx.clone(), connect, peer, conn_id, listener, &mut writer).await {
+        Some(c) => c,
+        None => return,
+    };
+    let end = conn.serve(&mut reader, &mut writer, inbuf).await;
+    conn.finish(end, &mut writer).await;
+}
+
+async fn write_now<W: AsyncWrite + Unpin>(w: &mut W, p: &Packet, proto: Protocol) -> std::io::Result<()> {
+    let mut b = BytesMut::new();
+    protocol::encode(p, proto, &mut b).map_err(|e| std::io::Error::other(e.to_string()))?;
+    tokio::time::timeout(Duration::from_secs(5), async {
+        w.write_all(&b).await?;
+        w.flush().await
+    })
+    .await
+    .map_err(|_| std::io::Error::other("write timeout"))?
+}
+
+fn packet_name(p: &Packet) -> &'static str {
+    match p {
+        Packet::Connect(_) => "CONNECT",
+        Packet::ConnAck(_) => "CONNACK",
+        Packet::Publish(_) => "PUBLISH",
+        Packet::PubAck(_) => "PUBACK",
+        Packet::PubRec(_) => "PUBREC",
+        Packet::PubRel(_) => "PUBREL",
+        Packet::PubComp(_) => "PUBCOMP",
+        Packet::Subscribe(_) => "SUBSCRIBE",
+        Packet::SubAck(_) => "SUBACK",
+        Packet::Unsubscribe(_) => "UNSUBSCRIBE",
+        Packet::UnsubAck(_) => "UNSUBACK",
+        Packet::PingReq => "PINGREQ",
+        Packet::PingResp => "PINGRESP",
+        Packet::Disconnect(_) => "DISCONNECT",
+        Packet::Auth(_) => "AUTH",
+    }
+}
+
+/// How a connection ended.
+#[derive(Debug, Clone)]
+enum End {
+    /// DISCONNECT from the client; `with_will` for MQTT 5 reason 0x04.
+    ClientDisconnect {
+        with_will: bool,
+    },
+    /// Socket closed or failed without DISCONNECT.
+    Dropped(&'static str),
+    /// We close it; MQTT 5 clients get a DISCONNECT with this reason first.
+    Server(ReasonCode, &'static str),
+    Kicked(Kick),
+}
+
+struct Conn {
+    ctx: Arc<Context>,
+    protocol: Protocol,
+    client_id: String,
+    username: Option<String>,
+    peer: SocketAddr,
+    channel_id: String,
+    keep_alive: Duration,
+    session_expiry: u32,
+    /// Expiry given at CONNECT was 0: DISCONNECT may not raise it [MQTT-3.14.2-2].
+    expiry_was_zero: bool,
+    will: Option<LastWill>,
+    state: SessionState,
+    slot: Arc<SessionSlot>,
+    rx: tokio::sync::mpsc::Receiver<Delivery>,
+    registration: Registration,
+    /// Our window towards the client: its Receive Maximum, capped by config.
+    window: usize,
+    /// Client's Maximum Packet Size (MQTT 5).
+    client_max_packet: Option<usize>,
+    topic_aliases: HashMap<u16, String>,
+    pending: VecDeque<Pending>,
+    out: BytesMut,
+    dirty: bool,
+    /// A stored session exists for this ClientId (so a clean end must delete it).
+    stored: bool,
+    /// The last status event being written (events are chained to keep their order).
+    last_event: Option<tokio::task::JoinHandle<()>>,
+    inbound_inflight: usize,
+}
+
+impl Conn {
+    /// Write a status event. Events of one connection are written in order: each waits for
+    /// the previous one, without holding up the connection.
+    fn emit(&mut self, event_type: EventType, reason: Option<String>) {
+        let ev = ClientEvent {
+            event_type,
+            client_id: self.client_id.clone(),
+            channel_id: self.channel_id.clone(),
+            client_ip: self.peer.ip().to_string(),
+            time: now_ms(),
+            gateway_id: self.ctx.gateway_id.clone(),
+            username: self.username.clone(),
+            reason,
+        };
+        let backend = self.ctx.backend.clone();
+        let previous = self.last_event.take();
+        self.last_event = Some(tokio::spawn(async move {
+            if let Some(p) = previous {
+                let _ = p.await;
+            }
+            if let Err(e) = backend.emit_event(ev).await {
+                tracing::warn!(error = %e, "cannot write client status event");
+            }
+        }));
+    }
+
+    /// The main loop, then completion of the appends still outstanding: a message the
+    /// client handed over (QoS 0 included) is stored even if the client left right after.
+    async fn serve<R, W>(&mut self, reader: &mut R, writer: &mut W, inbuf: BytesMut) -> End
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let mut acks: FuturesOrdered<BoxFuture<'static, AckResult>> = FuturesOrdered::new();
+        let end = self.serve_loop(reader, writer, inbuf, &mut acks).await;
+        // Each future carries its own timeout, so this ends.
+        while let Some(r) = acks.next().await {
+            let _ = self.on_ack(r);
+        }
+        end
+    }
+
+    async fn serve_loop<R, W>(
+        &mut self,
+        reader: &mut R,
+        writer: &mut W,
+        mut inbuf: BytesMut,
+        acks: &mut FuturesOrdered<BoxFuture<'static, AckResult>>,
+    ) -> End
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let mut catchup: Option<BoxFuture<'static, CatchupStep>> = None;
+        let mut persist: Option<BoxFuture<'static, Result<(), BackendError>>> = None;
+        let mut last_persist = Instant::now();
+        let mut last_packet = Instant::now();
+        // One timer per connection, re-armed only when it fires: an idle connection costs no
+        // wake-ups, a busy one no timer churn.
+        let keepalive = tokio::time::sleep(self.keep_alive.max(Duration::from_secs(1)));
+        tokio::pin!(keepalive);
+        let max_packet = self.ctx.limits.max_packet_size();
+        let backend_timeout = Duration::from_secs(self.ctx.config.mqtt.backend_timeout_secs);
+        // The kick receiver moves out of `self` so the loop can borrow `self` freely.
+        let (_unused, placeholder) = tokio::sync::oneshot::channel();
+        let mut kicked = std::mem::replace(&mut self.registration.kicked, placeholder);
+        let shutdown = self.ctx.shutdown.clone();
+
+        // Packets that arrived together with CONNECT.
+        if let Err(end) = self.decode_all(&mut inbuf, max_packet, acks, backend_timeout).await {
+            return end;
+        }
+        let mut last_read = 0usize;
+        loop {
+            self.flush_pending();
+            // Memory follows traffic: a connection whose last read was small and whose
+            // buffers are drained holds a few hundred bytes, not kilobytes.
+            if inbuf.is_empty() && last_read < IDLE_READ_BUFFER {
+                if inbuf.capacity() > IDLE_READ_BUFFER {
+                    inbuf = BytesMut::with_capacity(IDLE_READ_BUFFER);
+                }
+            } else if inbuf.capacity() - inbuf.len() < 1024 {
+                inbuf.reserve(BUSY_READ_BUFFER);
+            }
+            if self.out.is_empty() && self.out.capacity() > 4096 {
+                self.out = BytesMut::new();
+            }
+            let persist_due = self.dirty && self.session_expiry > 0 && persist.is_none();
+            let can_read = acks.len() < MAX_OUTSTANDING_APPENDS;
+            let can_take = self.pending.len() < PENDING_HIGH_WATER && self.out.len() < OUT_HIGH_WATER;
+            if catchup.is_none() && can_take {
+                if let Some((tp, lag)) = self.slot.lagging().into_iter().next() {
+                    let from = self.state.cursors.get(&tp).map(|c| c.next.min(lag)).unwrap_or(lag);
+                    catchup = Some(self.fetch_step(tp, from));
+                }
+            }
+            tokio::select! {
+                k = &mut kicked => {
+                    return End::Kicked(k.unwrap_or(Kick::Administrative));
+                }
+                _ = shutdown.cancelled() => return End::Kicked(Kick::Shutdown),
+                n = writer.write(&self.out), if !self.out.is_empty() => {
+                    match n {
+                        Ok(0) | Err(_) => return End::Dropped("write failed"),
+                        Ok(n) => { let _ = self.out.split_to(n); }
+                    }
+                }
+                Some(r) = acks.next(), if !acks.is_empty() => {
+                    if let Err(end) = self.on_ack(r) { return end; }
+                    // Coalesce: take every acknowledgement that is already complete.
+                    while let Some(Some(r)) = acks.next().now_or_never() {
+                        if let Err(end) = self.on_ack(r) { return end; }
+                    }
+                }
+                read = reader.read_buf(&mut inbuf), if can_read => {
+                    match read {
+                        Ok(0) => return End::Dropped("connection closed by peer"),
+                        Err(_) => return End::Dropped("read error"),
+                        Ok(n) => {
+                            last_read = n;
+                            last_packet = Instant::now();
+                            if let Err(end) = self.decode_all(&mut inbuf, max_packet, acks, backend_timeout).await {
+                                return end;
+                            }
+                        }
+                    }
+                }
+                d = self.rx.recv(), if can_take => {
+                    let Some(d) = d else { return End::Server(ReasonCode::SERVER_SHUTTING_DOWN, "router stopped") };
+                    self.on_delivery(d);
+                    let mut n = 0;
+                    while n < 256 && self.pending.len() < PENDING_HIGH_WATER {
+                        match self.rx.try_recv() {
+                            Ok(d) => self.on_delivery(d),
+                            Err(_) => break,
+                        }
+                        n += 1;
+                    }
+                }
+                step = async { match catchup.as_mut() { Some(f) => f.await, None => std::future::pending().await } }, if catchup.is_some() && can_take => {
+                    catchup = self.on_catchup(step);
+                }
+                _ = self.slot.lag_notify.notified(), if catchup.is_none() => {}
+                res = async { match persist.as_mut() { Some(f) => f.await, None => std::future::pending().await } }, if persist.is_some() => {
+                    persist = None;
+                    if let Err(e) = res {
+                        tracing::warn!(client_id = %self.client_id, error = %e, "cannot save session");
+                        self.dirty = true;
+                    }
+                }
+                _ = tokio::time::sleep_until(last_persist + PERSIST_EVERY), if persist_due => {
+                    self.dirty = false;
+                    last_persist = Instant::now();
+                    self.advance_idle_cursors();
+                    let stored = Stored::from_state(&self.state, self.session_expiry, None);
+                    persist = Some(self.ctx.backend.put_state(StateStore::Sessions, &self.client_id, Some(stored.encode())));
+                    self.stored = true;
+                }
+                _ = &mut keepalive, if !self.keep_alive.is_zero() => {
+                    let deadline = last_packet + self.keep_alive;
+                    if Instant::now() >= deadline {
+                        return End::Server(ReasonCode::KEEP_ALIVE_TIMEOUT, "keepalive timeout");
+                    }
+                    keepalive.as_mut().reset(deadline);
+                }
+            }
+        }
+    }
+
+    async fn decode_all(
+        &mut self,
+        inbuf: &mut BytesMut,
+        max_packet: usize,
+        acks: &mut FuturesOrdered<BoxFuture<'static, AckResult>>,
+        backend_timeout: Duration,
+    ) -> Result<(), End> {
+        loop {
+            match protocol::decode(inbuf, self.protocol, max_packet) {
+                Ok(Some(p)) => self.on_packet(p, acks, backend_timeout).await?,
+                Ok(None) => return Ok(()),
+                Err(e) => {
+                    if matches!(e, DecodeError::PacketTooLarge { .. }) {
+                        // Refused from the fixed header: counted with the payload limit.
+                        let _ = self.ctx.limits.check_payload(usize::MAX);
+                    }
+                    tracing::debug!(client_id = %self.client_id, error = %e, "malformed packet");
+                    return Err(End::Server(e.reason_code(), "malformed packet"));
+                }
+            }
+        }
+    }
+
+    async fn on_packet(
+        &mut self,
+        packet: Packet,
+        acks: &mut FuturesOrdered<BoxFuture<'static, AckResult>>,
+        backend_timeout: Duration,
+    ) -> Result<(), End> {
+        match packet {
+            Packet::Publish(p) => self.on_publish(p, acks, backend_timeout).await,
+            Packet::PubAck(r) => {
+                if let Some(o) = self.state.outbound.remove(&r.packet_id) {
+                    self.state.ack_origin(&o.origin);
+                    self.dirty = true;
+                }
+                Ok(())
+            }
+            Packet::PubRec(r) => {
+                let pid = r.packet_id;
+                if r.code.is_error() {
+                    if let Some(o) = self.state.outbound.remove(&pid) {
+                        self.state.ack_origin(&o.origin);
+                    }
+                    return Ok(());
+                }
+                let origin = match self.state.outbound.get_mut(&pid) {
+                    Some(o) => {
+                        o.stage = OutboundStage::Released;
+                        o.origin.clone()
+                    }
+                    None if self.protocol == Protocol::V5 => {
+                        let mut rel = PubResponse::new(pid);
+                        rel.code = ReasonCode::PACKET_IDENTIFIER_NOT_FOUND;
+                        self.send(&Packet::PubRel(rel));
+                        return Ok(());
+                    }
+                    None => None,
+                };
+                self.state.ack_origin(&origin);
+                self.dirty = true;
+                self.send(&Packet::PubRel(PubResponse::new(pid)));
+                Ok(())
+            }
+            Packet::PubComp(r) => {
+                if self.state.outbound.remove(&r.packet_id).is_some() {
+                    self.dirty = true;
+                }
+                Ok(())
+            }
+            Packet::PubRel(r) => {
+                let known = self.state.inbound_qos2.remove(&r.packet_id.get());
+                if known {
+                    self.dirty = true;
+                }
+                let mut comp = PubResponse::new(r.packet_id);
+                if !known && self.protocol == Protocol::V5 {
+                    comp.code = ReasonCode::PACKET_IDENTIFIER_NOT_FOUND;
+                }
+                self.send(&Packet::PubComp(comp));
+                Ok(())
+            }
+            Packet::Subscribe(s) => self.on_subscribe(s).await,
+            Packet::Unsubscribe(u) => {
+                self.on_unsubscribe(u);
+                Ok(())
+            }
+            Packet::PingReq => {
+                self.send(&Packet::PingResp);
+                Ok(())
+            }
+            Packet::Disconnect(d) => {
+                if let Some(e) = d.properties.session_expiry_interval {
+                    if self.expiry_was_zero && e > 0 {
+                        return Err(End::Server(
+                            ReasonCode::PROTOCOL_ERROR,
+                            "session expiry raised from 0 [MQTT-3.14.2-2]",
+                        ));
+                    }
+                    self.session_expiry = e.min(self.ctx.config.mqtt.session_expiry_max_secs);
+                }
+                Err(End::ClientDisconnect { with_will: d.code == ReasonCode::DISCONNECT_WITH_WILL })
+            }
+            Packet::Connect(_) => Err(End::Server(ReasonCode::PROTOCOL_ERROR, "second CONNECT [MQTT-3.1.0-2]")),
+            Packet::Auth(_) => {
+                Err(End::Server(ReasonCode::BAD_AUTHENTICATION_METHOD, "AUTH without an authentication method"))
+            }
+            Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp => {
+                Err(End::Server(ReasonCode::PROTOCOL_ERROR, "server-to-client packet sent by a client"))
+            }
+        }
+    }
+
+    fn send(&mut self, p: &Packet) {
+        if let Err(e) = protocol::encode(p, self.protocol, &mut self.out) {
+            tracing::warn!(client_id = %self.client_id, error = %e, "cannot encode packet");
+        }
+    }
+}

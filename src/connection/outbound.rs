@@ -1,0 +1,206 @@
+//! Gateway → client: deliveries from the router, reading back from the core service when
+//! lagging, the in-flight window and the write buffer.
+
+use super::*;
+
+pub(super) enum CatchupStep {
+    Fetched(TopicPartition, Result<Fetched, BackendError>),
+    Reattached(TopicPartition, u64, Result<Reattach, crate::router::RouterError>),
+    Retry(TopicPartition, u64),
+}
+
+impl Conn {
+    pub(super) fn on_delivery(&mut self, d: Delivery) {
+        match d {
+            Delivery::Live { record, message, shared } => {
+                self.consider(&record.tp, record.offset, message, shared.as_deref());
+            }
+            Delivery::Replay { records } => {
+                for (record, message) in records {
+                    self.consider(&record.tp, record.offset, message, None);
+                }
+            }
+        }
+    }
+
+    /// A record of the core service reached this session (live, replayed or read back).
+    pub(super) fn consider(&mut self, tp: &TopicPartition, offset: u64, message: Arc<Message>, shared: Option<&str>) {
+        if shared.is_none() {
+            let cursor = self.state.cursor(tp, offset);
+            if offset < cursor.next || cursor.already_handled(offset) {
+                return;
+            }
+            cursor.next = offset + 1;
+        }
+        if message.expired(now_ms()) {
+            return;
+        }
+        let Some(m) = self.state.matches(&message, shared) else { return };
+        let origin = if m.qos != QoS::AtMostOnce && shared.is_none() {
+            self.state.cursor(tp, offset).pending.insert(offset);
+            Some(Origin { tp: tp.clone(), offset })
+        } else {
+            None
+        };
+        let retain = m.retain_as_published && message.retain;
+        self.pending.push_back(Pending { message, qos: m.qos, retain, subscription_ids: m.subscription_ids, origin });
+        self.dirty = true;
+    }
+
+    /// Move messages from the pending queue into the in-flight window and the write buffer.
+    pub(super) fn flush_pending(&mut self) {
+        while self.out.len() < OUT_HIGH_WATER {
+            let Some(front) = self.pending.front() else { break };
+            if front.qos != QoS::AtMostOnce && self.state.outbound.len() >= self.window {
+                break;
+            }
+            let Some(p) = self.pending.pop_front() else { break };
+            if p.message.expired(now_ms()) {
+                self.state.ack_origin(&p.origin);
+                continue;
+            }
+            let pid = if p.qos == QoS::AtMostOnce { None } else { self.state.next_packet_id() };
+            let o = Outbound {
+                message: p.message,
+                qos: p.qos,
+                retain: p.retain,
+                subscription_ids: p.subscription_ids,
+                origin: p.origin,
+                stage: OutboundStage::Published,
+            };
+            let packet = Packet::Publish(publish_packet(&o, pid, false, self.protocol));
+            if let Some(max) = self.client_max_packet {
+                if protocol::encoded_len(&packet, self.protocol).map(|l| l > max).unwrap_or(true) {
+                    // Too large for this client: dropped as if delivered [MQTT-3.1.2-25].
+                    self.state.ack_origin(&o.origin);
+                    continue;
+                }
+            }
+            if protocol::encode(&packet, self.protocol, &mut self.out).is_err() {
+                self.state.ack_origin(&o.origin);
+                continue;
+            }
+            if let Some(pid) = pid {
+                self.state.outbound.insert(pid, o);
+            }
+        }
+    }
+
+    /// Move cursors past records that were routed but did not match this session, so a
+    /// later catch-up does not re-read them. Safe only for partitions delivered live with an
+    /// empty queue: the routing position is read first, and every matching record below it
+    /// was put in the queue before the position moved.
+    pub(super) fn advance_idle_cursors(&mut self) {
+        let tps: Vec<TopicPartition> = self.state.cursors.keys().cloned().collect();
+        let positions = self.ctx.router.positions_of(&tps);
+        if !self.rx.is_empty() {
+            return;
+        }
+        let lagging: Vec<TopicPartition> = self.slot.lagging().into_iter().map(|(tp, _)| tp).collect();
+        for (tp, pos) in positions {
+            if lagging.contains(&tp) {
+                continue;
+            }
+            if let Some(c) = self.state.cursors.get_mut(&tp) {
+                c.next = c.next.max(pos);
+            }
+        }
+    }
+
+    pub(super) fn fetch_step(&self, tp: TopicPartition, from: u64) -> BoxFuture<'static, CatchupStep> {
+        let fut = self.ctx.backend.fetch(&tp, from, CATCHUP_BATCH);
+        async move { CatchupStep::Fetched(tp, fut.await) }.boxed()
+    }
+
+    pub(super) fn on_catchup(&mut self, step: CatchupStep) -> Option<BoxFuture<'static, CatchupStep>> {
+        match step {
+            CatchupStep::Fetched(tp, Ok(f)) => {
+                for rec in &f.records {
+                    if let Some(message) = record_message(&self.ctx, &rec.tp, &rec.record) {
+                        self.consider(&rec.tp, rec.offset, message, None);
+                    } else {
+                        let c = self.state.cursor(&rec.tp, rec.offset);
+                        c.next = c.next.max(rec.offset + 1);
+                    }
+                }
+                let c = self.state.cursor(&tp, f.next_offset);
+                c.next = c.next.max(f.next_offset);
+                let next = c.next;
+                if f.records.is_empty() || f.next_offset >= f.high_watermark {
+                    let router = self.ctx.router.clone();
+                    let slot = self.slot.clone();
+                    Some(
+                        async move { CatchupStep::Reattached(tp.clone(), next, router.reattach(slot, tp, next).await) }
+                            .boxed(),
+                    )
+                } else {
+                    Some(self.fetch_step(tp, next))
+                }
+            }
+            CatchupStep::Fetched(tp, Err(e)) => {
+                tracing::warn!(client_id = %self.client_id, error = %e, "reading back from the core service failed; retrying");
+                let from = self.state.cursors.get(&tp).map(|c| c.next).unwrap_or(0);
+                Some(
+                    async move {
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        CatchupStep::Retry(tp, from)
+                    }
+                    .boxed(),
+                )
+            }
+            CatchupStep::Retry(tp, from) => Some(self.fetch_step(tp, from)),
+            CatchupStep::Reattached(_, _, Ok(Reattach::Attached)) => None,
+            CatchupStep::Reattached(tp, _, Ok(Reattach::Behind(from))) => Some(self.fetch_step(tp, from)),
+            CatchupStep::Reattached(tp, from, Err(_)) => Some(
+                async move {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    CatchupStep::Retry(tp, from)
+                }
+                .boxed(),
+            ),
+        }
+    }
+}
+
+pub(super) fn record_message(
+    ctx: &Context,
+    tp: &TopicPartition,
+    rec: &crate::backend::CoreRecord,
+) -> Option<Arc<Message>> {
+    let parent = ctx.router.topics().parent_of_core(&tp.topic)?;
+    mapping::record_to_message(parent, rec).map(Arc::new)
+}
+
+pub(super) fn publish_packet(o: &Outbound, packet_id: Option<PacketId>, dup: bool, protocol: Protocol) -> Publish {
+    let mut properties =
+        if protocol == Protocol::V5 { o.message.publish_properties(now_ms()) } else { PublishProperties::default() };
+    if protocol == Protocol::V5 {
+        properties.subscription_identifiers = o.subscription_ids.clone();
+    }
+    Publish {
+        dup: dup && o.qos != QoS::AtMostOnce,
+        qos: o.qos,
+        retain: o.retain,
+        topic: o.message.topic.to_string(),
+        packet_id,
+        payload: o.message.payload.clone(),
+        properties,
+    }
+}
+
+pub(super) fn empty_message() -> Message {
+    Message {
+        topic: "".into(),
+        payload: Bytes::new(),
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        publisher: "".into(),
+        payload_format_indicator: None,
+        message_expiry_interval: None,
+        content_type: None,
+        response_topic: None,
+        correlation_data: None,
+        user_properties: Vec::new(),
+        timestamp_ms: 0,
+    }
+}

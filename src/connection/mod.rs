@@ -8,10 +8,10 @@
 //! Reading the socket pauses while too many appends are outstanding (back-pressure).
 //!
 //! - this file: the task, the select loop, packet dispatch;
-//! - [`connect`]: CONNECT → CONNACK, session restore;
-//! - [`inbound`]: PUBLISH (store, then acknowledge), SUBSCRIBE, UNSUBSCRIBE;
-//! - [`outbound`]: deliveries, catch-up from the core service, in-flight window;
-//! - [`end`]: session save, will, events at the end.
+//! - `connect`: CONNECT → CONNACK, session restore;
+//! - `inbound`: PUBLISH (store, then acknowledge), SUBSCRIBE, UNSUBSCRIBE;
+//! - `outbound`: deliveries, catch-up from the core service, in-flight window;
+//! - `end`: session save, will, events at the end.
 
 use bytes::{Bytes, BytesMut};
 use futures::future::BoxFuture;

@@ -6,7 +6,7 @@
 //! - [`encoded_len`] says how many bytes `encode` would write.
 //!
 //! This file holds the fixed header [MQTT-2.2] and the dispatch to one module per packet
-//! kind; [`primitives`] and [`properties`] hold what the packet modules share.
+//! kind; `primitives` and `properties` hold what the packet modules share.
 
 mod connect;
 mod disconnect;

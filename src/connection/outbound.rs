@@ -115,6 +115,16 @@ impl Conn {
     pub(super) fn on_catchup(&mut self, step: CatchupStep) -> Option<BoxFuture<'static, CatchupStep>> {
         match step {
             CatchupStep::Fetched(tp, Ok(f)) => {
+                // A log that is shorter than our position (records lost with a power failure
+                // before their fsync, never acknowledged to their publishers): continue from
+                // its end instead of skipping whatever is written there next.
+                if let Some(c) = self.state.cursors.get_mut(&tp) {
+                    if f.high_watermark < c.next {
+                        tracing::warn!(partition = %tp, position = c.next, end = f.high_watermark, "log shorter than the session's position; continuing from its end");
+                        c.next = f.high_watermark;
+                        c.acked.retain(|o| *o < f.high_watermark);
+                    }
+                }
                 for rec in &f.records {
                     if let Some(message) = record_message(&self.ctx, &rec.tp, &rec.record) {
                         self.consider(&rec.tp, rec.offset, message, None);

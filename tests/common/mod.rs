@@ -24,7 +24,7 @@ pub struct TestGateway {
 
 fn config(dir: &std::path::Path, extra: &str) -> Config {
     let yaml = format!(
-        "listeners:\n  - name: tcp\n    bind: 127.0.0.1:0\ncore:\n  embedded:\n    data_dir: {}\n    fsync: never\n{extra}",
+        "listeners:\n  - name: tcp\n    bind: 127.0.0.1:0\ncore:\n  embedded:\n    data_dir: {}\n{extra}",
         dir.display()
     );
     Config::from_yaml(&yaml).expect("test config")

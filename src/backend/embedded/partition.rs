@@ -4,8 +4,9 @@
 //! Writes go through a bounded queue to a single writer task per partition. The writer takes
 //! one request, drains what else is queued (up to [`MAX_BATCH`]), assigns consecutive
 //! offsets, encodes the batch into one buffer and writes it on the blocking pool (plus
-//! `sync_data` with `fsync: always`). Only after the write succeeded does it publish the
-//! records (segment size, high watermark, cache) and complete the callers' oneshots; a failed
+//! `sync_data` with `fsync: always`). Once the write succeeded it publishes the records
+//! (segment size, high watermark, cache) so readers see them, and once the fsync policy is met
+//! it completes the callers' oneshots (the acknowledgement); a failed
 //! write fails the whole batch and the file is truncated back before the next write. While a
 //! batch is on disk the next one accumulates in the queue: that is the group commit.
 
@@ -488,11 +489,7 @@ impl Writer {
         let joined = tokio::task::spawn_blocking(move || {
             let res = (|| {
                 file.seek(SeekFrom::Start(size))?;
-                file.write_all(&buf)?;
-                if sync {
-                    file.sync_data()?;
-                }
-                Ok(())
+                file.write_all(&buf)
             })();
             (file, res)
         })
@@ -504,11 +501,9 @@ impl Writer {
         if let Err(e) = res {
             return Err((batch, e));
         }
-        self.file = Some(file);
-        self.dirty = !sync;
-        self.healthy.store(true, Ordering::Release);
 
-        // Publish: segment metadata, high watermark, cache; then acknowledge.
+        // Readers see the records as soon as they are written (they survive a crash of this
+        // process from here on); the appenders' acknowledgement waits for the fsync policy.
         let mut dones = Vec::with_capacity(batch.len());
         {
             let cache_cap = self.part.settings().cache_records;
@@ -528,10 +523,42 @@ impl Writer {
             }
             st.high_watermark = base + dones.len() as u64;
         }
-        for (done, offset) in dones {
-            let _ = done.send(Ok(Position { partition: self.part.tp.partition, offset }));
-        }
         self.part.wake_tails();
+
+        let mut outcome: Result<()> = Ok(());
+        let file = if sync {
+            match tokio::task::spawn_blocking(move || {
+                let res = file.sync_data();
+                (file, res)
+            })
+            .await
+            {
+                Ok((file, Ok(()))) => Some(file),
+                Ok((file, Err(e))) => {
+                    // The records stay (readers have seen them) but are not acknowledged:
+                    // their publishers send them again, at least once.
+                    tracing::error!(partition = %self.part.tp, error = %e, "fsync failed; appends not acknowledged");
+                    outcome = Err(BackendError::Storage(format!("fsync failed: {e}")));
+                    Some(file)
+                }
+                Err(e) => {
+                    outcome = Err(BackendError::Storage(format!("fsync task failed: {e}")));
+                    None
+                }
+            }
+        } else {
+            Some(file)
+        };
+        self.file = file;
+        self.dirty = !sync || outcome.is_err();
+        self.healthy.store(outcome.is_ok(), Ordering::Release);
+        for (done, offset) in dones {
+            let r = match &outcome {
+                Ok(()) => Ok(Position { partition: self.part.tp.partition, offset }),
+                Err(e) => Err(BackendError::Storage(e.to_string())),
+            };
+            let _ = done.send(r);
+        }
         Ok(())
     }
 }

@@ -12,11 +12,13 @@ pub(super) enum CatchupStep {
 impl Conn {
     pub(super) fn on_delivery(&mut self, d: Delivery) {
         match d {
-            Delivery::Live { record, message, shared } => {
-                self.consider(&record.tp, record.offset, message, shared.as_deref());
+            Delivery::Live(record, message) => self.consider(&record.tp, record.offset, message, None),
+            Delivery::Shared(shared) => {
+                let (record, message, filter) = *shared;
+                self.consider(&record.tp, record.offset, message, Some(&filter));
             }
-            Delivery::Replay { records } => {
-                for (record, message) in records {
+            Delivery::Replay(records) => {
+                for (record, message) in *records {
                     self.consider(&record.tp, record.offset, message, None);
                 }
             }

@@ -38,13 +38,17 @@ const REPLAY_RING: usize = 4096;
 
 /// Something for a session to deliver.
 #[derive(Debug)]
+///
+/// Kept to two pointers: every connection's queue holds blocks of these.
 pub enum Delivery {
-    /// A record that matched the session. `shared` names the `$share/...` subscription it
-    /// was routed through, if any.
-    Live { record: Arc<Record>, message: Arc<Message>, shared: Option<Arc<str>> },
+    /// A record that matched one of the session's plain subscriptions (or is P2P for it).
+    Live(Arc<Record>, Arc<Message>),
+    /// A record routed to the session as a member of a share group: the `$share/...`
+    /// subscription it came through.
+    Shared(Box<(Arc<Record>, Arc<Message>, Arc<str>)>),
     /// Records of one partition handed over at re-attach time (unfiltered: the session
     /// matches them against its own subscriptions).
-    Replay { records: Vec<(Arc<Record>, Arc<Message>)> },
+    Replay(Box<Vec<(Arc<Record>, Arc<Message>)>>),
 }
 
 /// The router's handle on one connected session.
@@ -384,7 +388,7 @@ impl Router {
         if let Some(target) = mapping::p2p_target(&message.topic) {
             // P2P: only the target client, no subscription needed.
             if let Some(slot) = by_client.get(target).and_then(|id| sessions.get(id)) {
-                self.offer(slot, record, message, message.qos, None);
+                self.offer(slot, record, message, message.qos);
             }
             return;
         }
@@ -399,7 +403,7 @@ impl Router {
                 continue;
             }
             if let Some(slot) = sessions.get(&m.session) {
-                self.offer(slot, record, message, message.qos.min(m.qos), None);
+                self.offer(slot, record, message, message.qos.min(m.qos));
             }
         }
         for (group, g) in groups {
@@ -411,8 +415,7 @@ impl Router {
                 if slot.is_lagging(&record.tp) {
                     continue;
                 }
-                let d =
-                    Delivery::Live { record: record.clone(), message: message.clone(), shared: Some(g.full.clone()) };
+                let d = Delivery::Shared(Box::new((record.clone(), message.clone(), g.full.clone())));
                 if slot.tx.try_send(d).is_ok() {
                     g.next = (g.next + i + 1) % n;
                     delivered = true;
@@ -431,18 +434,11 @@ impl Router {
     }
 
     /// Offer a delivery to a session without waiting.
-    fn offer(
-        &self,
-        slot: &SessionSlot,
-        record: &Arc<Record>,
-        message: &Arc<Message>,
-        qos: QoS,
-        shared: Option<Arc<str>>,
-    ) {
+    fn offer(&self, slot: &SessionSlot, record: &Arc<Record>, message: &Arc<Message>, qos: QoS) {
         if slot.is_lagging(&record.tp) {
             return;
         }
-        let d = Delivery::Live { record: record.clone(), message: message.clone(), shared };
+        let d = Delivery::Live(record.clone(), message.clone());
         match slot.tx.try_send(d) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) if qos == QoS::AtMostOnce => {
@@ -517,11 +513,22 @@ fn reattach(r: &Router, slot: &Arc<SessionSlot>, tp: &TopicPartition, from: u64,
         return Reattach::Behind(from);
     }
     let records: Vec<_> = ring.iter().filter(|(rec, _)| rec.offset >= from).cloned().collect();
-    match slot.tx.try_send(Delivery::Replay { records }) {
+    match slot.tx.try_send(Delivery::Replay(Box::new(records))) {
         Ok(()) => {
             slot.clear_lagging(tp);
             Reattach::Attached
         }
         Err(_) => Reattach::Behind(from),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deliveries_stay_small() {
+        // Every connection's queue holds blocks of these; keep them at two words + tag.
+        assert!(std::mem::size_of::<Delivery>() <= 24, "{}", std::mem::size_of::<Delivery>());
     }
 }

@@ -111,7 +111,7 @@ set_tcp_nodelay true
 max_inflight_messages 64
 max_queued_messages 100000
 persistence false
-log_dest file $WORK/mosquitto.log
+log_dest stderr
 EOF
 
 start_gateway gw "$GW_PORT" "$FSYNC"
@@ -121,7 +121,7 @@ if [[ "$FSYNC" != never ]]; then
     start_gateway gw-never "$GW_NEVER_PORT" never
     GW_NEVER_PID=$LAST_PID
 fi
-mosquitto -c "$WORK/mosquitto.conf" &
+mosquitto -c "$WORK/mosquitto.conf" 2> "$WORK/mosquitto.log" &
 MOSQ_PID=$!
 PIDS+=("$MOSQ_PID")
 wait_port "$MOSQ_PORT"

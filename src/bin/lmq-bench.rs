@@ -480,6 +480,8 @@ async fn publish_loop(
     let Conn { stream, rbuf, wbuf, protocol, .. } = conn;
     let protocol = *protocol;
     let (mut rd, mut wr) = stream.split();
+    let timer = sleep_until(clock.deadline);
+    tokio::pin!(timer);
 
     loop {
         let now = Instant::now();
@@ -534,6 +536,9 @@ async fn publish_loop(
             clock.deadline
         };
         let wake = wake.min(clock.deadline).min(last_write + cfg.keepalive / 2);
+        if timer.deadline() != wake {
+            timer.as_mut().reset(wake);
+        }
 
         if rbuf.capacity() - rbuf.len() < MIN_SPARE {
             rbuf.reserve(READ_CHUNK);
@@ -580,7 +585,7 @@ async fn publish_loop(
                 wbuf.advance(n);
                 last_write = Instant::now();
             }
-            _ = sleep_until(wake), if wbuf.is_empty() => {}
+            _ = &mut timer, if wbuf.is_empty() => {}
         }
     }
     Ok(res)
@@ -607,7 +612,10 @@ async fn subscriber(
     };
     let mut last_rx = Instant::now();
     let mut last_write = Instant::now();
-    let tick = Duration::from_millis(100);
+    // One timer for the whole loop: re-arming a fresh sleep per read would cost a timer-wheel
+    // insertion per packet when the server writes one message per segment.
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let Conn { stream, rbuf, wbuf, protocol, .. } = &mut conn;
     let protocol = *protocol;
     let (mut rd, mut wr) = stream.split();
@@ -686,7 +694,7 @@ async fn subscriber(
                 wbuf.advance(n);
                 last_write = Instant::now();
             }
-            _ = tokio::time::sleep(tick) => {}
+            _ = tick.tick() => {}
         }
     }
     if !wbuf.is_empty() {

@@ -141,7 +141,9 @@ run_case() {
         stat_pid=$!
     fi
     local rc=0
+    echo "$case $server start: $(cut -d' ' -f1-3 /proc/loadavg)" >> "$OUT/loadavg.txt"
     "$BENCH" "$@" --port "$port" --server-pid "$pid" --json > "$file" 2> "$OUT/$case.$server.err" || rc=$?
+    echo "$case $server end:   $(cut -d' ' -f1-3 /proc/loadavg)" >> "$OUT/loadavg.txt"
     [[ -n "$stat_pid" ]] && kill "$stat_pid" 2> /dev/null && wait "$stat_pid" 2> /dev/null || true
     if [[ ! -s "$file" ]]; then
         echo "   failed (exit $rc): $(head -c 300 "$OUT/$case.$server.err")" >&2
@@ -189,26 +191,32 @@ get() { # case server jq-expr
 ratio() { # a b
     awk -v a="$1" -v b="$2" 'BEGIN { if (a+0 > 0 && b+0 > 0) printf "%.2f×", a / b; else printf "–" }'
 }
-row() { # label case jq-expr
-    local g m n
+row() { # label case jq-expr [noratio]
+    local g m n rg rn=""
     g=$(get "$2" gw "$3")
     m=$(get "$2" mosq "$3")
+    rg=$(ratio "$g" "$m")
     if [[ -n "$GW_NEVER_PID" ]] && [[ -s "$OUT/$2.gw-never.json" ]]; then
         n=$(get "$2" gw-never "$3")
-        echo "| $1 | $g | $m | $(ratio "$g" "$m") | $n | $(ratio "$n" "$m") |"
-    else
-        echo "| $1 | $g | $m | $(ratio "$g" "$m") | | |"
+        rn=$(ratio "$n" "$m")
     fi
+    if [[ "${4:-}" == noratio ]]; then
+        rg=""
+        rn=""
+    fi
+    echo "| $1 | $g | $m | $rg | ${n:-} | $rn |"
 }
 {
     echo "| scenario (metric) | lmq-gateway fsync=$FSYNC | mosquitto | ratio lmq/mosq | lmq-gateway fsync=never | ratio |"
     echo "|---|---:|---:|---:|---:|---:|"
     row "QoS 0 fan-in 8→1, received msg/s" fanin-q0 '.messages.received_per_s'
-    row "QoS 0 fan-in 8→1, lost (QoS 0 drops)" fanin-q0 '.messages.lost'
-    row "QoS 0 fan-in 8→1, server CPU %" fanin-q0 '.server.cpu_pct'
+    row "QoS 0 fan-in 8→1, lost (QoS 0 drops)" fanin-q0 '.messages.lost' noratio
+    row "QoS 0 fan-in 8→1, server CPU %" fanin-q0 '.server.cpu_pct' noratio
     row "QoS 1 fan-in 8→1, received msg/s" fanin-q1 '.messages.received_per_s'
-    row "QoS 1 fan-in 8→1, lost" fanin-q1 '.messages.lost'
-    row "QoS 1 fan-in 8→1, server CPU %" fanin-q1 '.server.cpu_pct'
+    row "QoS 1 fan-in 8→1, lost" fanin-q1 '.messages.lost' noratio
+    row "QoS 1 fan-in 8→1, acked by server msg/s" fanin-q1 '.messages.sent_per_s'
+    row "QoS 1 fan-in 8→1, out-of-order deliveries" fanin-q1 '.messages.out_of_order' noratio
+    row "QoS 1 fan-in 8→1, server CPU %" fanin-q1 '.server.cpu_pct' noratio
     row "QoS 0 @ 20k msg/s, p50 µs" lat-q0 '.messages.latency_us.p50'
     row "QoS 0 @ 20k msg/s, p99 µs" lat-q0 '.messages.latency_us.p99'
     row "QoS 0 @ 20k msg/s, p99.9 µs" lat-q0 '.messages.latency_us.p999'
@@ -217,10 +225,10 @@ row() { # label case jq-expr
     row "QoS 1 @ 20k msg/s, p99.9 µs" lat-q1 '.messages.latency_us.p999'
     row "QoS 1 @ 20k msg/s, received msg/s" lat-q1 '.messages.received_per_s'
     row "QoS 0 fan-out 1→$FANOUT_SUBS, deliveries/s" fanout-q0 '.messages.received_per_s'
-    row "QoS 0 fan-out 1→$FANOUT_SUBS, lost" fanout-q0 '.messages.lost'
+    row "QoS 0 fan-out 1→$FANOUT_SUBS, lost" fanout-q0 '.messages.lost' noratio
     row "QoS 1 fan-out 1→$FANOUT_SUBS, deliveries/s" fanout-q1 '.messages.received_per_s'
-    row "QoS 1 fan-out 1→$FANOUT_SUBS, lost" fanout-q1 '.messages.lost'
-    row "idle: connections held (of $IDLE_CONNS)" idle '.idle.connected'
+    row "QoS 1 fan-out 1→$FANOUT_SUBS, lost" fanout-q1 '.messages.lost' noratio
+    row "idle: connections held (of $IDLE_CONNS)" idle '.idle.connected' noratio
     row "idle: server RSS bytes / connection" idle '.idle.bytes_per_conn_after_hold'
     row "idle: server RSS MB at $IDLE_CONNS conns" idle '(.idle.rss_kb_after_hold // 0) / 1024'
     row "connect storm $STORM_CONNS: connects/s" storm '.storm.connects_per_s'

@@ -59,6 +59,8 @@ fn normalize_origin(o: &str) -> String {
 }
 
 /// Read the request head; answer plain HTTP (the console) or upgrade to WebSocket.
+// The callback's `Result<Response, ErrorResponse>` shape is tungstenite's, not ours.
+#[allow(clippy::result_large_err)]
 pub async fn accept(mut stream: Stream, settings: &WsSettings) -> Result<WsStream<Rewind<Stream>>, TransportError> {
     let mut head = BytesMut::with_capacity(1024);
     let head_len = loop {
@@ -117,6 +119,7 @@ pub async fn accept(mut stream: Stream, settings: &WsSettings) -> Result<WsStrea
 }
 
 /// Path, Origin and subprotocol checks; answers with the subprotocol the client offered.
+#[allow(clippy::result_large_err)]
 fn check_upgrade(req: &Request, mut resp: Response, settings: &WsSettings) -> Result<Response, ErrorResponse> {
     let refuse = |status: StatusCode, why: &str| {
         let mut r = ErrorResponse::new(Some(format!("{why}\n")));

@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
-# Run every test of lmq-gateway: unit, integration (real sockets, real MQTT clients) and the
-# end-to-end script with Debian's mosquitto_pub / mosquitto_sub against the built binary.
-# Installs the Debian packages the tests drive when they are missing (needs root or sudo).
+# Run every test of lmq-gateway: unit, integration (real sockets, real MQTT clients), the
+# end-to-end scripts with Debian's mosquitto_pub / mosquitto_sub (TCP and TLS) against the
+# built binary, and the browser test (Debian's chromium, headless, driven by playwright-core).
+# Installs the Debian packages the tests drive when they are missing (needs root or sudo);
+# npm installs only playwright-core (no browser download) into tests/browser/node_modules.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 missing=()
 command -v mosquitto_pub >/dev/null 2>&1 || missing+=(mosquitto-clients)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+[ -x /usr/bin/chromium ] || missing+=(chromium)
+command -v node >/dev/null 2>&1 || missing+=(nodejs)
+command -v npm >/dev/null 2>&1 || missing+=(npm)
 if ((${#missing[@]})); then
   echo "installing test tools: ${missing[*]}"
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
@@ -17,4 +22,9 @@ fi
 
 cargo build --bins
 cargo test --no-fail-fast
-scripts/mosquitto-e2e.sh "${CARGO_TARGET_DIR:-target}/debug/lmq-gateway"
+BIN="${CARGO_TARGET_DIR:-target}/debug/lmq-gateway"
+status=0
+scripts/mosquitto-e2e.sh "$BIN" || status=1
+scripts/tls-e2e.sh "$BIN" || status=1
+scripts/browser-e2e.sh "$BIN" || status=1
+exit $status

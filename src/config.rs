@@ -18,6 +18,10 @@ pub struct Config {
     /// Network listeners.
     #[serde(default = "default_listeners")]
     pub listeners: Vec<ListenerConfig>,
+    /// Connections all listeners together serve at once (handshakes included); beyond it new
+    /// clients wait in the kernel backlog, like a full listener's.
+    #[serde(default = "default_max_connections_total")]
+    pub max_connections_total: usize,
     #[serde(default)]
     pub mqtt: MqttConfig,
     #[serde(default)]
@@ -42,6 +46,30 @@ impl Default for Config {
 pub enum Transport {
     /// Plain MQTT over TCP.
     Tcp,
+    /// MQTT over TLS (needs `tls`); ALPN `mqtt`.
+    Tls,
+    /// MQTT over WebSocket (binary frames, subprotocol `mqtt` / `mqttv3.1`); also serves
+    /// the browser console at `GET /console`.
+    Ws,
+    /// MQTT over WebSocket over TLS (needs `tls`); ALPN `http/1.1`.
+    Wss,
+}
+
+impl Transport {
+    pub fn is_tls(self) -> bool {
+        matches!(self, Transport::Tls | Transport::Wss)
+    }
+    pub fn is_websocket(self) -> bool {
+        matches!(self, Transport::Ws | Transport::Wss)
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+            Transport::Tls => "tls",
+            Transport::Ws => "ws",
+            Transport::Wss => "wss",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -56,6 +84,59 @@ pub struct ListenerConfig {
     /// Connections this listener accepts at once; further ones wait in the kernel backlog.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Expect a PROXY protocol v1 or v2 header (from a load balancer) before anything else;
+    /// its source address becomes the client's address. A connection without a valid header
+    /// is closed. Only enable behind a proxy that always sends one.
+    #[serde(default)]
+    pub proxy_protocol: bool,
+    /// Seconds the PROXY header, TLS handshake and WebSocket upgrade may take together.
+    #[serde(default = "default_handshake_timeout")]
+    pub handshake_timeout_secs: u64,
+    /// Certificate and key for `tls` / `wss` listeners.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConfig>,
+    /// HTTP path of the MQTT WebSocket endpoint (`ws` / `wss`).
+    #[serde(default = "default_ws_path")]
+    pub ws_path: String,
+    /// Browser origins (`Origin` header, e.g. `https://app.example.com`) allowed to open a
+    /// WebSocket; empty allows all. Requests without an `Origin` header (non-browser
+    /// clients) are always allowed.
+    #[serde(default)]
+    pub allowed_origins: Vec<String>,
+}
+
+/// TLS settings of a `tls` / `wss` listener. The files are re-read when they change (checked
+/// every `reload_interval_secs`) and on SIGHUP; new connections get the new certificate,
+/// established ones keep theirs. A file that fails to load keeps the previous one in use.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain (server certificate first). Overridden by `LMQ_TLS_CERT`.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1). Overridden by `LMQ_TLS_KEY`.
+    pub key: PathBuf,
+    /// PEM CA certificates that sign client certificates; enables client-certificate
+    /// authentication (mTLS). The certificate's subject CN becomes the connection's identity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ca: Option<PathBuf>,
+    /// With `client_ca`: refuse clients without a valid certificate (otherwise a certificate
+    /// is optional, but one that is presented must be valid).
+    #[serde(default)]
+    pub require_client_cert: bool,
+    /// How often the certificate files are checked for changes.
+    #[serde(default = "default_tls_reload_interval")]
+    pub reload_interval_secs: u64,
+}
+
+impl TlsConfig {
+    /// Certificate path after the `LMQ_TLS_CERT` override.
+    pub fn cert_path(&self) -> PathBuf {
+        std::env::var_os("LMQ_TLS_CERT").map(PathBuf::from).unwrap_or_else(|| self.cert.clone())
+    }
+    /// Key path after the `LMQ_TLS_KEY` override.
+    pub fn key_path(&self) -> PathBuf {
+        std::env::var_os("LMQ_TLS_KEY").map(PathBuf::from).unwrap_or_else(|| self.key.clone())
+    }
 }
 
 fn default_transport() -> Transport {
@@ -64,12 +145,29 @@ fn default_transport() -> Transport {
 fn default_max_connections() -> usize {
     100_000
 }
+fn default_max_connections_total() -> usize {
+    100_000
+}
+fn default_handshake_timeout() -> u64 {
+    10
+}
+fn default_ws_path() -> String {
+    "/mqtt".into()
+}
+fn default_tls_reload_interval() -> u64 {
+    5
+}
 fn default_listeners() -> Vec<ListenerConfig> {
     vec![ListenerConfig {
         name: "tcp".into(),
         bind: SocketAddr::from(([0, 0, 0, 0], 1883)),
         transport: Transport::Tcp,
         max_connections: default_max_connections(),
+        proxy_protocol: false,
+        handshake_timeout_secs: default_handshake_timeout(),
+        tls: None,
+        ws_path: default_ws_path(),
+        allowed_origins: Vec::new(),
     }]
 }
 
@@ -384,6 +482,50 @@ impl Config {
         if self.listeners.is_empty() {
             return invalid("listeners: at least one listener is required".into());
         }
+        let max_permits = tokio::sync::Semaphore::MAX_PERMITS;
+        if self.max_connections_total == 0 || self.max_connections_total > max_permits {
+            return invalid(format!("max_connections_total must be between 1 and {max_permits}"));
+        }
+        for l in &self.listeners {
+            let name = &l.name;
+            if l.max_connections == 0 || l.max_connections > max_permits {
+                return invalid(format!("listeners[{name}].max_connections must be between 1 and {max_permits}"));
+            }
+            if l.handshake_timeout_secs == 0 {
+                return invalid(format!("listeners[{name}].handshake_timeout_secs must be at least 1"));
+            }
+            match (l.transport.is_tls(), &l.tls) {
+                (true, None) => {
+                    return invalid(format!(
+                        "listeners[{name}]: transport {} needs a `tls` section (cert, key)",
+                        l.transport.as_str()
+                    ))
+                }
+                (false, Some(_)) => {
+                    return invalid(format!(
+                        "listeners[{name}]: `tls` is only for transport tls or wss, not {}",
+                        l.transport.as_str()
+                    ))
+                }
+                _ => {}
+            }
+            if let Some(t) = &l.tls {
+                if t.require_client_cert && t.client_ca.is_none() {
+                    return invalid(format!("listeners[{name}].tls.require_client_cert needs tls.client_ca"));
+                }
+                if t.reload_interval_secs == 0 {
+                    return invalid(format!("listeners[{name}].tls.reload_interval_secs must be at least 1"));
+                }
+            }
+            if !l.ws_path.starts_with('/') || l.ws_path.contains(char::is_whitespace) {
+                return invalid(format!("listeners[{name}].ws_path must be an absolute path like /mqtt"));
+            }
+            if l.ws_path == crate::transport::console::PAGE_PATH
+                || l.ws_path.starts_with(&format!("{}/", crate::transport::console::PAGE_PATH))
+            {
+                return invalid(format!("listeners[{name}].ws_path must not be the console's path"));
+            }
+        }
         for p in &self.topics.parents {
             if p.name.is_empty() || p.name.contains(['/', '+', '#']) {
                 return invalid(format!("topics.parents: `{}` is not a single topic level", p.name));
@@ -431,5 +573,20 @@ mod tests {
         assert!(err.contains("a/b"), "{err}");
         let err = Config::from_yaml("listeners: []\n").unwrap_err().to_string();
         assert!(err.contains("at least one listener"), "{err}");
+        let err = Config::from_yaml("listeners:\n  - name: s\n    bind: 127.0.0.1:0\n    transport: tls\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("needs a `tls` section"), "{err}");
+        let err = Config::from_yaml(
+            "listeners:\n  - name: s\n    bind: 127.0.0.1:0\n    transport: tls\n    tls:\n      cert: c.pem\n      key: k.pem\n      require_client_cert: true\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("client_ca"), "{err}");
+        let err =
+            Config::from_yaml("listeners:\n  - name: w\n    bind: 127.0.0.1:0\n    transport: ws\n    ws_path: mqtt\n")
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("ws_path"), "{err}");
     }
 }

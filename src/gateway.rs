@@ -36,9 +36,10 @@ impl Gateway {
     /// Start on an already opened core service (tests wrap one to inject failures).
     pub async fn start_with_backend(config: Config, backend: SharedCoreService) -> anyhow::Result<Gateway> {
         let router = Router::start(backend.clone(), TopicMap::new(&config.topics)).await?;
+        let limits = Limits::new(config.limits.clone());
         let mut listeners = Vec::new();
         for l in &config.listeners {
-            let bound = Listener::bind(l)
+            let bound = Listener::bind(l, limits.max_packet_size())
                 .await
                 .map_err(|e| anyhow::anyhow!("listener `{}` cannot bind {}: {e}", l.name, l.bind))?;
             listeners.push(bound);
@@ -51,7 +52,8 @@ impl Gateway {
             format!("{host}:{port}")
         });
         let ctx = Arc::new(Context {
-            limits: Limits::new(config.limits.clone()),
+            connections_total: Arc::new(tokio::sync::Semaphore::new(config.max_connections_total)),
+            limits,
             config,
             gateway_id,
             backend,

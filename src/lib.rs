@@ -4,6 +4,7 @@
 //! - [`protocol`]: MQTT codec, pure, no I/O.
 //! - [`config`]: settings from `gateway.yaml`.
 //! - [`server`]: listeners and the shared [`server::Context`]; [`gateway`] wires it all up.
+//! - [`transport`]: PROXY protocol, TLS, WebSocket and the browser console: one byte stream per client.
 //! - [`connection`]: one task per client: read, decode, session logic, write.
 //! - [`session`]: session state, persistence format, takeover registry.
 //! - [`router`]: topic matching, subscription trie, MQTT ↔ record mapping, dispatch.
@@ -21,3 +22,4 @@ pub mod protocol;
 pub mod router;
 pub mod server;
 pub mod session;
+pub mod transport;

@@ -2,11 +2,15 @@
 //!
 //! The accept loop only accepts: a connection permit is taken *before* `accept` (so a full
 //! listener leaves new clients in the kernel backlog instead of spawning unbounded tasks),
-//! and everything else — including any handshake — runs in the connection's own task.
+//! and everything else — including any handshake (PROXY header, TLS, WebSocket upgrade, see
+//! `transport`) — runs in the connection's own task under the listener's handshake timeout,
+//! so a slow or hostile handshake never delays another client. A gateway-wide semaphore
+//! (`max_connections_total`) is taken the same way as the listener's.
 
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -16,6 +20,7 @@ use crate::config::{Config, ListenerConfig};
 use crate::limits::Limits;
 use crate::router::Router;
 use crate::session::registry::Registry;
+use crate::transport::{Acceptor, TransportError};
 
 /// Everything a connection needs, shared.
 pub struct Context {
@@ -26,6 +31,8 @@ pub struct Context {
     pub registry: Arc<Registry>,
     pub limits: Limits,
     pub next_conn_id: AtomicU64,
+    /// Gateway-wide connection limit (`max_connections_total`), shared by all listeners.
+    pub connections_total: Arc<Semaphore>,
     /// Cancelled when the gateway starts shutting down.
     pub shutdown: CancellationToken,
 }
@@ -34,25 +41,41 @@ pub struct Context {
 pub struct Listener {
     pub config: ListenerConfig,
     pub socket: TcpListener,
+    acceptor: Arc<Acceptor>,
 }
 
 impl Listener {
-    pub async fn bind(config: &ListenerConfig) -> std::io::Result<Listener> {
+    /// Bind the socket and load the listener's certificates; `max_packet` bounds WebSocket
+    /// messages.
+    pub async fn bind(config: &ListenerConfig, max_packet: usize) -> std::io::Result<Listener> {
+        let acceptor = Acceptor::new(config, max_packet).map_err(std::io::Error::other)?;
         let socket = TcpListener::bind(config.bind).await?;
-        Ok(Listener { config: config.clone(), socket })
+        Ok(Listener { config: config.clone(), socket, acceptor: Arc::new(acceptor) })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.socket.local_addr()
     }
 
-    /// Accept until shutdown.
+    /// Accept until shutdown. A permit of this listener and one of the gateway-wide limit are
+    /// both held for the whole life of each connection, handshake included.
     pub async fn serve(self, ctx: Arc<Context>) {
         let permits = Arc::new(Semaphore::new(self.config.max_connections));
         let name: Arc<str> = self.config.name.clone().into();
+        let handshake_timeout = Duration::from_secs(self.config.handshake_timeout_secs);
+        if let Some(tls) = self.acceptor.tls() {
+            tokio::spawn(tls.clone().watch(name.clone(), ctx.shutdown.clone()));
+        }
         loop {
             let permit = tokio::select! {
                 p = permits.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => return,
+                },
+                _ = ctx.shutdown.cancelled() => return,
+            };
+            let total = tokio::select! {
+                p = ctx.connections_total.clone().acquire_owned() => match p {
                     Ok(p) => p,
                     Err(_) => return,
                 },
@@ -66,16 +89,26 @@ impl Listener {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
                     let ctx = ctx.clone();
-                    let name = name.clone();
+                    let acceptor = self.acceptor.clone();
                     tokio::spawn(async move {
-                        crate::connection::run(ctx, stream, peer, name).await;
-                        drop(permit);
+                        let _permits = (permit, total);
+                        let handshake = tokio::time::timeout(handshake_timeout, acceptor.accept(stream, peer));
+                        let result = tokio::select! {
+                            r = handshake => r,
+                            _ = ctx.shutdown.cancelled() => return,
+                        };
+                        match result {
+                            Ok(Ok((stream, info))) => crate::connection::run(ctx, stream, info).await,
+                            Ok(Err(TransportError::HttpServed)) => {}
+                            Ok(Err(e)) => tracing::debug!(%peer, error = %e, "handshake failed"),
+                            Err(_) => tracing::debug!(%peer, "handshake timed out after {handshake_timeout:?}"),
+                        }
                     });
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
                     tracing::warn!(listener = %name, error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             }
         }

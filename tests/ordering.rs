@@ -4,7 +4,7 @@ mod common;
 
 use bytes::Bytes;
 use common::{connect_packet, Raw, TestGateway};
-use lmq_gateway::backend::{CoreService, TopicPartition};
+use lmq_gateway::backend::TopicPartition;
 use lmq_gateway::protocol::{self as p, Packet, Protocol, PubResponse, QoS};
 use std::num::NonZeroU16;
 

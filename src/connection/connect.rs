@@ -7,9 +7,8 @@ impl Conn {
     pub(super) async fn accept<W: AsyncWrite + Unpin>(
         ctx: Arc<Context>,
         connect: Connect,
-        peer: SocketAddr,
+        info: ConnInfo,
         conn_id: u64,
-        listener: Arc<str>,
         writer: &mut W,
     ) -> Option<Conn> {
         let protocol = connect.protocol;
@@ -107,7 +106,7 @@ impl Conn {
             protocol,
             client_id: client_id.clone(),
             username: connect.username.clone(),
-            peer,
+            info,
             channel_id: format!("{}-{conn_id}", ctx.gateway_id),
             keep_alive: Duration::from_millis(u64::from(ka) * 1500),
             session_expiry,
@@ -128,7 +127,6 @@ impl Conn {
             inbound_inflight: 0,
             ctx: ctx.clone(),
         };
-        let _ = listener;
 
         // Re-register restored subscriptions with the router and catch up from stored positions.
         if let Err(code) = conn.restore(inflight).await {
@@ -168,7 +166,17 @@ impl Conn {
         if session_expiry > 0 {
             conn.dirty = true;
         }
-        tracing::debug!(client_id, %peer, ?protocol, session_present, "client connected");
+        let info = &conn.info;
+        tracing::debug!(
+            client_id,
+            peer = %info.peer,
+            listener = %info.listener,
+            transport = info.transport.as_str(),
+            tls_cn = ?info.tls_cn,
+            ?protocol,
+            session_present,
+            "client connected"
+        );
         Some(conn)
     }
 

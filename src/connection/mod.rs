@@ -18,7 +18,6 @@ use futures::future::BoxFuture;
 use futures::stream::{FuturesOrdered, StreamExt};
 use futures::FutureExt;
 use std::collections::{HashMap, VecDeque};
-use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,6 +37,7 @@ use crate::server::Context;
 use crate::session::persist::{Stored, StoredInflight};
 use crate::session::registry::{Kick, Registration};
 use crate::session::state::{Origin, Outbound, OutboundStage, Pending, SessionState, Subscription};
+use crate::transport::ConnInfo;
 
 mod connect;
 mod end;
@@ -66,11 +66,13 @@ pub fn now_ms() -> i64 {
 }
 
 /// Serve one client connection to the end.
-pub async fn run<S>(ctx: Arc<Context>, stream: S, peer: SocketAddr, listener: Arc<str>)
+/// `info` says where the client came from (after PROXY protocol and TLS, see `transport`).
+pub async fn run<S>(ctx: Arc<Context>, stream: S, info: ConnInfo)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let conn_id = ctx.next_conn_id.fetch_add(1, Ordering::Relaxed);
+    let peer = info.peer;
     let (mut reader, mut writer) = tokio::io::split(stream);
     let mut inbuf = BytesMut::with_capacity(512);
     let max_packet = ctx.limits.max_packet_size();
@@ -112,12 +114,21 @@ where
             return;
         }
     };
-    let mut conn = match Conn::accept(ctx.clone(), connect, peer, conn_id, listener, &mut writer).await {
+    let mut conn = match Conn::accept(ctx.clone(), connect, info, conn_id, &mut writer).await {
         Some(c) => c,
         None => return,
     };
     let end = conn.serve(&mut reader, &mut writer, inbuf).await;
     conn.finish(end, &mut writer).await;
+}
+
+/// Write some of `out`, or flush when it is empty: `Some(n)` written, `None` flushed.
+async fn write_or_flush<W: AsyncWrite + Unpin>(w: &mut W, out: &[u8]) -> std::io::Result<Option<usize>> {
+    if out.is_empty() {
+        w.flush().await.map(|()| None)
+    } else {
+        w.write(out).await.map(Some)
+    }
 }
 
 async fn write_now<W: AsyncWrite + Unpin>(w: &mut W, p: &Packet, proto: Protocol) -> std::io::Result<()> {
@@ -170,7 +181,9 @@ struct Conn {
     protocol: Protocol,
     client_id: String,
     username: Option<String>,
-    peer: SocketAddr,
+    /// Client address (real one behind a PROXY-protocol load balancer), listener, transport,
+    /// client-certificate CN.
+    info: ConnInfo,
     channel_id: String,
     keep_alive: Duration,
     session_expiry: u32,
@@ -204,7 +217,7 @@ impl Conn {
             event_type,
             client_id: self.client_id.clone(),
             channel_id: self.channel_id.clone(),
-            client_ip: self.peer.ip().to_string(),
+            client_ip: self.info.peer.ip().to_string(),
             time: now_ms(),
             gateway_id: self.ctx.gateway_id.clone(),
             username: self.username.clone(),
@@ -269,6 +282,9 @@ impl Conn {
             return end;
         }
         let mut last_read = 0usize;
+        // Written but not yet flushed: TLS and WebSocket streams buffer inside, and only a
+        // flush pushes the rest out once the socket has room again.
+        let mut unflushed = false;
         loop {
             self.flush_pending();
             // Memory follows traffic: a connection whose last read was small and whose
@@ -297,10 +313,11 @@ impl Conn {
                     return End::Kicked(k.unwrap_or(Kick::Administrative));
                 }
                 _ = shutdown.cancelled() => return End::Kicked(Kick::Shutdown),
-                n = writer.write(&self.out), if !self.out.is_empty() => {
+                n = write_or_flush(writer, &self.out), if !self.out.is_empty() || unflushed => {
                     match n {
-                        Ok(0) | Err(_) => return End::Dropped("write failed"),
-                        Ok(n) => { let _ = self.out.split_to(n); }
+                        Ok(Some(0)) | Err(_) => return End::Dropped("write failed"),
+                        Ok(Some(n)) => { let _ = self.out.split_to(n); unflushed = true; }
+                        Ok(None) => unflushed = false,
                     }
                 }
                 Some(r) = acks.next(), if !acks.is_empty() => {

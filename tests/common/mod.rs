@@ -19,12 +19,15 @@ pub struct TestGateway {
     pub gw: Option<Gateway>,
     pub dir: tempfile::TempDir,
     pub addr: SocketAddr,
+    listeners: String,
     extra: String,
 }
 
-fn config(dir: &std::path::Path, extra: &str) -> Config {
+/// `listeners`: more listener entries (YAML list items, indented by two spaces) after the
+/// first one, `tcp` on 127.0.0.1:0.
+fn config(dir: &std::path::Path, listeners: &str, extra: &str) -> Config {
     let yaml = format!(
-        "listeners:\n  - name: tcp\n    bind: 127.0.0.1:0\ncore:\n  embedded:\n    data_dir: {}\n{extra}",
+        "listeners:\n  - name: tcp\n    bind: 127.0.0.1:0\n{listeners}core:\n  embedded:\n    data_dir: {}\n{extra}",
         dir.display()
     );
     Config::from_yaml(&yaml).expect("test config")
@@ -37,10 +40,39 @@ impl TestGateway {
 
     /// `extra`: more top-level YAML (not `listeners` / `core`).
     pub async fn start_with(extra: &str) -> TestGateway {
+        Self::start_with_listeners("", extra).await
+    }
+
+    /// `listeners`: YAML list items for listeners after the default `tcp` one, e.g.
+    /// `"  - name: ws\n    bind: 127.0.0.1:0\n    transport: ws\n"`; `extra` as in
+    /// [`TestGateway::start_with`]. Find their ports with [`TestGateway::listener`].
+    pub async fn start_with_listeners(listeners: &str, extra: &str) -> TestGateway {
         let dir = tempfile::tempdir().expect("tempdir");
-        let gw = Gateway::start(config(dir.path(), extra)).await.expect("gateway starts");
+        let gw = Gateway::start(config(dir.path(), listeners, extra)).await.expect("gateway starts");
         let addr = gw.addr();
-        TestGateway { gw: Some(gw), dir, addr, extra: extra.to_string() }
+        TestGateway { gw: Some(gw), dir, addr, listeners: listeners.to_string(), extra: extra.to_string() }
+    }
+
+    /// Bound address of the listener named `name`.
+    pub fn listener(&self, name: &str) -> SocketAddr {
+        self.gateway().addrs.iter().find(|(n, _)| n == name).map(|(_, a)| *a).expect("listener exists")
+    }
+
+    /// Status events (`connect` / `disconnect` / `tcpclean`) written so far, as (type, body).
+    pub async fn status_events(&self) -> Vec<(String, serde_json::Value)> {
+        use lmq_gateway::backend::TopicPartition;
+        let backend = self.gateway().ctx.backend.clone();
+        let mut all = Vec::new();
+        for partition in 0..4 {
+            let tp = TopicPartition::new("GID_LMQ_STATUS", partition);
+            let Ok(fetched) = backend.fetch(&tp, 0, 10_000).await else { continue };
+            for r in fetched.records {
+                let t = r.record.header("eventType").map(|v| String::from_utf8_lossy(v).into_owned());
+                let body = serde_json::from_slice(&r.record.value).unwrap_or(serde_json::Value::Null);
+                all.push((t.unwrap_or_default(), body));
+            }
+        }
+        all
     }
 
     /// Graceful stop, then start again on the same data directory (new port).
@@ -48,7 +80,7 @@ impl TestGateway {
         if let Some(gw) = self.gw.take() {
             gw.shutdown().await;
         }
-        let gw = Gateway::start(config(self.dir.path(), &self.extra)).await.expect("gateway restarts");
+        let gw = Gateway::start(config(self.dir.path(), &self.listeners, &self.extra)).await.expect("gateway restarts");
         self.addr = gw.addr();
         self.gw = Some(gw);
     }

@@ -28,6 +28,9 @@ pub struct Config {
     pub core: CoreConfig,
     #[serde(default)]
     pub log: LogConfig,
+    /// Authentication and authorisation: access keys, tokens, anonymous access (see `auth::config`).
+    #[serde(default)]
+    pub auth: crate::auth::config::AuthConfig,
 }
 
 impl Default for Config {

@@ -31,7 +31,10 @@ fn req<'a>(client_id: &'a str, username: Option<&'a str>, password: Option<&'a [
     AuthRequest { client_id, username, password, tls_client_cn: None }
 }
 
-fn fail(r: Result<Identity, AuthFailure>) -> (AuthMode, &'static str, u8, u8) {
+/// Mode, reason label, MQTT 5 reason code, MQTT 3.1.1 return code.
+type Verdict = (AuthMode, &'static str, u8, u8);
+
+fn fail(r: Result<Identity, AuthFailure>) -> Verdict {
     let f = r.unwrap_err();
     (f.mode, f.reason, f.reason_code().0, f.v3_return_code())
 }
@@ -48,7 +51,7 @@ async fn signature_mode() {
 
     let s = AuthMode::Signature;
     let other = signature::sign("ak2-secret-value", CID);
-    let cases: Vec<(AuthRequest, (AuthMode, &str, u8, u8))> = vec![
+    let cases: Vec<(AuthRequest, Verdict)> = vec![
         (req(CID, Some("Signature|ak1|inst-1"), Some(other.as_bytes())), (s, "bad_signature", 0x86, 4)),
         (req(CID, Some("Signature|nokey|inst-1"), Some(pw.as_bytes())), (s, "unknown_access_key", 0x86, 4)),
         (req(CID, Some("Signature|ak1|inst-2"), Some(pw.as_bytes())), (s, "instance_mismatch", 0x86, 4)),

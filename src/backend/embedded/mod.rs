@@ -187,13 +187,16 @@ fn open_topic_blocking(
     Ok(out)
 }
 
+/// Partitions of every topic found on disk.
+type RecoveredTopics = HashMap<String, Vec<Partition>>;
+
 /// Everything `open` recovers from disk. Blocking.
 fn recover_blocking(
     log_dir: &Path,
     state_dir: &Path,
     config: &EmbeddedConfig,
     settings: &PartitionSettings,
-) -> io::Result<(HashMap<String, Vec<Partition>>, Stores<KvStore>)> {
+) -> io::Result<(RecoveredTopics, Stores<KvStore>)> {
     std::fs::create_dir_all(log_dir)?;
     let mut topics = HashMap::new();
     for entry in std::fs::read_dir(log_dir)? {

@@ -32,6 +32,9 @@ pub struct Config {
     pub core: CoreConfig,
     #[serde(default)]
     pub log: LogConfig,
+    /// Authentication and authorisation: access keys, tokens, anonymous access (see `auth::config`).
+    #[serde(default)]
+    pub auth: crate::auth::config::AuthConfig,
 }
 
 impl Default for Config {
@@ -548,15 +551,35 @@ impl Config {
 mod tests {
     use super::*;
 
+    /// Settings the shipped file sets to a non-default value on purpose (the README quick
+    /// start: a demo access key, an instance id and any ClientId). Everything else it shows
+    /// must be the default.
+    const SHIPPED_DEMO_SETTINGS: &[&[&str]] =
+        &[&["auth", "access_keys"], &["auth", "instance_id"], &["auth", "allow_plain_client_ids"]];
+
+    fn at<'a>(v: &'a mut serde_yaml_ng::Value, path: &[&str]) -> &'a mut serde_yaml_ng::Value {
+        path.iter().fold(v, |v, k| v.get_mut(*k).unwrap_or_else(|| panic!("no `{}`", path.join("."))))
+    }
+
     #[test]
     fn shipped_gateway_yaml_is_valid_and_matches_defaults() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("gateway.yaml");
+        // Every key in the file is known (deny_unknown_fields) and every value valid.
         let shipped = Config::load(&path).expect("gateway.yaml loads");
-        let defaults = Config::default();
-        // The shipped file documents the defaults: both must serialise the same.
-        let a = serde_yaml_ng::to_string(&shipped).unwrap();
-        let b = serde_yaml_ng::to_string(&defaults).unwrap();
-        assert_eq!(a, b);
+        shipped.auth.validate().expect("auth section valid");
+        let mut a = serde_yaml_ng::to_value(&shipped).unwrap();
+        let mut b = serde_yaml_ng::to_value(Config::default()).unwrap();
+        for path in SHIPPED_DEMO_SETTINGS {
+            let default = at(&mut b, path).clone();
+            let demo = at(&mut a, path);
+            assert_ne!(*demo, default, "`{}` equals the default: drop it from SHIPPED_DEMO_SETTINGS", path.join("."));
+            *demo = default;
+        }
+        // All the rest: the shipped file documents the defaults.
+        assert_eq!(serde_yaml_ng::to_string(&a).unwrap(), serde_yaml_ng::to_string(&b).unwrap());
+        // The demo key is the one the README uses.
+        let key = shipped.auth.resolve_with(|_| None).unwrap().access_keys.remove(0);
+        assert_eq!((key.id.as_str(), key.secret.expose()), ("demo-key", "demo-secret-change-me"));
     }
 
     #[test]

@@ -11,7 +11,9 @@
 //! - [`backend`]: the core-service trait and its engines.
 //! - [`limits`]: LMQ limits.
 //! - [`events`]: client status events.
+//! - [`auth`]: signature / token / device credential authentication and topic ACLs.
 
+pub mod auth;
 pub mod backend;
 pub mod config;
 pub mod connection;

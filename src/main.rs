@@ -4,6 +4,10 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
+use lmq_gateway::auth::config::Secret;
+use lmq_gateway::auth::signature;
+use lmq_gateway::auth::token::TokenType;
+use lmq_gateway::auth::KeyRing;
 use lmq_gateway::config::{Config, LogFormat};
 use lmq_gateway::gateway::Gateway;
 
@@ -25,15 +29,103 @@ struct Cli {
 enum Command {
     /// Run the gateway (the default when no command is given).
     Serve,
-    /// Validate the configuration file and print the effective settings.
+    /// Validate the configuration file and print the effective settings (secrets redacted).
     CheckConfig,
+    /// Print the MQTT user name and password of signature mode for one ClientId.
+    ///
+    /// The password is Base64(HMAC-SHA1(AccessKeySecret, ClientId)); the secret is taken from
+    /// the access key in the configuration (`auth.access_keys`, or its
+    /// LMQ_ACCESS_KEY_<ID>_SECRET variable) unless --secret is given.
+    ///
+    /// Example: lmq-gateway sign --client-id GID_demo@@@dev1
+    Sign {
+        /// ClientId the device connects with, e.g. GID_demo@@@dev1.
+        #[arg(long)]
+        client_id: String,
+        /// Access key to sign with; default: the first one in `auth.access_keys`.
+        #[arg(long)]
+        access_key_id: Option<String>,
+        /// Use this AccessKeySecret instead of the configured one (needs --access-key-id).
+        #[arg(long, env = "LMQ_SIGN_SECRET", hide_env_values = true)]
+        secret: Option<String>,
+        /// InstanceId in the user name; default: `auth.instance_id` (any value is accepted when
+        /// that is unset).
+        #[arg(long)]
+        instance_id: Option<String>,
+    },
+    /// Issue tokens for token mode.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Print a new token (a signed JWT) on standard output; how to connect with it goes to
+    /// standard error.
+    ///
+    /// The token is signed with `auth.token.signing_secret` if set, else with the access key's
+    /// secret. Resources must lie within the access key's own permissions.
+    ///
+    /// Example: lmq-gateway token issue --access-key-id demo-key --resources 'sensors/#' --actions R,W --ttl-secs 3600
+    Issue {
+        /// Access key the token is for (its id goes in the user name Token|<id>|<InstanceId>).
+        #[arg(long)]
+        access_key_id: String,
+        /// Comma-separated topic filters the token grants (1 to 100), e.g. 'a/#,b/+'.
+        #[arg(long, value_delimiter = ',', required = true)]
+        resources: Vec<String>,
+        /// Comma-separated actions: R (subscribe), W (publish), or both.
+        #[arg(long, value_delimiter = ',', default_value = "R")]
+        actions: Vec<String>,
+        /// Lifetime in seconds: 60 to 2592000 (30 days), at most auth.token.max_ttl_secs.
+        #[arg(long, default_value_t = 3600)]
+        ttl_secs: u64,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config =
         Config::load(&cli.config).with_context(|| format!("invalid configuration {}", cli.config.display()))?;
+    config.auth.validate().with_context(|| format!("invalid configuration {}", cli.config.display()))?;
     match cli.command.unwrap_or(Command::Serve) {
+        Command::Sign { client_id, access_key_id, secret, instance_id } => {
+            let keys = KeyRing::from_config(&config.auth)?;
+            let (id, secret) = match (access_key_id, secret) {
+                (Some(id), Some(secret)) => (id, Secret::new(secret)),
+                (None, Some(_)) => anyhow::bail!("--secret needs --access-key-id"),
+                (Some(id), None) => {
+                    let key =
+                        keys.access_key(&id).with_context(|| format!("no access key `{id}` in auth.access_keys"))?;
+                    (id, key.secret.clone())
+                }
+                (None, None) => {
+                    let key = keys.first_access_key().context("auth.access_keys is empty: add one or pass --secret")?;
+                    (key.id.clone(), key.secret.clone())
+                }
+            };
+            let instance =
+                instance_id.or_else(|| keys.instance_id().map(str::to_owned)).unwrap_or_else(|| "lmq".into());
+            println!("username: Signature|{id}|{instance}");
+            println!("password: {}", signature::sign(secret.expose(), &client_id));
+            Ok(())
+        }
+        Command::Token(TokenCommand::Issue { access_key_id, resources, actions, ttl_secs }) => {
+            let keys = KeyRing::from_config(&config.auth)?;
+            let token_type = match (actions.iter().any(|a| a == "R"), actions.iter().any(|a| a == "W")) {
+                _ if actions.iter().any(|a| a != "R" && a != "W") => anyhow::bail!("--actions takes R, W or R,W"),
+                (true, true) => TokenType::RW,
+                (true, false) => TokenType::R,
+                (false, true) => TokenType::W,
+                (false, false) => anyhow::bail!("--actions takes R, W or R,W"),
+            };
+            let issued = keys.issue_token(&access_key_id, &resources, token_type, ttl_secs)?;
+            println!("{}", issued.token);
+            let instance = keys.instance_id().unwrap_or("lmq");
+            eprintln!("token id (jti): {}, expires at {} ms since the epoch", issued.jti, issued.expire_ms);
+            eprintln!("connect with username Token|{access_key_id}|{instance} and password {token_type}|<the token>");
+            Ok(())
+        }
         Command::CheckConfig => {
             println!("{} is valid; effective settings:\n", cli.config.display());
             print!("{}", serde_yaml_ng::to_string(&config)?);

@@ -47,6 +47,7 @@ conformance!(
     tail_delivers_new_records,
     sessions_store,
     retained_store_and_watch,
+    auth_stores,
     unknown_topic_refused,
     closed_service_refuses,
 );
@@ -96,6 +97,8 @@ async fn restart_keeps_everything_with(fsync: FsyncPolicy) {
     core.put_state(StateStore::Sessions, "c2", Some(Bytes::from_static(b"s2"))).await.unwrap();
     core.put_state(StateStore::Sessions, "c2", None).await.unwrap();
     core.put_state(StateStore::Retained, "a/b", Some(Bytes::from_static(b"r"))).await.unwrap();
+    core.put_state(StateStore::Credentials, "dak1", Some(Bytes::from_static(b"cred"))).await.unwrap();
+    core.put_state(StateStore::RevokedTokens, "jti1", Some(Bytes::from_static(b"rev"))).await.unwrap();
     let ends: Vec<u64> = futures::future::join_all((0..3).map(|p| core.end_offset(&TopicPartition::new("restart", p))))
         .await
         .into_iter()
@@ -120,6 +123,8 @@ async fn restart_keeps_everything_with(fsync: FsyncPolicy) {
     }
     assert_eq!(core.get_state(StateStore::Sessions, "c1").await.unwrap(), Some(Bytes::from_static(b"s1")));
     assert_eq!(core.get_state(StateStore::Sessions, "c2").await.unwrap(), None);
+    assert_eq!(core.get_state(StateStore::Credentials, "dak1").await.unwrap(), Some(Bytes::from_static(b"cred")));
+    assert_eq!(core.get_state(StateStore::RevokedTokens, "jti1").await.unwrap(), Some(Bytes::from_static(b"rev")));
     let (tx, _rx) = tokio::sync::mpsc::channel(1);
     let retained = core.watch_state(StateStore::Retained, tx).await.unwrap();
     assert_eq!(retained, vec![("a/b".to_owned(), Bytes::from_static(b"r"))]);

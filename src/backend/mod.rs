@@ -4,7 +4,7 @@
 //! The gateway speaks to every core service (embedded log, Kafka, RocketMQ) in the same
 //! Kafka-like terms: topics split into partitions, records with key / headers / value
 //! appended at offsets, a live tail, one-shot reads from a position, and keyed state
-//! (persistent sessions, retained messages) that every gateway instance converges on.
+//! (persistent sessions, retained messages, device credentials, revoked tokens) that every gateway instance converges on.
 //! Nothing here knows MQTT: the mapping between MQTT messages and records (LMQ header names)
 //! lives in `router::mapping`, and session state arrives as opaque bytes.
 //!
@@ -125,6 +125,17 @@ pub enum StateStore {
     Sessions,
     /// Retained messages, key = MQTT topic, value = an encoded [`CoreRecord`].
     Retained,
+    /// Device credentials, key = device AccessKeyId, value = JSON from `auth::credential`.
+    Credentials,
+    /// Revoked token ids, key = `jti`, value = JSON with the token's expiry (`auth::token`);
+    /// an entry may be deleted once the token has expired on its own.
+    RevokedTokens,
+}
+
+impl StateStore {
+    /// Every store, for engines that open them all.
+    pub const ALL: [StateStore; 4] =
+        [StateStore::Sessions, StateStore::Retained, StateStore::Credentials, StateStore::RevokedTokens];
 }
 
 /// A change to a [`StateStore`]: `None` value = deleted.

@@ -235,6 +235,34 @@ pub async fn sessions_store(core: &dyn CoreService, topic: &str) {
     step("delete", core.put_state(StateStore::Sessions, &key, None)).await.unwrap();
 }
 
+/// Credentials and revoked tokens (the auth module's stores): each is its own keyspace with
+/// put / get / delete, and a watch sees the snapshot then every change.
+pub async fn auth_stores(core: &dyn CoreService, topic: &str) {
+    for store in [StateStore::Credentials, StateStore::RevokedTokens] {
+        let key = format!("{topic}-{store:?}");
+        step("put", core.put_state(store, &key, Some(Bytes::from_static(b"{\"v\":1}")))).await.unwrap();
+        assert_eq!(step("get", core.get_state(store, &key)).await.unwrap(), Some(Bytes::from_static(b"{\"v\":1}")));
+        for other in StateStore::ALL.into_iter().filter(|s| *s != store) {
+            assert_eq!(step("get", core.get_state(other, &key)).await.unwrap(), None, "{store:?} leaks into {other:?}");
+        }
+        let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+        let snapshot = step("watch", core.watch_state(store, tx)).await.unwrap();
+        assert!(snapshot.iter().any(|(k, _)| *k == key), "{store:?} snapshot lacks {key}");
+        let key2 = format!("{key}-2");
+        step("put", core.put_state(store, &key2, Some(Bytes::from_static(b"two")))).await.unwrap();
+        let update = next_update(&mut rx, topic).await;
+        assert_eq!(
+            (update.store, update.key.as_str(), update.value),
+            (store, key2.as_str(), Some(Bytes::from_static(b"two")))
+        );
+        step("delete", core.put_state(store, &key, None)).await.unwrap();
+        let update = next_update(&mut rx, topic).await;
+        assert_eq!((update.key.as_str(), update.value), (key.as_str(), None));
+        assert_eq!(step("get", core.get_state(store, &key)).await.unwrap(), None);
+        step("delete", core.put_state(store, &key2, None)).await.unwrap();
+    }
+}
+
 /// Retained: the watch returns a snapshot, then updates (deletes as `None`).
 pub async fn retained_store_and_watch(core: &dyn CoreService, topic: &str) {
     let k1 = format!("{topic}/a");

@@ -6,7 +6,8 @@
 //! ```text
 //! log/<topic>/meta.json                       {"partitions": N}
 //! log/<topic>/<partition>/<base_offset:020>.seg   segment files (see `segment`)
-//! state/sessions.kv, state/retained.kv        compacted key-value stores (see `state`)
+//! state/sessions.kv, retained.kv,              compacted key-value stores (see `state`)
+//!   credentials.kv, revoked_tokens.kv
 //! ```
 //!
 //! Topic names are restricted to letters, digits, `-`, `_` and `.` (not `.` / `..`) so a
@@ -85,14 +86,36 @@ struct Topic {
     round_robin: AtomicU32,
 }
 
+/// One of each state store.
+struct Stores<T> {
+    sessions: T,
+    retained: T,
+    credentials: T,
+    revoked_tokens: T,
+}
+
+impl<T> Stores<T> {
+    fn map<U>(self, f: impl Fn(T) -> U) -> Stores<U> {
+        Stores {
+            sessions: f(self.sessions),
+            retained: f(self.retained),
+            credentials: f(self.credentials),
+            revoked_tokens: f(self.revoked_tokens),
+        }
+    }
+
+    fn all(&self) -> [&T; 4] {
+        [&self.sessions, &self.retained, &self.credentials, &self.revoked_tokens]
+    }
+}
+
 /// State shared by the service, its tails and its background tasks.
 struct Shared {
     log_dir: PathBuf,
     settings: PartitionSettings,
     retention_ms: Option<i64>,
     topics: RwLock<HashMap<String, Arc<Topic>>>,
-    sessions: Arc<KvStore>,
-    retained: Arc<KvStore>,
+    stores: Stores<Arc<KvStore>>,
     events_topic: String,
     closed: AtomicBool,
     healthy: Arc<AtomicBool>,
@@ -164,13 +187,16 @@ fn open_topic_blocking(
     Ok(out)
 }
 
+/// Partitions of every topic found on disk.
+type RecoveredTopics = HashMap<String, Vec<Partition>>;
+
 /// Everything `open` recovers from disk. Blocking.
 fn recover_blocking(
     log_dir: &Path,
     state_dir: &Path,
     config: &EmbeddedConfig,
     settings: &PartitionSettings,
-) -> io::Result<(HashMap<String, Vec<Partition>>, KvStore, KvStore)> {
+) -> io::Result<(RecoveredTopics, Stores<KvStore>)> {
     std::fs::create_dir_all(log_dir)?;
     let mut topics = HashMap::new();
     for entry in std::fs::read_dir(log_dir)? {
@@ -195,9 +221,14 @@ fn recover_blocking(
         topics.insert(name, partitions);
     }
     let interval = Duration::from_millis(config.fsync_interval_ms);
-    let sessions = KvStore::load(StateStore::Sessions, state_dir, config.fsync, interval)?;
-    let retained = KvStore::load(StateStore::Retained, state_dir, config.fsync, interval)?;
-    Ok((topics, sessions, retained))
+    let load = |store| KvStore::load(store, state_dir, config.fsync, interval);
+    let stores = Stores {
+        sessions: load(StateStore::Sessions)?,
+        retained: load(StateStore::Retained)?,
+        credentials: load(StateStore::Credentials)?,
+        revoked_tokens: load(StateStore::RevokedTokens)?,
+    };
+    Ok((topics, stores))
 }
 
 impl EmbeddedCore {
@@ -213,7 +244,7 @@ impl EmbeddedCore {
         };
         let log_dir = config.data_dir.join("log");
         let state_dir = config.data_dir.join("state");
-        let (topics, sessions, retained) = {
+        let (topics, stores) = {
             let (log_dir, state_dir, config, settings) =
                 (log_dir.clone(), state_dir.clone(), config.clone(), settings.clone());
             tokio::task::spawn_blocking(move || recover_blocking(&log_dir, &state_dir, &config, &settings))
@@ -232,10 +263,10 @@ impl EmbeddedCore {
                 (name, Arc::new(topic))
             })
             .collect();
-        let sessions = Arc::new(sessions);
-        let retained = Arc::new(retained);
-        sessions.start(Arc::clone(&healthy));
-        retained.start(Arc::clone(&healthy));
+        let stores = stores.map(Arc::new);
+        for kv in stores.all() {
+            kv.start(Arc::clone(&healthy));
+        }
         let retention_ms = match config.retention_hours {
             0 => None,
             h => Some(i64::try_from(h.saturating_mul(3_600_000)).unwrap_or(i64::MAX)),
@@ -245,8 +276,7 @@ impl EmbeddedCore {
             settings,
             retention_ms,
             topics: RwLock::new(topics),
-            sessions,
-            retained,
+            stores,
             events_topic: events_topic.to_owned(),
             closed: AtomicBool::new(false),
             healthy,
@@ -367,8 +397,10 @@ impl Shared {
 
     fn store(&self, store: StateStore) -> &Arc<KvStore> {
         match store {
-            StateStore::Sessions => &self.sessions,
-            StateStore::Retained => &self.retained,
+            StateStore::Sessions => &self.stores.sessions,
+            StateStore::Retained => &self.stores.retained,
+            StateStore::Credentials => &self.stores.credentials,
+            StateStore::RevokedTokens => &self.stores.revoked_tokens,
         }
     }
 
@@ -479,8 +511,9 @@ impl CoreService for EmbeddedCore {
             };
             let closes = partitions.iter().map(|p| p.close());
             futures::future::join_all(closes).await;
-            self.shared.sessions.close().await;
-            self.shared.retained.close().await;
+            for kv in self.shared.stores.all() {
+                kv.close().await;
+            }
             self.shared.wake_all_tails();
             tracing::info!("embedded core service stopped");
         })
@@ -502,8 +535,9 @@ impl Drop for EmbeddedCore {
                 p.stop_accepting();
             }
         }
-        self.shared.sessions.stop_accepting();
-        self.shared.retained.stop_accepting();
+        for kv in self.shared.stores.all() {
+            kv.stop_accepting();
+        }
         self.shared.wake_all_tails();
     }
 }

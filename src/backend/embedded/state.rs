@@ -1,5 +1,5 @@
 //! Compacted key-value state of the embedded core service (`StateStore::Sessions`,
-//! `StateStore::Retained`), one file `data_dir/state/<store>.kv` each.
+//! `Retained`, `Credentials`, `RevokedTokens`), one file `data_dir/state/<store>.kv` each.
 //!
 //! The file is a sequence of frames (little-endian):
 //!
@@ -44,6 +44,8 @@ pub(crate) fn file_name(store: StateStore) -> &'static str {
     match store {
         StateStore::Sessions => "sessions.kv",
         StateStore::Retained => "retained.kv",
+        StateStore::Credentials => "credentials.kv",
+        StateStore::RevokedTokens => "revoked_tokens.kv",
     }
 }
 

@@ -8,7 +8,7 @@ use common::{connect_packet, Raw};
 use futures::future::BoxFuture;
 use lmq_gateway::backend::embedded::EmbeddedCore;
 use lmq_gateway::backend::{
-    BackendError, CoreRecord, CoreService, Fetched, Position, Result, StateStore, StateUpdate, Tail, TopicPartition,
+    AppendAck, BackendError, CoreRecord, CoreService, Fetched, Result, StateStore, StateUpdate, Tail, TopicPartition,
 };
 use lmq_gateway::config::Config;
 use lmq_gateway::events::ClientEvent;
@@ -39,11 +39,14 @@ impl CoreService for Flaky {
     fn partitions(&self, topic: &str) -> Result<u32> {
         self.inner.partitions(topic)
     }
-    fn append(&self, topic: &str, record: CoreRecord) -> BoxFuture<'static, Result<Position>> {
+    fn enqueue(&self, topic: &str, record: CoreRecord) -> BoxFuture<'static, Result<AppendAck>> {
         match self.mode.load(Ordering::SeqCst) {
-            FAIL => Box::pin(async { Err(BackendError::Unavailable("injected".into())) }),
-            STALL => Box::pin(std::future::pending()),
-            _ => self.inner.append(topic, record),
+            // Queued, then never stored: the acknowledgement fails or never comes.
+            FAIL => Box::pin(async {
+                Ok(Box::pin(async { Err(BackendError::Unavailable("injected".into())) }) as AppendAck)
+            }),
+            STALL => Box::pin(async { Ok(Box::pin(std::future::pending()) as AppendAck) }),
+            _ => self.inner.enqueue(topic, record),
         }
     }
     fn fetch(&self, tp: &TopicPartition, from: u64, max: usize) -> BoxFuture<'static, Result<Fetched>> {

@@ -8,9 +8,9 @@
 //! Nothing here knows MQTT: the mapping between MQTT messages and records (LMQ header names)
 //! lives in `router::mapping`, and session state arrives as opaque bytes.
 //!
-//! Rule of the trait: a future returned by [`CoreService::append`] resolves `Ok` only once
-//! the record is durably accepted (per the service's durability policy). The session sends
-//! PUBACK / PUBREC after that and never before.
+//! Rule of the trait: the [`AppendAck`] of [`CoreService::enqueue`] (and the future of
+//! [`CoreService::append`]) resolves `Ok` only once the record is durably accepted (per the
+//! service's durability policy). The session sends PUBACK / PUBREC after that and never before.
 
 pub mod embedded;
 
@@ -118,6 +118,9 @@ impl From<std::io::Error> for BackendError {
 
 pub type Result<T, E = BackendError> = std::result::Result<T, E>;
 
+/// The acknowledgement of a queued record: resolves once the record is durable.
+pub type AppendAck = BoxFuture<'static, Result<Position>>;
+
 /// Keyed-state stores, each a compacted keyspace shared by all gateway instances.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum StateStore {
@@ -169,9 +172,19 @@ pub trait CoreService: Send + Sync + 'static {
     /// Number of partitions of an existing topic.
     fn partitions(&self, topic: &str) -> Result<u32>;
 
-    /// Append a record; the partition is chosen from the key (same key, same partition,
-    /// so per-key order holds) or round-robin without a key. Resolves once durable.
-    fn append(&self, topic: &str, record: CoreRecord) -> BoxFuture<'static, Result<Position>>;
+    /// Queue a record for appending. The partition is chosen from the key (same key, same
+    /// partition) or round-robin without a key. The returned future resolves once the record
+    /// has its place in the partition's order — it waits while the service's queue is full
+    /// (back-pressure) — and yields the [`AppendAck`], which resolves once the record is
+    /// durable. Records queued one after another, each `enqueue` awaited before the next is
+    /// called, are stored in that order: this is how a publisher's order is kept.
+    fn enqueue(&self, topic: &str, record: CoreRecord) -> BoxFuture<'static, Result<AppendAck>>;
+
+    /// Queue a record and wait until it is durable.
+    fn append(&self, topic: &str, record: CoreRecord) -> BoxFuture<'static, Result<Position>> {
+        let queued = self.enqueue(topic, record);
+        Box::pin(async move { queued.await?.await })
+    }
 
     /// Read up to `max_records` records of `tp` starting at offset `from`. Offsets below the
     /// retention start are skipped (the result starts at the first retained record).

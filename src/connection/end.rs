@@ -110,7 +110,11 @@ impl Conn {
                 tracing::warn!(client_id, error = %e, "cannot publish will");
                 return;
             }
-            if let Err(e) = store_message(&ctx, &core.name, with_timestamp(message, now_ms())).await {
+            let stored = match store_message(&ctx, &core.name, with_timestamp(message, now_ms())).await {
+                Ok(ack) => ack.await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = stored {
                 tracing::warn!(client_id, error = %e, "cannot publish will");
             }
         });

@@ -105,8 +105,18 @@ impl Conn {
             user_properties: std::mem::take(&mut p.properties.user_properties),
             timestamp_ms: now_ms(),
         });
-        let fut = store_message(&self.ctx, &core.name, message);
         let (packet_id, qos) = (p.packet_id, p.qos);
+        // Queued in arrival order (this await is the back-pressure point); the durable
+        // acknowledgements then complete in the background, in order.
+        let fut = match tokio::time::timeout(backend_timeout, store_message(&self.ctx, &core.name, message)).await {
+            Ok(Ok(ack)) => ack,
+            Ok(Err(e)) => {
+                let outcome = Err(e.to_string());
+                acks.push_back(async move { AckResult { packet_id, qos, outcome } }.boxed());
+                return Ok(());
+            }
+            Err(_) => return Err(End::Server(ReasonCode::SERVER_BUSY, "core service queue full")),
+        };
         acks.push_back(
             async move {
                 let outcome = match tokio::time::timeout(backend_timeout, fut).await {
@@ -245,27 +255,27 @@ pub(super) fn with_timestamp(message: Arc<Message>, ts: i64) -> Arc<Message> {
     Arc::new(m)
 }
 
-/// Append a message to its core topic and, when retained, update the retained store.
-/// Resolves when both are durable.
-pub(super) fn store_message(
+/// Queue a message on its core topic (and, when retained, its retained-store update).
+/// Resolves once the message has its place in the log's order; the returned future
+/// resolves once both are durable.
+pub(super) async fn store_message(
     ctx: &Arc<Context>,
     core: &str,
     message: Arc<Message>,
-) -> BoxFuture<'static, Result<(), BackendError>> {
+) -> Result<BoxFuture<'static, Result<(), BackendError>>, BackendError> {
     let record = ctx.router.topics().to_record(&message);
-    let append = ctx.backend.append(core, record.clone());
+    let value = (message.retain && !message.payload.is_empty()).then(|| mapping::encode_record(&record));
+    let append = ctx.backend.enqueue(core, record).await?;
     if !message.retain {
-        return async move { append.await.map(|_| ()) }.boxed();
+        return Ok(async move { append.await.map(|_| ()) }.boxed());
     }
-    let value = (!message.payload.is_empty()).then(|| mapping::encode_record(&record));
     let retained = ctx.backend.put_state(StateStore::Retained, &message.topic, value);
     let ctx = ctx.clone();
-    async move {
-        // `try_join` polls the append first, so its place in the per-key order is kept.
+    Ok(async move {
         futures::try_join!(append, retained)?;
         let local = (!message.payload.is_empty()).then(|| message.clone());
         ctx.router.apply_retained(&message.topic, local);
         Ok(())
     }
-    .boxed()
+    .boxed())
 }

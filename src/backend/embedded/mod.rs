@@ -58,7 +58,7 @@ use tokio::task::JoinHandle;
 use self::partition::{AppendReq, Partition, PartitionSettings};
 use self::state::KvStore;
 use super::{
-    BackendError, CoreRecord, CoreService, Fetched, Position, Record, Result, StateStore, StateUpdate, Tail,
+    AppendAck, BackendError, CoreRecord, CoreService, Fetched, Record, Result, StateStore, StateUpdate, Tail,
     TopicPartition,
 };
 use crate::config::EmbeddedConfig;
@@ -419,12 +419,6 @@ impl Shared {
     }
 }
 
-async fn send_append(sender: mpsc::Sender<AppendReq>, record: CoreRecord) -> Result<Position> {
-    let (done, rx) = oneshot::channel();
-    sender.send(AppendReq { record, done }).await.map_err(|_| BackendError::Closed)?;
-    rx.await.map_err(|_| BackendError::Closed)?
-}
-
 impl CoreService for EmbeddedCore {
     fn kind(&self) -> &'static str {
         "embedded"
@@ -440,9 +434,14 @@ impl CoreService for EmbeddedCore {
         Ok(self.shared.topic(topic)?.partitions.len() as u32)
     }
 
-    fn append(&self, topic: &str, record: CoreRecord) -> BoxFuture<'static, Result<Position>> {
+    fn enqueue(&self, topic: &str, record: CoreRecord) -> BoxFuture<'static, Result<AppendAck>> {
         let sender = self.shared.append(topic, &record);
-        Box::pin(async move { send_append(sender?, record).await })
+        Box::pin(async move {
+            let (done, rx) = oneshot::channel();
+            // The writer's queue is FIFO: once `send` returns, the record's place is fixed.
+            sender?.send(AppendReq { record, done }).await.map_err(|_| BackendError::Closed)?;
+            Ok(Box::pin(async move { rx.await.map_err(|_| BackendError::Closed)? }) as AppendAck)
+        })
     }
 
     fn fetch(&self, tp: &TopicPartition, from: u64, max_records: usize) -> BoxFuture<'static, Result<Fetched>> {

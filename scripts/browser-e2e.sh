@@ -21,6 +21,9 @@ PORT=$(free_port); WS=$(free_port); WSS=$(free_port)
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj "/CN=lmq browser test" \
   -addext "subjectAltName=IP:127.0.0.1,DNS:localhost" -keyout "$WORK/server.key" -out "$WORK/server.pem" 2>/dev/null
 cat > "$WORK/gateway.yaml" <<YAML
+auth:
+  allow_anonymous: true
+  allow_plain_client_ids: true
 listeners:
   - name: tcp
     bind: 127.0.0.1:$PORT

@@ -27,6 +27,9 @@ mkleaf server gateway-1 ca; mkleaf client GID_e2e@@@device-1 ca; mkleaf intruder
 cp "$C/server.pem" "$C/live.pem"; cp "$C/server.key" "$C/live.key"
 
 cat > "$WORK/gateway.yaml" <<YAML
+auth:
+  allow_anonymous: true
+  allow_plain_client_ids: true
 listeners:
   - name: tcp
     bind: 127.0.0.1:$PORT

@@ -51,7 +51,9 @@ impl Gateway {
             let port = addrs.first().map(|(_, a)| a.port()).unwrap_or(0);
             format!("{host}:{port}")
         });
+        let auth = Arc::new(crate::auth::Authenticator::start(&config.auth, backend.clone()).await?);
         let ctx = Arc::new(Context {
+            auth,
             connections_total: Arc::new(tokio::sync::Semaphore::new(config.max_connections_total)),
             limits,
             config,

@@ -30,6 +30,8 @@ pub struct Context {
     pub router: Arc<Router>,
     pub registry: Arc<Registry>,
     pub limits: Limits,
+    /// Who clients are and what they may do (SPEC §4).
+    pub auth: Arc<crate::auth::Authenticator>,
     pub next_conn_id: AtomicU64,
     /// Gateway-wide connection limit (`max_connections_total`), shared by all listeners.
     pub connections_total: Arc<Semaphore>,

@@ -85,7 +85,7 @@ impl CoreService for Flaky {
 async fn start(mode: Arc<AtomicU8>) -> (Gateway, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let yaml = format!(
-        "listeners:\n  - name: tcp\n    bind: 127.0.0.1:0\nmqtt:\n  backend_timeout_secs: 1\ncore:\n  embedded:\n    data_dir: {}\n",
+        "listeners:\n  - name: tcp\n    bind: 127.0.0.1:0\nmqtt:\n  backend_timeout_secs: 1\nauth:\n  allow_anonymous: true\n  allow_plain_client_ids: true\ncore:\n  embedded:\n    data_dir: {}\n",
         dir.path().display()
     );
     let config = Config::from_yaml(&yaml).unwrap();

@@ -358,12 +358,7 @@ impl KeyRing {
     }
 }
 
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
+pub use crate::now_ms;
 
 /// How often expired entries are dropped from the revoked-token store.
 const PRUNE_INTERVAL: Duration = Duration::from_secs(60);

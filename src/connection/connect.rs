@@ -39,6 +39,28 @@ impl Conn {
             }
         }
 
+        // Who is it (SPEC §4)? Decided before anything else happens to an existing session.
+        let request = crate::auth::AuthRequest {
+            client_id: &client_id,
+            username: connect.username.as_deref(),
+            password: connect.password.as_deref(),
+            tls_client_cn: info.tls_cn.as_deref(),
+        };
+        let identity = match ctx.auth.authenticate(&request).await {
+            Ok(identity) => identity,
+            Err(f) => {
+                tracing::debug!(client_id, peer = %info.peer, mode = f.mode.as_str(), reason = f.reason, "authentication failed");
+                let _ = write_now(writer, &refuse(f.reason_code()), protocol).await;
+                return None;
+            }
+        };
+        if let Some(w) = &connect.will {
+            if identity.check_publish(&w.topic).is_err() {
+                let _ = write_now(writer, &refuse(ReasonCode::NOT_AUTHORIZED), protocol).await;
+                return None;
+            }
+        }
+
         // Keepalive: MQTT 5 clients asking for none or too long get Server Keep Alive.
         let mut server_keep_alive = None;
         let ka =
@@ -107,6 +129,11 @@ impl Conn {
             client_id: client_id.clone(),
             username: connect.username.clone(),
             info,
+            revocations: (identity.mode != crate::auth::AuthMode::Signature
+                && identity.mode != crate::auth::AuthMode::Anonymous)
+                .then(|| ctx.auth.revocations()),
+            identity,
+            expiry_notified: Vec::new(),
             channel_id: format!("{}-{conn_id}", ctx.gateway_id),
             keep_alive: Duration::from_millis(u64::from(ka) * 1500),
             session_expiry,

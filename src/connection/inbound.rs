@@ -51,6 +51,19 @@ impl Conn {
         if p.topic.is_empty() {
             return Err(End::Server(ReasonCode::PROTOCOL_ERROR, "empty topic without alias [MQTT-4.7.3-1]"));
         }
+        if p.topic == tokens::SYS_UPLOAD_TOKEN {
+            // The gateway's own topic: not stored, not subject to the ACL.
+            self.on_upload_token(&p.payload)?;
+            match (p.qos, p.packet_id) {
+                (QoS::AtLeastOnce, Some(pid)) => self.send(&Packet::PubAck(PubResponse::new(pid))),
+                (QoS::ExactlyOnce, Some(pid)) => {
+                    self.state.inbound_qos2.insert(pid.get());
+                    self.send(&Packet::PubRec(PubResponse::new(pid)));
+                }
+                _ => {}
+            }
+            return Ok(());
+        }
         if p.qos != QoS::AtMostOnce {
             self.inbound_inflight += 1;
             if self.protocol == Protocol::V5
@@ -78,6 +91,13 @@ impl Conn {
             self.done_inbound(p.qos);
             return self.refuse_publish(&p, ReasonCode::TOPIC_NAME_INVALID, "parent topic not declared");
         };
+        if let Err(d) = self.identity.check_publish(&p.topic) {
+            self.done_inbound(p.qos);
+            if d.token_invalid.is_some() {
+                return Err(self.deny(d));
+            }
+            return self.refuse_publish(&p, d.reason_code, d.reason);
+        }
         // QoS 2 re-sent before PUBREL: already stored, acknowledge again without storing twice.
         if let (QoS::ExactlyOnce, Some(pid)) = (p.qos, p.packet_id) {
             if self.state.inbound_qos2.contains(&pid.get()) {
@@ -184,6 +204,13 @@ impl Conn {
             }
             if self.ctx.limits.check_filter(parsed.filter).is_err() {
                 codes.push(ReasonCode::TOPIC_FILTER_INVALID);
+                continue;
+            }
+            if let Err(d) = self.identity.check_subscribe(filter) {
+                if d.token_invalid.is_some() {
+                    return Err(self.deny(d));
+                }
+                codes.push(d.reason_code);
                 continue;
             }
             let exists = self.state.subscription(filter).is_some();

@@ -11,7 +11,8 @@
 //! - `connect`: CONNECT → CONNACK, session restore;
 //! - `inbound`: PUBLISH (store, then acknowledge), SUBSCRIBE, UNSUBSCRIBE;
 //! - `outbound`: deliveries, catch-up from the core service, in-flight window;
-//! - `end`: session save, will, events at the end.
+//! - `end`: session save, will, events at the end;
+//! - `tokens`: denials, `$SYS` token topics, token expiry and revocation.
 
 use bytes::{Bytes, BytesMut};
 use futures::future::BoxFuture;
@@ -43,6 +44,7 @@ mod connect;
 mod end;
 mod inbound;
 mod outbound;
+mod tokens;
 
 use inbound::{store_message, with_timestamp, AckResult};
 use outbound::{empty_message, publish_packet, record_message, CatchupStep};
@@ -61,9 +63,7 @@ const IDLE_READ_BUFFER: usize = 256;
 /// How often a dirty persistent session is saved.
 const PERSIST_EVERY: Duration = Duration::from_millis(100);
 
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
-}
+pub use crate::now_ms;
 
 /// Serve one client connection to the end.
 /// `info` says where the client came from (after PROXY protocol and TLS, see `transport`).
@@ -184,6 +184,12 @@ struct Conn {
     /// Client address (real one behind a PROXY-protocol load balancer), listener, transport,
     /// client-certificate CN.
     info: ConnInfo,
+    /// Who the client is and what it may do.
+    identity: crate::auth::Identity,
+    /// Revocations of tokens and credentials (token and device-credential clients only).
+    revocations: Option<tokio::sync::broadcast::Receiver<crate::auth::Revocation>>,
+    /// Token ids whose `$SYS/tokenExpireNotice` was sent.
+    expiry_notified: Vec<String>,
     channel_id: String,
     keep_alive: Duration,
     session_expiry: u32,
@@ -300,6 +306,7 @@ impl Conn {
                 self.out = BytesMut::new();
             }
             let persist_due = self.dirty && self.session_expiry > 0 && persist.is_none();
+            let token_event = self.next_token_event();
             let can_read = acks.len() < MAX_OUTSTANDING_APPENDS;
             let can_take = self.pending.len() < PENDING_HIGH_WATER && self.out.len() < OUT_HIGH_WATER;
             if catchup.is_none() && can_take {
@@ -370,6 +377,12 @@ impl Conn {
                     let stored = Stored::from_state(&self.state, self.session_expiry, None);
                     persist = Some(self.ctx.backend.put_state(StateStore::Sessions, &self.client_id, Some(stored.encode())));
                     self.stored = true;
+                }
+                _ = async { tokio::time::sleep_until(tokens::instant_at(token_event.unwrap_or(0))).await }, if token_event.is_some() => {
+                    if let Err(end) = self.on_token_event() { return end; }
+                }
+                r = async { match self.revocations.as_mut() { Some(rx) => rx.recv().await, None => std::future::pending().await } }, if self.revocations.is_some() => {
+                    if let Err(end) = self.on_revocation(r) { return end; }
                 }
                 _ = &mut keepalive, if !self.keep_alive.is_zero() => {
                     let deadline = last_packet + self.keep_alive;

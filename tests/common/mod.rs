@@ -23,11 +23,16 @@ pub struct TestGateway {
     extra: String,
 }
 
+/// Tests that are not about authentication connect anonymously with any ClientId; a test
+/// that passes its own `auth:` section gets exactly that.
+const OPEN_AUTH: &str = "auth:\n  allow_anonymous: true\n  allow_plain_client_ids: true\n";
+
 /// `listeners`: more listener entries (YAML list items, indented by two spaces) after the
 /// first one, `tcp` on 127.0.0.1:0.
 fn config(dir: &std::path::Path, listeners: &str, extra: &str) -> Config {
+    let auth = if extra.lines().any(|l| l.starts_with("auth:")) { "" } else { OPEN_AUTH };
     let yaml = format!(
-        "listeners:\n  - name: tcp\n    bind: 127.0.0.1:0\n{listeners}core:\n  embedded:\n    data_dir: {}\n{extra}",
+        "listeners:\n  - name: tcp\n    bind: 127.0.0.1:0\n{listeners}core:\n  embedded:\n    data_dir: {}\n{auth}{extra}",
         dir.display()
     );
     Config::from_yaml(&yaml).expect("test config")

@@ -80,6 +80,10 @@ core:
   embedded:
     data_dir: $3
     fsync: $2
+auth:
+  # The load generator connects anonymously (authentication costs one HMAC per CONNECT).
+  allow_anonymous: true
+  allow_plain_client_ids: true
 log:
   level: warn
 EOF

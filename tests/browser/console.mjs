@@ -19,7 +19,7 @@ const check = (name, ok, detail = "") => {
 
 // Resolves with the first message mosquitto_sub prints for `topic`.
 function subscribeOnce(topic) {
-  const sub = spawn("mosquitto_sub", ["-h", "127.0.0.1", "-p", tcpPort, "-q", "1", "-t", topic, "-C", "1", "-W", "15"]);
+  const sub = spawn("mosquitto_sub", ["-h", "127.0.0.1", "-p", tcpPort, "-i", `browser-e2e-sub-${topic.split("/")[1]}`, "-q", "1", "-t", topic, "-C", "1", "-W", "15"]);
   let out = "";
   sub.stdout.on("data", (d) => (out += d));
   const done = new Promise((resolve) => sub.on("close", () => resolve(out.trim())));
@@ -50,7 +50,7 @@ try {
       await page.click("#subscribe");
       await page.waitForFunction(() => document.getElementById("subscribed").textContent.includes("granted QoS 1"), null, { timeout: 10000 });
       const text = `hello ${scheme} browser from mosquitto_pub`;
-      await run("mosquitto_pub", ["-h", "127.0.0.1", "-p", tcpPort, "-q", "1", "-t", `browser/${scheme}/in`, "-m", text]);
+      await run("mosquitto_pub", ["-h", "127.0.0.1", "-p", tcpPort, "-i", `browser-e2e-pub-${scheme}`, "-q", "1", "-t", `browser/${scheme}/in`, "-m", text]);
       await page.waitForFunction((t) => document.getElementById("messages").textContent.includes(t), text, { timeout: 10000 });
       const row = await page.textContent("#messages tr");
       check(`${scheme}: TCP client's message shown in the page`, row.includes(`browser/${scheme}/in`) && row.includes(text), row);

@@ -11,6 +11,9 @@ use lmq_gateway::auth::KeyRing;
 use lmq_gateway::config::{Config, LogFormat};
 use lmq_gateway::gateway::Gateway;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Stateless MQTT 3.1.1 / 5.0 gateway in the style of Alibaba Cloud LMQ.
 ///
 /// Devices connect over MQTT (default port 1883); every message is stored in the core

@@ -125,7 +125,7 @@ impl Conn {
             user_properties: std::mem::take(&mut p.properties.user_properties),
             timestamp_ms: now_ms(),
         });
-        let (packet_id, qos) = (p.packet_id, p.qos);
+        let (packet_id, qos, retain) = (p.packet_id, p.qos, p.retain);
         // Queued in arrival order (this await is the back-pressure point); the durable
         // acknowledgements then complete in the background, in order.
         let fut = match tokio::time::timeout(backend_timeout, store_message(&self.ctx, &core.name, message)).await {
@@ -137,6 +137,11 @@ impl Conn {
             }
             Err(_) => return Err(End::Server(ReasonCode::SERVER_BUSY, "core service queue full")),
         };
+        if qos == QoS::AtMostOnce && !retain {
+            // Nothing to acknowledge: once queued the record is written whether or not anyone
+            // waits (a failure is logged by the core service).
+            return Ok(());
+        }
         acks.push_back(
             async move {
                 let outcome = match tokio::time::timeout(backend_timeout, fut).await {

@@ -79,7 +79,7 @@ where
     let connect_timeout = Duration::from_secs(ctx.config.mqtt.connect_timeout_secs);
 
     // CONNECT must come first, within the timeout.
-    let first = tokio::time::timeout(connect_timeout, async {
+    let first = Box::pin(tokio::time::timeout(connect_timeout, async {
         loop {
             match protocol::decode(&mut inbuf, Protocol::V311, max_packet) {
                 Ok(Some(p)) => return Ok(p),
@@ -91,7 +91,7 @@ where
                 Ok(_) => {}
             }
         }
-    })
+    }))
     .await;
     let connect = match first {
         Ok(Ok(Packet::Connect(c))) => *c,
@@ -114,12 +114,15 @@ where
             return;
         }
     };
-    let mut conn = match Conn::accept(ctx.clone(), connect, info, conn_id, &mut writer).await {
+    // Each phase's state lives on the heap only while that phase runs: an idle connection
+    // then carries the state of the main loop alone (see the memory figures in
+    // docs/benchmarks.md).
+    let mut conn = match Box::pin(Conn::accept(ctx.clone(), connect, info, conn_id, &mut writer)).await {
         Some(c) => c,
         None => return,
     };
-    let end = conn.serve(&mut reader, &mut writer, inbuf).await;
-    conn.finish(end, &mut writer).await;
+    let end = Box::pin(conn.serve(&mut reader, &mut writer, inbuf)).await;
+    Box::pin(conn.finish(end, &mut writer)).await;
 }
 
 /// Write some of `out`, or flush when it is empty: `Some(n)` written, `None` flushed.
@@ -341,7 +344,9 @@ impl Conn {
                         Ok(n) => {
                             last_read = n;
                             last_packet = Instant::now();
-                            if let Err(end) = self.decode_all(&mut inbuf, max_packet, acks, backend_timeout).await {
+                            // Boxed: packet handling (publish, subscribe) is a deep state machine
+                            // that an idle connection should not carry.
+                            if let Err(end) = Box::pin(self.decode_all(&mut inbuf, max_packet, acks, backend_timeout)).await {
                                 return end;
                             }
                         }

@@ -10,6 +10,7 @@
 //! write fails the whole batch and the file is truncated back before the next write. While a
 //! batch is on disk the next one accumulates in the queue: that is the group commit.
 
+use bytes::Bytes;
 use parking_lot::Mutex;
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
@@ -480,16 +481,23 @@ impl Writer {
         let base = self.part.high_watermark();
         let mut buf = Vec::with_capacity(batch.iter().map(|r| segment::frame_len(&r.record)).sum());
         let mut lens = Vec::with_capacity(batch.len());
+        let mut values = Vec::with_capacity(batch.len());
         for (i, req) in batch.iter().enumerate() {
             let before = buf.len();
             segment::encode_record(&mut buf, base + i as u64, &req.record);
             lens.push((buf.len() - before) as u64);
+            // The value is the frame's last field.
+            values.push(buf.len() - req.record.value.len()..buf.len());
         }
+        // Cached records take their values from this batch buffer rather than keeping the
+        // appenders' buffers (often whole socket read buffers) alive.
+        let buf = Bytes::from(buf);
+        let written = buf.clone();
         let sync = self.part.settings().fsync == FsyncPolicy::Always;
         let joined = tokio::task::spawn_blocking(move || {
             let res = (|| {
                 file.seek(SeekFrom::Start(size))?;
-                file.write_all(&buf)
+                file.write_all(&written)
             })();
             (file, res)
         })
@@ -508,7 +516,7 @@ impl Writer {
         {
             let cache_cap = self.part.settings().cache_records;
             let mut st = self.part.state.lock();
-            for (i, (req, len)) in batch.into_iter().zip(lens).enumerate() {
+            for (i, ((req, len), value)) in batch.into_iter().zip(lens).zip(values).enumerate() {
                 let offset = base + i as u64;
                 if let Some(active) = st.segments.last_mut() {
                     active.push(offset, req.record.timestamp_ms, len);
@@ -517,7 +525,9 @@ impl Writer {
                     if st.cache.len() >= cache_cap {
                         st.cache.pop_front();
                     }
-                    st.cache.push_back(Arc::new(Record { tp: self.part.tp.clone(), offset, record: req.record }));
+                    let CoreRecord { key, headers, timestamp_ms, .. } = req.record;
+                    let record = CoreRecord { key, headers, value: buf.slice(value), timestamp_ms };
+                    st.cache.push_back(Arc::new(Record { tp: self.part.tp.clone(), offset, record }));
                 }
                 dones.push((req.done, offset));
             }

@@ -214,3 +214,62 @@ async fn token_expiry_notice_comes_about_five_minutes_ahead() {
     assert_eq!(body["type"], "R");
     assert!(start.elapsed() >= Duration::from_millis(500), "not before it is due");
 }
+
+#[tokio::test]
+async fn device_credential_mode_and_revocation() {
+    let gw = TestGateway::start_with(AUTH).await;
+    let auth = gw.gateway().ctx.auth.clone();
+    let id = "GID_dev@@@cred1";
+    let acl = lmq_gateway::auth::acl::Acl::new(vec!["dev/#".into()], vec!["dev/#".into()]).unwrap();
+    let cred = auth.register_credential(id, acl).await.unwrap();
+    let user = format!("DeviceCredential|{}|inst-1", cred.access_key_id);
+    let good = sign(cred.secret.expose(), id);
+    for (protocol, bad) in [(Protocol::V311, 4u8), (Protocol::V5, 0x86)] {
+        let (code, _raw) = connack(&gw, connect(id, protocol, Some(&user), Some(&good)), protocol).await;
+        assert_eq!(code, 0, "{protocol:?}");
+        let wrong = sign("wrong", id);
+        assert_eq!(connack(&gw, connect(id, protocol, Some(&user), Some(&wrong)), protocol).await.0, bad);
+        // The credential is bound to its ClientId.
+        let other = "GID_dev@@@cred2";
+        let c = connect(other, protocol, Some(&user), Some(&sign(cred.secret.expose(), other)));
+        assert_ne!(connack(&gw, c, protocol).await.0, 0);
+    }
+    // Revoked while connected: the connection is closed; new logins are refused.
+    let (_, mut raw) = connack(&gw, connect(id, Protocol::V5, Some(&user), Some(&good)), Protocol::V5).await;
+    auth.revoke_credential(&cred.access_key_id).await.unwrap();
+    let seen = raw.until_closed().await;
+    assert!(seen.iter().any(|p| matches!(p, Packet::Disconnect(d) if d.code.is_error())), "{seen:?}");
+    assert_ne!(connack(&gw, connect(id, Protocol::V5, Some(&user), Some(&good)), Protocol::V5).await.0, 0);
+}
+
+#[tokio::test]
+async fn expired_token_is_refused_at_connect() {
+    let gw = TestGateway::start_with(AUTH).await;
+    // Signed with the access key's secret but already past its `exp`.
+    let now = lmq_gateway::now_ms() as u64 / 1000;
+    let claims = serde_json::json!({
+        "ak": "ak-1", "resources": ["dev/#"], "actions": ["R", "W"],
+        "exp": now - 10, "iat": now - 100, "jti": "expired-1"
+    });
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(b"secret-1"),
+    )
+    .unwrap();
+    let c = connect("GID_tok@@@old", Protocol::V5, Some("Token|ak-1|inst-1"), Some(&format!("RW|{token}")));
+    assert_eq!(connack(&gw, c, Protocol::V5).await.0, 0x86);
+}
+
+#[tokio::test]
+async fn client_id_of_64_characters_is_accepted_and_65_refused() {
+    let gw = TestGateway::start().await;
+    for protocol in [Protocol::V311, Protocol::V5] {
+        let ok = format!("GID_len@@@{}", "d".repeat(64 - 10));
+        let too_long = format!("{ok}x");
+        assert_eq!(ok.chars().count(), 64);
+        assert_eq!(connack(&gw, connect(&ok, protocol, None, None), protocol).await.0, 0);
+        let refused = connack(&gw, connect(&too_long, protocol, None, None), protocol).await.0;
+        assert_eq!(refused, if protocol == Protocol::V5 { 0x85 } else { 2 });
+    }
+}

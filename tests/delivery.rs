@@ -221,6 +221,27 @@ async fn keepalive_timeout_disconnects_with_0x8d() {
         "{seen:?}"
     );
     assert!(waited >= Duration::from_millis(1400) && waited < Duration::from_secs(3), "{waited:?}");
+    // Status events: `connect`, then `tcpclean` with the reason (no `disconnect`: the client sent none).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let backend = gw.gateway().ctx.backend.clone();
+    let fetched = backend.fetch(&TopicPartition::new("GID_LMQ_STATUS", 0), 0, 100).await.unwrap();
+    let seq: Vec<(String, String)> = fetched
+        .records
+        .iter()
+        .filter_map(|r| {
+            let body: serde_json::Value = serde_json::from_slice(&r.record.value).ok()?;
+            (body["clientId"] == "ka").then(|| {
+                (
+                    body["eventType"].as_str().unwrap_or("").to_string(),
+                    body["reason"].as_str().unwrap_or("").to_string(),
+                )
+            })
+        })
+        .collect();
+    assert_eq!(
+        seq,
+        vec![("connect".to_string(), String::new()), ("tcpclean".to_string(), "keepalive timeout".to_string())]
+    );
 }
 
 #[tokio::test]

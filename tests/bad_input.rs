@@ -205,3 +205,34 @@ async fn many_garbage_connections_do_not_stop_service() {
         let _ = t.await;
     }
 }
+
+#[tokio::test]
+async fn limits_for_mqtt_3_1_1_clients() {
+    let gw = TestGateway::start().await;
+    let publish = |topic: &str, payload: Bytes, id: u16| {
+        Packet::Publish(p::Publish {
+            dup: false,
+            qos: p::QoS::AtLeastOnce,
+            retain: false,
+            topic: topic.into(),
+            packet_id: std::num::NonZeroU16::new(id),
+            payload,
+            properties: Default::default(),
+        })
+    };
+    // At the limits: acknowledged.
+    let mut raw = connected(&gw, "limits3", Protocol::V311).await;
+    raw.send(&publish(&"t".repeat(64), Bytes::from_static(b"x"), 1)).await;
+    assert!(matches!(raw.recv().await, Some(Packet::PubAck(a)) if a.packet_id.get() == 1));
+    raw.send(&publish("t/p", Bytes::from(vec![0u8; 65_536]), 2)).await;
+    assert!(matches!(raw.recv().await, Some(Packet::PubAck(a)) if a.packet_id.get() == 2));
+    // One over: 3.1.1 has no negative PUBACK, so the connection is closed without one.
+    raw.send(&publish(&"t".repeat(65), Bytes::from_static(b"x"), 3)).await;
+    assert!(raw.until_closed().await.is_empty());
+    let mut raw = connected(&gw, "limits3b", Protocol::V311).await;
+    raw.send(&publish("t/p", Bytes::from(vec![0u8; 65_537]), 4)).await;
+    assert!(raw.until_closed().await.is_empty());
+    assert!(gw.gateway().ctx.limits.refused(lmq_gateway::limits::Refusal::TopicTooLong) >= 1);
+    assert!(gw.gateway().ctx.limits.refused(lmq_gateway::limits::Refusal::PayloadTooLarge) >= 1);
+    bystander_still_works(&gw).await;
+}

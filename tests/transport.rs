@@ -670,3 +670,21 @@ async fn gateway_wide_connection_limit_holds_extra_clients_back() {
     let (ack, _gw) = tokio::time::timeout(WAIT, third).await.expect("served after a slot freed").unwrap();
     assert!(matches!(ack, Some(Packet::ConnAck(a)) if a.code == ReasonCode::SUCCESS));
 }
+
+#[tokio::test]
+async fn client_certificate_cn_authenticates_when_enabled() {
+    let pki = Pki::new();
+    let auth = "auth:\n  tls_client_cn_identity: true\n  allow_plain_client_ids: true\n  certificate_acl:\n    publish: [\"dev/#\"]\n    subscribe: [\"dev/#\"]\n";
+    let gw = TestGateway::start_with_listeners(&listener("tls", "tls", &pki.tls_yaml(true, false)), auth).await;
+    let addr = gw.listener("tls");
+    let leaf = pki.ca.issue("GID_dev@@@cert-1", false);
+    // ClientId = CN, no user name: accepted.
+    let s = tls_connect(addr, client_config(&pki.ca, Some(&leaf), b"mqtt")).await.unwrap();
+    assert!(mqtt_connects(s, "GID_dev@@@cert-1").await);
+    // Another ClientId with the same certificate: refused.
+    let s = tls_connect(addr, client_config(&pki.ca, Some(&leaf), b"mqtt")).await.unwrap();
+    assert!(!mqtt_connects(s, "GID_dev@@@cert-2").await);
+    // No certificate and no user name: refused (anonymous access is off).
+    let s = tls_connect(addr, client_config(&pki.ca, None, b"mqtt")).await.unwrap();
+    assert!(!mqtt_connects(s, "GID_dev@@@cert-1").await);
+}

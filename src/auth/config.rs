@@ -72,6 +72,14 @@ pub struct AuthConfig {
     /// What anonymous clients may do (only with `allow_anonymous`).
     #[serde(default = "default_anonymous_acl")]
     pub anonymous_acl: AclConfig,
+    /// Accept a client that sends no user name but presented a client certificate the TLS
+    /// listener verified (mTLS, `tls.client_ca`), when its ClientId equals the certificate's
+    /// CN; it gets `certificate_acl`.
+    #[serde(default)]
+    pub tls_client_cn_identity: bool,
+    /// What clients authenticated by their certificate may do.
+    #[serde(default = "default_anonymous_acl")]
+    pub certificate_acl: AclConfig,
 }
 
 impl Default for AuthConfig {
@@ -83,6 +91,8 @@ impl Default for AuthConfig {
             access_keys: Vec::new(),
             token: TokenConfig::default(),
             anonymous_acl: default_anonymous_acl(),
+            tls_client_cn_identity: false,
+            certificate_acl: default_anonymous_acl(),
         }
     }
 }
@@ -166,6 +176,8 @@ pub struct ResolvedAuth {
     pub signing_secret: Option<Secret>,
     pub max_ttl_secs: u64,
     pub anonymous_acl: Acl,
+    pub tls_client_cn_identity: bool,
+    pub certificate_acl: Acl,
 }
 
 /// Environment variable holding the secret of access key `id`.
@@ -229,6 +241,8 @@ impl AuthConfig {
         }
         let anonymous_acl = Acl::new(self.anonymous_acl.publish.clone(), self.anonymous_acl.subscribe.clone())
             .map_err(|e| AuthConfigError(format!("anonymous_acl: {e}")))?;
+        let certificate_acl = Acl::new(self.certificate_acl.publish.clone(), self.certificate_acl.subscribe.clone())
+            .map_err(|e| AuthConfigError(format!("certificate_acl: {e}")))?;
         Ok(ResolvedAuth {
             allow_anonymous: self.allow_anonymous,
             allow_plain_client_ids: self.allow_plain_client_ids,
@@ -237,6 +251,8 @@ impl AuthConfig {
             signing_secret,
             max_ttl_secs: self.token.max_ttl_secs,
             anonymous_acl,
+            tls_client_cn_identity: self.tls_client_cn_identity,
+            certificate_acl,
         })
     }
 }

@@ -84,6 +84,8 @@ pub enum AuthMode {
     Signature,
     Token,
     DeviceCredential,
+    /// No user name; the TLS client certificate's CN is the identity (`auth.tls_client_cn_identity`).
+    Certificate,
     /// A user name of no known mode (failures only).
     Unknown,
 }
@@ -95,6 +97,7 @@ impl AuthMode {
             AuthMode::Signature => "signature",
             AuthMode::Token => "token",
             AuthMode::DeviceCredential => "device_credential",
+            AuthMode::Certificate => "certificate",
             AuthMode::Unknown => "unknown",
         }
     }
@@ -466,6 +469,13 @@ impl Authenticator {
             return Err(AuthFailure::new(mode, "client_id_invalid", ReasonCode::CLIENT_IDENTIFIER_NOT_VALID));
         }
         let Some((mode, ak, instance)) = parts else {
+            if let Some(cn) = req.tls_client_cn.filter(|_| cfg.tls_client_cn_identity) {
+                return if cn == req.client_id {
+                    Ok(Identity::new(AuthMode::Certificate, Some(cn.to_owned()), cfg.certificate_acl.clone()))
+                } else {
+                    Err(AuthFailure::new(AuthMode::Certificate, "client_id_not_cn", ReasonCode::NOT_AUTHORIZED))
+                };
+            }
             return if cfg.allow_anonymous {
                 Ok(Identity::new(AuthMode::Anonymous, None, cfg.anonymous_acl.clone()))
             } else {
@@ -521,7 +531,9 @@ impl Authenticator {
                 }
                 Ok(Identity::new(mode, Some(ak.to_owned()), cred.acl.clone()))
             }
-            AuthMode::Anonymous | AuthMode::Unknown => Err(AuthFailure::new(mode, "bad_username", bad)),
+            AuthMode::Anonymous | AuthMode::Certificate | AuthMode::Unknown => {
+                Err(AuthFailure::new(mode, "bad_username", bad))
+            }
         }
     }
 

@@ -129,9 +129,11 @@ impl Conn {
             client_id: client_id.clone(),
             username: connect.username.clone(),
             info,
-            revocations: (identity.mode != crate::auth::AuthMode::Signature
-                && identity.mode != crate::auth::AuthMode::Anonymous)
-                .then(|| ctx.auth.revocations()),
+            revocations: matches!(
+                identity.mode,
+                crate::auth::AuthMode::Token | crate::auth::AuthMode::DeviceCredential
+            )
+            .then(|| ctx.auth.revocations()),
             identity,
             expiry_notified: Vec::new(),
             channel_id: format!("{}-{conn_id}", ctx.gateway_id),

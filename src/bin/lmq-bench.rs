@@ -224,7 +224,7 @@ impl Conn {
                 Ok(conn)
             }
             Packet::ConnAck(ack) => bail!("CONNACK refused the connection: reason code {:#04x}", ack.code.0),
-            other => bail!("expected CONNACK, got {}", packet_name(&other)),
+            other => bail!("expected CONNACK, got {}", other.name()),
         }
     }
 
@@ -243,12 +243,12 @@ impl Conn {
                 Some(code) => bail!("SUBACK refused {filter:?}: reason code {:#04x}", code.0),
                 None => bail!("SUBACK without reason codes"),
             },
-            other => bail!("expected SUBACK, got {}", packet_name(&other)),
+            other => bail!("expected SUBACK, got {}", other.name()),
         }
     }
 
     fn queue(&mut self, packet: &Packet) -> Result<()> {
-        encode(packet, self.protocol, &mut self.wbuf).map_err(|e| anyhow!("encoding {}: {e}", packet_name(packet)))
+        encode(packet, self.protocol, &mut self.wbuf).map_err(|e| anyhow!("encoding {}: {e}", packet.name()))
     }
 
     async fn flush(&mut self) -> Result<()> {
@@ -297,26 +297,6 @@ impl Conn {
                 break;
             }
         }
-    }
-}
-
-fn packet_name(p: &Packet) -> &'static str {
-    match p {
-        Packet::Connect(_) => "CONNECT",
-        Packet::ConnAck(_) => "CONNACK",
-        Packet::Publish(_) => "PUBLISH",
-        Packet::PubAck(_) => "PUBACK",
-        Packet::PubRec(_) => "PUBREC",
-        Packet::PubRel(_) => "PUBREL",
-        Packet::PubComp(_) => "PUBCOMP",
-        Packet::Subscribe(_) => "SUBSCRIBE",
-        Packet::SubAck(_) => "SUBACK",
-        Packet::Unsubscribe(_) => "UNSUBSCRIBE",
-        Packet::UnsubAck(_) => "UNSUBACK",
-        Packet::PingReq => "PINGREQ",
-        Packet::PingResp => "PINGRESP",
-        Packet::Disconnect(_) => "DISCONNECT",
-        Packet::Auth(_) => "AUTH",
     }
 }
 
@@ -576,7 +556,7 @@ async fn publish_loop(
                         }
                         Packet::PingResp => {}
                         Packet::Disconnect(d) => bail!("server sent DISCONNECT (reason code {:#04x})", d.code.0),
-                        other => bail!("unexpected {} from the server", packet_name(&other)),
+                        other => bail!("unexpected {} from the server", other.name()),
                     }
                 }
             }
@@ -685,7 +665,7 @@ async fn subscriber(
                         }
                         Packet::PingResp => {}
                         Packet::Disconnect(d) => bail!("server sent DISCONNECT (reason code {:#04x})", d.code.0),
-                        other => bail!("unexpected {} from the server", packet_name(&other)),
+                        other => bail!("unexpected {} from the server", other.name()),
                     }
                 }
             }
@@ -954,7 +934,7 @@ async fn hold_idle(mut conn: Conn, keepalive: Duration, mut stop: watch::Receive
                 while let Some(p) = conn.try_decode()? {
                     match p {
                         Packet::PingResp => {}
-                        other => bail!("unexpected {} on an idle connection", packet_name(&other)),
+                        other => bail!("unexpected {} on an idle connection", other.name()),
                     }
                 }
             }

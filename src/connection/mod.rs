@@ -106,7 +106,7 @@ where
             return;
         }
         Ok(Ok(other)) => {
-            tracing::debug!(%peer, packet = ?packet_name(&other), "first packet was not CONNECT [MQTT-3.1.0-1]");
+            tracing::debug!(%peer, packet = ?other.name(), "first packet was not CONNECT [MQTT-3.1.0-1]");
             return;
         }
         Err(_) => {
@@ -143,26 +143,6 @@ async fn write_now<W: AsyncWrite + Unpin>(w: &mut W, p: &Packet, proto: Protocol
     })
     .await
     .map_err(|_| std::io::Error::other("write timeout"))?
-}
-
-fn packet_name(p: &Packet) -> &'static str {
-    match p {
-        Packet::Connect(_) => "CONNECT",
-        Packet::ConnAck(_) => "CONNACK",
-        Packet::Publish(_) => "PUBLISH",
-        Packet::PubAck(_) => "PUBACK",
-        Packet::PubRec(_) => "PUBREC",
-        Packet::PubRel(_) => "PUBREL",
-        Packet::PubComp(_) => "PUBCOMP",
-        Packet::Subscribe(_) => "SUBSCRIBE",
-        Packet::SubAck(_) => "SUBACK",
-        Packet::Unsubscribe(_) => "UNSUBSCRIBE",
-        Packet::UnsubAck(_) => "UNSUBACK",
-        Packet::PingReq => "PINGREQ",
-        Packet::PingResp => "PINGRESP",
-        Packet::Disconnect(_) => "DISCONNECT",
-        Packet::Auth(_) => "AUTH",
-    }
 }
 
 /// How a connection ended.

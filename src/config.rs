@@ -340,6 +340,7 @@ fn default_partitions() -> u32 {
 #[serde(rename_all = "lowercase")]
 pub enum CoreKind {
     Embedded,
+    Kafka,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -350,6 +351,8 @@ pub struct CoreConfig {
     pub kind: CoreKind,
     #[serde(default)]
     pub embedded: EmbeddedConfig,
+    #[serde(default)]
+    pub kafka: KafkaConfig,
 }
 
 impl Default for CoreConfig {
@@ -419,6 +422,135 @@ fn default_segment_bytes() -> u64 {
 }
 fn default_cache_records() -> usize {
     16_384
+}
+
+/// The Kafka core service (`core.kind: kafka`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// `bootstrap.servers`: comma-separated host:port list.
+    #[serde(default = "default_kafka_bootstrap")]
+    pub bootstrap_servers: String,
+    /// `client.id` of the gateway's producer and consumers.
+    #[serde(default = "default_kafka_client_id")]
+    pub client_id: String,
+    /// Create missing topics (events, state, parent topics) at start; false = refuse to start
+    /// (or to use a parent topic) when one is missing.
+    #[serde(default = "default_true")]
+    pub create_topics: bool,
+    /// Replication factor of the topics the gateway creates.
+    #[serde(default = "default_kafka_replication")]
+    pub replication_factor: i32,
+    /// Partitions of the events and state topics the gateway creates (parent topics:
+    /// `topics.parents[].partitions`).
+    #[serde(default = "default_kafka_partitions")]
+    pub partitions: u32,
+    /// Names of the compacted state topics.
+    #[serde(default)]
+    pub state_topics: KafkaStateTopics,
+    /// Producer `linger.ms`: how long a batch waits for more records.
+    #[serde(default = "default_kafka_linger")]
+    pub linger_ms: u64,
+    /// Producer `batch.size` in bytes.
+    #[serde(default = "default_kafka_batch_size")]
+    pub batch_size: u64,
+    /// Producer `compression.type`: none, gzip, snappy, lz4, zstd.
+    #[serde(default = "default_kafka_compression")]
+    pub compression: String,
+    /// Producer `message.timeout.ms`: a record not stored within this time (retries
+    /// included) is reported as failed to its publisher, never acknowledged.
+    #[serde(default = "default_kafka_delivery_timeout")]
+    pub delivery_timeout_ms: u64,
+    /// Consumer `fetch.wait.max.ms`: longest a fetch waits for new records.
+    #[serde(default = "default_kafka_fetch_wait")]
+    pub fetch_wait_max_ms: u64,
+    /// Any other librdkafka property (security, SASL, tuning), given to the producer and
+    /// every consumer. A property the options above already set is refused.
+    #[serde(default)]
+    pub librdkafka: std::collections::BTreeMap<String, String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        serde_yaml_ng::from_str("{}").unwrap_or_else(|_| unreachable!("defaults deserialize"))
+    }
+}
+
+impl KafkaConfig {
+    /// librdkafka properties set by the first-class options above (or fixed by the gateway).
+    pub const MANAGED_PROPERTIES: [&'static str; 12] = [
+        "bootstrap.servers",
+        "metadata.broker.list",
+        "client.id",
+        "acks",
+        "request.required.acks",
+        "enable.idempotence",
+        "linger.ms",
+        "queue.buffering.max.ms",
+        "batch.size",
+        "compression.type",
+        "message.timeout.ms",
+        "fetch.wait.max.ms",
+    ];
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaStateTopics {
+    #[serde(default = "default_kafka_sessions_topic")]
+    pub sessions: String,
+    #[serde(default = "default_kafka_retained_topic")]
+    pub retained: String,
+    #[serde(default = "default_kafka_credentials_topic")]
+    pub credentials: String,
+    #[serde(default = "default_kafka_revoked_topic")]
+    pub revoked_tokens: String,
+}
+
+impl Default for KafkaStateTopics {
+    fn default() -> Self {
+        serde_yaml_ng::from_str("{}").unwrap_or_else(|_| unreachable!("defaults deserialize"))
+    }
+}
+
+fn default_kafka_bootstrap() -> String {
+    "localhost:9092".into()
+}
+fn default_kafka_client_id() -> String {
+    "lmq-gateway".into()
+}
+fn default_kafka_replication() -> i32 {
+    1
+}
+fn default_kafka_partitions() -> u32 {
+    4
+}
+fn default_kafka_linger() -> u64 {
+    5
+}
+fn default_kafka_batch_size() -> u64 {
+    1_000_000
+}
+fn default_kafka_compression() -> String {
+    "lz4".into()
+}
+fn default_kafka_delivery_timeout() -> u64 {
+    30_000
+}
+fn default_kafka_fetch_wait() -> u64 {
+    100
+}
+fn default_kafka_sessions_topic() -> String {
+    "lmq-sessions".into()
+}
+fn default_kafka_retained_topic() -> String {
+    "lmq-retained".into()
+}
+fn default_kafka_credentials_topic() -> String {
+    "lmq-credentials".into()
+}
+fn default_kafka_revoked_topic() -> String {
+    "lmq-revoked-tokens".into()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -542,6 +674,40 @@ impl Config {
         }
         if self.mqtt.queue_capacity == 0 {
             return invalid("mqtt.queue_capacity must be at least 1".into());
+        }
+        self.core.kafka.validate()?;
+        Ok(())
+    }
+}
+
+impl KafkaConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        for key in self.librdkafka.keys() {
+            if Self::MANAGED_PROPERTIES.contains(&key.as_str()) {
+                return invalid(format!(
+                    "core.kafka.librdkafka.{key} is set by a core.kafka option (or fixed by the gateway); set it there"
+                ));
+            }
+        }
+        if self.bootstrap_servers.trim().is_empty() {
+            return invalid("core.kafka.bootstrap_servers must name at least one broker".into());
+        }
+        if self.partitions == 0 || self.replication_factor == 0 || self.replication_factor < -1 {
+            return invalid("core.kafka.partitions and replication_factor must be at least 1".into());
+        }
+        if !["none", "gzip", "snappy", "lz4", "zstd"].contains(&self.compression.as_str()) {
+            return invalid(format!(
+                "core.kafka.compression `{}`: use none, gzip, snappy, lz4 or zstd",
+                self.compression
+            ));
+        }
+        let t = &self.state_topics;
+        let names = [&t.sessions, &t.retained, &t.credentials, &t.revoked_tokens];
+        for (i, n) in names.iter().enumerate() {
+            if n.is_empty() || names[..i].contains(n) {
+                return invalid("core.kafka.state_topics must be four distinct, non-empty names".into());
+            }
         }
         Ok(())
     }

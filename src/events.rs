@@ -52,4 +52,15 @@ impl ClientEvent {
         // Serialising a struct of strings and integers cannot fail.
         serde_json::to_vec(self).unwrap_or_default()
     }
+
+    /// The event as a log record (embedded log, Kafka): key = ClientId, header `eventType`,
+    /// value = the LMQ JSON body.
+    pub fn to_record(&self) -> crate::backend::CoreRecord {
+        crate::backend::CoreRecord {
+            key: Some(bytes::Bytes::from(self.client_id.clone().into_bytes())),
+            headers: vec![("eventType".to_owned(), bytes::Bytes::from_static(self.event_type.as_str().as_bytes()))],
+            value: bytes::Bytes::from(self.to_json()),
+            timestamp_ms: self.time,
+        }
+    }
 }

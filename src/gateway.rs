@@ -8,6 +8,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::embedded::EmbeddedCore;
+use crate::backend::kafka::KafkaCore;
 use crate::backend::SharedCoreService;
 use crate::config::{Config, CoreKind};
 use crate::limits::Limits;
@@ -29,6 +30,7 @@ impl Gateway {
     pub async fn start(config: Config) -> anyhow::Result<Gateway> {
         let backend: SharedCoreService = match config.core.kind {
             CoreKind::Embedded => EmbeddedCore::open(&config.core.embedded, &config.topics.events_topic).await?,
+            CoreKind::Kafka => KafkaCore::open(&config.core.kafka, &config.topics.events_topic).await?,
         };
         Self::start_with_backend(config, backend).await
     }

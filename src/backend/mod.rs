@@ -13,6 +13,7 @@
 //! service's durability policy). The session sends PUBACK / PUBREC after that and never before.
 
 pub mod embedded;
+pub mod kafka;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;

@@ -481,13 +481,7 @@ impl CoreService for EmbeddedCore {
     }
 
     fn emit_event(&self, event: ClientEvent) -> BoxFuture<'static, Result<()>> {
-        let record = CoreRecord {
-            key: Some(Bytes::from(event.client_id.clone().into_bytes())),
-            headers: vec![("eventType".to_owned(), Bytes::from_static(event.event_type.as_str().as_bytes()))],
-            value: Bytes::from(event.to_json()),
-            timestamp_ms: event.time,
-        };
-        let fut = self.append(&self.shared.events_topic, record);
+        let fut = self.append(&self.shared.events_topic, event.to_record());
         Box::pin(async move { fut.await.map(|_| ()) })
     }
 

@@ -1,0 +1,434 @@
+//! The Kafka core service (`core.kind: kafka`), on librdkafka through `rdkafka`.
+//!
+//! - Appends: one idempotent `acks=all` producer per gateway. `enqueue` hands the record to
+//!   librdkafka (its place in the partition's order is fixed then; a full producer queue is
+//!   waited out — back-pressure) and the acknowledgement is the delivery report.
+//! - Live tail: a consumer with manual assignment per `tail()` (`tail.rs`).
+//! - One-shot reads: a pool of consumers (`fetch.rs`).
+//! - State stores: compacted topics, materialised in memory on every gateway (`state.rs`).
+//! - Events: records in the events topic, key = ClientId, header `eventType`.
+//!
+//! Nothing here is specific to a broker implementation: topics are created through the admin
+//! API with standard configs, and the clients use only public Kafka protocol features.
+
+mod client;
+mod fetch;
+mod state;
+mod tail;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::StreamConsumer;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+use crate::backend::{
+    AppendAck, BackendError, CoreRecord, CoreService, Fetched, Position, Result, StateStore, StateUpdate, Tail,
+    TopicPartition,
+};
+use crate::config::KafkaConfig;
+use crate::events::ClientEvent;
+
+/// Timeout of one metadata / watermark request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest a state read waits for the view to catch up with the brokers.
+const STATE_CATCH_UP: Duration = Duration::from_secs(10);
+/// Interval of the availability probe.
+const PROBE_INTERVAL: Duration = Duration::from_secs(2);
+
+pub struct KafkaCore {
+    config: KafkaConfig,
+    events_topic: String,
+    producer: FutureProducer,
+    admin: AdminClient<DefaultClientContext>,
+    /// Partition count of every topic known to exist.
+    partitions: parking_lot::RwLock<HashMap<String, u32>>,
+    state: Arc<state::StateView>,
+    readers: Arc<fetch::Readers>,
+    available: Arc<AtomicBool>,
+    closed: Arc<AtomicBool>,
+    tasks: parking_lot::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl KafkaCore {
+    /// Connect (waiting, with a log line per attempt, while the cluster is unreachable),
+    /// create or check the gateway's topics and load the state stores.
+    pub async fn open(config: &KafkaConfig, events_topic: &str) -> anyhow::Result<Arc<KafkaCore>> {
+        let producer: FutureProducer = client::producer(config).create()?;
+        let admin: AdminClient<DefaultClientContext> = client::producer(config).create()?;
+        let consumer_config = client::consumer(config);
+        // Checks the consumer settings once, so later `tail()` calls cannot fail on them.
+        let state_consumer: StreamConsumer = consumer_config.create()?;
+        let core = Arc::new(KafkaCore {
+            config: config.clone(),
+            events_topic: events_topic.to_owned(),
+            producer,
+            admin,
+            partitions: parking_lot::RwLock::new(HashMap::new()),
+            state: state::StateView::new(&config.state_topics),
+            readers: fetch::Readers::new(consumer_config),
+            available: Arc::new(AtomicBool::new(false)),
+            closed: Arc::new(AtomicBool::new(false)),
+            tasks: parking_lot::Mutex::new(Vec::new()),
+        });
+        core.wait_for_cluster().await;
+        core.ensure_gateway_topics().await?;
+        core.state.assign(&state_consumer, &core.partitions.read())?;
+        core.tasks.lock().push(tokio::spawn(core.state.clone().run(state_consumer)));
+        for store in StateStore::ALL {
+            core.catch_up(store).await?;
+        }
+        core.available.store(true, Ordering::Release);
+        core.tasks.lock().push(tokio::spawn(probe(Arc::downgrade(&core))));
+        tracing::info!(bootstrap = config.bootstrap_servers, "Kafka core service ready");
+        Ok(core)
+    }
+
+    async fn wait_for_cluster(&self) {
+        let mut attempt = 0u32;
+        loop {
+            match self.metadata(None).await {
+                Ok(_) => return,
+                Err(e) => {
+                    attempt += 1;
+                    tracing::warn!(
+                        bootstrap = self.config.bootstrap_servers,
+                        attempt,
+                        error = %e,
+                        "waiting for Kafka: cluster unreachable, retrying in 2 s"
+                    );
+                    tokio::time::sleep(PROBE_INTERVAL).await;
+                }
+            }
+        }
+    }
+
+    /// Topic name → partition count, from the brokers.
+    async fn metadata(&self, topic: Option<&str>) -> Result<HashMap<String, u32>> {
+        let producer = self.producer.clone();
+        let topic = topic.map(str::to_owned);
+        tokio::task::spawn_blocking(move || {
+            let md = producer.client().fetch_metadata(topic.as_deref(), REQUEST_TIMEOUT).map_err(client::error)?;
+            Ok(md
+                .topics()
+                .iter()
+                .filter(|t| t.error().is_none() && !t.partitions().is_empty())
+                .map(|t| (t.name().to_owned(), t.partitions().len() as u32))
+                .collect())
+        })
+        .await
+        .map_err(|e| BackendError::Unavailable(e.to_string()))?
+    }
+
+    /// The events topic and the compacted state topics: created if missing (when allowed),
+    /// otherwise the start fails naming the missing ones.
+    async fn ensure_gateway_topics(&self) -> anyhow::Result<()> {
+        let existing = self.metadata(None).await?;
+        let mut wanted: Vec<(String, bool)> = vec![(self.events_topic.clone(), false)];
+        wanted.extend(StateStore::ALL.iter().map(|s| (self.state.topic(*s).to_owned(), true)));
+        let missing: Vec<&(String, bool)> = wanted.iter().filter(|(t, _)| !existing.contains_key(t)).collect();
+        if !missing.is_empty() && !self.config.create_topics {
+            let names: Vec<&str> = missing.iter().map(|(t, _)| t.as_str()).collect();
+            anyhow::bail!(
+                "Kafka topics missing: {} (create them — the state topics with cleanup.policy=compact — \
+                 or set core.kafka.create_topics: true)",
+                names.join(", ")
+            );
+        }
+        for (topic, compacted) in missing {
+            self.create_topic(topic, self.config.partitions, *compacted).await?;
+        }
+        for (topic, _) in &wanted {
+            self.learn_partitions(topic).await?;
+        }
+        Ok(())
+    }
+
+    async fn create_topic(&self, topic: &str, partitions: u32, compacted: bool) -> Result<()> {
+        let mut new = NewTopic::new(
+            topic,
+            i32::try_from(partitions).unwrap_or(i32::MAX),
+            TopicReplication::Fixed(self.config.replication_factor),
+        );
+        if compacted {
+            new = new.set("cleanup.policy", "compact");
+        }
+        let opts = AdminOptions::new().operation_timeout(Some(REQUEST_TIMEOUT));
+        let results = self.admin.create_topics([&new], &opts).await.map_err(client::error)?;
+        for r in results {
+            match r {
+                Ok(_) => tracing::info!(topic, partitions, compacted, "created Kafka topic"),
+                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((t, code)) => {
+                    return Err(BackendError::Unavailable(format!("cannot create Kafka topic `{t}`: {code}")));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Wait until the brokers report the topic, and remember its partition count.
+    async fn learn_partitions(&self, topic: &str) -> Result<u32> {
+        let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
+        loop {
+            if let Some(n) = self.metadata(Some(topic)).await?.get(topic) {
+                self.partitions.write().insert(topic.to_owned(), *n);
+                return Ok(*n);
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(BackendError::UnknownTopic(topic.to_owned()));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Current end offsets of every partition of a topic.
+    fn end_offsets(&self, topic: &str) -> BoxFuture<'static, Result<Vec<(i32, i64)>>> {
+        let n = self.partitions.read().get(topic).copied();
+        let producer = self.producer.clone();
+        let topic = topic.to_owned();
+        Box::pin(async move {
+            let n = n.ok_or_else(|| BackendError::UnknownTopic(topic.clone()))?;
+            tokio::task::spawn_blocking(move || {
+                (0..n as i32)
+                    .map(|p| {
+                        let (_, high) =
+                            producer.client().fetch_watermarks(&topic, p, REQUEST_TIMEOUT).map_err(client::error)?;
+                        Ok((p, high))
+                    })
+                    .collect()
+            })
+            .await
+            .map_err(|e| BackendError::Unavailable(e.to_string()))?
+        })
+    }
+
+    /// Wait until the state view holds everything written to `store` before this call.
+    async fn catch_up(&self, store: StateStore) -> Result<()> {
+        let ends = self.end_offsets(self.state.topic(store)).await?;
+        self.state.wait_for(store, &ends, STATE_CATCH_UP).await
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            Err(BackendError::Closed)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Hand a record to librdkafka, waiting while its queue is full.
+    fn produce(
+        &self,
+        topic: &str,
+        key: Option<Bytes>,
+        value: Option<Bytes>,
+        headers: Option<rdkafka::message::OwnedHeaders>,
+        timestamp_ms: Option<i64>,
+    ) -> BoxFuture<'static, Result<AppendAck>> {
+        let producer = self.producer.clone();
+        let closed = self.closed.clone();
+        let available = self.available.clone();
+        let topic = topic.to_owned();
+        Box::pin(async move {
+            let mut backoff = Duration::from_millis(1);
+            loop {
+                if closed.load(Ordering::Acquire) {
+                    return Err(BackendError::Closed);
+                }
+                let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&topic);
+                if let Some(k) = &key {
+                    record = record.key(&k[..]);
+                }
+                if let Some(v) = &value {
+                    record = record.payload(&v[..]);
+                }
+                if let Some(h) = &headers {
+                    record = record.headers(h.clone());
+                }
+                if let Some(ts) = timestamp_ms {
+                    record = record.timestamp(ts);
+                }
+                match producer.send_result(record) {
+                    Ok(delivery) => {
+                        let ack: AppendAck = Box::pin(async move {
+                            match delivery.await {
+                                Ok(Ok(d)) => {
+                                    available.store(true, Ordering::Release);
+                                    Ok(Position {
+                                        partition: u32::try_from(d.partition).unwrap_or(0),
+                                        offset: u64::try_from(d.offset).unwrap_or(0),
+                                    })
+                                }
+                                Ok(Err((e, _))) => Err(client::error(e)),
+                                Err(_) => Err(BackendError::Closed),
+                            }
+                        });
+                        return Ok(ack);
+                    }
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                        // Back-pressure: the publisher's socket is not read while we wait.
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_millis(50));
+                    }
+                    Err((e, _)) => return Err(client::error(e)),
+                }
+            }
+        })
+    }
+}
+
+/// Keep `available` true only while the cluster answers metadata requests.
+async fn probe(core: std::sync::Weak<KafkaCore>) {
+    loop {
+        tokio::time::sleep(PROBE_INTERVAL).await;
+        let Some(core) = core.upgrade() else { return };
+        if core.closed.load(Ordering::Acquire) {
+            return;
+        }
+        let ok = core.metadata(Some(&core.events_topic)).await.is_ok();
+        let was = core.available.swap(ok, Ordering::AcqRel);
+        if was && !ok {
+            tracing::warn!(bootstrap = core.config.bootstrap_servers, "Kafka unreachable: not ready");
+        } else if !was && ok {
+            tracing::info!(bootstrap = core.config.bootstrap_servers, "Kafka reachable again");
+        }
+    }
+}
+
+impl CoreService for KafkaCore {
+    fn kind(&self) -> &'static str {
+        "kafka"
+    }
+
+    fn ensure_topic(&self, topic: &str, partitions: u32) -> BoxFuture<'_, Result<()>> {
+        let topic = topic.to_owned();
+        Box::pin(async move {
+            self.check_open()?;
+            if self.partitions.read().contains_key(&topic) {
+                return Ok(());
+            }
+            if !self.metadata(Some(&topic)).await?.contains_key(&topic) {
+                if !self.config.create_topics {
+                    return Err(BackendError::UnknownTopic(topic));
+                }
+                self.create_topic(&topic, partitions, false).await?;
+            }
+            self.learn_partitions(&topic).await.map(|_| ())
+        })
+    }
+
+    fn partitions(&self, topic: &str) -> Result<u32> {
+        self.partitions.read().get(topic).copied().ok_or_else(|| BackendError::UnknownTopic(topic.to_owned()))
+    }
+
+    fn enqueue(&self, topic: &str, record: CoreRecord) -> BoxFuture<'static, Result<AppendAck>> {
+        // librdkafka would hold a record for an unknown topic until its timeout; callers
+        // `ensure_topic` first, so an unknown topic here is refused at once.
+        if !self.partitions.read().contains_key(topic) {
+            let topic = topic.to_owned();
+            return Box::pin(async move { Err(BackendError::UnknownTopic(topic)) });
+        }
+        let headers = client::headers(&record);
+        self.produce(topic, record.key, Some(record.value), Some(headers), Some(record.timestamp_ms))
+    }
+
+    fn fetch(&self, tp: &TopicPartition, from: u64, max_records: usize) -> BoxFuture<'static, Result<Fetched>> {
+        let end = self.end_offset(tp);
+        let readers = self.readers.clone();
+        let tp = tp.clone();
+        Box::pin(async move {
+            let high_watermark = end.await?;
+            if from >= high_watermark || max_records == 0 {
+                return Ok(Fetched { records: Vec::new(), next_offset: from, high_watermark });
+            }
+            readers.read(&tp, from, max_records, high_watermark).await
+        })
+    }
+
+    fn end_offset(&self, tp: &TopicPartition) -> BoxFuture<'static, Result<u64>> {
+        let producer = self.producer.clone();
+        let tp = tp.clone();
+        let open = self.check_open().and_then(|()| self.partitions(&tp.topic).map(|_| ()));
+        Box::pin(async move {
+            open?;
+            tokio::task::spawn_blocking(move || {
+                let p = i32::try_from(tp.partition).unwrap_or(i32::MAX);
+                let (_, high) =
+                    producer.client().fetch_watermarks(&tp.topic, p, REQUEST_TIMEOUT).map_err(client::error)?;
+                Ok(u64::try_from(high).unwrap_or(0))
+            })
+            .await
+            .map_err(|e| BackendError::Unavailable(e.to_string()))?
+        })
+    }
+
+    fn tail(&self) -> Box<dyn Tail> {
+        let consumer = client::consumer(&self.config).create::<StreamConsumer>().map_err(|e| e.to_string());
+        Box::new(tail::KafkaTail::new(consumer, self.closed.clone()))
+    }
+
+    fn put_state(&self, store: StateStore, key: &str, value: Option<Bytes>) -> BoxFuture<'static, Result<()>> {
+        let queued = self.produce(self.state.topic(store), Some(Bytes::from(key.to_owned())), value, None, None);
+        Box::pin(async move { queued.await?.await.map(|_| ()) })
+    }
+
+    fn get_state(&self, store: StateStore, key: &str) -> BoxFuture<'static, Result<Option<Bytes>>> {
+        let ends = self.end_offsets(self.state.topic(store));
+        let state = self.state.clone();
+        let key = key.to_owned();
+        let open = self.check_open();
+        Box::pin(async move {
+            open?;
+            state.wait_for(store, &ends.await?, STATE_CATCH_UP).await?;
+            Ok(state.get(store, &key))
+        })
+    }
+
+    fn watch_state(
+        &self,
+        store: StateStore,
+        updates: mpsc::Sender<StateUpdate>,
+    ) -> BoxFuture<'static, Result<Vec<(String, Bytes)>>> {
+        let ends = self.end_offsets(self.state.topic(store));
+        let state = self.state.clone();
+        let open = self.check_open();
+        Box::pin(async move {
+            open?;
+            state.wait_for(store, &ends.await?, STATE_CATCH_UP).await?;
+            Ok(state.watch(store, updates))
+        })
+    }
+
+    fn emit_event(&self, event: ClientEvent) -> BoxFuture<'static, Result<()>> {
+        let fut = self.append(&self.events_topic, event.to_record());
+        Box::pin(async move { fut.await.map(|_| ()) })
+    }
+
+    fn is_available(&self) -> bool {
+        !self.closed.load(Ordering::Acquire) && self.available.load(Ordering::Acquire)
+    }
+
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            if self.closed.swap(true, Ordering::AcqRel) {
+                return;
+            }
+            let producer = self.producer.clone();
+            let flushed = tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(10))).await;
+            if let Ok(Err(e)) = flushed {
+                tracing::warn!(error = %e, "Kafka producer: records still queued at shutdown");
+            }
+            for t in self.tasks.lock().drain(..) {
+                t.abort();
+            }
+        })
+    }
+}

@@ -6,7 +6,9 @@
 #   scripts/kafka-dev.sh install            install tansu into ~/.cargo/bin unless that version is there
 #   scripts/kafka-dev.sh start [DIR] [PORT] start a broker in the background (data in DIR, kept across restarts)
 #   scripts/kafka-dev.sh stop  [DIR]        stop it
-#   scripts/kafka-dev.sh run   DIR PORT     run a broker in the foreground (exec; for test harnesses)
+#   scripts/kafka-dev.sh run   DIR PORT [ADVERTISED_PORT]
+#                                           run a broker in the foreground (exec; for test harnesses);
+#                                           ADVERTISED_PORT: the port clients are told to use (a proxy)
 #   scripts/kafka-dev.sh wait  PORT         wait until the broker answers on PORT
 #
 # Defaults: DIR=${KAFKA_DEV_DIR:-/tmp/lmq-kafka-dev}, PORT=${KAFKA_PORT:-9092}.
@@ -68,7 +70,7 @@ add_index() {
 }
 
 run() {
-  local dir=$1 port=$2
+  local dir=$1 port=$2 advertised=${3:-$2}
   mkdir -p "$dir"
   cd "$dir"
   : >.env
@@ -76,13 +78,13 @@ run() {
   (wait_port "$port" 600 && add_index "$dir/tansu.db") >/dev/null 2>&1 &
   exec "$(tansu_bin)" broker \
     --listener-url "tcp://127.0.0.1:$port" \
-    --advertised-listener-url "tcp://localhost:$port" \
+    --advertised-listener-url "tcp://localhost:$advertised" \
     --storage-engine 'sqlite://tansu.db?maintenance_interval=5s'
 }
 
 case "$CMD" in
   install) install ;;
-  run) run "$2" "$3" ;;
+  run) run "$2" "$3" "${4:-$3}" ;;
   wait)
     wait_port "$2" 600
     ;;

@@ -32,6 +32,10 @@ fn free_port() -> u16 {
 
 /// Spawn the broker; it is killed when the thread that spawned it ends (PR_SET_PDEATHSIG).
 fn spawn(dir: &Path, port: u16) -> Child {
+    spawn_advertising(dir, port, port)
+}
+
+fn spawn_advertising(dir: &Path, port: u16, advertised: u16) -> Child {
     let have_tansu = Command::new("sh")
         .args(["-c", "command -v tansu || test -x \"$HOME/.cargo/bin/tansu\""])
         .stdout(Stdio::null())
@@ -41,7 +45,12 @@ fn spawn(dir: &Path, port: u16) -> Child {
     assert!(have_tansu, "tansu is not installed: run `scripts/kafka-dev.sh install` (scripts/test.sh does)");
     let log = std::fs::File::create(dir.join("broker.log")).expect("broker log");
     let mut cmd = Command::new(script());
-    cmd.arg("run").arg(dir).arg(port.to_string()).stdout(log.try_clone().expect("log")).stderr(log);
+    cmd.arg("run")
+        .arg(dir)
+        .arg(port.to_string())
+        .arg(advertised.to_string())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log);
     unsafe {
         cmd.pre_exec(|| {
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
@@ -73,6 +82,31 @@ impl KafkaBroker {
         let child = spawn(&dir, port);
         wait_ready(&dir, port);
         KafkaBroker { port, dir, child: Some(child), _tmp: Some(tmp) }
+    }
+
+    /// A handle with the same port and settings that does not own the process.
+    pub fn clone_handle(&self) -> KafkaBroker {
+        KafkaBroker { port: self.port, dir: self.dir.clone(), child: None, _tmp: None }
+    }
+
+    /// A broker reached through a [`Proxy`] that can black it out: clients (told the proxy's
+    /// port by the broker's metadata) lose their connections and cannot reconnect until the
+    /// blackout ends, as when a broker is down.
+    ///
+    /// Why not stop and restart tansu: tansu 0.6 cannot take back an idempotent producer
+    /// after a restart — its storage panics in `idempotent_message_check` ("more or less than
+    /// one row", tansu-storage-0.6.0/src/lite.rs:503) on the producer's next batch and every
+    /// later request fails. Reproduction: an `enable.idempotence=true` rdkafka producer
+    /// sends, `scripts/kafka-dev.sh stop` + `start` on the same directory, the producer sends
+    /// again. Apache Kafka keeps producer state across restarts; the gateway needs no change.
+    pub fn start_behind_proxy() -> (KafkaBroker, Proxy) {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let dir = tmp.path().to_path_buf();
+        let port = free_port();
+        let proxy = Proxy::start(port);
+        let child = spawn_advertising(&dir, port, proxy.port);
+        wait_ready(&dir, port);
+        (KafkaBroker { port: proxy.port, dir, child: Some(child), _tmp: Some(tmp) }, proxy)
     }
 
     pub fn bootstrap(&self) -> String {
@@ -152,4 +186,46 @@ pub fn shared() -> &'static KafkaBroker {
         let (port, dir) = rx.recv().expect("shared broker started");
         KafkaBroker { port, dir, child: None, _tmp: None }
     })
+}
+
+/// A TCP proxy in front of a broker that can cut every connection and refuse new ones.
+pub struct Proxy {
+    pub port: u16,
+    blackout: tokio::sync::watch::Sender<bool>,
+}
+
+impl Proxy {
+    fn start(target: u16) -> Proxy {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("proxy bind");
+        let port = listener.local_addr().expect("proxy addr").port();
+        listener.set_nonblocking(true).expect("nonblocking");
+        let (blackout, rx) = tokio::sync::watch::channel(false);
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("proxy runtime");
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).expect("proxy listener");
+                loop {
+                    let Ok((mut down, _)) = listener.accept().await else { continue };
+                    if *rx.borrow() {
+                        drop(down);
+                        continue;
+                    }
+                    let mut rx = rx.clone();
+                    tokio::spawn(async move {
+                        let Ok(mut up) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else { return };
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut down, &mut up) => {}
+                            _ = rx.wait_for(|b| *b) => {}
+                        }
+                    });
+                }
+            });
+        });
+        Proxy { port, blackout }
+    }
+
+    /// Cut all connections and refuse new ones (`true`), or let them through again.
+    pub fn set_blackout(&self, on: bool) {
+        let _ = self.blackout.send(on);
+    }
 }

@@ -1,0 +1,539 @@
+//! The gateway on the Kafka core service, against a real Kafka-protocol broker (tansu):
+//! MQTT → Kafka records, Kafka → MQTT deliveries, two gateway processes sharing one cluster,
+//! no acknowledged message lost when a gateway is killed or the broker stops, status events.
+
+mod common;
+mod kafka_broker;
+
+use bytes::{Bytes, BytesMut};
+use common::{v4, v5, WAIT};
+use kafka_broker::KafkaBroker;
+use lmq_gateway::config::Config;
+use lmq_gateway::gateway::Gateway;
+use lmq_gateway::protocol::{self, Packet, Protocol, PubResponse, QoS as WireQoS};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::num::NonZeroU16;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const OPEN_AUTH: &str = "auth:\n  allow_anonymous: true\n  allow_plain_client_ids: true\n";
+
+fn gateway_yaml(broker: &KafkaBroker, bind: &str, gateway_id: &str) -> String {
+    format!("gateway_id: {gateway_id}\nlisteners:\n  - name: tcp\n    bind: {bind}\n{}{OPEN_AUTH}", broker.core_yaml())
+}
+
+/// A gateway in this test process.
+async fn gateway(broker: &KafkaBroker, gateway_id: &str) -> Gateway {
+    let config = Config::from_yaml(&gateway_yaml(broker, "127.0.0.1:0", gateway_id)).expect("config");
+    Gateway::start(config).await.expect("gateway on Kafka starts")
+}
+
+/// A gateway process (the real binary), killable with SIGKILL.
+struct GatewayProcess {
+    child: Child,
+    addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl GatewayProcess {
+    fn start(broker: &KafkaBroker, gateway_id: &str) -> GatewayProcess {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+        let config = dir.path().join("gateway.yaml");
+        std::fs::write(&config, gateway_yaml(broker, &addr.to_string(), gateway_id)).expect("write config");
+        let log = std::fs::File::create(dir.path().join("gateway.log")).expect("log");
+        let child = Command::new(env!("CARGO_BIN_EXE_lmq-gateway"))
+            .arg("--config")
+            .arg(&config)
+            .arg("serve")
+            .current_dir(dir.path())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn gateway");
+        let p = GatewayProcess { child, addr, _dir: dir };
+        p.wait_listening();
+        p
+    }
+
+    fn wait_listening(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if std::net::TcpStream::connect(self.addr).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let log = std::fs::read_to_string(self._dir.path().join("gateway.log")).unwrap_or_default();
+        panic!("gateway did not listen on {} within 30 s; log:\n{log}", self.addr);
+    }
+
+    fn sigkill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        self.sigkill();
+    }
+}
+
+fn consumer(bootstrap: &str) -> BaseConsumer {
+    ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", "test-reader")
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "10")
+        .create()
+        .expect("test consumer")
+}
+
+/// Every record of `topic` (all partitions, from the beginning) as a plain Kafka consumer
+/// sees it: (partition, key, headers, payload).
+type Seen = (i32, Option<Vec<u8>>, HashMap<String, Vec<u8>>, Vec<u8>);
+fn read_topic(bootstrap: &str, topic: &str) -> Vec<Seen> {
+    let c = consumer(bootstrap);
+    let md = c.fetch_metadata(Some(topic), Duration::from_secs(5)).expect("metadata");
+    let partitions = md.topics().first().map(|t| t.partitions().len()).unwrap_or(0) as i32;
+    let mut ends = HashMap::new();
+    let mut list = TopicPartitionList::new();
+    for p in 0..partitions {
+        let (_, high) = c.fetch_watermarks(topic, p, Duration::from_secs(5)).expect("watermarks");
+        if high > 0 {
+            ends.insert(p, high);
+            list.add_partition_offset(topic, p, Offset::Beginning).expect("partition");
+        }
+    }
+    let mut out = Vec::new();
+    if ends.is_empty() {
+        return out;
+    }
+    c.assign(&list).expect("assign");
+    drop(list);
+    let mut done: HashMap<i32, bool> = ends.keys().map(|p| (*p, false)).collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while done.values().any(|d| !d) {
+        assert!(Instant::now() < deadline, "reading {topic} timed out");
+        let Some(m) = c.poll(Duration::from_millis(200)) else { continue };
+        let m = m.expect("consume");
+        let headers = m
+            .headers()
+            .map(|h| h.iter().map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec())).collect())
+            .unwrap_or_default();
+        out.push((m.partition(), m.key().map(<[u8]>::to_vec), headers, m.payload().unwrap_or_default().to_vec()));
+        if m.offset() + 1 >= ends[&m.partition()] {
+            done.insert(m.partition(), true);
+        }
+    }
+    out
+}
+
+fn producer(broker: &KafkaBroker) -> FutureProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", broker.bootstrap())
+        .set("message.timeout.ms", "10000")
+        .create()
+        .expect("test producer")
+}
+
+async fn produce(p: &FutureProducer, topic: &str, headers: &[(&str, &str)], payload: &str) {
+    let h = headers.iter().fold(OwnedHeaders::new(), |h, (k, v)| h.insert(Header { key: k, value: Some(*v) }));
+    let rec: FutureRecord<'_, str, str> = FutureRecord::to(topic).payload(payload).headers(h);
+    p.send(rec, Duration::from_secs(10)).await.expect("plain producer delivered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_publishes_become_kafka_records_with_key_headers_and_payload() {
+    let broker = kafka_broker::shared();
+    let gw = gateway(broker, "gw-pub").await;
+    let addr = gw.addr();
+    let mut c = v4::connect(addr, "GID_k@@@pub-1").await;
+    c.publish("kpub/dev1/temp", v4::QoS::AtMostOnce, false, b"q0").await;
+    c.publish("kpub/dev1/temp", v4::QoS::AtLeastOnce, false, b"q1").await;
+    c.publish("kpub/dev1/temp", v4::QoS::ExactlyOnce, false, b"q2").await;
+    c.disconnect().await;
+    let (mut c5, _) = v5::connect_with(v5::options(addr, "GID_k@@@pub-5")).await;
+    let props = v5::PublishProperties {
+        user_properties: vec![("region".into(), "eu".into())],
+        content_type: Some("text/plain".into()),
+        ..Default::default()
+    };
+    c5.client
+        .publish_with_properties("kpub/dev2", v5::QoS::AtLeastOnce, false, "q1-v5", props)
+        .await
+        .expect("publish queued");
+    c5.wait_for(|e| matches!(e, v5::Event::Incoming(v5::Packet::PubAck(_)))).await;
+    c5.disconnect().await;
+    gw.shutdown().await;
+
+    let records =
+        tokio::task::spawn_blocking(|| read_topic(&kafka_broker::shared().bootstrap(), "kpub")).await.unwrap();
+    let by_payload: HashMap<&[u8], &Seen> = records.iter().map(|r| (&r.3[..], r)).collect();
+    assert_eq!(records.len(), 4, "records: {records:?}");
+    for (payload, qos) in [(&b"q0"[..], "0"), (b"q1", "1"), (b"q2", "2")] {
+        let (_, key, headers, _) = by_payload.get(payload).unwrap_or_else(|| panic!("{payload:?} not in Kafka"));
+        assert_eq!(key.as_deref(), Some(&b"GID_k@@@pub-1"[..]), "record key = ClientId");
+        assert_eq!(headers["topic"], b"kpub/dev1/temp");
+        assert_eq!(headers["mqttSecondTopic"], b"/dev1/temp");
+        assert_eq!(headers["qoslevel"], qos.as_bytes());
+        assert_eq!(headers["clientId"], b"GID_k@@@pub-1");
+    }
+    let (_, key, headers, _) = by_payload[&b"q1-v5"[..]];
+    assert_eq!(key.as_deref(), Some(&b"GID_k@@@pub-5"[..]));
+    assert_eq!(headers["topic"], b"kpub/dev2");
+    assert_eq!(headers["mqtt5ContentType"], b"text/plain");
+    let props: serde_json::Value = serde_json::from_slice(&headers["mqtt5UserProperty"]).expect("JSON user properties");
+    assert_eq!(props, serde_json::json!([{"key": "region", "value": "eu"}]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_records_reach_mqtt_subscribers_with_wildcards_and_p2p() {
+    let broker = kafka_broker::shared();
+    let gw = gateway(broker, "gw-sub").await;
+    let addr = gw.addr();
+    let mut wild = v4::connect(addr, "GID_k@@@wild").await;
+    wild.subscribe("kc2d/+/cmd", v4::QoS::AtLeastOnce).await;
+    let mut all = v4::connect(addr, "GID_k@@@all").await;
+    all.subscribe("kc2d/#", v4::QoS::AtMostOnce).await;
+    // A device with no subscription at all: P2P messages reach it by ClientId.
+    let mut device = v4::connect(addr, "GID_k@@@dev9").await;
+
+    let p = producer(broker);
+    produce(&p, "kc2d", &[("mqttSecondTopic", "/dev1/cmd"), ("qoslevel", "1")], "from-kafka-1").await;
+    produce(&p, "kc2d", &[("topic", "kc2d/dev2/cmd")], "from-kafka-2").await;
+    produce(&p, "kc2d", &[("topic", "kc2d/p2p/GID_k@@@dev9"), ("qoslevel", "1")], "to-dev9").await;
+
+    let mut got = BTreeSet::new();
+    for _ in 0..2 {
+        let m = wild.next_publish().await;
+        got.insert((m.topic.clone(), String::from_utf8_lossy(&m.payload).into_owned()));
+        assert_eq!(m.qos, v4::QoS::AtLeastOnce);
+    }
+    assert_eq!(
+        got,
+        BTreeSet::from([
+            ("kc2d/dev1/cmd".to_owned(), "from-kafka-1".to_owned()),
+            ("kc2d/dev2/cmd".to_owned(), "from-kafka-2".to_owned())
+        ])
+    );
+    let mut got_all = BTreeSet::new();
+    for _ in 0..2 {
+        got_all.insert(all.next_publish().await.topic);
+    }
+    assert_eq!(got_all, BTreeSet::from(["kc2d/dev1/cmd".to_owned(), "kc2d/dev2/cmd".to_owned()]));
+    let m = device.next_publish().await;
+    assert_eq!((m.topic.as_str(), &m.payload[..]), ("kc2d/p2p/GID_k@@@dev9", &b"to-dev9"[..]));
+    // The P2P message went to its target only.
+    assert!(wild.no_publish(Duration::from_millis(500)).await);
+    assert!(all.no_publish(Duration::from_millis(100)).await);
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateway_processes_share_messages_retained_and_client_ids() {
+    let broker = kafka_broker::shared();
+    let a = GatewayProcess::start(broker, "gw-a");
+    let b = GatewayProcess::start(broker, "gw-b");
+
+    // Publish on A, receive on B.
+    let mut sub_b = v4::connect(b.addr, "GID_k@@@sub-b").await;
+    sub_b.subscribe("kshare/#", v4::QoS::AtLeastOnce).await;
+    let mut pub_a = v4::connect(a.addr, "GID_k@@@pub-a").await;
+    pub_a.publish("kshare/x", v4::QoS::AtLeastOnce, false, b"a-to-b").await;
+    let m = sub_b.next_publish().await;
+    assert_eq!((m.topic.as_str(), &m.payload[..]), ("kshare/x", &b"a-to-b"[..]));
+
+    // A retained message set through A is seen by a new subscriber on B.
+    pub_a.publish("kshare/status", v4::QoS::AtLeastOnce, true, b"online").await;
+    let _ = sub_b.next_publish().await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let mut late = v4::connect(b.addr, "GID_k@@@late-b").await;
+        late.subscribe("kshare/status", v4::QoS::AtLeastOnce).await;
+        let seen = publish_within(&mut late, Duration::from_millis(500)).await;
+        late.disconnect().await;
+        if let Some(m) = seen {
+            assert!(m.retain);
+            assert_eq!(&m.payload[..], b"online");
+            break;
+        }
+        assert!(Instant::now() < deadline, "retained message not seen on B");
+    }
+
+    // ClientId takeover across gateways: the newer connection on B closes the one on A.
+    let mut dup_a = v4::connect(a.addr, "GID_k@@@twin").await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let _dup_b = v4::connect(b.addr, "GID_k@@@twin").await;
+    dup_a.closed_by_server().await;
+    pub_a.disconnect().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persistent_session_resumes_on_another_gateway_after_sigkill() {
+    let broker = kafka_broker::shared();
+    let mut a = GatewayProcess::start(broker, "gw-ka");
+    let b = GatewayProcess::start(broker, "gw-kb");
+    let mut opts = v4::options(a.addr, "GID_k@@@persistent");
+    opts.set_clean_session(false);
+    let mut dev = v4::connect_with(opts).await;
+    dev.subscribe("kpersist/#", v4::QoS::AtLeastOnce).await;
+    let mut publisher = v4::connect(b.addr, "GID_k@@@pub-persist").await;
+    publisher.publish("kpersist/1", v4::QoS::AtLeastOnce, false, b"before").await;
+    assert_eq!(&dev.next_publish().await.payload[..], b"before");
+    // rumqttc acknowledged it; the session's position is saved within 100 ms.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    a.sigkill();
+    dev.kill();
+
+    let missed: Vec<String> = (0..10).map(|i| format!("missed-{i}")).collect();
+    for m in &missed {
+        publisher.publish("kpersist/2", v4::QoS::AtLeastOnce, false, m.as_bytes()).await;
+    }
+    let mut opts = v4::options(b.addr, "GID_k@@@persistent");
+    opts.set_clean_session(false);
+    let (client, mut eventloop) = v4::AsyncClient::new(opts, 100);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let mut got = Vec::new();
+    let mut session_present = None;
+    while got.len() < missed.len() {
+        let ev = tokio::time::timeout_at(deadline, eventloop.poll()).await.expect("missed messages in time");
+        match ev.expect("connection to B") {
+            v4::Event::Incoming(v4::Packet::ConnAck(ack)) => session_present = Some(ack.session_present),
+            v4::Event::Incoming(v4::Packet::Publish(p)) => got.push(String::from_utf8_lossy(&p.payload).into_owned()),
+            _ => {}
+        }
+    }
+    assert_eq!(session_present, Some(true), "B found the session stored by A");
+    assert_eq!(got, missed, "exactly the missed messages, in order, none acknowledged before");
+    // Nothing more (in particular not `before` again).
+    let extra = tokio::time::timeout(Duration::from_millis(800), async {
+        loop {
+            if let Ok(v4::Event::Incoming(v4::Packet::Publish(p))) = eventloop.poll().await {
+                return p;
+            }
+        }
+    })
+    .await;
+    assert!(extra.is_err(), "unexpected redelivery: {:?}", extra.map(|p| p.payload));
+    drop(client);
+    publisher.disconnect().await;
+}
+
+/// A QoS 1 publisher over a raw socket with `window` messages in flight: sends payloads
+/// `next..total` and records every acknowledged one; returns the next index to send when the
+/// connection ends (or `total`).
+async fn publish_pipelined(
+    addr: SocketAddr,
+    client_id: &str,
+    topic: &str,
+    mut next: u32,
+    total: u32,
+    window: usize,
+    acked: &mut BTreeSet<u32>,
+) -> u32 {
+    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else { return next };
+    let mut out = BytesMut::new();
+    let _ = protocol::encode(&common::connect_packet(client_id, Protocol::V311, true), Protocol::V311, &mut out);
+    if s.write_all(&out).await.is_err() {
+        return next;
+    }
+    let mut buf = BytesMut::new();
+    let mut inflight: HashMap<u16, u32> = HashMap::new();
+    let mut pkid: u16 = 0;
+    let mut connected = false;
+    loop {
+        while connected && next < total && inflight.len() < window {
+            pkid = pkid % 60_000 + 1;
+            let p = Packet::Publish(protocol::Publish {
+                dup: false,
+                qos: WireQoS::AtLeastOnce,
+                retain: false,
+                topic: topic.to_owned(),
+                packet_id: NonZeroU16::new(pkid),
+                payload: Bytes::from(next.to_string()),
+                properties: Default::default(),
+            });
+            out.clear();
+            let _ = protocol::encode(&p, Protocol::V311, &mut out);
+            if s.write_all(&out).await.is_err() {
+                return next.min(inflight.values().copied().min().unwrap_or(next));
+            }
+            inflight.insert(pkid, next);
+            next += 1;
+        }
+        if connected && next >= total && inflight.is_empty() {
+            return total;
+        }
+        loop {
+            match protocol::decode(&mut buf, Protocol::V311, 1 << 20) {
+                Ok(Some(Packet::ConnAck(_))) => connected = true,
+                Ok(Some(Packet::PubAck(PubResponse { packet_id, .. }))) => {
+                    if let Some(n) = inflight.remove(&packet_id.get()) {
+                        acked.insert(n);
+                    }
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(_) => return next,
+            }
+        }
+        if connected && next < total && inflight.len() < window {
+            continue;
+        }
+        match tokio::time::timeout(Duration::from_secs(20), s.read_buf(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => {
+                // Connection gone: resend from the lowest unacknowledged message.
+                return inflight.values().copied().min().unwrap_or(next);
+            }
+        }
+    }
+}
+
+fn assert_all_in_kafka(bootstrap: &str, topic: &str, acked: &BTreeSet<u32>) {
+    let stored: BTreeSet<u32> = read_topic(bootstrap, topic)
+        .into_iter()
+        .filter_map(|(_, _, _, payload)| String::from_utf8(payload).ok()?.parse().ok())
+        .collect();
+    let lost: Vec<&u32> = acked.difference(&stored).collect();
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged messages are not in Kafka, e.g. {:?}",
+        lost.len(),
+        &lost[..lost.len().min(10)]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_acknowledged_message_lost_when_the_gateway_is_killed() {
+    const TOTAL: u32 = 20_000;
+    let broker = kafka_broker::shared();
+    let mut gw = GatewayProcess::start(broker, "gw-kill");
+    let addr = gw.addr;
+    let mut acked = BTreeSet::new();
+    let killer = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        gw.sigkill();
+        gw
+    });
+    let mut next = publish_pipelined(addr, "GID_k@@@loss", "kloss/a", 0, TOTAL, 200, &mut acked).await;
+    let killed_at = acked.len();
+    drop(killer.await.expect("killer"));
+    assert!(next < TOTAL, "the gateway was killed mid-stream ({killed_at} acknowledged before)");
+    let gw = GatewayProcess::start(broker, "gw-kill");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while next < TOTAL {
+        assert!(Instant::now() < deadline, "publishing did not finish");
+        next = publish_pipelined(gw.addr, "GID_k@@@loss", "kloss/a", next, TOTAL, 200, &mut acked).await;
+    }
+    assert!(acked.len() as u32 >= TOTAL - 200, "only {} of {TOTAL} acknowledged", acked.len());
+    let acked2 = acked.clone();
+    tokio::task::spawn_blocking(move || assert_all_in_kafka(&kafka_broker::shared().bootstrap(), "kloss", &acked2))
+        .await
+        .expect("check");
+    drop(gw);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_acknowledged_message_lost_while_the_broker_stops_for_20_seconds() {
+    const TOTAL: u32 = 20_000;
+    // The broker's outage is a blackout of its port (see `KafkaBroker::start_behind_proxy`
+    // for why tansu is not stopped and restarted).
+    let (broker, proxy) = KafkaBroker::start_behind_proxy();
+    let gw = gateway(&broker, "gw-outage").await;
+    let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
+    let (restarted_tx, restarted_rx) = tokio::sync::oneshot::channel::<()>();
+    let outage = async move {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        proxy.set_blackout(true);
+        let _ = stopped_tx.send(());
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        proxy.set_blackout(false);
+        let _ = restarted_tx.send(());
+        proxy
+    };
+    let addr = gw.addr();
+    let mut acked = BTreeSet::new();
+    let publisher = async {
+        let mut next = 0;
+        let deadline = Instant::now() + Duration::from_secs(400);
+        while next < TOTAL {
+            assert!(Instant::now() < deadline, "publishing did not finish");
+            next = publish_pipelined(addr, "GID_k@@@outage", "koutage/a", next, TOTAL, 200, &mut acked).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    let watcher = async {
+        let _ = stopped_rx.await;
+        // While the broker is down the gateway says so, and keeps running.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while gw.ctx.backend.is_available() {
+            assert!(Instant::now() < deadline, "core service still reported available with the broker down");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        restarted_rx.await.expect("broker restarted");
+    };
+    let ((), (), _proxy) = tokio::join!(publisher, watcher, outage);
+    assert!(gw.ctx.backend.is_available(), "available again after the broker came back");
+    assert_eq!(acked.len() as u32, TOTAL, "every message acknowledged in the end");
+    let bootstrap = broker.bootstrap();
+    tokio::task::spawn_blocking(move || assert_all_in_kafka(&bootstrap, "koutage", &acked)).await.expect("check");
+    gw.shutdown().await;
+    drop(broker);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_events_for_each_way_a_connection_ends() {
+    let broker = kafka_broker::shared();
+    let gw = gateway(broker, "gw-events").await;
+    let addr = gw.addr();
+    let clean = v4::connect(addr, "GID_k@@@ev-clean").await;
+    clean.disconnect().await;
+    let abrupt = v4::connect(addr, "GID_k@@@ev-abrupt").await;
+    abrupt.kill();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    gw.shutdown().await;
+
+    let events = tokio::task::spawn_blocking(|| read_topic(&kafka_broker::shared().bootstrap(), "GID_LMQ_STATUS"))
+        .await
+        .unwrap();
+    let of = |id: &str| -> Vec<String> {
+        events
+            .iter()
+            .filter(|(_, key, _, _)| key.as_deref() == Some(id.as_bytes()))
+            .map(|(_, _, headers, body)| {
+                let body: serde_json::Value = serde_json::from_slice(body).expect("LMQ JSON body");
+                let t = String::from_utf8_lossy(&headers["eventType"]).into_owned();
+                assert_eq!(body["eventType"], t.as_str());
+                assert_eq!(body["clientId"], id);
+                assert!(body["channelId"].is_string() && body["clientIp"].is_string() && body["time"].is_i64());
+                t
+            })
+            .collect()
+    };
+    assert_eq!(of("GID_k@@@ev-clean"), ["connect", "disconnect", "tcpclean"]);
+    assert_eq!(of("GID_k@@@ev-abrupt"), ["connect", "tcpclean"]);
+}
+
+/// The next PUBLISH within `d`, if any.
+async fn publish_within(c: &mut v4::Client, d: Duration) -> Option<v4::Publish> {
+    let deadline = tokio::time::Instant::now() + d;
+    loop {
+        match tokio::time::timeout_at(deadline, c.events.recv()).await {
+            Ok(Some(Ok(v4::Event::Incoming(v4::Incoming::Publish(p))))) => return Some(p),
+            Ok(Some(Ok(_))) => {}
+            _ => return None,
+        }
+    }
+}

@@ -85,7 +85,7 @@ impl CoreService for Flaky {
 async fn start(mode: Arc<AtomicU8>) -> (Gateway, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let yaml = format!(
-        "listeners:\n  - name: tcp\n    bind: 127.0.0.1:0\nmqtt:\n  backend_timeout_secs: 1\nauth:\n  allow_anonymous: true\n  allow_plain_client_ids: true\ncore:\n  embedded:\n    data_dir: {}\n",
+        "listeners:\n  - name: tcp\n    bind: 127.0.0.1:0\nmqtt:\n  backend_timeout_secs: 1\nauth:\n  allow_anonymous: true\n  allow_plain_client_ids: true\nadmin:\n  enabled: true\n  bind: 127.0.0.1:0\n  token: t\ncore:\n  embedded:\n    data_dir: {}\n",
         dir.path().display()
     );
     let config = Config::from_yaml(&yaml).unwrap();
@@ -161,5 +161,52 @@ async fn shutdown_disconnects_v5_clients_with_0x8b() {
         seen.iter().any(|p| matches!(p, Packet::Disconnect(d) if d.code == ReasonCode::SERVER_SHUTTING_DOWN)),
         "{seen:?}"
     );
+    tokio::time::timeout(Duration::from_secs(15), stopper).await.unwrap().unwrap();
+}
+
+async fn admin_get(gw: &Gateway, path: &str) -> (u16, String) {
+    let addr = gw.admin_addr().expect("admin API enabled");
+    let r = common::http().get(format!("http://{addr}{path}")).bearer_auth("t").send().await.expect("admin answers");
+    (r.status().as_u16(), r.text().await.unwrap_or_default())
+}
+
+#[tokio::test]
+async fn readiness_and_append_errors_follow_the_core_service() {
+    let mode = Arc::new(AtomicU8::new(OK));
+    let (gw, _dir) = start(mode.clone()).await;
+    assert_eq!(admin_get(&gw, "/readyz").await.0, 200);
+    let mut v5 = connected(gw.addr(), "cu-ready", Protocol::V5).await;
+    mode.store(FAIL, Ordering::SeqCst);
+    let (status, body) = admin_get(&gw, "/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("\"available\":false"), "{body}");
+    v5.send(&publish(1)).await;
+    v5.until_closed().await;
+    let (_, text) = admin_get(&gw, "/metrics").await;
+    assert_eq!(common::metric_value(&text, "lmq_core_append_errors_total", &[]), 1.0, "{text}");
+    assert_eq!(common::metric_value(&text, "lmq_core_available", &[]), 0.0);
+    assert_eq!(common::metric_value(&text, "lmq_connections_closed_total", &[("reason", "core_unavailable")]), 1.0);
+    mode.store(OK, Ordering::SeqCst);
+    assert_eq!(admin_get(&gw, "/readyz").await.0, 200);
+
+    // Draining: not ready from the start of shutdown until the admin API stops.
+    let mut held = connected(gw.addr(), "cu-drain", Protocol::V5).await;
+    mode.store(STALL, Ordering::SeqCst);
+    held.send(&publish(2)).await;
+    let addr = gw.admin_addr().expect("admin API enabled");
+    let stopper = tokio::spawn(gw.shutdown());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let r = common::http().get(format!("http://{addr}/readyz")).send().await.expect("admin still answers");
+        let status = r.status().as_u16();
+        let body = r.text().await.unwrap_or_default();
+        if body.contains("\"draining\":true") {
+            assert_eq!(status, 503);
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never reported draining: {body}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    held.until_closed().await;
     tokio::time::timeout(Duration::from_secs(15), stopper).await.unwrap().unwrap();
 }

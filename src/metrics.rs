@@ -31,6 +31,8 @@ const APPEND_BUCKETS: &[f64] =
 /// process, each with its own).
 pub struct Metrics {
     registry: Registry,
+    /// Name of every metric family registered (also those with no sample yet).
+    names: Vec<String>,
     connections: IntGaugeVec,
     connections_opened: IntCounterVec,
     connections_closed: IntCounterVec,
@@ -90,19 +92,24 @@ impl Metrics {
     /// open file descriptors as `lmq_process_*`).
     pub fn new() -> Metrics {
         let registry = Registry::new();
+        let names = std::cell::RefCell::new(Vec::new());
+        let register = |r: &Registry, c: Box<dyn prometheus::core::Collector>| {
+            names.borrow_mut().extend(c.desc().iter().map(|d| d.fq_name.clone()));
+            register(r, c);
+        };
         let counter_vec = |name: &str, help: &str, labels: &[&str]| {
             let c = IntCounterVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| unreachable!("{name}: {e}"));
-            register(&registry, c.clone());
+            register(&registry, Box::new(c.clone()));
             c
         };
         let counter = |name: &str, help: &str| {
             let c = IntCounter::new(name, help).unwrap_or_else(|e| unreachable!("{name}: {e}"));
-            register(&registry, c.clone());
+            register(&registry, Box::new(c.clone()));
             c
         };
         let gauge = |name: &str, help: &str| {
             let g = IntGauge::new(name, help).unwrap_or_else(|e| unreachable!("{name}: {e}"));
-            register(&registry, g.clone());
+            register(&registry, Box::new(g.clone()));
             g
         };
 
@@ -111,7 +118,7 @@ impl Metrics {
             &["listener", "transport"],
         )
         .unwrap_or_else(|e| unreachable!("{e}"));
-        register(&registry, connections.clone());
+        register(&registry, Box::new(connections.clone()));
         let connections_opened = counter_vec(
             "lmq_connections_opened_total",
             "MQTT connections opened (transport handshake done)",
@@ -148,9 +155,12 @@ impl Metrics {
             .buckets(APPEND_BUCKETS.to_vec()),
         )
         .unwrap_or_else(|e| unreachable!("{e}"));
-        register(&registry, append_latency.clone());
+        register(&registry, Box::new(append_latency.clone()));
         #[cfg(target_os = "linux")]
-        register(&registry, prometheus::process_collector::ProcessCollector::new(std::process::id() as i32, "lmq"));
+        register(
+            &registry,
+            Box::new(prometheus::process_collector::ProcessCollector::new(std::process::id() as i32, "lmq")),
+        );
 
         Metrics {
             connections,
@@ -191,7 +201,13 @@ impl Metrics {
             events,
             event_errors: counter("lmq_event_errors_total", "Client status events that could not be written"),
             registry,
+            names: names.into_inner(),
         }
+    }
+
+    /// Names of all metric families, including those without samples yet.
+    pub fn names(&self) -> &[String] {
+        &self.names
     }
 
     /// Prometheus text exposition of every metric.
@@ -274,8 +290,8 @@ impl Metrics {
     }
 }
 
-fn register<C: prometheus::core::Collector + 'static>(registry: &Registry, c: C) {
-    if let Err(e) = registry.register(Box::new(c)) {
+fn register(registry: &Registry, c: Box<dyn prometheus::core::Collector>) {
+    if let Err(e) = registry.register(c) {
         // Only a programming error (duplicate name) gets here.
         tracing::error!(error = %e, "metric not registered");
     }

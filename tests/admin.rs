@@ -350,3 +350,24 @@ async fn openapi_document_and_routes_agree() {
     documented.sort();
     assert_eq!(routed, documented, "routes and docs/admin-openapi.yaml differ");
 }
+
+#[tokio::test]
+async fn healthcheck_command_probes_healthz() {
+    let gw = TestGateway::start_admin("").await;
+    let run = |url: String| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_lmq-gateway"))
+            .args(["healthcheck", "--url", &url, "--timeout-secs", "2"])
+            .output()
+            .expect("run lmq-gateway healthcheck")
+    };
+    let url = format!("{}/healthz", gw.admin_url());
+    let ok = tokio::task::spawn_blocking(move || run(url)).await.unwrap();
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    // A path that is not healthy, and a port nobody listens on.
+    let url = format!("{}/nowhere", gw.admin_url());
+    let bad = tokio::task::spawn_blocking(move || run(url)).await.unwrap();
+    assert_eq!(bad.status.code(), Some(1));
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let down = tokio::task::spawn_blocking(move || run(format!("http://{closed}/healthz"))).await.unwrap();
+    assert_eq!(down.status.code(), Some(1));
+}

@@ -15,6 +15,7 @@ mod credentials;
 mod error;
 mod health;
 mod messages;
+pub mod probe;
 mod tokens;
 
 use axum::extract::{Request, State};

@@ -182,10 +182,19 @@ async fn readiness_and_append_errors_follow_the_core_service() {
     assert!(body.contains("\"available\":false"), "{body}");
     v5.send(&publish(1)).await;
     v5.until_closed().await;
-    let (_, text) = admin_get(&gw, "/metrics").await;
+    // The connection is counted as closed once it has finished (session, events).
+    let deadline = tokio::time::Instant::now() + common::WAIT;
+    let text = loop {
+        let (_, text) = admin_get(&gw, "/metrics").await;
+        let closed = common::metric_value(&text, "lmq_connections_closed_total", &[("reason", "core_unavailable")]);
+        if closed == 1.0 || tokio::time::Instant::now() >= deadline {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(common::metric_value(&text, "lmq_connections_closed_total", &[("reason", "core_unavailable")]), 1.0);
     assert_eq!(common::metric_value(&text, "lmq_core_append_errors_total", &[]), 1.0, "{text}");
     assert_eq!(common::metric_value(&text, "lmq_core_available", &[]), 0.0);
-    assert_eq!(common::metric_value(&text, "lmq_connections_closed_total", &[("reason", "core_unavailable")]), 1.0);
     mode.store(OK, Ordering::SeqCst);
     assert_eq!(admin_get(&gw, "/readyz").await.0, 200);
 

@@ -85,7 +85,11 @@ pub(super) async fn publish(
     let core = ctx.router.topics().core_topic(topic::parent(&topic)).ok_or_else(|| {
         ApiError::bad_request("undeclared_parent", format!("parent topic `{}` is not declared", topic::parent(&topic)))
     })?;
-    ctx.router.ensure_core_topic(&core).await.map_err(ApiError::core)?;
+    let timeout = std::time::Duration::from_secs(ctx.config.mqtt.backend_timeout_secs);
+    tokio::time::timeout(timeout, ctx.router.ensure_core_topic(&core))
+        .await
+        .map_err(|_| ApiError::core(format!("core topic not ready within {timeout:?}")))?
+        .map_err(ApiError::core)?;
     let message = Message {
         topic: topic.as_str().into(),
         payload,
@@ -102,7 +106,6 @@ pub(super) async fn publish(
     };
     let record = ctx.router.topics().to_record(&message);
     let started = std::time::Instant::now();
-    let timeout = std::time::Duration::from_secs(ctx.config.mqtt.backend_timeout_secs);
     let stored = tokio::time::timeout(timeout, ctx.backend.append(&core.name, record))
         .await
         .unwrap_or(Err(crate::backend::BackendError::Timeout(timeout)));

@@ -101,8 +101,9 @@ async fn require_token(State(s): State<Shared>, req: Request, next: Next) -> Res
         .headers()
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim());
     match presented {
         Some(t) if bool::from(t.as_bytes().ct_eq(expected.expose().as_bytes())) => next.run(req).await,
         Some(_) => ApiError::unauthorized("invalid_token", "the bearer token is not the admin token").into_response(),

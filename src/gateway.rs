@@ -70,6 +70,9 @@ impl Gateway {
             shutdown: CancellationToken::new(),
             metrics,
         });
+        // Admin API, bound before anything is served so that a taken port stops the start cleanly.
+        let admin =
+            if ctx.config.admin.enabled { Some(crate::admin::AdminServer::start(ctx.clone()).await?) } else { None };
         let mut tasks: Vec<_> = listeners.into_iter().map(|l| tokio::spawn(l.serve(ctx.clone()))).collect();
         tasks.push(tokio::spawn(crate::session::expiry::run(
             ctx.backend.clone(),
@@ -87,9 +90,6 @@ impl Gateway {
         for (name, addr) in &addrs {
             tracing::info!(listener = %name, %addr, "listening");
         }
-        // Admin API.
-        let admin =
-            if ctx.config.admin.enabled { Some(crate::admin::AdminServer::start(ctx.clone()).await?) } else { None };
         Ok(Gateway { ctx, addrs, tasks, admin })
     }
 

@@ -371,3 +371,17 @@ async fn healthcheck_command_probes_healthz() {
     let down = tokio::task::spawn_blocking(move || run(format!("http://{closed}/healthz"))).await.unwrap();
     assert_eq!(down.status.code(), Some(1));
 }
+
+#[tokio::test]
+async fn a_taken_admin_port_stops_the_start_with_a_clear_error() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "listeners:\n  - name: tcp\n    bind: 127.0.0.1:0\ncore:\n  embedded:\n    data_dir: {}\nadmin:\n  enabled: true\n  bind: {}\n",
+        dir.path().display(),
+        taken.local_addr().unwrap()
+    );
+    let config = lmq_gateway::config::Config::from_yaml(&yaml).unwrap();
+    let err = lmq_gateway::gateway::Gateway::start(config).await.err().expect("start fails");
+    assert!(err.to_string().contains("admin API cannot bind"), "{err}");
+}

@@ -22,6 +22,31 @@ use std::time::Duration;
 const OK: u8 = 0;
 const FAIL: u8 = 1;
 const STALL: u8 = 2;
+/// Appends work, but the live tail delivers nothing (the gateway falls behind the log).
+const PAUSE_TAIL: u8 = 3;
+
+/// A live tail that waits while the mode is [`PAUSE_TAIL`].
+struct PausableTail {
+    inner: Box<dyn Tail>,
+    mode: Arc<AtomicU8>,
+}
+
+impl Tail for PausableTail {
+    fn assign(&mut self, tp: TopicPartition, from: u64) {
+        self.inner.assign(tp, from)
+    }
+    fn unassign(&mut self, tp: &TopicPartition) {
+        self.inner.unassign(tp)
+    }
+    fn poll(&mut self) -> BoxFuture<'_, Result<Vec<Arc<lmq_gateway::backend::Record>>>> {
+        Box::pin(async move {
+            while self.mode.load(Ordering::SeqCst) == PAUSE_TAIL {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            self.inner.poll().await
+        })
+    }
+}
 
 /// The embedded core service with a switch that makes appends fail or hang.
 struct Flaky {
@@ -56,7 +81,7 @@ impl CoreService for Flaky {
         self.inner.end_offset(tp)
     }
     fn tail(&self) -> Box<dyn Tail> {
-        self.inner.tail()
+        Box::new(PausableTail { inner: self.inner.tail(), mode: self.mode.clone() })
     }
     fn put_state(&self, store: StateStore, key: &str, value: Option<Bytes>) -> BoxFuture<'static, Result<()>> {
         self.inner.put_state(store, key, value)
@@ -75,7 +100,7 @@ impl CoreService for Flaky {
         self.inner.emit_event(event)
     }
     fn is_available(&self) -> bool {
-        self.mode.load(Ordering::SeqCst) == OK
+        !matches!(self.mode.load(Ordering::SeqCst), FAIL | STALL)
     }
     fn shutdown(&self) -> BoxFuture<'_, ()> {
         self.inner.shutdown()
@@ -218,4 +243,42 @@ async fn readiness_and_append_errors_follow_the_core_service() {
     }
     held.until_closed().await;
     tokio::time::timeout(Duration::from_secs(15), stopper).await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn consumer_lag_shows_records_not_yet_routed() {
+    let mode = Arc::new(AtomicU8::new(OK));
+    let (gw, _dir) = start(mode.clone()).await;
+    let mut publisher = connected(gw.addr(), "cu-lag", Protocol::V5).await;
+    // The core topic exists and is tailed.
+    publisher.send(&publish(1)).await;
+    assert!(matches!(publisher.recv().await, Some(Packet::PubAck(_))));
+    let lag = |text: &str| common::metric_value(text, "lmq_consumer_lag_records", &[]);
+    let deadline = tokio::time::Instant::now() + common::WAIT;
+    while lag(&admin_get(&gw, "/metrics").await.1) != 0.0 {
+        assert!(tokio::time::Instant::now() < deadline, "lag never reached 0");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Stored but not read back. A read already waiting when the tail pauses still delivers
+    // one batch; after that every stored record is lag.
+    mode.store(PAUSE_TAIL, Ordering::SeqCst);
+    for id in 2..5 {
+        publisher.send(&publish(id)).await;
+        assert!(matches!(publisher.recv().await, Some(Packet::PubAck(_))));
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let before = lag(&admin_get(&gw, "/metrics").await.1);
+    assert!(before >= 2.0, "{before}");
+    for id in 5..10 {
+        publisher.send(&publish(id)).await;
+        assert!(matches!(publisher.recv().await, Some(Packet::PubAck(_))));
+    }
+    assert_eq!(lag(&admin_get(&gw, "/metrics").await.1), before + 5.0);
+    // The tail resumes and catches up.
+    mode.store(OK, Ordering::SeqCst);
+    let deadline = tokio::time::Instant::now() + common::WAIT;
+    while lag(&admin_get(&gw, "/metrics").await.1) != 0.0 {
+        assert!(tokio::time::Instant::now() < deadline, "lag did not return to 0");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

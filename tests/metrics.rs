@@ -187,11 +187,15 @@ async fn limit_refusals_are_counted_by_reason() {
 }
 
 #[tokio::test]
-async fn a_stalled_subscriber_shows_drops_and_lag() {
+async fn stalled_subscribers_show_drops_and_lag() {
     let gw = TestGateway::start_admin("mqtt:\n  queue_capacity: 4\n").await;
     let mut slow = raw_connected(&gw, "m-slow", Protocol::V311).await;
     slow.send(&subscribe("st/#", QoS::AtLeastOnce)).await;
     assert!(matches!(slow.recv().await, Some(Packet::SubAck(_))));
+    // The only member of a share group, stalled too.
+    let mut member = raw_connected(&gw, "m-member", Protocol::V311).await;
+    member.send(&subscribe("$share/g/st/#", QoS::AtLeastOnce)).await;
+    assert!(matches!(member.recv().await, Some(Packet::SubAck(_))));
     let mut publ = raw_connected(&gw, "m-flood", Protocol::V311).await;
     let body = Bytes::from(vec![b'z'; 32 * 1024]);
     // QoS 0 and QoS 1 until the stalled subscriber's queue overflows both ways; QoS 1 in
@@ -210,13 +214,15 @@ async fn a_stalled_subscriber_shows_drops_and_lag() {
         let text = gw.metrics_text().await;
         let drops = common::metric_value(&text, "lmq_dropped_qos0_messages_total", &[]);
         let lag = common::metric_value(&text, "lmq_subscriber_lag_events_total", &[]);
-        if drops > 0.0 && lag > 0.0 {
+        let shared = common::metric_value(&text, "lmq_dropped_shared_messages_total", &[]);
+        if drops > 0.0 && lag > 0.0 && shared > 0.0 {
             assert!(common::metric_value(&text, "lmq_inflight_messages", &[]) > 0.0);
             break;
         }
         assert!(tokio::time::Instant::now() < deadline, "no drop or lag after {round} rounds");
     }
     drop(slow);
+    drop(member);
     tokio::time::sleep(Duration::from_millis(50)).await;
     gw.wait_metric("lmq_queued_messages", &[], |v| v == 0.0).await;
 }

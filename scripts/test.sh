@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Run every test of lmq-gateway: unit, integration (real sockets, real MQTT clients), the
 # end-to-end scripts with Debian's mosquitto_pub / mosquitto_sub (TCP and TLS) against the
-# built binary, and the browser test (Debian's chromium, headless, driven by playwright-core).
+# built binary, and the browser test (Debian's chromium, headless, driven by playwright-core);
+# the Grafana dashboard's queries against Debian's prometheus scraping the gateway, and
+# hadolint on the Dockerfile.
 # Installs the Debian packages the tests drive when they are missing (needs root or sudo);
 # npm installs only playwright-core (no browser download) into tests/browser/node_modules.
 set -euo pipefail
@@ -13,6 +15,11 @@ command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 [ -x /usr/bin/chromium ] || missing+=(chromium)
 command -v node >/dev/null 2>&1 || missing+=(nodejs)
 command -v npm >/dev/null 2>&1 || missing+=(npm)
+# Observability checks: prometheus-e2e.sh and hadolint.sh.
+command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
+command -v jq >/dev/null 2>&1 || missing+=(jq)
+command -v curl >/dev/null 2>&1 || missing+=(curl)
+python3 -c 'import ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
 if ((${#missing[@]})); then
   echo "installing test tools: ${missing[*]}"
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
@@ -27,4 +34,6 @@ status=0
 scripts/mosquitto-e2e.sh "$BIN" || status=1
 scripts/tls-e2e.sh "$BIN" || status=1
 scripts/browser-e2e.sh "$BIN" || status=1
+scripts/prometheus-e2e.sh "$BIN" || status=1
+scripts/hadolint.sh || status=1
 exit $status

@@ -35,6 +35,9 @@ pub struct Config {
     /// Authentication and authorisation: access keys, tokens, anonymous access (see `auth::config`).
     #[serde(default)]
     pub auth: crate::auth::config::AuthConfig,
+    /// Admin HTTP API: metrics, health, clients, tokens, credentials, messages.
+    #[serde(default)]
+    pub admin: AdminConfig,
 }
 
 impl Default for Config {
@@ -581,6 +584,61 @@ fn default_log_format() -> LogFormat {
 }
 fn default_log_level() -> String {
     "info".into()
+}
+
+/// The admin HTTP API (`admin`): `/metrics`, `/healthz`, `/readyz` and `/api/v1/...`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Serve the admin API.
+    #[serde(default)]
+    pub enabled: bool,
+    /// Address and port; loopback by default so that only this host reaches it. Overridden by
+    /// `LMQ_ADMIN_BIND`.
+    #[serde(default = "default_admin_bind")]
+    pub bind: SocketAddr,
+    /// Bearer token required by `/metrics` and `/api/v1/...` (`Authorization: Bearer <token>`).
+    /// Prefer the variable named by `token_env`, which overrides this. Without a token those
+    /// endpoints answer 401; `/healthz` and `/readyz` never need one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<crate::auth::config::Secret>,
+    /// Environment variable holding the token.
+    #[serde(default = "default_admin_token_env")]
+    pub token_env: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        serde_yaml_ng::from_str("{}").unwrap_or_else(|_| unreachable!("defaults deserialize"))
+    }
+}
+
+impl AdminConfig {
+    /// Bind address after the `LMQ_ADMIN_BIND` override.
+    pub fn bind_addr(&self) -> Result<SocketAddr, ConfigError> {
+        match std::env::var("LMQ_ADMIN_BIND") {
+            Ok(v) => {
+                v.parse().map_err(|_| ConfigError::Invalid(format!("LMQ_ADMIN_BIND `{v}` is not an address:port")))
+            }
+            Err(_) => Ok(self.bind),
+        }
+    }
+
+    /// The token: the `token_env` variable if set and not empty, else `token`.
+    pub fn resolved_token(&self) -> Option<crate::auth::config::Secret> {
+        std::env::var(&self.token_env)
+            .ok()
+            .filter(|t| !t.is_empty())
+            .map(crate::auth::config::Secret::new)
+            .or_else(|| self.token.clone().filter(|t| !t.is_empty()))
+    }
+}
+
+fn default_admin_bind() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+fn default_admin_token_env() -> String {
+    "LMQ_ADMIN_TOKEN".into()
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -23,6 +23,8 @@ pub struct Gateway {
     /// Bound address of each listener, in config order (port 0 resolved).
     pub addrs: Vec<(String, SocketAddr)>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Admin API (`admin.enabled`): serves until the very end of shutdown.
+    admin: Option<crate::admin::AdminServer>,
 }
 
 impl Gateway {
@@ -37,8 +39,11 @@ impl Gateway {
 
     /// Start on an already opened core service (tests wrap one to inject failures).
     pub async fn start_with_backend(config: Config, backend: SharedCoreService) -> anyhow::Result<Gateway> {
-        let router = Router::start(backend.clone(), TopicMap::new(&config.topics)).await?;
-        let limits = Limits::new(config.limits.clone());
+        // Metrics first: the router and the limits count into them.
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let router_stats = crate::router::RouterStats::new(&metrics);
+        let router = Router::start(backend.clone(), TopicMap::new(&config.topics), router_stats).await?;
+        let limits = Limits::new(config.limits.clone(), &metrics);
         let mut listeners = Vec::new();
         for l in &config.listeners {
             let bound = Listener::bind(l, limits.max_packet_size())
@@ -65,7 +70,11 @@ impl Gateway {
             registry: Registry::new(),
             next_conn_id: AtomicU64::new(1),
             shutdown: CancellationToken::new(),
+            metrics,
         });
+        // Admin API, bound before anything is served so that a taken port stops the start cleanly.
+        let admin =
+            if ctx.config.admin.enabled { Some(crate::admin::AdminServer::start(ctx.clone()).await?) } else { None };
         let mut tasks: Vec<_> = listeners.into_iter().map(|l| tokio::spawn(l.serve(ctx.clone()))).collect();
         tasks.push(tokio::spawn(crate::session::expiry::run(
             ctx.backend.clone(),
@@ -83,7 +92,12 @@ impl Gateway {
         for (name, addr) in &addrs {
             tracing::info!(listener = %name, %addr, "listening");
         }
-        Ok(Gateway { ctx, addrs, tasks })
+        Ok(Gateway { ctx, addrs, tasks, admin })
+    }
+
+    /// Bound address of the admin API, when enabled.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|a| a.addr)
     }
 
     /// Address of the first listener.
@@ -91,8 +105,9 @@ impl Gateway {
         self.addrs[0].1
     }
 
-    /// Graceful shutdown: stop accepting, disconnect clients (MQTT 5 reason 0x8B) and let
-    /// them save their sessions, then flush and close the core service.
+    /// Graceful shutdown: `/readyz` turns false, stop accepting, disconnect clients (MQTT 5
+    /// reason 0x8B) and let them save their sessions, then flush and close the core service;
+    /// the admin API stops last.
     pub async fn shutdown(self) {
         let kicked = self.ctx.registry.kick_all(Kick::Shutdown);
         self.ctx.shutdown.cancel();
@@ -103,6 +118,9 @@ impl Gateway {
             tracing::warn!("some connections did not finish within 10 s");
         }
         self.ctx.backend.shutdown().await;
+        if let Some(admin) = self.admin {
+            admin.stop().await;
+        }
         tracing::info!(kicked, "gateway stopped");
     }
 }

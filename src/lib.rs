@@ -12,7 +12,10 @@
 //! - [`limits`]: LMQ limits.
 //! - [`events`]: client status events.
 //! - [`auth`]: signature / token / device credential authentication and topic ACLs.
+//! - [`metrics`]: every Prometheus metric (`lmq_*`), the only place their names exist.
+//! - [`admin`]: admin HTTP API (axum): metrics, health, clients, tokens, credentials, messages.
 
+pub mod admin;
 pub mod auth;
 pub mod backend;
 pub mod config;
@@ -20,6 +23,7 @@ pub mod connection;
 pub mod events;
 pub mod gateway;
 pub mod limits;
+pub mod metrics;
 pub mod protocol;
 pub mod router;
 pub mod server;

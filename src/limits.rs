@@ -1,7 +1,9 @@
 //! LMQ limits (SPEC §5) in one place: topic length, ClientId length, payload size,
 //! subscriptions per client. Each check returns the reason code to answer with; every
-//! refusal is counted by reason and logged at most once per interval per reason.
+//! refusal is counted by reason (`lmq_limit_refusals_total`) and logged at most once per
+//! interval per reason.
 
+use prometheus::IntCounter;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use crate::config::LimitsConfig;
@@ -49,25 +51,31 @@ impl Refusal {
 #[derive(Debug)]
 pub struct Limits {
     config: LimitsConfig,
-    refused: [AtomicU64; 4],
+    /// The metric counters themselves, one per reason.
+    refused: [IntCounter; 4],
     /// Per reason: when it was last logged, and how many since.
     last_logged_ms: [AtomicI64; 4],
     unlogged: [AtomicU64; 4],
 }
 
 impl Limits {
-    pub fn new(config: LimitsConfig) -> Limits {
-        Limits { config, refused: Default::default(), last_logged_ms: Default::default(), unlogged: Default::default() }
+    pub fn new(config: LimitsConfig, metrics: &crate::metrics::Metrics) -> Limits {
+        Limits {
+            config,
+            refused: Refusal::ALL.map(|r| metrics.refusal(r)),
+            last_logged_ms: Default::default(),
+            unlogged: Default::default(),
+        }
     }
 
     /// Refusals so far for one reason.
     pub fn refused(&self, r: Refusal) -> u64 {
-        self.refused[r.index()].load(Ordering::Relaxed)
+        self.refused[r.index()].get()
     }
 
     fn refuse(&self, r: Refusal) -> Refusal {
         let i = r.index();
-        self.refused[i].fetch_add(1, Ordering::Relaxed);
+        self.refused[i].inc();
         self.unlogged[i].fetch_add(1, Ordering::Relaxed);
         let now = crate::connection::now_ms();
         let last = self.last_logged_ms[i].load(Ordering::Relaxed);
@@ -127,7 +135,7 @@ mod tests {
 
     #[test]
     fn lmq_defaults() {
-        let l = Limits::new(LimitsConfig::default());
+        let l = Limits::new(LimitsConfig::default(), &crate::metrics::Metrics::new());
         assert!(l.check_topic(&"a".repeat(64)).is_ok());
         assert_eq!(l.check_topic(&"a".repeat(65)), Err(Refusal::TopicTooLong));
         assert!(l.check_client_id(&"c".repeat(64)).is_ok());

@@ -59,6 +59,20 @@ enum Command {
     /// Issue tokens for token mode.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Exit 0 if the gateway answers, 1 if not (container health checks).
+    ///
+    /// Probes the admin API's /healthz when `admin.enabled`, else a TCP connect to the first
+    /// listener.
+    ///
+    /// Example: lmq-gateway healthcheck --url http://127.0.0.1:8080/healthz
+    Healthcheck {
+        /// What to probe instead: http://host:port/path (expects 200) or tcp://host:port.
+        #[arg(long)]
+        url: Option<String>,
+        /// Seconds to wait for the answer.
+        #[arg(long, default_value_t = 3)]
+        timeout_secs: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -128,6 +142,24 @@ fn main() -> anyhow::Result<()> {
             eprintln!("token id (jti): {}, expires at {} ms since the epoch", issued.jti, issued.expire_ms);
             eprintln!("connect with username Token|{access_key_id}|{instance} and password {token_type}|<the token>");
             Ok(())
+        }
+        Command::Healthcheck { url, timeout_secs } => {
+            let target = match url {
+                Some(u) => u,
+                None => lmq_gateway::admin::probe::default_target(&config)?,
+            };
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let timeout = std::time::Duration::from_secs(timeout_secs);
+            match runtime.block_on(lmq_gateway::admin::probe::probe(&target, timeout)) {
+                Ok(()) => {
+                    println!("healthy: {target}");
+                    Ok(())
+                }
+                Err(e) => {
+                    eprintln!("unhealthy: {e}");
+                    std::process::exit(1)
+                }
+            }
         }
         Command::CheckConfig => {
             println!("{} is valid; effective settings:\n", cli.config.display());

@@ -37,6 +37,8 @@ pub struct Context {
     pub connections_total: Arc<Semaphore>,
     /// Cancelled when the gateway starts shutting down.
     pub shutdown: CancellationToken,
+    /// Every metric (`lmq_*`), served by the admin API.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// A bound listener, ready to serve.

@@ -22,6 +22,31 @@ use std::time::Duration;
 const OK: u8 = 0;
 const FAIL: u8 = 1;
 const STALL: u8 = 2;
+/// Appends work, but the live tail delivers nothing (the gateway falls behind the log).
+const PAUSE_TAIL: u8 = 3;
+
+/// A live tail that waits while the mode is [`PAUSE_TAIL`].
+struct PausableTail {
+    inner: Box<dyn Tail>,
+    mode: Arc<AtomicU8>,
+}
+
+impl Tail for PausableTail {
+    fn assign(&mut self, tp: TopicPartition, from: u64) {
+        self.inner.assign(tp, from)
+    }
+    fn unassign(&mut self, tp: &TopicPartition) {
+        self.inner.unassign(tp)
+    }
+    fn poll(&mut self) -> BoxFuture<'_, Result<Vec<Arc<lmq_gateway::backend::Record>>>> {
+        Box::pin(async move {
+            while self.mode.load(Ordering::SeqCst) == PAUSE_TAIL {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            self.inner.poll().await
+        })
+    }
+}
 
 /// The embedded core service with a switch that makes appends fail or hang.
 struct Flaky {
@@ -56,7 +81,7 @@ impl CoreService for Flaky {
         self.inner.end_offset(tp)
     }
     fn tail(&self) -> Box<dyn Tail> {
-        self.inner.tail()
+        Box::new(PausableTail { inner: self.inner.tail(), mode: self.mode.clone() })
     }
     fn put_state(&self, store: StateStore, key: &str, value: Option<Bytes>) -> BoxFuture<'static, Result<()>> {
         self.inner.put_state(store, key, value)
@@ -75,7 +100,7 @@ impl CoreService for Flaky {
         self.inner.emit_event(event)
     }
     fn is_available(&self) -> bool {
-        self.mode.load(Ordering::SeqCst) == OK
+        !matches!(self.mode.load(Ordering::SeqCst), FAIL | STALL)
     }
     fn shutdown(&self) -> BoxFuture<'_, ()> {
         self.inner.shutdown()
@@ -85,7 +110,7 @@ impl CoreService for Flaky {
 async fn start(mode: Arc<AtomicU8>) -> (Gateway, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let yaml = format!(
-        "listeners:\n  - name: tcp\n    bind: 127.0.0.1:0\nmqtt:\n  backend_timeout_secs: 1\nauth:\n  allow_anonymous: true\n  allow_plain_client_ids: true\ncore:\n  embedded:\n    data_dir: {}\n",
+        "listeners:\n  - name: tcp\n    bind: 127.0.0.1:0\nmqtt:\n  backend_timeout_secs: 1\nauth:\n  allow_anonymous: true\n  allow_plain_client_ids: true\nadmin:\n  enabled: true\n  bind: 127.0.0.1:0\n  token: t\ncore:\n  embedded:\n    data_dir: {}\n",
         dir.path().display()
     );
     let config = Config::from_yaml(&yaml).unwrap();
@@ -162,4 +187,98 @@ async fn shutdown_disconnects_v5_clients_with_0x8b() {
         "{seen:?}"
     );
     tokio::time::timeout(Duration::from_secs(15), stopper).await.unwrap().unwrap();
+}
+
+async fn admin_get(gw: &Gateway, path: &str) -> (u16, String) {
+    let addr = gw.admin_addr().expect("admin API enabled");
+    let r = common::http().get(format!("http://{addr}{path}")).bearer_auth("t").send().await.expect("admin answers");
+    (r.status().as_u16(), r.text().await.unwrap_or_default())
+}
+
+#[tokio::test]
+async fn readiness_and_append_errors_follow_the_core_service() {
+    let mode = Arc::new(AtomicU8::new(OK));
+    let (gw, _dir) = start(mode.clone()).await;
+    assert_eq!(admin_get(&gw, "/readyz").await.0, 200);
+    let mut v5 = connected(gw.addr(), "cu-ready", Protocol::V5).await;
+    mode.store(FAIL, Ordering::SeqCst);
+    let (status, body) = admin_get(&gw, "/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("\"available\":false"), "{body}");
+    v5.send(&publish(1)).await;
+    v5.until_closed().await;
+    // The connection is counted as closed once it has finished (session, events).
+    let deadline = tokio::time::Instant::now() + common::WAIT;
+    let text = loop {
+        let (_, text) = admin_get(&gw, "/metrics").await;
+        let closed = common::metric_value(&text, "lmq_connections_closed_total", &[("reason", "core_unavailable")]);
+        if closed == 1.0 || tokio::time::Instant::now() >= deadline {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(common::metric_value(&text, "lmq_connections_closed_total", &[("reason", "core_unavailable")]), 1.0);
+    assert_eq!(common::metric_value(&text, "lmq_core_append_errors_total", &[]), 1.0, "{text}");
+    assert_eq!(common::metric_value(&text, "lmq_core_available", &[]), 0.0);
+    mode.store(OK, Ordering::SeqCst);
+    assert_eq!(admin_get(&gw, "/readyz").await.0, 200);
+
+    // Draining: not ready from the start of shutdown until the admin API stops.
+    let mut held = connected(gw.addr(), "cu-drain", Protocol::V5).await;
+    mode.store(STALL, Ordering::SeqCst);
+    held.send(&publish(2)).await;
+    let addr = gw.admin_addr().expect("admin API enabled");
+    let stopper = tokio::spawn(gw.shutdown());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let r = common::http().get(format!("http://{addr}/readyz")).send().await.expect("admin still answers");
+        let status = r.status().as_u16();
+        let body = r.text().await.unwrap_or_default();
+        if body.contains("\"draining\":true") {
+            assert_eq!(status, 503);
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never reported draining: {body}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    held.until_closed().await;
+    tokio::time::timeout(Duration::from_secs(15), stopper).await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn consumer_lag_shows_records_not_yet_routed() {
+    let mode = Arc::new(AtomicU8::new(OK));
+    let (gw, _dir) = start(mode.clone()).await;
+    let mut publisher = connected(gw.addr(), "cu-lag", Protocol::V5).await;
+    // The core topic exists and is tailed.
+    publisher.send(&publish(1)).await;
+    assert!(matches!(publisher.recv().await, Some(Packet::PubAck(_))));
+    let lag = |text: &str| common::metric_value(text, "lmq_consumer_lag_records", &[]);
+    let deadline = tokio::time::Instant::now() + common::WAIT;
+    while lag(&admin_get(&gw, "/metrics").await.1) != 0.0 {
+        assert!(tokio::time::Instant::now() < deadline, "lag never reached 0");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Stored but not read back. A read already waiting when the tail pauses still delivers
+    // one batch; after that every stored record is lag.
+    mode.store(PAUSE_TAIL, Ordering::SeqCst);
+    for id in 2..5 {
+        publisher.send(&publish(id)).await;
+        assert!(matches!(publisher.recv().await, Some(Packet::PubAck(_))));
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let before = lag(&admin_get(&gw, "/metrics").await.1);
+    assert!(before >= 2.0, "{before}");
+    for id in 5..10 {
+        publisher.send(&publish(id)).await;
+        assert!(matches!(publisher.recv().await, Some(Packet::PubAck(_))));
+    }
+    assert_eq!(lag(&admin_get(&gw, "/metrics").await.1), before + 5.0);
+    // The tail resumes and catches up.
+    mode.store(OK, Ordering::SeqCst);
+    let deadline = tokio::time::Instant::now() + common::WAIT;
+    while lag(&admin_get(&gw, "/metrics").await.1) != 0.0 {
+        assert!(tokio::time::Instant::now() < deadline, "lag did not return to 0");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

@@ -12,7 +12,10 @@ impl Conn {
         writer: &mut W,
     ) -> Option<Conn> {
         let protocol = connect.protocol;
-        let refuse = |code: ReasonCode| Packet::ConnAck(ConnAck { code, ..ConnAck::default() });
+        let refuse = |code: ReasonCode| {
+            ctx.metrics.connect_result(code);
+            Packet::ConnAck(ConnAck { code, ..ConnAck::default() })
+        };
         let mqtt = &ctx.config.mqtt;
 
         // ClientId: assign one when empty and allowed [MQTT-3.1.3-6/7/8].
@@ -50,6 +53,7 @@ impl Conn {
             Ok(identity) => identity,
             Err(f) => {
                 tracing::debug!(client_id, peer = %info.peer, mode = f.mode.as_str(), reason = f.reason, "authentication failed");
+                ctx.metrics.auth_failure(f.mode.as_str(), f.reason);
                 let _ = write_now(writer, &refuse(f.reason_code()), protocol).await;
                 return None;
             }
@@ -154,6 +158,7 @@ impl Conn {
             stored: session_present,
             last_event: None,
             inbound_inflight: 0,
+            gauges: Default::default(),
             ctx: ctx.clone(),
         };
 
@@ -186,6 +191,7 @@ impl Conn {
             }
         }
         let ack = Packet::ConnAck(ConnAck { session_present, code: ReasonCode::SUCCESS, properties: props });
+        ctx.metrics.connect_result(ReasonCode::SUCCESS);
         conn.emit(EventType::Connect, None);
         if protocol::encode(&ack, protocol, &mut conn.out).is_err() {
             return None;
@@ -195,6 +201,26 @@ impl Conn {
         if session_expiry > 0 {
             conn.dirty = true;
         }
+        ctx.registry.describe(
+            conn_id,
+            crate::session::registry::ClientInfo {
+                client_id: client_id.clone(),
+                channel_id: conn.channel_id.clone(),
+                client_ip: conn.info.peer.ip().to_string(),
+                listener: conn.info.listener.to_string(),
+                transport: conn.info.transport.as_str(),
+                protocol: match protocol {
+                    Protocol::V31 => "3.1",
+                    Protocol::V311 => "3.1.1",
+                    Protocol::V5 => "5.0",
+                },
+                username: conn.username.clone(),
+                auth_mode: conn.identity.mode.as_str(),
+                keep_alive_secs: u64::from(ka),
+                session_expiry_secs: session_expiry,
+                connected_ms: now_ms(),
+            },
+        );
         let info = &conn.info;
         tracing::debug!(
             client_id,

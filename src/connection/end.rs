@@ -31,6 +31,7 @@ impl Conn {
         }
         if !self.out.is_empty() {
             let out = std::mem::take(&mut self.out);
+            self.ctx.metrics.bytes_out().inc_by(out.len() as u64);
             let _ = tokio::time::timeout(Duration::from_secs(2), async {
                 let _ = writer.write_all(&out).await;
                 let _ = writer.flush().await;
@@ -72,6 +73,7 @@ impl Conn {
         }
         let _ = self.registration.done.send(true);
         self.ctx.registry.release(&self.client_id, self.registration.conn_id);
+        self.gauges.report(&self.ctx.metrics, [0, 0, 0]);
         tracing::debug!(client_id = %self.client_id, ?end, "client disconnected");
     }
 

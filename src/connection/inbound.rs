@@ -126,6 +126,7 @@ impl Conn {
             timestamp_ms: now_ms(),
         });
         let (packet_id, qos, retain) = (p.packet_id, p.qos, p.retain);
+        self.ctx.metrics.message_in(qos).inc();
         // Queued in arrival order (this await is the back-pressure point); the durable
         // acknowledgements then complete in the background, in order.
         let fut = match tokio::time::timeout(backend_timeout, store_message(&self.ctx, &core.name, message)).await {
@@ -142,12 +143,16 @@ impl Conn {
             // waits (a failure is logged by the core service).
             return Ok(());
         }
+        let metrics = self.ctx.metrics.clone();
         acks.push_back(
             async move {
                 let outcome = match tokio::time::timeout(backend_timeout, fut).await {
                     Ok(Ok(())) => Ok(()),
                     Ok(Err(e)) => Err(e.to_string()),
-                    Err(_) => Err(format!("no acknowledgement within {backend_timeout:?}")),
+                    Err(_) => {
+                        metrics.append_errors.inc();
+                        Err(format!("no acknowledgement within {backend_timeout:?}"))
+                    }
                 };
                 AckResult { packet_id, qos, outcome }
             }
@@ -297,7 +302,14 @@ pub(super) async fn store_message(
 ) -> Result<BoxFuture<'static, Result<(), BackendError>>, BackendError> {
     let record = ctx.router.topics().to_record(&message);
     let value = (message.retain && !message.payload.is_empty()).then(|| mapping::encode_record(&record));
-    let append = ctx.backend.enqueue(core, record).await?;
+    let started = std::time::Instant::now();
+    let append = ctx.backend.enqueue(core, record).await.inspect_err(|_| ctx.metrics.append_errors.inc())?;
+    let metrics = ctx.metrics.clone();
+    let append = async move {
+        let r = append.await;
+        metrics.append_done(started, r.is_ok());
+        r
+    };
     if !message.retain {
         return Ok(async move { append.await.map(|_| ()) }.boxed());
     }

@@ -73,6 +73,8 @@ where
 {
     let conn_id = ctx.next_conn_id.fetch_add(1, Ordering::Relaxed);
     let peer = info.peer;
+    let mut counted = ctx.metrics.connection_opened(&info);
+    let bytes_in = ctx.metrics.bytes_in().clone();
     let (mut reader, mut writer) = tokio::io::split(stream);
     let mut inbuf = BytesMut::with_capacity(512);
     let max_packet = ctx.limits.max_packet_size();
@@ -88,7 +90,7 @@ where
             }
             match reader.read_buf(&mut inbuf).await {
                 Ok(0) | Err(_) => return Err(None),
-                Ok(_) => {}
+                Ok(n) => bytes_in.inc_by(n as u64),
             }
         }
     }))
@@ -98,6 +100,8 @@ where
         Ok(Err(Some(DecodeError::UnsupportedProtocolVersion(_)))) => {
             // Answer in 3.1.1 form, which every client version can read [MQTT-3.1.2-2].
             let ack = ConnAck { code: ReasonCode::UNSUPPORTED_PROTOCOL_VERSION, ..ConnAck::default() };
+            ctx.metrics.connect_result(ack.code);
+            counted.reason = "connect_refused";
             let _ = write_now(&mut writer, &Packet::ConnAck(ack), Protocol::V311).await;
             return;
         }
@@ -119,9 +123,13 @@ where
     // docs/benchmarks.md).
     let mut conn = match Box::pin(Conn::accept(ctx.clone(), connect, info, conn_id, &mut writer)).await {
         Some(c) => c,
-        None => return,
+        None => {
+            counted.reason = "connect_refused";
+            return;
+        }
     };
     let end = Box::pin(conn.serve(&mut reader, &mut writer, inbuf)).await;
+    counted.reason = end.metric_reason();
     Box::pin(conn.finish(end, &mut writer)).await;
 }
 
@@ -157,6 +165,26 @@ enum End {
     /// We close it; MQTT 5 clients get a DISCONNECT with this reason first.
     Server(ReasonCode, &'static str),
     Kicked(Kick),
+}
+
+impl End {
+    /// `reason` label of `lmq_connections_closed_total` (a fixed set of names).
+    fn metric_reason(&self) -> &'static str {
+        match self {
+            End::ClientDisconnect { .. } => "client_disconnect",
+            End::Dropped(_) => "connection_lost",
+            End::Server(code, _) => match *code {
+                ReasonCode::KEEP_ALIVE_TIMEOUT => "keepalive_timeout",
+                ReasonCode::NOT_AUTHORIZED => "not_authorized",
+                ReasonCode::SERVER_BUSY => "core_unavailable",
+                ReasonCode::PACKET_TOO_LARGE | ReasonCode::TOPIC_NAME_INVALID | ReasonCode::QUOTA_EXCEEDED => "limit",
+                _ => "protocol_error",
+            },
+            End::Kicked(Kick::TakenOver { .. }) => "taken_over",
+            End::Kicked(Kick::Shutdown) => "shutdown",
+            End::Kicked(Kick::Administrative) => "kicked",
+        }
+    }
 }
 
 struct Conn {
@@ -196,6 +224,8 @@ struct Conn {
     /// The last status event being written (events are chained to keep their order).
     last_event: Option<tokio::task::JoinHandle<()>>,
     inbound_inflight: usize,
+    /// This connection's share of the in-flight / queued / subscription gauges.
+    gauges: crate::metrics::GaugeShare,
 }
 
 impl Conn {
@@ -213,12 +243,15 @@ impl Conn {
             reason,
         };
         let backend = self.ctx.backend.clone();
+        let ctx = self.ctx.clone();
         let previous = self.last_event.take();
         self.last_event = Some(tokio::spawn(async move {
             if let Some(p) = previous {
                 let _ = p.await;
             }
-            if let Err(e) = backend.emit_event(ev).await {
+            let written = backend.emit_event(ev).await;
+            ctx.metrics.event_written(event_type, written.is_ok());
+            if let Err(e) = written {
                 tracing::warn!(error = %e, "cannot write client status event");
             }
         }));
@@ -274,8 +307,10 @@ impl Conn {
         // Written but not yet flushed: TLS and WebSocket streams buffer inside, and only a
         // flush pushes the rest out once the socket has room again.
         let mut unflushed = false;
+        let (bytes_in, bytes_out) = (self.ctx.metrics.bytes_in().clone(), self.ctx.metrics.bytes_out().clone());
         loop {
             self.flush_pending();
+            self.report_gauges();
             // Memory follows traffic: a connection whose last read was small and whose
             // buffers are drained holds a few hundred bytes, not kilobytes.
             if inbuf.is_empty() && last_read < IDLE_READ_BUFFER {
@@ -306,7 +341,7 @@ impl Conn {
                 n = write_or_flush(writer, &self.out), if !self.out.is_empty() || unflushed => {
                     match n {
                         Ok(Some(0)) | Err(_) => return End::Dropped("write failed"),
-                        Ok(Some(n)) => { let _ = self.out.split_to(n); unflushed = true; }
+                        Ok(Some(n)) => { let _ = self.out.split_to(n); unflushed = true; bytes_out.inc_by(n as u64); }
                         Ok(None) => unflushed = false,
                     }
                 }
@@ -322,6 +357,7 @@ impl Conn {
                         Ok(0) => return End::Dropped("connection closed by peer"),
                         Err(_) => return End::Dropped("read error"),
                         Ok(n) => {
+                            bytes_in.inc_by(n as u64);
                             last_read = n;
                             last_packet = Instant::now();
                             // Boxed: packet handling (publish, subscribe) is a deep state machine
@@ -491,6 +527,12 @@ impl Conn {
                 Err(End::Server(ReasonCode::PROTOCOL_ERROR, "server-to-client packet sent by a client"))
             }
         }
+    }
+
+    /// Bring this connection's share of the in-flight / queued / subscription gauges up to date.
+    fn report_gauges(&mut self) {
+        let now = [self.state.outbound.len(), self.pending.len(), self.state.subscriptions.len()];
+        self.gauges.report(&self.ctx.metrics, now);
     }
 
     fn send(&mut self, p: &Packet) {

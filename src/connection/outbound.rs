@@ -82,6 +82,7 @@ impl Conn {
                 self.state.ack_origin(&o.origin);
                 continue;
             }
+            self.ctx.metrics.message_out(o.qos).inc();
             if let Some(pid) = pid {
                 self.state.outbound.insert(pid, o);
             }

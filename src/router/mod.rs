@@ -126,13 +126,24 @@ struct State {
     assigned: HashMap<Arc<str>, u32>,
 }
 
-/// Counters the metrics module reads.
-#[derive(Default, Debug)]
+/// The router's counters: handles on the metrics (`crate::metrics`), resolved once.
+#[derive(Debug, Clone)]
 pub struct RouterStats {
-    pub routed: AtomicU64,
-    pub dropped_qos0: AtomicU64,
-    pub dropped_shared: AtomicU64,
-    pub lag_events: AtomicU64,
+    pub routed: prometheus::IntCounter,
+    pub dropped_qos0: prometheus::IntCounter,
+    pub dropped_shared: prometheus::IntCounter,
+    pub lag_events: prometheus::IntCounter,
+}
+
+impl RouterStats {
+    pub fn new(m: &crate::metrics::Metrics) -> RouterStats {
+        RouterStats {
+            routed: m.routed.clone(),
+            dropped_qos0: m.dropped_qos0.clone(),
+            dropped_shared: m.dropped_shared.clone(),
+            lag_events: m.lag_events.clone(),
+        }
+    }
 }
 
 pub struct Router {
@@ -149,7 +160,11 @@ impl Router {
     /// Start the router: load retained messages, assign declared topics and spawn the
     /// dispatcher. The returned handle stops nothing on drop; the dispatcher ends when the
     /// core service's tail fails for good or the process exits.
-    pub async fn start(backend: SharedCoreService, topics: TopicMap) -> Result<Arc<Router>, RouterError> {
+    pub async fn start(
+        backend: SharedCoreService,
+        topics: TopicMap,
+        stats: RouterStats,
+    ) -> Result<Arc<Router>, RouterError> {
         let (cmd_tx, cmd_rx) = mpsc::channel(1024);
         let router = Arc::new(Router {
             state: Mutex::new(State::default()),
@@ -158,7 +173,7 @@ impl Router {
             backend: backend.clone(),
             commands: cmd_tx,
             next_id: AtomicU64::new(1),
-            stats: RouterStats::default(),
+            stats,
         });
         // Retained messages: snapshot, then every update from any gateway.
         let (upd_tx, mut upd_rx) = mpsc::channel::<StateUpdate>(1024);
@@ -296,6 +311,20 @@ impl Router {
         tps.iter().filter_map(|tp| st.positions.get(tp).map(|p| (tp.clone(), *p))).collect()
     }
 
+    /// Records appended to the tailed partitions that the dispatcher has not routed yet
+    /// (`lmq_consumer_lag_records`); partitions whose end cannot be read count 0.
+    pub async fn lag(&self) -> u64 {
+        let positions: Vec<(TopicPartition, u64)> =
+            self.state.lock().positions.iter().map(|(tp, p)| (tp.clone(), *p)).collect();
+        let mut lag = 0u64;
+        for (tp, pos) in positions {
+            if let Ok(end) = self.backend.end_offset(&tp).await {
+                lag += end.saturating_sub(pos);
+            }
+        }
+        lag
+    }
+
     /// Every core topic currently tailed.
     pub fn assigned_topics(&self) -> Vec<CoreTopic> {
         let st = self.state.lock();
@@ -383,7 +412,7 @@ impl Router {
         plain: &mut Vec<PlainMatch>,
         sent: &mut HashSet<SessionId>,
     ) {
-        self.stats.routed.fetch_add(1, Ordering::Relaxed);
+        self.stats.routed.inc();
         let State { trie, sessions, by_client, .. } = st;
         if let Some(target) = mapping::p2p_target(&message.topic) {
             // P2P: only the target client, no subscription needed.
@@ -424,9 +453,9 @@ impl Router {
             }
             if !delivered {
                 if message.qos == QoS::AtMostOnce {
-                    self.stats.dropped_qos0.fetch_add(1, Ordering::Relaxed);
+                    self.stats.dropped_qos0.inc();
                 } else {
-                    self.stats.dropped_shared.fetch_add(1, Ordering::Relaxed);
+                    self.stats.dropped_shared.inc();
                     tracing::warn!(group, topic = %message.topic, "shared subscription group cannot keep up; message not delivered to the group");
                 }
             }
@@ -442,10 +471,10 @@ impl Router {
         match slot.tx.try_send(d) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) if qos == QoS::AtMostOnce => {
-                self.stats.dropped_qos0.fetch_add(1, Ordering::Relaxed);
+                self.stats.dropped_qos0.inc();
             }
             Err(mpsc::error::TrySendError::Full(_)) => {
-                self.stats.lag_events.fetch_add(1, Ordering::Relaxed);
+                self.stats.lag_events.inc();
                 slot.mark_lagging(record.tp.clone(), record.offset);
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {}

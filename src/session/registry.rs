@@ -1,5 +1,5 @@
-//! Which ClientIds are connected to this gateway, for session takeover, and delayed will
-//! messages waiting to be published.
+//! Which ClientIds are connected to this gateway, for session takeover, the admin API's
+//! client list and kick, and delayed will messages waiting to be published.
 
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -17,8 +17,30 @@ pub enum Kick {
     Administrative,
 }
 
+/// What the admin API shows about a connected client (no secrets).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ClientInfo {
+    pub client_id: String,
+    pub channel_id: String,
+    /// Client address (real one behind a PROXY-protocol load balancer).
+    pub client_ip: String,
+    pub listener: String,
+    pub transport: &'static str,
+    /// `3.1`, `3.1.1` or `5.0`.
+    pub protocol: &'static str,
+    pub username: Option<String>,
+    /// How the client authenticated (`signature`, `token`, ...).
+    pub auth_mode: &'static str,
+    pub keep_alive_secs: u64,
+    pub session_expiry_secs: u32,
+    /// Epoch milliseconds.
+    pub connected_ms: i64,
+}
+
 struct Entry {
     conn_id: u64,
+    /// Set once CONNACK was sent.
+    info: Option<Arc<ClientInfo>>,
     /// When this connection was registered, epoch ms.
     since_ms: i64,
     kick: Option<oneshot::Sender<Kick>>,
@@ -55,7 +77,7 @@ impl Registry {
         let (done_tx, done_rx) = watch::channel(false);
         let old = self.clients.lock().insert(
             client_id.to_string(),
-            Entry { conn_id, since_ms: crate::connection::now_ms(), kick: Some(kick_tx), done: done_rx },
+            Entry { conn_id, info: None, since_ms: crate::connection::now_ms(), kick: Some(kick_tx), done: done_rx },
         );
         if let Some(mut old) = old {
             if let Some(k) = old.kick.take() {
@@ -114,6 +136,26 @@ impl Registry {
             }
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
+    }
+
+    /// Attach what the admin API shows to the entry of `conn_id` (after CONNACK).
+    pub fn describe(&self, conn_id: u64, info: ClientInfo) {
+        let mut c = self.clients.lock();
+        if let Some(e) = c.get_mut(&info.client_id).filter(|e| e.conn_id == conn_id) {
+            e.info = Some(Arc::new(info));
+        }
+    }
+
+    /// Connected clients (those past CONNACK), sorted by ClientId.
+    pub fn list(&self) -> Vec<Arc<ClientInfo>> {
+        let mut all: Vec<_> = self.clients.lock().values().filter_map(|e| e.info.clone()).collect();
+        all.sort_by(|a, b| a.client_id.cmp(&b.client_id));
+        all
+    }
+
+    /// One connected client.
+    pub fn get(&self, client_id: &str) -> Option<Arc<ClientInfo>> {
+        self.clients.lock().get(client_id).and_then(|e| e.info.clone())
     }
 
     pub fn connected(&self) -> usize {

@@ -93,6 +93,78 @@ impl TestGateway {
     pub fn gateway(&self) -> &Gateway {
         self.gw.as_ref().expect("running")
     }
+
+    /// A gateway with the admin API on 127.0.0.1:0 and token [`ADMIN_TOKEN`]; `extra` as in
+    /// [`TestGateway::start_with`].
+    pub async fn start_admin(extra: &str) -> TestGateway {
+        Self::start_with(&format!("{extra}{ADMIN_YAML}")).await
+    }
+
+    /// `http://<admin address>` (the gateway was started with the admin API).
+    pub fn admin_url(&self) -> String {
+        format!("http://{}", self.gateway().admin_addr().expect("admin API enabled"))
+    }
+
+    /// The `/metrics` text.
+    pub async fn metrics_text(&self) -> String {
+        let r = http()
+            .get(format!("{}/metrics", self.admin_url()))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .expect("GET /metrics");
+        assert_eq!(r.status(), 200);
+        r.text().await.expect("metrics body")
+    }
+
+    /// Sum of the samples of metric `name` whose labels include `labels`.
+    pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        metric_value(&self.metrics_text().await, name, labels)
+    }
+
+    /// Wait (at most [`WAIT`]) until `metric(name, labels)` satisfies `ok`; returns the value.
+    pub async fn wait_metric(&self, name: &str, labels: &[(&str, &str)], ok: impl Fn(f64) -> bool) -> f64 {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let v = self.metric(name, labels).await;
+            if ok(v) {
+                return v;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                panic!("{name}{labels:?} stayed at {v}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+pub const ADMIN_TOKEN: &str = "test-admin-token";
+const ADMIN_YAML: &str = "admin:\n  enabled: true\n  bind: 127.0.0.1:0\n  token: test-admin-token\n";
+
+/// An HTTP client for the admin API.
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder().timeout(WAIT).build().expect("http client")
+}
+
+/// Sum of the samples of `name` in Prometheus text `text` whose labels include `labels`.
+pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let mut sum = 0.0;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((series, value)) = line.rsplit_once(' ') else { continue };
+        let (n, label_text) = match series.split_once('{') {
+            Some((n, rest)) => (n, rest.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        if n != name {
+            continue;
+        }
+        let have: Vec<(&str, &str)> =
+            label_text.split(',').filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k, v.trim_matches('"'))).collect();
+        if labels.iter().all(|l| have.contains(l)) {
+            sum += value.parse::<f64>().unwrap_or(0.0);
+        }
+    }
+    sum
 }
 
 /// rumqttc v4 (MQTT 3.1.1) client whose events are forwarded to a channel.

@@ -1,0 +1,155 @@
+//! Admin HTTP API (axum) on its own port: `/metrics`, `/healthz`, `/readyz` and the
+//! management endpoints under `/api/v1` (clients, tokens, device credentials, messages).
+//!
+//! Everything but the health probes needs `Authorization: Bearer <admin token>` (compared in
+//! constant time). Errors have one JSON shape, `{"error":{"code":"...","message":"..."}}`
+//! ([`ApiError`]). The routes are documented in `docs/admin-openapi.yaml`; [`routes`] lists
+//! them for the test that keeps the two in step.
+//!
+//! This module translates HTTP into calls on the gateway's existing parts (registry,
+//! authenticator, router, core service); it holds no state of its own and must not grow
+//! MQTT or storage logic.
+
+mod clients;
+mod credentials;
+mod error;
+mod health;
+mod messages;
+pub mod probe;
+mod tokens;
+
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post, MethodRouter};
+use axum::Router;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use subtle::ConstantTimeEq as _;
+use tokio_util::sync::CancellationToken;
+
+pub use error::ApiError;
+
+use crate::auth::config::Secret;
+use crate::server::Context;
+
+/// Requests served at once; more wait.
+const MAX_CONCURRENT_REQUESTS: usize = 64;
+
+/// What every handler gets.
+pub(crate) struct AdminState {
+    ctx: Arc<Context>,
+    token: Option<Secret>,
+}
+
+type Shared = Arc<AdminState>;
+
+/// One documented route: HTTP method (upper case) and path (OpenAPI template syntax).
+pub type Route = (&'static str, &'static str);
+
+/// Routes and whether they need the token, in one table next to their handlers.
+fn table() -> Vec<(Route, bool, MethodRouter<Shared>)> {
+    vec![
+        (("GET", "/healthz"), false, get(health::healthz)),
+        (("GET", "/readyz"), false, get(health::readyz)),
+        (("GET", "/metrics"), true, get(health::metrics)),
+        (("GET", "/api/v1/clients"), true, get(clients::list)),
+        (("GET", "/api/v1/clients/{client_id}"), true, get(clients::get_one)),
+        (("DELETE", "/api/v1/clients/{client_id}"), true, delete(clients::kick)),
+        (("POST", "/api/v1/tokens"), true, post(tokens::issue)),
+        (("DELETE", "/api/v1/tokens/{jti}"), true, delete(tokens::revoke)),
+        (("POST", "/api/v1/credentials"), true, post(credentials::register)),
+        (("DELETE", "/api/v1/credentials/{access_key_id}"), true, delete(credentials::revoke)),
+        (("POST", "/api/v1/messages"), true, post(messages::publish)),
+    ]
+}
+
+/// Every (method, path) the admin API serves.
+pub fn routes() -> Vec<Route> {
+    table().into_iter().map(|(r, _, _)| r).collect()
+}
+
+fn router(state: Shared) -> Router {
+    let mut open = Router::new();
+    let mut protected = Router::new();
+    for ((_, path), needs_token, handler) in table() {
+        if needs_token {
+            protected = protected.route(path, handler);
+        } else {
+            open = open.route(path, handler);
+        }
+    }
+    let protected = protected.route_layer(axum::middleware::from_fn_with_state(state.clone(), require_token));
+    open.merge(protected)
+        .fallback(|| async { ApiError::not_found("unknown_path", "no such endpoint (see docs/admin-openapi.yaml)") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(axum::http::StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed here")
+        })
+        .layer(tower::limit::ConcurrencyLimitLayer::new(MAX_CONCURRENT_REQUESTS))
+        .with_state(state)
+}
+
+async fn require_token(State(s): State<Shared>, req: Request, next: Next) -> Response {
+    let Some(expected) = &s.token else {
+        return ApiError::unauthorized(
+            "admin_token_not_configured",
+            "no admin token is configured (admin.token or its environment variable)",
+        )
+        .into_response();
+    };
+    let presented = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim());
+    match presented {
+        Some(t) if bool::from(t.as_bytes().ct_eq(expected.expose().as_bytes())) => next.run(req).await,
+        Some(_) => ApiError::unauthorized("invalid_token", "the bearer token is not the admin token").into_response(),
+        None => ApiError::unauthorized("missing_token", "send Authorization: Bearer <admin token>").into_response(),
+    }
+}
+
+/// The running admin server.
+pub struct AdminServer {
+    pub addr: SocketAddr,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl AdminServer {
+    /// Bind `admin.bind` and serve until [`AdminServer::stop`]. Shutdown of the gateway turns
+    /// `/readyz` false before this stops, so probes see the drain.
+    pub async fn start(ctx: Arc<Context>) -> anyhow::Result<AdminServer> {
+        let bind = ctx.config.admin.bind_addr()?;
+        let token = ctx.config.admin.resolved_token();
+        if token.is_none() {
+            tracing::warn!(
+                "admin API without a token: /metrics and /api/v1 answer 401 until admin.token or ${} is set",
+                ctx.config.admin.token_env
+            );
+        }
+        let listener = tokio::net::TcpListener::bind(bind)
+            .await
+            .map_err(|e| anyhow::anyhow!("admin API cannot bind {bind}: {e}"))?;
+        let addr = listener.local_addr()?;
+        let stop = CancellationToken::new();
+        let app = router(Arc::new(AdminState { ctx, token }));
+        let stopped = stop.clone();
+        let task = tokio::spawn(async move {
+            let serve = axum::serve(listener, app).with_graceful_shutdown(async move { stopped.cancelled().await });
+            if let Err(e) = serve.await {
+                tracing::warn!(error = %e, "admin API stopped");
+            }
+        });
+        tracing::info!(%addr, "admin API listening");
+        Ok(AdminServer { addr, stop, task })
+    }
+
+    /// Stop serving (open requests get a moment to finish).
+    pub async fn stop(self) {
+        self.stop.cancel();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), self.task).await;
+    }
+}

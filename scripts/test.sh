@@ -3,7 +3,8 @@
 # end-to-end scripts with Debian's mosquitto_pub / mosquitto_sub (TCP and TLS) against the
 # built binary, and the browser test (Debian's chromium, headless, driven by playwright-core);
 # the Grafana dashboard's queries against Debian's prometheus scraping the gateway, and
-# hadolint on the Dockerfile.
+# hadolint on the Dockerfile; the Kafka core service against tansu, a Kafka-protocol broker
+# (scripts/kafka-dev.sh).
 # Installs the Debian packages the tests drive when they are missing (needs root or sudo);
 # npm installs only playwright-core (no browser download) into tests/browser/node_modules.
 set -euo pipefail
@@ -20,12 +21,18 @@ command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
 command -v jq >/dev/null 2>&1 || missing+=(jq)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
 python3 -c 'import ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
+# Kafka tests: the tansu broker's sqlite database gets an index through sqlite3 (kafka-dev.sh).
+command -v sqlite3 >/dev/null 2>&1 || missing+=(sqlite3)
 if ((${#missing[@]})); then
   echo "installing test tools: ${missing[*]}"
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
+
+# The Kafka-protocol test broker (tansu, ~/.cargo/bin): reused when present, built otherwise
+# (15-35 minutes on 2 cores, once per machine). The Kafka tests start their own brokers.
+scripts/kafka-dev.sh install
 
 cargo build --bins
 cargo test --no-fail-fast

@@ -537,3 +537,61 @@ async fn publish_within(c: &mut v4::Client, d: Duration) -> Option<v4::Publish> 
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_subscription_spreads_over_gateways_through_a_consumer_group() {
+    let broker = kafka_broker::shared();
+    let a = gateway(broker, "gw-share-a").await;
+    let b = gateway(broker, "gw-share-b").await;
+    let mut member_a = v4::connect(a.addr(), "GID_k@@@member-a").await;
+    member_a.subscribe("$share/workers/kgroup/#", v4::QoS::AtLeastOnce).await;
+    let mut member_b = v4::connect(b.addr(), "GID_k@@@member-b").await;
+    member_b.subscribe("$share/workers/kgroup/#", v4::QoS::AtLeastOnce).await;
+    // Publishers with different ClientIds (the record key), so records spread over partitions.
+    let mut publishers = Vec::new();
+    for i in 0..8 {
+        publishers.push(v4::connect(a.addr(), &format!("GID_k@@@shpub-{i}")).await);
+    }
+
+    // Warm-up until the group has formed and split the partitions: both members receive.
+    let mut got_a = Vec::new();
+    let mut got_b = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut round = 0;
+    while got_a.is_empty() || got_b.is_empty() {
+        assert!(Instant::now() < deadline, "the group never split: a got {got_a:?}, b got {got_b:?}");
+        for (i, p) in publishers.iter_mut().enumerate() {
+            p.publish("kgroup/w", v4::QoS::AtLeastOnce, false, format!("warm-{round}-{i}").as_bytes()).await;
+        }
+        round += 1;
+        if let Some(m) = publish_within(&mut member_a, Duration::from_millis(300)).await {
+            got_a.push(String::from_utf8_lossy(&m.payload).into_owned());
+        }
+        if let Some(m) = publish_within(&mut member_b, Duration::from_millis(300)).await {
+            got_b.push(String::from_utf8_lossy(&m.payload).into_owned());
+        }
+    }
+
+    // Then every message reaches exactly one member of the group, over both gateways.
+    let sent: BTreeSet<String> = (0..40).map(|i| format!("m-{i}")).collect();
+    for (i, m) in sent.iter().enumerate() {
+        publishers[i % 8].publish("kgroup/job", v4::QoS::AtLeastOnce, false, m.as_bytes()).await;
+    }
+    let mut seen: Vec<String> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while seen.len() < sent.len() && Instant::now() < deadline {
+        for member in [&mut member_a, &mut member_b] {
+            while let Some(m) = publish_within(member, Duration::from_millis(100)).await {
+                let p = String::from_utf8_lossy(&m.payload).into_owned();
+                if p.starts_with("m-") {
+                    seen.push(p);
+                }
+            }
+        }
+    }
+    let unique: BTreeSet<String> = seen.iter().cloned().collect();
+    assert_eq!(unique.len(), seen.len(), "a message reached the group twice: {seen:?}");
+    assert_eq!(unique, sent, "every message reaches the group");
+    a.shutdown().await;
+    b.shutdown().await;
+}

@@ -162,6 +162,17 @@ pub trait Tail: Send {
     fn poll(&mut self) -> BoxFuture<'_, Result<Vec<Arc<Record>>>>;
 }
 
+/// A member of one of the core service's consumer groups: the partitions of a topic are split
+/// among all members of the group, across gateway processes, so each record reaches one
+/// member. Like a Kafka consumer with `subscribe`.
+pub trait GroupTail: Send {
+    /// Wait for the next records of the partitions currently assigned to this member.
+    /// Cancel-safe.
+    fn poll(&mut self) -> BoxFuture<'_, Result<Vec<Arc<Record>>>>;
+    /// The record was handed on: the group continues after it (committed in the background).
+    fn done(&mut self, record: &Record);
+}
+
 /// A core service. One instance per gateway process, shared by all connections.
 pub trait CoreService: Send + Sync + 'static {
     /// `embedded`, `kafka`, `rocketmq`.
@@ -196,6 +207,18 @@ pub trait CoreService: Send + Sync + 'static {
 
     /// A new live tail with nothing assigned.
     fn tail(&self) -> Box<dyn Tail>;
+
+    /// Whether [`CoreService::group_tail`] is supported. Without consumer groups the router
+    /// picks a member of a shared subscription among this gateway's sessions itself.
+    fn has_consumer_groups(&self) -> bool {
+        false
+    }
+
+    /// Join consumer group `group` reading `topic`. A group that is new starts at the end of
+    /// the topic. Leaving the group = dropping the returned member.
+    fn group_tail(&self, _group: &str, _topic: &str) -> Result<Box<dyn GroupTail>> {
+        Err(BackendError::Unavailable("this core service has no consumer groups".into()))
+    }
 
     /// Write (Some) or delete (None) a key of a state store; resolves once durable.
     fn put_state(&self, store: StateStore, key: &str, value: Option<Bytes>) -> BoxFuture<'static, Result<()>>;

@@ -11,6 +11,7 @@
 //! Data flows one way: backend → router → session. The router never writes to the backend
 //! except to create topics.
 
+mod groups;
 pub mod mapping;
 pub mod topic;
 pub mod trie;
@@ -124,6 +125,20 @@ struct State {
     positions: HashMap<TopicPartition, u64>,
     /// Core topics assigned to the tail.
     assigned: HashMap<Arc<str>, u32>,
+    /// Local members per share group (consumer-group mode: readers run while there are some).
+    share_members: HashMap<Arc<str>, usize>,
+    /// Consumer-group readers running, per (share group, core topic).
+    group_readers: HashSet<(Arc<str>, Arc<str>)>,
+}
+
+impl State {
+    fn count_share_member(&mut self, group: &str, delta: isize) {
+        let n = self.share_members.entry(group.into()).or_insert(0);
+        *n = n.saturating_add_signed(delta);
+        if *n == 0 {
+            self.share_members.remove(group);
+        }
+    }
 }
 
 /// The router's counters: handles on the metrics (`crate::metrics`), resolved once.
@@ -154,6 +169,8 @@ pub struct Router {
     commands: mpsc::Sender<Command>,
     next_id: AtomicU64,
     pub stats: RouterStats,
+    /// Shared subscriptions go through the core service's consumer groups (`groups.rs`).
+    consumer_groups: bool,
 }
 
 impl Router {
@@ -174,6 +191,7 @@ impl Router {
             commands: cmd_tx,
             next_id: AtomicU64::new(1),
             stats,
+            consumer_groups: backend.has_consumer_groups(),
         });
         // Retained messages: snapshot, then every update from any gateway.
         let (upd_tx, mut upd_rx) = mpsc::channel::<StateUpdate>(1024);
@@ -240,7 +258,11 @@ impl Router {
         let mut st = self.state.lock();
         for f in filters {
             if let Ok(p) = topic::parse_filter(f) {
-                st.trie.remove(p.group, p.filter, slot.id);
+                if st.trie.remove(p.group, p.filter, slot.id) {
+                    if let Some(g) = p.group {
+                        st.count_share_member(g, -1);
+                    }
+                }
             }
         }
         st.sessions.remove(&slot.id);
@@ -262,7 +284,7 @@ impl Router {
     /// Add a subscription (full filter, possibly `$share/...`). Returns the partitions it
     /// reads and, for each, the offset from which live delivery starts.
     pub async fn subscribe(
-        &self,
+        self: &Arc<Self>,
         slot: &SessionSlot,
         raw_filter: &str,
         qos: QoS,
@@ -272,10 +294,19 @@ impl Router {
         for t in &cores {
             self.ensure_core_topic(t).await?;
         }
+        if let Some(g) = parsed.group.filter(|_| self.consumer_groups) {
+            self.start_group_readers(g, &cores)?;
+        }
         let mut st = self.state.lock();
         match parsed.group {
-            None => st.trie.insert(parsed.filter, slot.id, qos),
-            Some(g) => st.trie.insert_shared(g, parsed.filter, slot.id, qos),
+            None => {
+                st.trie.insert(parsed.filter, slot.id, qos);
+            }
+            Some(g) => {
+                if st.trie.insert_shared(g, parsed.filter, slot.id, qos) {
+                    st.count_share_member(g, 1);
+                }
+            }
         };
         let mut out = Vec::new();
         for t in &cores {
@@ -333,7 +364,33 @@ impl Router {
 
     pub fn unsubscribe(&self, slot: &SessionSlot, raw_filter: &str) -> bool {
         let Ok(parsed) = topic::parse_filter(raw_filter) else { return false };
-        self.state.lock().trie.remove(parsed.group, parsed.filter, slot.id)
+        let mut st = self.state.lock();
+        let removed = st.trie.remove(parsed.group, parsed.filter, slot.id);
+        if let (true, Some(g)) = (removed, parsed.group) {
+            st.count_share_member(g, -1);
+        }
+        removed
+    }
+
+    /// Consumer-group mode: make sure this gateway has a member of share group `group` on
+    /// each of `cores`.
+    fn start_group_readers(self: &Arc<Self>, group: &str, cores: &[CoreTopic]) -> Result<(), RouterError> {
+        for t in cores {
+            let key: (Arc<str>, Arc<str>) = (group.into(), t.name.clone());
+            if !self.state.lock().group_readers.insert(key.clone()) {
+                continue;
+            }
+            match self.backend.group_tail(group, &t.name) {
+                Ok(member) => {
+                    tokio::spawn(groups::run(Arc::downgrade(self), key.0, key.1, member));
+                }
+                Err(e) => {
+                    self.state.lock().group_readers.remove(&key);
+                    return Err(e.into());
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Ask the dispatcher to resume live delivery of `tp` to `slot` from offset `from`.
@@ -435,6 +492,8 @@ impl Router {
                 self.offer(slot, record, message, message.qos.min(m.qos));
             }
         }
+        // In consumer-group mode the group readers deliver shared subscriptions.
+        let groups = if self.consumer_groups { Vec::new() } else { groups };
         for (group, g) in groups {
             let n = g.members.len();
             let mut delivered = false;

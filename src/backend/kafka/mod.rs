@@ -13,6 +13,7 @@
 
 mod client;
 mod fetch;
+mod group;
 mod state;
 mod tail;
 
@@ -30,8 +31,8 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use crate::backend::{
-    AppendAck, BackendError, CoreRecord, CoreService, Fetched, Position, Result, StateStore, StateUpdate, Tail,
-    TopicPartition,
+    AppendAck, BackendError, CoreRecord, CoreService, Fetched, GroupTail, Position, Result, StateStore, StateUpdate,
+    Tail, TopicPartition,
 };
 use crate::config::KafkaConfig;
 use crate::events::ClientEvent;
@@ -373,6 +374,17 @@ impl CoreService for KafkaCore {
     fn tail(&self) -> Box<dyn Tail> {
         let consumer = client::consumer(&self.config).create::<StreamConsumer>().map_err(|e| e.to_string());
         Box::new(tail::KafkaTail::new(consumer, self.closed.clone()))
+    }
+
+    fn has_consumer_groups(&self) -> bool {
+        true
+    }
+
+    fn group_tail(&self, group: &str, topic: &str) -> Result<Box<dyn GroupTail>> {
+        self.check_open()?;
+        // One Kafka consumer group per share group and topic, the same on every gateway.
+        let group_id = format!("lmq-share.{group}.{topic}");
+        Ok(Box::new(group::KafkaGroupTail::join(&self.config, &group_id, topic, self.closed.clone())?))
     }
 
     fn put_state(&self, store: StateStore, key: &str, value: Option<Bytes>) -> BoxFuture<'static, Result<()>> {

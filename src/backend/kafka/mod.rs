@@ -217,6 +217,13 @@ impl KafkaCore {
         self.state.wait_for(store, &ends, STATE_CATCH_UP).await
     }
 
+    /// The partition of a state topic that holds `key` (chosen by the gateway, see
+    /// [`client::key_partition`]).
+    fn state_partition(&self, topic: &str, key: &str) -> u32 {
+        let n = self.partitions.read().get(topic).copied().unwrap_or(1);
+        client::key_partition(key.as_bytes(), n)
+    }
+
     fn check_open(&self) -> Result<()> {
         if self.closed.load(Ordering::Acquire) {
             Err(BackendError::Closed)
@@ -229,6 +236,7 @@ impl KafkaCore {
     fn produce(
         &self,
         topic: &str,
+        partition: Option<u32>,
         key: Option<Bytes>,
         value: Option<Bytes>,
         headers: Option<rdkafka::message::OwnedHeaders>,
@@ -256,6 +264,9 @@ impl KafkaCore {
                 }
                 if let Some(ts) = timestamp_ms {
                     record = record.timestamp(ts);
+                }
+                if let Some(p) = partition {
+                    record = record.partition(i32::try_from(p).unwrap_or(i32::MAX));
                 }
                 match producer.send_result(record) {
                     Ok(delivery) => {
@@ -338,7 +349,7 @@ impl CoreService for KafkaCore {
             return Box::pin(async move { Err(BackendError::UnknownTopic(topic)) });
         }
         let headers = client::headers(&record);
-        self.produce(topic, record.key, Some(record.value), Some(headers), Some(record.timestamp_ms))
+        self.produce(topic, None, record.key, Some(record.value), Some(headers), Some(record.timestamp_ms))
     }
 
     fn fetch(&self, tp: &TopicPartition, from: u64, max_records: usize) -> BoxFuture<'static, Result<Fetched>> {
@@ -388,18 +399,24 @@ impl CoreService for KafkaCore {
     }
 
     fn put_state(&self, store: StateStore, key: &str, value: Option<Bytes>) -> BoxFuture<'static, Result<()>> {
-        let queued = self.produce(self.state.topic(store), Some(Bytes::from(key.to_owned())), value, None, None);
+        let topic = self.state.topic(store);
+        let partition = self.state_partition(topic, key);
+        let queued = self.produce(topic, Some(partition), Some(Bytes::from(key.to_owned())), value, None, None);
         Box::pin(async move { queued.await?.await.map(|_| ()) })
     }
 
     fn get_state(&self, store: StateStore, key: &str) -> BoxFuture<'static, Result<Option<Bytes>>> {
-        let ends = self.end_offsets(self.state.topic(store));
+        let topic = self.state.topic(store);
+        let partition = self.state_partition(topic, key);
+        let end = self.end_offset(&TopicPartition::new(topic, partition));
         let state = self.state.clone();
         let key = key.to_owned();
         let open = self.check_open();
         Box::pin(async move {
             open?;
-            state.wait_for(store, &ends.await?, STATE_CATCH_UP).await?;
+            let end = i64::try_from(end.await?).unwrap_or(i64::MAX);
+            let p = i32::try_from(partition).unwrap_or(i32::MAX);
+            state.wait_for(store, &[(p, end)], STATE_CATCH_UP).await?;
             Ok(state.get(store, &key))
         })
     }

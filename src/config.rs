@@ -836,4 +836,22 @@ mod tests {
                 .to_string();
         assert!(err.contains("ws_path"), "{err}");
     }
+
+    #[test]
+    fn kafka_options_set_twice_or_invalid_are_refused() {
+        let base = "listeners:\n  - name: t\n    bind: 127.0.0.1:0\ncore:\n  kind: kafka\n  kafka:\n";
+        let ok = Config::from_yaml(&format!("{base}    librdkafka:\n      security.protocol: SASL_SSL\n")).unwrap();
+        assert_eq!(ok.core.kind, CoreKind::Kafka);
+        assert_eq!(ok.core.kafka.librdkafka["security.protocol"], "SASL_SSL");
+        for dup in ["linger.ms", "bootstrap.servers", "enable.idempotence", "acks"] {
+            let err = Config::from_yaml(&format!("{base}    librdkafka:\n      {dup}: \"1\"\n")).unwrap_err().to_string();
+            assert!(err.contains(dup) && err.contains("set it there"), "{err}");
+        }
+        let err = Config::from_yaml(&format!("{base}    compression: brotli\n")).unwrap_err().to_string();
+        assert!(err.contains("compression"), "{err}");
+        let err = Config::from_yaml(&format!("{base}    state_topics:\n      sessions: x\n      retained: x\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("distinct"), "{err}");
+    }
 }

@@ -450,6 +450,8 @@ async fn no_acknowledged_message_lost_while_the_broker_stops_for_20_seconds() {
     const TOTAL: u32 = 20_000;
     // The broker's outage is a blackout of its port (see `KafkaBroker::start_behind_proxy`
     // for why tansu is not stopped and restarted).
+    // The gateway's log is shown when this test fails.
+    let _ = tracing_subscriber::fmt().with_env_filter("info").with_test_writer().try_init();
     let (broker, proxy) = KafkaBroker::start_behind_proxy();
     let gw = gateway(&broker, "gw-outage").await;
     let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
@@ -467,7 +469,7 @@ async fn no_acknowledged_message_lost_while_the_broker_stops_for_20_seconds() {
     let mut acked = BTreeSet::new();
     let publisher = async {
         let mut next = 0;
-        let deadline = Instant::now() + Duration::from_secs(400);
+        let deadline = Instant::now() + Duration::from_secs(180);
         while next < TOTAL {
             assert!(Instant::now() < deadline, "publishing did not finish");
             next = publish_pipelined(addr, "GID_k@@@outage", "koutage/a", next, TOTAL, 200, &mut acked).await;

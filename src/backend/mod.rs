@@ -13,6 +13,8 @@
 //! service's durability policy). The session sends PUBACK / PUBREC after that and never before.
 
 pub mod embedded;
+#[cfg(feature = "rocketmq")]
+pub mod rocketmq;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;

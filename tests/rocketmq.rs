@@ -217,13 +217,14 @@ impl Drop for Process {
 async fn two_gateway_processes_share_messages_and_sessions() {
     let Some(namesrv) = rocketmq_broker::namesrv() else { return };
     let parent = parent("two");
+    let id = |name: &str| format!("GID_two@@@{name}{}", rocketmq_broker::run_id());
     let mut a = Process::start(&namesrv, &parent, "gw-a").await;
     let b = Process::start(&namesrv, &parent, "gw-b").await;
 
     // Cross-gateway delivery: published on A, received on B.
-    let mut sub_b = v4::connect(b.addr, "GID_two@@@subB").await;
+    let mut sub_b = v4::connect(b.addr, &id("subB")).await;
     sub_b.subscribe(&format!("{parent}/x/#"), v4::QoS::AtLeastOnce).await;
-    let mut pub_a = v4::connect(a.addr, "GID_two@@@pubA").await;
+    let mut pub_a = v4::connect(a.addr, &id("pubA")).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     for i in 0..10 {
         pub_a.publish(&format!("{parent}/x/{i}"), v4::QoS::AtLeastOnce, false, format!("m{i}").as_bytes()).await;
@@ -235,7 +236,7 @@ async fn two_gateway_processes_share_messages_and_sessions() {
 
     // A persistent session on A; A is killed; the client resumes on B and gets every message
     // acknowledged to publishers meanwhile, and none it had acknowledged before.
-    let mut opts = v4::options(a.addr, "GID_two@@@durable");
+    let mut opts = v4::options(a.addr, &id("durable"));
     opts.set_clean_session(false);
     let mut durable = v4::connect_with(opts).await;
     durable.subscribe(&format!("{parent}/s/#"), v4::QoS::AtLeastOnce).await;
@@ -243,20 +244,29 @@ async fn two_gateway_processes_share_messages_and_sessions() {
     pub_a.publish(&format!("{parent}/s/before"), v4::QoS::AtLeastOnce, false, b"before").await;
     let p = durable.next_publish().await;
     assert_eq!(&p.payload[..], b"before");
+    pub_a.publish(&format!("{parent}/r/state"), v4::QoS::AtLeastOnce, true, b"on").await;
     // Let the gateway store the acknowledged position (every 100 ms while dirty).
     tokio::time::sleep(Duration::from_millis(700)).await;
     a.sigkill();
     durable.kill();
     pub_a.kill();
 
-    let mut pub_b = v4::connect(b.addr, "GID_two@@@pubB").await;
+    // A retained message published on A (before it died) is known to B.
+    let mut pub_b = v4::connect(b.addr, &id("pubB")).await;
+    let mut late = v4::connect(b.addr, &id("late")).await;
+    late.subscribe(&format!("{parent}/r/#"), v4::QoS::AtLeastOnce).await;
+    let p = late.next_publish().await;
+    assert!(p.retain, "retained flag on subscribe-time delivery");
+    assert_eq!((p.topic, &p.payload[..]), (format!("{parent}/r/state"), &b"on"[..]));
+    late.disconnect().await;
+
     let mut acked = Vec::new();
     for i in 0..20 {
         let body = format!("offline-{i}");
         pub_b.publish(&format!("{parent}/s/{i}"), v4::QoS::AtLeastOnce, false, body.as_bytes()).await;
         acked.push(body);
     }
-    let mut opts = v4::options(b.addr, "GID_two@@@durable");
+    let mut opts = v4::options(b.addr, &id("durable"));
     opts.set_clean_session(false);
     let mut resumed = v4::connect_with(opts).await;
     let mut got = Vec::new();

@@ -88,14 +88,15 @@ impl RocketmqCore {
                 Err(e) => return Err(e),
             }
         }
-        let state = StateView::new(client.clone(), &config.state_topic);
+        let healthy = Arc::new(AtomicBool::new(true));
+        let state = StateView::new(client.clone(), &config.state_topic, healthy.clone());
         let shared = Arc::new(Shared {
             client,
             config: config.clone(),
             events_topic: events_topic.to_owned(),
             state: state.clone(),
             closed: CancellationToken::new(),
-            healthy: Arc::new(AtomicBool::new(true)),
+            healthy,
             writers: Mutex::new(HashMap::new()),
             writer_tasks: Mutex::new(Vec::new()),
             acked_end: Arc::new(Mutex::new(HashMap::new())),

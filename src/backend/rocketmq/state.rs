@@ -24,6 +24,7 @@
 use bytes::Bytes;
 use parking_lot::Mutex;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
@@ -98,15 +99,18 @@ pub struct StateView {
     view: Mutex<View>,
     /// Next offset to apply (everything below is in the view).
     applied: watch::Sender<u64>,
+    /// Cleared while the state topic cannot be read (the broker is away), set again on success.
+    healthy: Arc<AtomicBool>,
 }
 
 impl StateView {
-    pub fn new(client: Arc<Client>, topic: &str) -> Arc<StateView> {
+    pub fn new(client: Arc<Client>, topic: &str, healthy: Arc<AtomicBool>) -> Arc<StateView> {
         Arc::new(StateView {
             client,
             tp: TopicPartition::new(topic, 0),
             view: Mutex::new(View::default()),
             applied: watch::channel(0).0,
+            healthy,
         })
     }
 
@@ -129,6 +133,7 @@ impl StateView {
                 r = self.client.pull(&mq, next, client::PULL_MAX, Some(hold)) => r,
                 _ = stop.cancelled() => return,
             };
+            self.healthy.store(pulled.is_ok(), Ordering::Release);
             match pulled {
                 Ok(r) => match r.pull_status() {
                     PullStatus::Found => {

@@ -49,3 +49,39 @@ async fn events_written() {
     conformance::events_written(core.as_ref(), EVENTS, &client_id).await;
     core.shutdown().await;
 }
+
+/// `cargo test --release --test backend_rocketmq -- --ignored --nocapture throughput`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement"]
+async fn throughput() {
+    const TASKS: usize = 8;
+    const PER_TASK: usize = 500;
+    let Some(core) = open().await else { return };
+    let topic = format!("bench_{}", rocketmq_broker::run_id());
+    core.ensure_topic(&topic, 4).await.unwrap();
+    let started = std::time::Instant::now();
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|t| {
+            let core = Arc::clone(&core);
+            let topic = topic.clone();
+            tokio::spawn(async move {
+                // Queued back to back, acknowledgements awaited at the end: the gateway's pattern.
+                let mut acks = Vec::with_capacity(PER_TASK);
+                for i in 0..PER_TASK {
+                    let rec = conformance::record(Some(&format!("client-{t}")), &format!("m{i}"));
+                    acks.push(core.enqueue(&topic, rec).await.unwrap());
+                }
+                for ack in acks {
+                    ack.await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let total = (TASKS * PER_TASK) as f64;
+    println!("rocketmq: {total} appends, {TASKS} keys, 4 queues, in {secs:.2}s = {:.0} appends/s", total / secs);
+    core.shutdown().await;
+}

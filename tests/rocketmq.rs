@@ -247,9 +247,24 @@ async fn two_gateway_processes_share_messages_and_sessions() {
     pub_a.publish(&format!("{parent}/r/state"), v4::QoS::AtLeastOnce, true, b"on").await;
     // Let the gateway store the acknowledged position (every 100 ms while dirty).
     tokio::time::sleep(Duration::from_millis(700)).await;
+    // Messages PUBACKed by A right up to its SIGKILL are all in RocketMQ.
+    let mut reader = plain::Reader::at_end(&namesrv, &parent, "k").await;
+    let mut acked_by_a = Vec::new();
+    for i in 0..20 {
+        let body = format!("acked-by-a-{i}");
+        pub_a.publish(&format!("{parent}/k/{i}"), v4::QoS::AtLeastOnce, false, body.as_bytes()).await;
+        acked_by_a.push(body);
+    }
     a.sigkill();
     durable.kill();
     pub_a.kill();
+    let stored: Vec<String> = reader
+        .read(acked_by_a.len(), Duration::from_secs(10))
+        .await
+        .iter()
+        .map(|m| String::from_utf8_lossy(&m.body().unwrap_or_default()).into_owned())
+        .collect();
+    assert_eq!(stored, acked_by_a, "every message A acknowledged, in order");
 
     // A retained message published on A (before it died) is known to B.
     let mut pub_b = v4::connect(b.addr, &id("pubB")).await;

@@ -27,8 +27,8 @@ fn installed(bin: &str) -> bool {
 fn free_port_block() -> (u16, u16) {
     // Name server port, broker port (the broker also takes port+1 and port-2).
     loop {
-        let base = 20_000 + (std::process::id() as u16 % 2000) * 10 + (rand_u16() % 10);
-        let ports = [base, base + 2, base + 3, base + 4];
+        let base = 20_000 + (std::process::id() as u16 % 1200) * 10 + (rand_u16() % 4);
+        let ports = [base, base + 2, base + 4, base + 5];
         if ports.iter().all(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok()) {
             return (base, base + 4);
         }

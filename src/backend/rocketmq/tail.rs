@@ -41,24 +41,33 @@ impl RocketmqTail {
     }
 }
 
-/// Read `tp` from `from` on, forever, sending every batch found to `tx`.
-async fn pull_loop(client: Arc<Client>, tp: TopicPartition, generation: u64, from: u64, tx: mpsc::Sender<Batch>) {
+/// Read `tp` from `from` on until the service closes, sending every batch found to `tx`.
+async fn pull_loop(
+    client: Arc<Client>,
+    closed: CancellationToken,
+    tp: TopicPartition,
+    generation: u64,
+    from: u64,
+    tx: mpsc::Sender<Batch>,
+) {
     let hold = Duration::from_millis(client.config.poll_suspend_ms.max(1));
     let mut next = from;
-    loop {
+    while !closed.is_cancelled() {
         let mq = match client.queue(&tp).await {
             Ok(mq) => mq,
             Err(_) => {
                 // Not created yet (or the name server is away): look again later.
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                if client.lookup(&tp.topic).await.is_err() {
-                    continue;
-                }
+                let _ = client.lookup(&tp.topic).await;
                 continue;
             }
         };
         let started = Instant::now();
-        match client.pull(&mq, next, client::PULL_MAX, Some(hold)).await {
+        let pulled = tokio::select! {
+            r = client.pull(&mq, next, client::PULL_MAX, Some(hold)) => r,
+            _ = closed.cancelled() => return,
+        };
+        match pulled {
             Ok(r) => match r.pull_status() {
                 PullStatus::Found => {
                     let records: Vec<Arc<Record>> = r
@@ -106,7 +115,8 @@ impl Tail for RocketmqTail {
     fn assign(&mut self, tp: TopicPartition, from: u64) {
         let generation = self.next_generation;
         self.next_generation += 1;
-        let task = tokio::spawn(pull_loop(self.client.clone(), tp.clone(), generation, from, self.tx.clone()));
+        let puller = pull_loop(self.client.clone(), self.closed.clone(), tp.clone(), generation, from, self.tx.clone());
+        let task = tokio::spawn(puller);
         if let Some((_, old)) = self.assigned.insert(tp, (generation, task)) {
             old.abort();
         }

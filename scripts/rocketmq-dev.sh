@@ -3,7 +3,8 @@
 # protocol) for the RocketMQ core-service tests.
 #
 #   scripts/rocketmq-dev.sh install     cargo install rocketmq-namesrv / rocketmq-broker 1.0.0 unless present
-#   scripts/rocketmq-dev.sh start [DIR] fresh temp dir (or DIR), write configs, start, wait until ready;
+#   scripts/rocketmq-dev.sh start [DIR] fresh temp dir (or DIR; default under /dev/shm, else /tmp),
+#                                       write configs, start, wait until ready;
 #                                       prints `ROCKETMQ_HOME=<dir>` and `LMQ_TEST_ROCKETMQ=<namesrv>`
 #   scripts/rocketmq-dev.sh stop DIR    stop the processes started in DIR and delete DIR
 #
@@ -40,7 +41,11 @@ wait_port() { # port seconds
 }
 
 start() {
-  local dir="${1:-$(mktemp -d /tmp/lmq-rocketmq.XXXXXX)}"
+  # The broker will not start when the disk holding its store is about 75 % full (whatever the
+  # disk ratios configured below), which build machines often are: prefer a tmpfs (/dev/shm).
+  local root="${ROCKETMQ_TMP_ROOT:-/dev/shm}"
+  [ -d "$root" ] && [ -w "$root" ] || root=/tmp
+  local dir="${1:-$(mktemp -d "$root/lmq-rocketmq.XXXXXX")}"
   mkdir -p "$dir/conf" "$dir/logs" "$dir/store"
   cat >"$dir/conf/namesrv.toml" <<TOML
 rocketmqHome = "$dir"
@@ -68,9 +73,8 @@ mappedFileSizeCommitLog = 67108864
 mappedFileSizeConsumeQueue = 600000
 maxHashSlotNum = 50000
 maxIndexNum = 200000
-# The broker refuses to start above 75 % disk use (its default); CI machines full of build
-# output often are. The test data is tiny, so only stop at a nearly full disk
-# (maxUsed < cleanForcibly < warningLevel is required).
+# The test data is tiny: only stop writing at a nearly full disk (the default is 75 %;
+# maxUsed < cleanForcibly < warningLevel is required).
 diskMaxUsedSpaceRatio = 95
 diskSpaceCleanForciblyRatio = 96
 diskSpaceWarningLevelRatio = 97
@@ -121,7 +125,7 @@ stop_processes() {
 stop() {
   local dir="${1:?usage: stop DIR}"
   stop_processes "$dir"
-  case "$dir" in /tmp/lmq-rocketmq.*) rm -rf "$dir" ;; esac
+  case "$dir" in /tmp/lmq-rocketmq.* | /dev/shm/lmq-rocketmq.* | "${ROCKETMQ_TMP_ROOT:-/nonexistent}"/lmq-rocketmq.*) rm -rf "$dir" ;; esac
 }
 
 case "${1:-}" in

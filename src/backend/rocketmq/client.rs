@@ -168,6 +168,21 @@ impl Client {
         }
     }
 
+    /// One synchronous send of a batch to `mq` (stored as consecutive messages); `Ok` only on
+    /// SEND_OK, with the queue offset of the first message.
+    pub async fn send_batch(&self, mq: &MessageQueue, msgs: Vec<Message>) -> Result<u64> {
+        let r = self
+            .producer
+            .send_batch_to_queue_with_timeout(msgs, mq.clone(), self.config.send_timeout_ms.max(1))
+            .await
+            .map_err(|e| unavailable("rocketmq batch send", &e))?;
+        if r.send_status == SendStatus::SendOk {
+            Ok(r.queue_offset)
+        } else {
+            Err(BackendError::Unavailable(format!("rocketmq send status {:?}", r.send_status)))
+        }
+    }
+
     /// Pull up to `max` messages of `mq` from `offset`; with `hold` the broker keeps the request
     /// up to that long while nothing is there (long polling).
     pub async fn pull(&self, mq: &MessageQueue, offset: u64, max: i32, hold: Option<Duration>) -> Result<PullResult> {

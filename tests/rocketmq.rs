@@ -295,3 +295,30 @@ async fn two_gateway_processes_share_messages_and_sessions() {
         c.disconnect().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_gone_means_no_acknowledgement() {
+    let Some(broker) = rocketmq_broker::OwnBroker::start() else { return };
+    let parent = parent("gone");
+    let mut yaml = yaml(&broker.namesrv, &parent, "gw-gone", "127.0.0.1:0");
+    yaml.push_str("mqtt:\n  backend_timeout_secs: 5\n");
+    yaml = yaml.replace("    namesrv_addr:", "    send_timeout_ms: 1000\n    send_retries: 1\n    namesrv_addr:");
+    let gw = Gateway::start(Config::from_yaml(&yaml).expect("config")).await.expect("gateway starts");
+    let mut publisher = v4::connect(gw.addr(), "GID_gone@@@pub").await;
+    publisher.publish(&format!("{parent}/a"), v4::QoS::AtLeastOnce, false, b"while up").await;
+
+    broker.stop();
+    publisher.client.publish(format!("{parent}/a"), v4::QoS::AtLeastOnce, false, "while down").await.unwrap();
+    // No PUBACK, ever: the gateway gives up and closes the connection instead.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match tokio::time::timeout_at(deadline, publisher.events.recv()).await {
+            Ok(Some(Ok(v4::Event::Incoming(v4::Incoming::PubAck(_))))) => panic!("acknowledged without the broker"),
+            Ok(Some(Ok(_))) => {}
+            Ok(Some(Err(_))) | Ok(None) => break,
+            Err(_) => panic!("connection neither acknowledged nor closed within 30 s"),
+        }
+    }
+    assert!(!gw.ctx.backend.is_available(), "not ready while the broker is gone");
+    gw.shutdown().await;
+}

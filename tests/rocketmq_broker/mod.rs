@@ -79,6 +79,55 @@ fn start() -> Option<String> {
     Some(field("LMQ_TEST_ROCKETMQ="))
 }
 
+/// A broker of one test's own (to stop it under a running gateway), stopped when dropped.
+pub struct OwnBroker {
+    pub namesrv: String,
+    dir: PathBuf,
+}
+
+impl OwnBroker {
+    /// `None` when the tests are to be skipped (see [`namesrv`]).
+    pub fn start() -> Option<OwnBroker> {
+        namesrv()?;
+        if !installed("rocketmq-namesrv-rust") || !installed("rocketmq-broker-rust") {
+            let msg = "RocketMQ test SKIPPED: it needs a broker of its own and the binaries are not installed";
+            if std::env::var("LMQ_REQUIRE_ROCKETMQ").is_ok_and(|v| v == "1") {
+                panic!("{msg}");
+            }
+            eprintln!("\n!!!!! {msg} !!!!!\n");
+            return None;
+        }
+        let (namesrv_port, broker_port) = loop {
+            let (n, b) = free_port_block();
+            // Not the shared broker's ports.
+            if namesrv().map_or(true, |shared| !shared.ends_with(&format!(":{n}"))) {
+                break (n, b);
+            }
+        };
+        let out = Command::new(script())
+            .arg("start")
+            .env("NAMESRV_PORT", namesrv_port.to_string())
+            .env("BROKER_PORT", broker_port.to_string())
+            .output()
+            .expect("run scripts/rocketmq-dev.sh start");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "broker start failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        let dir = stdout.lines().find_map(|l| l.strip_prefix("ROCKETMQ_HOME=")).expect("ROCKETMQ_HOME").into();
+        Some(OwnBroker { namesrv: format!("127.0.0.1:{namesrv_port}"), dir })
+    }
+
+    /// Stop the name server and the broker (files are deleted too).
+    pub fn stop(&self) {
+        let _ = Command::new(script()).arg("stop").arg(&self.dir).status();
+    }
+}
+
+impl Drop for OwnBroker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// Name server address of the test broker, or `None` when the tests are to be skipped.
 pub fn namesrv() -> Option<String> {
     BROKER.get_or_init(start).clone()

@@ -86,3 +86,24 @@ async fn throughput() {
     println!("rocketmq: {total} appends, {TASKS} keys, 4 queues, in {secs:.2}s = {:.0} appends/s", total / secs);
     core.shutdown().await;
 }
+
+/// A state topic that an operator created with several queues still gives one consistent view:
+/// every change goes to, and is read from, its first queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_topic_with_several_queues() {
+    let Some(namesrv) = rocketmq_broker::namesrv() else { return };
+    let state_topic = format!("state_multi_{}", rocketmq_broker::run_id());
+    let mut producer = rocketmq_broker::plain::producer(&namesrv).await;
+    producer.create_topic("TBW102", &state_topic, 4, Default::default()).await.expect("create state topic");
+    let config = RocketmqConfig { namesrv_addr: namesrv, state_topic, ..Default::default() };
+    let core = RocketmqCore::open(&config, EVENTS).await.expect("open rocketmq core");
+    for i in 0..12 {
+        let key = format!("client-{i}");
+        let value = bytes::Bytes::from(format!("session-{i}"));
+        let put = core.put_state(lmq_gateway::backend::StateStore::Sessions, &key, Some(value.clone()));
+        tokio::time::timeout(conformance::STEP_TIMEOUT, put).await.expect("put in time").expect("put");
+        let got = core.get_state(lmq_gateway::backend::StateStore::Sessions, &key).await.expect("get");
+        assert_eq!(got, Some(value));
+    }
+    core.shutdown().await;
+}

@@ -180,6 +180,9 @@ impl Shared {
         let queues = self.client.queues(topic).await?;
         let n = queues.len() as u32;
         let partition = match &record.key {
+            // The state view follows queue 0 only (one total order of changes), whatever the
+            // number of queues the state topic was given.
+            _ if topic == self.config.state_topic => 0,
             Some(key) => fnv1a(key) % n,
             None => self.round_robin.fetch_add(1, Ordering::Relaxed) % n,
         };

@@ -92,6 +92,46 @@ struct View {
     watchers: Vec<(StateStore, mpsc::Sender<StateUpdate>)>,
 }
 
+impl View {
+    /// Apply the change stored at `offset`; returns the update and the watchers to tell, or
+    /// `None` when nothing visible changed (a refresh, or a record that is no change).
+    fn apply(&mut self, offset: u64, rec: CoreRecord) -> Option<(StateUpdate, Vec<mpsc::Sender<StateUpdate>>)> {
+        let store = rec.header(STORE).and_then(|s| store_of(s))?;
+        let key = rec.key.as_ref().and_then(|k| std::str::from_utf8(k).ok()).map(str::to_owned)?;
+        let delete = rec.header(OP).is_some_and(|op| op.as_ref() == b"delete");
+        let refresh_of = rec.header(REFRESH_OF).and_then(|o| std::str::from_utf8(o).ok()?.parse::<u64>().ok());
+        let entries = self.stores.entry(store).or_default();
+        if let Some(of) = refresh_of {
+            // A refresh changes no value: it only renews the record the entry comes from, and
+            // only while the entry still comes from the record it copied.
+            if let Some(e) = entries.get_mut(&key).filter(|e| e.offset == of) {
+                e.offset = offset;
+                e.written_ms = rec.timestamp_ms;
+            }
+            return None;
+        }
+        if delete {
+            entries.remove(&key);
+        } else {
+            entries.insert(key.clone(), Entry { value: rec.value.clone(), offset, written_ms: rec.timestamp_ms });
+        }
+        self.watchers.retain(|(_, tx)| !tx.is_closed());
+        let senders = self.watchers.iter().filter(|(s, _)| *s == store).map(|(_, tx)| tx.clone()).collect();
+        Some((StateUpdate { store, key, value: if delete { None } else { Some(rec.value) } }, senders))
+    }
+
+    fn stale(&self, limit_ms: i64) -> Vec<(StateStore, String, Bytes, u64)> {
+        self.stores
+            .iter()
+            .flat_map(|(store, m)| {
+                m.iter()
+                    .filter(|(_, e)| e.written_ms < limit_ms)
+                    .map(|(k, e)| (*store, k.clone(), e.value.clone(), e.offset))
+            })
+            .collect()
+    }
+}
+
 /// The in-memory view of the state topic and the task that keeps it current.
 pub struct StateView {
     client: Arc<Client>,
@@ -169,32 +209,7 @@ impl StateView {
     }
 
     async fn apply(&self, offset: u64, rec: CoreRecord) {
-        let Some(store) = rec.header(STORE).and_then(|s| store_of(s)) else { return };
-        let Some(key) = rec.key.as_ref().and_then(|k| std::str::from_utf8(k).ok()).map(str::to_owned) else {
-            return;
-        };
-        let delete = rec.header(OP).is_some_and(|op| op.as_ref() == b"delete");
-        let refresh_of = rec.header(REFRESH_OF).and_then(|o| std::str::from_utf8(o).ok()?.parse::<u64>().ok());
-        let senders: Vec<mpsc::Sender<StateUpdate>> = {
-            let mut view = self.view.lock();
-            let entries = view.stores.entry(store).or_default();
-            if let Some(of) = refresh_of {
-                // A refresh changes no value: it only renews the record the entry comes from.
-                if let Some(e) = entries.get_mut(&key).filter(|e| e.offset == of) {
-                    e.offset = offset;
-                    e.written_ms = rec.timestamp_ms;
-                }
-                return;
-            }
-            if delete {
-                entries.remove(&key);
-            } else {
-                entries.insert(key.clone(), Entry { value: rec.value.clone(), offset, written_ms: rec.timestamp_ms });
-            }
-            view.watchers.retain(|(_, tx)| !tx.is_closed());
-            view.watchers.iter().filter(|(s, _)| *s == store).map(|(_, tx)| tx.clone()).collect()
-        };
-        let update = StateUpdate { store, key, value: if delete { None } else { Some(rec.value) } };
+        let Some((update, senders)) = self.view.lock().apply(offset, rec) else { return };
         for tx in senders {
             // Bounded: a slow watcher delays the view, it never loses a change.
             let _ = tx.send(update.clone()).await;
@@ -236,20 +251,59 @@ impl StateView {
 
     /// Entries whose record is older than `age_ms`: (store, key, value, offset).
     pub fn stale(&self, age_ms: i64) -> Vec<(StateStore, String, Bytes, u64)> {
-        let limit = now_ms().saturating_sub(age_ms);
-        let view = self.view.lock();
-        view.stores
-            .iter()
-            .flat_map(|(store, m)| {
-                m.iter()
-                    .filter(|(_, e)| e.written_ms < limit)
-                    .map(|(k, e)| (*store, k.clone(), e.value.clone(), e.offset))
-            })
-            .collect()
+        self.view.lock().stale(now_ms().saturating_sub(age_ms))
     }
 }
 
 /// Period of the refresh check.
 pub fn refresh_period() -> Duration {
     REFRESH_PERIOD
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(rec: CoreRecord, t: i64) -> CoreRecord {
+        CoreRecord { timestamp_ms: t, ..rec }
+    }
+
+    fn value(view: &View, key: &str) -> Option<Bytes> {
+        view.stores.get(&StateStore::Sessions).and_then(|m| m.get(key)).map(|e| e.value.clone())
+    }
+
+    #[test]
+    fn puts_deletes_and_separate_stores() {
+        let mut view = View::default();
+        let v = |s: &'static str| Some(Bytes::from_static(s.as_bytes()));
+        view.apply(0, change_record(StateStore::Sessions, "k", v("1"), None));
+        view.apply(1, change_record(StateStore::Retained, "k", v("r"), None));
+        view.apply(2, change_record(StateStore::Sessions, "k", v("2"), None));
+        assert_eq!(value(&view, "k"), v("2"));
+        let (update, _) = view.apply(3, change_record(StateStore::Sessions, "k", None, None)).unwrap();
+        assert_eq!((update.key.as_str(), update.value), ("k", None));
+        assert_eq!(value(&view, "k"), None);
+        assert!(view.stores[&StateStore::Retained].contains_key("k"));
+    }
+
+    #[test]
+    fn refresh_renews_only_the_record_it_copied() {
+        let mut view = View::default();
+        let v1 = Some(Bytes::from_static(b"v1"));
+        let v2 = Some(Bytes::from_static(b"v2"));
+        view.apply(10, at(change_record(StateStore::Sessions, "k", v1.clone(), None), 1_000));
+        assert_eq!(view.stale(2_000).len(), 1, "old entry is due for a refresh");
+        // A refresh of offset 10 renews the entry: same value, new record, no update to watchers.
+        assert!(view.apply(11, at(change_record(StateStore::Sessions, "k", v1.clone(), Some(10)), 5_000)).is_none());
+        assert_eq!(value(&view, "k"), v1);
+        assert!(view.stale(2_000).is_empty(), "renewed");
+        // A newer write, then a late refresh that copied the old record: ignored.
+        view.apply(12, at(change_record(StateStore::Sessions, "k", v2.clone(), None), 6_000));
+        assert!(view.apply(13, at(change_record(StateStore::Sessions, "k", v1.clone(), Some(11)), 7_000)).is_none());
+        assert_eq!(value(&view, "k"), v2);
+        // A refresh of a deleted key does not bring it back.
+        view.apply(14, change_record(StateStore::Sessions, "k", None, None));
+        view.apply(15, change_record(StateStore::Sessions, "k", v2, Some(12)));
+        assert_eq!(value(&view, "k"), None);
+    }
 }

@@ -27,7 +27,7 @@ fn installed(bin: &str) -> bool {
 fn free_port_block() -> (u16, u16) {
     // Name server port, broker port (the broker also takes port+1 and port-2).
     loop {
-        let base = 20_000 + (std::process::id() as u16 % 1200) * 10 + (rand_u16() % 4);
+        let base = 20_000 + rand_u16() % 12_000;
         let ports = [base, base + 2, base + 4, base + 5];
         if ports.iter().all(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok()) {
             return (base, base + 4);
@@ -36,7 +36,8 @@ fn free_port_block() -> (u16, u16) {
 }
 
 fn rand_u16() -> u16 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos() as u16)
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    ((nanos / 1000) ^ std::process::id()) as u16
 }
 
 extern "C" fn stop_broker() {
@@ -97,13 +98,7 @@ impl OwnBroker {
             eprintln!("\n!!!!! {msg} !!!!!\n");
             return None;
         }
-        let (namesrv_port, broker_port) = loop {
-            let (n, b) = free_port_block();
-            // Not the shared broker's ports.
-            if namesrv().map_or(true, |shared| !shared.ends_with(&format!(":{n}"))) {
-                break (n, b);
-            }
-        };
+        let (namesrv_port, broker_port) = free_port_block();
         let out = Command::new(script())
             .arg("start")
             .env("NAMESRV_PORT", namesrv_port.to_string())

@@ -7,6 +7,8 @@
 #                                       write configs, start, wait until ready;
 #                                       prints `ROCKETMQ_HOME=<dir>` and `LMQ_TEST_ROCKETMQ=<namesrv>`
 #   scripts/rocketmq-dev.sh stop DIR    stop the processes started in DIR and delete DIR
+#   scripts/rocketmq-dev.sh restart DIR stop the processes of DIR and start them again on its data
+#                                       (same NAMESRV_PORT / BROKER_PORT as at start)
 #
 # Ports: NAMESRV_PORT (default 9876), BROKER_PORT (default 10911; the broker also uses
 # BROKER_PORT+1 for HA and BROKER_PORT-2 for its VIP channel). Store files are shrunk for CI
@@ -132,5 +134,6 @@ case "${1:-}" in
   install) install ;;
   start) start "${2:-}" ;;
   stop) stop "${2:-}" ;;
-  *) echo "usage: $0 install | start [DIR] | stop DIR" >&2; exit 2 ;;
+  restart) stop_processes "${2:?usage: restart DIR}" && start "$2" ;;
+  *) echo "usage: $0 install | start [DIR] | stop DIR | restart DIR" >&2; exit 2 ;;
 esac

@@ -84,6 +84,7 @@ fn start() -> Option<String> {
 pub struct OwnBroker {
     pub namesrv: String,
     dir: PathBuf,
+    ports: (u16, u16),
 }
 
 impl OwnBroker {
@@ -108,7 +109,20 @@ impl OwnBroker {
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "broker start failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
         let dir = stdout.lines().find_map(|l| l.strip_prefix("ROCKETMQ_HOME=")).expect("ROCKETMQ_HOME").into();
-        Some(OwnBroker { namesrv: format!("127.0.0.1:{namesrv_port}"), dir })
+        Some(OwnBroker { namesrv: format!("127.0.0.1:{namesrv_port}"), dir, ports: (namesrv_port, broker_port) })
+    }
+
+    /// Stop the name server and the broker and start them again on the same data and ports.
+    pub fn restart(&self) {
+        let status = Command::new(script())
+            .arg("restart")
+            .arg(&self.dir)
+            .env("NAMESRV_PORT", self.ports.0.to_string())
+            .env("BROKER_PORT", self.ports.1.to_string())
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("run scripts/rocketmq-dev.sh restart");
+        assert!(status.success(), "broker restart failed");
     }
 
     /// Stop the name server and the broker (files are deleted too).

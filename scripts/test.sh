@@ -4,7 +4,8 @@
 # built binary, and the browser test (Debian's chromium, headless, driven by playwright-core);
 # the Grafana dashboard's queries against Debian's prometheus scraping the gateway, and
 # hadolint on the Dockerfile; the Kafka core service against tansu, a Kafka-protocol broker
-# (scripts/kafka-dev.sh).
+# (scripts/kafka-dev.sh); the RocketMQ core service against a real RocketMQ name server and
+# broker (scripts/rocketmq-dev.sh).
 # Installs the Debian packages the tests drive when they are missing (needs root or sudo);
 # npm installs only playwright-core (no browser download) into tests/browser/node_modules.
 set -euo pipefail
@@ -33,6 +34,10 @@ fi
 # The Kafka-protocol test broker (tansu, ~/.cargo/bin): reused when present, built otherwise
 # (15-35 minutes on 2 cores, once per machine). The Kafka tests start their own brokers.
 scripts/kafka-dev.sh install
+# RocketMQ core-service tests: a real name server + broker (installed once, reused), started by
+# the test binaries themselves through scripts/rocketmq-dev.sh; required here, so never skipped.
+scripts/rocketmq-dev.sh install
+export LMQ_REQUIRE_ROCKETMQ=1
 
 cargo build --bins
 cargo test --no-fail-fast

@@ -344,6 +344,8 @@ fn default_partitions() -> u32 {
 pub enum CoreKind {
     Embedded,
     Kafka,
+    /// A RocketMQ cluster (classic remoting protocol), see [`RocketmqConfig`].
+    Rocketmq,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -356,6 +358,7 @@ pub struct CoreConfig {
     pub embedded: EmbeddedConfig,
     #[serde(default)]
     pub kafka: KafkaConfig,
+    pub rocketmq: RocketmqConfig,
 }
 
 impl Default for CoreConfig {
@@ -366,6 +369,110 @@ impl Default for CoreConfig {
 
 fn default_core_kind() -> CoreKind {
     CoreKind::Embedded
+}
+
+/// The RocketMQ core service (`core.kind: rocketmq`): where the cluster is and how the
+/// gateway's client behaves. See ARCHITECTURE.md, "RocketMQ core service".
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RocketmqConfig {
+    /// Name server address(es), `host:port[;host:port...]`. Overridden by `LMQ_ROCKETMQ_NAMESRV`.
+    #[serde(default = "default_rmq_namesrv")]
+    pub namesrv_addr: String,
+    /// Producer group of the gateway's producer.
+    #[serde(default = "default_rmq_producer_group")]
+    pub producer_group: String,
+    /// Consumer group named in the gateway's pull requests (no offsets are committed in it).
+    #[serde(default = "default_rmq_consumer_group")]
+    pub consumer_group: String,
+    /// Time one send may take before it is retried (or fails), milliseconds.
+    #[serde(default = "default_rmq_send_timeout")]
+    pub send_timeout_ms: u64,
+    /// Further attempts after a failed send (to the same queue, so order is kept).
+    #[serde(default = "default_rmq_send_retries")]
+    pub send_retries: u32,
+    /// Tag of a message whose MQTT topic has no second level (otherwise the tag is the second level).
+    #[serde(default = "default_rmq_default_tag")]
+    pub default_tag: String,
+    /// Existing topic whose brokers the gateway creates new topics on (RocketMQ's `createTopicKey`;
+    /// `TBW102` needs `autoCreateTopicEnable` on the brokers, else use the cluster name).
+    #[serde(default = "default_rmq_create_topic_key")]
+    pub create_topic_key: String,
+    /// Topic holding sessions, retained messages, credentials and revoked tokens (one queue).
+    #[serde(default = "default_rmq_state_topic")]
+    pub state_topic: String,
+    /// State entries are rewritten once their record is this old, so the broker's file retention
+    /// (`fileReservedTime`, default 72 h) never removes live state. Must stay below that retention.
+    #[serde(default = "default_rmq_state_refresh_hours")]
+    pub state_refresh_hours: u64,
+    /// How long the broker holds a tail's pull request while a queue has nothing new (long polling).
+    #[serde(default = "default_rmq_poll_suspend_ms")]
+    pub poll_suspend_ms: u64,
+    /// Records queued per message queue before `enqueue` waits (back-pressure).
+    #[serde(default = "default_rmq_queue_capacity")]
+    pub queue_capacity: usize,
+    /// Worker threads of the client's own runtime.
+    #[serde(default = "default_rmq_worker_threads")]
+    pub client_worker_threads: usize,
+    /// Blocking threads the client's runtime may use.
+    #[serde(default = "default_rmq_blocking_threads")]
+    pub client_blocking_threads: usize,
+}
+
+impl Default for RocketmqConfig {
+    fn default() -> Self {
+        serde_yaml_ng::from_str("{}").unwrap_or_else(|_| unreachable!("defaults deserialize"))
+    }
+}
+
+impl RocketmqConfig {
+    /// Name server address after the `LMQ_ROCKETMQ_NAMESRV` override.
+    pub fn namesrv(&self) -> String {
+        std::env::var("LMQ_ROCKETMQ_NAMESRV")
+            .ok()
+            .filter(|v| !v.is_empty())
+            .unwrap_or_else(|| self.namesrv_addr.clone())
+    }
+}
+
+fn default_rmq_namesrv() -> String {
+    "127.0.0.1:9876".into()
+}
+fn default_rmq_producer_group() -> String {
+    "GID_LMQ_GATEWAY".into()
+}
+fn default_rmq_consumer_group() -> String {
+    "GID_LMQ_GATEWAY_READER".into()
+}
+fn default_rmq_send_timeout() -> u64 {
+    3000
+}
+fn default_rmq_send_retries() -> u32 {
+    2
+}
+fn default_rmq_default_tag() -> String {
+    "mqtt".into()
+}
+fn default_rmq_create_topic_key() -> String {
+    "TBW102".into()
+}
+fn default_rmq_state_topic() -> String {
+    "LMQ_GATEWAY_STATE".into()
+}
+fn default_rmq_state_refresh_hours() -> u64 {
+    24
+}
+fn default_rmq_poll_suspend_ms() -> u64 {
+    1000
+}
+fn default_rmq_queue_capacity() -> usize {
+    1024
+}
+fn default_rmq_worker_threads() -> usize {
+    2
+}
+fn default_rmq_blocking_threads() -> usize {
+    8
 }
 
 /// When the embedded log calls fsync.
@@ -844,7 +951,8 @@ mod tests {
         assert_eq!(ok.core.kind, CoreKind::Kafka);
         assert_eq!(ok.core.kafka.librdkafka["security.protocol"], "SASL_SSL");
         for dup in ["linger.ms", "bootstrap.servers", "enable.idempotence", "acks"] {
-            let err = Config::from_yaml(&format!("{base}    librdkafka:\n      {dup}: \"1\"\n")).unwrap_err().to_string();
+            let err =
+                Config::from_yaml(&format!("{base}    librdkafka:\n      {dup}: \"1\"\n")).unwrap_err().to_string();
             assert!(err.contains(dup) && err.contains("set it there"), "{err}");
         }
         let err = Config::from_yaml(&format!("{base}    compression: brotli\n")).unwrap_err().to_string();

@@ -33,6 +33,12 @@ impl Gateway {
         let backend: SharedCoreService = match config.core.kind {
             CoreKind::Embedded => EmbeddedCore::open(&config.core.embedded, &config.topics.events_topic).await?,
             CoreKind::Kafka => KafkaCore::open(&config.core.kafka, &config.topics.events_topic).await?,
+            #[cfg(feature = "rocketmq")]
+            CoreKind::Rocketmq => {
+                crate::backend::rocketmq::RocketmqCore::open(&config.core.rocketmq, &config.topics.events_topic).await?
+            }
+            #[cfg(not(feature = "rocketmq"))]
+            CoreKind::Rocketmq => anyhow::bail!("core.kind: rocketmq needs the `rocketmq` cargo feature"),
         };
         Self::start_with_backend(config, backend).await
     }

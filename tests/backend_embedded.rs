@@ -44,6 +44,7 @@ conformance!(
     ack_means_visible,
     fetch_from_position,
     per_key_order,
+    pipelined_positions_exact,
     tail_delivers_new_records,
     sessions_store,
     retained_store_and_watch,

@@ -14,6 +14,8 @@
 
 pub mod embedded;
 pub mod kafka;
+#[cfg(feature = "rocketmq")]
+pub mod rocketmq;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;

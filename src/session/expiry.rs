@@ -12,8 +12,11 @@ use crate::connection::now_ms;
 
 /// Delete expired sessions not connected here; returns how many were deleted.
 pub async fn sweep_once(backend: &SharedCoreService, registry: &Registry) -> usize {
-    // A snapshot of the store; the update channel is dropped at once (no subscription).
-    let (tx, _rx) = tokio::sync::mpsc::channel(1);
+    // A snapshot of the store; the update channel is dropped at once (no subscription). Kept
+    // open, its one slot would fill with the sweep's own deletions and stall the store's
+    // writer, which waits for watchers, while the sweep waits for that writer.
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    drop(rx);
     let snapshot = match backend.watch_state(StateStore::Sessions, tx).await {
         Ok(s) => s,
         Err(e) => {

@@ -131,6 +131,34 @@ pub async fn fetch_from_position(core: &dyn CoreService, topic: &str) {
     assert_eq!(from_zero.records.last().map(|r| r.offset), Some(offsets[9]));
 }
 
+/// Records queued back to back (each `enqueue` awaited, acknowledgements awaited later, as a
+/// connection does under load) get the positions they are read back at, in queue order.
+pub async fn pipelined_positions_exact(core: &dyn CoreService, topic: &str) {
+    step("ensure_topic", core.ensure_topic(topic, 2)).await.unwrap();
+    let mut acks = Vec::new();
+    let mut sent = Vec::new();
+    for i in 0..200 {
+        let rec = record(Some(["left", "right"][i % 2]), &format!("p{i}"));
+        acks.push(step("enqueue", core.enqueue(topic, rec.clone())).await.expect("enqueue failed"));
+        sent.push(rec);
+    }
+    let mut positions = Vec::new();
+    for ack in acks {
+        positions.push(step("ack", ack).await.expect("append failed"));
+    }
+    for (pos, rec) in positions.iter().zip(&sent) {
+        let tp = TopicPartition::new(topic, pos.partition);
+        let fetched = step("fetch", core.fetch(&tp, pos.offset, 1)).await.unwrap();
+        assert_eq!(fetched.records.first().map(|r| (r.offset, &r.record)), Some((pos.offset, rec)), "at {pos:?}");
+    }
+    // Per key: one partition, increasing offsets.
+    for key in 0..2 {
+        let mine: Vec<&Position> = positions.iter().skip(key).step_by(2).collect();
+        assert!(mine.iter().all(|p| p.partition == mine[0].partition));
+        assert!(mine.windows(2).all(|w| w[0].offset < w[1].offset));
+    }
+}
+
 /// Concurrent appends with 3 keys: each key's records land in one partition, in order.
 pub async fn per_key_order(core: &dyn CoreService, topic: &str) {
     const PER_KEY: usize = 100;

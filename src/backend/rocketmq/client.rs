@@ -1,0 +1,243 @@
+//! The RocketMQ client as the engine uses it: one producer, one classic pull consumer and the
+//! route cache (topic → message queues), on a client runtime of bounded size.
+//!
+//! Threads: the client crate runs its network and timer tasks on a runtime it owns, built here
+//! with `client_worker_threads` workers and `client_blocking_threads` blocking threads. Nothing
+//! else in the gateway runs there. Retries: the producer's own retries are turned off (a send
+//! names its queue, so a retry must not move it); [`super::writer`] retries on the same queue.
+
+#![allow(deprecated)] // The classic pull consumer is the client's by-offset read API.
+
+use parking_lot::{Mutex, RwLock};
+use rocketmq_client_rust::{
+    ClientError, ClientRuntime, ClientRuntimeConfig, DefaultMQProducer, DefaultMQPullConsumer, MessageSelector,
+    PullOptions, PullResult, PullStatus, SendStatus, TelemetryHandle,
+};
+use rocketmq_model::common::message::message_queue::MessageQueue;
+use rocketmq_model::common::message::message_single::Message;
+use rocketmq_runtime::{RuntimeConfig, RuntimeOwner};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::backend::{BackendError, Result, TopicPartition};
+use crate::config::RocketmqConfig;
+
+/// Broker response code for a topic that does not exist.
+const TOPIC_NOT_EXIST: i32 = 17;
+/// Most messages one pull returns (the broker's own cap for memory reads is 32).
+pub const PULL_MAX: i32 = 32;
+
+pub fn unavailable(what: &str, e: &ClientError) -> BackendError {
+    BackendError::Unavailable(format!("{what}: {e}"))
+}
+
+pub struct Client {
+    pub config: RocketmqConfig,
+    owner: Mutex<Option<RuntimeOwner>>,
+    runtime: Arc<ClientRuntime>,
+    producer: DefaultMQProducer,
+    consumer: DefaultMQPullConsumer,
+    /// Message queues of each known topic, sorted by (broker, queue id): partition = index.
+    routes: RwLock<HashMap<String, Arc<Vec<MessageQueue>>>>,
+}
+
+impl Client {
+    pub async fn start(config: &RocketmqConfig) -> Result<Client> {
+        let mut runtime_config = RuntimeConfig::for_parallelism("lmq-rocketmq", config.client_worker_threads.max(1));
+        runtime_config.worker_threads = config.client_worker_threads.max(1);
+        let runtime_config = runtime_config
+            .with_max_blocking_threads(config.client_blocking_threads)
+            .map_err(|e| BackendError::Unavailable(format!("rocketmq client runtime: {e:?}")))?;
+        let owner = RuntimeOwner::plan(runtime_config)
+            .map_err(|e| BackendError::Unavailable(format!("rocketmq client runtime: {e:?}")))?
+            .build()
+            .map_err(|e| BackendError::Unavailable(format!("rocketmq client runtime: {e}")))?;
+        let runtime = ClientRuntime::try_new(
+            owner.root_context().component("client"),
+            ClientRuntimeConfig { shutdown_timeout: Duration::from_secs(10), ..Default::default() },
+            TelemetryHandle::noop(),
+        )
+        .map_err(|e| unavailable("rocketmq client runtime", &e))?;
+        let namesrv = config.namesrv();
+        let timeout = u32::try_from(config.send_timeout_ms.max(1)).unwrap_or(u32::MAX);
+        let mut producer = DefaultMQProducer::builder(runtime.clone())
+            .producer_group(config.producer_group.as_str())
+            .name_server_addr(namesrv.as_str())
+            .send_msg_timeout(timeout)
+            .retry_times_when_send_failed(0)
+            .retry_times_when_send_async_failed(0)
+            .create_topic_key(config.create_topic_key.as_str())
+            .compress_msg_body_over_howmuch(u32::MAX)
+            .build();
+        producer.start().await.map_err(|e| unavailable("rocketmq producer start", &e))?;
+        let suspend = Duration::from_millis(config.poll_suspend_ms.max(1));
+        let consumer = DefaultMQPullConsumer::builder(runtime.clone())
+            .consumer_group(config.consumer_group.as_str())
+            .name_server_addr(namesrv.as_str())
+            .broker_suspend_max_time(suspend)
+            .consumer_timeout_when_suspend(suspend + Duration::from_secs(5))
+            .consumer_pull_timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|e| unavailable("rocketmq pull consumer", &e))?;
+        consumer.start().await.map_err(|e| unavailable("rocketmq pull consumer start", &e))?;
+        Ok(Client {
+            config: config.clone(),
+            owner: Mutex::new(Some(owner)),
+            runtime,
+            producer,
+            consumer,
+            routes: RwLock::new(HashMap::new()),
+        })
+    }
+
+    /// Cached queues of `topic`.
+    pub fn cached(&self, topic: &str) -> Option<Arc<Vec<MessageQueue>>> {
+        self.routes.read().get(topic).cloned()
+    }
+
+    /// Queues of `topic` from the name server (cached).
+    pub async fn lookup(&self, topic: &str) -> Result<Arc<Vec<MessageQueue>>> {
+        let mut producer = self.producer.clone();
+        match producer.fetch_publish_message_queues(topic).await {
+            Ok(mut queues) if !queues.is_empty() => {
+                queues.sort_by(|a, b| (a.broker_name(), a.queue_id()).cmp(&(b.broker_name(), b.queue_id())));
+                let queues = Arc::new(queues);
+                self.routes.write().insert(topic.to_owned(), queues.clone());
+                Ok(queues)
+            }
+            Ok(_) => Err(BackendError::UnknownTopic(topic.to_owned())),
+            Err(e) if e.broker_response_code() == Some(TOPIC_NOT_EXIST) || is_no_route(&e) => {
+                Err(BackendError::UnknownTopic(topic.to_owned()))
+            }
+            Err(e) => Err(unavailable("rocketmq route lookup", &e)),
+        }
+    }
+
+    /// Queues of `topic`, from the cache or the name server.
+    pub async fn queues(&self, topic: &str) -> Result<Arc<Vec<MessageQueue>>> {
+        match self.cached(topic) {
+            Some(q) => Ok(q),
+            None => self.lookup(topic).await,
+        }
+    }
+
+    /// The message queue of a partition.
+    pub async fn queue(&self, tp: &TopicPartition) -> Result<MessageQueue> {
+        let queues = self.queues(&tp.topic).await?;
+        queues.get(tp.partition as usize).cloned().ok_or_else(|| BackendError::UnknownTopic(tp.to_string()))
+    }
+
+    /// Create `topic` with `partitions` queues on the brokers of the create-topic key, then wait
+    /// until the name server routes it.
+    pub async fn create_topic(&self, topic: &str, partitions: u32) -> Result<()> {
+        let mut producer = self.producer.clone();
+        let queue_num = i32::try_from(partitions.max(1)).unwrap_or(i32::MAX);
+        producer
+            .create_topic(&self.config.create_topic_key, topic, queue_num, HashMap::new())
+            .await
+            .map_err(|e| unavailable(&format!("rocketmq create topic `{topic}`"), &e))?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            match self.lookup(topic).await {
+                Ok(q) if q.len() >= partitions as usize => return Ok(()),
+                Ok(_) | Err(BackendError::UnknownTopic(_)) if tokio::time::Instant::now() < deadline => {}
+                Ok(q) => {
+                    return Err(BackendError::Unavailable(format!(
+                        "topic `{topic}` has {} queues, {partitions} requested",
+                        q.len()
+                    )))
+                }
+                Err(e) => return Err(e),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// One synchronous send to `mq`; `Ok` only on SEND_OK, with the message's queue offset.
+    pub async fn send(&self, mq: &MessageQueue, msg: Message) -> Result<u64> {
+        let result = self
+            .producer
+            .send_to_queue_with_timeout(msg, mq.clone(), self.config.send_timeout_ms.max(1))
+            .await
+            .map_err(|e| unavailable("rocketmq send", &e))?;
+        match result {
+            Some(r) if r.send_status == SendStatus::SendOk => Ok(r.queue_offset),
+            Some(r) => Err(BackendError::Unavailable(format!("rocketmq send status {:?}", r.send_status))),
+            None => Err(BackendError::Unavailable("rocketmq send returned no result".into())),
+        }
+    }
+
+    /// One synchronous send of a batch to `mq` (stored as consecutive messages); `Ok` only on
+    /// SEND_OK, with the queue offset of the first message.
+    pub async fn send_batch(&self, mq: &MessageQueue, msgs: Vec<Message>) -> Result<u64> {
+        let r = self
+            .producer
+            .send_batch_to_queue_with_timeout(msgs, mq.clone(), self.config.send_timeout_ms.max(1))
+            .await
+            .map_err(|e| unavailable("rocketmq batch send", &e))?;
+        if r.send_status == SendStatus::SendOk {
+            Ok(r.queue_offset)
+        } else {
+            Err(BackendError::Unavailable(format!("rocketmq send status {:?}", r.send_status)))
+        }
+    }
+
+    /// Pull up to `max` messages of `mq` from `offset`; with `hold` the broker keeps the request
+    /// up to that long while nothing is there (long polling).
+    pub async fn pull(&self, mq: &MessageQueue, offset: u64, max: i32, hold: Option<Duration>) -> Result<PullResult> {
+        let offset = i64::try_from(offset).unwrap_or(i64::MAX);
+        let mut options = PullOptions::new(mq.clone(), MessageSelector::by_tag("*"), offset, max.clamp(1, PULL_MAX))
+            .map_err(|e| unavailable("rocketmq pull", &e))?;
+        options = match hold {
+            Some(hold) => {
+                options.block_if_not_found(true).broker_suspend_timeout(hold).timeout(hold + Duration::from_secs(5))
+            }
+            None => options.timeout(Duration::from_secs(5)),
+        };
+        self.consumer.pull_with_options(options).await.map_err(|e| unavailable("rocketmq pull", &e))
+    }
+
+    /// Offset the next message of `mq` will get.
+    pub async fn max_offset(&self, mq: &MessageQueue) -> Result<u64> {
+        let mut producer = self.producer.clone();
+        let max = producer.max_offset(mq).await.map_err(|e| unavailable("rocketmq max offset", &e))?;
+        Ok(u64::try_from(max).unwrap_or(0))
+    }
+
+    /// Stop the producer, the consumer and the client runtime.
+    pub async fn shutdown(&self) {
+        let mut producer = self.producer.clone();
+        producer.shutdown().await;
+        if let Err(e) = self.consumer.shutdown().await {
+            tracing::debug!(error = %e, "rocketmq pull consumer shutdown");
+        }
+        let _ = self.runtime.shutdown().await;
+        let owner = self.owner.lock().take();
+        if let Some(owner) = owner {
+            let _ = owner.shutdown_tasks().await;
+            // The owner's runtime must not be dropped on an async thread.
+            let _ = std::thread::spawn(move || drop(owner.shutdown_background())).join();
+        }
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        if let Some(owner) = self.owner.lock().take() {
+            std::thread::spawn(move || drop(owner.shutdown_background()));
+        }
+    }
+}
+
+/// Whether a route lookup failed because the topic has no route (the client reports a missing
+/// route as an invalid argument, with the text redacted).
+fn is_no_route(e: &ClientError) -> bool {
+    let text = e.to_string().to_ascii_lowercase();
+    text.starts_with("core.argument.invalid") || text.contains("no route") || text.contains("not exist")
+}
+
+/// Whether a pull found messages.
+pub fn found(r: &PullResult) -> bool {
+    matches!(r.pull_status(), PullStatus::Found)
+}

@@ -1,0 +1,109 @@
+//! Runs the backend conformance suite against the RocketMQ core service on a real broker
+//! (see `tests/rocketmq_broker` for how the broker is found or started).
+
+mod conformance;
+mod rocketmq_broker;
+
+use lmq_gateway::backend::rocketmq::RocketmqCore;
+use lmq_gateway::backend::CoreService;
+use lmq_gateway::config::RocketmqConfig;
+use std::sync::Arc;
+
+const EVENTS: &str = "GID_LMQ_STATUS";
+
+async fn open() -> Option<Arc<RocketmqCore>> {
+    let namesrv = rocketmq_broker::namesrv()?;
+    let config = RocketmqConfig { namesrv_addr: namesrv, ..Default::default() };
+    Some(RocketmqCore::open(&config, EVENTS).await.expect("open rocketmq core"))
+}
+
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            let Some(core) = open().await else { return };
+            let topic = format!("{}_{}", stringify!($name), rocketmq_broker::run_id());
+            conformance::$name(core.as_ref(), &topic).await;
+            core.shutdown().await;
+        }
+    )*};
+}
+
+conformance!(
+    append_then_fetch,
+    ack_means_visible,
+    fetch_from_position,
+    per_key_order,
+    pipelined_positions_exact,
+    tail_delivers_new_records,
+    sessions_store,
+    retained_store_and_watch,
+    auth_stores,
+    unknown_topic_refused,
+    closed_service_refuses,
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_written() {
+    let Some(core) = open().await else { return };
+    let client_id = format!("GID_test@@@events{}", rocketmq_broker::run_id());
+    conformance::events_written(core.as_ref(), EVENTS, &client_id).await;
+    core.shutdown().await;
+}
+
+/// `cargo test --release --test backend_rocketmq -- --ignored --nocapture throughput`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement"]
+async fn throughput() {
+    const TASKS: usize = 8;
+    const PER_TASK: usize = 500;
+    let Some(core) = open().await else { return };
+    let topic = format!("bench_{}", rocketmq_broker::run_id());
+    core.ensure_topic(&topic, 4).await.unwrap();
+    let started = std::time::Instant::now();
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|t| {
+            let core = Arc::clone(&core);
+            let topic = topic.clone();
+            tokio::spawn(async move {
+                // Queued back to back, acknowledgements awaited at the end: the gateway's pattern.
+                let mut acks = Vec::with_capacity(PER_TASK);
+                for i in 0..PER_TASK {
+                    let rec = conformance::record(Some(&format!("client-{t}")), &format!("m{i}"));
+                    acks.push(core.enqueue(&topic, rec).await.unwrap());
+                }
+                for ack in acks {
+                    ack.await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let total = (TASKS * PER_TASK) as f64;
+    println!("rocketmq: {total} appends, {TASKS} keys, 4 queues, in {secs:.2}s = {:.0} appends/s", total / secs);
+    core.shutdown().await;
+}
+
+/// A state topic that an operator created with several queues still gives one consistent view:
+/// every change goes to, and is read from, its first queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_topic_with_several_queues() {
+    let Some(namesrv) = rocketmq_broker::namesrv() else { return };
+    let state_topic = format!("state_multi_{}", rocketmq_broker::run_id());
+    let mut producer = rocketmq_broker::plain::producer(&namesrv).await;
+    producer.create_topic("TBW102", &state_topic, 4, Default::default()).await.expect("create state topic");
+    let config = RocketmqConfig { namesrv_addr: namesrv, state_topic, ..Default::default() };
+    let core = RocketmqCore::open(&config, EVENTS).await.expect("open rocketmq core");
+    for i in 0..12 {
+        let key = format!("client-{i}");
+        let value = bytes::Bytes::from(format!("session-{i}"));
+        let put = core.put_state(lmq_gateway::backend::StateStore::Sessions, &key, Some(value.clone()));
+        tokio::time::timeout(conformance::STEP_TIMEOUT, put).await.expect("put in time").expect("put");
+        let got = core.get_state(lmq_gateway::backend::StateStore::Sessions, &key).await.expect("get");
+        assert_eq!(got, Some(value));
+    }
+    core.shutdown().await;
+}

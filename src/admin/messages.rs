@@ -86,7 +86,7 @@ pub(super) async fn publish(
         ApiError::bad_request("undeclared_parent", format!("parent topic `{}` is not declared", topic::parent(&topic)))
     })?;
     let timeout = std::time::Duration::from_secs(ctx.config.mqtt.backend_timeout_secs);
-    tokio::time::timeout(timeout, ctx.router.ensure_core_topic(&core))
+    tokio::time::timeout(timeout, ctx.router.ensure_for_publish(&core, &topic))
         .await
         .map_err(|_| ApiError::core(format!("core topic not ready within {timeout:?}")))?
         .map_err(ApiError::core)?;

@@ -108,7 +108,7 @@ impl Conn {
                 tracing::warn!(client_id, topic = %message.topic, "will topic's parent is not declared; will dropped");
                 return;
             };
-            if let Err(e) = ctx.router.ensure_core_topic(&core).await {
+            if let Err(e) = ctx.router.ensure_for_publish(&core, &message.topic).await {
                 tracing::warn!(client_id, error = %e, "cannot publish will");
                 return;
             }

@@ -106,7 +106,7 @@ impl Conn {
                 return Ok(());
             }
         }
-        if let Err(e) = self.ctx.router.ensure_core_topic(&core).await {
+        if let Err(e) = self.ctx.router.ensure_for_publish(&core, &p.topic).await {
             tracing::warn!(error = %e, "cannot create core topic");
             self.done_inbound(p.qos);
             return Err(End::Server(ReasonCode::SERVER_BUSY, "core service unavailable"));

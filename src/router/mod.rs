@@ -125,6 +125,8 @@ struct State {
     positions: HashMap<TopicPartition, u64>,
     /// Core topics assigned to the tail.
     assigned: HashMap<Arc<str>, u32>,
+    /// Core topics known to exist that are not tailed (published to, not subscribed to).
+    writable: HashSet<Arc<str>>,
     /// Local members per share group (consumer-group mode: readers run while there are some).
     share_members: HashMap<Arc<str>, usize>,
     /// Consumer-group readers running, per (share group, core topic).
@@ -221,6 +223,24 @@ impl Router {
 
     pub fn backend(&self) -> &SharedCoreService {
         &self.backend
+    }
+
+    /// Make sure a publish to `topic` can be stored: the core topic exists. The topic is
+    /// tailed only for subscriptions (and P2P messages, whose target may be connected here
+    /// without subscribing): a gateway does not read back what only flows through it.
+    pub async fn ensure_for_publish(&self, topic: &CoreTopic, mqtt_topic: &str) -> Result<(), RouterError> {
+        if mapping::p2p_target(mqtt_topic).is_some() {
+            return self.ensure_core_topic(topic).await;
+        }
+        {
+            let st = self.state.lock();
+            if st.assigned.contains_key(&topic.name) || st.writable.contains(&topic.name) {
+                return Ok(());
+            }
+        }
+        self.backend.ensure_topic(&topic.name, topic.partitions).await?;
+        self.state.lock().writable.insert(topic.name.clone());
+        Ok(())
     }
 
     /// Create the core topic if needed and make the dispatcher tail it.

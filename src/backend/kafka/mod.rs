@@ -248,25 +248,25 @@ impl KafkaCore {
         let topic = topic.to_owned();
         Box::pin(async move {
             let mut backoff = Duration::from_millis(1);
+            let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&topic);
+            if let Some(k) = &key {
+                record = record.key(&k[..]);
+            }
+            if let Some(v) = &value {
+                record = record.payload(&v[..]);
+            }
+            if let Some(h) = headers {
+                record = record.headers(h);
+            }
+            if let Some(ts) = timestamp_ms {
+                record = record.timestamp(ts);
+            }
+            if let Some(p) = partition {
+                record = record.partition(i32::try_from(p).unwrap_or(i32::MAX));
+            }
             loop {
                 if closed.load(Ordering::Acquire) {
                     return Err(BackendError::Closed);
-                }
-                let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&topic);
-                if let Some(k) = &key {
-                    record = record.key(&k[..]);
-                }
-                if let Some(v) = &value {
-                    record = record.payload(&v[..]);
-                }
-                if let Some(h) = &headers {
-                    record = record.headers(h.clone());
-                }
-                if let Some(ts) = timestamp_ms {
-                    record = record.timestamp(ts);
-                }
-                if let Some(p) = partition {
-                    record = record.partition(i32::try_from(p).unwrap_or(i32::MAX));
                 }
                 match producer.send_result(record) {
                     Ok(delivery) => {
@@ -285,8 +285,9 @@ impl KafkaCore {
                         });
                         return Ok(ack);
                     }
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
                         // Back-pressure: the publisher's socket is not read while we wait.
+                        record = returned;
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_millis(50));
                     }

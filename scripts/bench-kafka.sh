@@ -2,16 +2,23 @@
 # The Kafka core service under load: lmq-gateway (core.kind: kafka) versus a raw librdkafka
 # producer writing the same records to the same broker with the same producer settings.
 #
-# Usage: scripts/bench-kafka.sh [BROKER...]   BROKER = tansu-sqlite | tansu-memory | mock (default: all)
+# Usage: scripts/bench-kafka.sh [BROKER...]   BROKER = tansu-sqlite | mock | tansu-memory
+#                                              (default: tansu-sqlite mock)
 #
 # Per broker, one after the other (the broker starts fresh, then one gateway on it):
 #   gw-ingest  lmq-bench fan-in --qos 1 --no-subscriber: MQTT → Kafka msg/s, publish → PUBACK latency
 #   raw        lmq-bench kafka-raw: the same records, msg/s and send → delivery-report latency
 #   e2e        lmq-bench fan-in --qos 1 --rate E2E_RATE: MQTT → Kafka → MQTT latency (gateway tail)
+#   raw-tailed lmq-bench kafka-raw while the gateway runs: its live tail reads back every record
+#              of the parent topic (subscribers or not), so this shows what that read-back costs
 # and pidstat samples the gateway, the broker and the load generator every second.
 #
-# Brokers: tansu 0.6 with its sqlite engine (scripts/kafka-dev.sh) and with its memory engine,
-# and librdkafka's mock cluster (`lmq-bench mock-kafka`, in its own process).
+# Brokers: tansu 0.6 with its sqlite engine (scripts/kafka-dev.sh), librdkafka's mock cluster
+# (`lmq-bench mock-kafka`, in its own process), and tansu's memory engine (`memory://`, which
+# needs tansu built with the `dynostore` feature; scripts/kafka-dev.sh installs `libsql` only).
+#
+# Before the measured runs, a 2 s publish through the gateway creates the parent topic and
+# warms the producer up, so topic creation is not part of the numbers.
 #
 # Environment knobs (defaults in brackets):
 #   DURATION [10]  seconds per run          CLIENTS [8] publishers / senders
@@ -19,13 +26,13 @@
 #   E2E_RATE [2000] msg/s of the latency run (all publishers together)
 #   FETCH_WAIT_MS [10] core.kafka.fetch_wait_max_ms (tansu waits this long on every fetch)
 #   LINGER_MS [5]  core.kafka.linger_ms and the raw producer's linger.ms
-#   GW_PORT [18841] TANSU_SQLITE_PORT [19092] TANSU_MEMORY_PORT [19093]
+#   GW_PORT [28841] TANSU_SQLITE_PORT [29192] TANSU_MEMORY_PORT [29193]
 #   OUT [a new temp dir]  JSON results, pidstat logs, broker and gateway logs, table.md
 #   SKIP_BUILD [0] 1 = use the binaries already built
 set -euo pipefail
 
 BROKERS=("$@")
-[[ ${#BROKERS[@]} -gt 0 ]] || BROKERS=(tansu-sqlite tansu-memory mock)
+[[ ${#BROKERS[@]} -gt 0 ]] || BROKERS=(tansu-sqlite mock)
 DURATION="${DURATION:-10}"
 CLIENTS="${CLIENTS:-8}"
 INFLIGHT="${INFLIGHT:-64}"
@@ -33,9 +40,9 @@ PAYLOAD="${PAYLOAD:-64}"
 E2E_RATE="${E2E_RATE:-2000}"
 FETCH_WAIT_MS="${FETCH_WAIT_MS:-10}"
 LINGER_MS="${LINGER_MS:-5}"
-GW_PORT="${GW_PORT:-18841}"
-TANSU_SQLITE_PORT="${TANSU_SQLITE_PORT:-19092}"
-TANSU_MEMORY_PORT="${TANSU_MEMORY_PORT:-19093}"
+GW_PORT="${GW_PORT:-28841}"
+TANSU_SQLITE_PORT="${TANSU_SQLITE_PORT:-29192}"
+TANSU_MEMORY_PORT="${TANSU_MEMORY_PORT:-29193}"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
 WORK="$(mktemp -d -t lmq-bench-kafka.XXXXXX)"
@@ -59,6 +66,7 @@ cleanup() {
         wait "$pid" 2> /dev/null || true
     done
     "$ROOT/scripts/kafka-dev.sh" stop "$WORK/tansu-sqlite" > /dev/null 2>&1 || true
+    rm -rf "$WORK/tansu-sqlite" "$WORK/tansu-memory"
 }
 trap cleanup EXIT INT TERM
 
@@ -79,6 +87,13 @@ wait_port() { # port [tries]
     return 1
 }
 
+for port in "$GW_PORT" "$TANSU_SQLITE_PORT" "$TANSU_MEMORY_PORT"; do
+    if (exec 3<> "/dev/tcp/127.0.0.1/$port") 2> /dev/null; then
+        echo "port $port is already in use (set GW_PORT / TANSU_SQLITE_PORT / TANSU_MEMORY_PORT)" >&2
+        exit 69
+    fi
+done
+
 # ---- brokers: each sets BOOTSTRAP and BROKER_PID ------------------------------------------
 start_broker() { # name
     case "$1" in
@@ -97,6 +112,12 @@ start_broker() { # name
             BROKER_PID=$!
             PIDS+=("$BROKER_PID")
             wait_port "$TANSU_MEMORY_PORT"
+            sleep 1
+            if grep -q FeatureNotEnabled "$WORK/tansu-memory/broker.log"; then
+                echo "this tansu has no memory engine: $(grep -m1 FeatureNotEnabled "$WORK/tansu-memory/broker.log")" >&2
+                echo "(cargo install tansu --locked --version 0.6.0 --features libsql,dynostore)" >&2
+                return 69
+            fi
             BOOTSTRAP="localhost:$TANSU_MEMORY_PORT"
             ;;
         mock)
@@ -200,8 +221,10 @@ for broker in "${BROKERS[@]}"; do
     start_broker "$broker"
     echo "$broker: $BOOTSTRAP (pid $BROKER_PID)" >&2
     start_gateway "$broker" "$BOOTSTRAP"
+    "$BENCH" fan-in --clients 1 --qos 1 --no-subscriber --duration 2 --port "$GW_PORT" > "$OUT/warm-up.$broker.txt" 2>&1
     run_case gw-ingest "$broker" fan-in $M --qos 1 --no-subscriber --port "$GW_PORT" --server-pid "$GW_PID"
     run_case e2e "$broker" fan-in $M --qos 1 --rate "$E2E_RATE" --port "$GW_PORT" --server-pid "$GW_PID"
+    run_case raw-tailed "$broker" kafka-raw $M --qos 1 --bootstrap "$BOOTSTRAP" --linger-ms "$LINGER_MS"
     stop_pid "$GW_PID"
     GW_PID=""
     run_case raw "$broker" kafka-raw $M --qos 1 --bootstrap "$BOOTSTRAP" --linger-ms "$LINGER_MS"
@@ -237,6 +260,9 @@ gw_broker_cpu() { cpu gw-ingest "$1" broker; }
 gw_client_cpu() { get gw-ingest "$1" '.client_cpu_s'; }
 raw_broker_cpu() { cpu raw "$1" broker; }
 raw_client_cpu() { get raw "$1" '.client_cpu_s'; }
+tailed_rate() { get raw-tailed "$1" '.messages.acked_per_s'; }
+tailed_gw_cpu() { cpu raw-tailed "$1" gateway; }
+tailed_broker_cpu() { cpu raw-tailed "$1" broker; }
 e2e_p50() { get e2e "$1" '.messages.latency_us.p50'; }
 e2e_p99() { get e2e "$1" '.messages.latency_us.p99'; }
 e2e_p999() { get e2e "$1" '.messages.latency_us.p999'; }
@@ -265,6 +291,9 @@ e2e_gw_cpu() { cpu e2e "$1" gateway; }
     row "gateway run: load generator CPU s" gw_client_cpu
     row "raw run: broker CPU %" raw_broker_cpu
     row "raw run: raw producer CPU s (librdkafka included)" raw_client_cpu
+    row "raw while the gateway tails the topic, delivery reports/s" tailed_rate
+    row "  same run: gateway CPU % (reading back and routing only)" tailed_gw_cpu
+    row "  same run: broker CPU %" tailed_broker_cpu
     row "e2e @ $E2E_RATE msg/s: MQTT → Kafka → MQTT p50 µs" e2e_p50
     row "e2e: p99 µs" e2e_p99
     row "e2e: p99.9 µs" e2e_p999

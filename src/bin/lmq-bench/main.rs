@@ -12,7 +12,10 @@
 //! - `fan-out`: 1 publisher → N subscribers,
 //! - `p2p`: N publisher/subscriber pairs on distinct topics,
 //! - `idle`: N idle connections; server RSS per connection (needs `--server-pid`),
-//! - `connect-storm`: N connections as fast as possible; connects/s and CONNACK latency.
+//! - `connect-storm`: N connections as fast as possible; connects/s and CONNACK latency,
+//! - `kafka-raw`: the baseline of the Kafka core service — a raw librdkafka producer sending
+//!   the records the gateway writes for a QoS 1 fan-in, with the gateway's producer settings,
+//! - `mock-kafka`: librdkafka's mock cluster as a broker for the gateway, until killed.
 //!
 //! Only loopback targets are accepted: this is a benchmark tool, not a traffic generator.
 
@@ -33,6 +36,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{watch, Semaphore};
 use tokio::time::{sleep_until, timeout, Instant};
+
+mod kafka;
 
 /// Bytes at the start of every payload: timestamp, publisher index, sequence number.
 const HEADER_LEN: usize = 16;
@@ -63,6 +68,8 @@ enum Scenario {
     P2p,
     Idle,
     ConnectStorm,
+    KafkaRaw,
+    MockKafka,
 }
 
 #[derive(Debug, Parser)]
@@ -115,6 +122,19 @@ struct Args {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+    /// fan-in: publishers only, no subscriber (ingest throughput).
+    #[arg(long)]
+    no_subscriber: bool,
+    /// kafka-raw: `bootstrap.servers` (loopback addresses only).
+    #[arg(long, default_value = "localhost:9092")]
+    bootstrap: String,
+    /// kafka-raw, mock-kafka: partitions of the topic created for `--topic-prefix` (the gateway's
+    /// parent topic `*` creates 4).
+    #[arg(long, default_value_t = 4)]
+    partitions: u32,
+    /// kafka-raw: producer `linger.ms` (the gateway's `core.kafka.linger_ms`).
+    #[arg(long, default_value_t = 5)]
+    linger_ms: u64,
 }
 
 impl Args {
@@ -158,6 +178,12 @@ impl Args {
         }
         if self.topic_prefix.is_empty() || self.topic_prefix.contains(['+', '#', '/']) {
             bail!("--topic-prefix must be one non-empty topic level without wildcards");
+        }
+        if matches!(self.scenario, Scenario::KafkaRaw | Scenario::MockKafka) {
+            kafka::check_bootstrap(&self.bootstrap)?;
+            if self.rate.is_some() {
+                bail!("{:?} sends at full speed: --rate does not apply", self.scenario);
+            }
         }
         Ok(SocketAddr::new(ip, self.port))
     }
@@ -325,11 +351,37 @@ async fn wait_clock(rx: &mut watch::Receiver<Option<Clock>>) -> Result<Clock> {
     clock.ok_or_else(|| anyhow!("run clock missing"))
 }
 
-#[derive(Debug, Default)]
 struct PubResult {
     sent: u64,
     acked: u64,
+    /// Acknowledgements received before publishing stopped.
+    acked_in_window: u64,
     unacked: u64,
+    /// Publish (encoded into the write buffer) → PUBACK / PUBCOMP, µs.
+    ack_hist: Histogram<u64>,
+}
+
+impl PubResult {
+    fn new() -> PubResult {
+        PubResult { sent: 0, acked: 0, acked_in_window: 0, unacked: 0, ack_hist: new_histogram() }
+    }
+
+    /// Count one acknowledgement of a message published at `sent_ns`.
+    fn ack(&mut self, sent_ns: u64, publishing: bool) {
+        self.acked += 1;
+        if publishing {
+            self.acked_in_window += 1;
+        }
+        self.ack_hist.saturating_record((now_ns().saturating_sub(sent_ns) / 1000).max(1));
+    }
+
+    fn add(&mut self, other: &PubResult) -> Result<()> {
+        self.sent += other.sent;
+        self.acked += other.acked;
+        self.acked_in_window += other.acked_in_window;
+        self.unacked += other.unacked;
+        self.ack_hist.add(&other.ack_hist).map_err(|e| anyhow!("merging histograms: {e:?}"))
+    }
 }
 
 /// Per-subscriber view of one publisher's sequence numbers.
@@ -454,7 +506,9 @@ async fn publish_loop(
         properties: PublishProperties::default(),
     });
     let mut ids = IdPool::new();
-    let mut res = PubResult::default();
+    // Send time of each packet identifier in flight.
+    let mut sent_at = vec![0u64; 65536];
+    let mut res = PubResult::new();
     let mut seq: u32 = 0;
     let mut last_write = Instant::now();
     let Conn { stream, rbuf, wbuf, protocol, .. } = conn;
@@ -489,13 +543,16 @@ async fn publish_loop(
             }
             for _ in 0..budget {
                 let Packet::Publish(p) = &mut packet else { unreachable!("packet is a PUBLISH") };
+                let t_ns = now_ns();
                 if cfg.qos != QoS::AtMostOnce {
-                    p.packet_id = Some(ids.alloc().ok_or_else(|| anyhow!("packet identifiers exhausted"))?);
+                    let id = ids.alloc().ok_or_else(|| anyhow!("packet identifiers exhausted"))?;
+                    sent_at[usize::from(id.get())] = t_ns;
+                    p.packet_id = Some(id);
                 }
                 encode(&packet, protocol, wbuf).map_err(|e| anyhow!("encoding PUBLISH: {e}"))?;
                 // The payload is the tail of the packet just encoded: stamp its header.
                 let at = wbuf.len() - cfg.payload;
-                wbuf[at..at + 8].copy_from_slice(&now_ns().to_be_bytes());
+                wbuf[at..at + 8].copy_from_slice(&t_ns.to_be_bytes());
                 wbuf[at + 8..at + 12].copy_from_slice(&spec.index.to_be_bytes());
                 wbuf[at + 12..at + 16].copy_from_slice(&seq.to_be_bytes());
                 seq = seq.wrapping_add(1);
@@ -537,7 +594,7 @@ async fn publish_loop(
                                 if ack.code.is_error() {
                                     bail!("PUBACK with error reason code {:#04x}", ack.code.0);
                                 }
-                                res.acked += 1;
+                                res.ack(sent_at[usize::from(ack.packet_id.get())], Instant::now() < clock.stop);
                                 counter.fetch_add(1, Ordering::Relaxed);
                             }
                         }
@@ -550,7 +607,7 @@ async fn publish_loop(
                         }
                         Packet::PubComp(comp) if cfg.qos == QoS::ExactlyOnce => {
                             if ids.release(comp.packet_id) {
-                                res.acked += 1;
+                                res.ack(sent_at[usize::from(comp.packet_id.get())], Instant::now() < clock.stop);
                                 counter.fetch_add(1, Ordering::Relaxed);
                             }
                         }
@@ -725,7 +782,11 @@ async fn message_scenario(args: &Args, addr: SocketAddr, report: &mut Report) ->
     let (pubs, subs): (Vec<PubSpec>, Vec<SubSpec>) = match args.scenario {
         Scenario::FanIn => (
             (0..n).map(|i| PubSpec { index: i as u32, topic: format!("{base}/in/{i}") }).collect(),
-            vec![SubSpec { filter: format!("{base}/in/+"), sources: (0..n).collect() }],
+            if args.no_subscriber {
+                Vec::new()
+            } else {
+                vec![SubSpec { filter: format!("{base}/in/+"), sources: (0..n).collect() }]
+            },
         ),
         Scenario::FanOut => (
             vec![PubSpec { index: 0, topic: format!("{base}/out") }],
@@ -735,7 +796,9 @@ async fn message_scenario(args: &Args, addr: SocketAddr, report: &mut Report) ->
             (0..n).map(|i| PubSpec { index: i as u32, topic: format!("{base}/p2p/{i}") }).collect(),
             (0..n).map(|i| SubSpec { filter: format!("{base}/p2p/{i}"), sources: vec![i] }).collect(),
         ),
-        Scenario::Idle | Scenario::ConnectStorm => unreachable!("not a message scenario"),
+        Scenario::Idle | Scenario::ConnectStorm | Scenario::KafkaRaw | Scenario::MockKafka => {
+            unreachable!("not an MQTT message scenario")
+        }
     };
     let n_pubs = pubs.len();
     report.publishers = Some(n_pubs);
@@ -810,14 +873,10 @@ async fn message_scenario(args: &Args, addr: SocketAddr, report: &mut Report) ->
         })
     });
 
-    let mut pub_total = PubResult::default();
+    let mut pub_total = PubResult::new();
     for t in pub_tasks {
         match t.await {
-            Ok(Ok(r)) => {
-                pub_total.sent += r.sent;
-                pub_total.acked += r.acked;
-                pub_total.unacked += r.unacked;
-            }
+            Ok(Ok(r)) => pub_total.add(&r)?,
             Ok(Err(e)) => report.error(format!("publisher: {e:#}")),
             Err(e) => report.error(format!("publisher task: {e}")),
         }
@@ -849,7 +908,9 @@ async fn message_scenario(args: &Args, addr: SocketAddr, report: &mut Report) ->
         sent: pub_total.sent,
         sent_per_s: pub_total.sent as f64 / secs,
         acked: (qos != QoS::AtMostOnce).then_some(pub_total.acked),
+        acked_per_s: (qos != QoS::AtMostOnce).then_some(pub_total.acked_in_window as f64 / secs),
         unacked: (qos != QoS::AtMostOnce).then_some(pub_total.unacked),
+        ack_latency_us: Latency::from_hist(&pub_total.ack_hist),
         expected,
         received,
         received_per_s: in_window as f64 / secs,
@@ -1112,6 +1173,9 @@ struct MessageStats {
     /// QoS 1/2: PUBLISHes the server acknowledged (PUBACK / PUBCOMP).
     #[serde(skip_serializing_if = "Option::is_none")]
     acked: Option<u64>,
+    /// QoS 1/2: acknowledgements received during the publishing window, per second.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    acked_per_s: Option<f64>,
     /// QoS 1/2: still unacknowledged at the end of the drain period.
     #[serde(skip_serializing_if = "Option::is_none")]
     unacked: Option<u64>,
@@ -1127,6 +1191,9 @@ struct MessageStats {
     /// expected − unique (for QoS 0 these are drops the protocol allows).
     lost: u64,
     latency_us: Option<Latency>,
+    /// QoS 1/2: publish → acknowledgement (PUBACK, PUBCOMP or Kafka delivery report), µs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ack_latency_us: Option<Latency>,
 }
 
 #[derive(Debug, Serialize)]
@@ -1229,6 +1296,12 @@ impl Report {
                 "  expected  {:>12}  unique {}  lost {}  duplicates {}  out-of-order {}",
                 m.expected, m.unique, m.lost, m.duplicates, m.out_of_order
             );
+            if let Some(l) = &m.ack_latency_us {
+                println!(
+                    "  ack latency µs p50 {} p90 {} p99 {} p99.9 {} max {} (mean {:.0})",
+                    l.p50, l.p90, l.p99, l.p999, l.max, l.mean
+                );
+            }
             if let Some(l) = &m.latency_us {
                 println!(
                     "  latency µs p50 {} p90 {} p99 {} p99.9 {} max {} (mean {:.0})",
@@ -1277,6 +1350,16 @@ impl Report {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    if args.scenario == Scenario::MockKafka {
+        // Serves until killed; librdkafka runs the cluster on its own threads.
+        return match args.validate().and_then(|_| kafka::mock_cluster(&args)) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("lmq-bench: {e:#}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -1309,6 +1392,7 @@ async fn run(args: Args) -> Result<Report> {
             Scenario::FanIn | Scenario::FanOut => args.clients + 1,
             Scenario::P2p => 2 * args.clients,
             Scenario::Idle | Scenario::ConnectStorm => args.clients,
+            Scenario::KafkaRaw | Scenario::MockKafka => 0,
         } as u64;
         if needed + 64 > limit {
             bail!("{needed} connections need more file descriptors than the limit of {limit}; lower --clients or spread the load over several processes");
@@ -1339,6 +1423,8 @@ async fn run(args: Args) -> Result<Report> {
         Scenario::FanIn | Scenario::FanOut | Scenario::P2p => message_scenario(&args, addr, &mut report).await?,
         Scenario::Idle => idle_scenario(&args, addr, &mut report).await?,
         Scenario::ConnectStorm => storm_scenario(&args, addr, &mut report).await?,
+        Scenario::KafkaRaw => kafka::raw_producer_scenario(&args, &mut report).await?,
+        Scenario::MockKafka => unreachable!("mock-kafka runs before the runtime starts"),
     }
     if args.json {
         println!("{}", serde_json::to_string(&report).context("serialising the report")?);

@@ -358,6 +358,7 @@ pub struct CoreConfig {
     pub embedded: EmbeddedConfig,
     #[serde(default)]
     pub kafka: KafkaConfig,
+    #[serde(default)]
     pub rocketmq: RocketmqConfig,
 }
 

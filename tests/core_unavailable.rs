@@ -250,7 +250,10 @@ async fn consumer_lag_shows_records_not_yet_routed() {
     let mode = Arc::new(AtomicU8::new(OK));
     let (gw, _dir) = start(mode.clone()).await;
     let mut publisher = connected(gw.addr(), "cu-lag", Protocol::V5).await;
-    // The core topic exists and is tailed.
+    // A subscription makes the gateway tail the core topic (a topic only published to is not
+    // read back).
+    let mut subscriber = common::v5::connect(gw.addr(), "cu-lag-sub").await;
+    subscriber.subscribe("cu/#", common::v5::QoS::AtMostOnce).await;
     publisher.send(&publish(1)).await;
     assert!(matches!(publisher.recv().await, Some(Packet::PubAck(_))));
     let lag = |text: &str| common::metric_value(text, "lmq_consumer_lag_records", &[]);

@@ -126,7 +126,7 @@ struct State {
     /// Core topics assigned to the tail.
     assigned: HashMap<Arc<str>, u32>,
     /// Core topics known to exist that are not tailed (published to, not subscribed to).
-    writable: HashSet<Arc<str>>,
+    writable: HashMap<Arc<str>, u32>,
     /// Local members per share group (consumer-group mode: readers run while there are some).
     share_members: HashMap<Arc<str>, usize>,
     /// Consumer-group readers running, per (share group, core topic).
@@ -229,17 +229,18 @@ impl Router {
     /// tailed only for subscriptions (and P2P messages, whose target may be connected here
     /// without subscribing): a gateway does not read back what only flows through it.
     pub async fn ensure_for_publish(&self, topic: &CoreTopic, mqtt_topic: &str) -> Result<(), RouterError> {
-        if mapping::p2p_target(mqtt_topic).is_some() {
+        let read_here = mapping::p2p_target(mqtt_topic).is_some() || self.state.lock().trie.has_root_wildcard();
+        if read_here {
             return self.ensure_core_topic(topic).await;
         }
         {
             let st = self.state.lock();
-            if st.assigned.contains_key(&topic.name) || st.writable.contains(&topic.name) {
+            if st.assigned.contains_key(&topic.name) || st.writable.contains_key(&topic.name) {
                 return Ok(());
             }
         }
         self.backend.ensure_topic(&topic.name, topic.partitions).await?;
-        self.state.lock().writable.insert(topic.name.clone());
+        self.state.lock().writable.insert(topic.name.clone(), topic.partitions);
         Ok(())
     }
 
@@ -295,8 +296,10 @@ impl Router {
     pub fn core_topics_for_filter(&self, filter: &str) -> Result<Vec<CoreTopic>, RouterError> {
         let parent = topic::parent(filter);
         if parent == "+" || parent == "#" {
+            // Every core topic this gateway knows: tailed ones and those only published to.
             let st = self.state.lock();
-            return Ok(st.assigned.iter().map(|(n, p)| CoreTopic { name: n.clone(), partitions: *p }).collect());
+            let known = st.assigned.iter().chain(st.writable.iter());
+            return Ok(known.map(|(n, p)| CoreTopic { name: n.clone(), partitions: *p }).collect());
         }
         self.topics.core_topic(parent).map(|t| vec![t]).ok_or_else(|| RouterError::UndeclaredParent(parent.into()))
     }
@@ -604,7 +607,9 @@ async fn assign(r: &Router, tail: &mut dyn Tail, topic: &CoreTopic) -> Result<()
         tail.assign(tp.clone(), end);
         r.state.lock().positions.insert(tp, end);
     }
-    r.state.lock().assigned.insert(topic.name.clone(), partitions);
+    let mut st = r.state.lock();
+    st.writable.remove(&topic.name);
+    st.assigned.insert(topic.name.clone(), partitions);
     Ok(())
 }
 

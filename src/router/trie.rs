@@ -61,6 +61,12 @@ impl Trie {
         node
     }
 
+    /// Whether some subscription starts with a wildcard (`#`, `+/...`): it reads every parent
+    /// topic, so every core topic must be tailed.
+    pub fn has_root_wildcard(&self) -> bool {
+        self.root.plus.is_some() || self.root.hash.is_some()
+    }
+
     /// Add or replace a plain subscription. Returns true if it is new.
     pub fn insert(&mut self, filter: &str, session: SessionId, qos: QoS) -> bool {
         self.node_mut(filter).subscribers.insert(session, qos).is_none()

@@ -47,7 +47,7 @@ const PROBE_INTERVAL: Duration = Duration::from_secs(2);
 pub struct KafkaCore {
     config: KafkaConfig,
     events_topic: String,
-    producer: FutureProducer,
+    producer: Arc<ProducerSlot>,
     admin: AdminClient<DefaultClientContext>,
     /// Partition count of every topic known to exist.
     partitions: parking_lot::RwLock<HashMap<String, u32>>,
@@ -62,7 +62,10 @@ impl KafkaCore {
     /// Connect (waiting, with a log line per attempt, while the cluster is unreachable),
     /// create or check the gateway's topics and load the state stores.
     pub async fn open(config: &KafkaConfig, events_topic: &str) -> anyhow::Result<Arc<KafkaCore>> {
-        let producer: FutureProducer = client::producer(config).create()?;
+        let producer = Arc::new(ProducerSlot {
+            current: parking_lot::RwLock::new(client::producer(config).create()?),
+            config: client::producer(config),
+        });
         let admin: AdminClient<DefaultClientContext> = client::producer(config).create()?;
         let consumer_config = client::consumer(config);
         // Checks the consumer settings once, so later `tail()` calls cannot fail on them.
@@ -113,7 +116,7 @@ impl KafkaCore {
 
     /// Topic name → partition count, from the brokers.
     async fn metadata(&self, topic: Option<&str>) -> Result<HashMap<String, u32>> {
-        let producer = self.producer.clone();
+        let producer = self.producer.get();
         let topic = topic.map(str::to_owned);
         tokio::task::spawn_blocking(move || {
             let md = producer.client().fetch_metadata(topic.as_deref(), REQUEST_TIMEOUT).map_err(client::error)?;
@@ -193,7 +196,7 @@ impl KafkaCore {
     /// Current end offsets of every partition of a topic.
     fn end_offsets(&self, topic: &str) -> BoxFuture<'static, Result<Vec<(i32, i64)>>> {
         let n = self.partitions.read().get(topic).copied();
-        let producer = self.producer.clone();
+        let producer = self.producer.get();
         let topic = topic.to_owned();
         Box::pin(async move {
             let n = n.ok_or_else(|| BackendError::UnknownTopic(topic.clone()))?;
@@ -242,7 +245,8 @@ impl KafkaCore {
         headers: Option<rdkafka::message::OwnedHeaders>,
         timestamp_ms: Option<i64>,
     ) -> BoxFuture<'static, Result<AppendAck>> {
-        let producer = self.producer.clone();
+        let slot = self.producer.clone();
+        let producer = slot.get();
         let closed = self.closed.clone();
         let available = self.available.clone();
         let topic = topic.to_owned();
@@ -270,6 +274,8 @@ impl KafkaCore {
                 }
                 match producer.send_result(record) {
                     Ok(delivery) => {
+                        let slot = slot.clone();
+                        let used = producer.clone();
                         let ack: AppendAck = Box::pin(async move {
                             match delivery.await {
                                 Ok(Ok(d)) => {
@@ -279,7 +285,10 @@ impl KafkaCore {
                                         offset: u64::try_from(d.offset).unwrap_or(0),
                                     })
                                 }
-                                Ok(Err((e, _))) => Err(client::error(e)),
+                                Ok(Err((e, _))) => {
+                                    slot.renew_if_fatal(&used);
+                                    Err(client::error(e))
+                                }
                                 Err(_) => Err(BackendError::Closed),
                             }
                         });
@@ -295,6 +304,40 @@ impl KafkaCore {
                 }
             }
         })
+    }
+}
+
+/// The gateway's producer, replaced when librdkafka declares it failed for good (a fatal
+/// idempotence error, e.g. fenced or out-of-order sequence): the records it still held fail
+/// (never acknowledged) and later appends go through a new producer instead of failing until
+/// a restart.
+struct ProducerSlot {
+    current: parking_lot::RwLock<FutureProducer>,
+    config: rdkafka::config::ClientConfig,
+}
+
+impl ProducerSlot {
+    fn get(&self) -> FutureProducer {
+        self.current.read().clone()
+    }
+
+    fn renew_if_fatal(&self, failed: &FutureProducer) {
+        let Some((code, reason)) = failed.client().fatal_error() else { return };
+        let mut current = self.current.write();
+        if current.client().native_ptr() != failed.client().native_ptr() {
+            return; // already replaced
+        }
+        match self.config.create::<FutureProducer>() {
+            Ok(fresh) => {
+                tracing::error!(%code, reason, "Kafka producer failed for good; replaced by a new one");
+                let old = std::mem::replace(&mut *current, fresh);
+                // Dropping a producer purges and flushes for up to 500 ms: not on a runtime thread.
+                std::thread::spawn(move || drop(old));
+            }
+            Err(e) => {
+                tracing::error!(%code, reason, error = %e, "Kafka producer failed for good and cannot be replaced")
+            }
+        }
     }
 }
 
@@ -367,7 +410,7 @@ impl CoreService for KafkaCore {
     }
 
     fn end_offset(&self, tp: &TopicPartition) -> BoxFuture<'static, Result<u64>> {
-        let producer = self.producer.clone();
+        let producer = self.producer.get();
         let tp = tp.clone();
         let open = self.check_open().and_then(|()| self.partitions(&tp.topic).map(|_| ()));
         Box::pin(async move {
@@ -451,7 +494,7 @@ impl CoreService for KafkaCore {
             if self.closed.swap(true, Ordering::AcqRel) {
                 return;
             }
-            let producer = self.producer.clone();
+            let producer = self.producer.get();
             let flushed = tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(10))).await;
             if let Ok(Err(e)) = flushed {
                 tracing::warn!(error = %e, "Kafka producer: records still queued at shutdown");

@@ -1,6 +1,7 @@
 //! Runs the backend conformance suite against the Kafka core service on a real
 //! Kafka-protocol broker (tansu, started by `tests/kafka_broker`).
 
+#[macro_use]
 mod conformance;
 mod kafka_broker;
 
@@ -26,18 +27,7 @@ macro_rules! conformance {
     )*};
 }
 
-conformance!(
-    append_then_fetch,
-    ack_means_visible,
-    fetch_from_position,
-    per_key_order,
-    tail_delivers_new_records,
-    sessions_store,
-    retained_store_and_watch,
-    auth_stores,
-    unknown_topic_refused,
-    closed_service_refuses,
-);
+for_each_check!(conformance);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_written() {

@@ -1,6 +1,7 @@
 //! Runs the backend conformance suite against the RocketMQ core service on a real broker
 //! (see `tests/rocketmq_broker` for how the broker is found or started).
 
+#[macro_use]
 mod conformance;
 mod rocketmq_broker;
 
@@ -29,19 +30,7 @@ macro_rules! conformance {
     )*};
 }
 
-conformance!(
-    append_then_fetch,
-    ack_means_visible,
-    fetch_from_position,
-    per_key_order,
-    pipelined_positions_exact,
-    tail_delivers_new_records,
-    sessions_store,
-    retained_store_and_watch,
-    auth_stores,
-    unknown_topic_refused,
-    closed_service_refuses,
-);
+for_each_check!(conformance);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_written() {

@@ -7,6 +7,26 @@
 
 #![allow(dead_code)]
 
+/// Calls `$m!(check, check, ...)` with every check taking `(core, topic)`, so each engine's
+/// test file runs the same list (`events_written` takes other arguments and is run apart).
+macro_rules! for_each_check {
+    ($m:ident) => {
+        $m!(
+            append_then_fetch,
+            ack_means_visible,
+            fetch_from_position,
+            per_key_order,
+            pipelined_positions_exact,
+            tail_delivers_new_records,
+            sessions_store,
+            retained_store_and_watch,
+            auth_stores,
+            unknown_topic_refused,
+            closed_service_refuses,
+        );
+    };
+}
+
 use bytes::Bytes;
 use lmq_gateway::backend::{BackendError, CoreRecord, CoreService, Position, StateStore, StateUpdate, TopicPartition};
 use lmq_gateway::events::{ClientEvent, EventType};

@@ -2,8 +2,7 @@
 # The Kafka core service under load: lmq-gateway (core.kind: kafka) versus a raw librdkafka
 # producer writing the same records to the same broker with the same producer settings.
 #
-# Usage: scripts/bench-kafka.sh [BROKER...]   BROKER = tansu-sqlite | mock | tansu-memory
-#                                              (default: tansu-sqlite mock)
+# Usage: scripts/bench-kafka.sh [BROKER...]   BROKER = kafka | mock   (default: kafka mock)
 #
 # Per broker, one after the other (the broker starts fresh, then one gateway on it):
 #   gw-ingest  lmq-bench fan-in --qos 1 --no-subscriber: MQTT → Kafka msg/s, publish → PUBACK latency
@@ -13,9 +12,8 @@
 #              of the parent topic (subscribers or not), so this shows what that read-back costs
 # and pidstat samples the gateway, the broker and the load generator every second.
 #
-# Brokers: tansu 0.6 with its sqlite engine (scripts/kafka-dev.sh), librdkafka's mock cluster
-# (`lmq-bench mock-kafka`, in its own process), and tansu's memory engine (`memory://`, which
-# needs tansu built with the `dynostore` feature; scripts/kafka-dev.sh installs `libsql` only).
+# Brokers: Apache Kafka 4.x, one KRaft node (scripts/kafka-dev.sh, heap KAFKA_HEAP [1g] here),
+# and librdkafka's mock cluster (`lmq-bench mock-kafka`, in its own process).
 #
 # Before the measured runs, a 2 s publish through the gateway creates the parent topic and
 # warms the producer up, so topic creation is not part of the numbers.
@@ -24,25 +22,25 @@
 #   DURATION [10]  seconds per run          CLIENTS [8] publishers / senders
 #   INFLIGHT [64]  window per publisher     PAYLOAD [64] bytes
 #   E2E_RATE [2000] msg/s of the latency run (all publishers together)
-#   FETCH_WAIT_MS [10] core.kafka.fetch_wait_max_ms (tansu waits this long on every fetch)
+#   FETCH_WAIT_MS [100] core.kafka.fetch_wait_max_ms (the gateway's default)
 #   LINGER_MS [5]  core.kafka.linger_ms and the raw producer's linger.ms
-#   GW_PORT [28841] TANSU_SQLITE_PORT [29192] TANSU_MEMORY_PORT [29193]
+#   GW_PORT [28841] KAFKA_BENCH_PORT [29192]
 #   OUT [a new temp dir]  JSON results, pidstat logs, broker and gateway logs, table.md
 #   SKIP_BUILD [0] 1 = use the binaries already built
 set -euo pipefail
 
 BROKERS=("$@")
-[[ ${#BROKERS[@]} -gt 0 ]] || BROKERS=(tansu-sqlite mock)
+[[ ${#BROKERS[@]} -gt 0 ]] || BROKERS=(kafka mock)
 DURATION="${DURATION:-10}"
 CLIENTS="${CLIENTS:-8}"
 INFLIGHT="${INFLIGHT:-64}"
 PAYLOAD="${PAYLOAD:-64}"
 E2E_RATE="${E2E_RATE:-2000}"
-FETCH_WAIT_MS="${FETCH_WAIT_MS:-10}"
+FETCH_WAIT_MS="${FETCH_WAIT_MS:-100}"
 LINGER_MS="${LINGER_MS:-5}"
 GW_PORT="${GW_PORT:-28841}"
-TANSU_SQLITE_PORT="${TANSU_SQLITE_PORT:-29192}"
-TANSU_MEMORY_PORT="${TANSU_MEMORY_PORT:-29193}"
+KAFKA_BENCH_PORT="${KAFKA_BENCH_PORT:-29192}"
+export KAFKA_HEAP="${KAFKA_HEAP:-1g}"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
 WORK="$(mktemp -d -t lmq-bench-kafka.XXXXXX)"
@@ -65,8 +63,8 @@ cleanup() {
     for pid in "${PIDS[@]}"; do
         wait "$pid" 2> /dev/null || true
     done
-    "$ROOT/scripts/kafka-dev.sh" stop "$WORK/tansu-sqlite" > /dev/null 2>&1 || true
-    rm -rf "$WORK/tansu-sqlite" "$WORK/tansu-memory"
+    "$ROOT/scripts/kafka-dev.sh" stop "$WORK/kafka" > /dev/null 2>&1 || true
+    rm -rf "$WORK/kafka"
 }
 trap cleanup EXIT INT TERM
 
@@ -87,9 +85,9 @@ wait_port() { # port [tries]
     return 1
 }
 
-for port in "$GW_PORT" "$TANSU_SQLITE_PORT" "$TANSU_MEMORY_PORT"; do
+for port in "$GW_PORT" "$KAFKA_BENCH_PORT"; do
     if (exec 3<> "/dev/tcp/127.0.0.1/$port") 2> /dev/null; then
-        echo "port $port is already in use (set GW_PORT / TANSU_SQLITE_PORT / TANSU_MEMORY_PORT)" >&2
+        echo "port $port is already in use (set GW_PORT / KAFKA_BENCH_PORT)" >&2
         exit 69
     fi
 done
@@ -97,28 +95,11 @@ done
 # ---- brokers: each sets BOOTSTRAP and BROKER_PID ------------------------------------------
 start_broker() { # name
     case "$1" in
-        tansu-sqlite)
-            "$ROOT/scripts/kafka-dev.sh" start "$WORK/tansu-sqlite" "$TANSU_SQLITE_PORT" >&2
-            # kafka-dev.sh runs tansu with exec: the recorded pid is the broker's.
-            BROKER_PID=$(cat "$WORK/tansu-sqlite/pid")
-            BOOTSTRAP="localhost:$TANSU_SQLITE_PORT"
-            ;;
-        tansu-memory)
-            mkdir -p "$WORK/tansu-memory"
-            (cd "$WORK/tansu-memory" && : > .env && exec tansu broker \
-                --storage-engine memory://tansu/ \
-                --listener-url "tcp://127.0.0.1:$TANSU_MEMORY_PORT" \
-                --advertised-listener-url "tcp://localhost:$TANSU_MEMORY_PORT") > "$WORK/tansu-memory/broker.log" 2>&1 &
-            BROKER_PID=$!
-            PIDS+=("$BROKER_PID")
-            wait_port "$TANSU_MEMORY_PORT"
-            sleep 1
-            if grep -q FeatureNotEnabled "$WORK/tansu-memory/broker.log"; then
-                echo "this tansu has no memory engine: $(grep -m1 FeatureNotEnabled "$WORK/tansu-memory/broker.log")" >&2
-                echo "(cargo install tansu --locked --version 0.6.0 --features libsql,dynostore)" >&2
-                return 69
-            fi
-            BOOTSTRAP="localhost:$TANSU_MEMORY_PORT"
+        kafka)
+            "$ROOT/scripts/kafka-dev.sh" start "$WORK/kafka" "$KAFKA_BENCH_PORT" >&2
+            # kafka-dev.sh runs the JVM with exec: the recorded pid is the broker's.
+            BROKER_PID=$(cat "$WORK/kafka/pid")
+            BOOTSTRAP="localhost:$KAFKA_BENCH_PORT"
             ;;
         mock)
             "$BENCH" mock-kafka --partitions 4 > "$WORK/mock.addr" 2> "$WORK/mock.log" &
@@ -132,7 +113,7 @@ start_broker() { # name
             }
             ;;
         *)
-            echo "unknown broker $1 (tansu-sqlite | tansu-memory | mock)" >&2
+            echo "unknown broker $1 (kafka | mock)" >&2
             return 64
             ;;
     esac
@@ -145,8 +126,8 @@ stop_pid() { # pid
 }
 
 stop_broker() { # name
-    if [[ "$1" == tansu-sqlite ]]; then
-        "$ROOT/scripts/kafka-dev.sh" stop "$WORK/tansu-sqlite" > /dev/null
+    if [[ "$1" == kafka ]]; then
+        "$ROOT/scripts/kafka-dev.sh" stop "$WORK/kafka" > /dev/null
     else
         stop_pid "$BROKER_PID"
     fi

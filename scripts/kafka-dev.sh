@@ -1,44 +1,31 @@
 #!/usr/bin/env bash
-# A Kafka-protocol broker for development and tests: tansu (crates.io, Apache-2.0) with its
-# sqlite storage engine. Used by scripts/test.sh, by the Kafka integration tests (which run
-# their own brokers through `run`) and by developers.
+# Apache Kafka for development and tests: one KRaft process that is both broker and
+# controller, run from the jars of `org.apache.kafka:kafka_2.13` as Maven resolves them from
+# Maven Central (no other download). Used by scripts/test.sh, by the Kafka integration tests
+# (which run their own brokers through `run`) and by developers.
 #
-#   scripts/kafka-dev.sh install            install tansu into ~/.cargo/bin unless that version is there
-#   scripts/kafka-dev.sh start [DIR] [PORT] start a broker in the background (data in DIR, kept across restarts)
-#   scripts/kafka-dev.sh stop  [DIR]        stop it
-#   scripts/kafka-dev.sh run   DIR PORT [ADVERTISED_PORT]
-#                                           run a broker in the foreground (exec; for test harnesses);
-#                                           ADVERTISED_PORT: the port clients are told to use (a proxy)
-#   scripts/kafka-dev.sh wait  PORT         wait until the broker answers on PORT
+#   scripts/kafka-dev.sh install            resolve the jars into the cache unless they are there
+#   scripts/kafka-dev.sh installed          exit 0 when the jars are in the cache (tests ask this)
+#   scripts/kafka-dev.sh start [DIR] [PORT] start a broker in the background (data in DIR, kept
+#                                           across restarts); returns once it answers on PORT
+#   scripts/kafka-dev.sh stop  [DIR]        stop it (SIGTERM, then SIGKILL after 30 s)
+#   scripts/kafka-dev.sh run   DIR PORT     run a broker in the foreground (exec; for test
+#                                           harnesses); formats DIR on its first run
+#   scripts/kafka-dev.sh wait  PORT         wait until something answers on PORT
 #
 # Defaults: DIR=${KAFKA_DEV_DIR:-/tmp/lmq-kafka-dev}, PORT=${KAFKA_PORT:-9092}.
-#
-# What tansu 0.6 needs that real Kafka does not (harness only, never the product):
-#   - the sqlite path is relative to the working directory, and tansu reads a `.env` there:
-#     the broker runs inside DIR;
-#   - tansu 0.6 lacks an index on header(topition, offset_id): without it fetches of records
-#     with headers become quadratic and stall, so it is created once the tables exist.
+# Cache: ${LMQ_BROKER_CACHE:-~/.cache/lmq-brokers}/kafka-$KAFKA_VERSION (about 45 MB; Maven's
+# own repository, ~/.m2, keeps the downloads too). Heap: KAFKA_HEAP (default 512m).
+# The controller listens on a second port, chosen free at the first run of DIR and kept in
+# DIR/controller.port so that a restart finds the same quorum.
 set -euo pipefail
 
-TANSU_VERSION=0.6.0
+KAFKA_VERSION=${KAFKA_VERSION:-4.4.0}
+# Kafka logs through SLF4J 1.7: this binding sends it to log4j2 (configured in `run`).
+LOG4J_VERSION=2.25.5
 CMD=${1:-}
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-
-tansu_bin() {
-  if command -v tansu >/dev/null 2>&1; then command -v tansu; else echo "$HOME/.cargo/bin/tansu"; fi
-}
-
-install() {
-  local bin
-  bin=$(tansu_bin)
-  if [ -x "$bin" ] && "$bin" --version 2>/dev/null | grep -q " $TANSU_VERSION\$"; then
-    return 0
-  fi
-  command -v sqlite3 >/dev/null 2>&1 || need_apt sqlite3
-  echo "kafka-dev: installing tansu $TANSU_VERSION (takes 15-35 minutes on 2 cores)" >&2
-  CARGO_TARGET_DIR=${TOOLS_TARGET_DIR:-$HOME/.cache/lmq-tools-target} \
-    cargo install tansu --locked --version "$TANSU_VERSION" --features libsql >&2
-}
+CACHE=${LMQ_BROKER_CACHE:-$HOME/.cache/lmq-brokers}/kafka-$KAFKA_VERSION
+LIB=$CACHE/lib
 
 need_apt() {
   local SUDO=""
@@ -47,8 +34,36 @@ need_apt() {
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "$@" >/dev/null
 }
 
+installed() {
+  [ -f "$LIB/.complete" ] && command -v java >/dev/null 2>&1
+}
+
+install() {
+  installed && return 0
+  command -v java >/dev/null 2>&1 || need_apt openjdk-17-jre-headless
+  command -v mvn >/dev/null 2>&1 || need_apt maven
+  echo "kafka-dev: resolving Apache Kafka $KAFKA_VERSION from Maven Central into $CACHE" >&2
+  mkdir -p "$CACHE"
+  cat >"$CACHE/pom.xml" <<POM
+<project xmlns="http://maven.apache.org/POM/4.0.0">
+  <modelVersion>4.0.0</modelVersion>
+  <groupId>lmq-gateway.test</groupId>
+  <artifactId>kafka-broker</artifactId>
+  <version>1</version>
+  <packaging>pom</packaging>
+  <dependencies>
+    <dependency><groupId>org.apache.kafka</groupId><artifactId>kafka_2.13</artifactId><version>$KAFKA_VERSION</version></dependency>
+    <dependency><groupId>org.apache.logging.log4j</groupId><artifactId>log4j-slf4j-impl</artifactId><version>$LOG4J_VERSION</version></dependency>
+  </dependencies>
+</project>
+POM
+  rm -rf "$LIB"
+  mvn -q -B -f "$CACHE/pom.xml" dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory="$LIB" >&2
+  touch "$LIB/.complete"
+}
+
 wait_port() {
-  local port=$1 tries=${2:-300}
+  local port=$1 tries=${2:-600}
   for _ in $(seq "$tries"); do
     if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
     sleep 0.1
@@ -57,37 +72,83 @@ wait_port() {
   return 1
 }
 
-add_index() {
-  local db=$1
-  for _ in $(seq 100); do
-    if sqlite3 "$db" 'create index if not exists header_topition_offset on header(topition, offset_id);' 2>/dev/null; then
-      touch "$db.indexed"
-      return 0
-    fi
-    sleep 0.1
-  done
-  echo "kafka-dev: could not add the header index to $db" >&2
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+# The broker's settings: one node, replication factor 1 everywhere, internal topics and
+# buffers sized for tests on a small machine.
+write_config() {
+  local dir=$1 port=$2 cport=$3
+  cat >"$dir/server.properties" <<PROPS
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@127.0.0.1:$cport
+listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$cport
+advertised.listeners=PLAINTEXT://localhost:$port
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+log.dirs=$dir/data
+num.partitions=1
+num.network.threads=2
+num.io.threads=4
+background.threads=4
+num.recovery.threads.per.data.dir=1
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=4
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+transaction.state.log.num.partitions=4
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+group.initial.rebalance.delay.ms=0
+log.index.size.max.bytes=1048576
+log.cleaner.dedupe.buffer.size=16777216
+log.cleaner.threads=1
+PROPS
+  cat >"$dir/log4j2.properties" <<'PROPS'
+appender.out.type=Console
+appender.out.name=out
+appender.out.layout.type=PatternLayout
+appender.out.layout.pattern=[%d] %p %m (%c)%n
+rootLogger.level=WARN
+rootLogger.appenderRef.out.ref=out
+logger.server.name=kafka.server.BrokerServer
+logger.server.level=INFO
+logger.controller.name=kafka.server.ControllerServer
+logger.controller.level=INFO
+logger.group.name=org.apache.kafka.coordinator.group
+logger.group.level=INFO
+PROPS
 }
 
 run() {
-  local dir=$1 port=$2 advertised=${3:-$2}
+  local dir=$1 port=$2 cport
+  installed || { echo "kafka-dev: Apache Kafka is not installed: run scripts/kafka-dev.sh install" >&2; exit 1; }
   mkdir -p "$dir"
-  cd "$dir"
-  : >.env
-  rm -f tansu.db.indexed
-  (wait_port "$port" 600 && add_index "$dir/tansu.db") >/dev/null 2>&1 &
-  exec "$(tansu_bin)" broker \
-    --listener-url "tcp://127.0.0.1:$port" \
-    --advertised-listener-url "tcp://localhost:$advertised" \
-    --storage-engine 'sqlite://tansu.db?maintenance_interval=5s'
+  if [ -f "$dir/controller.port" ]; then
+    cport=$(cat "$dir/controller.port")
+  else
+    cport=$(free_port)
+    echo "$cport" >"$dir/controller.port"
+  fi
+  write_config "$dir" "$port" "$cport"
+  local java_opts=(-Xms"${KAFKA_HEAP:-512m}" -Xmx"${KAFKA_HEAP:-512m}" -XX:+UseG1GC -XX:MaxGCPauseMillis=20
+    -XX:+ExitOnOutOfMemoryError -Djava.awt.headless=true -Dlog4j2.configurationFile="$dir/log4j2.properties")
+  if [ ! -f "$dir/data/meta.properties" ]; then
+    java -Xmx256m -Dlog4j2.configurationFile="$dir/log4j2.properties" -cp "$LIB/*" kafka.tools.StorageTool format \
+      --cluster-id "$(java -cp "$LIB/*" kafka.tools.StorageTool random-uuid 2>/dev/null)" \
+      --config "$dir/server.properties" --ignore-formatted >/dev/null
+  fi
+  exec java "${java_opts[@]}" -cp "$LIB/*" kafka.Kafka "$dir/server.properties"
 }
 
 case "$CMD" in
   install) install ;;
-  run) run "$2" "$3" "${4:-$3}" ;;
-  wait)
-    wait_port "$2" 600
-    ;;
+  installed) installed ;;
+  run) run "$2" "$3" ;;
+  wait) wait_port "$2" ;;
   start)
     dir=${2:-${KAFKA_DEV_DIR:-/tmp/lmq-kafka-dev}}
     port=${3:-${KAFKA_PORT:-9092}}
@@ -97,25 +158,24 @@ case "$CMD" in
       echo "kafka-dev: already running (pid $(cat "$dir/pid"), $dir)"
       exit 0
     fi
-    nohup "$ROOT/scripts/kafka-dev.sh" run "$dir" "$port" >"$dir/broker.log" 2>&1 &
+    nohup "$0" run "$dir" "$port" >"$dir/broker.log" 2>&1 &
     echo $! >"$dir/pid"
-    wait_port "$port"
-    for _ in $(seq 100); do [ -f "$dir/tansu.db.indexed" ] && break; sleep 0.1; done
-    echo "kafka-dev: tansu on localhost:$port (pid $(cat "$dir/pid"), data and log in $dir)"
+    wait_port "$port" 1200 || { tail -30 "$dir/broker.log" >&2; exit 1; }
+    echo "kafka-dev: Apache Kafka $KAFKA_VERSION on localhost:$port (pid $(cat "$dir/pid"), data and log in $dir)"
     ;;
   stop)
     dir=${2:-${KAFKA_DEV_DIR:-/tmp/lmq-kafka-dev}}
     if [ -f "$dir/pid" ]; then
       pid=$(cat "$dir/pid")
       kill "$pid" 2>/dev/null || true
-      for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+      for _ in $(seq 300); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
       kill -9 "$pid" 2>/dev/null || true
       rm -f "$dir/pid"
       echo "kafka-dev: stopped"
     fi
     ;;
   *)
-    sed -n '2,13p' "$0" >&2
+    sed -n '2,21p' "$0" >&2
     exit 2
     ;;
 esac

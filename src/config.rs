@@ -552,6 +552,10 @@ pub struct KafkaConfig {
     /// Replication factor of the topics the gateway creates.
     #[serde(default = "default_kafka_replication")]
     pub replication_factor: i32,
+    /// `min.insync.replicas` of the topics the gateway creates: with `acks=all`, a message is
+    /// acknowledged only once this many replicas have it (unset: the brokers' default).
+    #[serde(default)]
+    pub min_insync_replicas: Option<i32>,
     /// Partitions of the events and state topics the gateway creates (parent topics:
     /// `topics.parents[].partitions`).
     #[serde(default = "default_kafka_partitions")]
@@ -589,7 +593,7 @@ impl Default for KafkaConfig {
 
 impl KafkaConfig {
     /// librdkafka properties set by the first-class options above (or fixed by the gateway).
-    pub const MANAGED_PROPERTIES: [&'static str; 12] = [
+    pub const MANAGED_PROPERTIES: [&'static str; 13] = [
         "bootstrap.servers",
         "metadata.broker.list",
         "client.id",
@@ -602,6 +606,7 @@ impl KafkaConfig {
         "compression.type",
         "message.timeout.ms",
         "fetch.wait.max.ms",
+        "allow.auto.create.topics",
     ];
 }
 
@@ -862,6 +867,15 @@ impl KafkaConfig {
         if self.partitions == 0 || self.replication_factor == 0 || self.replication_factor < -1 {
             return invalid("core.kafka.partitions and replication_factor must be at least 1".into());
         }
+        if let Some(min_isr) = self.min_insync_replicas {
+            if min_isr < 1 || (self.replication_factor > 0 && min_isr > self.replication_factor) {
+                return invalid(format!(
+                    "core.kafka.min_insync_replicas {min_isr} must be between 1 and replication_factor ({}): \
+                     with more, no write could ever be acknowledged",
+                    self.replication_factor
+                ));
+            }
+        }
         if !["none", "gzip", "snappy", "lz4", "zstd"].contains(&self.compression.as_str()) {
             return invalid(format!(
                 "core.kafka.compression `{}`: use none, gzip, snappy, lz4 or zstd",
@@ -962,5 +976,11 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("distinct"), "{err}");
+        let ok = Config::from_yaml(&format!("{base}    replication_factor: 3\n    min_insync_replicas: 2\n")).unwrap();
+        assert_eq!(ok.core.kafka.min_insync_replicas, Some(2));
+        for bad in ["replication_factor: 3\n    min_insync_replicas: 4", "min_insync_replicas: 0"] {
+            let err = Config::from_yaml(&format!("{base}    {bad}\n")).unwrap_err().to_string();
+            assert!(err.contains("min_insync_replicas"), "{err}");
+        }
     }
 }

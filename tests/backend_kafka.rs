@@ -1,5 +1,5 @@
 //! Runs the backend conformance suite against the Kafka core service on a real
-//! Kafka-protocol broker (tansu, started by `tests/kafka_broker`).
+//! Apache Kafka broker (started by `tests/kafka_broker`).
 
 #[macro_use]
 mod conformance;
@@ -33,5 +33,30 @@ for_each_check!(conformance);
 async fn events_written() {
     let core = open().await;
     conformance::events_written(core.as_ref(), EVENTS, "client-events-1").await;
+    core.shutdown().await;
+}
+
+/// Topics the gateway creates carry `min.insync.replicas` when it is configured (a topic-level
+/// setting, not the broker's default).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn created_topics_carry_min_insync_replicas() {
+    use rdkafka::admin::{AdminClient, AdminOptions, ConfigSource, ResourceSpecifier};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::config::ClientConfig;
+
+    let broker = kafka_broker::shared();
+    let config = lmq_gateway::config::KafkaConfig { min_insync_replicas: Some(1), ..broker.config() };
+    let core = KafkaCore::open(&config, EVENTS).await.expect("open Kafka core service");
+    core.ensure_topic("kminisr", 2).await.expect("topic created");
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", broker.bootstrap()).create().expect("admin client");
+    let described = admin
+        .describe_configs([&ResourceSpecifier::Topic("kminisr")], &AdminOptions::new())
+        .await
+        .expect("describe configs");
+    let resource = described.into_iter().next().expect("one resource").expect("topic described");
+    let entry = resource.get("min.insync.replicas").expect("min.insync.replicas listed");
+    assert_eq!(entry.value.as_deref(), Some("1"));
+    assert!(matches!(entry.source, ConfigSource::DynamicTopic), "set on the topic, not inherited: {:?}", entry.source);
     core.shutdown().await;
 }

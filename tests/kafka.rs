@@ -1,4 +1,4 @@
-//! The gateway on the Kafka core service, against a real Kafka-protocol broker (tansu):
+//! The gateway on the Kafka core service, against Apache Kafka (KRaft, one node):
 //! MQTT → Kafka records, Kafka → MQTT deliveries, two gateway processes sharing one cluster,
 //! no acknowledged message lost when a gateway is killed or the broker stops, status events.
 
@@ -20,6 +20,8 @@ use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::num::NonZeroU16;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -77,6 +79,10 @@ impl GatewayProcess {
         panic!("gateway did not listen on {} within 30 s; log:\n{log}", self.addr);
     }
 
+    fn log(&self) -> String {
+        std::fs::read_to_string(self._dir.path().join("gateway.log")).unwrap_or_default()
+    }
+
     fn sigkill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -86,6 +92,10 @@ impl GatewayProcess {
 impl Drop for GatewayProcess {
     fn drop(&mut self) {
         self.sigkill();
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(self._dir.path().join("gateway.log")).unwrap_or_default();
+            eprintln!("---- log of the gateway on {} ----\n{log}", self.addr);
+        }
     }
 }
 
@@ -94,7 +104,6 @@ fn consumer(bootstrap: &str) -> BaseConsumer {
         .set("bootstrap.servers", bootstrap)
         .set("group.id", "test-reader")
         .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "10")
         .create()
         .expect("test consumer")
 }
@@ -277,6 +286,13 @@ async fn two_gateway_processes_share_messages_retained_and_client_ids() {
     let _dup_b = v4::connect(b.addr, "GID_k@@@twin").await;
     dup_a.closed_by_server().await;
     pub_a.disconnect().await;
+
+    // The test broker keeps one copy of each partition: the gateway says so at start.
+    let log = a.log();
+    assert!(
+        log.contains("replication factor 1") && log.contains("lmq-sessions"),
+        "no warning about single-copy topics in the log:\n{log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -330,18 +346,31 @@ async fn persistent_session_resumes_on_another_gateway_after_sigkill() {
     publisher.disconnect().await;
 }
 
-/// A QoS 1 publisher over a raw socket with `window` messages in flight: sends payloads
-/// `next..total` and records every acknowledged one; returns the next index to send when the
-/// connection ends (or `total`).
+/// How [`publish_pipelined`] sends: `window` messages in flight at most, and at most `rate`
+/// messages per second when set.
+#[derive(Clone, Copy)]
+struct Pace {
+    window: usize,
+    rate: Option<f64>,
+}
+
+const FULL_SPEED: Pace = Pace { window: 200, rate: None };
+
+/// A QoS 1 publisher over a raw socket: sends payloads `next..total` and records every
+/// acknowledged one in `acked` (counted in `progress` too); returns the next index to send
+/// when the connection ends (or `total`).
+#[allow(clippy::too_many_arguments)]
 async fn publish_pipelined(
     addr: SocketAddr,
     client_id: &str,
     topic: &str,
     mut next: u32,
     total: u32,
-    window: usize,
+    pace: Pace,
     acked: &mut BTreeSet<u32>,
+    progress: &AtomicUsize,
 ) -> u32 {
+    const IDLE: Duration = Duration::from_secs(20);
     let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else { return next };
     let mut out = BytesMut::new();
     let _ = protocol::encode(&common::connect_packet(client_id, Protocol::V311, true), Protocol::V311, &mut out);
@@ -352,8 +381,15 @@ async fn publish_pipelined(
     let mut inflight: HashMap<u16, u32> = HashMap::new();
     let mut pkid: u16 = 0;
     let mut connected = false;
+    let started = tokio::time::Instant::now();
+    let mut sent = 0u32;
+    // When the next message may go out (None: now).
+    let due = |sent: u32| pace.rate.map(|r| started + Duration::from_secs_f64(f64::from(sent) / r));
     loop {
-        while connected && next < total && inflight.len() < window {
+        while connected && next < total && inflight.len() < pace.window {
+            if due(sent).is_some_and(|d| d > tokio::time::Instant::now()) {
+                break;
+            }
             pkid = pkid % 60_000 + 1;
             let p = Packet::Publish(protocol::Publish {
                 dup: false,
@@ -371,6 +407,7 @@ async fn publish_pipelined(
             }
             inflight.insert(pkid, next);
             next += 1;
+            sent += 1;
         }
         if connected && next >= total && inflight.is_empty() {
             return total;
@@ -381,6 +418,7 @@ async fn publish_pipelined(
                 Ok(Some(Packet::PubAck(PubResponse { packet_id, .. }))) => {
                     if let Some(n) = inflight.remove(&packet_id.get()) {
                         acked.insert(n);
+                        progress.fetch_add(1, Ordering::Relaxed);
                     }
                 }
                 Ok(Some(_)) => {}
@@ -388,11 +426,16 @@ async fn publish_pipelined(
                 Err(_) => return next,
             }
         }
-        if connected && next < total && inflight.len() < window {
-            continue;
-        }
-        match tokio::time::timeout(Duration::from_secs(20), s.read_buf(&mut buf)).await {
+        let may_send = connected && next < total && inflight.len() < pace.window;
+        let until = match due(sent) {
+            Some(d) if may_send => d,
+            None if may_send => continue,
+            _ => tokio::time::Instant::now() + IDLE,
+        };
+        let paced = may_send && until < tokio::time::Instant::now() + IDLE;
+        match tokio::time::timeout_at(until, s.read_buf(&mut buf)).await {
             Ok(Ok(n)) if n > 0 => {}
+            Err(_) if paced => {}
             _ => {
                 // Connection gone: resend from the lowest unacknowledged message.
                 return inflight.values().copied().min().unwrap_or(next);
@@ -422,12 +465,19 @@ async fn no_acknowledged_message_lost_when_the_gateway_is_killed() {
     let mut gw = GatewayProcess::start(broker, "gw-kill");
     let addr = gw.addr;
     let mut acked = BTreeSet::new();
+    // Killed once a quarter of the messages are acknowledged: mid-stream however fast the
+    // broker is.
+    let progress = Arc::new(AtomicUsize::new(0));
+    let seen = progress.clone();
     let killer = tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        while seen.load(Ordering::Relaxed) < TOTAL as usize / 4 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
         gw.sigkill();
         gw
     });
-    let mut next = publish_pipelined(addr, "GID_k@@@loss", "kloss/a", 0, TOTAL, 200, &mut acked).await;
+    let mut next =
+        publish_pipelined(addr, "GID_k@@@loss", "kloss/a", 0, TOTAL, FULL_SPEED, &mut acked, &progress).await;
     let killed_at = acked.len();
     drop(killer.await.expect("killer"));
     assert!(next < TOTAL, "the gateway was killed mid-stream ({killed_at} acknowledged before)");
@@ -435,7 +485,8 @@ async fn no_acknowledged_message_lost_when_the_gateway_is_killed() {
     let deadline = Instant::now() + Duration::from_secs(300);
     while next < TOTAL {
         assert!(Instant::now() < deadline, "publishing did not finish");
-        next = publish_pipelined(gw.addr, "GID_k@@@loss", "kloss/a", next, TOTAL, 200, &mut acked).await;
+        next =
+            publish_pipelined(gw.addr, "GID_k@@@loss", "kloss/a", next, TOTAL, FULL_SPEED, &mut acked, &progress).await;
     }
     assert!(acked.len() as u32 >= TOTAL - 200, "only {} of {TOTAL} acknowledged", acked.len());
     let acked2 = acked.clone();
@@ -448,31 +499,43 @@ async fn no_acknowledged_message_lost_when_the_gateway_is_killed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_acknowledged_message_lost_while_the_broker_stops_for_20_seconds() {
     const TOTAL: u32 = 20_000;
-    // The broker's outage is a blackout of its port (see `KafkaBroker::start_behind_proxy`
-    // for why tansu is not stopped and restarted).
+    // The outage is a real stop of the broker process and a restart on the same data.
     // The gateway's log is shown when this test fails.
     let _ = tracing_subscriber::fmt().with_env_filter("info").with_test_writer().try_init();
-    let (broker, proxy) = KafkaBroker::start_behind_proxy();
-    let gw = gateway(&broker, "gw-outage").await;
+    let owned = kafka_broker::OwnedBroker::start();
+    let broker = owned.broker();
+    let gw = gateway(broker, "gw-outage").await;
     let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
     let (restarted_tx, restarted_rx) = tokio::sync::oneshot::channel::<()>();
-    let outage = async move {
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        proxy.set_blackout(true);
-        let _ = stopped_tx.send(());
-        tokio::time::sleep(Duration::from_secs(20)).await;
-        proxy.set_blackout(false);
-        let _ = restarted_tx.send(());
-        proxy
-    };
     let addr = gw.addr();
     let mut acked = BTreeSet::new();
+    let progress = AtomicUsize::new(0);
+    // At 1,000 msg/s the 20,000 messages take 20 s without the outage: it starts mid-stream.
+    let pace = Pace { window: 200, rate: Some(1000.0) };
+    let outage = async {
+        while progress.load(Ordering::Relaxed) < 2_000 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        owned.stop().await;
+        let _ = stopped_tx.send(());
+        // Nothing is acknowledged while the broker is down (what was in flight when it
+        // stopped has had 2 s to be answered).
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let before = progress.load(Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_secs(18)).await;
+        let during = progress.load(Ordering::Relaxed);
+        assert_eq!(during, before, "messages acknowledged while the broker was down");
+        assert!(during < TOTAL as usize, "the outage came after the last message");
+        owned.restart().await;
+        let _ = restarted_tx.send(());
+    };
     let publisher = async {
         let mut next = 0;
         let deadline = Instant::now() + Duration::from_secs(180);
         while next < TOTAL {
             assert!(Instant::now() < deadline, "publishing did not finish");
-            next = publish_pipelined(addr, "GID_k@@@outage", "koutage/a", next, TOTAL, 200, &mut acked).await;
+            next =
+                publish_pipelined(addr, "GID_k@@@outage", "koutage/a", next, TOTAL, pace, &mut acked, &progress).await;
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     };
@@ -486,13 +549,18 @@ async fn no_acknowledged_message_lost_while_the_broker_stops_for_20_seconds() {
         }
         restarted_rx.await.expect("broker restarted");
     };
-    let ((), (), _proxy) = tokio::join!(publisher, watcher, outage);
-    assert!(gw.ctx.backend.is_available(), "available again after the broker came back");
+    let ((), (), ()) = tokio::join!(publisher, watcher, outage);
+    // The availability probe runs every 2 s: it sees the broker back within a few seconds.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !gw.ctx.backend.is_available() {
+        assert!(Instant::now() < deadline, "not available again 15 s after the broker came back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_eq!(acked.len() as u32, TOTAL, "every message acknowledged in the end");
     let bootstrap = broker.bootstrap();
     tokio::task::spawn_blocking(move || assert_all_in_kafka(&bootstrap, "koutage", &acked)).await.expect("check");
     gw.shutdown().await;
-    drop(broker);
+    drop(owned);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -15,9 +15,10 @@ fn common(cfg: &KafkaConfig) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &cfg.bootstrap_servers)
         .set("client.id", &cfg.client_id)
-        // Same key → same partition as Java clients (murmur2), so keyed records written by
-        // other applications and by the gateway agree.
-        .set("partitioner", "murmur2_random")
+        // A metadata request must never create a topic: brokers that allow it
+        // (`auto.create.topics.enable`, Kafka's default) would create it with their default
+        // partition count and settings, not the gateway's (`ensure_topic` creates it instead).
+        .set("allow.auto.create.topics", "false")
         .set("log_level", "4");
     for (k, v) in &cfg.librdkafka {
         c.set(k, v);
@@ -30,7 +31,10 @@ fn common(cfg: &KafkaConfig) -> ClientConfig {
 /// fails instead of being retried forever.
 pub(super) fn producer(cfg: &KafkaConfig) -> ClientConfig {
     let mut c = common(cfg);
-    c.set("acks", "all")
+    // Same key → same partition as Java clients (murmur2), so keyed records written by
+    // other applications and by the gateway agree.
+    c.set("partitioner", "murmur2_random")
+        .set("acks", "all")
         .set("enable.idempotence", "true")
         .set("linger.ms", cfg.linger_ms.to_string())
         .set("batch.size", cfg.batch_size.to_string())
@@ -50,6 +54,42 @@ pub(super) fn consumer(cfg: &KafkaConfig) -> ClientConfig {
         .set("enable.partition.eof", "false")
         .set("fetch.wait.max.ms", cfg.fetch_wait_max_ms.to_string());
     c
+}
+
+/// The high watermark (end offset) of one partition. Errors a leader election gives for a
+/// moment (a topic just created, a broker restarting) are retried until `timeout`.
+pub(super) fn high_watermark<C: rdkafka::client::ClientContext>(
+    client: &rdkafka::client::Client<C>,
+    topic: &str,
+    partition: i32,
+    timeout: std::time::Duration,
+) -> Result<i64, BackendError> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match client.fetch_watermarks(topic, partition, left) {
+            Ok((_, high)) => return Ok(high),
+            Err(e) if transient(&e) && std::time::Instant::now() + LEADER_RETRY < deadline => {
+                std::thread::sleep(LEADER_RETRY);
+            }
+            Err(e) => return Err(error(e)),
+        }
+    }
+}
+
+const LEADER_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// An error that a leader election explains and that goes away by itself.
+fn transient(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::NotLeaderForPartition
+                | RDKafkaErrorCode::LeaderNotAvailable
+                | RDKafkaErrorCode::UnknownLeaderEpoch
+                | RDKafkaErrorCode::FencedLeaderEpoch
+        )
+    )
 }
 
 /// Map a librdkafka error onto the trait's errors.

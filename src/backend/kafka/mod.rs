@@ -44,6 +44,15 @@ const STATE_CATCH_UP: Duration = Duration::from_secs(10);
 /// Interval of the availability probe.
 const PROBE_INTERVAL: Duration = Duration::from_secs(2);
 
+/// What the brokers say of one topic.
+struct TopicInfo {
+    partitions: u32,
+    /// Fewest replicas of any of its partitions.
+    replicas: usize,
+    /// Every partition has a leader (a topic just created has none for a moment).
+    led: bool,
+}
+
 pub struct KafkaCore {
     config: KafkaConfig,
     events_topic: String,
@@ -114,8 +123,8 @@ impl KafkaCore {
         }
     }
 
-    /// Topic name → partition count, from the brokers.
-    async fn metadata(&self, topic: Option<&str>) -> Result<HashMap<String, u32>> {
+    /// Topic name → partition count and fewest replicas of a partition, from the brokers.
+    async fn metadata(&self, topic: Option<&str>) -> Result<HashMap<String, TopicInfo>> {
         let producer = self.producer.get();
         let topic = topic.map(str::to_owned);
         tokio::task::spawn_blocking(move || {
@@ -124,7 +133,11 @@ impl KafkaCore {
                 .topics()
                 .iter()
                 .filter(|t| t.error().is_none() && !t.partitions().is_empty())
-                .map(|t| (t.name().to_owned(), t.partitions().len() as u32))
+                .map(|t| {
+                    let replicas = t.partitions().iter().map(|p| p.replicas().len()).min().unwrap_or(0);
+                    let led = t.partitions().iter().all(|p| p.leader() >= 0 && p.error().is_none());
+                    (t.name().to_owned(), TopicInfo { partitions: t.partitions().len() as u32, replicas, led })
+                })
                 .collect())
         })
         .await
@@ -164,6 +177,10 @@ impl KafkaCore {
         if compacted {
             new = new.set("cleanup.policy", "compact");
         }
+        let min_isr = self.config.min_insync_replicas.map(|n| n.to_string());
+        if let Some(min_isr) = &min_isr {
+            new = new.set("min.insync.replicas", min_isr);
+        }
         let opts = AdminOptions::new().operation_timeout(Some(REQUEST_TIMEOUT));
         let results = self.admin.create_topics([&new], &opts).await.map_err(client::error)?;
         for r in results {
@@ -178,13 +195,26 @@ impl KafkaCore {
         Ok(())
     }
 
-    /// Wait until the brokers report the topic, and remember its partition count.
+    /// Wait until the brokers report the topic with a leader for every partition, and
+    /// remember its partition count. A topic with a partition of a single replica is named in a
+    /// warning once: what the gateway acknowledges into it is then one broker's copy.
     async fn learn_partitions(&self, topic: &str) -> Result<u32> {
         let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
         loop {
-            if let Some(n) = self.metadata(Some(topic)).await?.get(topic) {
-                self.partitions.write().insert(topic.to_owned(), *n);
-                return Ok(*n);
+            let found = self.metadata(Some(topic)).await?.remove(topic);
+            // Past the deadline a partition without a leader is taken as it is: reads and
+            // writes retry on their own until one is elected.
+            if let Some(info) = found.filter(|i| i.led || tokio::time::Instant::now() > deadline) {
+                let new = self.partitions.write().insert(topic.to_owned(), info.partitions).is_none();
+                if new && info.replicas == 1 {
+                    tracing::warn!(
+                        topic,
+                        "Kafka topic has replication factor 1: an acknowledged message is stored on one broker \
+                         only and is lost with that broker's disk (set core.kafka.replication_factor >= 3 and \
+                         min_insync_replicas >= 2 in production)"
+                    );
+                }
+                return Ok(info.partitions);
             }
             if tokio::time::Instant::now() > deadline {
                 return Err(BackendError::UnknownTopic(topic.to_owned()));
@@ -203,8 +233,7 @@ impl KafkaCore {
             tokio::task::spawn_blocking(move || {
                 (0..n as i32)
                     .map(|p| {
-                        let (_, high) =
-                            producer.client().fetch_watermarks(&topic, p, REQUEST_TIMEOUT).map_err(client::error)?;
+                        let high = client::high_watermark(producer.client(), &topic, p, REQUEST_TIMEOUT)?;
                         Ok((p, high))
                     })
                     .collect()
@@ -417,8 +446,7 @@ impl CoreService for KafkaCore {
             open?;
             tokio::task::spawn_blocking(move || {
                 let p = i32::try_from(tp.partition).unwrap_or(i32::MAX);
-                let (_, high) =
-                    producer.client().fetch_watermarks(&tp.topic, p, REQUEST_TIMEOUT).map_err(client::error)?;
+                let high = client::high_watermark(producer.client(), &tp.topic, p, REQUEST_TIMEOUT)?;
                 Ok(u64::try_from(high).unwrap_or(0))
             })
             .await

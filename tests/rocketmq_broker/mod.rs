@@ -1,9 +1,9 @@
 //! A real RocketMQ broker for the tests that need one, started once per test binary.
 //!
 //! - `LMQ_TEST_ROCKETMQ=<host:port>`: use that name server (a broker already running).
-//! - Otherwise, when `rocketmq-namesrv-rust` and `rocketmq-broker-rust` are installed
-//!   (`scripts/rocketmq-dev.sh install`), start a fresh pair on free ports through
-//!   `scripts/rocketmq-dev.sh start` and stop it when the test binary exits.
+//! - Otherwise, when the Apache RocketMQ jars are installed (`scripts/rocketmq-dev.sh install`
+//!   resolves them from Maven Central; Java runs them), start a fresh name server and broker on
+//!   free ports through `scripts/rocketmq-dev.sh start` and stop them when the test binary exits.
 //! - Otherwise the tests are skipped with a loud message, unless `LMQ_REQUIRE_ROCKETMQ=1`
 //!   (set by `scripts/test.sh`, so CI never skips them), in which case they fail.
 
@@ -20,8 +20,9 @@ fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/rocketmq-dev.sh")
 }
 
-fn installed(bin: &str) -> bool {
-    Command::new("sh").arg("-c").arg(format!("command -v {bin}")).output().is_ok_and(|o| o.status.success())
+/// Whether `scripts/rocketmq-dev.sh` can start a broker (its jars are in the cache, `java` runs).
+fn installed() -> bool {
+    Command::new(script()).arg("installed").status().is_ok_and(|s| s.success())
 }
 
 fn free_port_block() -> (u16, u16) {
@@ -52,8 +53,8 @@ fn start() -> Option<String> {
             return Some(addr);
         }
     }
-    if !installed("rocketmq-namesrv-rust") || !installed("rocketmq-broker-rust") {
-        let msg = "RocketMQ tests SKIPPED: no LMQ_TEST_ROCKETMQ and no rocketmq-namesrv-rust / rocketmq-broker-rust \
+    if !installed() {
+        let msg = "RocketMQ tests SKIPPED: no LMQ_TEST_ROCKETMQ and no Apache RocketMQ jars or no java \
                    (run scripts/rocketmq-dev.sh install)";
         if std::env::var("LMQ_REQUIRE_ROCKETMQ").is_ok_and(|v| v == "1") {
             panic!("{msg}");
@@ -91,8 +92,9 @@ impl OwnBroker {
     /// `None` when the tests are to be skipped (see [`namesrv`]).
     pub fn start() -> Option<OwnBroker> {
         namesrv()?;
-        if !installed("rocketmq-namesrv-rust") || !installed("rocketmq-broker-rust") {
-            let msg = "RocketMQ test SKIPPED: it needs a broker of its own and the binaries are not installed";
+        if !installed() {
+            let msg = "RocketMQ test SKIPPED: it needs a broker of its own and the Apache RocketMQ jars are not \
+                       installed (run scripts/rocketmq-dev.sh install)";
             if std::env::var("LMQ_REQUIRE_ROCKETMQ").is_ok_and(|v| v == "1") {
                 panic!("{msg}");
             }

@@ -5,6 +5,12 @@
 //! with `client_worker_threads` workers and `client_blocking_threads` blocking threads. Nothing
 //! else in the gateway runs there. Retries: the producer's own retries are turned off (a send
 //! names its queue, so a retry must not move it); [`super::writer`] retries on the same queue.
+//!
+//! Reconnection: each client instance (the producer's, the consumer's) stops admitting new
+//! connections to a broker for 30 s once 5 attempts in a row have failed (the client's circuit
+//! breaker), so after a broker outage the reads would resume up to 30 s after the broker is
+//! back. A consumer whose pull cannot connect to a broker that accepts TCP connections is
+//! therefore replaced by a new one, with fresh connections (see [`Client::pull`]).
 
 #![allow(deprecated)] // The classic pull consumer is the client's by-offset read API.
 
@@ -18,7 +24,7 @@ use rocketmq_model::common::message::message_single::Message;
 use rocketmq_runtime::{RuntimeConfig, RuntimeOwner};
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::backend::{BackendError, Result, TopicPartition};
 use crate::config::RocketmqConfig;
@@ -27,6 +33,10 @@ use crate::config::RocketmqConfig;
 const TOPIC_NOT_EXIST: i32 = 17;
 /// Most messages one pull returns (the broker's own cap for memory reads is 32).
 pub const PULL_MAX: i32 = 32;
+/// Least time between two replacements of the pull consumer.
+const CONSUMER_RENEW_INTERVAL: Duration = Duration::from_secs(5);
+/// Least time between two checks of whether a broker the consumer cannot reach is up.
+const BROKER_PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
 pub fn unavailable(what: &str, e: &ClientError) -> BackendError {
     BackendError::Unavailable(format!("{what}: {e}"))
@@ -37,7 +47,10 @@ pub struct Client {
     owner: Mutex<Option<RuntimeOwner>>,
     runtime: Arc<ClientRuntime>,
     producer: DefaultMQProducer,
-    consumer: DefaultMQPullConsumer,
+    /// The pull consumer; replaced when it cannot connect to a broker that is up.
+    consumer: RwLock<Arc<DefaultMQPullConsumer>>,
+    /// When a broker was last probed and the consumer last replaced (serializes both).
+    renewal: tokio::sync::Mutex<Renewal>,
     /// Message queues of each known topic, sorted by (broker, queue id): partition = index.
     routes: RwLock<HashMap<String, Arc<Vec<MessageQueue>>>>,
 }
@@ -71,22 +84,14 @@ impl Client {
             .compress_msg_body_over_howmuch(u32::MAX)
             .build();
         producer.start().await.map_err(|e| unavailable("rocketmq producer start", &e))?;
-        let suspend = Duration::from_millis(config.poll_suspend_ms.max(1));
-        let consumer = DefaultMQPullConsumer::builder(runtime.clone())
-            .consumer_group(config.consumer_group.as_str())
-            .name_server_addr(namesrv.as_str())
-            .broker_suspend_max_time(suspend)
-            .consumer_timeout_when_suspend(suspend + Duration::from_secs(5))
-            .consumer_pull_timeout(Duration::from_secs(10))
-            .build()
-            .map_err(|e| unavailable("rocketmq pull consumer", &e))?;
-        consumer.start().await.map_err(|e| unavailable("rocketmq pull consumer start", &e))?;
+        let consumer = start_consumer(config, &runtime).await?;
         Ok(Client {
             config: config.clone(),
             owner: Mutex::new(Some(owner)),
             runtime,
             producer,
-            consumer,
+            consumer: RwLock::new(Arc::new(consumer)),
+            renewal: tokio::sync::Mutex::new(Renewal::default()),
             routes: RwLock::new(HashMap::new()),
         })
     }
@@ -184,7 +189,8 @@ impl Client {
     }
 
     /// Pull up to `max` messages of `mq` from `offset`; with `hold` the broker keeps the request
-    /// up to that long while nothing is there (long polling).
+    /// up to that long while nothing is there (long polling). A pull that could not connect
+    /// may replace the consumer ([`Client::renew_consumer`]); the caller retries as usual.
     pub async fn pull(&self, mq: &MessageQueue, offset: u64, max: i32, hold: Option<Duration>) -> Result<PullResult> {
         let offset = i64::try_from(offset).unwrap_or(i64::MAX);
         let mut options = PullOptions::new(mq.clone(), MessageSelector::by_tag("*"), offset, max.clamp(1, PULL_MAX))
@@ -195,7 +201,60 @@ impl Client {
             }
             None => options.timeout(Duration::from_secs(5)),
         };
-        self.consumer.pull_with_options(options).await.map_err(|e| unavailable("rocketmq pull", &e))
+        let consumer = self.consumer.read().clone();
+        match consumer.pull_with_options(options).await {
+            Ok(r) => Ok(r),
+            Err(e) => {
+                if is_connection_failure(&e) {
+                    self.renew_consumer(&consumer, mq).await;
+                }
+                Err(unavailable("rocketmq pull", &e))
+            }
+        }
+    }
+
+    /// Replace `failed` (the consumer a pull of `mq` could not connect with) by a new consumer,
+    /// with fresh connections, if the broker of `mq` accepts TCP connections: the consumer's
+    /// client then refuses to connect only because of earlier failures. Does nothing when the
+    /// broker is still away, when another pull replaced the consumer already, within
+    /// [`BROKER_PROBE_INTERVAL`] of the last probe or [`CONSUMER_RENEW_INTERVAL`] of the last
+    /// replacement, or once the client is shut down.
+    async fn renew_consumer(&self, failed: &Arc<DefaultMQPullConsumer>, mq: &MessageQueue) {
+        let mut renewal = self.renewal.lock().await;
+        let current = self.consumer.read().clone();
+        let recent = |at: Option<Instant>, interval: Duration| at.is_some_and(|at| at.elapsed() < interval);
+        if renewal.closed
+            || !Arc::ptr_eq(&current, failed)
+            || recent(renewal.probed, BROKER_PROBE_INTERVAL)
+            || recent(renewal.renewed, CONSUMER_RENEW_INTERVAL)
+        {
+            return;
+        }
+        renewal.probed = Some(Instant::now());
+        let Some(addr) = self.broker_addr(mq) else { return };
+        let connect = tokio::net::TcpStream::connect(addr.as_str());
+        if !matches!(tokio::time::timeout(Duration::from_secs(1), connect).await, Ok(Ok(_))) {
+            return;
+        }
+        renewal.renewed = Some(Instant::now());
+        match start_consumer(&self.config, &self.runtime).await {
+            Ok(consumer) => {
+                *self.consumer.write() = Arc::new(consumer);
+                tracing::info!(broker = %addr, "rocketmq pull consumer replaced: its client refused to connect to a broker that is up");
+                if let Err(e) = current.shutdown().await {
+                    tracing::debug!(error = %e, "replaced rocketmq pull consumer shutdown");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "rocketmq pull consumer not replaced; a later failed pull tries again")
+            }
+        }
+    }
+
+    /// Address of the master broker of `mq`, as the producer's routes know it.
+    fn broker_addr(&self, mq: &MessageQueue) -> Option<String> {
+        let instance = self.producer.default_mq_producer_impl()?.get_mq_client_factory().ok()?;
+        instance.find_broker_address_in_publish(mq.broker_name()).map(|a| a.to_string())
     }
 
     /// Offset the next message of `mq` will get.
@@ -209,7 +268,10 @@ impl Client {
     pub async fn shutdown(&self) {
         let mut producer = self.producer.clone();
         producer.shutdown().await;
-        if let Err(e) = self.consumer.shutdown().await {
+        // No replacement after this one is shut down (one in progress finishes first).
+        self.renewal.lock().await.closed = true;
+        let consumer = self.consumer.read().clone();
+        if let Err(e) = consumer.shutdown().await {
             tracing::debug!(error = %e, "rocketmq pull consumer shutdown");
         }
         let _ = self.runtime.shutdown().await;
@@ -228,6 +290,37 @@ impl Drop for Client {
             std::thread::spawn(move || drop(owner.shutdown_background()));
         }
     }
+}
+
+/// Times of the last broker probe and of the last consumer replacement.
+#[derive(Default)]
+struct Renewal {
+    probed: Option<Instant>,
+    renewed: Option<Instant>,
+    /// The client is shut down: the consumer is never replaced again.
+    closed: bool,
+}
+
+/// The classic pull consumer of the gateway's reads (by queue and offset, no subscription).
+async fn start_consumer(config: &RocketmqConfig, runtime: &Arc<ClientRuntime>) -> Result<DefaultMQPullConsumer> {
+    let namesrv = config.namesrv();
+    let suspend = Duration::from_millis(config.poll_suspend_ms.max(1));
+    let consumer = DefaultMQPullConsumer::builder(runtime.clone())
+        .consumer_group(config.consumer_group.as_str())
+        .name_server_addr(namesrv.as_str())
+        .broker_suspend_max_time(suspend)
+        .consumer_timeout_when_suspend(suspend + Duration::from_secs(5))
+        .consumer_pull_timeout(Duration::from_secs(10))
+        .build()
+        .map_err(|e| unavailable("rocketmq pull consumer", &e))?;
+    consumer.start().await.map_err(|e| unavailable("rocketmq pull consumer start", &e))?;
+    Ok(consumer)
+}
+
+/// Whether a request failed because no connection to its broker could be made (refused, or not
+/// admitted by the client's circuit breaker).
+fn is_connection_failure(e: &ClientError) -> bool {
+    e.to_string().starts_with("transport.connection.failed")
 }
 
 /// Whether a route lookup failed because the topic has no route (the client reports a missing

@@ -1,6 +1,6 @@
 //! The RocketMQ core service: the gateway's topics, records and state on a RocketMQ cluster,
-//! spoken to with the classic remoting protocol (Apache RocketMQ 4.x/5.x brokers and the
-//! Rust broker alike), through the `rocketmq-client-rust` crate.
+//! spoken to with the classic remoting protocol of Apache RocketMQ 4.x/5.x brokers (the tests
+//! run Apache RocketMQ 5.5.0), through the `rocketmq-client-rust` crate.
 //!
 //! Mapping (see ARCHITECTURE.md, "RocketMQ core service"):
 //! - topic → RocketMQ topic; partition → message queue (queues sorted by broker name, queue

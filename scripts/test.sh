@@ -1,51 +1,81 @@
 #!/usr/bin/env bash
-# Run every test of lmq-gateway: unit, integration (real sockets, real MQTT clients), the
-# end-to-end scripts with Debian's mosquitto_pub / mosquitto_sub (TCP and TLS) against the
-# built binary, and the browser test (Debian's chromium, headless, driven by playwright-core);
-# the Grafana dashboard's queries against Debian's prometheus scraping the gateway, and
-# hadolint on the Dockerfile; the Kafka core service against tansu, a Kafka-protocol broker
-# (scripts/kafka-dev.sh); the RocketMQ core service against a real RocketMQ name server and
-# broker (scripts/rocketmq-dev.sh).
-# Installs the Debian packages the tests drive when they are missing (needs root or sudo);
-# npm installs only playwright-core (no browser download) into tests/browser/node_modules.
+# Run every check and test of lmq-gateway: formatting and clippy; unit and integration tests
+# (real sockets, real MQTT clients); the core services against Apache Kafka 4.x (KRaft) and
+# Apache RocketMQ 5.x, run from their jars on Maven Central (scripts/kafka-dev.sh,
+# scripts/rocketmq-dev.sh; the test binaries start their own brokers); the end-to-end scripts
+# with Debian's mosquitto_pub / mosquitto_sub (TCP and TLS) against the built binary; the
+# browser test (Debian's chromium, headless, driven by playwright-core); the Grafana
+# dashboard's queries against Debian's prometheus scraping the gateway; docker-compose.yml
+# through Debian's `docker-compose config -q`; hadolint on the Dockerfile.
+#
+# Installs what the tests drive when it is missing (needs root or sudo): Debian packages
+# (below), the broker jars (Maven, cached in ~/.cache/lmq-brokers and ~/.m2), playwright-core
+# from npm into tests/browser/node_modules (no browser download). Prints the time of each stage.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-missing=()
-command -v mosquitto_pub >/dev/null 2>&1 || missing+=(mosquitto-clients)
-command -v openssl >/dev/null 2>&1 || missing+=(openssl)
-[ -x /usr/bin/chromium ] || missing+=(chromium)
-command -v node >/dev/null 2>&1 || missing+=(nodejs)
-command -v npm >/dev/null 2>&1 || missing+=(npm)
-# Observability checks: prometheus-e2e.sh and hadolint.sh.
-command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
-command -v jq >/dev/null 2>&1 || missing+=(jq)
-command -v curl >/dev/null 2>&1 || missing+=(curl)
-python3 -c 'import ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
-# Kafka tests: the tansu broker's sqlite database gets an index through sqlite3 (kafka-dev.sh).
-command -v sqlite3 >/dev/null 2>&1 || missing+=(sqlite3)
-if ((${#missing[@]})); then
-  echo "installing test tools: ${missing[*]}"
-  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
+declare -a TIMES=()
+stage() { # name command...
+  local name=$1 t0=$SECONDS rc=0
+  shift
+  echo "=== $name"
+  "$@" || rc=$?
+  TIMES+=("$(printf '%-28s %4d s%s' "$name" $((SECONDS - t0)) "$([ $rc = 0 ] || echo "  FAILED ($rc)")")")
+  return $rc
+}
+summary() {
+  echo "=== stage times (s)"
+  printf '%s\n' "${TIMES[@]}"
+  echo "total $SECONDS s"
+}
+trap summary EXIT
 
-# The Kafka-protocol test broker (tansu, ~/.cargo/bin): reused when present, built otherwise
-# (15-35 minutes on 2 cores, once per machine). The Kafka tests start their own brokers.
-scripts/kafka-dev.sh install
-# RocketMQ core-service tests: a real name server + broker (installed once, reused), started by
-# the test binaries themselves through scripts/rocketmq-dev.sh; required here, so never skipped.
-scripts/rocketmq-dev.sh install
+install_packages() {
+  local missing=()
+  command -v mosquitto_pub >/dev/null 2>&1 || missing+=(mosquitto-clients)
+  command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+  [ -x /usr/bin/chromium ] || missing+=(chromium)
+  command -v node >/dev/null 2>&1 || missing+=(nodejs)
+  command -v npm >/dev/null 2>&1 || missing+=(npm)
+  # Observability checks: prometheus-e2e.sh and hadolint.sh.
+  command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
+  command -v jq >/dev/null 2>&1 || missing+=(jq)
+  command -v curl >/dev/null 2>&1 || missing+=(curl)
+  python3 -c 'import ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
+  # The Kafka and RocketMQ brokers: Java and Maven (the jars come from Maven Central).
+  command -v java >/dev/null 2>&1 || missing+=(openjdk-17-jre-headless)
+  command -v mvn >/dev/null 2>&1 || missing+=(maven)
+  # docker-compose.yml is validated without a Docker engine.
+  command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
+  if ((${#missing[@]})); then
+    echo "installing test tools: ${missing[*]}"
+    local SUDO=""
+    [ "$(id -u)" = 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+}
+
+install_brokers() {
+  scripts/kafka-dev.sh install
+  scripts/rocketmq-dev.sh install
+}
+
+stage "packages (apt)" install_packages
+stage "brokers (maven)" install_brokers
+stage "cargo fmt --check" cargo fmt --check
+stage "docker-compose config" docker-compose config -q
+stage "cargo clippy" cargo clippy --all-targets --locked -- -D warnings
+
+# The RocketMQ tests are required here, so never skipped.
 export LMQ_REQUIRE_ROCKETMQ=1
-
-cargo build --bins
-cargo test --no-fail-fast
-BIN="${CARGO_TARGET_DIR:-target}/debug/lmq-gateway"
+stage "cargo build" cargo build --bins --tests --locked
 status=0
-scripts/mosquitto-e2e.sh "$BIN" || status=1
-scripts/tls-e2e.sh "$BIN" || status=1
-scripts/browser-e2e.sh "$BIN" || status=1
-scripts/prometheus-e2e.sh "$BIN" || status=1
-scripts/hadolint.sh || status=1
+stage "cargo test" cargo test --locked --no-fail-fast || status=1
+BIN="${CARGO_TARGET_DIR:-target}/debug/lmq-gateway"
+stage "mosquitto-e2e" scripts/mosquitto-e2e.sh "$BIN" || status=1
+stage "tls-e2e" scripts/tls-e2e.sh "$BIN" || status=1
+stage "browser-e2e" scripts/browser-e2e.sh "$BIN" || status=1
+stage "prometheus-e2e" scripts/prometheus-e2e.sh "$BIN" || status=1
+stage "hadolint" scripts/hadolint.sh || status=1
 exit $status

@@ -221,6 +221,12 @@ impl Identity {
         }
     }
 
+    /// Who owns what this identity creates (persistent sessions): the mode and the key,
+    /// device credential or certificate name it authenticated with. No secret.
+    pub fn owner(&self) -> String {
+        format!("{}:{}", self.mode.as_str(), self.access_key_id.as_deref().unwrap_or(""))
+    }
+
     /// May the client publish to `topic`? (Not for `$SYS/...` gateway topics.)
     pub fn check_publish(&self, topic: &str) -> Result<(), Denied> {
         if self.acl.can_publish(topic) && self.key_acl.as_ref().map_or(true, |k| k.can_publish(topic)) {

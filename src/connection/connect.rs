@@ -108,6 +108,7 @@ impl Conn {
             }
         };
         let had_stored = existing.is_some();
+        let owner = identity.owner();
         let stored = if connect.clean_start {
             // A clean start discards any stored session [MQTT-3.1.2-4].
             if had_stored {
@@ -115,13 +116,28 @@ impl Conn {
             }
             None
         } else {
-            existing.and_then(|b| Stored::decode(&b)).filter(|s| !s.expired(now_ms()))
+            match existing.and_then(|b| Stored::decode(&b)).filter(|s| !s.expired(now_ms())) {
+                // A session belongs to the identity that created it (SPEC §8): another one
+                // using the same ClientId starts afresh and never sees its subscriptions or
+                // messages. The old session is removed, as a clean start would.
+                Some(s) if s.owner.as_deref().is_some_and(|o| o != owner) => {
+                    tracing::info!(
+                        client_id,
+                        mode = identity.mode.as_str(),
+                        "stored session belongs to another identity: a fresh session is started"
+                    );
+                    let _ = backend.put_state(StateStore::Sessions, &client_id, None).await;
+                    None
+                }
+                s => s,
+            }
         };
         let session_present = stored.is_some();
-        let (state, inflight) = match stored {
+        let (mut state, inflight) = match stored {
             Some(s) => s.into_state(),
             None => (SessionState::new(client_id.clone()), Vec::new()),
         };
+        state.owner = Some(owner);
 
         let (slot, rx) = ctx.router.register(client_id.clone().into(), mqtt.queue_capacity);
         let window = match protocol {
@@ -235,9 +251,12 @@ impl Conn {
         Some(conn)
     }
 
-    /// Subscriptions and positions of a restored session go back to the router.
+    /// Subscriptions and positions of a restored session go back to the router. Each
+    /// subscription is checked against the rights the client has now; one they no longer
+    /// cover is dropped (and with it the in-flight messages it brought).
     pub(super) async fn restore(&mut self, inflight: Vec<StoredInflight>) -> Result<(), ReasonCode> {
         let router = self.ctx.router.clone();
+        self.drop_forbidden_subscriptions("restored");
         let filters: Vec<(String, QoS)> =
             self.state.subscriptions.iter().map(|s| (s.filter.clone(), s.options.qos)).collect();
         for (filter, qos) in filters {
@@ -270,6 +289,9 @@ impl Conn {
             if !inf.released && message.is_none() {
                 continue; // gone by retention
             }
+            if message.as_ref().is_some_and(|m| self.identity.check_subscribe(&m.topic).is_err()) {
+                continue; // its subscription is no longer allowed
+            }
             let stage = if inf.released { OutboundStage::Released } else { OutboundStage::Published };
             let message = message.unwrap_or_else(|| Arc::new(empty_message()));
             self.state.cursor(&origin.tp, origin.offset).pending.insert(origin.offset);
@@ -285,6 +307,28 @@ impl Conn {
             self.slot.mark_lagging(tp, from);
         }
         Ok(())
+    }
+
+    /// Remove every subscription the current identity may no longer make (restored from a
+    /// stored session, or after a token upload narrowed the rights), from the session and
+    /// the router. Returns how many were removed.
+    pub(super) fn drop_forbidden_subscriptions(&mut self, why: &'static str) -> usize {
+        let forbidden: Vec<String> = self
+            .state
+            .subscriptions
+            .iter()
+            .filter(|s| self.identity.check_subscribe(&s.filter).is_err())
+            .map(|s| s.filter.clone())
+            .collect();
+        for filter in &forbidden {
+            self.state.unsubscribe(filter);
+            self.ctx.router.unsubscribe(&self.slot, filter);
+            tracing::info!(client_id = self.client_id, filter, why, "subscription no longer allowed: removed");
+        }
+        if !forbidden.is_empty() {
+            self.dirty = true;
+        }
+        forbidden.len()
     }
 
     pub(super) fn resend_inflight(&mut self) {

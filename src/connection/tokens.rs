@@ -43,6 +43,8 @@ impl Conn {
         match self.ctx.auth.upload_token(&self.identity, payload) {
             Ok(identity) => {
                 self.identity = identity;
+                // Narrower rights: what they no longer cover is unsubscribed at once.
+                self.drop_forbidden_subscriptions("token upload");
                 self.expiry_notified.clear();
                 if self.revocations.is_none() {
                     self.revocations = Some(self.ctx.auth.revocations());

@@ -19,6 +19,10 @@ use crate::protocol::{QoS, RetainHandling, SubscriptionOptions};
 pub struct Stored {
     pub version: u32,
     pub client_id: String,
+    /// The identity that created the session (SPEC §8): another identity using the same
+    /// ClientId does not get it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
     pub expiry_secs: u32,
     /// Epoch ms of the disconnect; `None` while connected.
     pub disconnected_at_ms: Option<i64>,
@@ -111,6 +115,7 @@ impl Stored {
         Stored {
             version: Self::VERSION,
             client_id: state.client_id.clone(),
+            owner: state.owner.clone(),
             expiry_secs,
             disconnected_at_ms,
             subscriptions,
@@ -140,6 +145,7 @@ impl Stored {
     /// (their bodies are in the log), returned separately.
     pub fn into_state(self) -> (SessionState, Vec<StoredInflight>) {
         let mut state = SessionState::new(self.client_id);
+        state.owner = self.owner;
         for s in self.subscriptions {
             state.subscriptions.push(Subscription {
                 filter: s.filter,

@@ -110,6 +110,9 @@ pub struct Match {
 #[derive(Debug, Default)]
 pub struct SessionState {
     pub client_id: String,
+    /// Who the session belongs to ([`crate::auth::Identity::owner`]); `None` for sessions
+    /// stored before owners were recorded.
+    pub owner: Option<String>,
     pub subscriptions: Vec<Subscription>,
     pub cursors: HashMap<TopicPartition, Cursor>,
     pub outbound: HashMap<PacketId, Outbound>,

@@ -95,6 +95,11 @@ pub struct ListenerConfig {
     /// is closed. Only enable behind a proxy that always sends one.
     #[serde(default)]
     pub proxy_protocol: bool,
+    /// With `proxy_protocol`: the source networks (CIDR) whose PROXY headers are believed,
+    /// i.e. the load balancers. A connection from anywhere else is closed before its header
+    /// is read, so a client cannot pass itself off as another address.
+    #[serde(default = "default_proxy_trusted")]
+    pub proxy_trusted_networks: Vec<ipnet::IpNet>,
     /// Seconds the PROXY header, TLS handshake and WebSocket upgrade may take together.
     #[serde(default = "default_handshake_timeout")]
     pub handshake_timeout_secs: u64,
@@ -163,6 +168,9 @@ fn default_ws_path() -> String {
 fn default_tls_reload_interval() -> u64 {
     5
 }
+fn default_proxy_trusted() -> Vec<ipnet::IpNet> {
+    ["127.0.0.0/8", "::1/128"].iter().filter_map(|n| n.parse().ok()).collect()
+}
 fn default_listeners() -> Vec<ListenerConfig> {
     vec![ListenerConfig {
         name: "tcp".into(),
@@ -170,6 +178,7 @@ fn default_listeners() -> Vec<ListenerConfig> {
         transport: Transport::Tcp,
         max_connections: default_max_connections(),
         proxy_protocol: false,
+        proxy_trusted_networks: default_proxy_trusted(),
         handshake_timeout_secs: default_handshake_timeout(),
         tls: None,
         ws_path: default_ws_path(),
@@ -718,6 +727,20 @@ pub struct AdminConfig {
     /// Environment variable holding the token.
     #[serde(default = "default_admin_token_env")]
     pub token_env: String,
+    /// Connections the admin port holds at once; more are closed when accepted.
+    #[serde(default = "default_admin_max_connections")]
+    pub max_connections: usize,
+    /// Seconds a client may take to send a request's headers (and to start the next request
+    /// on a kept-alive connection) before its connection is closed.
+    #[serde(default = "default_admin_header_timeout")]
+    pub header_read_timeout_secs: u64,
+}
+
+fn default_admin_max_connections() -> usize {
+    256
+}
+fn default_admin_header_timeout() -> u64 {
+    10
 }
 
 impl Default for AdminConfig {

@@ -98,6 +98,7 @@ impl Gateway {
         for (name, addr) in &addrs {
             tracing::info!(listener = %name, %addr, "listening");
         }
+        warn_demo_secrets(&ctx.config, &addrs, admin.as_ref().map(|a| a.addr));
         Ok(Gateway { ctx, addrs, tasks, admin })
     }
 
@@ -128,5 +129,30 @@ impl Gateway {
             admin.stop().await;
         }
         tracing::info!(kicked, "gateway stopped");
+    }
+}
+
+/// Secrets written in the repository's examples: anyone can read them.
+const DEMO_SECRETS: [&str; 2] = ["demo-secret-change-me", "change-me-admin-token"];
+
+/// A warning per shipped demo secret still in use where other hosts can reach it: an access
+/// key's secret with a listener on a non-loopback address, the admin token with a non-loopback
+/// admin port.
+fn warn_demo_secrets(config: &Config, listeners: &[(String, SocketAddr)], admin: Option<SocketAddr>) {
+    let exposed = |a: &SocketAddr| !a.ip().is_loopback();
+    if listeners.iter().any(|(_, a)| exposed(a)) {
+        if let Ok(auth) = config.auth.resolve() {
+            for key in auth.access_keys.iter().filter(|k| DEMO_SECRETS.contains(&k.secret.expose())) {
+                tracing::warn!(
+                    access_key = key.id,
+                    "access key uses the shipped demo secret on a non-loopback listener: anyone can sign as it \
+                     (change it, or set LMQ_ACCESS_KEY_<ID>_SECRET)"
+                );
+            }
+        }
+    }
+    let admin_token = config.admin.resolved_token();
+    if admin.is_some_and(|a| exposed(&a)) && admin_token.is_some_and(|t| DEMO_SECRETS.contains(&t.expose())) {
+        tracing::warn!("the admin API uses the shipped demo token on a non-loopback address: set LMQ_ADMIN_TOKEN");
     }
 }

@@ -392,3 +392,49 @@ async fn a_taken_admin_port_stops_the_start_with_a_clear_error() {
     let err = lmq_gateway::gateway::Gateway::start(config).await.err().expect("start fails");
     assert!(err.to_string().contains("admin API cannot bind"), "{err}");
 }
+
+/// A client that trickles a request's headers is disconnected after the header-read timeout,
+/// and connections beyond the cap are closed at once; the API keeps answering others.
+#[tokio::test]
+async fn slow_and_excess_admin_connections_are_cut_off() {
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gw = TestGateway::start_with(
+        "admin:\n  enabled: true\n  bind: 127.0.0.1:0\n  max_connections: 4\n  header_read_timeout_secs: 1\n",
+    )
+    .await;
+    let addr = gw.gateway().admin_addr().expect("admin API enabled");
+
+    // Slowloris: half a request head, then nothing.
+    let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    let started = std::time::Instant::now();
+    let mut sink = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut sink)).await;
+    assert!(read.is_ok(), "a trickling client held its connection for 5 s");
+    assert!(started.elapsed() < Duration::from_secs(4), "closed only after {:?}", started.elapsed());
+    drop(slow);
+
+    // Four idle connections fill the cap; a fifth is closed without an answer.
+    let mut idle = Vec::new();
+    for _ in 0..4 {
+        idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut fifth = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let _ = fifth.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_millis(800), fifth.read_to_end(&mut answer)).await;
+    assert!(answer.is_empty(), "answered beyond the connection cap: {}", String::from_utf8_lossy(&answer));
+
+    // Once they are gone (closed by the header timeout too), the API answers again.
+    drop(idle);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        if call_with(&gw, "GET", "/healthz", None, None).await.0 == 200 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "admin API did not recover");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -150,3 +150,52 @@ async fn token_issue_output_authenticates() {
     }
     core.shutdown().await;
 }
+
+/// The shipped demo secret on a listener other hosts can reach is named in a warning at start.
+#[test]
+fn serve_warns_about_demo_secrets_on_exposed_listeners() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "listeners:\n  - name: tcp\n    bind: 0.0.0.0:0\ncore:\n  embedded:\n    data_dir: {}\n\
+         auth:\n  instance_id: inst-9\n  access_keys:\n    - {{id: demo-key, secret: demo-secret-change-me, publish: ['#'], subscribe: ['#']}}\n\
+         log:\n  level: info\n",
+        dir.path().join("data").display()
+    );
+    std::fs::write(dir.path().join("gateway.yaml"), config).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lmq-gateway"))
+        .arg("--config")
+        .arg(dir.path().join("gateway.yaml"))
+        .arg("serve")
+        .env_remove("LMQ_CONFIG")
+        .env_remove("LMQ_ACCESS_KEY_DEMO_KEY_SECRET")
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start lmq-gateway");
+    let mut stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut out = String::new();
+        let mut buf = [0u8; 4096];
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while std::time::Instant::now() < deadline && !out.contains("listening") {
+            match stdout.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.push_str(&String::from_utf8_lossy(&buf[..n])),
+            }
+        }
+        // The warning comes right after the listeners are up.
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let _ = stdout.read(&mut buf).map(|n| out.push_str(&String::from_utf8_lossy(&buf[..n])));
+        out
+    });
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let _ = child.kill();
+    let _ = child.wait();
+    let out = reader.join().unwrap();
+    assert!(
+        out.contains("shipped demo secret") && out.contains("demo-key"),
+        "no warning about the demo secret in:\n{out}"
+    );
+}

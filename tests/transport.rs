@@ -600,6 +600,21 @@ async fn proxy_protocol_headers_give_the_real_client_ip() {
     }
 }
 
+#[tokio::test]
+async fn proxy_protocol_headers_are_believed_only_from_trusted_networks() {
+    // The only trusted network is not where the test connects from: a client cannot pass
+    // itself off as another address by sending a PROXY header of its own.
+    let lb = listener("lb", "tcp", "    proxy_protocol: true\n    proxy_trusted_networks: [10.0.0.0/8]\n");
+    let gw = TestGateway::start_with_listeners(&lb, "").await;
+    let addr = gw.listener("lb");
+    assert!(!connect_with_prefix(addr, b"PROXY TCP4 203.0.113.7 10.0.0.1 51000 1883\r\n", "GID_pp@@@spoof").await);
+    // The same header is believed from a trusted address (loopback by default).
+    let gw = TestGateway::start_with_listeners(&listener("lb", "tcp", "    proxy_protocol: true\n"), "").await;
+    assert!(
+        connect_with_prefix(gw.listener("lb"), b"PROXY TCP4 203.0.113.7 10.0.0.1 51000 1883\r\n", "GID_pp@@@ok").await
+    );
+}
+
 // ---------- limits and slow handshakes ----------
 
 #[tokio::test]

@@ -111,6 +111,55 @@ async fn require_token(State(s): State<Shared>, req: Request, next: Next) -> Res
     }
 }
 
+/// Accept connections until `stop`, at most `max_connections` at once, each served by hyper's
+/// HTTP/1 with a header-read timeout; on `stop` open connections finish the request they are
+/// serving.
+async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    (max_connections, header_read_timeout): (usize, std::time::Duration),
+    stop: CancellationToken,
+) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(max_connections));
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let tcp = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait instead of spinning.
+                    tracing::warn!(error = %e, "admin API: accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = stop.cancelled() => break,
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            tracing::debug!("admin API: connection limit reached, connection closed");
+            continue;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let stop = stop.clone();
+        connections.spawn(async move {
+            let _permit = permit;
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(header_read_timeout);
+            let conn = http.serve_connection(hyper_util::rt::TokioIo::new(tcp), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = stop.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+        while connections.try_join_next().is_some() {}
+    }
+    while connections.join_next().await.is_some() {}
+}
+
 /// The running admin server.
 pub struct AdminServer {
     pub addr: SocketAddr,
@@ -135,14 +184,14 @@ impl AdminServer {
             .map_err(|e| anyhow::anyhow!("admin API cannot bind {bind}: {e}"))?;
         let addr = listener.local_addr()?;
         let stop = CancellationToken::new();
+        // A client that trickles a request's headers cannot hold a connection; connections
+        // beyond the cap are closed at once.
+        let ctx_limits = (
+            ctx.config.admin.max_connections.max(1),
+            std::time::Duration::from_secs(ctx.config.admin.header_read_timeout_secs.max(1)),
+        );
         let app = router(Arc::new(AdminState { ctx, token }));
-        let stopped = stop.clone();
-        let task = tokio::spawn(async move {
-            let serve = axum::serve(listener, app).with_graceful_shutdown(async move { stopped.cancelled().await });
-            if let Err(e) = serve.await {
-                tracing::warn!(error = %e, "admin API stopped");
-            }
-        });
+        let task = tokio::spawn(serve(listener, app, ctx_limits, stop.clone()));
         tracing::info!(%addr, "admin API listening");
         Ok(AdminServer { addr, stop, task })
     }

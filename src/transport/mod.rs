@@ -67,6 +67,7 @@ pub struct Acceptor {
     name: Arc<str>,
     transport: Transport,
     proxy_protocol: bool,
+    proxy_trusted: Vec<ipnet::IpNet>,
     tls: Option<Arc<tls::ReloadingTls>>,
     ws: ws::WsSettings,
 }
@@ -85,6 +86,7 @@ impl Acceptor {
             name: config.name.clone().into(),
             transport: config.transport,
             proxy_protocol: config.proxy_protocol,
+            proxy_trusted: config.proxy_trusted_networks.clone(),
             tls,
             ws: ws::WsSettings::new(config, max_packet),
         })
@@ -100,6 +102,10 @@ impl Acceptor {
         let mut info = ConnInfo { peer, listener: self.name.clone(), transport: self.transport, tls_cn: None };
         let mut prefix = Bytes::new();
         if self.proxy_protocol {
+            let ip = peer.ip().to_canonical();
+            if !self.proxy_trusted.iter().any(|n| n.contains(&ip)) {
+                return Err(TransportError::Proxy(format!("{ip} is not a trusted proxy (proxy_trusted_networks)")));
+            }
             let (source, rest) = proxy::read_header(&mut tcp).await?;
             if let Some(source) = source {
                 info.peer = source;

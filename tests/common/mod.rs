@@ -2,8 +2,11 @@
 //! real MQTT clients (rumqttc v4 and v5), and a raw-socket client for byte-level checks.
 #![allow(dead_code, unused_imports)]
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
+use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
+use std::num::NonZeroU16;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -11,7 +14,7 @@ use tokio::sync::mpsc;
 
 use lmq_gateway::config::Config;
 use lmq_gateway::gateway::Gateway;
-use lmq_gateway::protocol::{self, Packet, Protocol};
+use lmq_gateway::protocol::{self, Packet, Protocol, PubResponse, QoS as WireQoS};
 
 pub const WAIT: Duration = Duration::from_secs(5);
 
@@ -468,4 +471,102 @@ pub fn connect_packet(id: &str, protocol: Protocol, clean: bool) -> Packet {
         password: None,
         properties: Default::default(),
     }))
+}
+
+/// How [`publish_pipelined`] sends: `window` messages in flight at most, and at most `rate`
+/// messages per second when set.
+#[derive(Clone, Copy)]
+pub struct Pace {
+    pub window: usize,
+    pub rate: Option<f64>,
+}
+
+pub const FULL_SPEED: Pace = Pace { window: 200, rate: None };
+
+/// A QoS 1 publisher over a raw socket: sends payloads `next..total` and records every
+/// acknowledged one in `acked` (counted in `progress` too); returns the next index to send
+/// when the connection ends (or `total`).
+#[allow(clippy::too_many_arguments)]
+pub async fn publish_pipelined(
+    addr: SocketAddr,
+    client_id: &str,
+    topic: &str,
+    mut next: u32,
+    total: u32,
+    pace: Pace,
+    acked: &mut BTreeSet<u32>,
+    progress: &AtomicUsize,
+) -> u32 {
+    const IDLE: Duration = Duration::from_secs(20);
+    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else { return next };
+    let mut out = BytesMut::new();
+    let _ = protocol::encode(&connect_packet(client_id, Protocol::V311, true), Protocol::V311, &mut out);
+    if s.write_all(&out).await.is_err() {
+        return next;
+    }
+    let mut buf = BytesMut::new();
+    let mut inflight: HashMap<u16, u32> = HashMap::new();
+    let mut pkid: u16 = 0;
+    let mut connected = false;
+    let started = tokio::time::Instant::now();
+    let mut sent = 0u32;
+    // When the next message may go out (None: now).
+    let due = |sent: u32| pace.rate.map(|r| started + Duration::from_secs_f64(f64::from(sent) / r));
+    loop {
+        while connected && next < total && inflight.len() < pace.window {
+            if due(sent).is_some_and(|d| d > tokio::time::Instant::now()) {
+                break;
+            }
+            pkid = pkid % 60_000 + 1;
+            let p = Packet::Publish(protocol::Publish {
+                dup: false,
+                qos: WireQoS::AtLeastOnce,
+                retain: false,
+                topic: topic.to_owned(),
+                packet_id: NonZeroU16::new(pkid),
+                payload: Bytes::from(next.to_string()),
+                properties: Default::default(),
+            });
+            out.clear();
+            let _ = protocol::encode(&p, Protocol::V311, &mut out);
+            if s.write_all(&out).await.is_err() {
+                return next.min(inflight.values().copied().min().unwrap_or(next));
+            }
+            inflight.insert(pkid, next);
+            next += 1;
+            sent += 1;
+        }
+        if connected && next >= total && inflight.is_empty() {
+            return total;
+        }
+        loop {
+            match protocol::decode(&mut buf, Protocol::V311, 1 << 20) {
+                Ok(Some(Packet::ConnAck(_))) => connected = true,
+                Ok(Some(Packet::PubAck(PubResponse { packet_id, .. }))) => {
+                    if let Some(n) = inflight.remove(&packet_id.get()) {
+                        acked.insert(n);
+                        progress.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(_) => return next,
+            }
+        }
+        let may_send = connected && next < total && inflight.len() < pace.window;
+        let until = match due(sent) {
+            Some(d) if may_send => d,
+            None if may_send => continue,
+            _ => tokio::time::Instant::now() + IDLE,
+        };
+        let paced = may_send && until < tokio::time::Instant::now() + IDLE;
+        match tokio::time::timeout_at(until, s.read_buf(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            Err(_) if paced => {}
+            _ => {
+                // Connection gone: resend from the lowest unacknowledged message.
+                return inflight.values().copied().min().unwrap_or(next);
+            }
+        }
+    }
 }

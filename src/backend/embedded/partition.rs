@@ -4,11 +4,12 @@
 //! Writes go through a bounded queue to a single writer task per partition. The writer takes
 //! one request, drains what else is queued (up to [`MAX_BATCH`]), assigns consecutive
 //! offsets, encodes the batch into one buffer and writes it on the blocking pool (plus
-//! `sync_data` with `fsync: always`). Once the write succeeded it publishes the records
-//! (segment size, high watermark, cache) so readers see them, and once the fsync policy is met
-//! it completes the callers' oneshots (the acknowledgement); a failed
-//! write fails the whole batch and the file is truncated back before the next write. While a
-//! batch is on disk the next one accumulates in the queue: that is the group commit.
+//! `sync_data` with `fsync: always`). Once the write (and with `always` the fsync) succeeded it
+//! publishes the records (segment size, high watermark, cache) so readers see them and
+//! completes the callers' oneshots (the acknowledgement); a failed write or fsync fails the
+//! whole batch, nothing of it becomes visible, and the file is truncated back before the next
+//! write. While a batch is on disk the next one accumulates in the queue: that is the group
+//! commit.
 
 use bytes::Bytes;
 use parking_lot::Mutex;
@@ -509,9 +510,32 @@ impl Writer {
         if let Err(e) = res {
             return Err((batch, e));
         }
+        // `fsync: always`: nothing is visible before it is durable, so no reader (a persistent
+        // session's position included) ever sees a record that a crash of the machine could
+        // take back and whose offset could then be given to another record. A failed fsync
+        // fails the whole batch: the file is dropped, and reopened and truncated to the last
+        // durable size before the next write (after a failed fsync the kernel may have thrown
+        // the dirty pages away; a later fsync would not write them again).
+        let file = if sync {
+            match tokio::task::spawn_blocking(move || {
+                let res = file.sync_data();
+                (file, res)
+            })
+            .await
+            {
+                Ok((file, Ok(()))) => file,
+                Ok((_, Err(e))) => {
+                    tracing::error!(partition = %self.part.tp, error = %e, "fsync failed; batch not acknowledged");
+                    return Err((batch, e));
+                }
+                Err(e) => return Err((batch, io::Error::other(format!("fsync task failed: {e}")))),
+            }
+        } else {
+            file
+        };
 
-        // Readers see the records as soon as they are written (they survive a crash of this
-        // process from here on); the appenders' acknowledgement waits for the fsync policy.
+        // Readers see the records now (with `interval` / `never`: written, not yet synced —
+        // they survive a crash of this process, not of the machine).
         let mut dones = Vec::with_capacity(batch.len());
         {
             let cache_cap = self.part.settings().cache_records;
@@ -534,40 +558,11 @@ impl Writer {
             st.high_watermark = base + dones.len() as u64;
         }
         self.part.wake_tails();
-
-        let mut outcome: Result<()> = Ok(());
-        let file = if sync {
-            match tokio::task::spawn_blocking(move || {
-                let res = file.sync_data();
-                (file, res)
-            })
-            .await
-            {
-                Ok((file, Ok(()))) => Some(file),
-                Ok((file, Err(e))) => {
-                    // The records stay (readers have seen them) but are not acknowledged:
-                    // their publishers send them again, at least once.
-                    tracing::error!(partition = %self.part.tp, error = %e, "fsync failed; appends not acknowledged");
-                    outcome = Err(BackendError::Storage(format!("fsync failed: {e}")));
-                    Some(file)
-                }
-                Err(e) => {
-                    outcome = Err(BackendError::Storage(format!("fsync task failed: {e}")));
-                    None
-                }
-            }
-        } else {
-            Some(file)
-        };
-        self.file = file;
-        self.dirty = !sync || outcome.is_err();
-        self.healthy.store(outcome.is_ok(), Ordering::Release);
+        self.file = Some(file);
+        self.dirty = !sync;
+        self.healthy.store(true, Ordering::Release);
         for (done, offset) in dones {
-            let r = match &outcome {
-                Ok(()) => Ok(Position { partition: self.part.tp.partition, offset }),
-                Err(e) => Err(BackendError::Storage(e.to_string())),
-            };
-            let _ = done.send(r);
+            let _ = done.send(Ok(Position { partition: self.part.tp.partition, offset }));
         }
         Ok(())
     }

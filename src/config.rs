@@ -220,6 +220,24 @@ pub struct MqttConfig {
     /// Whether retained messages are supported.
     #[serde(default = "default_true")]
     pub retain_available: bool,
+    /// Bytes that may wait to be written to one client. Beyond it the gateway stops reading
+    /// from that client (its PINGREQs, PUBLISHes … are not decoded and answered until it
+    /// reads); deliveries already pause at 256 KiB or this, whichever is lower.
+    #[serde(default = "default_max_output_buffer")]
+    pub max_output_buffer_bytes: usize,
+    /// Seconds a client may leave its output backed up (see `max_output_buffer_bytes`)
+    /// without draining it; then it is disconnected (MQTT 5: DISCONNECT 0x97, counted as
+    /// `slow_reader`). Its QoS 1/2 messages stay in the core service.
+    #[serde(default = "default_write_stall_timeout")]
+    pub write_stall_timeout_secs: u64,
+    /// Retained messages sent for one SUBSCRIBE (all its filters together), and waiting to be
+    /// sent per connection at any time; the first ones in topic order are sent.
+    #[serde(default = "default_max_retained_per_subscribe")]
+    pub max_retained_per_subscribe: usize,
+    /// Seconds of silence after which a client that asked for keepalive 0 (MQTT 3.1/3.1.1;
+    /// MQTT 5 clients get Server Keep Alive instead) is disconnected; 0 = never.
+    #[serde(default = "default_idle_timeout_keepalive_0")]
+    pub idle_timeout_secs_when_keepalive_0: u64,
 }
 
 impl Default for MqttConfig {
@@ -254,6 +272,18 @@ fn default_backend_timeout() -> u64 {
 }
 fn default_true() -> bool {
     true
+}
+fn default_max_output_buffer() -> usize {
+    1 << 20
+}
+fn default_write_stall_timeout() -> u64 {
+    30
+}
+fn default_max_retained_per_subscribe() -> usize {
+    1000
+}
+fn default_idle_timeout_keepalive_0() -> u64 {
+    600
 }
 
 /// LMQ limits (SPEC §5).
@@ -868,6 +898,12 @@ impl Config {
         }
         if self.mqtt.queue_capacity == 0 {
             return invalid("mqtt.queue_capacity must be at least 1".into());
+        }
+        if self.mqtt.max_output_buffer_bytes < 1024 || self.mqtt.write_stall_timeout_secs == 0 {
+            return invalid(
+                "mqtt.max_output_buffer_bytes must be at least 1024 and mqtt.write_stall_timeout_secs at least 1"
+                    .into(),
+            );
         }
         self.core.kafka.validate()?;
         Ok(())

@@ -1,7 +1,8 @@
 //! LMQ limits (SPEC §5) in one place: topic length, ClientId length, payload size,
-//! subscriptions per client. Each check returns the reason code to answer with; every
-//! refusal is counted by reason (`lmq_limit_refusals_total`) and logged at most once per
-//! interval per reason.
+//! subscriptions per client; and the per-connection bounds of SPEC §8 that a client's
+//! behaviour can hit (retained messages per SUBSCRIBE, a client that does not read). Each
+//! check returns the reason code to answer with; every refusal is counted by reason
+//! (`lmq_limit_refusals_total`) and logged at most once per interval per reason.
 
 use prometheus::IntCounter;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -19,11 +20,25 @@ pub enum Refusal {
     ClientIdTooLong,
     PayloadTooLarge,
     TooManySubscriptions,
+    /// More retained messages matched a SUBSCRIBE than `mqtt.max_retained_per_subscribe`
+    /// (the rest are not sent; the subscription itself is granted).
+    RetainedPerSubscribe,
+    /// The client left its output backed up longer than `mqtt.write_stall_timeout_secs`.
+    SlowReader,
 }
 
+/// Number of [`Refusal`] reasons.
+pub const REFUSALS: usize = 6;
+
 impl Refusal {
-    pub const ALL: [Refusal; 4] =
-        [Refusal::TopicTooLong, Refusal::ClientIdTooLong, Refusal::PayloadTooLarge, Refusal::TooManySubscriptions];
+    pub const ALL: [Refusal; REFUSALS] = [
+        Refusal::TopicTooLong,
+        Refusal::ClientIdTooLong,
+        Refusal::PayloadTooLarge,
+        Refusal::TooManySubscriptions,
+        Refusal::RetainedPerSubscribe,
+        Refusal::SlowReader,
+    ];
 
     fn index(self) -> usize {
         self as usize
@@ -34,7 +49,9 @@ impl Refusal {
             Refusal::TopicTooLong => ReasonCode::TOPIC_NAME_INVALID,
             Refusal::ClientIdTooLong => ReasonCode::CLIENT_IDENTIFIER_NOT_VALID,
             Refusal::PayloadTooLarge => ReasonCode::PACKET_TOO_LARGE,
-            Refusal::TooManySubscriptions => ReasonCode::QUOTA_EXCEEDED,
+            Refusal::TooManySubscriptions | Refusal::RetainedPerSubscribe | Refusal::SlowReader => {
+                ReasonCode::QUOTA_EXCEEDED
+            }
         }
     }
 
@@ -44,6 +61,8 @@ impl Refusal {
             Refusal::ClientIdTooLong => "client_id_too_long",
             Refusal::PayloadTooLarge => "payload_too_large",
             Refusal::TooManySubscriptions => "too_many_subscriptions",
+            Refusal::RetainedPerSubscribe => "retained_per_subscribe",
+            Refusal::SlowReader => "slow_reader",
         }
     }
 }
@@ -52,10 +71,10 @@ impl Refusal {
 pub struct Limits {
     config: LimitsConfig,
     /// The metric counters themselves, one per reason.
-    refused: [IntCounter; 4],
+    refused: [IntCounter; REFUSALS],
     /// Per reason: when it was last logged, and how many since.
-    last_logged_ms: [AtomicI64; 4],
-    unlogged: [AtomicU64; 4],
+    last_logged_ms: [AtomicI64; REFUSALS],
+    unlogged: [AtomicU64; REFUSALS],
 }
 
 impl Limits {
@@ -122,6 +141,12 @@ impl Limits {
         Ok(())
     }
 
+    /// Count (and log, rate-limited) a refusal decided elsewhere: retained messages left
+    /// out of a SUBSCRIBE, a slow reader disconnected.
+    pub fn count(&self, r: Refusal) -> Refusal {
+        self.refuse(r)
+    }
+
     /// Largest packet a client may send: the payload limit plus room for the topic and
     /// properties, so that an oversized payload is refused from the fixed header alone.
     pub fn max_packet_size(&self) -> usize {
@@ -144,6 +169,8 @@ mod tests {
         assert_eq!(l.check_payload(65_537), Err(Refusal::PayloadTooLarge));
         assert!(l.check_subscription_count(29).is_ok());
         assert_eq!(l.check_subscription_count(30), Err(Refusal::TooManySubscriptions));
+        l.count(Refusal::RetainedPerSubscribe);
+        l.count(Refusal::SlowReader);
         for r in Refusal::ALL {
             assert_eq!(l.refused(r), 1, "{r:?} counted once");
         }

@@ -42,7 +42,7 @@ pub struct Metrics {
     messages: [[IntCounter; 3]; 2],
     /// `[in, out]`.
     bytes: [IntCounter; 2],
-    refusals: [IntCounter; 4],
+    refusals: [IntCounter; crate::limits::REFUSALS],
     /// Records the router offered to local sessions.
     pub routed: IntCounter,
     /// QoS 0 deliveries dropped because a subscriber's queue was full.

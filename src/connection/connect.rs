@@ -157,7 +157,12 @@ impl Conn {
             identity,
             expiry_notified: Vec::new(),
             channel_id: format!("{}-{conn_id}", ctx.gateway_id),
-            keep_alive: Duration::from_millis(u64::from(ka) * 1500),
+            // Keepalive 0 (MQTT 3.1/3.1.1) means no keepalive, but not a connection held
+            // forever by a silent client: it gets the configured idle limit instead.
+            keep_alive: match ka {
+                0 => Duration::from_secs(mqtt.idle_timeout_secs_when_keepalive_0),
+                ka => Duration::from_millis(u64::from(ka) * 1500),
+            },
             session_expiry,
             expiry_was_zero: session_expiry == 0,
             will: connect.will.clone(),
@@ -169,6 +174,7 @@ impl Conn {
             client_max_packet: connect.properties.maximum_packet_size.map(|v| v as usize),
             topic_aliases: HashMap::new(),
             pending: VecDeque::new(),
+            retained_waiting: 0,
             out: BytesMut::new(),
             dirty: false,
             stored: session_present,

@@ -11,6 +11,7 @@ impl Conn {
             End::ClientDisconnect { with_will } => (None, *with_will, "client disconnect".to_string()),
             End::Dropped(why) => (None, true, why.to_string()),
             End::Server(code, why) => (Some(*code), true, why.to_string()),
+            End::SlowReader => (Some(ReasonCode::QUOTA_EXCEEDED), true, "slow reader".to_string()),
             End::Kicked(Kick::TakenOver { new_clean_start }) => {
                 // MQTT 5: the old connection's will is sent unless the new one resumes the
                 // session and the will is delayed.

@@ -34,7 +34,10 @@ impl Conn {
         acks: &mut FuturesOrdered<BoxFuture<'static, AckResult>>,
         backend_timeout: Duration,
     ) -> Result<(), End> {
-        // Topic alias (MQTT 5, client → server).
+        // Topic alias (MQTT 5, client → server): checked against our Topic Alias Maximum
+        // first, and a new mapping is stored only once its topic passed the checks below,
+        // so the alias table holds at most `topic_alias_max` valid, length-limited topics.
+        let mut new_alias = None;
         if let Some(alias) = p.properties.topic_alias {
             if alias == 0 || alias > self.ctx.config.mqtt.topic_alias_max {
                 return Err(End::Server(ReasonCode::TOPIC_ALIAS_INVALID, "topic alias out of range [MQTT-3.3.2-9]"));
@@ -45,13 +48,16 @@ impl Conn {
                     None => return Err(End::Server(ReasonCode::PROTOCOL_ERROR, "unknown topic alias")),
                 }
             } else {
-                self.topic_aliases.insert(alias, p.topic.clone());
+                new_alias = Some(alias);
             }
         }
         if p.topic.is_empty() {
             return Err(End::Server(ReasonCode::PROTOCOL_ERROR, "empty topic without alias [MQTT-4.7.3-1]"));
         }
         if p.topic == tokens::SYS_UPLOAD_TOKEN {
+            if let Some(alias) = new_alias {
+                self.topic_aliases.insert(alias, p.topic.clone());
+            }
             // The gateway's own topic: not stored, not subject to the ACL.
             self.on_upload_token(&p.payload)?;
             match (p.qos, p.packet_id) {
@@ -86,6 +92,9 @@ impl Conn {
         {
             self.done_inbound(p.qos);
             return self.refuse_publish(&p, ReasonCode::TOPIC_NAME_INVALID, "topic name not allowed");
+        }
+        if let Some(alias) = new_alias {
+            self.topic_aliases.insert(alias, p.topic.clone());
         }
         let Some(core) = self.ctx.router.topics().core_topic(topic::parent(&p.topic)) else {
             self.done_inbound(p.qos);
@@ -195,10 +204,35 @@ impl Conn {
     }
 
     pub(super) async fn on_subscribe(&mut self, s: Subscribe) -> Result<(), End> {
-        let mut codes = Vec::with_capacity(s.filters.len());
-        let mut retained: Vec<(Arc<Message>, QoS, Vec<u32>)> = Vec::new();
-        let router = self.ctx.router.clone();
+        // A filter repeated inside one SUBSCRIBE is one subscription: the last copy's options
+        // win (a repeated subscription replaces the earlier one [MQTT-3.8.4-3]); it is
+        // checked, counted against the quota and sent its retained messages once, and every
+        // copy gets its return code in the SUBACK. The work per SUBSCRIBE is then bounded by
+        // its distinct filters, not by how often a client repeats one.
+        let mut unique: Vec<(&str, SubscriptionOptions, bool)> = Vec::new();
+        let mut index_of: HashMap<&str, usize> = HashMap::new();
+        let mut copies = Vec::with_capacity(s.filters.len());
         for (filter, options) in &s.filters {
+            let i = *index_of.entry(filter.as_str()).or_insert_with(|| {
+                unique.push((filter.as_str(), *options, false));
+                unique.len() - 1
+            });
+            if let Some(u) = unique.get_mut(i) {
+                u.1 = *options;
+                u.2 |= options.no_local;
+            }
+            copies.push(i);
+        }
+        drop(index_of);
+
+        let mut codes = Vec::with_capacity(unique.len());
+        let mut retained: Vec<(Arc<Message>, QoS, Vec<u32>)> = Vec::new();
+        // Retained messages waiting per connection are bounded: earlier SUBSCRIBEs' unsent
+        // ones count against this one's share.
+        let mut retained_budget = self.ctx.config.mqtt.max_retained_per_subscribe.saturating_sub(self.retained_waiting);
+        let mut retained_cut = false;
+        let router = self.ctx.router.clone();
+        for &(filter, options, any_no_local) in &unique {
             let parsed = match topic::parse_filter(filter) {
                 Ok(p) => p,
                 Err(_) => {
@@ -206,7 +240,7 @@ impl Conn {
                     continue;
                 }
             };
-            if parsed.group.is_some() && options.no_local {
+            if parsed.group.is_some() && any_no_local {
                 return Err(End::Server(
                     ReasonCode::PROTOCOL_ERROR,
                     "no local on a shared subscription [MQTT-3.8.3-4]",
@@ -223,6 +257,7 @@ impl Conn {
                 codes.push(d.reason_code);
                 continue;
             }
+            // Replacing a subscription the client holds does not count against the quota.
             let exists = self.state.subscription(filter).is_some();
             if !exists && self.ctx.limits.check_subscription_count(self.state.subscriptions.len()).is_err() {
                 codes.push(ReasonCode::QUOTA_EXCEEDED);
@@ -243,11 +278,8 @@ impl Conn {
             for (tp, live) in positions {
                 self.state.cursor(&tp, live);
             }
-            let sub = Subscription {
-                filter: filter.clone(),
-                options: *options,
-                identifier: s.properties.subscription_identifier,
-            };
+            let sub =
+                Subscription { filter: filter.to_string(), options, identifier: s.properties.subscription_identifier };
             self.state.subscribe(sub);
             self.dirty = true;
             codes.push(ReasonCode(options.qos as u8));
@@ -258,18 +290,30 @@ impl Conn {
                     RetainHandling::Never => false,
                 };
             if send_retained {
-                let now = now_ms();
-                for m in router.retained_matching(parsed.filter) {
-                    if !m.expired(now) {
-                        let qos = m.qos.min(options.qos);
-                        retained.push((m, qos, s.properties.subscription_identifier.into_iter().collect()));
-                    }
+                let (matching, matched) = router.retained_matching(parsed.filter, retained_budget, now_ms());
+                retained_cut |= matched > matching.len();
+                retained_budget -= matching.len();
+                for m in matching {
+                    let qos = m.qos.min(options.qos);
+                    retained.push((m, qos, s.properties.subscription_identifier.into_iter().collect()));
                 }
             }
         }
+        if retained_cut {
+            self.ctx.limits.count(crate::limits::Refusal::RetainedPerSubscribe);
+        }
+        let codes = copies.iter().map(|&i| codes.get(i).copied().unwrap_or(ReasonCode::UNSPECIFIED_ERROR)).collect();
         self.send(&Packet::SubAck(SubAck { packet_id: s.packet_id, codes, properties: AckProperties::default() }));
+        self.retained_waiting += retained.len();
         for (message, qos, subscription_ids) in retained {
-            self.pending.push_back(Pending { message, qos, retain: true, subscription_ids, origin: None });
+            self.pending.push_back(Pending {
+                message,
+                qos,
+                retain: true,
+                subscription_ids,
+                origin: None,
+                on_subscribe: true,
+            });
         }
         Ok(())
     }

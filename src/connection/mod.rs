@@ -5,7 +5,9 @@
 //! Every wait a client or the core service can stall is bounded: CONNECT timeout,
 //! keepalive, core-service acknowledgement timeout, final flush. Inbound QoS 1/2 is
 //! acknowledged only when the core service's append future resolved (SPEC §3).
-//! Reading the socket pauses while too many appends are outstanding (back-pressure).
+//! Reading the socket pauses while too many appends are outstanding (back-pressure), and
+//! while `mqtt.max_output_buffer_bytes` wait to be written: a client that does not read is
+//! paused, then disconnected after `mqtt.write_stall_timeout_secs` (SPEC §8).
 //!
 //! - this file: the task, the select loop, packet dispatch;
 //! - `connect`: CONNECT → CONNACK, session restore;
@@ -14,7 +16,7 @@
 //! - `end`: session save, will, events at the end;
 //! - `tokens`: denials, `$SYS` token topics, token expiry and revocation.
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use futures::future::BoxFuture;
 use futures::stream::{FuturesOrdered, StreamExt};
 use futures::FutureExt;
@@ -30,7 +32,7 @@ use crate::events::{ClientEvent, EventType};
 use crate::protocol::{
     self, AckProperties, ConnAck, ConnAckProperties, Connect, DecodeError, Disconnect, DisconnectProperties, LastWill,
     Packet, PacketId, Protocol, PubResponse, Publish, PublishProperties, QoS, ReasonCode, RetainHandling, SubAck,
-    Subscribe, UnsubAck, Unsubscribe,
+    Subscribe, SubscriptionOptions, UnsubAck, Unsubscribe,
 };
 use crate::router::mapping::{self, Message};
 use crate::router::{topic, Delivery, Reattach, SessionSlot};
@@ -49,7 +51,8 @@ mod tokens;
 use inbound::{store_message, with_timestamp, AckResult};
 use outbound::{empty_message, publish_packet, record_message, CatchupStep};
 
-/// Stop taking deliveries when this many bytes wait to be written.
+/// Stop taking deliveries when this many bytes wait to be written (or at
+/// `mqtt.max_output_buffer_bytes` if that is lower); reading stops at that limit.
 const OUT_HIGH_WATER: usize = 256 * 1024;
 /// Stop taking deliveries when this many messages wait for the in-flight window.
 const PENDING_HIGH_WATER: usize = 256;
@@ -80,9 +83,14 @@ where
     let max_packet = ctx.limits.max_packet_size();
     let connect_timeout = Duration::from_secs(ctx.config.mqtt.connect_timeout_secs);
 
-    // CONNECT must come first, within the timeout.
+    // CONNECT must come first, within the timeout. Any other packet type closes the
+    // connection as soon as its first byte is seen, not once its body arrived
+    // [MQTT-3.1.0-1]: an unauthenticated client gets no buffering beyond one CONNECT.
     let first = Box::pin(tokio::time::timeout(connect_timeout, async {
         loop {
+            if inbuf.first().is_some_and(|b| b >> 4 != protocol::CONNECT_TYPE) {
+                return Err(None);
+            }
             match protocol::decode(&mut inbuf, Protocol::V311, max_packet) {
                 Ok(Some(p)) => return Ok(p),
                 Ok(None) => {}
@@ -103,6 +111,10 @@ where
             ctx.metrics.connect_result(ack.code);
             counted.reason = "connect_refused";
             let _ = write_now(&mut writer, &Packet::ConnAck(ack), Protocol::V311).await;
+            return;
+        }
+        Ok(Err(None)) if inbuf.first().is_some_and(|b| b >> 4 != protocol::CONNECT_TYPE) => {
+            tracing::debug!(%peer, first_byte = inbuf.first().copied(), "first packet was not CONNECT [MQTT-3.1.0-1]");
             return;
         }
         Ok(Err(e)) => {
@@ -164,6 +176,9 @@ enum End {
     Dropped(&'static str),
     /// We close it; MQTT 5 clients get a DISCONNECT with this reason first.
     Server(ReasonCode, &'static str),
+    /// The client left its output backed up longer than `mqtt.write_stall_timeout_secs`
+    /// (MQTT 5: DISCONNECT 0x97 if it can still be written).
+    SlowReader,
     Kicked(Kick),
 }
 
@@ -180,6 +195,7 @@ impl End {
                 ReasonCode::PACKET_TOO_LARGE | ReasonCode::TOPIC_NAME_INVALID | ReasonCode::QUOTA_EXCEEDED => "limit",
                 _ => "protocol_error",
             },
+            End::SlowReader => "slow_reader",
             End::Kicked(Kick::TakenOver { .. }) => "taken_over",
             End::Kicked(Kick::Shutdown) => "shutdown",
             End::Kicked(Kick::Administrative) => "kicked",
@@ -217,6 +233,10 @@ struct Conn {
     client_max_packet: Option<usize>,
     topic_aliases: HashMap<u16, String>,
     pending: VecDeque<Pending>,
+    /// Retained messages of SUBSCRIBEs in `pending` (at most `mqtt.max_retained_per_subscribe`).
+    retained_waiting: usize,
+    /// Bytes waiting to be written to the client; reading pauses at
+    /// `mqtt.max_output_buffer_bytes`.
     out: BytesMut,
     dirty: bool,
     /// A stored session exists for this ClientId (so a clean end must delete it).
@@ -304,6 +324,12 @@ impl Conn {
             return end;
         }
         let mut last_read = 0usize;
+        // Bounded output (SPEC §8): reading pauses while `out_limit` bytes wait to be written,
+        // deliveries earlier; a client that leaves its output backed up for `stall_timeout`
+        // without draining it below the deliveries' high-water mark is disconnected.
+        let out_limit = self.ctx.config.mqtt.max_output_buffer_bytes;
+        let stall_timeout = Duration::from_secs(self.ctx.config.mqtt.write_stall_timeout_secs);
+        let mut backed_up_since: Option<Instant> = None;
         // Written but not yet flushed: TLS and WebSocket streams buffer inside, and only a
         // flush pushes the rest out once the socket has room again.
         let mut unflushed = false;
@@ -325,8 +351,14 @@ impl Conn {
             }
             let persist_due = self.dirty && self.session_expiry > 0 && persist.is_none();
             let token_event = self.next_token_event();
-            let can_read = acks.len() < MAX_OUTSTANDING_APPENDS;
-            let can_take = self.pending.len() < PENDING_HIGH_WATER && self.out.len() < OUT_HIGH_WATER;
+            let high_water = self.deliveries_high_water();
+            if self.out.len() < high_water {
+                backed_up_since = None;
+            } else if backed_up_since.is_none() {
+                backed_up_since = Some(Instant::now());
+            }
+            let can_read = acks.len() < MAX_OUTSTANDING_APPENDS && self.out.len() < out_limit;
+            let can_take = self.pending.len() < PENDING_HIGH_WATER && self.out.len() < high_water;
             if catchup.is_none() && can_take {
                 if let Some((tp, lag)) = self.slot.lagging().into_iter().next() {
                     let from = self.state.cursors.get(&tp).map(|c| c.next.min(lag)).unwrap_or(lag);
@@ -341,7 +373,14 @@ impl Conn {
                 n = write_or_flush(writer, &self.out), if !self.out.is_empty() || unflushed => {
                     match n {
                         Ok(Some(0)) | Err(_) => return End::Dropped("write failed"),
-                        Ok(Some(n)) => { let _ = self.out.split_to(n); unflushed = true; bytes_out.inc_by(n as u64); }
+                        Ok(Some(n)) => {
+                            self.out.advance(n);
+                            unflushed = true;
+                            bytes_out.inc_by(n as u64);
+                            if self.out.len() < high_water {
+                                backed_up_since = None;
+                            }
+                        }
                         Ok(None) => unflushed = false,
                     }
                 }
@@ -404,6 +443,11 @@ impl Conn {
                 }
                 r = async { match self.revocations.as_mut() { Some(rx) => rx.recv().await, None => std::future::pending().await } }, if self.revocations.is_some() => {
                     if let Err(end) = self.on_revocation(r) { return end; }
+                }
+                _ = async { match backed_up_since { Some(t) => tokio::time::sleep_until(t + stall_timeout).await, None => std::future::pending().await } }, if backed_up_since.is_some() => {
+                    self.ctx.limits.count(crate::limits::Refusal::SlowReader);
+                    tracing::debug!(client_id = %self.client_id, waiting = self.out.len(), "client does not read; disconnecting");
+                    return End::SlowReader;
                 }
                 _ = &mut keepalive, if !self.keep_alive.is_zero() => {
                     let deadline = last_packet + self.keep_alive;
@@ -529,13 +573,39 @@ impl Conn {
         }
     }
 
+    /// Deliveries (and retained messages) are moved into the output buffer only below this.
+    fn deliveries_high_water(&self) -> usize {
+        OUT_HIGH_WATER.min(self.ctx.config.mqtt.max_output_buffer_bytes)
+    }
+
     /// Bring this connection's share of the in-flight / queued / subscription gauges up to date.
     fn report_gauges(&mut self) {
         let now = [self.state.outbound.len(), self.pending.len(), self.state.subscriptions.len()];
         self.gauges.report(&self.ctx.metrics, now);
     }
 
+    /// Make room for `needed` more bytes in the output buffer. Beyond 64 KiB it grows in two
+    /// steps (to the deliveries' high-water mark, then to the limit, each plus 64 KiB) and
+    /// compacts while copying, instead of doubling: the buffers a doubling leaves behind on
+    /// the way to 1 MiB add up to as much again, and the allocator may keep them resident.
+    fn reserve_out(&mut self, needed: usize) {
+        const STEP: usize = 64 * 1024;
+        let want = self.out.len().saturating_add(needed);
+        if self.out.capacity() >= want || want <= STEP {
+            return;
+        }
+        let limit = self.ctx.config.mqtt.max_output_buffer_bytes;
+        let target =
+            [STEP, self.deliveries_high_water() + STEP, limit + STEP].into_iter().find(|t| *t >= want).unwrap_or(want);
+        let mut bigger = BytesMut::with_capacity(target);
+        bigger.extend_from_slice(&self.out);
+        self.out = bigger;
+    }
+
     fn send(&mut self, p: &Packet) {
+        if let Ok(len) = protocol::encoded_len(p, self.protocol) {
+            self.reserve_out(len);
+        }
         if let Err(e) = protocol::encode(p, self.protocol, &mut self.out) {
             tracing::warn!(client_id = %self.client_id, error = %e, "cannot encode packet");
         }

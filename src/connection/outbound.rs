@@ -45,18 +45,28 @@ impl Conn {
             None
         };
         let retain = m.retain_as_published && message.retain;
-        self.pending.push_back(Pending { message, qos: m.qos, retain, subscription_ids: m.subscription_ids, origin });
+        self.pending.push_back(Pending {
+            message,
+            qos: m.qos,
+            retain,
+            subscription_ids: m.subscription_ids,
+            origin,
+            on_subscribe: false,
+        });
         self.dirty = true;
     }
 
     /// Move messages from the pending queue into the in-flight window and the write buffer.
     pub(super) fn flush_pending(&mut self) {
-        while self.out.len() < OUT_HIGH_WATER {
+        while self.out.len() < self.deliveries_high_water() {
             let Some(front) = self.pending.front() else { break };
             if front.qos != QoS::AtMostOnce && self.state.outbound.len() >= self.window {
                 break;
             }
             let Some(p) = self.pending.pop_front() else { break };
+            if p.on_subscribe {
+                self.retained_waiting = self.retained_waiting.saturating_sub(1);
+            }
             if p.message.expired(now_ms()) {
                 self.state.ack_origin(&p.origin);
                 continue;
@@ -71,13 +81,16 @@ impl Conn {
                 stage: OutboundStage::Published,
             };
             let packet = Packet::Publish(publish_packet(&o, pid, false, self.protocol));
-            if let Some(max) = self.client_max_packet {
-                if protocol::encoded_len(&packet, self.protocol).map(|l| l > max).unwrap_or(true) {
-                    // Too large for this client: dropped as if delivered [MQTT-3.1.2-25].
-                    self.state.ack_origin(&o.origin);
-                    continue;
-                }
+            let Ok(len) = protocol::encoded_len(&packet, self.protocol) else {
+                self.state.ack_origin(&o.origin);
+                continue;
+            };
+            if self.client_max_packet.is_some_and(|max| len > max) {
+                // Too large for this client: dropped as if delivered [MQTT-3.1.2-25].
+                self.state.ack_origin(&o.origin);
+                continue;
             }
+            self.reserve_out(len);
             if protocol::encode(&packet, self.protocol, &mut self.out).is_err() {
                 self.state.ack_origin(&o.origin);
                 continue;

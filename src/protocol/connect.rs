@@ -350,4 +350,29 @@ mod tests {
         );
         assert_eq!(decode_all(&[0x20, 0x03, 0x00, 0x00, 0x00], Protocol::V311), Err(DecodeError::TrailingBytes(1)));
     }
+
+    #[test]
+    fn debug_output_redacts_password_and_authentication_data() {
+        let secret = "s3cr3t-Password!";
+        let auth = "auth-data-XYZ";
+        let properties =
+            ConnectProperties { authentication_data: Some(Bytes::from_static(b"auth-data-XYZ")), ..Default::default() };
+        let c = Connect {
+            protocol: Protocol::V5,
+            clean_start: true,
+            keep_alive: 60,
+            client_id: "cid".into(),
+            will: None,
+            username: Some("user".into()),
+            password: Some(Bytes::from_static(b"s3cr3t-Password!")),
+            properties,
+        };
+        for shown in [format!("{c:?}"), format!("{c:#?}"), format!("{:?}", Packet::Connect(Box::new(c.clone())))] {
+            assert!(!shown.contains(secret), "password shown: {shown}");
+            assert!(!shown.contains(auth), "authentication data shown: {shown}");
+            // Neither as the byte list `Bytes`' own Debug would print.
+            assert!(!shown.contains("115, 51, 99") && !shown.contains("\\x"), "{shown}");
+            assert!(shown.contains("<redacted>") && shown.contains("user") && shown.contains("cid"), "{shown}");
+        }
+    }
 }

@@ -41,6 +41,10 @@ const PINGRESP: u8 = 13;
 const DISCONNECT: u8 = 14;
 const AUTH: u8 = 15;
 
+/// Packet type of CONNECT (high nibble of the first byte): before CONNECT, a first byte of
+/// any other type is enough to close the connection [MQTT-3.1.0-1].
+pub const CONNECT_TYPE: u8 = CONNECT;
+
 /// Decode one packet from the front of `buf`, consuming its bytes.
 ///
 /// Returns `Ok(None)` when `buf` does not yet hold a whole packet; `buf` is then left

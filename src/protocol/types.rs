@@ -160,7 +160,8 @@ pub struct LastWill {
     pub properties: WillProperties,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// `Debug` redacts the password (and MQTT 5 authentication data): CONNECTs end up in logs.
+#[derive(Clone, PartialEq, Eq)]
 pub struct Connect {
     pub protocol: Protocol,
     /// CleanSession (3.1.1) / Clean Start (5.0).
@@ -171,6 +172,24 @@ pub struct Connect {
     pub username: Option<String>,
     pub password: Option<Bytes>,
     pub properties: ConnectProperties,
+}
+
+impl std::fmt::Debug for Connect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut properties = self.properties.clone();
+        let auth_data = properties.authentication_data.take().map(|_| "<redacted>");
+        f.debug_struct("Connect")
+            .field("protocol", &self.protocol)
+            .field("clean_start", &self.clean_start)
+            .field("keep_alive", &self.keep_alive)
+            .field("client_id", &self.client_id)
+            .field("will", &self.will)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("properties", &properties)
+            .field("authentication_data", &auth_data)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

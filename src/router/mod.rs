@@ -428,9 +428,44 @@ impl Router {
         rx.await.map_err(|_| RouterError::Stopped)
     }
 
-    /// Retained messages matching a filter (not `$share`), oldest topic order unspecified.
-    pub fn retained_matching(&self, filter: &str) -> Vec<Arc<Message>> {
-        self.retained.lock().values().filter(|m| topic::matches(filter, &m.topic)).cloned().collect()
+    /// The first `limit` unexpired retained messages matching a filter (not `$share`), in
+    /// topic order, and how many matched in all. Costs one pass over the store and memory for
+    /// `limit` entries, however many match.
+    pub fn retained_matching(&self, filter: &str, limit: usize, now_ms: i64) -> (Vec<Arc<Message>>, usize) {
+        /// Ordered by topic: the heap keeps the `limit` smallest topics.
+        struct ByTopic(Arc<Message>);
+        impl PartialEq for ByTopic {
+            fn eq(&self, o: &Self) -> bool {
+                self.0.topic == o.0.topic
+            }
+        }
+        impl Eq for ByTopic {}
+        impl PartialOrd for ByTopic {
+            fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+                Some(self.cmp(o))
+            }
+        }
+        impl Ord for ByTopic {
+            fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+                self.0.topic.cmp(&o.0.topic)
+            }
+        }
+        let mut matched = 0;
+        let mut first = std::collections::BinaryHeap::with_capacity(limit.min(1024).saturating_add(1));
+        for m in self.retained.lock().values() {
+            if !topic::matches(filter, &m.topic) || m.expired(now_ms) {
+                continue;
+            }
+            matched += 1;
+            if limit == 0 {
+                continue;
+            }
+            first.push(ByTopic(m.clone()));
+            if first.len() > limit {
+                first.pop();
+            }
+        }
+        (first.into_sorted_vec().into_iter().map(|b| b.0).collect(), matched)
     }
 
     pub fn retained_count(&self) -> usize {

@@ -97,6 +97,8 @@ pub struct Pending {
     pub retain: bool,
     pub subscription_ids: Vec<u32>,
     pub origin: Option<Origin>,
+    /// A retained message sent because of a SUBSCRIBE (these are bounded per connection).
+    pub on_subscribe: bool,
 }
 
 /// What to deliver for a message that matched.

@@ -33,13 +33,21 @@ use crate::config::ListenerConfig;
 pub const SUBPROTOCOLS: [&str; 2] = ["mqtt", "mqttv3.1"];
 /// Largest HTTP request head accepted.
 const MAX_HEAD: usize = 8 * 1024;
+/// tungstenite's read buffer, allocated (and zeroed) per connection at the upgrade; larger
+/// frames are read into a buffer of their own size, up to the message limit.
+const READ_BUFFER: usize = 8 * 1024;
+/// Largest WebSocket message one write becomes: the connection's output buffer is bounded
+/// (`mqtt.max_output_buffer_bytes`), and so is what it hands to tungstenite at once.
+const MAX_WRITE: usize = 64 * 1024;
 
 /// WebSocket settings of one listener.
 #[derive(Debug, Clone)]
 pub struct WsSettings {
     pub path: String,
     pub allowed_origins: Vec<String>,
-    /// Largest WebSocket message (and frame) accepted.
+    /// Largest WebSocket message (and frame) accepted: the largest MQTT packet. A frame
+    /// announcing more is refused from its header, before its payload is read, so a client
+    /// (before CONNECT too) makes the gateway buffer at most one packet's worth.
     pub max_message: usize,
 }
 
@@ -48,8 +56,9 @@ impl WsSettings {
         WsSettings {
             path: config.ws_path.clone(),
             allowed_origins: config.allowed_origins.iter().map(|o| normalize_origin(o)).collect(),
-            // A message may pack several packets; never less than 1 MiB.
-            max_message: max_packet.saturating_add(64 * 1024).max(1 << 20),
+            // MQTT clients send one packet per message (or split one across several); packing
+            // packets beyond the largest packet into one message is refused.
+            max_message: max_packet,
         }
     }
 }
@@ -109,6 +118,7 @@ pub async fn accept(mut stream: Stream, settings: &WsSettings) -> Result<WsStrea
     }
 
     let mut config = WebSocketConfig::default();
+    config.read_buffer_size = READ_BUFFER;
     config.max_message_size = Some(settings.max_message);
     config.max_frame_size = Some(settings.max_message);
     let check = |req: &Request, resp: Response| check_upgrade(req, resp, settings);
@@ -214,6 +224,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsStream<S> {
             return Poll::Ready(Ok(0));
         }
         ready!(Pin::new(&mut self.inner).poll_ready(cx)).map_err(ws_err)?;
+        let buf = &buf[..buf.len().min(MAX_WRITE)];
         Pin::new(&mut self.inner).start_send(Message::Binary(Bytes::copy_from_slice(buf))).map_err(ws_err)?;
         // Start sending now; the caller's flush (or next write) completes it.
         if let Poll::Ready(Err(e)) = Pin::new(&mut self.inner).poll_flush(cx) {

@@ -489,12 +489,15 @@ async fn websocket_refuses_wrong_path_subprotocol_origin_and_text_frames() {
     .await;
     let addr = gw.listener("ws");
     assert_eq!(ws_open(addr, "/other", Some("mqtt"), None).await.err().as_deref(), Some("HTTP 404"));
-    assert_eq!(ws_open(addr, "/mqtt", Some("xmpp"), None).await.err().as_deref(), Some("HTTP 400"));
-    assert_eq!(ws_open(addr, "/mqtt", None, None).await.err().as_deref(), Some("HTTP 400"));
+    let app = Some("https://app.example.com");
+    assert_eq!(ws_open(addr, "/mqtt", Some("xmpp"), app).await.err().as_deref(), Some("HTTP 400"));
+    assert_eq!(ws_open(addr, "/mqtt", None, app).await.err().as_deref(), Some("HTTP 400"));
     assert_eq!(
         ws_open(addr, "/mqtt", Some("mqtt"), Some("https://evil.example.net")).await.err().as_deref(),
         Some("HTTP 403")
     );
+    // No Origin at all is refused too while an allow-list is set.
+    assert_eq!(ws_open(addr, "/mqtt", Some("mqtt"), None).await.err().as_deref(), Some("HTTP 403"));
     let (mut ok, _) =
         ws_open(addr, "/mqtt", Some("mqtt"), Some("https://app.example.com")).await.expect("allowed origin");
     ok.send_frames(vec![encode(&connect_packet("ws-origin", Protocol::V311, true))]).await;

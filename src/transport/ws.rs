@@ -139,12 +139,12 @@ fn check_upgrade(req: &Request, mut resp: Response, settings: &WsSettings) -> Re
     if req.uri().path() != settings.path {
         return Err(refuse(StatusCode::NOT_FOUND, "no WebSocket endpoint here"));
     }
+    // With an allow-list, a request must name an allowed Origin: one without any (a script
+    // or tool, not a browser) could otherwise pass for anything.
     if !settings.allowed_origins.is_empty() {
-        if let Some(origin) = req.headers().get("origin") {
-            let origin = origin.to_str().map(normalize_origin).unwrap_or_default();
-            if !settings.allowed_origins.contains(&origin) {
-                return Err(refuse(StatusCode::FORBIDDEN, "origin not allowed"));
-            }
+        let origin = req.headers().get("origin").and_then(|o| o.to_str().ok()).map(normalize_origin);
+        if !origin.is_some_and(|o| settings.allowed_origins.contains(&o)) {
+            return Err(refuse(StatusCode::FORBIDDEN, "origin missing or not allowed"));
         }
     }
     let offered = req

@@ -271,3 +271,88 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// Every record of `topic` in the embedded log under `dir` (the gateway must be stopped).
+async fn log_payloads(dir: &Path, topic: &str) -> Vec<String> {
+    use lmq_gateway::backend::{CoreService, TopicPartition};
+    let cfg = lmq_gateway::config::EmbeddedConfig {
+        data_dir: dir.join("data"),
+        ..lmq_gateway::config::EmbeddedConfig::default()
+    };
+    let core = lmq_gateway::backend::embedded::EmbeddedCore::open(&cfg, "GID_LMQ_STATUS").await.expect("reopen");
+    let mut out = Vec::new();
+    for p in 0..core.partitions(topic).unwrap_or(0) {
+        let tp = TopicPartition::new(topic, p);
+        let mut from = 0;
+        loop {
+            let batch = core.fetch(&tp, from, 1000).await.expect("fetch");
+            if batch.records.is_empty() {
+                break;
+            }
+            for r in &batch.records {
+                out.push(String::from_utf8_lossy(&r.record.value).into_owned());
+                from = r.offset + 1;
+            }
+        }
+    }
+    core.shutdown().await;
+    out
+}
+
+fn qos2_publish(pid: u16, dup: bool, payload: &str) -> Packet {
+    Packet::Publish(protocol::Publish {
+        dup,
+        qos: protocol::QoS::ExactlyOnce,
+        retain: false,
+        topic: "exactly/once".into(),
+        packet_id: std::num::NonZeroU16::new(pid),
+        payload: bytes::Bytes::copy_from_slice(payload.as_bytes()),
+        properties: Default::default(),
+    })
+}
+
+/// QoS 2 is exactly once: a copy re-sent (DUP) while the first is still being stored is not
+/// stored again, and a PUBLISH the gateway PUBRECed is recognised when re-sent after the
+/// gateway was killed with SIGKILL and restarted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos2_is_stored_once_across_a_duplicate_and_a_sigkill() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let addr = free_addr();
+    let mut gw = GatewayProcess::start(dir.path(), addr);
+
+    // A persistent session (clean session 0) publishing QoS 2.
+    let mut c = common::Raw::connect(addr, Protocol::V311).await;
+    c.send(&connect_packet("qos2-pub", Protocol::V311, false)).await;
+    assert!(matches!(c.recv().await, Some(Packet::ConnAck(_))));
+    // The first PUBLISH and its DUP copy in one write: the copy arrives while the first is
+    // being stored.
+    let mut both = BytesMut::new();
+    protocol::encode(&qos2_publish(7, false, "dup-while-storing"), Protocol::V311, &mut both).expect("encode");
+    protocol::encode(&qos2_publish(7, true, "dup-while-storing"), Protocol::V311, &mut both).expect("encode");
+    c.send_bytes(&both).await;
+    assert!(matches!(c.recv().await, Some(Packet::PubRec(r)) if r.packet_id.get() == 7));
+    c.send(&Packet::PubRel(PubResponse::new(std::num::NonZeroU16::new(7).expect("id")))).await;
+    assert!(matches!(c.recv().await, Some(Packet::PubComp(r)) if r.packet_id.get() == 7));
+
+    // PUBRECed, then the gateway dies before the PUBREL.
+    c.send(&qos2_publish(8, false, "pubreced-then-killed")).await;
+    assert!(matches!(c.recv().await, Some(Packet::PubRec(r)) if r.packet_id.get() == 8));
+    gw.sigkill();
+    drop(c);
+
+    // The client comes back to its session and sends the PUBLISH again (DUP), as MQTT has it.
+    let gw = GatewayProcess::start(dir.path(), addr);
+    let mut c = common::Raw::connect(addr, Protocol::V311).await;
+    c.send(&connect_packet("qos2-pub", Protocol::V311, false)).await;
+    assert!(matches!(c.recv().await, Some(Packet::ConnAck(a)) if a.session_present));
+    c.send(&qos2_publish(8, true, "pubreced-then-killed")).await;
+    assert!(matches!(c.recv().await, Some(Packet::PubRec(r)) if r.packet_id.get() == 8));
+    c.send(&Packet::PubRel(PubResponse::new(std::num::NonZeroU16::new(8).expect("id")))).await;
+    assert!(matches!(c.recv().await, Some(Packet::PubComp(r)) if r.packet_id.get() == 8));
+    drop(c);
+    drop(gw);
+
+    let mut stored = log_payloads(dir.path(), "exactly").await;
+    stored.sort();
+    assert_eq!(stored, vec!["dup-while-storing".to_string(), "pubreced-then-killed".to_string()], "stored once each");
+}

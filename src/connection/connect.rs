@@ -180,6 +180,9 @@ impl Conn {
             stored: session_present,
             last_event: None,
             inbound_inflight: 0,
+            qos2_storing: HashSet::new(),
+            pubrec_waiting: Vec::new(),
+            pubrec_saving: Vec::new(),
             gauges: Default::default(),
             ctx: ctx.clone(),
         };

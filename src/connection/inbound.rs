@@ -107,11 +107,19 @@ impl Conn {
             }
             return self.refuse_publish(&p, d.reason_code, d.reason);
         }
-        // QoS 2 re-sent before PUBREL: already stored, acknowledge again without storing twice.
+        // QoS 2 re-sent before PUBREL: already stored, acknowledge again without storing twice
+        // (once the PUBREC may be sent at all, see `on_ack`); re-sent while the first copy is
+        // still being stored: that copy's PUBREC answers both.
         if let (QoS::ExactlyOnce, Some(pid)) = (p.qos, p.packet_id) {
+            if self.qos2_storing.contains(&pid.get()) {
+                self.done_inbound(p.qos);
+                return Ok(());
+            }
             if self.state.inbound_qos2.contains(&pid.get()) {
                 self.done_inbound(p.qos);
-                self.send(&Packet::PubRec(PubResponse::new(pid)));
+                if !self.pubrec_waiting.contains(&pid) && !self.pubrec_saving.contains(&pid) {
+                    self.send(&Packet::PubRec(PubResponse::new(pid)));
+                }
                 return Ok(());
             }
         }
@@ -136,6 +144,9 @@ impl Conn {
         });
         let (packet_id, qos, retain) = (p.packet_id, p.qos, p.retain);
         self.ctx.metrics.message_in(qos).inc();
+        if let (QoS::ExactlyOnce, Some(pid)) = (qos, packet_id) {
+            self.qos2_storing.insert(pid.get());
+        }
         // Queued in arrival order (this await is the back-pressure point); the durable
         // acknowledgements then complete in the background, in order.
         let fut = match tokio::time::timeout(backend_timeout, store_message(&self.ctx, &core.name, message)).await {
@@ -178,6 +189,9 @@ impl Conn {
 
     pub(super) fn on_ack(&mut self, r: AckResult) -> Result<(), End> {
         self.done_inbound(r.qos);
+        if let (QoS::ExactlyOnce, Some(pid)) = (r.qos, r.packet_id) {
+            self.qos2_storing.remove(&pid.get());
+        }
         match (r.outcome, r.qos, r.packet_id) {
             (Ok(()), QoS::AtMostOnce, _) => Ok(()),
             (Ok(()), QoS::AtLeastOnce, Some(pid)) => {
@@ -187,7 +201,13 @@ impl Conn {
             (Ok(()), QoS::ExactlyOnce, Some(pid)) => {
                 self.state.inbound_qos2.insert(pid.get());
                 self.dirty = true;
-                self.send(&Packet::PubRec(PubResponse::new(pid)));
+                if self.session_expiry > 0 {
+                    // PUBREC once the packet id is saved with the session (next save, at once).
+                    self.pubrec_waiting.push(pid);
+                } else {
+                    // No session outlives the connection: nothing to recognise a re-send by.
+                    self.send(&Packet::PubRec(PubResponse::new(pid)));
+                }
                 Ok(())
             }
             (Err(e), QoS::AtMostOnce, _) => {

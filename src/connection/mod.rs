@@ -20,7 +20,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use futures::future::BoxFuture;
 use futures::stream::{FuturesOrdered, StreamExt};
 use futures::FutureExt;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -244,6 +244,15 @@ struct Conn {
     /// The last status event being written (events are chained to keep their order).
     last_event: Option<tokio::task::JoinHandle<()>>,
     inbound_inflight: usize,
+    /// QoS 2 packet ids whose PUBLISH is being stored: a re-sent copy (DUP) arriving meanwhile
+    /// is not stored again.
+    qos2_storing: HashSet<u16>,
+    /// Persistent sessions: QoS 2 packet ids stored and recorded in `state.inbound_qos2`,
+    /// whose PUBREC waits for that record to be saved (so that after a crash of the gateway a
+    /// PUBLISH it PUBRECed is recognised when re-sent, never stored twice), and those in the
+    /// save under way.
+    pubrec_waiting: Vec<PacketId>,
+    pubrec_saving: Vec<PacketId>,
     /// This connection's share of the in-flight / queued / subscription gauges.
     gauges: crate::metrics::GaugeShare,
 }
@@ -425,13 +434,24 @@ impl Conn {
                 _ = self.slot.lag_notify.notified(), if catchup.is_none() => {}
                 res = async { match persist.as_mut() { Some(f) => f.await, None => std::future::pending().await } }, if persist.is_some() => {
                     persist = None;
-                    if let Err(e) = res {
-                        tracing::warn!(client_id = %self.client_id, error = %e, "cannot save session");
-                        self.dirty = true;
+                    match res {
+                        Ok(()) => {
+                            for pid in std::mem::take(&mut self.pubrec_saving) {
+                                self.send(&Packet::PubRec(PubResponse::new(pid)));
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(client_id = %self.client_id, error = %e, "cannot save session");
+                            self.dirty = true;
+                            let saving = std::mem::take(&mut self.pubrec_saving);
+                            self.pubrec_waiting.extend(saving);
+                        }
                     }
                 }
-                _ = tokio::time::sleep_until(last_persist + PERSIST_EVERY), if persist_due => {
+                // A PUBREC waiting for the save makes it due at once.
+                _ = tokio::time::sleep_until(if self.pubrec_waiting.is_empty() { last_persist + PERSIST_EVERY } else { last_persist }), if persist_due => {
                     self.dirty = false;
+                    self.pubrec_saving.append(&mut self.pubrec_waiting);
                     last_persist = Instant::now();
                     self.advance_idle_cursors();
                     let stored = Stored::from_state(&self.state, self.session_expiry, None);

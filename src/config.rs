@@ -302,6 +302,14 @@ pub struct LimitsConfig {
     /// Subscriptions a client may hold at once.
     #[serde(default = "default_max_subscriptions")]
     pub max_subscriptions: usize,
+    /// Retained messages this gateway holds (every gateway holds all of them): a retained
+    /// PUBLISH to a topic that has none yet is refused beyond this count.
+    #[serde(default = "default_max_retained_messages")]
+    pub max_retained_messages: usize,
+    /// Bytes of retained messages (topics + payloads) this gateway holds; a retained PUBLISH
+    /// that would go beyond is refused.
+    #[serde(default = "default_max_retained_bytes")]
+    pub max_retained_bytes: usize,
 }
 
 impl Default for LimitsConfig {
@@ -318,6 +326,12 @@ fn default_max_payload() -> usize {
 }
 fn default_max_subscriptions() -> usize {
     30
+}
+fn default_max_retained_messages() -> usize {
+    100_000
+}
+fn default_max_retained_bytes() -> usize {
+    256 * 1024 * 1024
 }
 
 /// Record key of a message written to the core service.

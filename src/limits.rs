@@ -25,10 +25,12 @@ pub enum Refusal {
     RetainedPerSubscribe,
     /// The client left its output backed up longer than `mqtt.write_stall_timeout_secs`.
     SlowReader,
+    /// A retained PUBLISH beyond `limits.max_retained_messages` / `max_retained_bytes`.
+    RetainedStoreFull,
 }
 
 /// Number of [`Refusal`] reasons.
-pub const REFUSALS: usize = 6;
+pub const REFUSALS: usize = 7;
 
 impl Refusal {
     pub const ALL: [Refusal; REFUSALS] = [
@@ -38,6 +40,7 @@ impl Refusal {
         Refusal::TooManySubscriptions,
         Refusal::RetainedPerSubscribe,
         Refusal::SlowReader,
+        Refusal::RetainedStoreFull,
     ];
 
     fn index(self) -> usize {
@@ -49,9 +52,10 @@ impl Refusal {
             Refusal::TopicTooLong => ReasonCode::TOPIC_NAME_INVALID,
             Refusal::ClientIdTooLong => ReasonCode::CLIENT_IDENTIFIER_NOT_VALID,
             Refusal::PayloadTooLarge => ReasonCode::PACKET_TOO_LARGE,
-            Refusal::TooManySubscriptions | Refusal::RetainedPerSubscribe | Refusal::SlowReader => {
-                ReasonCode::QUOTA_EXCEEDED
-            }
+            Refusal::TooManySubscriptions
+            | Refusal::RetainedPerSubscribe
+            | Refusal::SlowReader
+            | Refusal::RetainedStoreFull => ReasonCode::QUOTA_EXCEEDED,
         }
     }
 
@@ -63,6 +67,7 @@ impl Refusal {
             Refusal::TooManySubscriptions => "too_many_subscriptions",
             Refusal::RetainedPerSubscribe => "retained_per_subscribe",
             Refusal::SlowReader => "slow_reader",
+            Refusal::RetainedStoreFull => "retained_store_full",
         }
     }
 }
@@ -171,6 +176,7 @@ mod tests {
         assert_eq!(l.check_subscription_count(30), Err(Refusal::TooManySubscriptions));
         l.count(Refusal::RetainedPerSubscribe);
         l.count(Refusal::SlowReader);
+        l.count(Refusal::RetainedStoreFull);
         for r in Refusal::ALL {
             assert_eq!(l.refused(r), 1, "{r:?} counted once");
         }

@@ -539,3 +539,71 @@ async fn topic_aliases_are_checked_before_they_are_stored() {
     raw.send(&publish("", 5, 2)).await;
     assert!(matches!(raw.recv().await, Some(Packet::PubAck(a)) if a.code == ReasonCode::SUCCESS));
 }
+
+/// The retained store every gateway holds is bounded: a retained PUBLISH to a new topic beyond
+/// `limits.max_retained_messages` is refused (MQTT 5: 0x97), replacing or deleting one is not.
+#[tokio::test]
+async fn the_retained_store_is_bounded() {
+    let gw = TestGateway::start_with("limits:\n  max_retained_messages: 3\n").await;
+    let mut c = connected_raw(gw.addr, "ret-pub", Protocol::V5).await;
+    let mut id = 0u16;
+    let mut publish = |topic: &str, payload: &'static [u8]| {
+        id += 1;
+        Packet::Publish(p::Publish {
+            dup: false,
+            qos: QoS::AtLeastOnce,
+            retain: true,
+            topic: topic.into(),
+            packet_id: NonZeroU16::new(id),
+            payload: Bytes::from_static(payload),
+            properties: Default::default(),
+        })
+    };
+    let mut results = Vec::new();
+    for (topic, payload) in [
+        ("ret/1", &b"a"[..]),
+        ("ret/2", b"b"),
+        ("ret/3", b"c"),
+        ("ret/4", b"d"),
+        ("ret/1", b"a2"),
+        ("ret/2", b""),
+        ("ret/4", b"d2"),
+    ] {
+        c.send(&publish(topic, payload)).await;
+        match c.recv().await {
+            Some(Packet::PubAck(a)) => results.push((topic, a.code)),
+            other => panic!("expected PUBACK, got {other:?}"),
+        }
+    }
+    let ok = ReasonCode::SUCCESS;
+    assert_eq!(
+        results,
+        vec![
+            ("ret/1", ok),
+            ("ret/2", ok),
+            ("ret/3", ok),
+            ("ret/4", ReasonCode::QUOTA_EXCEEDED),
+            ("ret/1", ok),
+            ("ret/2", ok),
+            ("ret/4", ok)
+        ],
+        "the fourth topic is refused until one is deleted"
+    );
+    assert!(gw.gateway().ctx.limits.refused(lmq_gateway::limits::Refusal::RetainedStoreFull) >= 1);
+    let mut sub = connected_raw(gw.addr, "ret-sub", Protocol::V311).await;
+    sub.send(&subscribe_packet(vec![("ret/#".into(), QoS::AtMostOnce)])).await;
+    assert!(matches!(sub.recv().await, Some(Packet::SubAck(_))));
+    let mut got = Vec::new();
+    while let Some(Packet::Publish(p)) = recv_within(&mut sub, Duration::from_millis(800)).await {
+        got.push((p.topic, p.payload));
+    }
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            ("ret/1".to_string(), Bytes::from_static(b"a2")),
+            ("ret/3".to_string(), Bytes::from_static(b"c")),
+            ("ret/4".to_string(), Bytes::from_static(b"d2"))
+        ]
+    );
+}

@@ -96,6 +96,21 @@ impl Conn {
         if let Some(alias) = new_alias {
             self.topic_aliases.insert(alias, p.topic.clone());
         }
+        // The retained store every gateway holds is bounded (an empty payload only deletes).
+        let limits = &self.ctx.config.limits;
+        if p.retain
+            && !p.payload.is_empty()
+            && !self.ctx.router.retained_room(
+                &p.topic,
+                p.payload.len(),
+                limits.max_retained_messages,
+                limits.max_retained_bytes,
+            )
+        {
+            self.ctx.limits.count(crate::limits::Refusal::RetainedStoreFull);
+            self.done_inbound(p.qos);
+            return self.refuse_publish(&p, ReasonCode::QUOTA_EXCEEDED, "retained store full");
+        }
         let Some(core) = self.ctx.router.topics().core_topic(topic::parent(&p.topic)) else {
             self.done_inbound(p.qos);
             return self.refuse_publish(&p, ReasonCode::TOPIC_NAME_INVALID, "parent topic not declared");

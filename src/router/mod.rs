@@ -165,7 +165,7 @@ impl RouterStats {
 
 pub struct Router {
     state: Mutex<State>,
-    retained: Mutex<HashMap<String, Arc<Message>>>,
+    retained: Mutex<RetainedStore>,
     topics: TopicMap,
     backend: SharedCoreService,
     commands: mpsc::Sender<Command>,
@@ -187,7 +187,7 @@ impl Router {
         let (cmd_tx, cmd_rx) = mpsc::channel(1024);
         let router = Arc::new(Router {
             state: Mutex::new(State::default()),
-            retained: Mutex::new(HashMap::new()),
+            retained: Mutex::new(RetainedStore::default()),
             topics,
             backend: backend.clone(),
             commands: cmd_tx,
@@ -452,7 +452,7 @@ impl Router {
         }
         let mut matched = 0;
         let mut first = std::collections::BinaryHeap::with_capacity(limit.min(1024).saturating_add(1));
-        for m in self.retained.lock().values() {
+        for m in self.retained.lock().by_topic.values() {
             if !topic::matches(filter, &m.topic) || m.expired(now_ms) {
                 continue;
             }
@@ -469,21 +469,29 @@ impl Router {
     }
 
     pub fn retained_count(&self) -> usize {
-        self.retained.lock().len()
+        self.retained.lock().by_topic.len()
+    }
+
+    /// Whether a retained message of `payload_len` bytes on `topic` fits within `max_count`
+    /// messages and `max_bytes` bytes (replacing the topic's current one, if any).
+    pub fn retained_room(&self, topic: &str, payload_len: usize, max_count: usize, max_bytes: usize) -> bool {
+        let r = self.retained.lock();
+        let old = r.by_topic.get(topic).map(|m| retained_size(topic, m));
+        let bytes = r.bytes - old.unwrap_or(0) + topic.len() + payload_len;
+        (old.is_some() || r.by_topic.len() < max_count) && bytes <= max_bytes
     }
 
     /// Apply a retained-message change made by this gateway (the core service's update
     /// stream will confirm it; applying it now makes it visible at once).
     pub fn apply_retained(&self, topic: &str, message: Option<Arc<Message>>) {
         let mut r = self.retained.lock();
-        match message {
-            Some(m) => {
-                r.insert(topic.to_string(), m);
-            }
-            None => {
-                r.remove(topic);
-            }
-        }
+        let added = message.as_ref().map_or(0, |m| retained_size(topic, m));
+        let removed = match message {
+            Some(m) => r.by_topic.insert(topic.to_string(), m),
+            None => r.by_topic.remove(topic),
+        };
+        let removed = removed.map_or(0, |m| retained_size(topic, &m));
+        r.bytes = r.bytes + added - removed;
     }
 
     fn apply_retained_value(&self, topic: &str, value: Option<bytes::Bytes>) {
@@ -679,4 +687,15 @@ mod tests {
         // Every connection's queue holds blocks of these; keep them at two words + tag.
         assert!(std::mem::size_of::<Delivery>() <= 24, "{}", std::mem::size_of::<Delivery>());
     }
+}
+
+/// Retained messages by topic, and their size in bytes (topics + payloads).
+#[derive(Default)]
+struct RetainedStore {
+    by_topic: HashMap<String, Arc<Message>>,
+    bytes: usize,
+}
+
+fn retained_size(topic: &str, m: &Message) -> usize {
+    topic.len() + m.payload.len()
 }

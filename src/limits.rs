@@ -1,7 +1,8 @@
 //! LMQ limits (SPEC §5) in one place: topic length, ClientId length, payload size,
-//! subscriptions per client. Each check returns the reason code to answer with; every
-//! refusal is counted by reason (`lmq_limit_refusals_total`) and logged at most once per
-//! interval per reason.
+//! subscriptions per client, and the reserved namespace (SPEC §8; which names are reserved is
+//! `router::reserved`'s decision, counting the refusal is this module's). Each check returns
+//! the reason code to answer with; every refusal is counted by reason
+//! (`lmq_limit_refusals_total`) and logged at most once per interval per reason.
 
 use prometheus::IntCounter;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -19,11 +20,18 @@ pub enum Refusal {
     ClientIdTooLong,
     PayloadTooLarge,
     TooManySubscriptions,
+    /// A PUBLISH or SUBSCRIBE aimed at the reserved namespace (events, state, system topics).
+    ReservedTopic,
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 4] =
-        [Refusal::TopicTooLong, Refusal::ClientIdTooLong, Refusal::PayloadTooLarge, Refusal::TooManySubscriptions];
+    pub const ALL: [Refusal; 5] = [
+        Refusal::TopicTooLong,
+        Refusal::ClientIdTooLong,
+        Refusal::PayloadTooLarge,
+        Refusal::TooManySubscriptions,
+        Refusal::ReservedTopic,
+    ];
 
     fn index(self) -> usize {
         self as usize
@@ -35,6 +43,7 @@ impl Refusal {
             Refusal::ClientIdTooLong => ReasonCode::CLIENT_IDENTIFIER_NOT_VALID,
             Refusal::PayloadTooLarge => ReasonCode::PACKET_TOO_LARGE,
             Refusal::TooManySubscriptions => ReasonCode::QUOTA_EXCEEDED,
+            Refusal::ReservedTopic => ReasonCode::NOT_AUTHORIZED,
         }
     }
 
@@ -44,6 +53,7 @@ impl Refusal {
             Refusal::ClientIdTooLong => "client_id_too_long",
             Refusal::PayloadTooLarge => "payload_too_large",
             Refusal::TooManySubscriptions => "too_many_subscriptions",
+            Refusal::ReservedTopic => "reserved_topic",
         }
     }
 }
@@ -52,10 +62,10 @@ impl Refusal {
 pub struct Limits {
     config: LimitsConfig,
     /// The metric counters themselves, one per reason.
-    refused: [IntCounter; 4],
+    refused: [IntCounter; Refusal::ALL.len()],
     /// Per reason: when it was last logged, and how many since.
-    last_logged_ms: [AtomicI64; 4],
-    unlogged: [AtomicU64; 4],
+    last_logged_ms: [AtomicI64; Refusal::ALL.len()],
+    unlogged: [AtomicU64; Refusal::ALL.len()],
 }
 
 impl Limits {
@@ -122,6 +132,12 @@ impl Limits {
         Ok(())
     }
 
+    /// Count (and log, rate-limited) a PUBLISH or SUBSCRIBE refused because its topic is
+    /// reserved; returns the refusal to answer with.
+    pub fn refuse_reserved(&self) -> Refusal {
+        self.refuse(Refusal::ReservedTopic)
+    }
+
     /// Largest packet a client may send: the payload limit plus room for the topic and
     /// properties, so that an oversized payload is refused from the fixed header alone.
     pub fn max_packet_size(&self) -> usize {
@@ -144,6 +160,7 @@ mod tests {
         assert_eq!(l.check_payload(65_537), Err(Refusal::PayloadTooLarge));
         assert!(l.check_subscription_count(29).is_ok());
         assert_eq!(l.check_subscription_count(30), Err(Refusal::TooManySubscriptions));
+        assert_eq!(l.refuse_reserved().reason_code(), ReasonCode::NOT_AUTHORIZED);
         for r in Refusal::ALL {
             assert_eq!(l.refused(r), 1, "{r:?} counted once");
         }

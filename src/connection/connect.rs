@@ -59,6 +59,11 @@ impl Conn {
             }
         };
         if let Some(w) = &connect.will {
+            if ctx.router.topics().resolve(topic::parent(&w.topic)) == Err(Unmapped::Reserved) {
+                let r = ctx.limits.refuse_reserved();
+                let _ = write_now(writer, &refuse(r.reason_code()), protocol).await;
+                return None;
+            }
             if identity.check_publish(&w.topic).is_err() {
                 let _ = write_now(writer, &refuse(ReasonCode::NOT_AUTHORIZED), protocol).await;
                 return None;
@@ -241,8 +246,17 @@ impl Conn {
         let filters: Vec<(String, QoS)> =
             self.state.subscriptions.iter().map(|s| (s.filter.clone(), s.options.qos)).collect();
         for (filter, qos) in filters {
-            let positions =
-                router.subscribe(&self.slot, &filter, qos).await.map_err(|_| ReasonCode::SERVER_UNAVAILABLE)?;
+            let positions = match router.subscribe(&self.slot, &filter, qos).await {
+                Ok(positions) => positions,
+                Err(crate::router::RouterError::Reserved(_)) => {
+                    // Stored before the reserved namespace existed: dropped, never served.
+                    tracing::info!(client_id = %self.client_id, filter, "restored subscription to a reserved topic dropped");
+                    self.state.unsubscribe(&filter);
+                    self.dirty = true;
+                    continue;
+                }
+                Err(_) => return Err(ReasonCode::SERVER_UNAVAILABLE),
+            };
             for (tp, live) in positions {
                 self.state.cursor(&tp, live);
             }

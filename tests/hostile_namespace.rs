@@ -9,6 +9,7 @@ mod common;
 use common::{v4, v5, Raw, TestGateway};
 use lmq_gateway::auth::signature::sign;
 use lmq_gateway::config::Config;
+use lmq_gateway::events::{ClientEvent, EventType, GATEWAY_HEADER};
 use lmq_gateway::limits::Refusal;
 use lmq_gateway::protocol::{self as p, Packet, Protocol, ReasonCode};
 use std::net::SocketAddr;
@@ -160,6 +161,37 @@ async fn internal_topic_names_are_refused_for_publish_and_subscribe() {
     let mut c = raw(gw2.addr, "free", Protocol::V5).await;
     assert_eq!(c.suback_code(1, EVENTS).await, 0x01);
     assert!(gw2.gateway().ctx.limits.refused(Refusal::ReservedTopic) > 0);
+}
+
+#[tokio::test]
+async fn only_events_marked_by_a_gateway_take_a_client_over() {
+    let gw = TestGateway::start_with(AUTH).await;
+    let mut victim = device_v4(gw.addr, "victim").await;
+    victim.subscribe("cmd/victim", v4::QoS::AtLeastOnce).await;
+    let backend = gw.gateway().ctx.backend.clone();
+    let event = ClientEvent {
+        event_type: EventType::Connect,
+        client_id: "victim".into(),
+        channel_id: "elsewhere".into(),
+        client_ip: "10.0.0.9".into(),
+        time: lmq_gateway::now_ms() + 60_000,
+        gateway_id: "gw-other".into(),
+        username: None,
+        reason: None,
+    };
+    // Written around the gateway (an application with write access to the core service),
+    // without the gateway marker: ignored.
+    let mut unmarked = event.to_record();
+    unmarked.headers.retain(|(k, _)| k != GATEWAY_HEADER);
+    backend.append(EVENTS, unmarked).await.expect("appended");
+    let mut sender = device_v4(gw.addr, "sender").await;
+    sender.publish("cmd/victim", v4::QoS::AtLeastOnce, false, b"after-unmarked").await;
+    assert_eq!(&victim.next_publish().await.payload[..], b"after-unmarked");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(gw.gateway().ctx.registry.get("victim").is_some(), "an unmarked event kicked the victim");
+    // The genuine event of another gateway does take the ClientId over (the test can fail).
+    backend.append(EVENTS, event.to_record()).await.expect("appended");
+    victim.closed_by_server().await;
 }
 
 #[test]

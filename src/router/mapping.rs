@@ -459,6 +459,36 @@ mod tests {
     }
 
     #[test]
+    fn publishers_cannot_add_headers_of_their_own() {
+        // Whatever user properties a client sends, a record from an MQTT PUBLISH carries only
+        // the fixed LMQ header set: no `eventType`, no gateway marker, no state header.
+        let mut m = msg();
+        m.user_properties = vec![
+            ("lmqGateway".into(), "forged".into()),
+            ("eventType".into(), "connect".into()),
+            ("lmqRecord".into(), "{}".into()),
+        ];
+        let rec = TopicMap::new(&TopicsConfig::default(), ReservedTopics::default()).to_record(&m);
+        let fixed = [
+            header::TOPIC,
+            header::SECOND_TOPIC,
+            header::QOS,
+            header::CLIENT_ID,
+            header::USER_PROPERTY,
+            header::EXPIRY,
+            header::CONTENT_TYPE,
+            header::RETAIN,
+            header::RESPONSE_TOPIC,
+            header::CORRELATION_DATA,
+            header::PAYLOAD_FORMAT,
+        ];
+        for (name, _) in &rec.headers {
+            assert!(fixed.contains(&name.as_str()), "unexpected header {name}");
+        }
+        assert!(rec.header(crate::events::GATEWAY_HEADER).is_none());
+    }
+
+    #[test]
     fn record_encoding_round_trips() {
         let map = TopicMap::new(&TopicsConfig::default(), ReservedTopics::default());
         let rec = map.to_record(&msg());

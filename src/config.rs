@@ -7,6 +7,8 @@
 
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
+
+use crate::router::reserved::ReservedTopics;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -355,9 +357,17 @@ pub struct TopicsConfig {
     pub parents: Vec<ParentTopic>,
     #[serde(default = "default_record_key")]
     pub record_key: RecordKey,
-    /// Core-service topic that receives client status events.
+    /// Core-service topic that receives client status events. Reserved: no MQTT client can
+    /// publish or subscribe to it.
     #[serde(default = "default_events_topic")]
     pub events_topic: String,
+    /// Core-service topics whose name starts with this (ASCII case ignored) are the
+    /// gateway's own (state, and later delay and trace topics): no MQTT client can publish or
+    /// subscribe to them, `*` does not map onto them, and a declared parent may not be
+    /// mapped onto one. The events topic and the configured state topics are reserved by
+    /// name as well (see [`Config::reserved_topics`]).
+    #[serde(default = "default_reserved_prefix")]
+    pub reserved_prefix: String,
 }
 
 impl Default for TopicsConfig {
@@ -387,6 +397,9 @@ fn default_record_key() -> RecordKey {
 }
 fn default_events_topic() -> String {
     "GID_LMQ_STATUS".into()
+}
+fn default_reserved_prefix() -> String {
+    "lmq-".into()
 }
 fn default_partitions() -> u32 {
     4
@@ -899,12 +912,33 @@ impl Config {
                 return invalid(format!("listeners[{name}].ws_path must not be the console's path"));
             }
         }
+        let prefix = &self.topics.reserved_prefix;
+        if prefix.is_empty() || !prefix.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')) {
+            return invalid(format!(
+                "topics.reserved_prefix `{prefix}` must be non-empty letters, digits, `-`, `_` or `.`"
+            ));
+        }
+        let reserved = self.reserved_topics();
         for p in &self.topics.parents {
             if p.name.is_empty() || p.name.contains(['/', '+', '#']) {
                 return invalid(format!("topics.parents: `{}` is not a single topic level", p.name));
             }
             if p.partitions == 0 {
                 return invalid(format!("topics.parents[{}].partitions must be at least 1", p.name));
+            }
+            if p.name == "*" {
+                continue;
+            }
+            let core = p.core_topic.as_deref().unwrap_or(&p.name);
+            for (what, name) in [("name", p.name.as_str()), ("core_topic", core)] {
+                if reserved.contains(name) {
+                    return invalid(format!(
+                        "topics.parents[{}]: {what} `{name}` is reserved for the gateway's own records \
+                         (events topic `{}`, state topics, core-service system topics, names starting with `{prefix}`); \
+                         MQTT clients can never publish or subscribe there. Use another name",
+                        p.name, self.topics.events_topic
+                    ));
+                }
             }
         }
         if self.mqtt.receive_maximum == 0 || self.mqtt.max_inflight == 0 {
@@ -921,6 +955,33 @@ impl Config {
         }
         self.core.kafka.validate()?;
         Ok(())
+    }
+}
+
+impl Config {
+    /// The reserved namespace (SPEC §8) of this configuration: the events topic, the state
+    /// topics of the configured core service, its system topics, and every name under
+    /// `topics.reserved_prefix`. The embedded engine keeps its state in files outside the
+    /// topic namespace (`data_dir/state/`), so it adds no names.
+    pub fn reserved_topics(&self) -> ReservedTopics {
+        use crate::router::reserved::{KAFKA_SYSTEM_PREFIXES, ROCKETMQ_SYSTEM_PREFIXES, ROCKETMQ_SYSTEM_TOPICS};
+        let mut names = vec![self.topics.events_topic.as_str()];
+        let mut prefixes = vec![self.topics.reserved_prefix.as_str()];
+        match self.core.kind {
+            CoreKind::Embedded => {}
+            CoreKind::Kafka => {
+                let t = &self.core.kafka.state_topics;
+                names.extend([t.sessions.as_str(), &t.retained, &t.credentials, &t.revoked_tokens]);
+                prefixes.extend(KAFKA_SYSTEM_PREFIXES);
+            }
+            CoreKind::Rocketmq => {
+                let r = &self.core.rocketmq;
+                names.extend([r.state_topic.as_str(), &r.create_topic_key]);
+                names.extend(ROCKETMQ_SYSTEM_TOPICS);
+                prefixes.extend(ROCKETMQ_SYSTEM_PREFIXES);
+            }
+        }
+        ReservedTopics::new(names, prefixes)
     }
 }
 
@@ -1030,6 +1091,46 @@ mod tests {
                 .unwrap_err()
                 .to_string();
         assert!(err.contains("ws_path"), "{err}");
+    }
+
+    #[test]
+    fn parents_mapped_onto_reserved_topics_are_refused() {
+        let parent = |kind: &str, name: &str, core: &str| {
+            Config::from_yaml(&format!(
+                "core:\n  kind: {kind}\ntopics:\n  parents:\n    - name: {name}\n      core_topic: {core}\n"
+            ))
+        };
+        for (kind, name, core) in [
+            ("embedded", "foo", "lmq-sessions"),
+            ("embedded", "foo", "GID_LMQ_STATUS"),
+            ("embedded", "foo", "gid_lmq_status"),
+            ("embedded", "GID_LMQ_STATUS", "elsewhere"),
+            ("embedded", "foo", "lmq-delay"),
+            ("kafka", "foo", "__consumer_offsets"),
+            ("rocketmq", "foo", "LMQ_GATEWAY_STATE"),
+            ("rocketmq", "foo", "RMQ_SYS_TRACE_TOPIC"),
+        ] {
+            let err = parent(kind, name, core).unwrap_err().to_string();
+            assert!(err.contains("is reserved") && err.contains(&format!("parents[{name}]")), "{kind} {core}: {err}");
+        }
+        // State topics renamed in the config are reserved under their new names.
+        let err = Config::from_yaml(
+            "core:\n  kind: kafka\n  kafka:\n    state_topics:\n      credentials: creds\n\
+             topics:\n  parents:\n    - name: creds\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("`creds` is reserved"), "{err}");
+        // Only the core service in use reserves its state topics.
+        assert!(parent("embedded", "foo", "LMQ_GATEWAY_STATE").is_ok());
+        assert!(parent("embedded", "foo", "iot.foo").is_ok());
+        let err = Config::from_yaml("topics:\n  reserved_prefix: \"\"\n").unwrap_err().to_string();
+        assert!(err.contains("reserved_prefix"), "{err}");
+        let r = Config::from_yaml("core:\n  kind: kafka\n").unwrap().reserved_topics();
+        for name in ["GID_LMQ_STATUS", "lmq-sessions", "lmq-retained", "lmq-credentials", "lmq-revoked-tokens", "lmq-x"]
+        {
+            assert!(r.contains(name), "{name}");
+        }
     }
 
     #[test]

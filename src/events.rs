@@ -6,6 +6,16 @@
 
 use serde::Serialize;
 
+/// Record header naming the gateway that wrote an event: the mark of an event written by a
+/// gateway itself. A record built from an MQTT PUBLISH carries only the fixed LMQ header set
+/// (`router::mapping::message_headers`; user properties go into the `mqtt5UserProperty` JSON
+/// value), so no MQTT client can produce it. Cross-gateway takeover acts only on events that
+/// carry it (`session::takeover`).
+pub const GATEWAY_HEADER: &str = "lmqGateway";
+
+/// Record header carrying the event type (Kafka consumers' `eventType`; RocketMQ: also the tag).
+pub const TYPE_HEADER: &str = "eventType";
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum EventType {
@@ -53,12 +63,15 @@ impl ClientEvent {
         serde_json::to_vec(self).unwrap_or_default()
     }
 
-    /// The event as a log record (embedded log, Kafka): key = ClientId, header `eventType`,
-    /// value = the LMQ JSON body.
+    /// The event as a record (every core service): key = ClientId, headers `eventType` and
+    /// [`GATEWAY_HEADER`] (= `gatewayId`), value = the LMQ JSON body.
     pub fn to_record(&self) -> crate::backend::CoreRecord {
         crate::backend::CoreRecord {
             key: Some(bytes::Bytes::from(self.client_id.clone().into_bytes())),
-            headers: vec![("eventType".to_owned(), bytes::Bytes::from_static(self.event_type.as_str().as_bytes()))],
+            headers: vec![
+                (TYPE_HEADER.to_owned(), bytes::Bytes::from_static(self.event_type.as_str().as_bytes())),
+                (GATEWAY_HEADER.to_owned(), bytes::Bytes::from(self.gateway_id.clone().into_bytes())),
+            ],
             value: bytes::Bytes::from(self.to_json()),
             timestamp_ms: self.time,
         }

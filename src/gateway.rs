@@ -48,7 +48,9 @@ impl Gateway {
         // Metrics first: the router and the limits count into them.
         let metrics = Arc::new(crate::metrics::Metrics::new());
         let router_stats = crate::router::RouterStats::new(&metrics);
-        let router = Router::start(backend.clone(), TopicMap::new(&config.topics), router_stats).await?;
+        let router =
+            Router::start(backend.clone(), TopicMap::new(&config.topics, config.reserved_topics()), router_stats)
+                .await?;
         let limits = Limits::new(config.limits.clone(), &metrics);
         let mut listeners = Vec::new();
         for l in &config.listeners {

@@ -7,7 +7,8 @@
 //! - [`transport`]: PROXY protocol, TLS, WebSocket and the browser console: one byte stream per client.
 //! - [`connection`]: one task per client: read, decode, session logic, write.
 //! - [`session`]: session state, persistence format, takeover registry.
-//! - [`router`]: topic matching, subscription trie, MQTT ↔ record mapping, dispatch.
+//! - [`router`]: topic matching, subscription trie, MQTT ↔ record mapping, the reserved
+//!   namespace (topics no MQTT client may reach), dispatch.
 //! - [`backend`]: the core-service trait and its engines.
 //! - [`limits`]: LMQ limits.
 //! - [`events`]: client status events.

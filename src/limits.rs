@@ -1,7 +1,9 @@
 //! LMQ limits (SPEC §5) in one place: topic length, ClientId length, payload size,
-//! subscriptions per client; and the per-connection bounds of SPEC §8 that a client's
-//! behaviour can hit (retained messages per SUBSCRIBE, a client that does not read). Each
-//! check returns the reason code to answer with; every refusal is counted by reason
+//! subscriptions per client; the reserved namespace (SPEC §8; which names are reserved is
+//! `router::reserved`'s decision, counting the refusal is this module's); and the
+//! per-connection bounds of SPEC §8 that a client's behaviour can hit (retained messages per
+//! SUBSCRIBE, a client that does not read, the retained store). Each check returns the reason
+//! code to answer with; every refusal is counted by reason
 //! (`lmq_limit_refusals_total`) and logged at most once per interval per reason.
 
 use prometheus::IntCounter;
@@ -27,10 +29,12 @@ pub enum Refusal {
     SlowReader,
     /// A retained PUBLISH beyond `limits.max_retained_messages` / `max_retained_bytes`.
     RetainedStoreFull,
+    /// A PUBLISH or SUBSCRIBE aimed at the reserved namespace (events, state, system topics).
+    ReservedTopic,
 }
 
 /// Number of [`Refusal`] reasons.
-pub const REFUSALS: usize = 7;
+pub const REFUSALS: usize = 8;
 
 impl Refusal {
     pub const ALL: [Refusal; REFUSALS] = [
@@ -41,6 +45,7 @@ impl Refusal {
         Refusal::RetainedPerSubscribe,
         Refusal::SlowReader,
         Refusal::RetainedStoreFull,
+        Refusal::ReservedTopic,
     ];
 
     fn index(self) -> usize {
@@ -56,6 +61,7 @@ impl Refusal {
             | Refusal::RetainedPerSubscribe
             | Refusal::SlowReader
             | Refusal::RetainedStoreFull => ReasonCode::QUOTA_EXCEEDED,
+            Refusal::ReservedTopic => ReasonCode::NOT_AUTHORIZED,
         }
     }
 
@@ -68,6 +74,7 @@ impl Refusal {
             Refusal::RetainedPerSubscribe => "retained_per_subscribe",
             Refusal::SlowReader => "slow_reader",
             Refusal::RetainedStoreFull => "retained_store_full",
+            Refusal::ReservedTopic => "reserved_topic",
         }
     }
 }
@@ -152,6 +159,12 @@ impl Limits {
         self.refuse(r)
     }
 
+    /// Count (and log, rate-limited) a PUBLISH or SUBSCRIBE refused because its topic is
+    /// reserved; returns the refusal to answer with.
+    pub fn refuse_reserved(&self) -> Refusal {
+        self.refuse(Refusal::ReservedTopic)
+    }
+
     /// Largest packet a client may send: the payload limit plus room for the topic and
     /// properties, so that an oversized payload is refused from the fixed header alone.
     pub fn max_packet_size(&self) -> usize {
@@ -177,6 +190,7 @@ mod tests {
         l.count(Refusal::RetainedPerSubscribe);
         l.count(Refusal::SlowReader);
         l.count(Refusal::RetainedStoreFull);
+        assert_eq!(l.refuse_reserved().reason_code(), ReasonCode::NOT_AUTHORIZED);
         for r in Refusal::ALL {
             assert_eq!(l.refused(r), 1, "{r:?} counted once");
         }

@@ -141,7 +141,11 @@ impl Metrics {
         let bytes_vec =
             counter_vec("lmq_bytes_total", "Bytes read from and written to MQTT client connections", &["direction"]);
         let bytes = ["in", "out"].map(|d| bytes_vec.with_label_values(&[d]));
-        let refusals_vec = counter_vec("lmq_limit_refusals_total", "Requests refused by an LMQ limit", &["reason"]);
+        let refusals_vec = counter_vec(
+            "lmq_limit_refusals_total",
+            "Requests refused by an LMQ limit or the reserved namespace",
+            &["reason"],
+        );
         let refusals = Refusal::ALL.map(|r| refusals_vec.with_label_values(&[r.as_str()]));
         let events_vec =
             counter_vec("lmq_events_written_total", "Client status events written to the core service", &["type"]);

@@ -563,3 +563,73 @@ async fn shared_subscription_spreads_over_gateways_through_a_consumer_group() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// Issue 13: with parent `*`, every first topic level maps to a Kafka topic — but never to the
+/// gateway's own. Subscribing and publishing to the state topics, the events topic and
+/// Kafka's internal topics is refused, and nothing a device sent reaches those topics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_cannot_reach_internal_topics() {
+    let broker = kafka_broker::shared();
+    let gw = gateway(broker, "gw-hostile").await;
+    let internal = ["lmq-credentials", "lmq-sessions", "lmq-retained", "lmq-revoked-tokens", "GID_LMQ_STATUS"];
+    for topic in internal.iter().chain(&["__consumer_offsets"]) {
+        common::assert_topic_unreachable(gw.addr(), topic, |_| None).await;
+    }
+    // Ordinary topics still work for the same client.
+    let mut ok = v4::connect(gw.addr(), "GID_k@@@ordinary").await;
+    ok.publish("khostile/x", v4::QoS::AtLeastOnce, false, b"device-bytes-ok").await;
+    ok.disconnect().await;
+    gw.shutdown().await;
+
+    let bootstrap = broker.bootstrap();
+    let leaked = tokio::task::spawn_blocking(move || {
+        let mut leaked = Vec::new();
+        for topic in internal {
+            for (_, _, _, payload) in read_topic(&bootstrap, topic) {
+                if payload.starts_with(b"device-bytes") {
+                    leaked.push((topic, String::from_utf8_lossy(&payload).into_owned()));
+                }
+            }
+        }
+        let ordinary = read_topic(&bootstrap, "khostile");
+        (leaked, ordinary.iter().any(|r| r.3 == b"device-bytes-ok"))
+    })
+    .await
+    .unwrap();
+    assert_eq!(leaked.0, Vec::<(&str, String)>::new(), "device records in internal topics");
+    assert!(leaked.1, "the ordinary publish reached Kafka (the check reads what it should)");
+}
+
+/// Cross-gateway takeover acts only on events gateways wrote: a `connect` event for a
+/// connected ClientId produced into the events topic by a plain Kafka producer, without the
+/// gateway marker header, kicks no one; the same event with the marker does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unmarked_events_from_plain_producers_take_nobody_over() {
+    let broker = kafka_broker::shared();
+    let gw = gateway(broker, "gw-marker").await;
+    let mut victim = v4::connect(gw.addr(), "GID_k@@@marker-victim").await;
+    victim.subscribe("kmarker/victim", v4::QoS::AtLeastOnce).await;
+    // Let the takeover follower reach the end of the events topic.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let forged = serde_json::json!({
+        "eventType": "connect",
+        "clientId": "GID_k@@@marker-victim",
+        "channelId": "elsewhere",
+        "clientIp": "10.0.0.9",
+        "time": lmq_gateway::now_ms() + 60_000,
+        "gatewayId": "gw-elsewhere",
+    })
+    .to_string();
+    let p = producer(broker);
+    produce(&p, "GID_LMQ_STATUS", &[("eventType", "connect")], &forged).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut sender = v4::connect(gw.addr(), "GID_k@@@marker-sender").await;
+    sender.publish("kmarker/victim", v4::QoS::AtLeastOnce, false, b"still-connected").await;
+    assert_eq!(&victim.next_publish().await.payload[..], b"still-connected");
+    assert!(gw.ctx.registry.get("GID_k@@@marker-victim").is_some(), "the unmarked event kicked the client");
+    // With the marker (what a gateway writes), the takeover happens: the check above could fail.
+    produce(&p, "GID_LMQ_STATUS", &[("eventType", "connect"), ("lmqGateway", "gw-elsewhere")], &forged).await;
+    victim.closed_by_server().await;
+    sender.disconnect().await;
+    gw.shutdown().await;
+}

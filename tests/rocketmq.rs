@@ -389,3 +389,43 @@ async fn gateway_recovers_when_the_broker_restarts() {
     }
     gw.shutdown().await;
 }
+
+/// Issue 13: with parent `*`, every first topic level maps to a RocketMQ topic — but never to
+/// the gateway's state topic, its events topic or RocketMQ's system topics. Subscribing and
+/// publishing there is refused, and nothing a device sent reaches those topics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_cannot_reach_internal_topics() {
+    let Some(namesrv) = rocketmq_broker::namesrv() else { return };
+    let gw = gateway(&namesrv, "\"*\"", "gw-hostile").await;
+    let internal = ["LMQ_GATEWAY_STATE", "GID_LMQ_STATUS"];
+    let mut readers = Vec::new();
+    for topic in internal {
+        readers.push((topic, plain::Reader::at_end(&namesrv, topic, "*").await));
+    }
+    for topic in internal.iter().chain(&["TBW102", "RMQ_SYS_TRACE_TOPIC", "SCHEDULE_TOPIC_XXXX"]) {
+        common::assert_topic_unreachable(gw.addr(), topic, |_| None).await;
+    }
+    // An ordinary topic still works for the same kind of client.
+    let ordinary = parent("hostile");
+    let mut ok = v4::connect(gw.addr(), "GID_h@@@ordinary").await;
+    ok.publish(&format!("{ordinary}/x"), v4::QoS::AtLeastOnce, false, b"device-bytes-ok").await;
+    ok.disconnect().await;
+    let mut check = plain::Reader::at_end(&namesrv, &ordinary, "*").await;
+    let mut ok = v4::connect(gw.addr(), "GID_h@@@ordinary2").await;
+    ok.publish(&format!("{ordinary}/x"), v4::QoS::AtLeastOnce, false, b"device-bytes-ok").await;
+    assert_eq!(check.read(1, WAIT).await.len(), 1, "the plain reader sees an ordinary publish");
+    ok.disconnect().await;
+
+    for (topic, reader) in &mut readers {
+        // The state topic and the events topic carry the gateway's own writes (connect events,
+        // sessions), never a device's bytes.
+        let leaked: Vec<_> = reader
+            .read(usize::MAX, Duration::from_secs(2))
+            .await
+            .into_iter()
+            .filter(|m| m.body().is_some_and(|b| b.starts_with(b"device-bytes")))
+            .collect();
+        assert!(leaked.is_empty(), "device records in {topic}: {leaked:?}");
+    }
+    gw.shutdown().await;
+}

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use super::{ApiError, Shared};
 use crate::protocol::QoS;
-use crate::router::mapping::Message;
+use crate::router::mapping::{Message, Unmapped};
 use crate::router::topic;
 
 /// Publisher ClientId of messages sent through the admin API (no MQTT ClientId starts with `$`).
@@ -82,8 +82,13 @@ pub(super) async fn publish(
             "the payload is larger than limits.max_payload_bytes",
         ));
     }
-    let core = ctx.router.topics().core_topic(topic::parent(&topic)).ok_or_else(|| {
-        ApiError::bad_request("undeclared_parent", format!("parent topic `{}` is not declared", topic::parent(&topic)))
+    let parent = topic::parent(&topic);
+    let core = ctx.router.topics().resolve(parent).map_err(|why| match why {
+        Unmapped::Undeclared => {
+            ApiError::bad_request("undeclared_parent", format!("parent topic `{parent}` is not declared"))
+        }
+        // Status events and state are written by gateways only, never as messages.
+        Unmapped::Reserved => ApiError::bad_request("reserved_topic", format!("parent topic `{parent}` is reserved")),
     })?;
     let timeout = std::time::Duration::from_secs(ctx.config.mqtt.backend_timeout_secs);
     tokio::time::timeout(timeout, ctx.router.ensure_for_publish(&core, &topic))

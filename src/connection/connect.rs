@@ -59,6 +59,11 @@ impl Conn {
             }
         };
         if let Some(w) = &connect.will {
+            if ctx.router.topics().resolve(topic::parent(&w.topic)) == Err(Unmapped::Reserved) {
+                let r = ctx.limits.refuse_reserved();
+                let _ = write_now(writer, &refuse(r.reason_code()), protocol).await;
+                return None;
+            }
             if identity.check_publish(&w.topic).is_err() {
                 let _ = write_now(writer, &refuse(ReasonCode::NOT_AUTHORIZED), protocol).await;
                 return None;
@@ -269,8 +274,17 @@ impl Conn {
         let filters: Vec<(String, QoS)> =
             self.state.subscriptions.iter().map(|s| (s.filter.clone(), s.options.qos)).collect();
         for (filter, qos) in filters {
-            let positions =
-                router.subscribe(&self.slot, &filter, qos).await.map_err(|_| ReasonCode::SERVER_UNAVAILABLE)?;
+            let positions = match router.subscribe(&self.slot, &filter, qos).await {
+                Ok(positions) => positions,
+                Err(crate::router::RouterError::Reserved(_)) => {
+                    // Stored before the reserved namespace existed: dropped, never served.
+                    tracing::info!(client_id = %self.client_id, filter, "restored subscription to a reserved topic dropped");
+                    self.state.unsubscribe(&filter);
+                    self.dirty = true;
+                    continue;
+                }
+                Err(_) => return Err(ReasonCode::SERVER_UNAVAILABLE),
+            };
             for (tp, live) in positions {
                 self.state.cursor(&tp, live);
             }
@@ -319,14 +333,15 @@ impl Conn {
     }
 
     /// Remove every subscription the current identity may no longer make (restored from a
-    /// stored session, or after a token upload narrowed the rights), from the session and
-    /// the router. Returns how many were removed.
+    /// stored session, or after a token upload narrowed the rights) or that no longer maps
+    /// onto a readable core topic (undeclared parent, reserved namespace), from the session
+    /// and the router. Returns how many were removed.
     pub(super) fn drop_forbidden_subscriptions(&mut self, why: &'static str) -> usize {
         let forbidden: Vec<String> = self
             .state
             .subscriptions
             .iter()
-            .filter(|s| self.identity.check_subscribe(&s.filter).is_err())
+            .filter(|s| self.identity.check_subscribe(&s.filter).is_err() || !self.reachable(&s.filter))
             .map(|s| s.filter.clone())
             .collect();
         for filter in &forbidden {
@@ -338,6 +353,12 @@ impl Conn {
             self.dirty = true;
         }
         forbidden.len()
+    }
+
+    /// Whether a (possibly `$share/...`) filter maps onto core topics an MQTT client may read:
+    /// a declared parent, never the reserved namespace.
+    fn reachable(&self, filter: &str) -> bool {
+        topic::parse_filter(filter).is_ok_and(|p| self.ctx.router.core_topics_for_filter(p.filter).is_ok())
     }
 
     pub(super) fn resend_inflight(&mut self) {

@@ -111,9 +111,18 @@ impl Conn {
             self.done_inbound(p.qos);
             return self.refuse_publish(&p, ReasonCode::QUOTA_EXCEEDED, "retained store full");
         }
-        let Some(core) = self.ctx.router.topics().core_topic(topic::parent(&p.topic)) else {
-            self.done_inbound(p.qos);
-            return self.refuse_publish(&p, ReasonCode::TOPIC_NAME_INVALID, "parent topic not declared");
+        let core = match self.ctx.router.topics().resolve(topic::parent(&p.topic)) {
+            Ok(core) => core,
+            Err(Unmapped::Undeclared) => {
+                self.done_inbound(p.qos);
+                return self.refuse_publish(&p, ReasonCode::TOPIC_NAME_INVALID, "parent topic not declared");
+            }
+            Err(Unmapped::Reserved) => {
+                // Whatever the ACL says: the same answer as an ACL refusal (SPEC §8).
+                self.done_inbound(p.qos);
+                let r = self.ctx.limits.refuse_reserved();
+                return self.refuse_publish(&p, r.reason_code(), "reserved topic");
+            }
         };
         if let Err(d) = self.identity.check_publish(&p.topic) {
             self.done_inbound(p.qos);
@@ -285,6 +294,10 @@ impl Conn {
                 codes.push(ReasonCode::TOPIC_FILTER_INVALID);
                 continue;
             }
+            if self.ctx.router.topics().resolve(topic::parent(parsed.filter)) == Err(Unmapped::Reserved) {
+                codes.push(self.ctx.limits.refuse_reserved().reason_code());
+                continue;
+            }
             if let Err(d) = self.identity.check_subscribe(filter) {
                 if d.token_invalid.is_some() {
                     return Err(self.deny(d));
@@ -302,6 +315,10 @@ impl Conn {
                 Ok(p) => p,
                 Err(crate::router::RouterError::UndeclaredParent(_)) => {
                     codes.push(ReasonCode::TOPIC_FILTER_INVALID);
+                    continue;
+                }
+                Err(crate::router::RouterError::Reserved(_)) => {
+                    codes.push(self.ctx.limits.refuse_reserved().reason_code());
                     continue;
                 }
                 Err(e) => {

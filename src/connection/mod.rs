@@ -34,7 +34,7 @@ use crate::protocol::{
     Packet, PacketId, Protocol, PubResponse, Publish, PublishProperties, QoS, ReasonCode, RetainHandling, SubAck,
     Subscribe, SubscriptionOptions, UnsubAck, Unsubscribe,
 };
-use crate::router::mapping::{self, Message};
+use crate::router::mapping::{self, Message, Unmapped};
 use crate::router::{topic, Delivery, Reattach, SessionSlot};
 use crate::server::Context;
 use crate::session::persist::{Stored, StoredInflight};

@@ -5,11 +5,17 @@
 //! applications migrating from LMQ read the same fields. Also the other direction: any record
 //! in a parent topic's core-service topic — written by a gateway or by any application —
 //! becomes an MQTT message.
+//!
+//! Every parent → core-topic mapping goes through [`TopicMap::resolve`], which keeps MQTT
+//! clients out of the reserved namespace ([`super::reserved`]); every core topic → parent
+//! mapping goes through [`TopicMap::parent_of_core`], which never names a reserved topic, so a
+//! record of the events or a state topic is never taken for a message.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use super::reserved::ReservedTopics;
 use crate::backend::CoreRecord;
 use crate::config::{RecordKey, TopicsConfig};
 use crate::protocol::{PublishProperties, QoS, UserProperties};
@@ -83,6 +89,15 @@ pub struct CoreTopic {
     pub partitions: u32,
 }
 
+/// Why a parent topic has no core topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unmapped {
+    /// Not declared in `topics.parents` (and no `*`).
+    Undeclared,
+    /// The parent or its core topic is in the reserved namespace: never reachable over MQTT.
+    Reserved,
+}
+
 /// Parent topics declared in `gateway.yaml`, resolved to core-service topics.
 #[derive(Debug, Clone)]
 pub struct TopicMap {
@@ -92,10 +107,12 @@ pub struct TopicMap {
     /// `*` declared: any parent maps to a core topic of the same name.
     any: Option<u32>,
     key: RecordKey,
+    reserved: ReservedTopics,
 }
 
 impl TopicMap {
-    pub fn new(config: &TopicsConfig) -> TopicMap {
+    /// `reserved`: the configuration's reserved namespace (`Config::reserved_topics`).
+    pub fn new(config: &TopicsConfig, reserved: ReservedTopics) -> TopicMap {
         let mut declared = HashMap::new();
         let mut any = None;
         for p in &config.parents {
@@ -107,18 +124,35 @@ impl TopicMap {
             }
         }
         let by_core = declared.iter().map(|(p, t)| (t.name.to_string(), p.clone())).collect();
-        TopicMap { declared, by_core, any, key: config.record_key }
+        TopicMap { declared, by_core, any, key: config.record_key, reserved }
     }
 
-    /// Core topic for a parent topic, or `None` when the parent is not declared.
+    /// Core topic for a parent topic. A parent whose own name or core topic is reserved is
+    /// refused even when declared (config validation refuses such declarations; this is the
+    /// check every path relies on), and `*` never maps onto a reserved name.
+    pub fn resolve(&self, parent: &str) -> Result<CoreTopic, Unmapped> {
+        if self.reserved.contains(parent) {
+            return Err(Unmapped::Reserved);
+        }
+        let topic = match (self.declared.get(parent), self.any) {
+            (Some(t), _) => t.clone(),
+            (None, Some(partitions)) if is_safe_core_name(parent) => CoreTopic { name: parent.into(), partitions },
+            _ => return Err(Unmapped::Undeclared),
+        };
+        if self.reserved.contains(&topic.name) {
+            return Err(Unmapped::Reserved);
+        }
+        Ok(topic)
+    }
+
+    /// Core topic for a parent topic, or `None` when the parent is not declared or reserved.
     pub fn core_topic(&self, parent: &str) -> Option<CoreTopic> {
-        if let Some(t) = self.declared.get(parent) {
-            return Some(t.clone());
-        }
-        match self.any {
-            Some(partitions) if is_safe_core_name(parent) => Some(CoreTopic { name: parent.into(), partitions }),
-            _ => None,
-        }
+        self.resolve(parent).ok()
+    }
+
+    /// Whether a core-service topic is in the reserved namespace.
+    pub fn is_reserved(&self, core: &str) -> bool {
+        self.reserved.contains(core)
     }
 
     /// Parent topics declared by name (without `*`).
@@ -132,10 +166,13 @@ impl TopicMap {
     }
 
     /// Parent topic whose records live in core topic `core` (called per routed record:
-    /// no allocation).
+    /// no allocation). `None` for a reserved topic: its records are never messages.
     pub fn parent_of_core<'a>(&'a self, core: &'a str) -> Option<&'a str> {
+        if self.reserved.contains(core) {
+            return None;
+        }
         if let Some(parent) = self.by_core.get(core) {
-            return Some(parent);
+            return Some(parent.as_str()).filter(|p| !self.reserved.contains(p));
         }
         self.any.map(|_| core)
     }
@@ -341,7 +378,7 @@ mod tests {
     #[test]
     fn records_carry_lmq_headers_and_map_back() {
         let cfg = TopicsConfig::default();
-        let map = TopicMap::new(&cfg);
+        let map = TopicMap::new(&cfg, ReservedTopics::default());
         let rec = map.to_record(&msg());
         assert_eq!(rec.key.as_deref(), Some(&b"GID_dev@@@d1"[..]));
         assert_eq!(rec.header("topic").map(|v| &v[..]), Some(&b"sensors/room1/temp"[..]));
@@ -379,18 +416,81 @@ mod tests {
             }],
             ..TopicsConfig::default()
         };
-        let map = TopicMap::new(&cfg);
+        let map = TopicMap::new(&cfg, ReservedTopics::default());
         assert_eq!(map.core_topic("sensors").map(|t| t.name), Some("iot.sensors".into()));
         assert_eq!(map.core_topic("other"), None);
         assert_eq!(map.parent_of_core("iot.sensors"), Some("sensors"));
-        let any = TopicMap::new(&TopicsConfig::default());
+        let any = TopicMap::new(&TopicsConfig::default(), ReservedTopics::default());
         assert!(any.core_topic("x").is_some());
         assert!(any.core_topic("..").is_none());
     }
 
     #[test]
+    fn reserved_names_are_never_mapped_either_way() {
+        let reserved = ReservedTopics::new(["GID_LMQ_STATUS", "lmq-sessions"], ["lmq-"]);
+        let parent = |name: &str, core: Option<&str>| ParentTopic {
+            name: name.into(),
+            core_topic: core.map(str::to_owned),
+            partitions: 1,
+        };
+        let cfg = TopicsConfig {
+            parents: vec![
+                parent("*", None),
+                parent("foo", Some("lmq-sessions")),
+                parent("GID_LMQ_STATUS", Some("elsewhere")),
+                parent("cmd", Some("iot.cmd")),
+            ],
+            ..TopicsConfig::default()
+        };
+        let map = TopicMap::new(&cfg, reserved);
+        for p in ["GID_LMQ_STATUS", "gid_lmq_status", "lmq-credentials", "LMQ-delay", "foo"] {
+            assert_eq!(map.resolve(p), Err(Unmapped::Reserved), "{p}");
+            assert_eq!(map.core_topic(p), None, "{p}");
+        }
+        assert_eq!(map.resolve("cmd").map(|t| t.name), Ok("iot.cmd".into()));
+        assert_eq!(map.resolve("sensors").map(|t| t.name), Ok("sensors".into()));
+        assert_eq!(map.resolve(".."), Err(Unmapped::Undeclared));
+        // Records read back from these topics are never messages.
+        for core in ["GID_LMQ_STATUS", "lmq-sessions", "lmq-retained", "elsewhere"] {
+            assert_eq!(map.parent_of_core(core), None, "{core}");
+        }
+        assert_eq!(map.parent_of_core("iot.cmd"), Some("cmd"));
+        assert_eq!(map.parent_of_core("sensors"), Some("sensors"));
+    }
+
+    #[test]
+    fn publishers_cannot_add_headers_of_their_own() {
+        // Whatever user properties a client sends, a record from an MQTT PUBLISH carries only
+        // the fixed LMQ header set: no `eventType`, no gateway marker, no state header.
+        let mut m = msg();
+        m.user_properties = vec![
+            ("lmqGateway".into(), "forged".into()),
+            ("eventType".into(), "connect".into()),
+            ("lmqRecord".into(), "{}".into()),
+        ];
+        let rec = TopicMap::new(&TopicsConfig::default(), ReservedTopics::default()).to_record(&m);
+        let fixed = [
+            header::TOPIC,
+            header::SECOND_TOPIC,
+            header::QOS,
+            header::CLIENT_ID,
+            header::USER_PROPERTY,
+            header::EXPIRY,
+            header::CONTENT_TYPE,
+            header::RETAIN,
+            header::RESPONSE_TOPIC,
+            header::CORRELATION_DATA,
+            header::PAYLOAD_FORMAT,
+        ];
+        for (name, _) in &rec.headers {
+            assert!(fixed.contains(&name.as_str()), "unexpected header {name}");
+        }
+        assert!(rec.header(crate::events::GATEWAY_HEADER).is_none());
+    }
+
+    #[test]
     fn record_encoding_round_trips() {
-        let map = TopicMap::new(&TopicsConfig::default());
+        let map = TopicMap::new(&TopicsConfig::default(), ReservedTopics::default());
         let rec = map.to_record(&msg());
         assert_eq!(decode_record(encode_record(&rec)), Some(rec.clone()));
         let nokey = CoreRecord { key: None, ..rec };

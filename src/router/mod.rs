@@ -13,6 +13,7 @@
 
 mod groups;
 pub mod mapping;
+pub mod reserved;
 pub mod topic;
 pub mod trie;
 
@@ -105,6 +106,9 @@ pub enum Reattach {
 pub enum RouterError {
     #[error("parent topic `{0}` is not declared")]
     UndeclaredParent(String),
+    /// The topic is in the reserved namespace (SPEC §8): never read or written for MQTT clients.
+    #[error("topic `{0}` is reserved")]
+    Reserved(String),
     #[error("core service: {0}")]
     Backend(#[from] crate::backend::BackendError),
     #[error("router stopped")]
@@ -229,6 +233,7 @@ impl Router {
     /// tailed only for subscriptions (and P2P messages, whose target may be connected here
     /// without subscribing): a gateway does not read back what only flows through it.
     pub async fn ensure_for_publish(&self, topic: &CoreTopic, mqtt_topic: &str) -> Result<(), RouterError> {
+        self.refuse_reserved(topic)?;
         let read_here = mapping::p2p_target(mqtt_topic).is_some() || self.state.lock().trie.has_root_wildcard();
         if read_here {
             return self.ensure_core_topic(topic).await;
@@ -246,6 +251,7 @@ impl Router {
 
     /// Create the core topic if needed and make the dispatcher tail it.
     pub async fn ensure_core_topic(&self, topic: &CoreTopic) -> Result<(), RouterError> {
+        self.refuse_reserved(topic)?;
         if self.state.lock().assigned.contains_key(&topic.name) {
             return Ok(());
         }
@@ -292,16 +298,32 @@ impl Router {
         }
     }
 
+    /// The router never tails or creates a reserved topic for MQTT traffic, whoever asks:
+    /// the events topic is read only by `session::takeover`, state topics only by the core
+    /// service's state stores.
+    fn refuse_reserved(&self, topic: &CoreTopic) -> Result<(), RouterError> {
+        if self.topics.is_reserved(&topic.name) {
+            return Err(RouterError::Reserved(topic.name.to_string()));
+        }
+        Ok(())
+    }
+
     /// Core topics a filter can receive records from.
     pub fn core_topics_for_filter(&self, filter: &str) -> Result<Vec<CoreTopic>, RouterError> {
         let parent = topic::parent(filter);
         if parent == "+" || parent == "#" {
-            // Every core topic this gateway knows: tailed ones and those only published to.
+            // Every core topic this gateway knows: tailed ones and those only published to,
+            // never a reserved one (none gets there; checked again because a wildcard must
+            // not widen the namespace).
             let st = self.state.lock();
-            let known = st.assigned.iter().chain(st.writable.iter());
+            let known = st.assigned.iter().chain(st.writable.iter()).filter(|(n, _)| !self.topics.is_reserved(n));
             return Ok(known.map(|(n, p)| CoreTopic { name: n.clone(), partitions: *p }).collect());
         }
-        self.topics.core_topic(parent).map(|t| vec![t]).ok_or_else(|| RouterError::UndeclaredParent(parent.into()))
+        match self.topics.resolve(parent) {
+            Ok(t) => Ok(vec![t]),
+            Err(mapping::Unmapped::Undeclared) => Err(RouterError::UndeclaredParent(parent.into())),
+            Err(mapping::Unmapped::Reserved) => Err(RouterError::Reserved(parent.into())),
+        }
     }
 
     /// Add a subscription (full filter, possibly `$share/...`). Returns the partitions it
@@ -495,10 +517,13 @@ impl Router {
     }
 
     fn apply_retained_value(&self, topic: &str, value: Option<bytes::Bytes>) {
-        let message = value.and_then(mapping::decode_record).and_then(|rec| {
-            let parent = topic::parent(topic).to_string();
-            mapping::record_to_message(&parent, &rec).map(Arc::new)
-        });
+        // A retained entry under a reserved parent (stored before the namespace existed, or
+        // written around the gateway) is never offered to subscribers.
+        let parent = topic::parent(topic);
+        let value = value.filter(|_| self.topics.resolve(parent) != Err(mapping::Unmapped::Reserved));
+        let message = value
+            .and_then(mapping::decode_record)
+            .and_then(|rec| mapping::record_to_message(parent, &rec).map(Arc::new));
         self.apply_retained(topic, message);
     }
 

@@ -1,12 +1,20 @@
 //! Session takeover across gateway instances (SPEC §6): every gateway reads the client
 //! status events; a `connect` of a ClientId on *another* gateway, newer than the local
 //! connection of that ClientId, closes the local one (MQTT 5: DISCONNECT 0x8E).
+//!
+//! Only events that gateways wrote count (SPEC §8): the record must come from the events
+//! topic and carry the [`GATEWAY_HEADER`] marker naming the same gateway as its body. MQTT
+//! clients cannot write to the events topic (reserved namespace) and cannot produce that
+//! header on any topic (`router::mapping` writes a fixed header set), so no device can kick
+//! another one. Applications with direct write access to the core service can; that is what
+//! the core service's own ACLs are for.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::registry::{Kick, Registry};
-use crate::backend::{SharedCoreService, TopicPartition};
+use crate::backend::{Record, SharedCoreService, TopicPartition};
+use crate::events::GATEWAY_HEADER;
 
 #[derive(serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -16,6 +24,17 @@ struct EventBody {
     #[serde(default)]
     gateway_id: String,
     time: i64,
+}
+
+/// The `connect` event in `r`, if it is one that another gateway wrote into `events_topic`.
+fn foreign_connect(r: &Record, events_topic: &str, gateway_id: &str) -> Option<EventBody> {
+    if &*r.tp.topic != events_topic {
+        return None;
+    }
+    let writer = std::str::from_utf8(r.record.header(GATEWAY_HEADER)?).ok()?;
+    let ev = serde_json::from_slice::<EventBody>(&r.record.value).ok()?;
+    let genuine = !writer.is_empty() && writer == ev.gateway_id;
+    (genuine && ev.event_type == "connect" && ev.gateway_id != gateway_id).then_some(ev)
 }
 
 /// Follow the events topic from its end until `stop`.
@@ -54,11 +73,8 @@ pub async fn run(
         match batch {
             Ok(records) => {
                 for r in records {
-                    let Ok(ev) = serde_json::from_slice::<EventBody>(&r.record.value) else { continue };
-                    if ev.event_type == "connect"
-                        && ev.gateway_id != gateway_id
-                        && registry.kick_if_older(&ev.client_id, ev.time, Kick::TakenOver { new_clean_start: false })
-                    {
+                    let Some(ev) = foreign_connect(&r, &events_topic, &gateway_id) else { continue };
+                    if registry.kick_if_older(&ev.client_id, ev.time, Kick::TakenOver { new_clean_start: false }) {
                         tracing::info!(
                             client_id = ev.client_id,
                             by = ev.gateway_id,
@@ -73,5 +89,47 @@ pub async fn run(
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::CoreRecord;
+    use crate::events::{ClientEvent, EventType};
+
+    fn event(gateway_id: &str) -> ClientEvent {
+        ClientEvent {
+            event_type: EventType::Connect,
+            client_id: "victim".into(),
+            channel_id: "c1".into(),
+            client_ip: "127.0.0.1".into(),
+            time: 1,
+            gateway_id: gateway_id.into(),
+            username: None,
+            reason: None,
+        }
+    }
+
+    fn record(topic: &str, record: CoreRecord) -> Record {
+        Record { tp: TopicPartition::new(topic, 0), offset: 0, record }
+    }
+
+    #[test]
+    fn only_marked_events_of_other_gateways_in_the_events_topic_count() {
+        let genuine = record("events", event("gw-b").to_record());
+        assert_eq!(foreign_connect(&genuine, "events", "gw-a").map(|e| e.client_id), Some("victim".into()));
+        // Our own connect, or one read from another topic: ignored.
+        assert!(foreign_connect(&genuine, "events", "gw-b").is_none());
+        assert!(foreign_connect(&record("sensors", event("gw-b").to_record()), "events", "gw-a").is_none());
+        // The same body without the marker (a device or application writing JSON): ignored.
+        let mut unmarked = event("gw-b").to_record();
+        unmarked.headers.retain(|(k, _)| k != GATEWAY_HEADER);
+        assert!(foreign_connect(&record("events", unmarked), "events", "gw-a").is_none());
+        // A marker that disagrees with the body: ignored.
+        let mut mismatched = event("gw-b").to_record();
+        mismatched.headers.retain(|(k, _)| k != GATEWAY_HEADER);
+        mismatched.headers.push((GATEWAY_HEADER.into(), bytes::Bytes::from_static(b"gw-c")));
+        assert!(foreign_connect(&record("events", mismatched), "events", "gw-a").is_none());
     }
 }

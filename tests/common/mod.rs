@@ -570,3 +570,131 @@ pub async fn publish_pipelined(
         }
     }
 }
+
+/// Raw client: CONNECT as `id` (with user name and password if given, and a QoS 1 will on
+/// `will_topic`), and the CONNACK code as the client sees it (MQTT 5 reason code, or the
+/// 3.1.1 return code).
+pub async fn raw_connect(
+    addr: SocketAddr,
+    id: &str,
+    protocol: Protocol,
+    login: Option<(String, String)>,
+    will_topic: Option<&str>,
+) -> (Raw, u8) {
+    let mut raw = Raw::connect(addr, protocol).await;
+    let (username, password) = login.map_or((None, None), |(u, p)| (Some(u), Some(bytes::Bytes::from(p))));
+    raw.send(&Packet::Connect(Box::new(protocol::Connect {
+        protocol,
+        clean_start: true,
+        keep_alive: 30,
+        client_id: id.into(),
+        will: will_topic.map(|t| protocol::LastWill {
+            topic: t.into(),
+            payload: bytes::Bytes::from_static(b"bye"),
+            qos: protocol::QoS::AtLeastOnce,
+            retain: false,
+            properties: Default::default(),
+        }),
+        username,
+        password,
+        properties: Default::default(),
+    })))
+    .await;
+    let code = match raw.recv().await {
+        Some(Packet::ConnAck(a)) if protocol == Protocol::V5 => a.code.0,
+        Some(Packet::ConnAck(a)) => a.code.to_v3_connack(),
+        other => panic!("expected CONNACK, got {other:?}"),
+    };
+    (raw, code)
+}
+
+pub fn subscribe_packet(pid: u16, filter: &str) -> Packet {
+    Packet::Subscribe(protocol::Subscribe {
+        packet_id: std::num::NonZeroU16::new(pid).expect("packet id"),
+        filters: vec![(
+            filter.into(),
+            protocol::SubscriptionOptions { qos: protocol::QoS::AtLeastOnce, ..Default::default() },
+        )],
+        properties: Default::default(),
+    })
+}
+
+pub fn publish_packet(pid: u16, topic: &str, qos: protocol::QoS, payload: &[u8]) -> Packet {
+    Packet::Publish(protocol::Publish {
+        dup: false,
+        qos,
+        retain: false,
+        topic: topic.into(),
+        packet_id: (qos != protocol::QoS::AtMostOnce).then(|| std::num::NonZeroU16::new(pid).expect("packet id")),
+        payload: bytes::Bytes::copy_from_slice(payload),
+        properties: Default::default(),
+    })
+}
+
+impl Raw {
+    /// SUBSCRIBE one filter at QoS 1; the SUBACK's code.
+    pub async fn suback_code(&mut self, pid: u16, filter: &str) -> u8 {
+        self.send(&subscribe_packet(pid, filter)).await;
+        match self.recv().await {
+            Some(Packet::SubAck(s)) if s.codes.len() == 1 => s.codes[0].0,
+            other => panic!("SUBSCRIBE {filter}: expected one SUBACK code, got {other:?}"),
+        }
+    }
+}
+
+/// The reserved namespace as a device sees it (SPEC §8): `topic` cannot be reached over MQTT,
+/// with the answers of an ACL refusal. SUBSCRIBE (exact, `topic/#`, `$share/g/topic/+`): SUBACK
+/// 0x87 (5.0) / 0x80 (3.1.1). PUBLISH (to `topic` and below): 5.0 QoS 1/2 get PUBACK / PUBREC
+/// 0x87 and stay connected, 5.0 QoS 0 gets DISCONNECT 0x87; 3.1.1 is closed without PUBACK. A
+/// will on it is refused at CONNECT (0x87 / 5). Payloads start with `device-bytes`.
+/// `login(client_id)` gives the user name and password to connect with.
+pub async fn assert_topic_unreachable(addr: SocketAddr, topic: &str, login: impl Fn(&str) -> Option<(String, String)>) {
+    use protocol::{QoS, ReasonCode};
+    let connect = |id: String, protocol: Protocol| {
+        let login = login(&id);
+        async move {
+            let (raw, code) = raw_connect(addr, &id, protocol, login, None).await;
+            assert_eq!(code, 0, "{id} connects");
+            raw
+        }
+    };
+    let filters = [topic.to_string(), format!("{topic}/#"), format!("$share/g/{topic}/+")];
+    let mut c5 = connect(format!("probe5-{topic}"), Protocol::V5).await;
+    for (n, f) in filters.iter().enumerate() {
+        assert_eq!(c5.suback_code(1 + n as u16, f).await, 0x87, "5.0 SUBSCRIBE {f}");
+    }
+    for (pid, qos) in [(10, QoS::AtLeastOnce), (11, QoS::ExactlyOnce)] {
+        for t in [topic.to_string(), format!("{topic}/x")] {
+            c5.send(&publish_packet(pid, &t, qos, b"device-bytes-5")).await;
+            match c5.recv().await {
+                Some(Packet::PubAck(a)) if qos == QoS::AtLeastOnce => {
+                    assert_eq!(a.code, ReasonCode::NOT_AUTHORIZED, "PUBACK {t}")
+                }
+                Some(Packet::PubRec(a)) if qos == QoS::ExactlyOnce => {
+                    assert_eq!(a.code, ReasonCode::NOT_AUTHORIZED, "PUBREC {t}")
+                }
+                other => panic!("5.0 PUBLISH {t} {qos:?}: {other:?}"),
+            }
+        }
+    }
+    c5.send(&publish_packet(0, topic, QoS::AtMostOnce, b"device-bytes-5-qos0")).await;
+    let seen = c5.until_closed().await;
+    assert!(
+        matches!(seen.as_slice(), [Packet::Disconnect(d)] if d.code == ReasonCode::NOT_AUTHORIZED),
+        "5.0 QoS 0 PUBLISH {topic}: {seen:?}"
+    );
+
+    let mut c3 = connect(format!("probe3-{topic}"), Protocol::V311).await;
+    for (n, f) in filters.iter().enumerate() {
+        assert_eq!(c3.suback_code(1 + n as u16, f).await, 0x80, "3.1.1 SUBSCRIBE {f}");
+    }
+    c3.send(&publish_packet(7, &format!("{topic}/x"), QoS::AtLeastOnce, b"device-bytes-3")).await;
+    let seen = c3.until_closed().await;
+    assert!(seen.is_empty(), "3.1.1 PUBLISH {topic}: no PUBACK, connection closed; got {seen:?}");
+
+    for (protocol, code) in [(Protocol::V5, 0x87), (Protocol::V311, 5)] {
+        let id = format!("will-{topic}");
+        let (_, got) = raw_connect(addr, &id, protocol, login(&id), Some(&format!("{topic}/w"))).await;
+        assert_eq!(got, code, "{protocol:?} will on {topic}");
+    }
+}

@@ -343,7 +343,8 @@ async fn next_update(rx: &mut tokio::sync::mpsc::Receiver<StateUpdate>, prefix: 
     }
 }
 
-/// `emit_event` writes to the events topic: key = clientId, header `eventType`, JSON body.
+/// `emit_event` writes to the events topic: key = clientId, headers `eventType` and
+/// `lmqGateway` (the gateway marker), JSON body.
 pub async fn events_written(core: &dyn CoreService, events_topic: &str, client_id: &str) {
     let event = ClientEvent {
         event_type: EventType::Connect,
@@ -374,6 +375,8 @@ pub async fn events_written(core: &dyn CoreService, events_topic: &str, client_i
     }
     let found = found.expect("event record not found");
     assert_eq!(found.record.header("eventType").map(|v| v.as_ref()), Some(&b"connect"[..]));
+    // The mark of an event written by a gateway survives the core service (takeover needs it).
+    assert_eq!(found.record.header(lmq_gateway::events::GATEWAY_HEADER).map(|v| v.as_ref()), Some(&b"gw-test"[..]));
     let body: serde_json::Value = serde_json::from_slice(&found.record.value).unwrap();
     assert_eq!(body["eventType"], "connect");
     assert_eq!(body["clientId"], client_id);

@@ -188,7 +188,11 @@ impl Shared {
         };
         let mq = queues.get(partition as usize).ok_or_else(|| BackendError::UnknownTopic(topic.to_owned()))?;
         let tag = if topic == self.events_topic {
-            record.header("eventType").and_then(|t| std::str::from_utf8(t).ok()).unwrap_or("event").to_owned()
+            record
+                .header(crate::events::TYPE_HEADER)
+                .and_then(|t| std::str::from_utf8(t).ok())
+                .unwrap_or("event")
+                .to_owned()
         } else if topic == self.config.state_topic {
             record.header("lmqStateStore").and_then(|t| std::str::from_utf8(t).ok()).unwrap_or("state").to_owned()
         } else {
@@ -342,12 +346,9 @@ impl CoreService for RocketmqCore {
     }
 
     fn emit_event(&self, event: ClientEvent) -> BoxFuture<'static, Result<()>> {
-        let record = CoreRecord {
-            key: Some(Bytes::from(event.client_id.clone().into_bytes())),
-            headers: vec![("eventType".to_owned(), Bytes::from_static(event.event_type.as_str().as_bytes()))],
-            value: Bytes::from(event.to_json()),
-            timestamp_ms: event.time,
-        };
+        // Headers become user properties (`eventType`, the gateway marker `lmqGateway`); the
+        // tag is the event type (`enqueue`).
+        let record = event.to_record();
         let shared = self.shared.clone();
         Box::pin(async move { shared.append(&shared.events_topic, record).await.map(|_| ()) })
     }

@@ -209,7 +209,7 @@ async fn sender(s: Sender, mut clock_rx: watch::Receiver<Option<Clock>>) -> Resu
 pub(super) async fn raw_producer_scenario(args: &Args, report: &mut Report) -> Result<()> {
     let kafka =
         KafkaConfig { bootstrap_servers: args.bootstrap.clone(), linger_ms: args.linger_ms, ..KafkaConfig::default() };
-    let map = TopicMap::new(&TopicsConfig::default());
+    let map = TopicMap::new(&TopicsConfig::default(), Default::default());
     let core_topic: Arc<str> = map
         .core_topic(&args.topic_prefix)
         .ok_or_else(|| anyhow!("--topic-prefix {:?} is not a valid core topic name", args.topic_prefix))?

@@ -153,8 +153,11 @@ async fn forged_connect_event_is_refused_and_the_victim_stays_connected() {
 
 #[tokio::test]
 async fn internal_topic_names_are_refused_for_publish_and_subscribe() {
-    let gw = TestGateway::start_with(AUTH).await;
+    let gw = TestGateway::start_admin(AUTH).await;
     assert_unreachable(gw.addr, &[EVENTS, "gid_lmq_status", "lmq-sessions", "lmq-delay", "LMQ-trace"]).await;
+    // Counted by reason: per name 6 SUBSCRIBEs, 6 PUBLISHes, 2 wills.
+    let refused = gw.metric("lmq_limit_refusals_total", &[("reason", "reserved_topic")]).await;
+    assert_eq!(refused, 5.0 * 14.0);
     // A renamed events topic is reserved under its new name (and the old name is free).
     let gw2 = TestGateway::start_with(&format!("topics:\n  events_topic: EV_status\n{AUTH}")).await;
     assert_unreachable(gw2.addr, &["EV_status"]).await;

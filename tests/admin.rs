@@ -219,6 +219,19 @@ async fn undeclared_parents_are_refused() {
 }
 
 #[tokio::test]
+async fn reserved_topics_are_refused() {
+    // With parent `*` (the default), the events topic is still not a message topic.
+    let gw = TestGateway::start_admin("").await;
+    for topic in ["GID_LMQ_STATUS", "lmq-sessions/x"] {
+        let (status, body) = call(&gw, "POST", "/api/v1/messages", Some(json!({"topic": topic}))).await;
+        assert_eq!(status, 400, "{topic}");
+        assert!(is_error(&body, "reserved_topic"), "{topic}: {body}");
+    }
+    let events = gw.status_events().await;
+    assert!(events.is_empty(), "nothing written to the events topic: {events:?}");
+}
+
+#[tokio::test]
 async fn issued_token_connects_and_revoking_it_disconnects() {
     let gw = TestGateway::start_admin(AUTH).await;
     let req = json!({"access_key_id": "ak-a", "resources": ["adm/#"], "actions": "RW", "ttl_secs": 600});

@@ -6,10 +6,12 @@
 
 mod common;
 
+use bytes::Bytes;
 use common::{v4, v5, Raw, TestGateway};
 use lmq_gateway::auth::signature::sign;
 use lmq_gateway::config::Config;
 use lmq_gateway::events::{ClientEvent, EventType, GATEWAY_HEADER};
+use lmq_gateway::gateway::Gateway;
 use lmq_gateway::limits::Refusal;
 use lmq_gateway::protocol::{self as p, Packet, Protocol, ReasonCode};
 use std::net::SocketAddr;
@@ -153,8 +155,11 @@ async fn forged_connect_event_is_refused_and_the_victim_stays_connected() {
 
 #[tokio::test]
 async fn internal_topic_names_are_refused_for_publish_and_subscribe() {
-    let gw = TestGateway::start_with(AUTH).await;
+    let gw = TestGateway::start_admin(AUTH).await;
     assert_unreachable(gw.addr, &[EVENTS, "gid_lmq_status", "lmq-sessions", "lmq-delay", "LMQ-trace"]).await;
+    // Counted by reason: per name 6 SUBSCRIBEs, 6 PUBLISHes, 2 wills.
+    let refused = gw.metric("lmq_limit_refusals_total", &[("reason", "reserved_topic")]).await;
+    assert_eq!(refused, 5.0 * 14.0);
     // A renamed events topic is reserved under its new name (and the old name is free).
     let gw2 = TestGateway::start_with(&format!("topics:\n  events_topic: EV_status\n{AUTH}")).await;
     assert_unreachable(gw2.addr, &["EV_status"]).await;
@@ -214,4 +219,50 @@ fn config_refuses_parents_mapped_onto_reserved_topics() {
         assert!(err.contains(&format!("`{reserved}` is reserved")), "{yaml}: {err}");
     }
     assert!(Config::from_yaml("topics:\n  parents:\n    - name: foo\n      core_topic: iot.foo\n").is_ok());
+}
+
+/// A persistent session stored before a topic became reserved (here: by moving
+/// `topics.reserved_prefix`) loses that subscription when it returns: the CONNECT succeeds,
+/// and records of the now-reserved topic are not delivered, while the session works.
+#[tokio::test]
+async fn restored_subscriptions_to_reserved_topics_are_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = |prefix: &str| {
+        format!(
+            "listeners:\n  - name: tcp\n    bind: 127.0.0.1:0\ncore:\n  embedded:\n    data_dir: {}\n\
+             topics:\n  reserved_prefix: {prefix}\n{AUTH}",
+            dir.path().display()
+        )
+    };
+    let persistent = |addr| {
+        let mut o = v4::options(addr, "legacy");
+        creds(&mut o, "legacy");
+        o.set_clean_session(false);
+        o
+    };
+    let gw = Gateway::start(Config::from_yaml(&yaml("old-")).unwrap()).await.unwrap();
+    let mut c = v4::connect_with(persistent(gw.addr())).await;
+    let ack = c.subscribe("lmq-legacy/#", v4::QoS::AtLeastOnce).await;
+    assert_eq!(ack.return_codes, [rumqttc::SubscribeReasonCode::Success(v4::QoS::AtLeastOnce)]);
+    c.subscribe("cmd/legacy", v4::QoS::AtLeastOnce).await;
+    c.disconnect().await;
+    gw.shutdown().await;
+
+    let gw = Gateway::start(Config::from_yaml(&yaml("lmq-")).unwrap()).await.unwrap();
+    // Written while the client is away, into the topic that is reserved now.
+    let record = |topic: &str, payload: &'static [u8]| lmq_gateway::backend::CoreRecord {
+        key: None,
+        headers: vec![("topic".into(), Bytes::copy_from_slice(topic.as_bytes()))],
+        value: Bytes::from_static(payload),
+        timestamp_ms: lmq_gateway::now_ms(),
+    };
+    gw.ctx.backend.append("lmq-legacy", record("lmq-legacy/x", b"internal")).await.expect("append");
+    let mut c = v4::connect_with(persistent(gw.addr())).await;
+    let mut sender = device_v4(gw.addr(), "sender").await;
+    sender.publish("cmd/legacy", v4::QoS::AtLeastOnce, false, b"ordinary").await;
+    let m = c.next_publish().await;
+    assert_eq!((m.topic.as_str(), &m.payload[..]), ("cmd/legacy", &b"ordinary"[..]));
+    gw.ctx.backend.append("lmq-legacy", record("lmq-legacy/y", b"internal-2")).await.expect("append");
+    assert!(c.no_publish(Duration::from_millis(800)).await);
+    gw.shutdown().await;
 }

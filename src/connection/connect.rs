@@ -289,10 +289,18 @@ impl Conn {
                 self.state.cursor(&tp, live);
             }
         }
+        // Positions in reserved topics (stored before the reserved namespace existed) are
+        // dropped: nothing is read back from them for a client.
+        let before = self.state.cursors.len();
+        self.state.cursors.retain(|tp, _| !router.topics().is_reserved(&tp.topic));
+        self.dirty |= self.state.cursors.len() != before;
         // In-flight messages: fetch their bodies back from the log.
         for inf in inflight {
             let Some(pid) = inf.packet_id() else { continue };
             let origin = inf.origin();
+            if router.topics().is_reserved(&origin.tp.topic) {
+                continue;
+            }
             let qos = QoS::from_u8(inf.qos).unwrap_or(QoS::AtLeastOnce);
             let message = if inf.released {
                 None

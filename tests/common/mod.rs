@@ -553,6 +553,9 @@ pub async fn publish_pipelined(
                 Err(_) => return next,
             }
         }
+        if connected && next >= total && inflight.is_empty() {
+            return total;
+        }
         let may_send = connected && next < total && inflight.len() < pace.window;
         let until = match due(sent) {
             Some(d) if may_send => d,

@@ -27,39 +27,14 @@ CMD=${1:-}
 CACHE=${LMQ_BROKER_CACHE:-$HOME/.cache/lmq-brokers}/kafka-$KAFKA_VERSION
 LIB=$CACHE/lib
 
-need_apt() {
-  local SUDO=""
-  [ "$(id -u)" = 0 ] || SUDO="sudo"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "$@" >/dev/null
-}
+# shellcheck source=lib/maven-jars.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib/maven-jars.sh"
 
-installed() {
-  [ -f "$LIB/.complete" ] && command -v java >/dev/null 2>&1
-}
+installed() { jars_installed "$LIB"; }
 
 install() {
-  installed && return 0
-  command -v java >/dev/null 2>&1 || need_apt openjdk-17-jre-headless
-  command -v mvn >/dev/null 2>&1 || need_apt maven
-  echo "kafka-dev: resolving Apache Kafka $KAFKA_VERSION from Maven Central into $CACHE" >&2
-  mkdir -p "$CACHE"
-  cat >"$CACHE/pom.xml" <<POM
-<project xmlns="http://maven.apache.org/POM/4.0.0">
-  <modelVersion>4.0.0</modelVersion>
-  <groupId>lmq-gateway.test</groupId>
-  <artifactId>kafka-broker</artifactId>
-  <version>1</version>
-  <packaging>pom</packaging>
-  <dependencies>
-    <dependency><groupId>org.apache.kafka</groupId><artifactId>kafka_2.13</artifactId><version>$KAFKA_VERSION</version></dependency>
-    <dependency><groupId>org.apache.logging.log4j</groupId><artifactId>log4j-slf4j-impl</artifactId><version>$LOG4J_VERSION</version></dependency>
-  </dependencies>
-</project>
-POM
-  rm -rf "$LIB"
-  mvn -q -B -f "$CACHE/pom.xml" dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory="$LIB" >&2
-  touch "$LIB/.complete"
+  jars_install "Apache Kafka $KAFKA_VERSION" "$CACHE" "$LIB" \
+    "org.apache.kafka:kafka_2.13:$KAFKA_VERSION" "org.apache.logging.log4j:log4j-slf4j-impl:$LOG4J_VERSION"
 }
 
 wait_port() {

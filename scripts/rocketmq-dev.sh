@@ -37,41 +37,14 @@ BROKER_PORT="${BROKER_PORT:-10911}"
 CACHE="${LMQ_BROKER_CACHE:-$HOME/.cache/lmq-brokers}/rocketmq-$ROCKETMQ_VERSION"
 LIB="$CACHE/lib"
 
-need_apt() {
-  local SUDO=""
-  [ "$(id -u)" = 0 ] || SUDO="sudo"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "$@" >/dev/null
-}
+# shellcheck source=lib/maven-jars.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib/maven-jars.sh"
 
-installed() {
-  [ -f "$LIB/.complete" ] && command -v java >/dev/null 2>&1
-}
+installed() { jars_installed "$LIB"; }
 
 install() {
-  installed && return 0
-  command -v java >/dev/null 2>&1 || need_apt openjdk-17-jre-headless
-  command -v mvn >/dev/null 2>&1 || need_apt maven
-  echo "rocketmq-dev: resolving Apache RocketMQ $ROCKETMQ_VERSION from Maven Central into $CACHE" >&2
-  mkdir -p "$CACHE"
-  cat >"$CACHE/pom.xml" <<POM
-<project xmlns="http://maven.apache.org/POM/4.0.0">
-  <modelVersion>4.0.0</modelVersion>
-  <groupId>lmq-gateway.test</groupId>
-  <artifactId>rocketmq-broker</artifactId>
-  <version>1</version>
-  <packaging>pom</packaging>
-  <dependencies>
-    <dependency><groupId>org.apache.rocketmq</groupId><artifactId>rocketmq-namesrv</artifactId><version>$ROCKETMQ_VERSION</version></dependency>
-    <dependency><groupId>org.apache.rocketmq</groupId><artifactId>rocketmq-broker</artifactId><version>$ROCKETMQ_VERSION</version></dependency>
-  </dependencies>
-</project>
-POM
-  rm -rf "$LIB"
-  # (Debian's Maven 3.8 prints colour resets even with -B -q: dropped.)
-  mvn -q -B -f "$CACHE/pom.xml" dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory="$LIB" 2>&1 |
-    sed 's/\x1b\[0m//g' >&2
-  touch "$LIB/.complete"
+  jars_install "Apache RocketMQ $ROCKETMQ_VERSION" "$CACHE" "$LIB" \
+    "org.apache.rocketmq:rocketmq-namesrv:$ROCKETMQ_VERSION" "org.apache.rocketmq:rocketmq-broker:$ROCKETMQ_VERSION"
 }
 
 wait_port() { # port seconds

@@ -274,17 +274,9 @@ impl Conn {
         let filters: Vec<(String, QoS)> =
             self.state.subscriptions.iter().map(|s| (s.filter.clone(), s.options.qos)).collect();
         for (filter, qos) in filters {
-            let positions = match router.subscribe(&self.slot, &filter, qos).await {
-                Ok(positions) => positions,
-                Err(crate::router::RouterError::Reserved(_)) => {
-                    // Stored before the reserved namespace existed: dropped, never served.
-                    tracing::info!(client_id = %self.client_id, filter, "restored subscription to a reserved topic dropped");
-                    self.state.unsubscribe(&filter);
-                    self.dirty = true;
-                    continue;
-                }
-                Err(_) => return Err(ReasonCode::SERVER_UNAVAILABLE),
-            };
+            // Filters onto reserved or undeclared topics were dropped above.
+            let positions =
+                router.subscribe(&self.slot, &filter, qos).await.map_err(|_| ReasonCode::SERVER_UNAVAILABLE)?;
             for (tp, live) in positions {
                 self.state.cursor(&tp, live);
             }

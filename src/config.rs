@@ -240,6 +240,11 @@ pub struct MqttConfig {
     /// MQTT 5 clients get Server Keep Alive instead) is disconnected; 0 = never.
     #[serde(default = "default_idle_timeout_keepalive_0")]
     pub idle_timeout_secs_when_keepalive_0: u64,
+    /// Acknowledgements a client may give above its oldest unacknowledged message (each one
+    /// is remembered until that message is acknowledged); beyond it the client is
+    /// disconnected (MQTT 5: 0x97) and gets the unacknowledged messages again when it returns.
+    #[serde(default = "default_max_acked_above")]
+    pub max_acked_above: usize,
 }
 
 impl Default for MqttConfig {
@@ -287,6 +292,9 @@ fn default_max_retained_per_subscribe() -> usize {
 fn default_idle_timeout_keepalive_0() -> u64 {
     600
 }
+fn default_max_acked_above() -> usize {
+    10_000
+}
 
 /// LMQ limits (SPEC §5).
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -312,6 +320,25 @@ pub struct LimitsConfig {
     /// that would go beyond is refused.
     #[serde(default = "default_max_retained_bytes")]
     pub max_retained_bytes: usize,
+    /// Core topics this gateway creates or reads for parents accepted by `*` (declared
+    /// parents do not count): a publish or subscribe needing one more is refused (0x97).
+    #[serde(default = "default_max_core_topics")]
+    pub max_core_topics: usize,
+    /// Distinct share groups (`$share/<group>/...`) one client may subscribe with at once.
+    #[serde(default = "default_max_share_groups_per_client")]
+    pub max_share_groups_per_client: usize,
+    /// Delayed wills (MQTT 5 Will Delay Interval) waiting at once per identity (access key,
+    /// device credential or token subject); beyond it a will is published without delay.
+    #[serde(default = "default_max_delayed_wills_per_identity")]
+    pub max_delayed_wills_per_identity: usize,
+    /// Persistent sessions one identity may hold in the sessions store; a CONNECT that would
+    /// create one more is refused (0x97 / 3.1.1: server unavailable). 0 = no limit.
+    #[serde(default = "default_max_sessions_per_identity")]
+    pub max_sessions_per_identity: usize,
+    /// Bytes of recent messages the router keeps (all partitions together) to hand to a
+    /// subscriber that fell behind without reading them again from the core service.
+    #[serde(default = "default_max_replay_bytes")]
+    pub max_replay_bytes: usize,
 }
 
 impl Default for LimitsConfig {
@@ -334,6 +361,21 @@ fn default_max_retained_messages() -> usize {
 }
 fn default_max_retained_bytes() -> usize {
     256 * 1024 * 1024
+}
+fn default_max_core_topics() -> usize {
+    1000
+}
+fn default_max_share_groups_per_client() -> usize {
+    10
+}
+fn default_max_delayed_wills_per_identity() -> usize {
+    1000
+}
+fn default_max_sessions_per_identity() -> usize {
+    100_000
+}
+fn default_max_replay_bytes() -> usize {
+    64 * 1024 * 1024
 }
 
 /// Record key of a message written to the core service.
@@ -574,6 +616,10 @@ pub struct EmbeddedConfig {
     /// Recent records kept in memory per partition for fast reads by lagging readers.
     #[serde(default = "default_cache_records")]
     pub cache_records: usize,
+    /// Bytes of recent records kept in memory per partition (whichever of this and
+    /// `cache_records` is reached first).
+    #[serde(default = "default_cache_bytes")]
+    pub cache_bytes: usize,
 }
 
 impl Default for EmbeddedConfig {
@@ -599,6 +645,9 @@ fn default_segment_bytes() -> u64 {
 }
 fn default_cache_records() -> usize {
     16_384
+}
+fn default_cache_bytes() -> usize {
+    8 * 1024 * 1024
 }
 
 /// The Kafka core service (`core.kind: kafka`).

@@ -13,7 +13,7 @@ use crate::backend::SharedCoreService;
 use crate::config::{Config, CoreKind};
 use crate::limits::Limits;
 use crate::router::mapping::TopicMap;
-use crate::router::Router;
+use crate::router::{Router, RouterLimits};
 use crate::server::{Context, Listener};
 use crate::session::registry::{Kick, Registry};
 
@@ -48,9 +48,13 @@ impl Gateway {
         // Metrics first: the router and the limits count into them.
         let metrics = Arc::new(crate::metrics::Metrics::new());
         let router_stats = crate::router::RouterStats::new(&metrics);
-        let router =
-            Router::start(backend.clone(), TopicMap::new(&config.topics, config.reserved_topics()), router_stats)
-                .await?;
+        let router = Router::start(
+            backend.clone(),
+            TopicMap::new(&config.topics, config.reserved_topics()),
+            router_stats,
+            RouterLimits::new(&config.limits),
+        )
+        .await?;
         let limits = Limits::new(config.limits.clone(), &metrics);
         let mut listeners = Vec::new();
         for l in &config.listeners {

@@ -31,10 +31,22 @@ pub enum Refusal {
     RetainedStoreFull,
     /// A PUBLISH or SUBSCRIBE aimed at the reserved namespace (events, state, system topics).
     ReservedTopic,
+    /// A PUBLISH or SUBSCRIBE needing a new core topic for a `*` parent beyond
+    /// `limits.max_core_topics`.
+    CoreTopicLimit,
+    /// A SUBSCRIBE joining more share groups than `limits.max_share_groups_per_client`.
+    TooManyShareGroups,
+    /// A client acknowledged more than `mqtt.max_acked_above` messages above its oldest
+    /// unacknowledged one.
+    AckedAboveLimit,
+    /// A CONNECT creating a persistent session beyond `limits.max_sessions_per_identity`.
+    SessionsPerIdentity,
+    /// A delayed will beyond `limits.max_delayed_wills_per_identity` (published at once).
+    DelayedWillsPerIdentity,
 }
 
 /// Number of [`Refusal`] reasons.
-pub const REFUSALS: usize = 8;
+pub const REFUSALS: usize = 13;
 
 impl Refusal {
     pub const ALL: [Refusal; REFUSALS] = [
@@ -46,6 +58,11 @@ impl Refusal {
         Refusal::SlowReader,
         Refusal::RetainedStoreFull,
         Refusal::ReservedTopic,
+        Refusal::CoreTopicLimit,
+        Refusal::TooManyShareGroups,
+        Refusal::AckedAboveLimit,
+        Refusal::SessionsPerIdentity,
+        Refusal::DelayedWillsPerIdentity,
     ];
 
     fn index(self) -> usize {
@@ -60,7 +77,12 @@ impl Refusal {
             Refusal::TooManySubscriptions
             | Refusal::RetainedPerSubscribe
             | Refusal::SlowReader
-            | Refusal::RetainedStoreFull => ReasonCode::QUOTA_EXCEEDED,
+            | Refusal::RetainedStoreFull
+            | Refusal::CoreTopicLimit
+            | Refusal::TooManyShareGroups
+            | Refusal::AckedAboveLimit
+            | Refusal::SessionsPerIdentity
+            | Refusal::DelayedWillsPerIdentity => ReasonCode::QUOTA_EXCEEDED,
             Refusal::ReservedTopic => ReasonCode::NOT_AUTHORIZED,
         }
     }
@@ -75,6 +97,11 @@ impl Refusal {
             Refusal::SlowReader => "slow_reader",
             Refusal::RetainedStoreFull => "retained_store_full",
             Refusal::ReservedTopic => "reserved_topic",
+            Refusal::CoreTopicLimit => "core_topic_limit",
+            Refusal::TooManyShareGroups => "too_many_share_groups",
+            Refusal::AckedAboveLimit => "acked_above_limit",
+            Refusal::SessionsPerIdentity => "sessions_per_identity",
+            Refusal::DelayedWillsPerIdentity => "delayed_wills_per_identity",
         }
     }
 }
@@ -153,6 +180,14 @@ impl Limits {
         Ok(())
     }
 
+    /// `groups`: distinct share groups the client would be in, this SUBSCRIBE's included.
+    pub fn check_share_groups(&self, groups: usize) -> Result<(), Refusal> {
+        if groups > self.config.max_share_groups_per_client {
+            return Err(self.refuse(Refusal::TooManyShareGroups));
+        }
+        Ok(())
+    }
+
     /// Count (and log, rate-limited) a refusal decided elsewhere: retained messages left
     /// out of a SUBSCRIBE, a slow reader disconnected.
     pub fn count(&self, r: Refusal) -> Refusal {
@@ -190,6 +225,12 @@ mod tests {
         l.count(Refusal::RetainedPerSubscribe);
         l.count(Refusal::SlowReader);
         l.count(Refusal::RetainedStoreFull);
+        assert!(l.check_share_groups(10).is_ok());
+        assert_eq!(l.check_share_groups(11), Err(Refusal::TooManyShareGroups));
+        l.count(Refusal::CoreTopicLimit);
+        l.count(Refusal::AckedAboveLimit);
+        l.count(Refusal::SessionsPerIdentity);
+        l.count(Refusal::DelayedWillsPerIdentity);
         assert_eq!(l.refuse_reserved().reason_code(), ReasonCode::NOT_AUTHORIZED);
         for r in Refusal::ALL {
             assert_eq!(l.refused(r), 1, "{r:?} counted once");

@@ -21,6 +21,7 @@ fn config(dir: &std::path::Path) -> EmbeddedConfig {
         retention_hours: 72,
         segment_bytes: 1024 * 1024,
         cache_records: 1000,
+        cache_bytes: 8 << 20,
     }
 }
 

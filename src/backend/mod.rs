@@ -39,6 +39,15 @@ impl CoreRecord {
     pub fn header(&self, name: &str) -> Option<&Bytes> {
         self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v)
     }
+
+    /// Bytes this record holds in memory (key, headers, value, plus a fixed overhead per
+    /// record and header), for caches bounded in bytes.
+    pub fn memory_size(&self) -> usize {
+        const RECORD_OVERHEAD: usize = 96;
+        const HEADER_OVERHEAD: usize = 48;
+        let headers: usize = self.headers.iter().map(|(k, v)| k.len() + v.len() + HEADER_OVERHEAD).sum();
+        RECORD_OVERHEAD + self.key.as_ref().map_or(0, |k| k.len()) + headers + self.value.len()
+    }
 }
 
 impl fmt::Debug for CoreRecord {

@@ -114,9 +114,13 @@ impl Conn {
         };
         let had_stored = existing.is_some();
         let owner = identity.owner();
+        let owners = &ctx.registry.owners;
         let stored = if connect.clean_start {
             // A clean start discards any stored session [MQTT-3.1.2-4].
             if had_stored {
+                if let Some(o) = existing.as_deref().and_then(Stored::decode).and_then(|s| s.owner) {
+                    owners.remove(&o);
+                }
                 let _ = backend.put_state(StateStore::Sessions, &client_id, None).await;
             }
             None
@@ -131,6 +135,9 @@ impl Conn {
                         mode = identity.mode.as_str(),
                         "stored session belongs to another identity: a fresh session is started"
                     );
+                    if let Some(o) = &s.owner {
+                        owners.remove(o);
+                    }
                     let _ = backend.put_state(StateStore::Sessions, &client_id, None).await;
                     None
                 }
@@ -138,6 +145,16 @@ impl Conn {
             }
         };
         let session_present = stored.is_some();
+        // A new persistent session: bounded per identity (SPEC §8).
+        if !session_present
+            && session_expiry > 0
+            && !owners.try_add(&owner, ctx.config.limits.max_sessions_per_identity)
+        {
+            let r = ctx.limits.count(crate::limits::Refusal::SessionsPerIdentity);
+            let _ = write_now(writer, &refuse(r.reason_code()), protocol).await;
+            ctx.registry.release(&client_id, conn_id);
+            return None;
+        }
         let (mut state, inflight) = match stored {
             Some(s) => s.into_state(),
             None => (SessionState::new(client_id.clone()), Vec::new()),

@@ -96,7 +96,12 @@ impl Conn {
             user_properties: will.properties.user_properties.clone(),
             timestamp_ms: now_ms(),
         });
-        let cancel = (delay > 0).then(|| ctx.registry.park_will(&client_id));
+        // Delayed wills wait in memory: bounded per identity, the rest are published at once.
+        let max = ctx.config.limits.max_delayed_wills_per_identity;
+        let cancel = (delay > 0).then(|| ctx.registry.park_will(&client_id, &self.identity.owner(), max)).flatten();
+        if delay > 0 && cancel.is_none() {
+            ctx.limits.count(crate::limits::Refusal::DelayedWillsPerIdentity);
+        }
         tokio::spawn(async move {
             if let Some(cancel) = cancel {
                 tokio::select! {

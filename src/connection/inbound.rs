@@ -2,6 +2,8 @@
 //! durable, SUBSCRIBE / UNSUBSCRIBE.
 
 use super::*;
+use crate::limits::Refusal;
+use crate::router::RouterError;
 
 /// Result of one core-service append, in publish order.
 pub(super) struct AckResult {
@@ -107,7 +109,7 @@ impl Conn {
                 limits.max_retained_bytes,
             )
         {
-            self.ctx.limits.count(crate::limits::Refusal::RetainedStoreFull);
+            self.ctx.limits.count(Refusal::RetainedStoreFull);
             self.done_inbound(p.qos);
             return self.refuse_publish(&p, ReasonCode::QUOTA_EXCEEDED, "retained store full");
         }
@@ -147,10 +149,18 @@ impl Conn {
                 return Ok(());
             }
         }
-        if let Err(e) = self.ctx.router.ensure_for_publish(&core, &p.topic).await {
-            tracing::warn!(error = %e, "cannot create core topic");
-            self.done_inbound(p.qos);
-            return Err(End::Server(ReasonCode::SERVER_BUSY, "core service unavailable"));
+        match self.ctx.router.ensure_for_publish(&core, &p.topic).await {
+            Ok(()) => {}
+            Err(RouterError::TopicLimit(_)) => {
+                self.done_inbound(p.qos);
+                let r = self.ctx.limits.count(Refusal::CoreTopicLimit);
+                return self.refuse_publish(&p, r.reason_code(), "no room for another core topic");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot create core topic");
+                self.done_inbound(p.qos);
+                return Err(End::Server(ReasonCode::SERVER_BUSY, "core service unavailable"));
+            }
         }
         let message = Arc::new(Message {
             topic: p.topic.as_str().into(),
@@ -311,14 +321,22 @@ impl Conn {
                 codes.push(ReasonCode::QUOTA_EXCEEDED);
                 continue;
             }
+            if let Err(r) = self.ctx.limits.check_share_groups(self.state.share_groups_with(parsed.group)) {
+                codes.push(r.reason_code());
+                continue;
+            }
             let positions = match router.subscribe(&self.slot, filter, options.qos).await {
                 Ok(p) => p,
-                Err(crate::router::RouterError::UndeclaredParent(_)) => {
+                Err(RouterError::UndeclaredParent(_)) => {
                     codes.push(ReasonCode::TOPIC_FILTER_INVALID);
                     continue;
                 }
-                Err(crate::router::RouterError::Reserved(_)) => {
+                Err(RouterError::Reserved(_)) => {
                     codes.push(self.ctx.limits.refuse_reserved().reason_code());
+                    continue;
+                }
+                Err(RouterError::TopicLimit(_)) => {
+                    codes.push(self.ctx.limits.count(Refusal::CoreTopicLimit).reason_code());
                     continue;
                 }
                 Err(e) => {
@@ -352,7 +370,7 @@ impl Conn {
             }
         }
         if retained_cut {
-            self.ctx.limits.count(crate::limits::Refusal::RetainedPerSubscribe);
+            self.ctx.limits.count(Refusal::RetainedPerSubscribe);
         }
         let codes = copies.iter().map(|&i| codes.get(i).copied().unwrap_or(ReasonCode::UNSPECIFIED_ERROR)).collect();
         self.send(&Packet::SubAck(SubAck { packet_id: s.packet_id, codes, properties: AckProperties::default() }));

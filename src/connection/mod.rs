@@ -513,8 +513,9 @@ impl Conn {
             Packet::Publish(p) => self.on_publish(p, acks, backend_timeout).await,
             Packet::PubAck(r) => {
                 if let Some(o) = self.state.outbound.remove(&r.packet_id) {
-                    self.state.ack_origin(&o.origin);
+                    let above = self.state.ack_origin(&o.origin);
                     self.dirty = true;
+                    self.check_acked_above(above)?;
                 }
                 Ok(())
             }
@@ -522,7 +523,8 @@ impl Conn {
                 let pid = r.packet_id;
                 if r.code.is_error() {
                     if let Some(o) = self.state.outbound.remove(&pid) {
-                        self.state.ack_origin(&o.origin);
+                        let above = self.state.ack_origin(&o.origin);
+                        self.check_acked_above(above)?;
                     }
                     return Ok(());
                 }
@@ -539,8 +541,9 @@ impl Conn {
                     }
                     None => None,
                 };
-                self.state.ack_origin(&origin);
+                let above = self.state.ack_origin(&origin);
                 self.dirty = true;
+                self.check_acked_above(above)?;
                 self.send(&Packet::PubRel(PubResponse::new(pid)));
                 Ok(())
             }
@@ -591,6 +594,17 @@ impl Conn {
                 Err(End::Server(ReasonCode::PROTOCOL_ERROR, "server-to-client packet sent by a client"))
             }
         }
+    }
+
+    /// A client that keeps one message unacknowledged while acknowledging the ones after it
+    /// makes the session remember each of those acknowledgements: bounded, then disconnected
+    /// (it gets the unacknowledged messages again when it returns).
+    fn check_acked_above(&self, above: usize) -> Result<(), End> {
+        if above > self.ctx.config.mqtt.max_acked_above {
+            let r = self.ctx.limits.count(crate::limits::Refusal::AckedAboveLimit);
+            return Err(End::Server(r.reason_code(), "too many acknowledgements above an unacknowledged message"));
+        }
+        Ok(())
     }
 
     /// Deliveries (and retained messages) are moved into the output buffer only below this.

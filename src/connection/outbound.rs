@@ -215,18 +215,5 @@ pub(super) fn publish_packet(o: &Outbound, packet_id: Option<PacketId>, dup: boo
 }
 
 pub(super) fn empty_message() -> Message {
-    Message {
-        topic: "".into(),
-        payload: Bytes::new(),
-        qos: QoS::AtLeastOnce,
-        retain: false,
-        publisher: "".into(),
-        payload_format_indicator: None,
-        message_expiry_interval: None,
-        content_type: None,
-        response_topic: None,
-        correlation_data: None,
-        user_properties: Vec::new(),
-        timestamp_ms: 0,
-    }
+    Message { qos: QoS::AtLeastOnce, ..Message::default() }
 }

@@ -36,7 +36,7 @@ pub mod header {
 }
 
 /// An application message as the router and sessions see it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Message {
     pub topic: Arc<str>,
     pub payload: Bytes,
@@ -148,6 +148,11 @@ impl TopicMap {
     /// Core topic for a parent topic, or `None` when the parent is not declared or reserved.
     pub fn core_topic(&self, parent: &str) -> Option<CoreTopic> {
         self.resolve(parent).ok()
+    }
+
+    /// Whether a core-service topic belongs to a parent declared by name (not through `*`).
+    pub fn is_declared_core(&self, core: &str) -> bool {
+        self.by_core.contains_key(core)
     }
 
     /// Whether a core-service topic is in the reserved namespace.

@@ -28,15 +28,67 @@ use crate::protocol::QoS;
 use mapping::{CoreTopic, Message, TopicMap};
 use trie::{PlainMatch, Trie};
 
-/// Recent routed records per partition, for re-attaching sessions.
-type ReplayRings = HashMap<TopicPartition, VecDeque<(Arc<Record>, Arc<Message>)>>;
+/// One partition's recent routed records with their messages, oldest first.
+type Ring = VecDeque<(Arc<Record>, Arc<Message>)>;
+
+/// Recent routed records per partition, for re-attaching sessions: bounded in records and
+/// bytes over all partitions together, the oldest (in routing order, whatever its
+/// partition) evicted first. Each partition's ring holds the messages it routed from its
+/// front offset on, without gaps; a record too large to keep empties its partition's ring.
+struct ReplayRings {
+    rings: HashMap<TopicPartition, Ring>,
+    /// Every kept record in routing order (plus records already dropped by a ring clear).
+    order: VecDeque<Arc<Record>>,
+    bytes: usize,
+    max_bytes: usize,
+}
+
+impl ReplayRings {
+    fn new(max_bytes: usize) -> ReplayRings {
+        ReplayRings { rings: HashMap::new(), order: VecDeque::new(), bytes: 0, max_bytes }
+    }
+
+    fn push(&mut self, record: &Arc<Record>, message: &Arc<Message>) {
+        let size = record.record.memory_size();
+        if size > self.max_bytes / 4 {
+            // Kept, it would evict most of the others: the partition's ring restarts after it.
+            if let Some(ring) = self.rings.remove(&record.tp) {
+                self.bytes -= ring.iter().map(|(r, _)| r.record.memory_size()).sum::<usize>();
+            }
+            return;
+        }
+        while !self.order.is_empty() && (self.order.len() >= REPLAY_RECORDS || self.bytes + size > self.max_bytes) {
+            self.evict_oldest();
+        }
+        self.rings.entry(record.tp.clone()).or_default().push_back((record.clone(), message.clone()));
+        self.order.push_back(record.clone());
+        self.bytes += size;
+    }
+
+    fn evict_oldest(&mut self) {
+        let Some(oldest) = self.order.pop_front() else { return };
+        let Some(ring) = self.rings.get_mut(&oldest.tp) else { return };
+        if ring.front().is_some_and(|(r, _)| Arc::ptr_eq(r, &oldest)) {
+            ring.pop_front();
+            self.bytes -= oldest.record.memory_size();
+            if ring.is_empty() {
+                self.rings.remove(&oldest.tp);
+            }
+        }
+    }
+
+    fn get(&self, tp: &TopicPartition) -> Option<&Ring> {
+        self.rings.get(tp)
+    }
+}
 
 /// Identifies one connected session in the router (unique per process).
 pub type SessionId = u64;
 
-/// Records the dispatcher keeps per partition so that a session re-attaching slightly behind
-/// can be served without another read from the core service.
-const REPLAY_RING: usize = 4096;
+/// Records the dispatcher keeps (all partitions together) so that a session re-attaching
+/// slightly behind can be served without another read from the core service; their bytes
+/// are bounded by `limits.max_replay_bytes`.
+const REPLAY_RECORDS: usize = 65_536;
 
 /// Something for a session to deliver.
 #[derive(Debug)]
@@ -109,6 +161,9 @@ pub enum RouterError {
     /// The topic is in the reserved namespace (SPEC §8): never read or written for MQTT clients.
     #[error("topic `{0}` is reserved")]
     Reserved(String),
+    /// `limits.max_core_topics` core topics for `*` parents are in use here already.
+    #[error("no room for core topic `{0}`: limits.max_core_topics reached")]
+    TopicLimit(String),
     #[error("core service: {0}")]
     Backend(#[from] crate::backend::BackendError),
     #[error("router stopped")]
@@ -167,7 +222,23 @@ impl RouterStats {
     }
 }
 
+/// What clients may make the router hold (from `limits`).
+#[derive(Debug, Clone, Copy)]
+pub struct RouterLimits {
+    /// Bytes of the replay rings (all partitions).
+    pub max_replay_bytes: usize,
+    /// Core topics created or read for parents accepted by `*` (declared ones not counted).
+    pub max_core_topics: usize,
+}
+
+impl RouterLimits {
+    pub fn new(limits: &crate::config::LimitsConfig) -> RouterLimits {
+        RouterLimits { max_replay_bytes: limits.max_replay_bytes, max_core_topics: limits.max_core_topics }
+    }
+}
+
 pub struct Router {
+    limits: RouterLimits,
     state: Mutex<State>,
     retained: Mutex<RetainedStore>,
     topics: TopicMap,
@@ -187,9 +258,11 @@ impl Router {
         backend: SharedCoreService,
         topics: TopicMap,
         stats: RouterStats,
+        limits: RouterLimits,
     ) -> Result<Arc<Router>, RouterError> {
         let (cmd_tx, cmd_rx) = mpsc::channel(1024);
         let router = Arc::new(Router {
+            limits,
             state: Mutex::new(State::default()),
             retained: Mutex::new(RetainedStore::default()),
             topics,
@@ -213,7 +286,7 @@ impl Router {
             }
         });
         let tail = backend.tail();
-        tokio::spawn(dispatch(Arc::downgrade(&router), tail, cmd_rx));
+        tokio::spawn(dispatch(Arc::downgrade(&router), tail, cmd_rx, limits.max_replay_bytes));
         let declared: Vec<CoreTopic> = router.topics.declared().map(|(_, t)| t.clone()).collect();
         for t in declared {
             router.ensure_core_topic(&t).await?;
@@ -238,15 +311,30 @@ impl Router {
         if read_here {
             return self.ensure_core_topic(topic).await;
         }
-        {
-            let st = self.state.lock();
-            if st.assigned.contains_key(&topic.name) || st.writable.contains_key(&topic.name) {
-                return Ok(());
-            }
+        if !self.room_for(topic)? {
+            return Ok(());
         }
         self.backend.ensure_topic(&topic.name, topic.partitions).await?;
         self.state.lock().writable.insert(topic.name.clone(), topic.partitions);
         Ok(())
+    }
+
+    /// Whether `topic` is new here (`Ok(false)`: written or read already); a new core topic
+    /// for a `*` parent beyond `limits.max_core_topics` is refused.
+    fn room_for(&self, topic: &CoreTopic) -> Result<bool, RouterError> {
+        let st = self.state.lock();
+        if st.assigned.contains_key(&topic.name) || st.writable.contains_key(&topic.name) {
+            return Ok(false);
+        }
+        if self.topics.is_declared_core(&topic.name) {
+            return Ok(true);
+        }
+        let dynamic =
+            st.assigned.keys().chain(st.writable.keys()).filter(|name| !self.topics.is_declared_core(name)).count();
+        if dynamic >= self.limits.max_core_topics {
+            return Err(RouterError::TopicLimit(topic.name.to_string()));
+        }
+        Ok(true)
     }
 
     /// Create the core topic if needed and make the dispatcher tail it.
@@ -255,6 +343,7 @@ impl Router {
         if self.state.lock().assigned.contains_key(&topic.name) {
             return Ok(());
         }
+        self.room_for(topic)?;
         self.backend.ensure_topic(&topic.name, topic.partitions).await?;
         let (done, rx) = oneshot::channel();
         self.commands.send(Command::Assign { topic: topic.clone(), done }).await.map_err(|_| RouterError::Stopped)?;
@@ -540,11 +629,7 @@ impl Router {
                 .and_then(|parent| mapping::record_to_message(parent, &record.record));
             if let Some(message) = message {
                 let message = Arc::new(message);
-                let ring = rings.entry(record.tp.clone()).or_default();
-                if ring.len() >= REPLAY_RING {
-                    ring.pop_front();
-                }
-                ring.push_back((record.clone(), message.clone()));
+                rings.push(&record, &message);
                 self.route_one(&mut st, &record, &message, &mut plain, &mut sent);
             }
             let pos = st.positions.entry(record.tp.clone()).or_insert(0);
@@ -632,8 +717,13 @@ impl Router {
     }
 }
 
-async fn dispatch(router: std::sync::Weak<Router>, mut tail: Box<dyn Tail>, mut commands: mpsc::Receiver<Command>) {
-    let mut rings: ReplayRings = HashMap::new();
+async fn dispatch(
+    router: std::sync::Weak<Router>,
+    mut tail: Box<dyn Tail>,
+    mut commands: mpsc::Receiver<Command>,
+    max_replay_bytes: usize,
+) {
+    let mut rings = ReplayRings::new(max_replay_bytes);
     loop {
         tokio::select! {
             cmd = commands.recv() => {
@@ -706,6 +796,52 @@ fn reattach(r: &Router, slot: &Arc<SessionSlot>, tp: &TopicPartition, from: u64,
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::CoreRecord;
+
+    fn routed(topic: &str, offset: u64, bytes: usize) -> (Arc<Record>, Arc<Message>) {
+        let record = CoreRecord { key: None, headers: Vec::new(), value: vec![0; bytes].into(), timestamp_ms: 0 };
+        let message = Message { topic: topic.into(), payload: record.value.clone(), ..Message::default() };
+        (Arc::new(Record { tp: TopicPartition::new(topic, 0), offset, record }), Arc::new(message))
+    }
+
+    fn offsets(rings: &ReplayRings, topic: &str) -> Vec<u64> {
+        rings.get(&TopicPartition::new(topic, 0)).map_or(Vec::new(), |r| r.iter().map(|(rec, _)| rec.offset).collect())
+    }
+
+    #[test]
+    fn replay_rings_are_bounded_in_bytes_over_all_partitions() {
+        let size = routed("a", 0, 1000).0.record.memory_size();
+        let mut rings = ReplayRings::new(10 * size);
+        for i in 0..4 {
+            let (r, m) = routed("quiet", i, 1000);
+            rings.push(&r, &m);
+        }
+        for i in 0..20 {
+            let (r, m) = routed("busy", i, 1000);
+            rings.push(&r, &m);
+            assert!(rings.bytes <= 10 * size);
+        }
+        // The oldest records went first, whatever their partition; what is left has no gaps.
+        assert_eq!(offsets(&rings, "quiet"), Vec::<u64>::new());
+        assert_eq!(offsets(&rings, "busy"), (10..20).collect::<Vec<_>>());
+        assert_eq!(rings.bytes, 10 * size);
+        // A record too large to keep restarts its partition's ring after it.
+        let (r, m) = routed("busy", 20, 5 * size);
+        rings.push(&r, &m);
+        assert_eq!(offsets(&rings, "busy"), Vec::<u64>::new());
+        assert_eq!(rings.bytes, 0);
+        let (r, m) = routed("busy", 21, 1000);
+        rings.push(&r, &m);
+        assert_eq!(offsets(&rings, "busy"), vec![21]);
+        // The record count is bounded too (the order queue included).
+        let mut rings = ReplayRings::new(usize::MAX);
+        for i in 0..(REPLAY_RECORDS as u64 + 10) {
+            let (r, m) = routed("many", i, 0);
+            rings.push(&r, &m);
+        }
+        assert_eq!(rings.order.len(), REPLAY_RECORDS);
+        assert_eq!(offsets(&rings, "many").first(), Some(&10));
+    }
 
     #[test]
     fn deliveries_stay_small() {

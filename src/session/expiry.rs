@@ -2,6 +2,7 @@
 //! clients that never come back. (A returning client never sees an expired session either
 //! way: loading checks the expiry too.)
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,8 +28,10 @@ pub async fn sweep_once(backend: &SharedCoreService, registry: &Registry) -> usi
     let now = now_ms();
     let connected: std::collections::HashSet<String> = registry.client_ids().into_iter().collect();
     let mut deleted = 0;
+    let mut owners: HashMap<String, usize> = HashMap::new();
     for (client_id, value) in snapshot {
-        let expired = match Stored::decode(&value) {
+        let stored = Stored::decode(&value);
+        let expired = match &stored {
             Some(s) => s.expired(now),
             None => true, // unreadable (older format): nothing could resume it
         };
@@ -37,8 +40,13 @@ pub async fn sweep_once(backend: &SharedCoreService, registry: &Registry) -> usi
             && backend.put_state(StateStore::Sessions, &client_id, None).await.is_ok()
         {
             deleted += 1;
+            continue;
+        }
+        if let Some(owner) = stored.and_then(|s| s.owner) {
+            *owners.entry(owner).or_insert(0) += 1;
         }
     }
+    registry.owners.replace(owners);
     if deleted > 0 {
         tracing::info!(deleted, "expired sessions removed");
     }
@@ -53,10 +61,11 @@ pub async fn run(
     stop: tokio_util::sync::CancellationToken,
 ) {
     loop {
+        // At start too: the sweep also counts the sessions per identity.
+        sweep_once(&backend, &registry).await;
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
             _ = stop.cancelled() => return,
         }
-        sweep_once(&backend, &registry).await;
     }
 }

@@ -4,9 +4,11 @@
 //! - [`persist`]: what of it is stored in the core service for persistent sessions.
 //! - [`registry`]: connected ClientIds on this gateway (takeover) and delayed wills.
 //! - [`expiry`]: removal of expired stored sessions.
+//! - [`owners`]: persistent sessions per identity (bounded).
 //! - [`takeover`]: closing local connections taken over on another gateway.
 
 pub mod expiry;
+pub mod owners;
 pub mod persist;
 pub mod registry;
 pub mod state;

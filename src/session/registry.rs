@@ -58,7 +58,29 @@ pub struct Registration {
 #[derive(Default)]
 pub struct Registry {
     clients: Mutex<HashMap<String, Entry>>,
-    wills: Mutex<HashMap<String, oneshot::Sender<()>>>,
+    wills: Mutex<Wills>,
+    /// Persistent sessions per identity in the sessions store.
+    pub owners: super::owners::SessionOwners,
+}
+
+/// Delayed wills waiting, by ClientId, and how many each identity has waiting.
+#[derive(Default)]
+struct Wills {
+    by_client: HashMap<String, (String, oneshot::Sender<()>)>,
+    per_owner: HashMap<String, usize>,
+}
+
+impl Wills {
+    fn remove(&mut self, client_id: &str) -> Option<oneshot::Sender<()>> {
+        let (owner, cancel) = self.by_client.remove(client_id)?;
+        if let Some(n) = self.per_owner.get_mut(&owner) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_owner.remove(&owner);
+            }
+        }
+        Some(cancel)
+    }
 }
 
 impl Registry {
@@ -70,7 +92,8 @@ impl Registry {
     /// `wait`) until it finished saving its session.
     pub async fn take(&self, client_id: &str, conn_id: u64, kick: Kick, wait: std::time::Duration) -> Registration {
         // A new connection cancels a pending delayed will of the same client.
-        if let Some(cancel) = self.wills.lock().remove(client_id) {
+        let cancel = self.wills.lock().remove(client_id);
+        if let Some(cancel) = cancel {
             let _ = cancel.send(());
         }
         let (kick_tx, kick_rx) = oneshot::channel();
@@ -166,16 +189,33 @@ impl Registry {
         self.clients.lock().keys().cloned().collect()
     }
 
-    /// Park a delayed will; returns the receiver that fires if a new connection cancels it.
-    pub fn park_will(&self, client_id: &str) -> oneshot::Receiver<()> {
+    /// Park a delayed will of identity `owner`; returns the receiver that fires if a new
+    /// connection cancels it, or `None` when `owner` has `max` delayed wills waiting already.
+    pub fn park_will(&self, client_id: &str, owner: &str, max: usize) -> Option<oneshot::Receiver<()>> {
         let (tx, rx) = oneshot::channel();
-        if let Some(old) = self.wills.lock().insert(client_id.to_string(), tx) {
+        let mut wills = self.wills.lock();
+        let old = wills.remove(client_id);
+        if let Some(old) = old {
             let _ = old.send(());
         }
-        rx
+        let n = wills.per_owner.entry(owner.to_string()).or_insert(0);
+        if *n >= max {
+            if *n == 0 {
+                wills.per_owner.remove(owner);
+            }
+            return None;
+        }
+        *n += 1;
+        wills.by_client.insert(client_id.to_string(), (owner.to_string(), tx));
+        Some(rx)
     }
 
     pub fn will_done(&self, client_id: &str) {
         self.wills.lock().remove(client_id);
+    }
+
+    /// Delayed wills waiting for identity `owner`.
+    pub fn delayed_wills(&self, owner: &str) -> usize {
+        self.wills.lock().per_owner.get(owner).copied().unwrap_or(0)
     }
 }

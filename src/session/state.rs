@@ -146,6 +146,19 @@ impl SessionState {
         }
     }
 
+    /// Share groups the session's subscriptions are in, counting `group` too (`None`: none).
+    pub fn share_groups_with(&self, group: Option<&str>) -> usize {
+        let mut groups: Vec<&str> = self
+            .subscriptions
+            .iter()
+            .filter_map(|s| topic::parse_filter(&s.filter).ok().and_then(|p| p.group))
+            .chain(group)
+            .collect();
+        groups.sort_unstable();
+        groups.dedup();
+        groups.len()
+    }
+
     pub fn unsubscribe(&mut self, filter: &str) -> bool {
         let before = self.subscriptions.len();
         self.subscriptions.retain(|s| s.filter != filter);
@@ -207,13 +220,17 @@ impl SessionState {
         None
     }
 
-    /// Record that the client acknowledged (PUBACK/PUBREC) the message from `origin`.
-    pub fn ack_origin(&mut self, origin: &Option<Origin>) {
+    /// Record that the client acknowledged (PUBACK/PUBREC) the message from `origin`;
+    /// returns how many acknowledgements that partition now remembers above its oldest
+    /// unacknowledged message.
+    pub fn ack_origin(&mut self, origin: &Option<Origin>) -> usize {
         if let Some(o) = origin {
             if let Some(c) = self.cursors.get_mut(&o.tp) {
                 c.ack(o.offset);
+                return c.acked.len();
             }
         }
+        0
     }
 
     /// Cursor for a partition, created at `start` when new.

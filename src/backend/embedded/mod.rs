@@ -18,7 +18,7 @@
 //! Each partition has a writer task fed by a bounded queue (a full queue makes `append`
 //! wait: back-pressure, never loss). The writer batches whatever is queued, writes it with
 //! one `write` (plus `sync_data` with `fsync: always`, the group commit), then publishes the
-//! records (high watermark, in-memory cache of the last `cache_records` records) and only
+//! records (high watermark, in-memory cache of the last `cache_records` records, at most `cache_bytes`) and only
 //! then acknowledges. With `fsync: interval` a timer syncs every `fsync_interval_ms` and
 //! appends are acknowledged after the write; with `never` the OS flushes. Segments roll at
 //! `segment_bytes`. The partition of a keyed record is FNV-1a(key) % partitions; records
@@ -241,6 +241,7 @@ impl EmbeddedCore {
             fsync_interval: Duration::from_millis(config.fsync_interval_ms.max(1)),
             segment_bytes: config.segment_bytes.max(1),
             cache_records: config.cache_records,
+            cache_bytes: config.cache_bytes,
         };
         let log_dir = config.data_dir.join("log");
         let state_dir = config.data_dir.join("state");

@@ -47,6 +47,7 @@ pub(crate) struct PartitionSettings {
     pub fsync_interval: Duration,
     pub segment_bytes: u64,
     pub cache_records: usize,
+    pub cache_bytes: usize,
 }
 
 /// Mutable state shared between the writer and readers.
@@ -57,8 +58,19 @@ struct PartState {
     log_start: u64,
     /// Next offset to be assigned; everything below it is acknowledged and readable.
     high_watermark: u64,
-    /// The most recent records, consecutive, ending at `high_watermark - 1`.
+    /// The most recent records, consecutive, ending at `high_watermark - 1`, at most
+    /// `cache_records` of them and `cache_bytes` of their memory size.
     cache: VecDeque<Arc<Record>>,
+    /// Memory size of the records in `cache` (`CoreRecord::memory_size`).
+    cached_bytes: usize,
+}
+
+impl PartState {
+    fn cache_pop_front(&mut self) {
+        if let Some(r) = self.cache.pop_front() {
+            self.cached_bytes = self.cached_bytes.saturating_sub(r.record.memory_size());
+        }
+    }
 }
 
 /// What a read needs, decided under the lock.
@@ -136,7 +148,13 @@ impl Partition {
             tp,
             dir,
             settings,
-            state: Mutex::new(PartState { segments, log_start, high_watermark, cache: VecDeque::new() }),
+            state: Mutex::new(PartState {
+                segments,
+                log_start,
+                high_watermark,
+                cache: VecDeque::new(),
+                cached_bytes: 0,
+            }),
             sender: Mutex::new(None),
             writer: Mutex::new(None),
             waiters: Mutex::new(Vec::new()),
@@ -237,6 +255,13 @@ impl Partition {
         }
     }
 
+    /// Records in the in-memory cache and their memory size.
+    #[cfg(test)]
+    pub(crate) fn cache_usage(&self) -> (usize, usize) {
+        let st = self.state.lock();
+        (st.cache.len(), st.cached_bytes)
+    }
+
     fn plan_read(&self, from: u64, max: usize) -> ReadPlan {
         let st = self.state.lock();
         let high_watermark = st.high_watermark;
@@ -285,7 +310,7 @@ impl Partition {
             let start = st.segments.first().map_or(st.high_watermark, |s| s.base_offset);
             st.log_start = start;
             while st.cache.front().is_some_and(|r| r.offset < start) {
-                st.cache.pop_front();
+                st.cache_pop_front();
             }
             removed
         };
@@ -538,20 +563,29 @@ impl Writer {
         // they survive a crash of this process, not of the machine).
         let mut dones = Vec::with_capacity(batch.len());
         {
-            let cache_cap = self.part.settings().cache_records;
+            let (cache_cap, cache_bytes) = (self.part.settings().cache_records, self.part.settings().cache_bytes);
             let mut st = self.part.state.lock();
             for (i, ((req, len), value)) in batch.into_iter().zip(lens).zip(values).enumerate() {
                 let offset = base + i as u64;
                 if let Some(active) = st.segments.last_mut() {
                     active.push(offset, req.record.timestamp_ms, len);
                 }
-                if cache_cap > 0 {
-                    if st.cache.len() >= cache_cap {
-                        st.cache.pop_front();
+                let size = req.record.memory_size();
+                if cache_cap > 0 && size <= cache_bytes {
+                    while !st.cache.is_empty() && (st.cache.len() >= cache_cap || st.cached_bytes + size > cache_bytes)
+                    {
+                        st.cache_pop_front();
                     }
                     let CoreRecord { key, headers, timestamp_ms, .. } = req.record;
                     let record = CoreRecord { key, headers, value: buf.slice(value), timestamp_ms };
                     st.cache.push_back(Arc::new(Record { tp: self.part.tp.clone(), offset, record }));
+                    st.cached_bytes += size;
+                } else {
+                    // Too large to cache: the cache must stay consecutive up to the high
+                    // watermark, so it restarts after this record.
+                    while !st.cache.is_empty() {
+                        st.cache_pop_front();
+                    }
                 }
                 dones.push((req.done, offset));
             }

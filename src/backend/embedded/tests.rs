@@ -12,6 +12,7 @@ fn config(dir: &Path) -> EmbeddedConfig {
         retention_hours: 0,
         segment_bytes: 64 * 1024 * 1024,
         cache_records: 16,
+        cache_bytes: 1 << 20,
     }
 }
 
@@ -133,6 +134,39 @@ async fn segments_roll_and_fetch_spans_them() {
     assert_eq!(got.records[0].offset, 57);
     assert_eq!(got.records[1].offset, 58);
     assert_eq!(core.append("t", record(200, 1)).await.unwrap().offset, 200);
+    core.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_cache_is_bounded_in_bytes_and_reads_beyond_it_come_from_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.cache_records = 1000;
+    cfg.cache_bytes = 64 * 1024;
+    let core = EmbeddedCore::open(&cfg, "events").await.unwrap();
+    core.ensure_topic("t", 1).await.unwrap();
+    let big = |i: u64| CoreRecord { value: Bytes::from(vec![b'x'; 10_000]), ..record(i, 1) };
+    for i in 0..50 {
+        core.append("t", big(i)).await.unwrap();
+    }
+    let tp = TopicPartition::new("t", 0);
+    let (records, bytes) = core.partition(&tp).unwrap().cache_usage();
+    assert!(bytes <= 64 * 1024, "cache holds {bytes} bytes");
+    assert!((5..=6).contains(&records), "cache holds {records} records of 10 kB");
+    // A record larger than the whole cache empties it (the cache stays consecutive).
+    core.append("t", CoreRecord { value: Bytes::from(vec![b'y'; 100_000]), ..record(50, 1) }).await.unwrap();
+    assert_eq!(core.partition(&tp).unwrap().cache_usage(), (0, 0));
+    core.append("t", big(51)).await.unwrap();
+    assert_eq!(core.partition(&tp).unwrap().cache_usage().0, 1);
+    // Every record is still readable, from disk below the cache.
+    let mut next = 0;
+    while next < 52 {
+        let got = core.fetch(&tp, next, 7).await.unwrap();
+        for r in &got.records {
+            assert_eq!(r.record.header("n").unwrap(), r.offset.to_string().as_str());
+        }
+        next = got.next_offset;
+    }
     core.shutdown().await;
 }
 

@@ -118,7 +118,7 @@ impl Conn {
                 tracing::warn!(client_id, error = %e, "cannot publish will");
                 return;
             }
-            let stored = match store_message(&ctx, &core.name, with_timestamp(message, now_ms())).await {
+            let stored = match store_message(&ctx, &core.name, with_timestamp(message, now_ms()), None).await {
                 Ok(ack) => ack.await,
                 Err(e) => Err(e),
             };

@@ -177,13 +177,25 @@ impl Conn {
             timestamp_ms: now_ms(),
         });
         let (packet_id, qos, retain) = (p.packet_id, p.qos, p.retain);
-        self.ctx.metrics.message_in(qos).inc();
+        let mut qos2_id = None;
         if let (QoS::ExactlyOnce, Some(pid)) = (qos, packet_id) {
+            if self.session_expiry > 0 {
+                match self.qos2_intent(&core, pid, backend_timeout).await? {
+                    Some(marker) => qos2_id = Some(marker),
+                    None => {
+                        // Stored before a crash of the gateway that received it first.
+                        self.done_inbound(qos);
+                        return Ok(());
+                    }
+                }
+            }
             self.qos2_storing.insert(pid.get());
         }
+        self.ctx.metrics.message_in(qos).inc();
         // Queued in arrival order (this await is the back-pressure point); the durable
         // acknowledgements then complete in the background, in order.
-        let fut = match tokio::time::timeout(backend_timeout, store_message(&self.ctx, &core.name, message)).await {
+        let stored = store_message(&self.ctx, &core.name, message, qos2_id);
+        let fut = match tokio::time::timeout(backend_timeout, stored).await {
             Ok(Ok(ack)) => ack,
             Ok(Err(e)) => {
                 let outcome = Err(e.to_string());
@@ -215,6 +227,61 @@ impl Conn {
         Ok(())
     }
 
+    /// QoS 2 exactly once across a crash, for a persistent session: before its record is
+    /// written, the PUBLISH's intent (a marker the record will carry, and the partitions'
+    /// end offsets) is saved with the session. A session restored with an intent for a re-sent
+    /// packet id looks for the marker in the log from those offsets: found, the PUBLISH is
+    /// acknowledged without storing it again (`Ok(None)`); otherwise it is stored under a new
+    /// intent (`Ok(Some(marker))`). The session cannot be saved: not stored, disconnected.
+    async fn qos2_intent(&mut self, core: &CoreTopic, pid: PacketId, timeout: Duration) -> Result<Option<String>, End> {
+        let backend = self.ctx.backend.clone();
+        if let Some(intent) = self.state.qos2_intents.remove(&pid.get()) {
+            self.dirty = true;
+            let found = tokio::time::timeout(timeout, find_qos2_record(&backend, &intent)).await;
+            match found {
+                Ok(Ok(true)) => {
+                    tracing::debug!(client_id = %self.client_id, packet_id = pid.get(), "re-sent QoS 2 PUBLISH was stored before; not stored again");
+                    self.state.inbound_qos2.insert(pid.get());
+                    self.pubrec_waiting.push(pid);
+                    return Ok(None);
+                }
+                Ok(Ok(false)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(client_id = %self.client_id, error = %e, "cannot look for a QoS 2 record");
+                    self.state.qos2_intents.insert(pid.get(), intent);
+                    return Err(End::Server(ReasonCode::SERVER_BUSY, "core service unavailable"));
+                }
+                Err(_) => {
+                    self.state.qos2_intents.insert(pid.get(), intent);
+                    return Err(End::Server(ReasonCode::SERVER_BUSY, "core service unavailable"));
+                }
+            }
+        }
+        let ends = futures::future::try_join_all(
+            (0..core.partitions).map(|p| backend.end_offset(&TopicPartition::new(core.name.clone(), p))),
+        );
+        let from = match tokio::time::timeout(timeout, ends).await {
+            Ok(Ok(from)) => from,
+            _ => return Err(End::Server(ReasonCode::SERVER_BUSY, "core service unavailable")),
+        };
+        let marker = format!("{}:{}:{}", self.ctx.gateway_id, qos2_nonce(), pid.get());
+        self.state
+            .qos2_intents
+            .insert(pid.get(), Qos2Intent { marker: marker.clone(), topic: core.name.to_string(), from });
+        let stored = Stored::from_state(&self.state, self.session_expiry, None);
+        let save = self.ctx.backend.put_state(StateStore::Sessions, &self.client_id, Some(stored.encode()));
+        match tokio::time::timeout(timeout, save).await {
+            Ok(Ok(())) => {
+                self.stored = true;
+                Ok(Some(marker))
+            }
+            _ => {
+                self.state.qos2_intents.remove(&pid.get());
+                Err(End::Server(ReasonCode::SERVER_BUSY, "cannot save the session"))
+            }
+        }
+    }
+
     pub(super) fn done_inbound(&mut self, qos: QoS) {
         if qos != QoS::AtMostOnce {
             self.inbound_inflight = self.inbound_inflight.saturating_sub(1);
@@ -233,6 +300,7 @@ impl Conn {
                 Ok(())
             }
             (Ok(()), QoS::ExactlyOnce, Some(pid)) => {
+                self.state.qos2_intents.remove(&pid.get());
                 self.state.inbound_qos2.insert(pid.get());
                 self.dirty = true;
                 if self.session_expiry > 0 {
@@ -413,8 +481,12 @@ pub(super) async fn store_message(
     ctx: &Arc<Context>,
     core: &str,
     message: Arc<Message>,
+    qos2_id: Option<String>,
 ) -> Result<BoxFuture<'static, Result<(), BackendError>>, BackendError> {
-    let record = ctx.router.topics().to_record(&message);
+    let mut record = ctx.router.topics().to_record(&message);
+    if let Some(id) = qos2_id {
+        record.headers.push((mapping::header::QOS2_ID.to_string(), Bytes::from(id)));
+    }
     let value = (message.retain && !message.payload.is_empty()).then(|| mapping::encode_record(&record));
     let started = std::time::Instant::now();
     let append = ctx.backend.enqueue(core, record).await.inspect_err(|_| ctx.metrics.append_errors.inc())?;
@@ -436,4 +508,55 @@ pub(super) async fn store_message(
         Ok(())
     }
     .boxed())
+}
+
+/// Records scanned at most to find a QoS 2 marker (a client that returns long after a crash
+/// may find it stored twice rather than wait for a read of the whole log).
+const QOS2_SCAN_MAX_RECORDS: usize = 1_000_000;
+
+/// Whether a record with the intent's marker is in its topic at or after its offsets.
+async fn find_qos2_record(
+    backend: &crate::backend::SharedCoreService,
+    intent: &Qos2Intent,
+) -> Result<bool, BackendError> {
+    let mut scanned = 0;
+    for (p, from) in intent.from.iter().enumerate() {
+        let Ok(partition) = u32::try_from(p) else { break };
+        let tp = TopicPartition::new(intent.topic.clone(), partition);
+        let end = backend.end_offset(&tp).await?;
+        let mut next = *from;
+        while next < end {
+            let got = backend.fetch(&tp, next, 500).await?;
+            let marked = got.records.iter().any(|r| {
+                r.record.header(mapping::header::QOS2_ID).is_some_and(|m| m.as_ref() == intent.marker.as_bytes())
+            });
+            if marked {
+                return Ok(true);
+            }
+            scanned += got.records.len();
+            if got.records.is_empty() || got.next_offset <= next || scanned > QOS2_SCAN_MAX_RECORDS {
+                break;
+            }
+            next = got.next_offset;
+        }
+    }
+    if scanned > QOS2_SCAN_MAX_RECORDS {
+        tracing::warn!(topic = %intent.topic, "QoS 2 marker not found within the scan bound; storing the PUBLISH again");
+    }
+    Ok(false)
+}
+
+/// A value no earlier intent of this ClientId used: the time in nanoseconds, made unique
+/// within the process.
+fn qos2_nonce() -> u64 {
+    static LAST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+    let prev = LAST.fetch_max(now, Ordering::Relaxed);
+    if prev >= now {
+        LAST.fetch_add(1, Ordering::Relaxed) + 1
+    } else {
+        now
+    }
 }

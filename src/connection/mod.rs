@@ -34,12 +34,12 @@ use crate::protocol::{
     Packet, PacketId, Protocol, PubResponse, Publish, PublishProperties, QoS, ReasonCode, RetainHandling, SubAck,
     Subscribe, SubscriptionOptions, UnsubAck, Unsubscribe,
 };
-use crate::router::mapping::{self, Message, Unmapped};
+use crate::router::mapping::{self, CoreTopic, Message, Unmapped};
 use crate::router::{topic, Delivery, Reattach, SessionSlot};
 use crate::server::Context;
 use crate::session::persist::{Stored, StoredInflight};
 use crate::session::registry::{Kick, Registration};
-use crate::session::state::{Origin, Outbound, OutboundStage, Pending, SessionState, Subscription};
+use crate::session::state::{Origin, Outbound, OutboundStage, Pending, Qos2Intent, SessionState, Subscription};
 use crate::transport::ConnInfo;
 
 mod connect;

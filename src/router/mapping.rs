@@ -33,6 +33,9 @@ pub mod header {
     pub const RESPONSE_TOPIC: &str = "mqtt5ResponseTopic";
     pub const CORRELATION_DATA: &str = "mqtt5CorrelationData";
     pub const PAYLOAD_FORMAT: &str = "mqtt5PayloadFormatIndicator";
+    /// Identifies the QoS 2 PUBLISH of a persistent session that wrote the record, so that a
+    /// session restored after a crash finds whether a re-sent PUBLISH is stored already.
+    pub const QOS2_ID: &str = "lmqQos2Id";
 }
 
 /// An application message as the router and sessions see it.

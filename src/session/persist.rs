@@ -11,7 +11,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use std::num::NonZeroU16;
 
-use super::state::{Cursor, Origin, OutboundStage, SessionState, Subscription};
+use super::state::{Cursor, Origin, OutboundStage, Qos2Intent, SessionState, Subscription};
 use crate::backend::TopicPartition;
 use crate::protocol::{QoS, RetainHandling, SubscriptionOptions};
 
@@ -30,6 +30,17 @@ pub struct Stored {
     pub positions: Vec<StoredPosition>,
     pub inflight: Vec<StoredInflight>,
     pub inbound_qos2: Vec<u16>,
+    /// QoS 2 PUBLISHes whose records were being written ([`Qos2Intent`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub qos2_intents: Vec<StoredQos2Intent>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredQos2Intent {
+    pub packet_id: u16,
+    pub marker: String,
+    pub topic: String,
+    pub from: Vec<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -122,6 +133,16 @@ impl Stored {
             positions,
             inflight,
             inbound_qos2: state.inbound_qos2.iter().copied().collect(),
+            qos2_intents: state
+                .qos2_intents
+                .iter()
+                .map(|(pid, i)| StoredQos2Intent {
+                    packet_id: *pid,
+                    marker: i.marker.clone(),
+                    topic: i.topic.clone(),
+                    from: i.from.clone(),
+                })
+                .collect(),
         }
     }
 
@@ -169,6 +190,11 @@ impl Stored {
             state.cursors.insert(tp, c);
         }
         state.inbound_qos2 = self.inbound_qos2.into_iter().collect();
+        state.qos2_intents = self
+            .qos2_intents
+            .into_iter()
+            .map(|i| (i.packet_id, Qos2Intent { marker: i.marker, topic: i.topic, from: i.from }))
+            .collect();
         (state, self.inflight)
     }
 }
@@ -201,6 +227,8 @@ mod tests {
         c.pending.insert(6);
         c.next = 8;
         c.ack(6);
+        let intent = Qos2Intent { marker: "m-1".into(), topic: "a".into(), from: vec![3, 0, 9] };
+        s.qos2_intents.insert(12, intent.clone());
         let stored = Stored::from_state(&s, 3600, Some(1000));
         let back = Stored::decode(&stored.encode()).unwrap();
         assert_eq!(back, stored);
@@ -212,5 +240,6 @@ mod tests {
         assert_eq!(state.subscriptions, s.subscriptions);
         assert!(state.cursors[&tp].already_handled(6));
         assert!(!state.cursors[&tp].already_handled(5));
+        assert_eq!(state.qos2_intents.get(&12), Some(&intent));
     }
 }

@@ -2,7 +2,7 @@
 //! messages in flight in both directions. No I/O here; `connection` drives it and
 //! `persist` stores it.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::num::NonZeroU16;
 use std::sync::Arc;
 
@@ -109,6 +109,16 @@ pub struct Match {
     pub retain_as_published: bool,
 }
 
+/// A QoS 2 PUBLISH about to be written: its record carries `marker` (header
+/// [`crate::router::mapping::header::QOS2_ID`]) and lands in core topic `topic` at or after
+/// `from[p]` in partition `p`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Qos2Intent {
+    pub marker: String,
+    pub topic: String,
+    pub from: Vec<u64>,
+}
+
 #[derive(Debug, Default)]
 pub struct SessionState {
     pub client_id: String,
@@ -120,6 +130,10 @@ pub struct SessionState {
     pub outbound: HashMap<PacketId, Outbound>,
     /// QoS 2 PUBLISHes received and stored, waiting for PUBREL.
     pub inbound_qos2: BTreeSet<u16>,
+    /// QoS 2 PUBLISHes of a persistent session being stored: saved with the session before
+    /// the record is written, so a session restored after a crash can tell whether a re-sent
+    /// PUBLISH is already in the log.
+    pub qos2_intents: BTreeMap<u16, Qos2Intent>,
     next_packet_id: u16,
 }
 

@@ -205,6 +205,7 @@ impl Conn {
             qos2_storing: HashSet::new(),
             pubrec_waiting: Vec::new(),
             pubrec_saving: Vec::new(),
+            persist: None,
             gauges: Default::default(),
             ctx: ctx.clone(),
         };

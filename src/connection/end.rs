@@ -47,6 +47,9 @@ impl Conn {
         // Messages still pending were never sent; their positions stay uncommitted, so a
         // persistent session gets them on reconnect.
         let backend = self.ctx.backend.clone();
+        // The save in flight lands first, so the final one is not overwritten by it.
+        let in_flight = Duration::from_secs(self.ctx.config.mqtt.backend_timeout_secs);
+        let _ = tokio::time::timeout(in_flight, self.finish_persist()).await;
         let save = if self.session_expiry > 0 {
             let stored = Stored::from_state(&self.state, self.session_expiry, Some(now_ms()));
             backend.put_state(StateStore::Sessions, &self.client_id, Some(stored.encode()))

@@ -265,6 +265,8 @@ impl Conn {
             _ => return Err(End::Server(ReasonCode::SERVER_BUSY, "core service unavailable")),
         };
         let marker = format!("{}:{}:{}", self.ctx.gateway_id, qos2_nonce(), pid.get());
+        // Saves land in the order they are made: the one in flight (without this intent) first.
+        self.finish_persist().await;
         self.state
             .qos2_intents
             .insert(pid.get(), Qos2Intent { marker: marker.clone(), topic: core.name.to_string(), from });

@@ -253,6 +253,8 @@ struct Conn {
     /// save under way.
     pubrec_waiting: Vec<PacketId>,
     pubrec_saving: Vec<PacketId>,
+    /// The session save in flight (persistent sessions).
+    persist: Option<BoxFuture<'static, Result<(), BackendError>>>,
     /// This connection's share of the in-flight / queued / subscription gauges.
     gauges: crate::metrics::GaugeShare,
 }
@@ -314,7 +316,6 @@ impl Conn {
         W: AsyncWrite + Unpin,
     {
         let mut catchup: Option<BoxFuture<'static, CatchupStep>> = None;
-        let mut persist: Option<BoxFuture<'static, Result<(), BackendError>>> = None;
         let mut last_persist = Instant::now();
         let mut last_packet = Instant::now();
         // One timer per connection, re-armed only when it fires: an idle connection costs no
@@ -358,7 +359,7 @@ impl Conn {
             if self.out.is_empty() && self.out.capacity() > 4096 {
                 self.out = BytesMut::new();
             }
-            let persist_due = self.dirty && self.session_expiry > 0 && persist.is_none();
+            let persist_due = self.dirty && self.session_expiry > 0 && self.persist.is_none();
             let token_event = self.next_token_event();
             let high_water = self.deliveries_high_water();
             if self.out.len() < high_water {
@@ -432,21 +433,9 @@ impl Conn {
                     catchup = self.on_catchup(step);
                 }
                 _ = self.slot.lag_notify.notified(), if catchup.is_none() => {}
-                res = async { match persist.as_mut() { Some(f) => f.await, None => std::future::pending().await } }, if persist.is_some() => {
-                    persist = None;
-                    match res {
-                        Ok(()) => {
-                            for pid in std::mem::take(&mut self.pubrec_saving) {
-                                self.send(&Packet::PubRec(PubResponse::new(pid)));
-                            }
-                        }
-                        Err(e) => {
-                            tracing::warn!(client_id = %self.client_id, error = %e, "cannot save session");
-                            self.dirty = true;
-                            let saving = std::mem::take(&mut self.pubrec_saving);
-                            self.pubrec_waiting.extend(saving);
-                        }
-                    }
+                res = async { match self.persist.as_mut() { Some(f) => f.await, None => std::future::pending().await } }, if self.persist.is_some() => {
+                    self.persist = None;
+                    self.on_persisted(res);
                 }
                 // A PUBREC waiting for the save makes it due at once.
                 _ = tokio::time::sleep_until(if self.pubrec_waiting.is_empty() { last_persist + PERSIST_EVERY } else { last_persist }), if persist_due => {
@@ -455,7 +444,7 @@ impl Conn {
                     last_persist = Instant::now();
                     self.advance_idle_cursors();
                     let stored = Stored::from_state(&self.state, self.session_expiry, None);
-                    persist = Some(self.ctx.backend.put_state(StateStore::Sessions, &self.client_id, Some(stored.encode())));
+                    self.persist = Some(self.ctx.backend.put_state(StateStore::Sessions, &self.client_id, Some(stored.encode())));
                     self.stored = true;
                 }
                 _ = async { tokio::time::sleep_until(tokens::instant_at(token_event.unwrap_or(0))).await }, if token_event.is_some() => {
@@ -593,6 +582,31 @@ impl Conn {
             Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp => {
                 Err(End::Server(ReasonCode::PROTOCOL_ERROR, "server-to-client packet sent by a client"))
             }
+        }
+    }
+
+    /// A session save finished: the PUBRECs that waited for it go out, or wait for the next.
+    fn on_persisted(&mut self, res: Result<(), BackendError>) {
+        match res {
+            Ok(()) => {
+                for pid in std::mem::take(&mut self.pubrec_saving) {
+                    self.send(&Packet::PubRec(PubResponse::new(pid)));
+                }
+            }
+            Err(e) => {
+                tracing::warn!(client_id = %self.client_id, error = %e, "cannot save session");
+                self.dirty = true;
+                let saving = std::mem::take(&mut self.pubrec_saving);
+                self.pubrec_waiting.extend(saving);
+            }
+        }
+    }
+
+    /// Finish the session save in flight, if any (a save made now must land after it).
+    pub(super) async fn finish_persist(&mut self) {
+        if let Some(f) = self.persist.take() {
+            let res = f.await;
+            self.on_persisted(res);
         }
     }
 

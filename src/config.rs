@@ -17,6 +17,9 @@ pub struct Config {
     /// Name of this gateway instance in events and logs; default: host name + port.
     #[serde(default)]
     pub gateway_id: Option<String>,
+    /// Which ClientIds and topic names clients may use: `lmq` or `mqtt` (see [`Naming`]).
+    #[serde(default)]
+    pub naming: Naming,
     /// Network listeners.
     #[serde(default = "default_listeners")]
     pub listeners: Vec<ListenerConfig>,
@@ -378,6 +381,23 @@ fn default_max_replay_bytes() -> usize {
     64 * 1024 * 1024
 }
 
+/// Naming profile: which ClientIds and topic names clients may use.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Naming {
+    /// Alibaba LMQ's rules: `<GroupId>@@@<DeviceId>` ClientIds (any ClientId of letters,
+    /// digits, `-`, `_`, `@` with `auth.allow_plain_client_ids`), no `$` topics, and parent
+    /// topics (first levels) that are core-topic names.
+    #[default]
+    Lmq,
+    /// Any ClientId and topic MQTT allows: any UTF-8 ClientId (an empty one with a clean
+    /// start is assigned), any topic name and filter including empty levels and `$` topics
+    /// other than `$SYS` (stored and retained like any other, not matched by a first-level
+    /// wildcard). With `*`, a first level that cannot be a core-topic name (empty, `$…`,
+    /// other characters) is stored in `topics.other_core_topic`.
+    Mqtt,
+}
+
 /// Record key of a message written to the core service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -397,6 +417,13 @@ pub struct TopicsConfig {
     /// Declared parent topics; `name: "*"` accepts any parent topic (development).
     #[serde(default = "default_parents")]
     pub parents: Vec<ParentTopic>,
+    /// `naming: mqtt` with `*`: the core topic of every parent that cannot be a core-topic
+    /// name itself (empty first level, `$…`, characters outside `[A-Za-z0-9._-]`).
+    #[serde(default = "default_other_core_topic")]
+    pub other_core_topic: String,
+    /// The top-level `naming` (copied here when the configuration is loaded).
+    #[serde(skip)]
+    pub naming: Naming,
     #[serde(default = "default_record_key")]
     pub record_key: RecordKey,
     /// Core-service topic that receives client status events. Reserved: no MQTT client can
@@ -433,6 +460,9 @@ pub struct ParentTopic {
 
 fn default_parents() -> Vec<ParentTopic> {
     vec![ParentTopic { name: "*".into(), core_topic: None, partitions: default_partitions() }]
+}
+fn default_other_core_topic() -> String {
+    "mqtt-other".into()
 }
 fn default_record_key() -> RecordKey {
     RecordKey::ClientId
@@ -898,18 +928,27 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text =
             std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-        let config: Config =
-            serde_yaml_ng::from_str(&text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source })?;
-        config.validate()?;
-        Ok(config)
+        Self::parse(&text, path)
     }
 
     /// Parse from a string (tests, embedding).
     pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
-        let config: Config = serde_yaml_ng::from_str(text)
-            .map_err(|source| ConfigError::Parse { path: PathBuf::from("<string>"), source })?;
+        Self::parse(text, Path::new("<string>"))
+    }
+
+    fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let mut config: Config =
+            serde_yaml_ng::from_str(text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source })?;
+        config.set_naming(config.naming);
         config.validate()?;
         Ok(config)
+    }
+
+    /// Apply a naming profile to the sections that follow it.
+    pub fn set_naming(&mut self, naming: Naming) {
+        self.naming = naming;
+        self.topics.naming = naming;
+        self.auth.naming = naming;
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -988,6 +1027,19 @@ impl Config {
                         p.name, self.topics.events_topic
                     ));
                 }
+            }
+        }
+        let other = &self.topics.other_core_topic;
+        if self.naming == Naming::Mqtt {
+            let safe = !other.is_empty()
+                && other.len() <= 200
+                && other.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+                && other != "."
+                && other != "..";
+            if !safe || reserved.contains(other) {
+                return invalid(format!(
+                    "topics.other_core_topic `{other}` must be a core-topic name (letters, digits, `-`, `_`, `.`) outside the reserved namespace"
+                ));
             }
         }
         if self.mqtt.receive_maximum == 0 || self.mqtt.max_inflight == 0 {

@@ -240,3 +240,18 @@ fn compose_gateway_config_passes_check_config() {
     let shown = String::from_utf8_lossy(&out.stdout);
     assert!(shown.contains("kafka:9092"), "effective config names the compose Kafka: {shown}");
 }
+
+/// `deploy/gateway-mqtt.yaml`, the plain MQTT broker, passes `check-config` and says what it is.
+#[test]
+fn mqtt_broker_config_passes_check_config() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lmq-gateway"))
+        .args(["check-config", "-c"])
+        .arg(root().join("deploy/gateway-mqtt.yaml"))
+        .output()
+        .expect("run check-config");
+    assert!(out.status.success(), "check-config failed: {}", String::from_utf8_lossy(&out.stderr));
+    let shown = String::from_utf8_lossy(&out.stdout);
+    for setting in ["naming: mqtt", "allow_anonymous: true", "kind: embedded"] {
+        assert!(shown.contains(setting), "effective config has `{setting}`: {shown}");
+    }
+}

@@ -57,6 +57,10 @@ pub struct AuthConfig {
     /// Accept clients that send no user name; they get `anonymous_acl`.
     #[serde(default)]
     pub allow_anonymous: bool,
+    /// The top-level `naming` (copied here when the configuration is loaded): with `mqtt`,
+    /// any ClientId is accepted and ACL grants starting with a wildcard cover `$` topics.
+    #[serde(skip)]
+    pub naming: crate::config::Naming,
     /// Accept any ClientId made of letters, digits, `-`, `_` and `@`, instead of requiring
     /// LMQ's `<GroupId>@@@<DeviceId>` form.
     #[serde(default)]
@@ -86,6 +90,7 @@ impl Default for AuthConfig {
     fn default() -> Self {
         AuthConfig {
             allow_anonymous: false,
+            naming: crate::config::Naming::Lmq,
             allow_plain_client_ids: false,
             instance_id: None,
             access_keys: Vec::new(),
@@ -170,6 +175,7 @@ pub struct AccessKey {
 #[derive(Debug, Clone)]
 pub struct ResolvedAuth {
     pub allow_anonymous: bool,
+    pub naming: crate::config::Naming,
     pub allow_plain_client_ids: bool,
     pub instance_id: Option<String>,
     pub access_keys: Vec<AccessKey>,
@@ -245,6 +251,7 @@ impl AuthConfig {
             .map_err(|e| AuthConfigError(format!("certificate_acl: {e}")))?;
         Ok(ResolvedAuth {
             allow_anonymous: self.allow_anonymous,
+            naming: self.naming,
             allow_plain_client_ids: self.allow_plain_client_ids,
             instance_id: self.instance_id.clone(),
             access_keys,

@@ -203,11 +203,15 @@ pub struct Identity {
     pub tokens: Vec<TokenGrant>,
     /// Token mode: the access key's own permissions, which bound the token's.
     key_acl: Option<Acl>,
+    /// `naming: mqtt`: a grant starting with a wildcard also covers `$` topics (other than
+    /// `$SYS`, which no client reaches): an ACL says what a client may do, it is not a
+    /// subscription, so `#` grants everything a standard broker's open access does.
+    pub dollar_wildcards: bool,
 }
 
 impl Identity {
     fn new(mode: AuthMode, access_key_id: Option<String>, acl: Acl) -> Identity {
-        Identity { mode, access_key_id, acl, tokens: Vec::new(), key_acl: None }
+        Identity { mode, access_key_id, acl, tokens: Vec::new(), key_acl: None, dollar_wildcards: false }
     }
 
     fn with_tokens(access_key_id: &str, key_acl: Acl, tokens: Vec<TokenGrant>) -> Identity {
@@ -218,6 +222,7 @@ impl Identity {
             acl,
             tokens,
             key_acl: Some(key_acl),
+            dollar_wildcards: false,
         }
     }
 
@@ -229,7 +234,8 @@ impl Identity {
 
     /// May the client publish to `topic`? (Not for `$SYS/...` gateway topics.)
     pub fn check_publish(&self, topic: &str) -> Result<(), Denied> {
-        if self.acl.can_publish(topic) && self.key_acl.as_ref().map_or(true, |k| k.can_publish(topic)) {
+        let allowed = |t: &str| self.acl.can_publish(t) && self.key_acl.as_ref().map_or(true, |k| k.can_publish(t));
+        if allowed(topic) || self.undollared(topic).is_some_and(|t| allowed(&t)) {
             return Ok(());
         }
         Err(self.token_denial(TokenType::W, |g| g.acl().can_subscribe(topic)))
@@ -237,11 +243,29 @@ impl Identity {
 
     /// May the client subscribe to `filter` (plain or `$share/<group>/...`)?
     pub fn check_subscribe(&self, filter: &str) -> Result<(), Denied> {
-        if self.acl.can_subscribe(filter) && self.key_acl.as_ref().map_or(true, |k| k.can_subscribe(filter)) {
+        let allowed = |f: &str| self.acl.can_subscribe(f) && self.key_acl.as_ref().map_or(true, |k| k.can_subscribe(f));
+        if allowed(filter) || self.undollared(filter).is_some_and(|f| allowed(&f)) {
             return Ok(());
         }
         let inner = crate::router::topic::parse_filter(filter).map(|p| p.filter).unwrap_or(filter);
         Err(self.token_denial(TokenType::R, |g| g.resources.iter().any(|r| covers(r, inner))))
+    }
+
+    /// With `dollar_wildcards`, a `$` topic or filter (`$share/<group>/` kept) with its first
+    /// level replaced by one that only wildcards match, for checking it against the grants.
+    fn undollared(&self, topic: &str) -> Option<String> {
+        if !self.dollar_wildcards {
+            return None;
+        }
+        let (prefix, rest) = match topic.strip_prefix("$share/").and_then(|r| r.split_once('/')) {
+            Some((group, filter)) => (format!("$share/{group}/"), filter),
+            None => (String::new(), topic),
+        };
+        if !rest.starts_with('$') || rest == "$SYS" || rest.starts_with("$SYS/") {
+            return None;
+        }
+        let tail = rest.find('/').map_or("", |i| &rest[i..]);
+        Some(format!("{prefix}\u{1}{tail}"))
     }
 
     /// Token mode: 5 when a token covers the resource for the other action, else 4.
@@ -449,7 +473,11 @@ impl Authenticator {
 
     /// Check a CONNECT. No I/O: answers from configuration and the in-memory views.
     pub async fn authenticate(&self, req: &AuthRequest<'_>) -> Result<Identity, AuthFailure> {
-        self.authenticate_at(req, now_ms())
+        let dollar_wildcards = self.inner.keys.config.naming == crate::config::Naming::Mqtt;
+        self.authenticate_at(req, now_ms()).map(|mut id| {
+            id.dollar_wildcards = dollar_wildcards;
+            id
+        })
     }
 
     fn authenticate_at(&self, req: &AuthRequest<'_>, now_ms: i64) -> Result<Identity, AuthFailure> {
@@ -471,7 +499,9 @@ impl Authenticator {
             }
         });
         let mode = parts.map_or(AuthMode::Anonymous, |(m, _, _)| m);
-        if client_id::validate(req.client_id, cfg.allow_plain_client_ids).is_err() {
+        // `naming: mqtt`: any ClientId MQTT allows (the length limit is checked on CONNECT).
+        let lmq_names = cfg.naming == crate::config::Naming::Lmq;
+        if lmq_names && client_id::validate(req.client_id, cfg.allow_plain_client_ids).is_err() {
             return Err(AuthFailure::new(mode, "client_id_invalid", ReasonCode::CLIENT_IDENTIFIER_NOT_VALID));
         }
         let Some((mode, ak, instance)) = parts else {
@@ -569,7 +599,9 @@ impl Authenticator {
         let mut tokens: Vec<TokenGrant> =
             identity.tokens.iter().filter(|g| !upload.token_type.includes(g.token_type)).cloned().collect();
         tokens.push(grant);
-        Ok(Identity::with_tokens(ak, key.acl.clone(), tokens))
+        let mut id = Identity::with_tokens(ak, key.acl.clone(), tokens);
+        id.dollar_wildcards = identity.dollar_wildcards;
+        Ok(id)
     }
 
     /// Revocations from every gateway, as they arrive (see the module docs).

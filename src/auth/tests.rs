@@ -269,3 +269,25 @@ async fn debug_output_has_no_secrets() {
         }
     }
 }
+
+#[tokio::test]
+async fn mqtt_names_accept_any_client_id_and_wildcard_grants_cover_dollar_topics() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = core(&dir).await;
+    let yaml = "allow_anonymous: true\nanonymous_acl: {publish: ['#'], subscribe: ['#']}\n";
+    let mut config: AuthConfig = serde_yaml_ng::from_str(yaml).unwrap();
+    // LMQ names: a ClientId with a space is refused, and `#` does not grant `$` topics.
+    let lmq = Authenticator::start(&config, core.clone()).await.unwrap();
+    assert!(lmq.authenticate(&req("a b", None, None)).await.is_err());
+    let id = lmq.authenticate(&req("GID_demo@@@1", None, None)).await.unwrap();
+    assert!(id.check_publish("$TopicA/B").is_err());
+    // MQTT names: any ClientId; `#` covers `$` topics but never `$SYS`.
+    config.naming = crate::config::Naming::Mqtt;
+    let mqtt = Authenticator::start(&config, core).await.unwrap();
+    let id = mqtt.authenticate(&req("a b", None, None)).await.unwrap();
+    assert!(id.check_publish("$TopicA/B").is_ok());
+    assert!(id.check_subscribe("$TopicA/#").is_ok());
+    assert!(id.check_subscribe("$share/g/$TopicA/#").is_ok());
+    assert!(id.check_publish("$SYS/x").is_err());
+    assert!(id.check_subscribe("$SYS/#").is_err());
+}

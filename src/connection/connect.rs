@@ -31,7 +31,8 @@ impl Conn {
         } else {
             connect.client_id.clone()
         };
-        if ctx.limits.check_client_id(&client_id).is_err() || client_id.starts_with('$') {
+        let lmq_names = ctx.config.naming == crate::config::Naming::Lmq;
+        if ctx.limits.check_client_id(&client_id).is_err() || (lmq_names && client_id.starts_with('$')) {
             let _ = write_now(writer, &refuse(ReasonCode::CLIENT_IDENTIFIER_NOT_VALID), protocol).await;
             return None;
         }

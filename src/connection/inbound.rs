@@ -2,6 +2,7 @@
 //! durable, SUBSCRIBE / UNSUBSCRIBE.
 
 use super::*;
+use crate::config::Naming;
 use crate::limits::Refusal;
 use crate::router::RouterError;
 
@@ -88,7 +89,8 @@ impl Conn {
             self.done_inbound(p.qos);
             return Err(End::Server(ReasonCode::RETAIN_NOT_SUPPORTED, "retain not supported"));
         }
-        if p.topic.starts_with('$')
+        // LMQ names have no `$` topics; MQTT names have all but `$SYS` (refused as reserved below).
+        if (p.topic.starts_with('$') && self.ctx.config.naming == Naming::Lmq)
             || self.ctx.limits.check_topic(&p.topic).is_err()
             || topic::validate_name(&p.topic).is_err()
         {

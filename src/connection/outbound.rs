@@ -193,8 +193,7 @@ pub(super) fn record_message(
     tp: &TopicPartition,
     rec: &crate::backend::CoreRecord,
 ) -> Option<Arc<Message>> {
-    let parent = ctx.router.topics().parent_of_core(&tp.topic)?;
-    mapping::record_to_message(parent, rec).map(Arc::new)
+    ctx.router.topics().message_of(&tp.topic, rec).map(Arc::new)
 }
 
 pub(super) fn publish_packet(o: &Outbound, packet_id: Option<PacketId>, dup: bool, protocol: Protocol) -> Publish {

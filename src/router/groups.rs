@@ -30,11 +30,7 @@ pub(super) enum Offer {
 impl Router {
     /// Offer a record to one member of `group` on this gateway, round-robin, without waiting.
     pub(super) fn offer_to_group(&self, group: &str, record: &Arc<Record>) -> Offer {
-        let Some(message) = self
-            .topics
-            .parent_of_core(&record.tp.topic)
-            .and_then(|parent| mapping::record_to_message(parent, &record.record))
-        else {
+        let Some(message) = self.topics.message_of(&record.tp.topic, &record.record) else {
             return Offer::NotForGroup;
         };
         if mapping::p2p_target(&message.topic).is_some() {

@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use super::reserved::ReservedTopics;
 use crate::backend::CoreRecord;
-use crate::config::{RecordKey, TopicsConfig};
+use crate::config::{Naming, RecordKey, TopicsConfig};
 use crate::protocol::{PublishProperties, QoS, UserProperties};
 
 /// Header names (LMQ's, plus ours for what LMQ has no name for).
@@ -109,6 +109,9 @@ pub struct TopicMap {
     by_core: HashMap<String, String>,
     /// `*` declared: any parent maps to a core topic of the same name.
     any: Option<u32>,
+    /// `naming: mqtt` with `*`: the core topic of parents that cannot be core-topic names.
+    other: Option<Arc<str>>,
+    naming: Naming,
     key: RecordKey,
     reserved: ReservedTopics,
 }
@@ -127,19 +130,21 @@ impl TopicMap {
             }
         }
         let by_core = declared.iter().map(|(p, t)| (t.name.to_string(), p.clone())).collect();
-        TopicMap { declared, by_core, any, key: config.record_key, reserved }
+        let other = (config.naming == Naming::Mqtt && any.is_some()).then(|| config.other_core_topic.as_str().into());
+        TopicMap { declared, by_core, any, other, naming: config.naming, key: config.record_key, reserved }
     }
 
     /// Core topic for a parent topic. A parent whose own name or core topic is reserved is
     /// refused even when declared (config validation refuses such declarations; this is the
     /// check every path relies on), and `*` never maps onto a reserved name.
     pub fn resolve(&self, parent: &str) -> Result<CoreTopic, Unmapped> {
-        if self.reserved.contains(parent) {
+        if self.reserved.contains(parent) || (self.naming == Naming::Mqtt && parent == "$SYS") {
             return Err(Unmapped::Reserved);
         }
-        let topic = match (self.declared.get(parent), self.any) {
-            (Some(t), _) => t.clone(),
-            (None, Some(partitions)) if is_safe_core_name(parent) => CoreTopic { name: parent.into(), partitions },
+        let topic = match (self.declared.get(parent), self.any, &self.other) {
+            (Some(t), _, _) => t.clone(),
+            (None, Some(partitions), _) if is_safe_core_name(parent) => CoreTopic { name: parent.into(), partitions },
+            (None, Some(partitions), Some(other)) => CoreTopic { name: other.clone(), partitions },
             _ => return Err(Unmapped::Undeclared),
         };
         if self.reserved.contains(&topic.name) {
@@ -173,9 +178,25 @@ impl TopicMap {
         self.any.is_some()
     }
 
-    /// Parent topic whose records live in core topic `core` (called per routed record:
-    /// no allocation). `None` for a reserved topic: its records are never messages.
-    pub fn parent_of_core<'a>(&'a self, core: &'a str) -> Option<&'a str> {
+    /// The MQTT message a record of core topic `core` stands for (called per routed record),
+    /// `None` for a record of a reserved topic or whose topic belongs to another core topic.
+    /// Records of `topics.other_core_topic` (`naming: mqtt`) carry parents of many names: the
+    /// record's `topic` header says which, and that parent must map to this core topic.
+    pub fn message_of(&self, core: &str, rec: &CoreRecord) -> Option<Message> {
+        if self.other.as_deref() == Some(core) && !self.by_core.contains_key(core) {
+            let topic = header_str(rec, header::TOPIC)?;
+            let parent = super::topic::parent(topic);
+            if self.resolve(parent).ok()?.name.as_ref() != core {
+                return None;
+            }
+            return record_to_message(parent, rec);
+        }
+        record_to_message(self.parent_of_core(core)?, rec)
+    }
+
+    /// Parent topic whose records live in core topic `core` (no allocation). `None` for a
+    /// reserved topic: its records are never messages.
+    fn parent_of_core<'a>(&'a self, core: &'a str) -> Option<&'a str> {
         if self.reserved.contains(core) {
             return None;
         }
@@ -431,6 +452,31 @@ mod tests {
         let any = TopicMap::new(&TopicsConfig::default(), ReservedTopics::default());
         assert!(any.core_topic("x").is_some());
         assert!(any.core_topic("..").is_none());
+    }
+
+    #[test]
+    fn mqtt_names_map_unusable_first_levels_to_the_other_core_topic() {
+        let cfg = TopicsConfig { naming: Naming::Mqtt, ..TopicsConfig::default() };
+        let reserved = ReservedTopics::new(["GID_LMQ_STATUS"], ["lmq-"]);
+        let map = TopicMap::new(&cfg, reserved.clone());
+        let other = |p: &str| map.resolve(p).map(|t| t.name.to_string());
+        assert_eq!(other("sensors"), Ok("sensors".into()), "usable names keep their own core topic");
+        for parent in ["", "$TopicA", "a b", "温度"] {
+            assert_eq!(other(parent), Ok("mqtt-other".into()), "`{parent}`");
+        }
+        assert_eq!(other("$SYS"), Err(Unmapped::Reserved));
+        assert_eq!(other("lmq-sessions"), Err(Unmapped::Reserved));
+        // Records of the shared core topic say their own topic; one of another core topic is refused.
+        let mut msg = msg();
+        msg.topic = "$TopicA/B".into();
+        let rec = map.to_record(&msg);
+        assert_eq!(map.message_of("mqtt-other", &rec).map(|m| m.topic), Some("$TopicA/B".into()));
+        msg.topic = "sensors/x".into();
+        assert_eq!(map.message_of("mqtt-other", &map.to_record(&msg)), None);
+        // LMQ names: no such core topic.
+        let lmq = TopicMap::new(&TopicsConfig::default(), reserved);
+        assert_eq!(lmq.resolve("$TopicA"), Err(Unmapped::Undeclared));
+        assert_eq!(lmq.resolve(""), Err(Unmapped::Undeclared));
     }
 
     #[test]

@@ -623,10 +623,7 @@ impl Router {
         let mut sent: HashSet<SessionId> = HashSet::new();
         for record in records {
             let next = record.offset + 1;
-            let message = self
-                .topics
-                .parent_of_core(&record.tp.topic)
-                .and_then(|parent| mapping::record_to_message(parent, &record.record));
+            let message = self.topics.message_of(&record.tp.topic, &record.record);
             if let Some(message) = message {
                 let message = Arc::new(message);
                 rings.push(&record, &message);

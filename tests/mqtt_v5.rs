@@ -278,3 +278,94 @@ async fn connect_on_another_gateway_takes_the_session_over() {
     newer.send(&p::Packet::PingReq).await;
     assert!(matches!(newer.recv().await, Some(p::Packet::PingResp)), "still connected");
 }
+
+fn raw_connect(id: &str, props: p::ConnectProperties) -> p::Packet {
+    p::Packet::Connect(Box::new(p::Connect {
+        protocol: Protocol::V5,
+        clean_start: true,
+        keep_alive: 30,
+        client_id: id.into(),
+        will: None,
+        username: None,
+        password: None,
+        properties: props,
+    }))
+}
+
+async fn raw_client(gw: &TestGateway, id: &str, props: p::ConnectProperties) -> Raw {
+    let mut raw = Raw::connect(gw.addr, Protocol::V5).await;
+    raw.send(&raw_connect(id, props)).await;
+    assert!(matches!(raw.recv().await, Some(p::Packet::ConnAck(a)) if a.code == ReasonCode::SUCCESS));
+    raw
+}
+
+#[tokio::test]
+async fn the_gateway_sends_topic_aliases_up_to_the_clients_maximum() {
+    let gw = TestGateway::start().await;
+    let props = p::ConnectProperties { topic_alias_maximum: Some(1), ..Default::default() };
+    let mut sub = raw_client(&gw, "alias-sub", props).await;
+    sub.send(&p::Packet::Subscribe(p::Subscribe {
+        packet_id: std::num::NonZeroU16::new(1).expect("id"),
+        filters: vec![("aliased/#".into(), p::SubscriptionOptions::default())],
+        properties: Default::default(),
+    }))
+    .await;
+    assert!(matches!(sub.recv().await, Some(p::Packet::SubAck(_))));
+    let publ = v5::connect(gw.addr, "alias-pub").await;
+    for topic in ["aliased/a", "aliased/a", "aliased/b", "aliased/b", "aliased/a"] {
+        publ.client.publish(topic, QoS::AtMostOnce, false, topic).await.expect("queued");
+    }
+    let mut seen = Vec::new();
+    while seen.len() < 5 {
+        if let Some(p::Packet::Publish(m)) = sub.recv().await {
+            seen.push((m.topic.clone(), m.properties.topic_alias, String::from_utf8_lossy(&m.payload).into_owned()));
+        }
+    }
+    let expected = [
+        ("aliased/a", "aliased/a"), // new mapping: topic and alias 1
+        ("", "aliased/a"),          // known: alias only
+        ("aliased/b", "aliased/b"), // alias 1 re-assigned (maximum 1)
+        ("", "aliased/b"),
+        ("aliased/a", "aliased/a"),
+    ];
+    for ((topic, alias, payload), (want_topic, want_payload)) in seen.iter().zip(expected) {
+        assert_eq!((topic.as_str(), *alias, payload.as_str()), (want_topic, Some(1), want_payload), "{seen:?}");
+    }
+    // A client that announced no maximum gets topic names only.
+    let mut plain = v5::connect(gw.addr, "alias-none").await;
+    plain.subscribe("aliased/#", QoS::AtMostOnce).await;
+    publ.client.publish("aliased/c", QoS::AtMostOnce, false, "c").await.expect("queued");
+    let m = plain.next_publish().await;
+    assert_eq!(m.topic, "aliased/c");
+    assert_eq!(m.properties.and_then(|p| p.topic_alias), None);
+}
+
+#[tokio::test]
+async fn exceeding_the_receive_maximum_is_disconnected_with_0x93() {
+    let gw = TestGateway::start_with("mqtt:\n  receive_maximum: 4\n").await;
+    let mut c = raw_client(&gw, "greedy", Default::default()).await;
+    // QoS 2 counts until PUBCOMP: five PUBLISHes without PUBREL are one too many.
+    for id in 1..=5u16 {
+        c.send(&p::Packet::Publish(p::Publish {
+            dup: false,
+            qos: p::QoS::ExactlyOnce,
+            retain: false,
+            topic: "greedy/t".into(),
+            packet_id: std::num::NonZeroU16::new(id),
+            payload: Bytes::from_static(b"x"),
+            properties: Default::default(),
+        }))
+        .await;
+        if id <= 4 {
+            assert!(matches!(c.recv().await, Some(p::Packet::PubRec(_))), "PUBREC {id}");
+        }
+    }
+    let end = c.until_closed().await;
+    match end.last() {
+        Some(p::Packet::Disconnect(d)) => {
+            assert_eq!(d.code, ReasonCode::RECEIVE_MAXIMUM_EXCEEDED);
+            assert!(d.properties.reason_string.as_deref().is_some_and(|r| r.contains("receive maximum")), "{d:?}");
+        }
+        other => panic!("expected DISCONNECT 0x93, got {other:?}"),
+    }
+}

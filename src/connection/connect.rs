@@ -162,6 +162,7 @@ impl Conn {
         };
         state.owner = Some(owner);
 
+        let qos2_waiting = state.inbound_qos2.len();
         let (slot, rx) = ctx.router.register(client_id.clone().into(), mqtt.queue_capacity);
         let window = match protocol {
             Protocol::V5 => usize::from(connect.properties.receive_maximum.unwrap_or(u16::MAX).min(mqtt.max_inflight)),
@@ -196,13 +197,18 @@ impl Conn {
             window: window.max(1),
             client_max_packet: connect.properties.maximum_packet_size.map(|v| v as usize),
             topic_aliases: HashMap::new(),
+            out_aliases: OutAliases::new(match protocol {
+                Protocol::V5 => connect.properties.topic_alias_maximum.unwrap_or(0).min(mqtt.topic_alias_max),
+                _ => 0,
+            }),
             pending: VecDeque::new(),
             retained_waiting: 0,
             out: BytesMut::new(),
             dirty: false,
             stored: session_present,
             last_event: None,
-            inbound_inflight: 0,
+            // QoS 2 PUBLISHes of the restored session waiting for PUBREL still count.
+            inbound_inflight: qos2_waiting,
             qos2_storing: HashSet::new(),
             pubrec_waiting: Vec::new(),
             pubrec_saving: Vec::new(),

@@ -27,7 +27,10 @@ impl Conn {
             self.emit(EventType::Disconnect, None);
         }
         if let (Some(code), Protocol::V5) = (reason, self.protocol) {
-            let d = Disconnect { code, properties: DisconnectProperties::default() };
+            // The reason in words [MQTT-3.14.2.2.3]; a DISCONNECT may carry it whatever the
+            // client's Request Problem Information.
+            let properties = DisconnectProperties { reason_string: Some(event_reason.clone()), ..Default::default() };
+            let d = Disconnect { code, properties };
             self.send(&Packet::Disconnect(d));
         }
         if !self.out.is_empty() {

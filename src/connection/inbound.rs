@@ -184,11 +184,9 @@ impl Conn {
             if self.session_expiry > 0 {
                 match self.qos2_intent(&core, pid, backend_timeout).await? {
                     Some(marker) => qos2_id = Some(marker),
-                    None => {
-                        // Stored before a crash of the gateway that received it first.
-                        self.done_inbound(qos);
-                        return Ok(());
-                    }
+                    // Stored before a crash of the gateway that received it first; it counts
+                    // against the Receive Maximum until its PUBREL, like any QoS 2 PUBLISH.
+                    None => return Ok(()),
                 }
             }
             self.qos2_storing.insert(pid.get());
@@ -293,7 +291,10 @@ impl Conn {
     }
 
     pub(super) fn on_ack(&mut self, r: AckResult) -> Result<(), End> {
-        self.done_inbound(r.qos);
+        // QoS 2 counts against our Receive Maximum until its PUBCOMP, unless it failed.
+        if r.qos != QoS::ExactlyOnce || r.outcome.is_err() || r.packet_id.is_none() {
+            self.done_inbound(r.qos);
+        }
         if let (QoS::ExactlyOnce, Some(pid)) = (r.qos, r.packet_id) {
             self.qos2_storing.remove(&pid.get());
         }

@@ -49,7 +49,7 @@ mod outbound;
 mod tokens;
 
 use inbound::{store_message, with_timestamp, AckResult};
-use outbound::{empty_message, publish_packet, record_message, CatchupStep};
+use outbound::{empty_message, publish_packet, record_message, CatchupStep, OutAliases};
 
 /// Stop taking deliveries when this many bytes wait to be written (or at
 /// `mqtt.max_output_buffer_bytes` if that is lower); reading stops at that limit.
@@ -231,6 +231,8 @@ struct Conn {
     window: usize,
     /// Client's Maximum Packet Size (MQTT 5).
     client_max_packet: Option<usize>,
+    /// Topic aliases we assign towards the client (MQTT 5).
+    out_aliases: OutAliases,
     topic_aliases: HashMap<u16, String>,
     pending: VecDeque<Pending>,
     /// Retained messages of SUBSCRIBEs in `pending` (at most `mqtt.max_retained_per_subscribe`).
@@ -546,6 +548,7 @@ impl Conn {
                 let known = self.state.inbound_qos2.remove(&r.packet_id.get());
                 if known {
                     self.dirty = true;
+                    self.done_inbound(QoS::ExactlyOnce);
                 }
                 let mut comp = PubResponse::new(r.packet_id);
                 if !known && self.protocol == Protocol::V5 {

@@ -80,8 +80,8 @@ impl Conn {
                 origin: p.origin,
                 stage: OutboundStage::Published,
             };
-            let packet = Packet::Publish(publish_packet(&o, pid, false, self.protocol));
-            let Ok(len) = protocol::encoded_len(&packet, self.protocol) else {
+            let mut publish = publish_packet(&o, pid, false, self.protocol);
+            let Ok(len) = protocol::encoded_len(&Packet::Publish(publish.clone()), self.protocol) else {
                 self.state.ack_origin(&o.origin);
                 continue;
             };
@@ -90,6 +90,19 @@ impl Conn {
                 self.state.ack_origin(&o.origin);
                 continue;
             }
+            // A new alias adds its 3 bytes; a known one replaces the topic by nothing.
+            let room_for_new = self.client_max_packet.map_or(true, |max| len + 3 <= max);
+            if let Some((alias, known)) = self.out_aliases.alias(&o.message.topic, room_for_new) {
+                publish.properties.topic_alias = Some(alias);
+                if known {
+                    publish.topic.clear();
+                }
+            }
+            let packet = Packet::Publish(publish);
+            let Ok(len) = protocol::encoded_len(&packet, self.protocol) else {
+                self.state.ack_origin(&o.origin);
+                continue;
+            };
             self.reserve_out(len);
             if protocol::encode(&packet, self.protocol, &mut self.out).is_err() {
                 self.state.ack_origin(&o.origin);
@@ -215,4 +228,63 @@ pub(super) fn publish_packet(o: &Outbound, packet_id: Option<PacketId>, dup: boo
 
 pub(super) fn empty_message() -> Message {
     Message { qos: QoS::AtLeastOnce, ..Message::default() }
+}
+
+/// Topic aliases the gateway assigns towards one MQTT 5 client: at most the Topic Alias
+/// Maximum the client announced (and `mqtt.topic_alias_max`), the least recently used one
+/// re-assigned when all are taken. Per connection: a new connection starts with none.
+pub(super) struct OutAliases {
+    max: u16,
+    /// Topic, alias, last use.
+    entries: Vec<(Arc<str>, u16, u64)>,
+    clock: u64,
+}
+
+impl OutAliases {
+    pub(super) fn new(max: u16) -> OutAliases {
+        OutAliases { max, entries: Vec::new(), clock: 0 }
+    }
+
+    /// The alias to send `topic` with, and whether the client knows it already (then the
+    /// topic name is left out); a new mapping only when `may_add`.
+    pub(super) fn alias(&mut self, topic: &Arc<str>, may_add: bool) -> Option<(u16, bool)> {
+        if self.max == 0 {
+            return None;
+        }
+        self.clock += 1;
+        if let Some(e) = self.entries.iter_mut().find(|e| *e.0 == **topic) {
+            e.2 = self.clock;
+            return Some((e.1, true));
+        }
+        if !may_add {
+            return None;
+        }
+        if self.entries.len() < usize::from(self.max) {
+            let alias = u16::try_from(self.entries.len() + 1).ok()?;
+            self.entries.push((topic.clone(), alias, self.clock));
+            return Some((alias, false));
+        }
+        let lru = self.entries.iter_mut().min_by_key(|e| e.2)?;
+        *lru = (topic.clone(), lru.1, self.clock);
+        Some((lru.1, false))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aliases_are_assigned_up_to_the_maximum_then_least_recently_used_reassigned() {
+        let t = |s: &str| -> Arc<str> { s.into() };
+        let mut a = OutAliases::new(2);
+        assert_eq!(a.alias(&t("a"), true), Some((1, false)));
+        assert_eq!(a.alias(&t("b"), true), Some((2, false)));
+        assert_eq!(a.alias(&t("a"), true), Some((1, true)));
+        // `b` is the least recently used: `c` takes its alias.
+        assert_eq!(a.alias(&t("c"), true), Some((2, false)));
+        assert_eq!(a.alias(&t("b"), false), None, "no new mapping when not allowed");
+        assert_eq!(a.alias(&t("c"), false), Some((2, true)));
+        assert_eq!(OutAliases::new(0).alias(&t("a"), true), None);
+    }
 }

@@ -75,6 +75,7 @@ status=0
 stage "cargo test" cargo test --locked --no-fail-fast || status=1
 BIN="${CARGO_TARGET_DIR:-target}/debug/lmq-gateway"
 stage "mosquitto-e2e" scripts/mosquitto-e2e.sh "$BIN" || status=1
+stage "mosquitto-mqtt-e2e" scripts/mosquitto-mqtt-e2e.sh "$BIN" || status=1
 stage "tls-e2e" scripts/tls-e2e.sh "$BIN" || status=1
 stage "browser-e2e" scripts/browser-e2e.sh "$BIN" || status=1
 stage "prometheus-e2e" scripts/prometheus-e2e.sh "$BIN" || status=1

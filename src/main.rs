@@ -162,9 +162,17 @@ fn main() -> anyhow::Result<()> {
             }
         }
         Command::CheckConfig => {
-            println!("{} is valid; effective settings:\n", cli.config.display());
-            print!("{}", serde_yaml_ng::to_string(&config)?);
-            Ok(())
+            use std::io::Write as _;
+            let text = format!(
+                "{} is valid; effective settings:\n\n{}",
+                cli.config.display(),
+                serde_yaml_ng::to_string(&config)?
+            );
+            // A reader that stops early (`| head`) is not an error of the configuration.
+            match std::io::stdout().write_all(text.as_bytes()) {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+                _ => Ok(()),
+            }
         }
         Command::Serve => {
             init_logging(&config);

@@ -108,15 +108,16 @@ async fn token_is_required_and_errors_are_json() {
 }
 
 #[tokio::test]
-async fn no_configured_token_refuses_everything_but_the_probes() {
+async fn no_configured_token_turns_the_management_routes_off_but_not_probes_and_metrics() {
     let gw = TestGateway::start_with(
         "admin:\n  enabled: true\n  bind: 127.0.0.1:0\n  token_env: LMQ_TEST_UNSET_ADMIN_TOKEN\n",
     )
     .await;
-    let (status, body) = call(&gw, "GET", "/metrics", None).await;
+    let (status, body) = call(&gw, "GET", "/api/v1/clients", None).await;
     assert_eq!(status, 401);
     assert!(is_error(&body, "admin_token_not_configured"), "{body}");
     assert_eq!(call_with(&gw, "GET", "/healthz", None, None).await.0, 200);
+    assert_eq!(call_with(&gw, "GET", "/metrics", None, None).await.0, 200);
 }
 
 #[tokio::test]

@@ -4,7 +4,7 @@
 mod common;
 
 use bytes::Bytes;
-use common::{connect_packet, http, v4, v5, Raw, TestGateway, ADMIN_TOKEN, WAIT};
+use common::{connect_packet, http, v4, v5, Raw, TestGateway, WAIT};
 use lmq_gateway::auth::signature::sign;
 use lmq_gateway::protocol::{self as p, Packet, Protocol, PubResponse, QoS, ReasonCode};
 use std::num::NonZeroU16;

@@ -1133,10 +1133,16 @@ mod tests {
     use super::*;
 
     /// Settings the shipped file sets to a non-default value on purpose (the README quick
-    /// start: a demo access key, an instance id and any ClientId). Everything else it shows
-    /// must be the default.
-    const SHIPPED_DEMO_SETTINGS: &[&[&str]] =
-        &[&["auth", "access_keys"], &["auth", "instance_id"], &["auth", "allow_plain_client_ids"]];
+    /// start: a demo access key, an instance id and any ClientId; the WebSocket listener with
+    /// the console and the admin port a newcomer expects — off by default for embedders and
+    /// tests, which choose their own ports). Everything else it shows must be the default.
+    const SHIPPED_DEMO_SETTINGS: &[&[&str]] = &[
+        &["auth", "access_keys"],
+        &["auth", "instance_id"],
+        &["auth", "allow_plain_client_ids"],
+        &["listeners"],
+        &["admin", "enabled"],
+    ];
 
     fn at<'a>(v: &'a mut serde_yaml_ng::Value, path: &[&str]) -> &'a mut serde_yaml_ng::Value {
         path.iter().fold(v, |v, k| v.get_mut(*k).unwrap_or_else(|| panic!("no `{}`", path.join("."))))

@@ -70,6 +70,7 @@ impl Gateway {
             let port = addrs.first().map(|(_, a)| a.port()).unwrap_or(0);
             format!("{host}:{port}")
         });
+        crate::msgid::init(&gateway_id);
         let auth = Arc::new(crate::auth::Authenticator::start(&config.auth, backend.clone()).await?);
         let ctx = Arc::new(Context {
             auth,

@@ -13,6 +13,7 @@
 //! - [`limits`]: LMQ limits.
 //! - [`events`]: client status events.
 //! - [`auth`]: signature / token / device credential authentication and topic ACLs.
+//! - [`msgid`]: the message ID every stored message gets.
 //! - [`metrics`]: every Prometheus metric (`lmq_*`), the only place their names exist.
 //! - [`admin`]: admin HTTP API (axum): metrics, health, clients, tokens, credentials, messages.
 
@@ -25,6 +26,7 @@ pub mod events;
 pub mod gateway;
 pub mod limits;
 pub mod metrics;
+pub mod msgid;
 pub mod protocol;
 pub mod router;
 pub mod server;

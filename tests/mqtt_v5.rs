@@ -369,3 +369,41 @@ async fn exceeding_the_receive_maximum_is_disconnected_with_0x93() {
         other => panic!("expected DISCONNECT 0x93, got {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn every_stored_message_has_an_id_returned_in_the_puback_and_carried_in_its_record() {
+    let gw = TestGateway::start().await;
+    let mut c = raw_client(&gw, "id-pub", Default::default()).await;
+    let mut ids = Vec::new();
+    for n in 1..=3u16 {
+        c.send(&p::Packet::Publish(p::Publish {
+            dup: false,
+            qos: if n == 3 { p::QoS::ExactlyOnce } else { p::QoS::AtLeastOnce },
+            retain: false,
+            topic: "ids/t".into(),
+            packet_id: std::num::NonZeroU16::new(n),
+            payload: Bytes::from(format!("m{n}")),
+            properties: Default::default(),
+        }))
+        .await;
+        let props = match c.recv().await {
+            Some(p::Packet::PubAck(a) | p::Packet::PubRec(a)) => a.properties,
+            other => panic!("expected PUBACK / PUBREC, got {other:?}"),
+        };
+        let id = props.user_properties.iter().find(|(k, _)| k == "msgId").map(|(_, v)| v.clone());
+        ids.push(id.expect("msgId user property"));
+    }
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "time-ordered, unique: {ids:?}");
+    assert!(ids.iter().all(|id| id.len() == 32 && id.chars().all(|c| c.is_ascii_hexdigit())), "{ids:?}");
+    // The record in the core service carries the same ID.
+    let backend = gw.gateway().ctx.backend.clone();
+    let mut in_log = Vec::new();
+    for part in 0..backend.partitions("ids").expect("topic") {
+        let tp = lmq_gateway::backend::TopicPartition::new("ids", part);
+        for r in backend.fetch(&tp, 0, 100).await.expect("fetch").records {
+            in_log.push(String::from_utf8_lossy(r.record.header("msgId").expect("msgId header")).into_owned());
+        }
+    }
+    in_log.sort();
+    assert_eq!(in_log, ids);
+}

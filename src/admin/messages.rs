@@ -110,6 +110,7 @@ pub(super) async fn publish(
         timestamp_ms: crate::now_ms(),
     };
     let record = ctx.router.topics().to_record(&message);
+    let msg_id = record.header(crate::msgid::HEADER).map(|v| String::from_utf8_lossy(v).into_owned());
     let started = std::time::Instant::now();
     let stored = tokio::time::timeout(timeout, ctx.backend.append(&core.name, record))
         .await
@@ -121,5 +122,6 @@ pub(super) async fn publish(
         "core_topic": &*core.name,
         "partition": position.partition,
         "offset": position.offset,
+        "msg_id": msg_id,
     })))
 }

@@ -125,7 +125,7 @@ impl Conn {
                 return;
             }
             let stored = match store_message(&ctx, &core.name, with_timestamp(message, now_ms()), None).await {
-                Ok(ack) => ack.await,
+                Ok((ack, _)) => ack.await,
                 Err(e) => Err(e),
             };
             if let Err(e) = stored {

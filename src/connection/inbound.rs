@@ -11,6 +11,8 @@ pub(super) struct AckResult {
     packet_id: Option<PacketId>,
     qos: QoS,
     outcome: Result<(), String>,
+    /// The stored message's ID, for the MQTT 5 PUBACK / PUBREC.
+    msg_id: Option<Arc<str>>,
 }
 
 impl Conn {
@@ -145,7 +147,8 @@ impl Conn {
             }
             if self.state.inbound_qos2.contains(&pid.get()) {
                 self.done_inbound(p.qos);
-                if !self.pubrec_waiting.contains(&pid) && !self.pubrec_saving.contains(&pid) {
+                let waiting = |v: &[PubResponse]| v.iter().any(|r| r.packet_id == pid);
+                if !waiting(&self.pubrec_waiting) && !waiting(&self.pubrec_saving) {
                     self.send(&Packet::PubRec(PubResponse::new(pid)));
                 }
                 return Ok(());
@@ -195,11 +198,11 @@ impl Conn {
         // Queued in arrival order (this await is the back-pressure point); the durable
         // acknowledgements then complete in the background, in order.
         let stored = store_message(&self.ctx, &core.name, message, qos2_id);
-        let fut = match tokio::time::timeout(backend_timeout, stored).await {
+        let (fut, msg_id) = match tokio::time::timeout(backend_timeout, stored).await {
             Ok(Ok(ack)) => ack,
             Ok(Err(e)) => {
                 let outcome = Err(e.to_string());
-                acks.push_back(async move { AckResult { packet_id, qos, outcome } }.boxed());
+                acks.push_back(async move { AckResult { packet_id, qos, outcome, msg_id: None } }.boxed());
                 return Ok(());
             }
             Err(_) => return Err(End::Server(ReasonCode::SERVER_BUSY, "core service queue full")),
@@ -220,7 +223,7 @@ impl Conn {
                         Err(format!("no acknowledgement within {backend_timeout:?}"))
                     }
                 };
-                AckResult { packet_id, qos, outcome }
+                AckResult { packet_id, qos, outcome, msg_id: Some(msg_id) }
             }
             .boxed(),
         );
@@ -242,7 +245,7 @@ impl Conn {
                 Ok(Ok(true)) => {
                     tracing::debug!(client_id = %self.client_id, packet_id = pid.get(), "re-sent QoS 2 PUBLISH was stored before; not stored again");
                     self.state.inbound_qos2.insert(pid.get());
-                    self.pubrec_waiting.push(pid);
+                    self.pubrec_waiting.push(PubResponse::new(pid));
                     return Ok(None);
                 }
                 Ok(Ok(false)) => {}
@@ -284,6 +287,15 @@ impl Conn {
         }
     }
 
+    /// A positive PUBACK / PUBREC; MQTT 5 gets the message ID as user property `msgId`.
+    fn ack_with_id(&self, pid: PacketId, msg_id: Option<&str>) -> PubResponse {
+        let mut ack = PubResponse::new(pid);
+        if let (Protocol::V5, Some(id)) = (self.protocol, msg_id.filter(|id| !id.is_empty())) {
+            ack.properties.user_properties.push((crate::msgid::HEADER.to_string(), id.to_string()));
+        }
+        ack
+    }
+
     pub(super) fn done_inbound(&mut self, qos: QoS) {
         if qos != QoS::AtMostOnce {
             self.inbound_inflight = self.inbound_inflight.saturating_sub(1);
@@ -301,19 +313,21 @@ impl Conn {
         match (r.outcome, r.qos, r.packet_id) {
             (Ok(()), QoS::AtMostOnce, _) => Ok(()),
             (Ok(()), QoS::AtLeastOnce, Some(pid)) => {
-                self.send(&Packet::PubAck(PubResponse::new(pid)));
+                let ack = self.ack_with_id(pid, r.msg_id.as_deref());
+                self.send(&Packet::PubAck(ack));
                 Ok(())
             }
             (Ok(()), QoS::ExactlyOnce, Some(pid)) => {
                 self.state.qos2_intents.remove(&pid.get());
                 self.state.inbound_qos2.insert(pid.get());
                 self.dirty = true;
+                let rec = self.ack_with_id(pid, r.msg_id.as_deref());
                 if self.session_expiry > 0 {
                     // PUBREC once the packet id is saved with the session (next save, at once).
-                    self.pubrec_waiting.push(pid);
+                    self.pubrec_waiting.push(rec);
                 } else {
                     // No session outlives the connection: nothing to recognise a re-send by.
-                    self.send(&Packet::PubRec(PubResponse::new(pid)));
+                    self.send(&Packet::PubRec(rec));
                 }
                 Ok(())
             }
@@ -487,8 +501,10 @@ pub(super) async fn store_message(
     core: &str,
     message: Arc<Message>,
     qos2_id: Option<String>,
-) -> Result<BoxFuture<'static, Result<(), BackendError>>, BackendError> {
+) -> Result<(BoxFuture<'static, Result<(), BackendError>>, Arc<str>), BackendError> {
     let mut record = ctx.router.topics().to_record(&message);
+    let msg_id: Arc<str> =
+        record.header(crate::msgid::HEADER).and_then(|v| std::str::from_utf8(v).ok()).unwrap_or_default().into();
     if let Some(id) = qos2_id {
         record.headers.push((mapping::header::QOS2_ID.to_string(), Bytes::from(id)));
     }
@@ -502,17 +518,17 @@ pub(super) async fn store_message(
         r
     };
     if !message.retain {
-        return Ok(async move { append.await.map(|_| ()) }.boxed());
+        return Ok((async move { append.await.map(|_| ()) }.boxed(), msg_id));
     }
     let retained = ctx.backend.put_state(StateStore::Retained, &message.topic, value);
     let ctx = ctx.clone();
-    Ok(async move {
+    let done = async move {
         futures::try_join!(append, retained)?;
         let local = (!message.payload.is_empty()).then(|| message.clone());
         ctx.router.apply_retained(&message.topic, local);
         Ok(())
-    }
-    .boxed())
+    };
+    Ok((done.boxed(), msg_id))
 }
 
 /// Records scanned at most to find a QoS 2 marker (a client that returns long after a crash

@@ -253,8 +253,8 @@ struct Conn {
     /// whose PUBREC waits for that record to be saved (so that after a crash of the gateway a
     /// PUBLISH it PUBRECed is recognised when re-sent, never stored twice), and those in the
     /// save under way.
-    pubrec_waiting: Vec<PacketId>,
-    pubrec_saving: Vec<PacketId>,
+    pubrec_waiting: Vec<PubResponse>,
+    pubrec_saving: Vec<PubResponse>,
     /// The session save in flight (persistent sessions).
     persist: Option<BoxFuture<'static, Result<(), BackendError>>>,
     /// This connection's share of the in-flight / queued / subscription gauges.
@@ -592,8 +592,8 @@ impl Conn {
     fn on_persisted(&mut self, res: Result<(), BackendError>) {
         match res {
             Ok(()) => {
-                for pid in std::mem::take(&mut self.pubrec_saving) {
-                    self.send(&Packet::PubRec(PubResponse::new(pid)));
+                for rec in std::mem::take(&mut self.pubrec_saving) {
+                    self.send(&Packet::PubRec(rec));
                 }
             }
             Err(e) => {

@@ -206,14 +206,16 @@ impl TopicMap {
         self.any.map(|_| core)
     }
 
-    /// Build the record for a message.
+    /// Build the record for a message, with a new message ID ([`crate::msgid`]).
     pub fn to_record(&self, msg: &Message) -> CoreRecord {
         let key = match self.key {
             RecordKey::ClientId if !msg.publisher.is_empty() => Some(Bytes::copy_from_slice(msg.publisher.as_bytes())),
             RecordKey::Topic => Some(Bytes::copy_from_slice(msg.topic.as_bytes())),
             _ => None,
         };
-        CoreRecord { key, headers: message_headers(msg), value: msg.payload.clone(), timestamp_ms: msg.timestamp_ms }
+        let mut headers = message_headers(msg);
+        headers.push((crate::msgid::HEADER.to_string(), Bytes::from(crate::msgid::next(msg.timestamp_ms))));
+        CoreRecord { key, headers, value: msg.payload.clone(), timestamp_ms: msg.timestamp_ms }
     }
 }
 
@@ -535,6 +537,7 @@ mod tests {
             header::RESPONSE_TOPIC,
             header::CORRELATION_DATA,
             header::PAYLOAD_FORMAT,
+            crate::msgid::HEADER,
         ];
         for (name, _) in &rec.headers {
             assert!(fixed.contains(&name.as_str()), "unexpected header {name}");

@@ -38,7 +38,7 @@ install_packages() {
   command -v node >/dev/null 2>&1 || missing+=(nodejs)
   command -v npm >/dev/null 2>&1 || missing+=(npm)
   # Observability checks: prometheus-e2e.sh and hadolint.sh.
-  command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
+  command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
   command -v jq >/dev/null 2>&1 || missing+=(jq)
   command -v curl >/dev/null 2>&1 || missing+=(curl)
   python3 -c 'import ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
@@ -79,5 +79,6 @@ stage "mosquitto-mqtt-e2e" scripts/mosquitto-mqtt-e2e.sh "$BIN" || status=1
 stage "tls-e2e" scripts/tls-e2e.sh "$BIN" || status=1
 stage "browser-e2e" scripts/browser-e2e.sh "$BIN" || status=1
 stage "prometheus-e2e" scripts/prometheus-e2e.sh "$BIN" || status=1
+stage "alert rules" scripts/alerts-check.sh || status=1
 stage "hadolint" scripts/hadolint.sh || status=1
 exit $status

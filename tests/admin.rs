@@ -452,3 +452,42 @@ async fn slow_and_excess_admin_connections_are_cut_off() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test]
+async fn stored_sessions_are_looked_up_with_their_backlog_and_deleted() {
+    let gw = TestGateway::start_admin("").await;
+    // A persistent session subscribed to sess/#, then offline while 3 messages arrive.
+    let mut device = v4::connect_with({
+        let mut o = v4::options(gw.addr, "adm-sess");
+        o.set_clean_session(false);
+        o
+    })
+    .await;
+    device.subscribe("sess/#", v4::QoS::AtLeastOnce).await;
+    let (status, body) = call(&gw, "DELETE", "/api/v1/sessions/adm-sess", None).await;
+    assert_eq!(status, 409, "connected here: {body}");
+    assert!(is_error(&body, "session_connected"));
+    device.disconnect().await;
+    let mut publisher = v4::connect(gw.addr, "adm-sess-pub").await;
+    for i in 0..3 {
+        publisher.publish("sess/t", v4::QoS::AtLeastOnce, false, format!("m{i}").as_bytes()).await;
+    }
+    let (status, body) = call(&gw, "GET", "/api/v1/sessions/adm-sess", None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["connected_here"], false);
+    assert_eq!(body["subscriptions"][0]["filter"], "sess/#");
+    assert_eq!(body["backlog"], 3, "{body}");
+    // Deleted: the client's next CONNECT finds no session and none of the backlog.
+    let (status, body) = call(&gw, "DELETE", "/api/v1/sessions/adm-sess", None).await;
+    assert_eq!((status, body["deleted"].as_bool()), (200, Some(true)));
+    let (status, body) = call(&gw, "GET", "/api/v1/sessions/adm-sess", None).await;
+    assert_eq!(status, 404);
+    assert!(is_error(&body, "session_not_found"));
+    let mut back = v4::connect_with({
+        let mut o = v4::options(gw.addr, "adm-sess");
+        o.set_clean_session(false);
+        o
+    })
+    .await;
+    assert!(back.no_publish(std::time::Duration::from_millis(500)).await, "no backlog after the delete");
+}

@@ -1,5 +1,6 @@
 //! Admin HTTP API (axum) on its own port: `/metrics`, `/healthz`, `/readyz` and the
-//! management endpoints under `/api/v1` (clients, tokens, device credentials, messages).
+//! management endpoints under `/api/v1` (clients, sessions, tokens, device credentials,
+//! messages).
 //!
 //! Everything but the health probes and `/metrics` needs `Authorization: Bearer <admin
 //! token>` (compared in constant time); without a configured token the management routes are
@@ -17,6 +18,7 @@ mod error;
 mod health;
 mod messages;
 pub mod probe;
+mod sessions;
 mod tokens;
 
 use axum::extract::{Request, State};
@@ -62,6 +64,8 @@ fn table() -> Vec<(Route, bool, MethodRouter<Shared>)> {
         (("POST", "/api/v1/credentials"), true, post(credentials::register)),
         (("DELETE", "/api/v1/credentials/{access_key_id}"), true, delete(credentials::revoke)),
         (("POST", "/api/v1/messages"), true, post(messages::publish)),
+        (("GET", "/api/v1/sessions/{client_id}"), true, get(sessions::get_one)),
+        (("DELETE", "/api/v1/sessions/{client_id}"), true, delete(sessions::delete_one)),
     ]
 }
 

@@ -1,0 +1,74 @@
+//! Persistent sessions in the sessions store, connected or not: look up (subscriptions,
+//! backlog per partition read) and delete.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+
+use super::{ApiError, Shared};
+use crate::backend::{StateStore, TopicPartition};
+use crate::session::persist::Stored;
+
+fn not_stored(client_id: &str) -> ApiError {
+    ApiError::not_found("session_not_found", format!("no stored session for `{client_id}`"))
+}
+
+async fn load(s: &Shared, client_id: &str) -> Result<Stored, ApiError> {
+    let value = s.ctx.backend.get_state(StateStore::Sessions, client_id).await.map_err(ApiError::core)?;
+    value.as_deref().and_then(Stored::decode).ok_or_else(|| not_stored(client_id))
+}
+
+/// The stored session: owner, expiry, subscriptions, and per partition it reads the position
+/// it has acknowledged up to and the backlog (records after it).
+pub(super) async fn get_one(
+    State(s): State<Shared>,
+    Path(client_id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let stored = load(&s, &client_id).await?;
+    let mut positions = Vec::with_capacity(stored.positions.len());
+    let mut backlog_total = 0u64;
+    for p in &stored.positions {
+        let tp = TopicPartition::new(p.topic.clone(), p.partition);
+        let end = s.ctx.backend.end_offset(&tp).await.ok();
+        let backlog = end.map(|e| e.saturating_sub(p.committed));
+        backlog_total += backlog.unwrap_or(0);
+        positions.push(serde_json::json!({
+            "topic": p.topic,
+            "partition": p.partition,
+            "committed": p.committed,
+            "end": end,
+            "backlog": backlog,
+        }));
+    }
+    let subscriptions: Vec<serde_json::Value> =
+        stored.subscriptions.iter().map(|sub| serde_json::json!({ "filter": sub.filter, "qos": sub.qos })).collect();
+    Ok(Json(serde_json::json!({
+        "client_id": client_id,
+        "connected_here": s.ctx.registry.get(&client_id).is_some(),
+        "owner": stored.owner,
+        "expiry_secs": stored.expiry_secs,
+        "disconnected_at_ms": stored.disconnected_at_ms,
+        "subscriptions": subscriptions,
+        "positions": positions,
+        "backlog": backlog_total,
+        "inflight": stored.inflight.len(),
+    })))
+}
+
+/// Remove a stored session (its owner's next CONNECT starts afresh). A session connected to
+/// this gateway is refused with 409: kick the client first (it saves its session as it goes).
+pub(super) async fn delete_one(
+    State(s): State<Shared>,
+    Path(client_id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    if s.ctx.registry.get(&client_id).is_some() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "session_connected",
+            format!("`{client_id}` is connected to this gateway; kick it first (DELETE /api/v1/clients/{{client_id}})"),
+        ));
+    }
+    load(&s, &client_id).await?;
+    s.ctx.backend.put_state(StateStore::Sessions, &client_id, None).await.map_err(ApiError::core)?;
+    Ok(Json(serde_json::json!({ "client_id": client_id, "deleted": true })))
+}

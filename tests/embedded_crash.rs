@@ -7,67 +7,27 @@
 mod common;
 
 use bytes::BytesMut;
-use common::{connect_packet, publish_pipelined, Pace, FULL_SPEED};
+use common::{connect_packet, free_addr, publish_pipelined, GatewayProcess, Pace, FULL_SPEED};
 use lmq_gateway::protocol::{self, Packet, Protocol, PubResponse};
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// The real binary on a fixed port and data directory, killable with SIGKILL.
-struct GatewayProcess {
-    child: Child,
-}
-
-impl GatewayProcess {
-    fn start(dir: &Path, addr: SocketAddr) -> GatewayProcess {
-        let config = dir.join("gateway.yaml");
-        std::fs::write(
-            &config,
-            format!(
-                "listeners:\n  - name: tcp\n    bind: {addr}\ncore:\n  embedded:\n    data_dir: {}\n    fsync: always\n\
-                 auth:\n  allow_anonymous: true\n  allow_plain_client_ids: true\n",
-                dir.join("data").display()
-            ),
-        )
-        .expect("write config");
-        let out = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("gateway.log")).expect("log");
-        let child = Command::new(env!("CARGO_BIN_EXE_lmq-gateway"))
-            .arg("--config")
-            .arg(&config)
-            .arg("serve")
-            .stdout(out.try_clone().expect("log"))
-            .stderr(out)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn gateway");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(addr).is_err() {
-            assert!(Instant::now() < deadline, "gateway did not listen on {addr}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        GatewayProcess { child }
-    }
-
-    fn sigkill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for GatewayProcess {
-    fn drop(&mut self) {
-        self.sigkill();
-    }
-}
-
-fn free_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
-    l.local_addr().expect("addr")
+/// The real binary on a fixed port and data directory (`dir/data`, `fsync: always`), killable
+/// with SIGKILL.
+fn gateway_process(dir: &Path, addr: SocketAddr) -> GatewayProcess {
+    GatewayProcess::options(&format!(
+        "core:\n  embedded:\n    data_dir: {}\n    fsync: always\n\
+         auth:\n  allow_anonymous: true\n  allow_plain_client_ids: true\n",
+        dir.join("data").display()
+    ))
+    .addr(addr)
+    .dir(dir)
+    .start()
 }
 
 /// A persistent (clean session 0) QoS 1 subscriber over a raw socket that acknowledges
@@ -131,7 +91,7 @@ async fn sigkill_loses_no_acknowledged_message_and_a_persistent_subscriber_gets_
     const TOTAL: u32 = 5_000;
     let dir = tempfile::tempdir().expect("temp dir");
     let addr = free_addr();
-    let mut gw = GatewayProcess::start(dir.path(), addr);
+    let mut gw = gateway_process(dir.path(), addr);
 
     // The subscriber's session exists before publishing starts.
     let mut got = BTreeSet::new();
@@ -162,7 +122,7 @@ async fn sigkill_loses_no_acknowledged_message_and_a_persistent_subscriber_gets_
     assert!(!before_kill.is_empty(), "the subscriber was reading before the kill");
 
     // Restart on the same data; publishing goes on from the first unacknowledged message.
-    let gw = GatewayProcess::start(dir.path(), addr);
+    let gw = gateway_process(dir.path(), addr);
     let deadline = Instant::now() + Duration::from_secs(120);
     while next < TOTAL {
         assert!(Instant::now() < deadline, "publishing did not finish");
@@ -202,7 +162,7 @@ async fn sigkill_loses_no_acknowledged_message_and_a_persistent_subscriber_gets_
 async fn a_torn_segment_tail_is_cut_back_and_the_log_goes_on() {
     let dir = tempfile::tempdir().expect("temp dir");
     let addr = free_addr();
-    let gw = GatewayProcess::start(dir.path(), addr);
+    let gw = gateway_process(dir.path(), addr);
     let progress = AtomicUsize::new(0);
     let mut acked = BTreeSet::new();
     assert_eq!(publish_pipelined(addr, "torn-pub", "torn/a", 0, 200, FULL_SPEED, &mut acked, &progress).await, 200);
@@ -222,7 +182,7 @@ async fn a_torn_segment_tail_is_cut_back_and_the_log_goes_on() {
     assert!(torn > 0, "no segment file of the topic found under {}", dir.path().display());
 
     // Restart: the 200 acknowledged messages are all there, and new ones follow them.
-    let gw = GatewayProcess::start(dir.path(), addr);
+    let gw = gateway_process(dir.path(), addr);
     let progress = AtomicUsize::new(0);
     assert_eq!(publish_pipelined(addr, "torn-pub", "torn/a", 200, 300, FULL_SPEED, &mut acked, &progress).await, 300);
     // The log itself is read once the gateway is gone.
@@ -294,7 +254,7 @@ fn qos2_publish(pid: u16, dup: bool, payload: &str) -> Packet {
 async fn qos2_is_stored_once_across_a_duplicate_and_a_sigkill() {
     let dir = tempfile::tempdir().expect("temp dir");
     let addr = free_addr();
-    let mut gw = GatewayProcess::start(dir.path(), addr);
+    let mut gw = gateway_process(dir.path(), addr);
 
     // A persistent session (clean session 0) publishing QoS 2.
     let mut c = common::Raw::connect(addr, Protocol::V311).await;
@@ -317,7 +277,7 @@ async fn qos2_is_stored_once_across_a_duplicate_and_a_sigkill() {
     drop(c);
 
     // The client comes back to its session and sends the PUBLISH again (DUP), as MQTT has it.
-    let gw = GatewayProcess::start(dir.path(), addr);
+    let gw = gateway_process(dir.path(), addr);
     let mut c = common::Raw::connect(addr, Protocol::V311).await;
     c.send(&connect_packet("qos2-pub", Protocol::V311, false)).await;
     assert!(matches!(c.recv().await, Some(Packet::ConnAck(a)) if a.session_present));

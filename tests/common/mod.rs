@@ -16,6 +16,9 @@ use lmq_gateway::config::Config;
 use lmq_gateway::gateway::Gateway;
 use lmq_gateway::protocol::{self, Packet, Protocol, PubResponse, QoS as WireQoS};
 
+pub mod process;
+pub use process::{free_addr, GatewayProcess};
+
 pub const WAIT: Duration = Duration::from_secs(5);
 
 pub struct TestGateway {

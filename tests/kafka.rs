@@ -1,8 +1,11 @@
 //! The gateway on the Kafka core service, against Apache Kafka (KRaft, one node):
 //! MQTT → Kafka records, Kafka → MQTT deliveries, two gateway processes sharing one cluster,
-//! no acknowledged message lost when a gateway is killed or the broker stops, status events.
+//! no acknowledged message lost when a gateway is killed or the broker stops, status events;
+//! and the hostile-client checks of `tests/hostile` on Kafka (module `hostile_checks`).
 
 mod common;
+#[macro_use]
+mod hostile;
 mod kafka_broker;
 
 use common::{publish_pipelined, v4, v5, GatewayProcess, Pace, FULL_SPEED, WAIT};
@@ -574,4 +577,20 @@ async fn unmarked_events_from_plain_producers_take_nobody_over() {
     victim.closed_by_server().await;
     sender.disconnect().await;
     gw.shutdown().await;
+}
+
+/// The hostile-client checks (`tests/hostile`) with sessions, offline messages, credentials
+/// and events in Kafka, and Kafka's own topics among the reserved names.
+macro_rules! on_kafka {
+    ($($name:ident),* $(,)?) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            crate::hostile::$name(&crate::hostile::Core::kafka(crate::kafka_broker::shared().core_yaml())).await;
+        }
+    )*};
+}
+
+mod hostile_checks {
+    for_each_session_check!(on_kafka);
+    for_each_namespace_check!(on_kafka);
 }

@@ -1,8 +1,11 @@
 //! The gateway on the RocketMQ core service, against a real broker (see `tests/rocketmq_broker`):
 //! what plain RocketMQ applications see of MQTT traffic and status events, what MQTT clients
-//! receive from plain RocketMQ producers, and two gateway processes sharing one cluster.
+//! receive from plain RocketMQ producers, and two gateway processes sharing one cluster; and
+//! the hostile-client checks of `tests/hostile` on RocketMQ (module `hostile_checks`).
 
 mod common;
+#[macro_use]
+mod hostile;
 mod rocketmq_broker;
 
 use common::{v4, v5, GatewayProcess, WAIT};
@@ -396,4 +399,21 @@ async fn devices_cannot_reach_internal_topics() {
         assert!(leaked.is_empty(), "device records in {topic}: {leaked:?}");
     }
     gw.shutdown().await;
+}
+
+/// The hostile-client checks (`tests/hostile`) with sessions, offline messages, credentials
+/// and events in RocketMQ, and RocketMQ's own topics among the reserved names.
+macro_rules! on_rocketmq {
+    ($($name:ident),* $(,)?) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            let Some(namesrv) = crate::rocketmq_broker::namesrv() else { return };
+            crate::hostile::$name(&crate::hostile::Core::rocketmq(&namesrv)).await;
+        }
+    )*};
+}
+
+mod hostile_checks {
+    for_each_session_check!(on_rocketmq);
+    for_each_namespace_check!(on_rocketmq);
 }

@@ -1,12 +1,16 @@
 //! Bounds on what one client can make the gateway hold (SPEC §8), seen the way an attacker
-//! sees them: a client that writes without reading, a SUBSCRIBE repeating one filter
-//! thousands of times, retained messages per SUBSCRIBE, a first packet that is not CONNECT,
-//! a keepalive-0 client that never speaks, an oversized WebSocket frame before CONNECT.
+//! sees them: a client that writes without reading, a subscriber that stops reading (the
+//! check of `tests/hostile/bounds.rs`, which `tests/kafka.rs` and `tests/rocketmq.rs` run on
+//! the brokers), a SUBSCRIBE repeating one filter thousands of times, retained messages per
+//! SUBSCRIBE, a first packet that is not CONNECT, a keepalive-0 client that never speaks, an
+//! oversized WebSocket frame before CONNECT.
 //!
 //! The memory tests run the real binary as a child process and read its resident set size
 //! from `/proc/<pid>/status`, so the test's own buffers do not count.
 
 mod common;
+#[macro_use]
+mod hostile;
 
 use bytes::{Bytes, BytesMut};
 use common::process::rss_of;
@@ -17,6 +21,17 @@ use std::num::NonZeroU16;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+macro_rules! on_embedded {
+    ($($name:ident),* $(,)?) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            hostile::$name(&hostile::Core::embedded()).await;
+        }
+    )*};
+}
+
+for_each_bounds_check!(on_embedded);
 
 fn pid(n: u16) -> NonZeroU16 {
     NonZeroU16::new(n).unwrap()

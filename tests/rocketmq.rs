@@ -416,4 +416,5 @@ macro_rules! on_rocketmq {
 mod hostile_checks {
     for_each_session_check!(on_rocketmq);
     for_each_namespace_check!(on_rocketmq);
+    for_each_bounds_check!(on_rocketmq);
 }

@@ -1,6 +1,7 @@
 //! Hostile-client checks (SPEC §8) written once and run on every core service, the way
 //! `tests/conformance` runs the core-service checks: sessions belong to identities
-//! (`sessions.rs`) and the reserved namespace (`namespace.rs`).
+//! (`sessions.rs`), the reserved namespace (`namespace.rs`), a subscriber that stops reading
+//! (`bounds.rs`).
 //!
 //! Each check takes a [`Core`], which starts real gateways on one core service (the embedded
 //! log in a temporary directory, or a test broker), and talks to them over MQTT as an attacker
@@ -8,8 +9,8 @@
 //! one broker. A check ends by dropping its last gateway rather than shutting it down: the
 //! test's runtime ends with the check anyway, and a graceful shutdown takes seconds on RocketMQ.
 //! A test file per core service wraps every check in a `#[tokio::test]`:
-//! `tests/hostile_sessions.rs` and `tests/hostile_namespace.rs` for the embedded log,
-//! `tests/kafka.rs` and `tests/rocketmq.rs` for the brokers.
+//! `tests/hostile_sessions.rs`, `tests/hostile_namespace.rs` and `tests/hostile_bounds.rs` for
+//! the embedded log, `tests/kafka.rs` and `tests/rocketmq.rs` for the brokers.
 
 #![allow(dead_code, unused_imports, unused_macros)]
 
@@ -37,9 +38,18 @@ macro_rules! for_each_namespace_check {
     };
 }
 
+/// Calls `$m!(check, ...)` with every per-client-bound check.
+macro_rules! for_each_bounds_check {
+    ($m:ident) => {
+        $m!(a_subscriber_that_stops_reading_is_disconnected_and_gets_every_message_back,);
+    };
+}
+
+pub mod bounds;
 pub mod namespace;
 pub mod sessions;
 
+pub use bounds::*;
 pub use namespace::*;
 pub use sessions::*;
 
@@ -72,6 +82,9 @@ pub const AUTH: &str = "auth:
       publish: [\"#\"]
       subscribe: [\"#\"]
 ";
+
+/// Anonymous clients with any ClientId.
+pub const OPEN_AUTH: &str = "auth:\n  allow_anonymous: true\n  allow_plain_client_ids: true\n";
 
 /// A core service the checks start gateways on.
 pub struct Core {

@@ -2,9 +2,12 @@
 //! with SIGKILL mid-stream loses no acknowledged message, and a persistent subscriber that was
 //! reading while it died gets every one of them after the restart (no offset it had seen is
 //! given to another record); a torn or corrupted segment tail is cut back on restart and the
-//! log goes on from there.
+//! log goes on from there; QoS 2 is stored once across a SIGKILL (the check of
+//! `tests/hostile/crash.rs`, which `tests/kafka.rs` and `tests/rocketmq.rs` run on the brokers).
 
 mod common;
+#[macro_use]
+mod hostile;
 
 use bytes::BytesMut;
 use common::{connect_packet, free_addr, publish_pipelined, GatewayProcess, Pace, FULL_SPEED};
@@ -16,6 +19,17 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+macro_rules! on_embedded {
+    ($($name:ident),* $(,)?) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            hostile::$name(&hostile::Core::embedded()).await;
+        }
+    )*};
+}
+
+for_each_crash_check!(on_embedded);
 
 /// The real binary on a fixed port and data directory (`dir/data`, `fsync: always`), killable
 /// with SIGKILL.
@@ -233,62 +247,4 @@ async fn log_payloads(dir: &Path, topic: &str) -> Vec<String> {
     }
     core.shutdown().await;
     out
-}
-
-fn qos2_publish(pid: u16, dup: bool, payload: &str) -> Packet {
-    Packet::Publish(protocol::Publish {
-        dup,
-        qos: protocol::QoS::ExactlyOnce,
-        retain: false,
-        topic: "exactly/once".into(),
-        packet_id: std::num::NonZeroU16::new(pid),
-        payload: bytes::Bytes::copy_from_slice(payload.as_bytes()),
-        properties: Default::default(),
-    })
-}
-
-/// QoS 2 is exactly once: a copy re-sent (DUP) while the first is still being stored is not
-/// stored again, and a PUBLISH the gateway PUBRECed is recognised when re-sent after the
-/// gateway was killed with SIGKILL and restarted.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn qos2_is_stored_once_across_a_duplicate_and_a_sigkill() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let addr = free_addr();
-    let mut gw = gateway_process(dir.path(), addr);
-
-    // A persistent session (clean session 0) publishing QoS 2.
-    let mut c = common::Raw::connect(addr, Protocol::V311).await;
-    c.send(&connect_packet("qos2-pub", Protocol::V311, false)).await;
-    assert!(matches!(c.recv().await, Some(Packet::ConnAck(_))));
-    // The first PUBLISH and its DUP copy in one write: the copy arrives while the first is
-    // being stored.
-    let mut both = BytesMut::new();
-    protocol::encode(&qos2_publish(7, false, "dup-while-storing"), Protocol::V311, &mut both).expect("encode");
-    protocol::encode(&qos2_publish(7, true, "dup-while-storing"), Protocol::V311, &mut both).expect("encode");
-    c.send_bytes(&both).await;
-    assert!(matches!(c.recv().await, Some(Packet::PubRec(r)) if r.packet_id.get() == 7));
-    c.send(&Packet::PubRel(PubResponse::new(std::num::NonZeroU16::new(7).expect("id")))).await;
-    assert!(matches!(c.recv().await, Some(Packet::PubComp(r)) if r.packet_id.get() == 7));
-
-    // PUBRECed, then the gateway dies before the PUBREL.
-    c.send(&qos2_publish(8, false, "pubreced-then-killed")).await;
-    assert!(matches!(c.recv().await, Some(Packet::PubRec(r)) if r.packet_id.get() == 8));
-    gw.sigkill();
-    drop(c);
-
-    // The client comes back to its session and sends the PUBLISH again (DUP), as MQTT has it.
-    let gw = gateway_process(dir.path(), addr);
-    let mut c = common::Raw::connect(addr, Protocol::V311).await;
-    c.send(&connect_packet("qos2-pub", Protocol::V311, false)).await;
-    assert!(matches!(c.recv().await, Some(Packet::ConnAck(a)) if a.session_present));
-    c.send(&qos2_publish(8, true, "pubreced-then-killed")).await;
-    assert!(matches!(c.recv().await, Some(Packet::PubRec(r)) if r.packet_id.get() == 8));
-    c.send(&Packet::PubRel(PubResponse::new(std::num::NonZeroU16::new(8).expect("id")))).await;
-    assert!(matches!(c.recv().await, Some(Packet::PubComp(r)) if r.packet_id.get() == 8));
-    drop(c);
-    drop(gw);
-
-    let mut stored = log_payloads(dir.path(), "exactly").await;
-    stored.sort();
-    assert_eq!(stored, vec!["dup-while-storing".to_string(), "pubreced-then-killed".to_string()], "stored once each");
 }

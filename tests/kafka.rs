@@ -593,6 +593,7 @@ macro_rules! on_kafka {
 mod hostile_checks {
     for_each_session_check!(on_kafka);
     for_each_namespace_check!(on_kafka);
+    for_each_crash_check!(on_kafka);
 
     /// The bounds check, not run by default: a session returning with messages in flight
     /// waits for one Kafka fetch per in-flight message before its CONNACK (about 75 ms each

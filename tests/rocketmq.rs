@@ -417,4 +417,5 @@ mod hostile_checks {
     for_each_session_check!(on_rocketmq);
     for_each_namespace_check!(on_rocketmq);
     for_each_bounds_check!(on_rocketmq);
+    for_each_crash_check!(on_rocketmq);
 }

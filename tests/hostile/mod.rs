@@ -1,7 +1,7 @@
 //! Hostile-client checks (SPEC §8) written once and run on every core service, the way
 //! `tests/conformance` runs the core-service checks: sessions belong to identities
 //! (`sessions.rs`), the reserved namespace (`namespace.rs`), a subscriber that stops reading
-//! (`bounds.rs`).
+//! (`bounds.rs`), QoS 2 across a SIGKILL (`crash.rs`).
 //!
 //! Each check takes a [`Core`], which starts real gateways on one core service (the embedded
 //! log in a temporary directory, or a test broker), and talks to them over MQTT as an attacker
@@ -9,8 +9,9 @@
 //! one broker. A check ends by dropping its last gateway rather than shutting it down: the
 //! test's runtime ends with the check anyway, and a graceful shutdown takes seconds on RocketMQ.
 //! A test file per core service wraps every check in a `#[tokio::test]`:
-//! `tests/hostile_sessions.rs`, `tests/hostile_namespace.rs` and `tests/hostile_bounds.rs` for
-//! the embedded log, `tests/kafka.rs` and `tests/rocketmq.rs` for the brokers.
+//! `tests/hostile_sessions.rs`, `tests/hostile_namespace.rs`, `tests/hostile_bounds.rs` and
+//! `tests/embedded_crash.rs` for the embedded log, `tests/kafka.rs` and `tests/rocketmq.rs`
+//! for the brokers.
 
 #![allow(dead_code, unused_imports, unused_macros)]
 
@@ -38,6 +39,13 @@ macro_rules! for_each_namespace_check {
     };
 }
 
+/// Calls `$m!(check, ...)` with every check that kills a gateway process.
+macro_rules! for_each_crash_check {
+    ($m:ident) => {
+        $m!(qos2_is_stored_once_across_a_duplicate_and_a_sigkill,);
+    };
+}
+
 /// Calls `$m!(check, ...)` with every per-client-bound check.
 macro_rules! for_each_bounds_check {
     ($m:ident) => {
@@ -46,10 +54,12 @@ macro_rules! for_each_bounds_check {
 }
 
 pub mod bounds;
+pub mod crash;
 pub mod namespace;
 pub mod sessions;
 
 pub use bounds::*;
+pub use crash::*;
 pub use namespace::*;
 pub use sessions::*;
 
@@ -127,6 +137,12 @@ impl Core {
     pub async fn start(&self, extra: &str) -> Gateway {
         let yaml = format!("listeners:\n  - name: tcp\n    bind: 127.0.0.1:0\n{}{extra}", self.core_yaml);
         Gateway::start(Config::from_yaml(&yaml).expect("test config")).await.expect("gateway starts")
+    }
+
+    /// A gateway process (the built binary) on this core service, with `extra` as in
+    /// [`Core::start`]; killed when dropped.
+    pub fn process(&self, extra: &str) -> crate::common::GatewayProcess {
+        crate::common::GatewayProcess::start(&format!("{}{extra}", self.core_yaml))
     }
 
     /// Every core-topic name no device may reach on this core service: the events topic (also
@@ -260,4 +276,26 @@ pub async fn status_events(gw: &Gateway, ids: &[&str]) -> Vec<(String, serde_jso
         }
     }
     all
+}
+
+/// Payloads of every record of core topic `topic`, read through the gateway's core service.
+pub async fn stored_payloads(gw: &Gateway, topic: &str) -> Vec<String> {
+    let backend = gw.ctx.backend.clone();
+    // Known to this gateway (and created, if nothing was ever written).
+    backend.ensure_topic(topic, 1).await.expect("topic");
+    let mut out = Vec::new();
+    for partition in 0..backend.partitions(topic).expect("partitions") {
+        let tp = TopicPartition::new(topic, partition);
+        let end = backend.end_offset(&tp).await.expect("end offset");
+        let mut from = 0;
+        while from < end {
+            let fetched = backend.fetch(&tp, from, 1000).await.expect("fetch");
+            out.extend(fetched.records.iter().map(|r| String::from_utf8_lossy(&r.record.value).into_owned()));
+            if fetched.next_offset <= from {
+                break;
+            }
+            from = fetched.next_offset;
+        }
+    }
+    out
 }

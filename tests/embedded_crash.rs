@@ -2,72 +2,46 @@
 //! with SIGKILL mid-stream loses no acknowledged message, and a persistent subscriber that was
 //! reading while it died gets every one of them after the restart (no offset it had seen is
 //! given to another record); a torn or corrupted segment tail is cut back on restart and the
-//! log goes on from there.
+//! log goes on from there; QoS 2 is stored once across a SIGKILL (the check of
+//! `tests/hostile/crash.rs`, which `tests/kafka.rs` and `tests/rocketmq.rs` run on the brokers).
 
 mod common;
+#[macro_use]
+mod hostile;
 
 use bytes::BytesMut;
-use common::{connect_packet, publish_pipelined, Pace, FULL_SPEED};
+use common::{connect_packet, free_addr, publish_pipelined, GatewayProcess, Pace, FULL_SPEED};
 use lmq_gateway::protocol::{self, Packet, Protocol, PubResponse};
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// The real binary on a fixed port and data directory, killable with SIGKILL.
-struct GatewayProcess {
-    child: Child,
-}
-
-impl GatewayProcess {
-    fn start(dir: &Path, addr: SocketAddr) -> GatewayProcess {
-        let config = dir.join("gateway.yaml");
-        std::fs::write(
-            &config,
-            format!(
-                "listeners:\n  - name: tcp\n    bind: {addr}\ncore:\n  embedded:\n    data_dir: {}\n    fsync: always\n\
-                 auth:\n  allow_anonymous: true\n  allow_plain_client_ids: true\n",
-                dir.join("data").display()
-            ),
-        )
-        .expect("write config");
-        let out = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("gateway.log")).expect("log");
-        let child = Command::new(env!("CARGO_BIN_EXE_lmq-gateway"))
-            .arg("--config")
-            .arg(&config)
-            .arg("serve")
-            .stdout(out.try_clone().expect("log"))
-            .stderr(out)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn gateway");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(addr).is_err() {
-            assert!(Instant::now() < deadline, "gateway did not listen on {addr}");
-            std::thread::sleep(Duration::from_millis(50));
+macro_rules! on_embedded {
+    ($($name:ident),* $(,)?) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            hostile::$name(&hostile::Core::embedded()).await;
         }
-        GatewayProcess { child }
-    }
-
-    fn sigkill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    )*};
 }
 
-impl Drop for GatewayProcess {
-    fn drop(&mut self) {
-        self.sigkill();
-    }
-}
+for_each_crash_check!(on_embedded);
 
-fn free_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
-    l.local_addr().expect("addr")
+/// The real binary on a fixed port and data directory (`dir/data`, `fsync: always`), killable
+/// with SIGKILL.
+fn gateway_process(dir: &Path, addr: SocketAddr) -> GatewayProcess {
+    GatewayProcess::options(&format!(
+        "core:\n  embedded:\n    data_dir: {}\n    fsync: always\n\
+         auth:\n  allow_anonymous: true\n  allow_plain_client_ids: true\n",
+        dir.join("data").display()
+    ))
+    .addr(addr)
+    .dir(dir)
+    .start()
 }
 
 /// A persistent (clean session 0) QoS 1 subscriber over a raw socket that acknowledges
@@ -131,7 +105,7 @@ async fn sigkill_loses_no_acknowledged_message_and_a_persistent_subscriber_gets_
     const TOTAL: u32 = 5_000;
     let dir = tempfile::tempdir().expect("temp dir");
     let addr = free_addr();
-    let mut gw = GatewayProcess::start(dir.path(), addr);
+    let mut gw = gateway_process(dir.path(), addr);
 
     // The subscriber's session exists before publishing starts.
     let mut got = BTreeSet::new();
@@ -162,7 +136,7 @@ async fn sigkill_loses_no_acknowledged_message_and_a_persistent_subscriber_gets_
     assert!(!before_kill.is_empty(), "the subscriber was reading before the kill");
 
     // Restart on the same data; publishing goes on from the first unacknowledged message.
-    let gw = GatewayProcess::start(dir.path(), addr);
+    let gw = gateway_process(dir.path(), addr);
     let deadline = Instant::now() + Duration::from_secs(120);
     while next < TOTAL {
         assert!(Instant::now() < deadline, "publishing did not finish");
@@ -202,7 +176,7 @@ async fn sigkill_loses_no_acknowledged_message_and_a_persistent_subscriber_gets_
 async fn a_torn_segment_tail_is_cut_back_and_the_log_goes_on() {
     let dir = tempfile::tempdir().expect("temp dir");
     let addr = free_addr();
-    let gw = GatewayProcess::start(dir.path(), addr);
+    let gw = gateway_process(dir.path(), addr);
     let progress = AtomicUsize::new(0);
     let mut acked = BTreeSet::new();
     assert_eq!(publish_pipelined(addr, "torn-pub", "torn/a", 0, 200, FULL_SPEED, &mut acked, &progress).await, 200);
@@ -222,7 +196,7 @@ async fn a_torn_segment_tail_is_cut_back_and_the_log_goes_on() {
     assert!(torn > 0, "no segment file of the topic found under {}", dir.path().display());
 
     // Restart: the 200 acknowledged messages are all there, and new ones follow them.
-    let gw = GatewayProcess::start(dir.path(), addr);
+    let gw = gateway_process(dir.path(), addr);
     let progress = AtomicUsize::new(0);
     assert_eq!(publish_pipelined(addr, "torn-pub", "torn/a", 200, 300, FULL_SPEED, &mut acked, &progress).await, 300);
     // The log itself is read once the gateway is gone.
@@ -273,163 +247,4 @@ async fn log_payloads(dir: &Path, topic: &str) -> Vec<String> {
     }
     core.shutdown().await;
     out
-}
-
-fn qos2_publish(pid: u16, dup: bool, payload: &str) -> Packet {
-    Packet::Publish(protocol::Publish {
-        dup,
-        qos: protocol::QoS::ExactlyOnce,
-        retain: false,
-        topic: "exactly/once".into(),
-        packet_id: std::num::NonZeroU16::new(pid),
-        payload: bytes::Bytes::copy_from_slice(payload.as_bytes()),
-        properties: Default::default(),
-    })
-}
-
-/// QoS 2 is exactly once: a copy re-sent (DUP) while the first is still being stored is not
-/// stored again, and a PUBLISH the gateway PUBRECed is recognised when re-sent after the
-/// gateway was killed with SIGKILL and restarted.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn qos2_is_stored_once_across_a_duplicate_and_a_sigkill() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let addr = free_addr();
-    let mut gw = GatewayProcess::start(dir.path(), addr);
-
-    // A persistent session (clean session 0) publishing QoS 2.
-    let mut c = common::Raw::connect(addr, Protocol::V311).await;
-    c.send(&connect_packet("qos2-pub", Protocol::V311, false)).await;
-    assert!(matches!(c.recv().await, Some(Packet::ConnAck(_))));
-    // The first PUBLISH and its DUP copy in one write: the copy arrives while the first is
-    // being stored.
-    let mut both = BytesMut::new();
-    protocol::encode(&qos2_publish(7, false, "dup-while-storing"), Protocol::V311, &mut both).expect("encode");
-    protocol::encode(&qos2_publish(7, true, "dup-while-storing"), Protocol::V311, &mut both).expect("encode");
-    c.send_bytes(&both).await;
-    assert!(matches!(c.recv().await, Some(Packet::PubRec(r)) if r.packet_id.get() == 7));
-    c.send(&Packet::PubRel(PubResponse::new(std::num::NonZeroU16::new(7).expect("id")))).await;
-    assert!(matches!(c.recv().await, Some(Packet::PubComp(r)) if r.packet_id.get() == 7));
-
-    // PUBRECed, then the gateway dies before the PUBREL.
-    c.send(&qos2_publish(8, false, "pubreced-then-killed")).await;
-    assert!(matches!(c.recv().await, Some(Packet::PubRec(r)) if r.packet_id.get() == 8));
-    gw.sigkill();
-    drop(c);
-
-    // The client comes back to its session and sends the PUBLISH again (DUP), as MQTT has it.
-    let gw = GatewayProcess::start(dir.path(), addr);
-    let mut c = common::Raw::connect(addr, Protocol::V311).await;
-    c.send(&connect_packet("qos2-pub", Protocol::V311, false)).await;
-    assert!(matches!(c.recv().await, Some(Packet::ConnAck(a)) if a.session_present));
-    c.send(&qos2_publish(8, true, "pubreced-then-killed")).await;
-    assert!(matches!(c.recv().await, Some(Packet::PubRec(r)) if r.packet_id.get() == 8));
-    c.send(&Packet::PubRel(PubResponse::new(std::num::NonZeroU16::new(8).expect("id")))).await;
-    assert!(matches!(c.recv().await, Some(Packet::PubComp(r)) if r.packet_id.get() == 8));
-    drop(c);
-    drop(gw);
-
-    let mut stored = log_payloads(dir.path(), "exactly").await;
-    stored.sort();
-    assert_eq!(stored, vec!["dup-while-storing".to_string(), "pubreced-then-killed".to_string()], "stored once each");
-}
-
-/// Client side of pipelined QoS 2 publishing (persistent session): which messages are sent
-/// without PUBREC, PUBRECed without PUBCOMP, and complete.
-struct Qos2Publisher {
-    raw: common::Raw,
-    next: u32,
-    unrec: BTreeSet<u32>,
-    released: BTreeSet<u32>,
-    complete: BTreeSet<u32>,
-}
-
-impl Qos2Publisher {
-    async fn connect(addr: SocketAddr, resumed: bool) -> common::Raw {
-        let mut raw = common::Raw::connect(addr, Protocol::V311).await;
-        raw.send(&connect_packet("qos2-window", Protocol::V311, false)).await;
-        match raw.recv().await {
-            Some(Packet::ConnAck(a)) => assert_eq!(a.session_present, resumed, "session present"),
-            other => panic!("expected CONNACK, got {other:?}"),
-        }
-        raw
-    }
-
-    fn id(n: u32) -> std::num::NonZeroU16 {
-        std::num::NonZeroU16::new(u16::try_from(n + 1).expect("small")).expect("non-zero")
-    }
-
-    /// Keep `window` PUBLISHes in flight until `total` are complete or `stop` says so.
-    async fn run(&mut self, total: u32, window: usize, stop: impl Fn(&Self) -> bool) {
-        while self.complete.len() < total as usize && !stop(self) {
-            while self.next < total && self.unrec.len() + self.released.len() < window {
-                self.raw.send(&qos2_publish(Self::id(self.next).get(), false, &self.next.to_string())).await;
-                self.unrec.insert(self.next);
-                self.next += 1;
-            }
-            match self.raw.recv().await {
-                Some(Packet::PubRec(r)) => {
-                    let n = u32::from(r.packet_id.get()) - 1;
-                    if self.unrec.remove(&n) {
-                        self.released.insert(n);
-                    }
-                    self.raw.send(&Packet::PubRel(PubResponse::new(r.packet_id))).await;
-                }
-                Some(Packet::PubComp(r)) => {
-                    let n = u32::from(r.packet_id.get()) - 1;
-                    self.released.remove(&n);
-                    self.complete.insert(n);
-                }
-                other => panic!("expected PUBREC or PUBCOMP, got {other:?}"),
-            }
-        }
-    }
-
-    /// Back on the session after a gateway died: re-send what has no PUBREC (DUP) and the
-    /// PUBRELs of what has no PUBCOMP [MQTT-4.4.0-1].
-    async fn resume(&mut self, addr: SocketAddr) {
-        self.raw = Self::connect(addr, true).await;
-        for n in self.unrec.clone() {
-            self.raw.send(&qos2_publish(Self::id(n).get(), true, &n.to_string())).await;
-        }
-        for n in self.released.clone() {
-            self.raw.send(&Packet::PubRel(PubResponse::new(Self::id(n)))).await;
-        }
-    }
-}
-
-/// QoS 2 exactly once across a SIGKILL at any point: records appended whose session save had
-/// not happened yet (no PUBREC sent) are recognised when the client re-sends them.
-#[tokio::test]
-async fn qos2_pipelined_is_stored_once_across_a_sigkill_mid_stream() {
-    const TOTAL: u32 = 3000;
-    let dir = tempfile::tempdir().expect("temp dir");
-    let addr = free_addr();
-    let mut gw = GatewayProcess::start(dir.path(), addr);
-    let mut c = Qos2Publisher {
-        raw: Qos2Publisher::connect(addr, false).await,
-        next: 0,
-        unrec: BTreeSet::new(),
-        released: BTreeSet::new(),
-        complete: BTreeSet::new(),
-    };
-    // Killed several times, at different moments of the stream.
-    let mut resent = 0;
-    for round in 1..=6u64 {
-        let goal = round as usize * TOTAL as usize / 8;
-        c.run(TOTAL, 64, |c| c.complete.len() >= goal).await;
-        // The PUBLISHes just sent are being stored now.
-        tokio::time::sleep(Duration::from_micros(round * 300)).await;
-        gw.sigkill();
-        resent += c.unrec.len();
-        gw = GatewayProcess::start(dir.path(), addr);
-        c.resume(addr).await;
-    }
-    c.run(TOTAL, 64, |_| false).await;
-    drop(gw);
-    let mut stored: Vec<u32> =
-        log_payloads(dir.path(), "exactly").await.iter().filter_map(|p| p.parse().ok()).collect();
-    stored.sort_unstable();
-    let dups: Vec<u32> = stored.windows(2).filter(|w| w[0] == w[1]).map(|w| w[0]).collect();
-    assert!(dups.is_empty(), "stored twice ({resent} re-sent after the kills): {dups:?}");
-    assert_eq!(stored, (0..TOTAL).collect::<Vec<_>>(), "every message stored once");
 }

@@ -1,127 +1,64 @@
 //! Bounds on what one client can make the gateway hold (SPEC §8), seen the way an attacker
-//! sees them: a client that writes without reading, a SUBSCRIBE repeating one filter
-//! thousands of times, retained messages per SUBSCRIBE, a first packet that is not CONNECT,
-//! a keepalive-0 client that never speaks, an oversized WebSocket frame before CONNECT.
+//! sees them: a client that writes without reading, a subscriber that stops reading (the
+//! check of `tests/hostile/bounds.rs`, which `tests/kafka.rs` and `tests/rocketmq.rs` run on
+//! the brokers), a SUBSCRIBE repeating one filter thousands of times, retained messages per
+//! SUBSCRIBE, a first packet that is not CONNECT, a keepalive-0 client that never speaks, an
+//! oversized WebSocket frame before CONNECT.
 //!
 //! The memory tests run the real binary as a child process and read its resident set size
 //! from `/proc/<pid>/status`, so the test's own buffers do not count.
 
 mod common;
+#[macro_use]
+mod hostile;
 
 use bytes::{Bytes, BytesMut};
-use common::{connect_packet, http, metric_value, v4, Raw, TestGateway, ADMIN_TOKEN};
+use common::process::rss_of;
+use common::{connect_packet, v4, GatewayProcess, Raw, TestGateway};
 use lmq_gateway::protocol::{self as p, Packet, Protocol, QoS, ReasonCode};
 use std::net::SocketAddr;
 use std::num::NonZeroU16;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+macro_rules! on_embedded {
+    ($($name:ident),* $(,)?) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            hostile::$name(&hostile::Core::embedded()).await;
+        }
+    )*};
+}
+
+for_each_bounds_check!(on_embedded);
 
 fn pid(n: u16) -> NonZeroU16 {
     NonZeroU16::new(n).unwrap()
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port()
-}
-
-/// The gateway binary in a child process, with the admin API for its metrics.
-struct GatewayProcess {
-    child: Child,
-    addr: SocketAddr,
-    admin: SocketAddr,
-    dir: tempfile::TempDir,
-}
-
-impl GatewayProcess {
-    fn start(mqtt: &str) -> GatewayProcess {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let yaml = format!(
-            "listeners:\n  - name: tcp\n    bind: {addr}\ncore:\n  embedded:\n    data_dir: data\n    fsync: never\n\
-             auth:\n  allow_anonymous: true\n  allow_plain_client_ids: true\n\
-             admin:\n  enabled: true\n  bind: {admin}\n  token: {ADMIN_TOKEN}\n\
-             log:\n  level: warn\nmqtt:\n{mqtt}"
-        );
-        let config = dir.path().join("gateway.yaml");
-        std::fs::write(&config, yaml).expect("write config");
-        let log = std::fs::File::create(dir.path().join("gateway.log")).expect("log");
-        let child = Command::new(env!("CARGO_BIN_EXE_lmq-gateway"))
-            .arg("--config")
-            .arg(&config)
-            .arg("serve")
-            .current_dir(dir.path())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn gateway");
-        let g = GatewayProcess { child, addr, admin, dir };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(g.addr).is_err() {
-            assert!(Instant::now() < deadline, "gateway did not listen; log:\n{}", g.log());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        g
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("gateway.log")).unwrap_or_default()
-    }
-
-    /// Resident set size of the gateway process, in bytes.
-    fn rss(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).expect("proc status");
-        let line = status.lines().find(|l| l.starts_with("VmRSS:")).expect("VmRSS");
-        let kb: u64 = line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).expect("VmRSS value");
-        kb * 1024
-    }
-
-    async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        let text = http()
-            .get(format!("http://{}/metrics", self.admin))
-            .bearer_auth(ADMIN_TOKEN)
-            .send()
-            .await
-            .expect("GET /metrics")
-            .text()
-            .await
-            .expect("metrics body");
-        metric_value(&text, name, labels)
-    }
-}
-
-impl Drop for GatewayProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!("---- gateway log ----\n{}", self.log());
-        }
-    }
+/// The gateway binary in a child process (its RSS is the gateway's alone), with the admin API
+/// for its metrics and `mqtt` as its `mqtt:` section.
+fn gateway_process(mqtt: &str) -> GatewayProcess {
+    GatewayProcess::options(&format!(
+        "core:\n  embedded:\n    data_dir: data\n    fsync: never\n\
+         auth:\n  allow_anonymous: true\n  allow_plain_client_ids: true\n\
+         log:\n  level: warn\nmqtt:\n{mqtt}"
+    ))
+    .admin()
+    .start()
 }
 
 /// The largest RSS seen while `f` runs, sampled every 20 ms.
 async fn peak_rss_during<T>(gw: &GatewayProcess, f: impl std::future::Future<Output = T>) -> (T, u64) {
-    let pid = gw.child.id();
+    let pid = gw.pid();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let sampler = {
         let stop = stop.clone();
         tokio::spawn(async move {
             let mut peak = 0;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                if let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
-                    if let Some(kb) = s
-                        .lines()
-                        .find(|l| l.starts_with("VmRSS:"))
-                        .and_then(|l| l.split_whitespace().nth(1))
-                        .and_then(|v| v.parse::<u64>().ok())
-                    {
-                        peak = peak.max(kb * 1024);
-                    }
-                }
+                peak = peak.max(rss_of(pid).unwrap_or(0));
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             peak
@@ -188,7 +125,7 @@ const MIB: u64 = 1 << 20;
 /// another client's latency notices.
 #[tokio::test]
 async fn a_client_that_never_reads_is_paused_then_disconnected() {
-    let gw = GatewayProcess::start("  max_output_buffer_bytes: 1048576\n  write_stall_timeout_secs: 2\n");
+    let gw = gateway_process("  max_output_buffer_bytes: 1048576\n  write_stall_timeout_secs: 2\n");
 
     // Normal clients: one publishes, one receives; the round trip is measured.
     let mut normal = v4::connect(gw.addr, "normal").await;
@@ -274,7 +211,7 @@ async fn a_client_that_never_reads_is_paused_then_disconnected() {
 /// per copy, each retained message once, one subscription against the quota, bounded memory.
 #[tokio::test]
 async fn a_filter_repeated_in_one_subscribe_is_one_subscription() {
-    let gw = GatewayProcess::start("  max_output_buffer_bytes: 1048576\n");
+    let gw = gateway_process("  max_output_buffer_bytes: 1048576\n");
     let mut publisher = v4::connect(gw.addr, "retainer").await;
     let payload = vec![b'r'; 1024];
     for i in 0..100 {

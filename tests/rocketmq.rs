@@ -1,29 +1,37 @@
 //! The gateway on the RocketMQ core service, against a real broker (see `tests/rocketmq_broker`):
 //! what plain RocketMQ applications see of MQTT traffic and status events, what MQTT clients
-//! receive from plain RocketMQ producers, and two gateway processes sharing one cluster.
+//! receive from plain RocketMQ producers, and two gateway processes sharing one cluster; and
+//! the hostile-client checks of `tests/hostile` on RocketMQ (module `hostile_checks`).
 
 mod common;
+#[macro_use]
+mod hostile;
 mod rocketmq_broker;
 
-use common::{v4, v5, WAIT};
+use common::{v4, v5, GatewayProcess, WAIT};
 use lmq_gateway::config::Config;
 use lmq_gateway::gateway::Gateway;
 use rocketmq_broker::plain;
 use rocketmq_model::common::message::message_single::Message;
 use rocketmq_model::common::message::MessageTrait;
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::time::Duration;
 
-/// Configuration of a gateway on the test broker with `parent` declared.
-fn yaml(namesrv: &str, parent: &str, gateway_id: &str, bind: &str) -> String {
+/// Configuration of a gateway on the test broker with `parent` declared, after its
+/// `listeners:` section.
+fn yaml_after_listeners(namesrv: &str, parent: &str, gateway_id: &str) -> String {
     format!(
-        "gateway_id: {gateway_id}\nlisteners:\n  - name: tcp\n    bind: {bind}\ncore:\n  kind: rocketmq\n  rocketmq:\n    namesrv_addr: \"{namesrv}\"\ntopics:\n  parents:\n    - name: {parent}\nauth:\n  allow_anonymous: true\n  allow_plain_client_ids: true\n"
+        "gateway_id: {gateway_id}\ncore:\n  kind: rocketmq\n  rocketmq:\n    namesrv_addr: \"{namesrv}\"\ntopics:\n  parents:\n    - name: {parent}\nauth:\n  allow_anonymous: true\n  allow_plain_client_ids: true\n"
     )
 }
 
+/// The whole configuration of a gateway on the test broker listening on 127.0.0.1:0.
+fn yaml(namesrv: &str, parent: &str, gateway_id: &str) -> String {
+    format!("listeners:\n  - name: tcp\n    bind: 127.0.0.1:0\n{}", yaml_after_listeners(namesrv, parent, gateway_id))
+}
+
 async fn gateway(namesrv: &str, parent: &str, id: &str) -> Gateway {
-    let config = Config::from_yaml(&yaml(namesrv, parent, id, "127.0.0.1:0")).expect("config");
+    let config = Config::from_yaml(&yaml(namesrv, parent, id)).expect("config");
     Gateway::start(config).await.expect("gateway on rocketmq starts")
 }
 
@@ -171,46 +179,9 @@ async fn status_events_for_tag_filter_connect_or_tcpclean() {
     gw.shutdown().await;
 }
 
-/// A gateway process (the built binary) on the test broker.
-struct Process {
-    child: std::process::Child,
-    addr: SocketAddr,
-    _dir: tempfile::TempDir,
-}
-
-impl Process {
-    async fn start(namesrv: &str, parent: &str, id: &str) -> Process {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("gateway.yaml");
-        std::fs::write(&path, yaml(namesrv, parent, id, &addr.to_string())).unwrap();
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_lmq-gateway"))
-            .arg("-c")
-            .arg(&path)
-            .arg("serve")
-            .env("RUST_LOG", "warn")
-            .spawn()
-            .expect("spawn gateway");
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        while tokio::net::TcpStream::connect(addr).await.is_err() {
-            assert!(tokio::time::Instant::now() < deadline, "gateway {id} did not listen");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        Process { child, addr, _dir: dir }
-    }
-
-    fn sigkill(&mut self) {
-        self.child.kill().expect("SIGKILL");
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A gateway process (the built binary) on the test broker, killable with SIGKILL.
+fn gateway_process(namesrv: &str, parent: &str, id: &str) -> GatewayProcess {
+    GatewayProcess::options(&yaml_after_listeners(namesrv, parent, id)).env("RUST_LOG", "warn").start()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -218,8 +189,8 @@ async fn two_gateway_processes_share_messages_and_sessions() {
     let Some(namesrv) = rocketmq_broker::namesrv() else { return };
     let parent = parent("two");
     let id = |name: &str| format!("GID_two@@@{name}{}", rocketmq_broker::run_id());
-    let mut a = Process::start(&namesrv, &parent, "gw-a").await;
-    let b = Process::start(&namesrv, &parent, "gw-b").await;
+    let mut a = gateway_process(&namesrv, &parent, "gw-a");
+    let b = gateway_process(&namesrv, &parent, "gw-b");
 
     // Cross-gateway delivery: published on A, received on B.
     let mut sub_b = v4::connect(b.addr, &id("subB")).await;
@@ -300,7 +271,7 @@ async fn two_gateway_processes_share_messages_and_sessions() {
 async fn broker_gone_means_no_acknowledgement() {
     let Some(broker) = rocketmq_broker::OwnBroker::start() else { return };
     let parent = parent("gone");
-    let mut yaml = yaml(&broker.namesrv, &parent, "gw-gone", "127.0.0.1:0");
+    let mut yaml = yaml(&broker.namesrv, &parent, "gw-gone");
     yaml.push_str("mqtt:\n  backend_timeout_secs: 5\n");
     yaml = yaml.replace("    namesrv_addr:", "    send_timeout_ms: 1000\n    send_retries: 1\n    namesrv_addr:");
     let gw = Gateway::start(Config::from_yaml(&yaml).expect("config")).await.expect("gateway starts");
@@ -327,7 +298,7 @@ async fn broker_gone_means_no_acknowledgement() {
 async fn gateway_recovers_when_the_broker_restarts() {
     let Some(broker) = rocketmq_broker::OwnBroker::start() else { return };
     let parent = parent("restart");
-    let yaml = yaml(&broker.namesrv, &parent, "gw-restart", "127.0.0.1:0");
+    let yaml = yaml(&broker.namesrv, &parent, "gw-restart");
     let gw = Gateway::start(Config::from_yaml(&yaml).expect("config")).await.expect("gateway starts");
     let mut sub = v4::connect(gw.addr(), "GID_restart@@@sub").await;
     sub.subscribe(&format!("{parent}/#"), v4::QoS::AtLeastOnce).await;
@@ -428,4 +399,23 @@ async fn devices_cannot_reach_internal_topics() {
         assert!(leaked.is_empty(), "device records in {topic}: {leaked:?}");
     }
     gw.shutdown().await;
+}
+
+/// The hostile-client checks (`tests/hostile`) with sessions, offline messages, credentials
+/// and events in RocketMQ, and RocketMQ's own topics among the reserved names.
+macro_rules! on_rocketmq {
+    ($($name:ident),* $(,)?) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            let Some(namesrv) = crate::rocketmq_broker::namesrv() else { return };
+            crate::hostile::$name(&crate::hostile::Core::rocketmq(&namesrv)).await;
+        }
+    )*};
+}
+
+mod hostile_checks {
+    for_each_session_check!(on_rocketmq);
+    for_each_namespace_check!(on_rocketmq);
+    for_each_bounds_check!(on_rocketmq);
+    for_each_crash_check!(on_rocketmq);
 }

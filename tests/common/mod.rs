@@ -16,6 +16,9 @@ use lmq_gateway::config::Config;
 use lmq_gateway::gateway::Gateway;
 use lmq_gateway::protocol::{self, Packet, Protocol, PubResponse, QoS as WireQoS};
 
+pub mod process;
+pub use process::{free_addr, GatewayProcess};
+
 pub const WAIT: Duration = Duration::from_secs(5);
 
 pub struct TestGateway {
@@ -661,8 +664,12 @@ pub async fn assert_topic_unreachable(addr: SocketAddr, topic: &str, login: impl
             raw
         }
     };
+    // ClientIds of their own: checks running at once on one broker must not take each
+    // other's connections over.
+    static PROBES: AtomicUsize = AtomicUsize::new(0);
+    let probe = PROBES.fetch_add(1, Ordering::Relaxed);
     let filters = [topic.to_string(), format!("{topic}/#"), format!("$share/g/{topic}/+")];
-    let mut c5 = connect(format!("probe5-{topic}"), Protocol::V5).await;
+    let mut c5 = connect(format!("probe5-{topic}-{probe}"), Protocol::V5).await;
     for (n, f) in filters.iter().enumerate() {
         assert_eq!(c5.suback_code(1 + n as u16, f).await, 0x87, "5.0 SUBSCRIBE {f}");
     }
@@ -687,7 +694,7 @@ pub async fn assert_topic_unreachable(addr: SocketAddr, topic: &str, login: impl
         "5.0 QoS 0 PUBLISH {topic}: {seen:?}"
     );
 
-    let mut c3 = connect(format!("probe3-{topic}"), Protocol::V311).await;
+    let mut c3 = connect(format!("probe3-{topic}-{probe}"), Protocol::V311).await;
     for (n, f) in filters.iter().enumerate() {
         assert_eq!(c3.suback_code(1 + n as u16, f).await, 0x80, "3.1.1 SUBSCRIBE {f}");
     }
@@ -696,7 +703,7 @@ pub async fn assert_topic_unreachable(addr: SocketAddr, topic: &str, login: impl
     assert!(seen.is_empty(), "3.1.1 PUBLISH {topic}: no PUBACK, connection closed; got {seen:?}");
 
     for (protocol, code) in [(Protocol::V5, 0x87), (Protocol::V311, 5)] {
-        let id = format!("will-{topic}");
+        let id = format!("will-{topic}-{probe}");
         let (_, got) = raw_connect(addr, &id, protocol, login(&id), Some(&format!("{topic}/w"))).await;
         assert_eq!(got, code, "{protocol:?} will on {topic}");
     }

@@ -595,14 +595,5 @@ mod hostile_checks {
     for_each_namespace_check!(on_kafka);
     for_each_crash_check!(on_kafka);
 
-    /// The bounds check, not run by default: a session returning with messages in flight
-    /// waits for one Kafka fetch per in-flight message before its CONNACK (about 75 ms each
-    /// here), and the ~200 this check leaves in flight make that 16 s, beyond the 5 s the
-    /// check allows.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    #[ignore = "a returning session's CONNACK waits one Kafka fetch per in-flight message (16 s here)"]
-    async fn a_subscriber_that_stops_reading_is_disconnected_and_gets_every_message_back() {
-        let core = crate::hostile::Core::kafka(crate::kafka_broker::shared().core_yaml());
-        crate::hostile::a_subscriber_that_stops_reading_is_disconnected_and_gets_every_message_back(&core).await;
-    }
+    for_each_bounds_check!(on_kafka);
 }

@@ -2,6 +2,9 @@
 
 use super::*;
 
+/// Records read per fetch when a restored session reads back its in-flight messages.
+const RESTORE_FETCH_WINDOW: usize = 500;
+
 impl Conn {
     /// Validate CONNECT, take over an existing session, restore state, send CONNACK.
     pub(super) async fn accept<W: AsyncWrite + Unpin>(
@@ -311,29 +314,44 @@ impl Conn {
         let before = self.state.cursors.len();
         self.state.cursors.retain(|tp, _| !router.topics().is_reserved(&tp.topic));
         self.dirty |= self.state.cursors.len() != before;
-        // In-flight messages: fetch their bodies back from the log.
-        for inf in inflight {
-            let Some(pid) = inf.packet_id() else { continue };
-            let origin = inf.origin();
-            if router.topics().is_reserved(&origin.tp.topic) {
-                continue;
-            }
-            let qos = QoS::from_u8(inf.qos).unwrap_or(QoS::AtLeastOnce);
-            let message = if inf.released {
-                None
-            } else {
+        // In-flight messages: fetch their bodies back from the log, a window of offsets per
+        // read (one round trip for a window of consecutive messages, not one per message).
+        let inflight: Vec<StoredInflight> =
+            inflight.into_iter().filter(|inf| !router.topics().is_reserved(&inf.topic)).collect();
+        let mut wanted: HashMap<TopicPartition, Vec<u64>> = HashMap::new();
+        for inf in inflight.iter().filter(|inf| !inf.released) {
+            let o = inf.origin();
+            wanted.entry(o.tp).or_default().push(o.offset);
+        }
+        let mut bodies: HashMap<(TopicPartition, u64), Arc<Message>> = HashMap::new();
+        for (tp, mut offsets) in wanted {
+            offsets.sort_unstable();
+            let mut i = 0;
+            while let Some(&from) = offsets.get(i) {
                 let fetched = self
                     .ctx
                     .backend
-                    .fetch(&origin.tp, origin.offset, 1)
+                    .fetch(&tp, from, RESTORE_FETCH_WINDOW)
                     .await
                     .map_err(|_| ReasonCode::SERVER_UNAVAILABLE)?;
-                fetched
-                    .records
-                    .into_iter()
-                    .find(|r| r.offset == origin.offset)
-                    .and_then(|r| record_message(&self.ctx, &r.tp, &r.record))
-            };
+                for r in &fetched.records {
+                    if offsets.binary_search(&r.offset).is_ok() {
+                        if let Some(m) = record_message(&self.ctx, &r.tp, &r.record) {
+                            bodies.insert((tp.clone(), r.offset), m);
+                        }
+                    }
+                }
+                // Next: the first wanted offset the read did not reach (gone by retention
+                // when the read skipped past it).
+                let reached = fetched.next_offset.max(from + 1);
+                i = offsets.partition_point(|&o| o < reached);
+            }
+        }
+        for inf in inflight {
+            let Some(pid) = inf.packet_id() else { continue };
+            let origin = inf.origin();
+            let qos = QoS::from_u8(inf.qos).unwrap_or(QoS::AtLeastOnce);
+            let message = if inf.released { None } else { bodies.remove(&(origin.tp.clone(), origin.offset)) };
             if !inf.released && message.is_none() {
                 continue; // gone by retention
             }

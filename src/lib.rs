@@ -15,6 +15,8 @@
 //! - [`auth`]: signature / token / device credential authentication and topic ACLs.
 //! - [`metrics`]: every Prometheus metric (`lmq_*`), the only place their names exist.
 //! - [`admin`]: admin HTTP API (axum): metrics, health, clients, tokens, credentials, messages.
+//!
+//! `fuzzing` (hidden) only exposes private decoders to the fuzz targets in `fuzz/`.
 
 pub mod admin;
 pub mod auth;
@@ -22,6 +24,8 @@ pub mod backend;
 pub mod config;
 pub mod connection;
 pub mod events;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod gateway;
 pub mod limits;
 pub mod metrics;

@@ -44,7 +44,7 @@ pub async fn read_header<S: AsyncRead + Unpin>(stream: &mut S) -> Result<(Option
 }
 
 /// `Ok(None)`: need more bytes. `Ok(Some((source, header_len)))`: complete.
-fn parse(buf: &[u8]) -> Result<Option<(Option<SocketAddr>, usize)>, TransportError> {
+pub(crate) fn parse(buf: &[u8]) -> Result<Option<(Option<SocketAddr>, usize)>, TransportError> {
     let result = HeaderResult::parse(buf);
     if result.is_incomplete() {
         return Ok(None);

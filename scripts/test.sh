@@ -6,7 +6,8 @@
 # with Debian's mosquitto_pub / mosquitto_sub (TCP and TLS) against the built binary; the
 # browser test (Debian's chromium, headless, driven by playwright-core); the Grafana
 # dashboard's queries against Debian's prometheus scraping the gateway; docker-compose.yml
-# through Debian's `docker-compose config -q`; hadolint on the Dockerfile.
+# through Debian's `docker-compose config -q`; hadolint on the Dockerfile; the fuzz targets in
+# fuzz/ for a bounded time (scripts/fuzz.sh, stable toolchain, no cargo-fuzz).
 #
 # Installs what the tests drive when it is missing (needs root or sudo): Debian packages
 # (below), the broker jars (Maven, cached in ~/.cache/lmq-brokers and ~/.m2), playwright-core
@@ -47,6 +48,8 @@ install_packages() {
   command -v mvn >/dev/null 2>&1 || missing+=(maven)
   # docker-compose.yml is validated without a Docker engine.
   command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
+  # libfuzzer-sys compiles libFuzzer (C++) for scripts/fuzz.sh.
+  command -v c++ >/dev/null 2>&1 || missing+=(g++)
   if ((${#missing[@]})); then
     echo "installing test tools: ${missing[*]}"
     local SUDO=""
@@ -73,6 +76,8 @@ export LMQ_REQUIRE_ROCKETMQ=1
 stage "cargo build" cargo build --bins --tests --locked
 status=0
 stage "cargo test" cargo test --locked --no-fail-fast || status=1
+# Every fuzz target for a bounded time (60 s each, two at a time on two cores).
+stage "fuzz" scripts/fuzz.sh || status=1
 BIN="${CARGO_TARGET_DIR:-target}/debug/lmq-gateway"
 stage "mosquitto-e2e" scripts/mosquitto-e2e.sh "$BIN" || status=1
 stage "mosquitto-mqtt-e2e" scripts/mosquitto-mqtt-e2e.sh "$BIN" || status=1

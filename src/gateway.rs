@@ -8,7 +8,6 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::embedded::EmbeddedCore;
-use crate::backend::kafka::KafkaCore;
 use crate::backend::SharedCoreService;
 use crate::config::{Config, CoreKind};
 use crate::limits::Limits;
@@ -32,7 +31,12 @@ impl Gateway {
     pub async fn start(config: Config) -> anyhow::Result<Gateway> {
         let backend: SharedCoreService = match config.core.kind {
             CoreKind::Embedded => EmbeddedCore::open(&config.core.embedded, &config.topics.events_topic).await?,
-            CoreKind::Kafka => KafkaCore::open(&config.core.kafka, &config.topics.events_topic).await?,
+            #[cfg(feature = "kafka")]
+            CoreKind::Kafka => {
+                crate::backend::kafka::KafkaCore::open(&config.core.kafka, &config.topics.events_topic).await?
+            }
+            #[cfg(not(feature = "kafka"))]
+            CoreKind::Kafka => anyhow::bail!("core.kind: kafka needs the `kafka` cargo feature"),
             #[cfg(feature = "rocketmq")]
             CoreKind::Rocketmq => {
                 crate::backend::rocketmq::RocketmqCore::open(&config.core.rocketmq, &config.topics.events_topic).await?

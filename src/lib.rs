@@ -16,6 +16,8 @@
 //! - [`msgid`]: the message ID every stored message gets.
 //! - [`metrics`]: every Prometheus metric (`lmq_*`), the only place their names exist.
 //! - [`admin`]: admin HTTP API (axum): metrics, health, clients, tokens, credentials, messages.
+//!
+//! `fuzzing` (hidden) only exposes private decoders to the fuzz targets in `fuzz/`.
 
 pub mod admin;
 pub mod auth;
@@ -23,6 +25,8 @@ pub mod backend;
 pub mod config;
 pub mod connection;
 pub mod events;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod gateway;
 pub mod limits;
 pub mod metrics;

@@ -17,8 +17,7 @@ fuzz_target!(|data: &[u8]| {
             let mut out = BytesMut::new();
             encode(&packet, protocol, &mut out).expect("decoded packet must encode");
             assert_eq!(encoded_len(&packet, protocol), Ok(out.len()));
-            let again =
-                decode(&mut out, protocol, usize::MAX).expect("re-encoded packet must decode");
+            let again = decode(&mut out, protocol, usize::MAX).expect("re-encoded packet must decode");
             assert_eq!(again.as_ref(), Some(&packet));
             assert!(out.is_empty(), "re-encoded packet not consumed exactly");
         }

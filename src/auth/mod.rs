@@ -400,9 +400,21 @@ const REVOCATION_CAPACITY: usize = 1024;
 
 /// Value stored per revoked token id.
 #[derive(serde::Serialize, serde::Deserialize)]
-struct RevokedEntry {
+pub(crate) struct RevokedEntry {
     /// The token's own expiry, ms since the epoch: the entry may go after it.
     exp_ms: i64,
+}
+
+impl RevokedEntry {
+    pub(crate) fn encode(exp_ms: i64) -> Bytes {
+        Bytes::from(serde_json::to_vec(&RevokedEntry { exp_ms }).unwrap_or_default())
+    }
+
+    /// Until when a stored entry keeps its token revoked. Fail closed: an unreadable entry
+    /// keeps it revoked for good.
+    pub(crate) fn revoked_until(value: &[u8]) -> i64 {
+        serde_json::from_slice::<RevokedEntry>(value).map_or(i64::MAX, |e| e.exp_ms)
+    }
 }
 
 struct Inner {
@@ -663,7 +675,7 @@ impl Authenticator {
         if jti.is_empty() || jti.len() > 128 {
             return Err(AuthError::Invalid("token id must be 1 to 128 characters".into()));
         }
-        let value = Bytes::from(serde_json::to_vec(&RevokedEntry { exp_ms }).unwrap_or_default());
+        let value = RevokedEntry::encode(exp_ms);
         self.inner.core.put_state(StateStore::RevokedTokens, jti, Some(value)).await?;
         self.inner.revoked.write().insert(jti.to_owned(), exp_ms);
         Ok(())
@@ -704,8 +716,7 @@ impl Inner {
             },
             StateStore::RevokedTokens => match value {
                 Some(v) => {
-                    // Fail closed: an unreadable entry keeps the token revoked.
-                    let exp_ms = serde_json::from_slice::<RevokedEntry>(&v).map_or(i64::MAX, |e| e.exp_ms);
+                    let exp_ms = RevokedEntry::revoked_until(&v);
                     self.revoked.write().insert(key.clone(), exp_ms);
                     if announce {
                         let _ = self.revocations.send(Revocation::Token { jti: key });

@@ -13,6 +13,7 @@
 //! service's durability policy). The session sends PUBACK / PUBREC after that and never before.
 
 pub mod embedded;
+#[cfg(feature = "kafka")]
 pub mod kafka;
 #[cfg(feature = "rocketmq")]
 pub mod rocketmq;

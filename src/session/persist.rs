@@ -157,7 +157,7 @@ impl Stored {
     /// Whether the session has expired at `now_ms`.
     pub fn expired(&self, now_ms: i64) -> bool {
         match self.disconnected_at_ms {
-            Some(t) => now_ms >= t + i64::from(self.expiry_secs) * 1000,
+            Some(t) => now_ms >= t.saturating_add(i64::from(self.expiry_secs) * 1000),
             None => false,
         }
     }
@@ -212,6 +212,15 @@ impl StoredInflight {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A stored disconnect time at the edge of the clock (a damaged or foreign record) does
+    /// not overflow: the session is simply not expired yet.
+    #[test]
+    fn expiry_of_a_session_disconnected_at_the_end_of_time() {
+        let stored = Stored::from_state(&SessionState::new("c".into()), u32::MAX, Some(i64::MAX));
+        assert!(!stored.expired(1_700_000_000_000));
+        assert!(stored.expired(i64::MAX));
+    }
 
     #[test]
     fn stored_session_round_trips() {

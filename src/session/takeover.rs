@@ -18,16 +18,16 @@ use crate::events::GATEWAY_HEADER;
 
 #[derive(serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct EventBody {
-    event_type: String,
-    client_id: String,
+pub(crate) struct EventBody {
+    pub(crate) event_type: String,
+    pub(crate) client_id: String,
     #[serde(default)]
-    gateway_id: String,
-    time: i64,
+    pub(crate) gateway_id: String,
+    pub(crate) time: i64,
 }
 
 /// The `connect` event in `r`, if it is one that another gateway wrote into `events_topic`.
-fn foreign_connect(r: &Record, events_topic: &str, gateway_id: &str) -> Option<EventBody> {
+pub(crate) fn foreign_connect(r: &Record, events_topic: &str, gateway_id: &str) -> Option<EventBody> {
     if &*r.tp.topic != events_topic {
         return None;
     }

@@ -1,13 +1,13 @@
 //! PROXY protocol v1 (text) and v2 (binary) headers, as sent by HAProxy, AWS NLB, nginx and
 //! other load balancers, so that the real client address reaches events and logs.
 //!
-//! Parsing is `ppp`'s; this module only reads just enough bytes, bounds them, and maps the
-//! result to a source address. It must not trust anything but the header's own framing: a
+//! Parsing is `ppp`'s; this module only reads just enough bytes, bounds them, hands `ppp`
+//! whole v1 lines (it misjudges partial ones), and maps the result to a source address. It must not trust anything but the header's own framing: a
 //! header that is malformed, too long or missing ends the connection, and bytes read past
 //! the header are handed on untouched (they belong to TLS or MQTT).
 
 use bytes::{Bytes, BytesMut};
-use ppp::{v1, v2, HeaderResult, PartialResult};
+use ppp::{v1, v2, PartialResult};
 use std::net::SocketAddr;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
@@ -43,37 +43,63 @@ pub async fn read_header<S: AsyncRead + Unpin>(stream: &mut S) -> Result<(Option
     }
 }
 
-/// `Ok(None)`: need more bytes. `Ok(Some((source, header_len)))`: complete.
-fn parse(buf: &[u8]) -> Result<Option<(Option<SocketAddr>, usize)>, TransportError> {
-    let result = HeaderResult::parse(buf);
-    if result.is_incomplete() {
-        return Ok(None);
+/// First bytes of every v2 header.
+const V2_SIGNATURE: &[u8] = b"\r\n\r\n\0\r\nQUIT\n";
+/// First bytes of every v1 header.
+const V1_PREFIX: &[u8] = b"PROXY ";
+/// Longest v1 header, CRLF included.
+const V1_MAX: usize = 107;
+
+/// `Ok(None)`: need more bytes. `Ok(Some((source, header_len)))`: complete. The answer does
+/// not depend on how the bytes were split into reads.
+pub(crate) fn parse(buf: &[u8]) -> Result<Option<(Option<SocketAddr>, usize)>, TransportError> {
+    if V2_SIGNATURE.starts_with(buf) || buf.starts_with(V2_SIGNATURE) {
+        parse_v2(buf)
+    } else {
+        parse_v1(buf)
     }
-    match result {
-        HeaderResult::V1(Ok(h)) => {
-            let source = match h.addresses {
-                v1::Addresses::Tcp4(a) => Some(SocketAddr::from((a.source_address, a.source_port))),
-                v1::Addresses::Tcp6(a) => Some(SocketAddr::from((a.source_address, a.source_port))),
-                v1::Addresses::Unknown => None,
-            };
-            Ok(Some((source, h.header.len())))
-        }
-        HeaderResult::V2(Ok(h)) => {
-            let source = match (h.command, h.addresses) {
-                (v2::Command::Local, _) => None,
-                (v2::Command::Proxy, v2::Addresses::IPv4(a)) => {
-                    Some(SocketAddr::from((a.source_address, a.source_port)))
-                }
-                (v2::Command::Proxy, v2::Addresses::IPv6(a)) => {
-                    Some(SocketAddr::from((a.source_address, a.source_port)))
-                }
-                (v2::Command::Proxy, _) => None,
-            };
-            Ok(Some((source, h.len())))
-        }
-        HeaderResult::V1(Err(e)) => Err(TransportError::Proxy(format!("malformed v1 header: {e}"))),
-        HeaderResult::V2(Err(e)) => Err(TransportError::Proxy(format!("malformed v2 header: {e}"))),
+}
+
+/// `ppp` judges a v1 line that has not ended yet as if it ended where the bytes do: a
+/// destination port still being sent is an invalid port, a UTF-8 character cut in two is
+/// invalid UTF-8, and `PROXY UNKNOWN \n` passes for a header only while nothing follows the
+/// `\n`. It is therefore given whole lines only (up to CRLF), and before that only the prefix
+/// is checked, so that bytes which cannot start a header are refused at once.
+fn parse_v1(buf: &[u8]) -> Result<Option<(Option<SocketAddr>, usize)>, TransportError> {
+    let malformed = |e: &dyn std::fmt::Display| TransportError::Proxy(format!("malformed v1 header: {e}"));
+    let start = buf.len().min(V1_PREFIX.len());
+    if buf[..start] != V1_PREFIX[..start] {
+        return Err(malformed(&"no PROXY header"));
     }
+    let line = match buf.iter().take(V1_MAX).position(|&b| b == b'\r') {
+        // The `\n` after the `\r` is still to come.
+        Some(cr) if cr + 1 == buf.len() => return Ok(None),
+        Some(cr) => &buf[..cr + 2],
+        None if buf.len() >= V1_MAX => return Err(malformed(&"longer than 107 bytes")),
+        None => return Ok(None),
+    };
+    let h = v1::Header::try_from(line).map_err(|e| malformed(&e))?;
+    let source = match h.addresses {
+        v1::Addresses::Tcp4(a) => Some(SocketAddr::from((a.source_address, a.source_port))),
+        v1::Addresses::Tcp6(a) => Some(SocketAddr::from((a.source_address, a.source_port))),
+        v1::Addresses::Unknown => None,
+    };
+    Ok(Some((source, h.header.len())))
+}
+
+fn parse_v2(buf: &[u8]) -> Result<Option<(Option<SocketAddr>, usize)>, TransportError> {
+    let h = match v2::Header::try_from(buf) {
+        Ok(h) => h,
+        Err(e) if e.is_incomplete() => return Ok(None),
+        Err(e) => return Err(TransportError::Proxy(format!("malformed v2 header: {e}"))),
+    };
+    let source = match (h.command, h.addresses) {
+        (v2::Command::Local, _) => None,
+        (v2::Command::Proxy, v2::Addresses::IPv4(a)) => Some(SocketAddr::from((a.source_address, a.source_port))),
+        (v2::Command::Proxy, v2::Addresses::IPv6(a)) => Some(SocketAddr::from((a.source_address, a.source_port))),
+        (v2::Command::Proxy, _) => None,
+    };
+    Ok(Some((source, h.len())))
 }
 
 #[cfg(test)]
@@ -113,6 +139,42 @@ mod tests {
         let (src, rest) = read(&bytes).await.unwrap();
         assert_eq!(src, Some("198.51.100.9:4242".parse().unwrap()));
         assert_eq!(&rest[..], b"MQTT");
+    }
+
+    /// A v1 header is judged once its line has ended, whatever the reads before: split right
+    /// after the source port's separator or inside a UTF-8 character it used to be refused,
+    /// and `PROXY UNKNOWN \n` was accepted only when nothing followed it (found by the `proxy`
+    /// fuzz target).
+    #[tokio::test]
+    async fn v1_header_split_where_the_first_part_looks_wrong() {
+        let head = b"PROXY TCP4 203.0.113.7 10.0.0.1 51000 ";
+        assert!(matches!(parse(head), Ok(None)));
+        let (mut a, mut b) = tokio::io::duplex(256);
+        let writer = tokio::spawn(async move {
+            a.write_all(head).await.unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            a.write_all(b"1883\r\n\x10").await.unwrap();
+        });
+        let (src, rest) = read_header(&mut b).await.unwrap();
+        assert_eq!(src, Some("203.0.113.7:51000".parse().unwrap()));
+        assert_eq!(&rest[..], b"\x10");
+        writer.await.unwrap();
+        // Once the line has ended, a bad destination port is refused.
+        assert!(parse(b"PROXY TCP4 203.0.113.7 10.0.0.1 51000 \r\n").is_err());
+        assert!(parse(b"PROXY TCP4 203.0.113.7 10.0.0.1 51000 99999\r\n").is_err());
+
+        assert!(matches!(parse(b"PROXY UNKNOWN caf\xc3"), Ok(None)));
+        assert!(matches!(parse(b"PROXY UNKNOWN caf\xc3\xa9\r\n"), Ok(Some((None, 21)))));
+        assert!(parse(b"PROXY UNKNOWN caf\xc3\r\n").is_err());
+        assert!(parse(b"PROXY UNKNOWN caf\xff\r\n").is_err());
+
+        assert!(matches!(parse(b"PROXY UNKNOWN \n"), Ok(None)));
+        assert!(matches!(parse(b"PROXY UNKNOWN \nMQTT"), Ok(None)));
+        assert!(parse(b"PROXY UNKNOWN \n\x9d\r\n").is_err());
+        assert!(matches!(parse(b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r"), Ok(None)));
+        assert!(parse(b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\rX").is_err());
+        assert!(parse(b"PROXI").is_err());
+        assert!(matches!(parse(b"PROX"), Ok(None)));
     }
 
     #[tokio::test]

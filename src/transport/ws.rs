@@ -39,6 +39,11 @@ const READ_BUFFER: usize = 8 * 1024;
 /// Largest WebSocket message one write becomes: the connection's output buffer is bounded
 /// (`mqtt.max_output_buffer_bytes`), and so is what it hands to tungstenite at once.
 const MAX_WRITE: usize = 64 * 1024;
+/// Most bytes tungstenite holds for writing: one message of [`MAX_WRITE`] (a write waits
+/// until the previous ones are out) or the pongs and close frame it answers with on its own.
+/// Pings from a client that does not read would otherwise queue pongs without end; beyond
+/// this only the latest pong is kept, as RFC 6455 5.5.3 allows.
+const MAX_WRITE_BUFFER: usize = MAX_WRITE + 1024;
 
 /// WebSocket settings of one listener.
 #[derive(Debug, Clone)]
@@ -119,6 +124,9 @@ pub async fn accept(mut stream: Stream, settings: &WsSettings) -> Result<WsStrea
 
     let mut config = WebSocketConfig::default();
     config.read_buffer_size = READ_BUFFER;
+    // Frames go to the stream as they are queued (each write is flushed anyway).
+    config.write_buffer_size = 0;
+    config.max_write_buffer_size = MAX_WRITE_BUFFER;
     config.max_message_size = Some(settings.max_message);
     config.max_frame_size = Some(settings.max_message);
     let check = |req: &Request, resp: Response| check_upgrade(req, resp, settings);
@@ -223,7 +231,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsStream<S> {
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }
-        ready!(Pin::new(&mut self.inner).poll_ready(cx)).map_err(ws_err)?;
+        // Everything queued before (pongs included) goes out first, so the message always
+        // fits under MAX_WRITE_BUFFER.
+        ready!(Pin::new(&mut self.inner).poll_flush(cx)).map_err(ws_err)?;
         let buf = &buf[..buf.len().min(MAX_WRITE)];
         Pin::new(&mut self.inner).start_send(Message::Binary(Bytes::copy_from_slice(buf))).map_err(ws_err)?;
         // Start sending now; the caller's flush (or next write) completes it.
@@ -237,5 +247,100 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsStream<S> {
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_close(cx).map_err(ws_err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::{SinkExt, StreamExt};
+    use tokio::io::AsyncWriteExt;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+    fn settings() -> WsSettings {
+        WsSettings { path: "/mqtt".into(), allowed_origins: Vec::new(), max_message: 1024 }
+    }
+
+    /// A client that sends pings and never reads makes the gateway hold a bounded number of
+    /// pongs, not one per ping (found by the `ws` fuzz target: they were all queued).
+    #[tokio::test]
+    async fn pongs_for_a_client_that_does_not_read_are_bounded() {
+        const PINGS: usize = 2000;
+        let (client_io, server_io) = tokio::io::duplex(4096);
+        let (all_read, pings_done) = tokio::sync::oneshot::channel();
+        let server = tokio::spawn(async move {
+            let mut ws = accept(Box::new(server_io), &settings()).await.unwrap();
+            let mut buf = [0u8; 16];
+            let n = ws.read(&mut buf).await.unwrap();
+            assert_eq!(&buf[..n], b"x");
+            all_read.send(()).unwrap();
+            ws.write_all(b"done").await.unwrap();
+            ws.flush().await.unwrap();
+            // Keep reading (and so writing the last pong) until the client has gone.
+            while matches!(ws.read(&mut buf).await, Ok(n) if n > 0) {}
+        });
+        let mut request = "ws://gateway/mqtt".into_client_request().unwrap();
+        request.headers_mut().insert("sec-websocket-protocol", HeaderValue::from_static("mqtt"));
+        let (mut client, _) = tokio_tungstenite::client_async(request, client_io).await.unwrap();
+        // 2000 pings of 125 bytes: 250 KiB of pongs if every one waited.
+        for _ in 0..PINGS {
+            client.send(Message::Ping(Bytes::from_static(&[7; 125]))).await.unwrap();
+        }
+        client.send(Message::Binary(Bytes::from_static(b"x"))).await.unwrap();
+        // Every ping has been answered (or not) before the client reads anything.
+        pings_done.await.unwrap();
+        let mut pongs = 0;
+        loop {
+            match client.next().await.unwrap().unwrap() {
+                Message::Pong(_) => pongs += 1,
+                Message::Binary(b) => {
+                    assert_eq!(&b[..], b"done");
+                    break;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        // What the pipe held, what the write buffer may hold, and the latest pong.
+        let bound = (4096 + MAX_WRITE_BUFFER) / 127 + 1;
+        assert!(pongs > 0 && pongs <= bound, "{pongs} pongs for {PINGS} pings (bound {bound})");
+        client.close(None).await.unwrap();
+        server.await.unwrap();
+    }
+
+    /// With pongs waiting, a write of the largest message still goes through.
+    #[tokio::test]
+    async fn writes_after_queued_pongs_succeed() {
+        let (client_io, server_io) = tokio::io::duplex(1024);
+        let server = tokio::spawn(async move {
+            let mut ws = accept(Box::new(server_io), &settings()).await.unwrap();
+            let mut buf = [0u8; 16];
+            let n = ws.read(&mut buf).await.unwrap();
+            assert_eq!(&buf[..n], b"x");
+            let big = vec![1u8; 3 * MAX_WRITE];
+            ws.write_all(&big).await.unwrap();
+            ws.flush().await.unwrap();
+            while matches!(ws.read(&mut buf).await, Ok(n) if n > 0) {}
+        });
+        let mut request = "ws://gateway/mqtt".into_client_request().unwrap();
+        request.headers_mut().insert("sec-websocket-protocol", HeaderValue::from_static("mqtt"));
+        let (mut client, _) = tokio_tungstenite::client_async(request, client_io).await.unwrap();
+        for _ in 0..1000 {
+            client.send(Message::Ping(Bytes::from_static(&[7; 125]))).await.unwrap();
+        }
+        client.send(Message::Binary(Bytes::from_static(b"x"))).await.unwrap();
+        let mut got = 0;
+        while got < 3 * MAX_WRITE {
+            match client.next().await.unwrap().unwrap() {
+                Message::Pong(_) => {}
+                Message::Binary(b) => {
+                    assert!(b.len() <= MAX_WRITE);
+                    got += b.len();
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(got, 3 * MAX_WRITE);
+        client.close(None).await.unwrap();
+        server.await.unwrap();
     }
 }

@@ -39,9 +39,10 @@
 //! [`BackendError::Storage`] and makes [`CoreService::is_available`] false until a later
 //! write succeeds.
 
-mod partition;
-mod segment;
-mod state;
+// Visible to the crate for `crate::fuzzing` (frame and state decoders).
+pub(crate) mod partition;
+pub(crate) mod segment;
+pub(crate) mod state;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;

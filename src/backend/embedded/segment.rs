@@ -169,7 +169,6 @@ pub(crate) fn decode_body(body: Bytes) -> Result<(u64, CoreRecord), FrameError> 
 
 /// Decode one whole frame from the start of `buf`; returns the offset, record and the
 /// number of bytes consumed.
-#[cfg(test)]
 pub(crate) fn decode_frame(buf: &[u8]) -> Result<(u64, CoreRecord, usize), FrameError> {
     let mut reader = buf;
     match read_frame(&mut reader) {

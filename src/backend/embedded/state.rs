@@ -54,7 +54,7 @@ fn frame_size(key: &str, value: Option<&Bytes>) -> u64 {
     (FRAME_PREFIX + 4 + key.len() + 1 + value.map_or(0, |v| 4 + v.len())) as u64
 }
 
-fn encode(buf: &mut Vec<u8>, key: &str, value: Option<&Bytes>) {
+pub(crate) fn encode(buf: &mut Vec<u8>, key: &str, value: Option<&Bytes>) {
     let body = 4 + key.len() + 1 + value.map_or(0, |v| 4 + v.len());
     // `check_put` keeps every length below MAX_FRAME_BYTES, so the casts cannot truncate.
     buf.extend_from_slice(&((body + 4) as u32).to_le_bytes());
@@ -75,7 +75,7 @@ fn encode(buf: &mut Vec<u8>, key: &str, value: Option<&Bytes>) {
     buf[crc_at..crc_at + 4].copy_from_slice(&crc.to_le_bytes());
 }
 
-fn decode(body: Bytes) -> Option<(String, Option<Bytes>)> {
+pub(crate) fn decode(body: Bytes) -> Option<(String, Option<Bytes>)> {
     let u32_at = |at: usize| -> Option<usize> {
         let b = body.get(at..at + 4)?;
         Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)

@@ -79,7 +79,8 @@ for t in "${TARGETS[@]}"; do
     continue
   fi
   failed=1
-  echo "=== $t FAILED (exit $rc); end of its log:"
+  cp "$LOGS/$t.log" "$CORPUS/artifacts/$t/last-failed-run.log"
+  echo "=== $t FAILED (exit $rc); end of its log ($CORPUS/artifacts/$t/last-failed-run.log):"
   tail -n 40 "$LOGS/$t.log"
   input=$(sed -n 's/.*Test unit written to \(.*\)$/\1/p' "$LOGS/$t.log" | tail -1)
   if [ -n "$input" ]; then

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # End-to-end TLS check with Debian's mosquitto_pub / mosquitto_sub (--cafile, --cert/--key) and
 # openssl against the built gateway binary: TLS delivery both ways, a wrong CA, plain MQTT on
-# the TLS port, mTLS accepted and refused, and a certificate reload on SIGHUP.
+# the TLS port, mTLS accepted and refused, a certificate reload on SIGHUP, and a listener with
+# `self_signed: true` whose logged fingerprint is the one openssl computes for the certificate
+# it serves, trusted by mosquitto clients as their only CA.
 # Prints "N passed, N failed".
 set -uo pipefail
 BIN=${1:-target/debug/lmq-gateway}
@@ -9,7 +11,7 @@ BIN=${1:-target/debug/lmq-gateway}
 
 WORK=$(mktemp -d)
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-PORT=$(free_port); TLS=$(free_port); MTLS=$(free_port)
+PORT=$(free_port); TLS=$(free_port); MTLS=$(free_port); SELF=$(free_port)
 C=$WORK/certs; mkdir -p "$C"
 
 # CA, other CA, server certificate for 127.0.0.1/localhost, client certificate.
@@ -48,17 +50,22 @@ listeners:
       key: $C/server.key
       client_ca: $C/ca.pem
       require_client_cert: true
+  - name: self-signed
+    bind: 127.0.0.1:$SELF
+    transport: tls
+    tls:
+      self_signed: true
 core:
   embedded:
     data_dir: $WORK/data
 log:
-  level: warn
+  level: info                      # the self-signed certificate's fingerprint is logged at INFO
 YAML
 "$BIN" serve -c "$WORK/gateway.yaml" >"$WORK/gateway.log" 2>&1 &
 GW=$!
 cleanup() { kill "$GW" 2>/dev/null; wait "$GW" 2>/dev/null; jobs -p | xargs -r kill 2>/dev/null; rm -rf "$WORK"; }
 trap cleanup EXIT
-for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/$MTLS) 2>/dev/null && break; sleep 0.1; done
+for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/$SELF) 2>/dev/null && break; sleep 0.1; done
 
 pass=0; fail=0
 check() { # name expected actual
@@ -105,6 +112,19 @@ kill -HUP "$GW"; sleep 1
 check "certificate after SIGHUP" "subject=CN=gateway-2" "$(subject)"
 timeout 10 mosquitto_pub "${T[@]}" -i after-reload -q 1 -t up/y -m y
 check "TLS publish after reload" "0" "$?"
+
+# Self-signed: fetch the certificate the listener serves, compare openssl's fingerprint of it
+# with the one the gateway logged, then trust exactly that certificate.
+openssl s_client -connect "127.0.0.1:$SELF" </dev/null 2>/dev/null | openssl x509 >"$C/self.pem" 2>/dev/null
+served=$(openssl x509 -in "$C/self.pem" -noout -fingerprint -sha256 2>/dev/null | sed 's/^.*=//')
+logged=$(grep -oE '([0-9A-F]{2}:){31}[0-9A-F]{2}' "$WORK/gateway.log" | head -1)
+check "self-signed: logged fingerprint = served certificate's" "$served" "${logged:-none logged}"
+S1=(-p "$SELF" --cafile "$C/self.pem")
+timeout 10 mosquitto_sub -h localhost "${S1[@]}" -i self-sub -q 1 -t 'self/#' -C 1 -v >"$WORK/self.txt" &
+S=$!; sleep 0.5
+timeout 10 mosquitto_pub -h 127.0.0.1 "${S1[@]}" -i self-pub -q 1 -t self/x -m pinned
+wait $S
+check "self-signed: localhost and 127.0.0.1 clients trusting only it" "self/x pinned" "$(cat "$WORK/self.txt")"
 
 if kill -0 "$GW" 2>/dev/null; then pass=$((pass+1)); echo "ok   gateway alive"; else fail=$((fail+1)); echo "FAIL gateway died"; cat "$WORK/gateway.log"; fi
 echo "tls-e2e: $pass passed, $fail failed"

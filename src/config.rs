@@ -124,13 +124,28 @@ pub struct ListenerConfig {
 /// TLS settings of a `tls` / `wss` listener. The files are re-read when they change (checked
 /// every `reload_interval_secs`) and on SIGHUP; new connections get the new certificate,
 /// established ones keep theirs. A file that fails to load keeps the previous one in use.
+/// With `self_signed: true` the gateway makes its own certificate at start instead (kept in
+/// memory, new at every start, never reloaded) and logs its SHA-256 fingerprint.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     /// PEM certificate chain (server certificate first). Overridden by `LMQ_TLS_CERT`.
-    pub cert: PathBuf,
-    /// PEM private key (PKCS#8, PKCS#1 or SEC1). Overridden by `LMQ_TLS_KEY`.
-    pub key: PathBuf,
+    /// Required unless `self_signed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1). Overridden by `LMQ_TLS_KEY`. Required unless
+    /// `self_signed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
+    /// Make a self-signed certificate at start (for `localhost`, `127.0.0.1`, `::1`, the host
+    /// name and `self_signed_names`) instead of reading `cert` / `key`; clients trust it by
+    /// its fingerprint, logged at start. For trying things out: use real certificates once
+    /// clients you do not control connect.
+    #[serde(default)]
+    pub self_signed: bool,
+    /// With `self_signed`: further DNS names or IP addresses the certificate is made for.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub self_signed_names: Vec<String>,
     /// PEM CA certificates that sign client certificates; enables client-certificate
     /// authentication (mTLS). The certificate's subject CN becomes the connection's identity.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -139,19 +154,20 @@ pub struct TlsConfig {
     /// is optional, but one that is presented must be valid).
     #[serde(default)]
     pub require_client_cert: bool,
-    /// How often the certificate files are checked for changes.
+    /// How often the certificate files are checked for changes (not with `self_signed`).
     #[serde(default = "default_tls_reload_interval")]
     pub reload_interval_secs: u64,
 }
 
 impl TlsConfig {
-    /// Certificate path after the `LMQ_TLS_CERT` override.
-    pub fn cert_path(&self) -> PathBuf {
-        std::env::var_os("LMQ_TLS_CERT").map(PathBuf::from).unwrap_or_else(|| self.cert.clone())
+    /// Certificate path after the `LMQ_TLS_CERT` override (`None` only for a self-signed
+    /// listener without one, which reads no file).
+    pub fn cert_path(&self) -> Option<PathBuf> {
+        std::env::var_os("LMQ_TLS_CERT").map(PathBuf::from).or_else(|| self.cert.clone())
     }
     /// Key path after the `LMQ_TLS_KEY` override.
-    pub fn key_path(&self) -> PathBuf {
-        std::env::var_os("LMQ_TLS_KEY").map(PathBuf::from).unwrap_or_else(|| self.key.clone())
+    pub fn key_path(&self) -> Option<PathBuf> {
+        std::env::var_os("LMQ_TLS_KEY").map(PathBuf::from).or_else(|| self.key.clone())
     }
 }
 
@@ -971,7 +987,7 @@ impl Config {
             match (l.transport.is_tls(), &l.tls) {
                 (true, None) => {
                     return invalid(format!(
-                        "listeners[{name}]: transport {} needs a `tls` section (cert, key)",
+                        "listeners[{name}]: transport {} needs a `tls` section (cert and key, or self_signed: true)",
                         l.transport.as_str()
                     ))
                 }
@@ -984,6 +1000,28 @@ impl Config {
                 _ => {}
             }
             if let Some(t) = &l.tls {
+                if t.self_signed {
+                    if t.cert.is_some() || t.key.is_some() {
+                        return invalid(format!(
+                            "listeners[{name}].tls: self_signed makes its own certificate; remove cert and key \
+                             (or set self_signed: false to use them)"
+                        ));
+                    }
+                    if let Some(bad) = t.self_signed_names.iter().find(|n| !valid_certificate_name(n)) {
+                        return invalid(format!(
+                            "listeners[{name}].tls.self_signed_names: `{bad}` is neither a DNS name nor an IP address"
+                        ));
+                    }
+                } else {
+                    if t.cert.is_none() || t.key.is_none() {
+                        return invalid(format!(
+                            "listeners[{name}].tls needs cert and key (PEM files), or self_signed: true"
+                        ));
+                    }
+                    if !t.self_signed_names.is_empty() {
+                        return invalid(format!("listeners[{name}].tls.self_signed_names needs self_signed: true"));
+                    }
+                }
                 if t.require_client_cert && t.client_ca.is_none() {
                     return invalid(format!("listeners[{name}].tls.require_client_cert needs tls.client_ca"));
                 }
@@ -1057,6 +1095,19 @@ impl Config {
         self.core.kafka.validate()?;
         Ok(())
     }
+}
+
+/// A name a self-signed certificate can carry: an IP address, or a DNS name of ASCII
+/// letters, digits, `-`, `.` and `*` (a wildcard label).
+fn valid_certificate_name(name: &str) -> bool {
+    name.parse::<std::net::IpAddr>().is_ok()
+        || (!name.is_empty()
+            && name.len() <= 253
+            && name.split('.').all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '*')
+            }))
 }
 
 impl Config {
@@ -1198,6 +1249,34 @@ mod tests {
                 .unwrap_err()
                 .to_string();
         assert!(err.contains("ws_path"), "{err}");
+    }
+
+    #[test]
+    fn self_signed_tls_needs_no_files_and_takes_no_files() {
+        let tls = |body: &str| {
+            Config::from_yaml(&format!(
+                "listeners:\n  - name: s\n    bind: 127.0.0.1:0\n    transport: tls\n    tls:\n{body}"
+            ))
+        };
+        let ok =
+            tls("      self_signed: true\n      self_signed_names: [gw.example.com, 10.0.0.7, \"*.example.org\"]\n")
+                .unwrap();
+        let t = ok.listeners[0].tls.as_ref().unwrap();
+        assert!(t.self_signed && t.cert.is_none() && t.key.is_none());
+        assert_eq!(t.self_signed_names.len(), 3);
+        // Client certificates work the same with a self-signed server certificate.
+        tls("      self_signed: true\n      client_ca: ca.pem\n      require_client_cert: true\n").unwrap();
+        for (body, expected) in [
+            ("      self_signed: true\n      cert: c.pem\n", "remove cert and key"),
+            ("      self_signed: true\n      self_signed_names: [\"a b\"]\n", "`a b`"),
+            ("      self_signed: true\n      self_signed_names: [\"\"]\n", "neither a DNS name"),
+            ("      self_signed: false\n", "needs cert and key"),
+            ("      cert: c.pem\n", "needs cert and key"),
+            ("      cert: c.pem\n      key: k.pem\n      self_signed_names: [x]\n", "needs self_signed: true"),
+        ] {
+            let err = tls(body).unwrap_err().to_string();
+            assert!(err.contains(expected), "{body}: {err}");
+        }
     }
 
     #[test]

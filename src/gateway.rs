@@ -22,6 +22,8 @@ pub struct Gateway {
     /// Bound address of each listener, in config order (port 0 resolved).
     pub addrs: Vec<(String, SocketAddr)>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// TLS state of each `tls` / `wss` listener, by name.
+    tls: Vec<(String, Arc<crate::transport::tls::ReloadingTls>)>,
     /// Admin API (`admin.enabled`): serves until the very end of shutdown.
     admin: Option<crate::admin::AdminServer>,
 }
@@ -69,6 +71,7 @@ impl Gateway {
         }
         let addrs: Vec<(String, SocketAddr)> =
             listeners.iter().map(|l| Ok((l.config.name.clone(), l.local_addr()?))).collect::<std::io::Result<_>>()?;
+        let tls: Vec<_> = listeners.iter().filter_map(|l| Some((l.config.name.clone(), l.tls()?))).collect();
         let gateway_id = config.gateway_id.clone().unwrap_or_else(|| {
             let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "gateway".into());
             let port = addrs.first().map(|(_, a)| a.port()).unwrap_or(0);
@@ -109,13 +112,28 @@ impl Gateway {
         for (name, addr) in &addrs {
             tracing::info!(listener = %name, %addr, "listening");
         }
+        for (name, t) in tls.iter().filter(|(_, t)| t.is_self_signed()) {
+            tracing::info!(
+                listener = %name,
+                fingerprint = %t.fingerprint(),
+                names = %t.self_signed_names().join(","),
+                "self-signed TLS certificate made at start; clients check it by this SHA-256 fingerprint \
+                 (openssl x509 -fingerprint -sha256)"
+            );
+        }
         warn_demo_secrets(&ctx.config, &addrs, admin.as_ref().map(|a| a.addr));
-        Ok(Gateway { ctx, addrs, tasks, admin })
+        Ok(Gateway { ctx, addrs, tasks, tls, admin })
     }
 
     /// Bound address of the admin API, when enabled.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin.as_ref().map(|a| a.addr)
+    }
+
+    /// SHA-256 fingerprint (colon-separated hex) of the certificate the `tls` / `wss`
+    /// listener `name` presents now; `None` for other listeners.
+    pub fn tls_fingerprint(&self, name: &str) -> Option<String> {
+        self.tls.iter().find(|(n, _)| n == name).map(|(_, t)| t.fingerprint())
     }
 
     /// Address of the first listener.

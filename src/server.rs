@@ -61,13 +61,18 @@ impl Listener {
         self.socket.local_addr()
     }
 
+    /// The listener's TLS state (`tls` / `wss`): its certificate's fingerprint.
+    pub fn tls(&self) -> Option<Arc<crate::transport::tls::ReloadingTls>> {
+        self.acceptor.tls().cloned()
+    }
+
     /// Accept until shutdown. A permit of this listener and one of the gateway-wide limit are
     /// both held for the whole life of each connection, handshake included.
     pub async fn serve(self, ctx: Arc<Context>) {
         let permits = Arc::new(Semaphore::new(self.config.max_connections));
         let name: Arc<str> = self.config.name.clone().into();
         let handshake_timeout = Duration::from_secs(self.config.handshake_timeout_secs);
-        if let Some(tls) = self.acceptor.tls() {
+        if let Some(tls) = self.acceptor.tls().filter(|t| !t.is_self_signed()) {
             tokio::spawn(tls.clone().watch(name.clone(), ctx.shutdown.clone()));
         }
         loop {

@@ -346,6 +346,126 @@ async fn replaced_certificate_files_are_used_for_new_connections() {
     assert_eq!(served_cert(&s), renewed.der.to_vec());
 }
 
+// ---------- self-signed TLS ----------
+
+/// Accepts whatever certificate the server presents and keeps it: the first contact of a
+/// client that will trust that one certificate from then on.
+#[derive(Debug)]
+struct TakeAnyCertificate {
+    seen: parking_lot::Mutex<Option<CertificateDer<'static>>>,
+    algorithms: rustls::crypto::WebPkiSupportedAlgorithms,
+}
+
+impl rustls::client::danger::ServerCertVerifier for TakeAnyCertificate {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        *self.seen.lock() = Some(end_entity.clone().into_owned());
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// The certificate a TLS server at `addr` presents.
+async fn presented_certificate(addr: SocketAddr) -> CertificateDer<'static> {
+    let verifier = Arc::new(TakeAnyCertificate {
+        seen: parking_lot::Mutex::new(None),
+        algorithms: provider().signature_verification_algorithms,
+    });
+    let mut cfg = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(verifier.clone())
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"mqtt".to_vec()];
+    drop(tls_connect(addr, cfg).await.expect("handshake"));
+    let cert = verifier.seen.lock().take();
+    cert.expect("the server presented a certificate")
+}
+
+/// A client that trusts exactly `cert`, nothing else.
+fn trusting_only(cert: &CertificateDer<'static>) -> ClientConfig {
+    let mut roots = RootCertStore::empty();
+    roots.add(cert.clone()).unwrap();
+    let mut c = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    c.alpn_protocols = vec![b"mqtt".to_vec()];
+    c
+}
+
+/// `openssl x509 -fingerprint -sha256` style: upper-case hex pairs joined by colons.
+fn sha256_fingerprint(der: &[u8]) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, der);
+    digest.as_ref().iter().map(|b| format!("{b:02X}")).collect::<Vec<_>>().join(":")
+}
+
+#[tokio::test]
+async fn self_signed_listener_serves_a_certificate_clients_can_pin() {
+    let tls = "    tls:\n      self_signed: true\n      self_signed_names: [mqtt.example.test]\n";
+    let gw = TestGateway::start_with_listeners(&listener("tls", "tls", tls), "").await;
+    let addr = gw.listener("tls");
+
+    // The certificate on the wire is the one whose fingerprint the gateway reports.
+    let cert = presented_certificate(addr).await;
+    let reported = gw.gateway().tls_fingerprint("tls").expect("a TLS listener has a fingerprint");
+    assert_eq!(reported, sha256_fingerprint(&cert));
+    assert_eq!(reported.len(), 32 * 3 - 1, "{reported}");
+    assert_eq!(gw.gateway().tls_fingerprint("tcp"), None);
+    assert_eq!(presented_certificate(addr).await, cert, "the same certificate for every client");
+
+    // rumqttc trusting only that certificate exchanges messages (server name 127.0.0.1).
+    let mut sub = v4::connect_with(rumqttc_tls(addr, "pinned-sub", trusting_only(&cert))).await;
+    sub.subscribe("pinned/#", v4::QoS::AtLeastOnce).await;
+    let mut tcp = v4::connect(gw.addr, "tcp-pub").await;
+    tcp.publish("pinned/a", v4::QoS::AtLeastOnce, false, b"over self-signed TLS").await;
+    assert_eq!(&sub.next_publish().await.payload[..], b"over self-signed TLS");
+
+    // The certificate is valid for localhost and the extra name too, not for other names.
+    for name in ["localhost", "mqtt.example.test"] {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let server = ServerName::try_from(name.to_string()).unwrap();
+        let s = TlsConnector::from(Arc::new(trusting_only(&cert))).connect(server, tcp).await;
+        let id = format!("by-{}", name.replace('.', "-"));
+        assert!(mqtt_connects(s.unwrap_or_else(|e| panic!("{name}: {e}")), &id).await, "{name}");
+    }
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let other = ServerName::try_from("elsewhere.example.test".to_string()).unwrap();
+    let err = TlsConnector::from(Arc::new(trusting_only(&cert))).connect(other, tcp).await.unwrap_err();
+    assert!(err.to_string().contains("not valid for name"), "{err}");
+
+    // Another gateway makes another certificate: a client pinned to this one refuses it.
+    let gw2 = TestGateway::start_with_listeners(&listener("tls", "tls", tls), "").await;
+    assert_ne!(gw2.gateway().tls_fingerprint("tls"), Some(reported));
+    assert!(tls_connect(gw2.listener("tls"), trusting_only(&cert)).await.is_err());
+}
+
 // ---------- WebSocket ----------
 
 struct WsClient<S> {

@@ -5,12 +5,14 @@
 //! force when it starts, so a reload affects new connections only. [`ReloadingTls::watch`]
 //! re-reads the PEM files every `reload_interval_secs` (and on SIGHUP) and swaps the config
 //! when their content changed and loads cleanly; a broken file keeps the previous config.
+//! A listener with `self_signed: true` gets a certificate made here at start (rcgen), kept in
+//! memory and never reloaded; its SHA-256 fingerprint is what clients check it by.
 //! This module must not decide what a client may do: it only reports the verified
 //! certificate's CN.
 
 use parking_lot::{Mutex, RwLock};
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,28 +37,65 @@ pub enum TlsError {
     Rustls(#[from] rustls::Error),
     #[error("client CA: {0}")]
     Verifier(String),
+    #[error("tls needs cert and key, or self_signed: true")]
+    NoCertificate,
+    #[error("cannot make a self-signed certificate: {0}")]
+    SelfSigned(String),
 }
 
 /// The TLS configuration of one listener, replaceable while it serves.
 pub struct ReloadingTls {
     spec: TlsConfig,
     alpn: Vec<u8>,
-    current: RwLock<Arc<ServerConfig>>,
+    current: RwLock<Current>,
     /// File contents the current config was built from, to notice changes.
     loaded: Mutex<Vec<Vec<u8>>>,
+    /// Names a self-signed certificate was made for (empty for certificates from files).
+    names: Vec<String>,
+}
+
+/// The config in force and the fingerprint of the certificate it presents.
+struct Current {
+    config: Arc<ServerConfig>,
+    fingerprint: String,
 }
 
 impl ReloadingTls {
-    /// Load the files once; errors here stop the gateway at start-up with the file named.
+    /// Load the files once, or make the self-signed certificate; errors here stop the
+    /// gateway at start-up with the file named.
     pub fn load(spec: &TlsConfig, alpn: &[u8]) -> Result<Arc<ReloadingTls>, TlsError> {
-        let files = read_files(spec)?;
-        let config = build(&files, spec, alpn)?;
+        let (current, loaded, names) = if spec.self_signed {
+            let ca = spec.client_ca.as_deref().map(read).transpose()?;
+            let names = certificate_names(&spec.self_signed_names);
+            let (cert, key) = self_signed(&names)?;
+            (build(vec![cert], key, ca.as_ref(), spec, alpn)?, Vec::new(), names)
+        } else {
+            let files = read_files(spec)?;
+            (build_from(&files, spec, alpn)?, files.contents(), Vec::new())
+        };
         Ok(Arc::new(ReloadingTls {
             spec: spec.clone(),
             alpn: alpn.to_vec(),
-            current: RwLock::new(config),
-            loaded: Mutex::new(files.contents()),
+            current: RwLock::new(current),
+            loaded: Mutex::new(loaded),
+            names,
         }))
+    }
+
+    /// The certificate was made by the gateway (`self_signed: true`).
+    pub fn is_self_signed(&self) -> bool {
+        self.spec.self_signed
+    }
+
+    /// DNS names and addresses of a self-signed certificate (empty for one from files).
+    pub fn self_signed_names(&self) -> &[String] {
+        &self.names
+    }
+
+    /// SHA-256 fingerprint of the server certificate presented now, as colon-separated
+    /// upper-case hex (the form `openssl x509 -fingerprint -sha256` prints).
+    pub fn fingerprint(&self) -> String {
+        self.current.read().fingerprint.clone()
     }
 
     /// TLS handshake with the config in force now; returns the stream and the client
@@ -65,27 +104,35 @@ impl ReloadingTls {
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
-        let config = self.current.read().clone();
+        let config = self.current.read().config.clone();
         let tls = TlsAcceptor::from(config).accept(stream).await.map_err(TransportError::Tls)?;
         let cn = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|c| subject_cn(c));
         Ok((tls, cn))
     }
 
-    /// Re-read the files; swap the config if they changed. `Ok(true)` when swapped.
+    /// Re-read the files; swap the config if they changed. `Ok(true)` when swapped. A
+    /// self-signed certificate has no files and is never replaced.
     pub fn reload(&self) -> Result<bool, TlsError> {
+        if self.spec.self_signed {
+            return Ok(false);
+        }
         let files = read_files(&self.spec)?;
         let contents = files.contents();
         if *self.loaded.lock() == contents {
             return Ok(false);
         }
-        let config = build(&files, &self.spec, &self.alpn)?;
-        *self.current.write() = config;
+        let current = build_from(&files, &self.spec, &self.alpn)?;
+        *self.current.write() = current;
         *self.loaded.lock() = contents;
         Ok(true)
     }
 
-    /// Reload on file change (polled) and on SIGHUP until `shutdown`.
+    /// Reload on file change (polled) and on SIGHUP until `shutdown`; returns at once for a
+    /// self-signed certificate.
     pub async fn watch(self: Arc<Self>, listener: Arc<str>, shutdown: CancellationToken) {
+        if self.spec.self_signed {
+            return;
+        }
         let every = Duration::from_secs(self.spec.reload_interval_secs.max(1));
         #[cfg(unix)]
         let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
@@ -138,11 +185,10 @@ fn read(path: &Path) -> Result<(PathBuf, Vec<u8>), TlsError> {
 }
 
 fn read_files(spec: &TlsConfig) -> Result<Files, TlsError> {
-    Ok(Files {
-        cert: read(&spec.cert_path())?,
-        key: read(&spec.key_path())?,
-        ca: spec.client_ca.as_deref().map(read).transpose()?,
-    })
+    let (Some(cert), Some(key)) = (spec.cert_path(), spec.key_path()) else {
+        return Err(TlsError::NoCertificate);
+    };
+    Ok(Files { cert: read(&cert)?, key: read(&key)?, ca: spec.client_ca.as_deref().map(read).transpose()? })
 }
 
 fn certs(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsError> {
@@ -159,13 +205,24 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn build(files: &Files, spec: &TlsConfig, alpn: &[u8]) -> Result<Arc<ServerConfig>, TlsError> {
+fn build_from(files: &Files, spec: &TlsConfig, alpn: &[u8]) -> Result<Current, TlsError> {
     let chain = certs(&files.cert.0, &files.cert.1)?;
     let key = PrivateKeyDer::from_pem_slice(&files.key.1)
         .map_err(|e| TlsError::Pem { path: files.key.0.clone(), msg: format!("no usable private key: {e}") })?;
+    build(chain, key, files.ca.as_ref(), spec, alpn)
+}
+
+fn build(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    ca: Option<&(PathBuf, Vec<u8>)>,
+    spec: &TlsConfig,
+    alpn: &[u8],
+) -> Result<Current, TlsError> {
+    let fingerprint = chain.first().map(|c| fingerprint(c)).unwrap_or_default();
     let builder = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?;
-    let builder = match &files.ca {
+    let builder = match ca {
         Some((path, pem)) => {
             let mut roots = RootCertStore::empty();
             for c in certs(path, pem)? {
@@ -179,7 +236,60 @@ fn build(files: &Files, spec: &TlsConfig, alpn: &[u8]) -> Result<Arc<ServerConfi
     };
     let mut config = builder.with_single_cert(chain, key)?;
     config.alpn_protocols = vec![alpn.to_vec()];
-    Ok(Arc::new(config))
+    Ok(Current { config: Arc::new(config), fingerprint })
+}
+
+/// SHA-256 of a DER certificate as colon-separated upper-case hex pairs.
+pub fn fingerprint(der: &[u8]) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, der);
+    digest.as_ref().iter().map(|b| format!("{b:02X}")).collect::<Vec<_>>().join(":")
+}
+
+/// The names a self-signed certificate is made for: loopback by name and address, this
+/// host's name (when it is one a certificate can carry), then `extra`, without repeats.
+pub fn certificate_names(extra: &[String]) -> Vec<String> {
+    let mut names: Vec<String> = ["localhost", "127.0.0.1", "::1"].map(String::from).to_vec();
+    names.extend(host_name());
+    for n in extra {
+        if !names.iter().any(|m| m.eq_ignore_ascii_case(n)) {
+            names.push(n.clone());
+        }
+    }
+    names
+}
+
+/// This machine's host name: `HOSTNAME`, else the kernel's, if it is a plain DNS name.
+fn host_name() -> Option<String> {
+    let name = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.trim().is_empty())
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())?;
+    let name = name.trim().to_ascii_lowercase();
+    let plain = !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|l| !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'));
+    (plain && name != "localhost").then_some(name)
+}
+
+/// A certificate for `names` (DNS names or IP addresses) signed by its own new P-256 key,
+/// valid from a day ago for a year: browsers and Apple clients refuse server certificates
+/// valid for much longer, even ones the user chose to trust.
+pub fn self_signed(names: &[String]) -> Result<(CertificateDer<'static>, PrivateKeyDer<'static>), TlsError> {
+    let err = |e: rcgen::Error| TlsError::SelfSigned(e.to_string());
+    let mut params = rcgen::CertificateParams::new(names.to_vec()).map_err(err)?;
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params.distinguished_name.push(rcgen::DnType::CommonName, "lmq-gateway self-signed");
+    params.distinguished_name.push(rcgen::DnType::OrganizationName, "lmq-gateway");
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::days(1);
+    params.not_after = now + time::Duration::days(365);
+    let key = rcgen::KeyPair::generate().map_err(err)?;
+    let cert = params.self_signed(&key).map_err(err)?;
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+    Ok((cert.der().clone(), key))
 }
 
 /// Subject common name of a DER certificate. The certificate has been verified by rustls
@@ -270,6 +380,29 @@ mod tests {
         params.distinguished_name = rcgen::DistinguishedName::new();
         let cert = params.self_signed(&key).unwrap();
         assert_eq!(subject_cn(cert.der()), None);
+    }
+
+    #[test]
+    fn self_signed_certificate_names_the_host_and_extra_names() {
+        let names = certificate_names(&["gw.example.com".into(), "LOCALHOST".into(), "10.1.2.3".into()]);
+        assert_eq!(&names[..3], ["localhost", "127.0.0.1", "::1"]);
+        assert_eq!(names.iter().filter(|n| n.eq_ignore_ascii_case("localhost")).count(), 1);
+        assert!(names.ends_with(&["gw.example.com".to_string(), "10.1.2.3".to_string()]), "{names:?}");
+        let (cert, _key) = self_signed(&names).unwrap();
+        assert_eq!(subject_cn(&cert).as_deref(), Some("lmq-gateway self-signed"));
+        // Every name is in the certificate (DNS names as text, addresses as their bytes).
+        let der = cert.as_ref();
+        let has = |needle: &[u8]| der.windows(needle.len()).any(|w| w == needle);
+        assert!(has(b"gw.example.com") && has(b"localhost") && has(&[10, 1, 2, 3]) && has(&[127, 0, 0, 1]));
+    }
+
+    #[test]
+    fn fingerprint_is_openssl_style() {
+        // SHA-256("abc"), a FIPS 180-2 test vector.
+        assert_eq!(
+            fingerprint(b"abc"),
+            "BA:78:16:BF:8F:01:CF:EA:41:41:40:DE:5D:AE:22:23:B0:03:61:A3:96:17:7A:9C:B4:10:FF:61:F2:00:15:AD"
+        );
     }
 
     #[test]

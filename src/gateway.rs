@@ -53,6 +53,7 @@ impl Gateway {
     pub async fn start_with_backend(config: Config, backend: SharedCoreService) -> anyhow::Result<Gateway> {
         // Metrics first: the router and the limits count into them.
         let metrics = Arc::new(crate::metrics::Metrics::new());
+        metrics.listeners_known(config.listeners.iter().map(|l| (l.name.as_str(), l.transport.as_str())));
         let router_stats = crate::router::RouterStats::new(&metrics);
         let router = Router::start(
             backend.clone(),

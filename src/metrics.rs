@@ -10,6 +10,11 @@
 //!
 //! Values that are cheaper to read than to track (retained messages, core-service
 //! availability, consumer lag) are sampled when `/metrics` is scraped (`admin`).
+//!
+//! Every labelled metric starts with a zero sample for each label value known in advance
+//! (QoS × direction, refusal reasons, CONNACK codes, authentication failures, close reasons,
+//! the configured listeners × transports), so a dashboard shows its series from the first
+//! scrape instead of "no data" until something happens.
 //! This module only defines and encodes metrics; it must not decide anything.
 
 use prometheus::core::{AtomicI64, GenericGauge};
@@ -26,6 +31,38 @@ use crate::transport::ConnInfo;
 /// Buckets of the core-service append latency, in seconds (0.5 ms … 30 s).
 const APPEND_BUCKETS: &[f64] =
     &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+/// `code` labels of `lmq_connect_total` the gateway answers CONNECT with: accepted,
+/// unsupported protocol version, ClientId not valid, bad user name or password, not
+/// authorised, server unavailable, topic name invalid (will), quota exceeded.
+pub const CONNECT_CODES: [ReasonCode; 8] = [
+    ReasonCode::SUCCESS,
+    ReasonCode::UNSUPPORTED_PROTOCOL_VERSION,
+    ReasonCode::CLIENT_IDENTIFIER_NOT_VALID,
+    ReasonCode::BAD_USER_NAME_OR_PASSWORD,
+    ReasonCode::NOT_AUTHORIZED,
+    ReasonCode::SERVER_UNAVAILABLE,
+    ReasonCode::TOPIC_NAME_INVALID,
+    ReasonCode::QUOTA_EXCEEDED,
+];
+
+/// `reason` labels of `lmq_connections_closed_total`: before a CONNECT, a refused CONNECT,
+/// and each way a connection ends (`connection::End::metric_reason`).
+pub const CLOSE_REASONS: [&str; 13] = [
+    "no_connect",
+    "connect_refused",
+    "client_disconnect",
+    "connection_lost",
+    "keepalive_timeout",
+    "not_authorized",
+    "core_unavailable",
+    "limit",
+    "protocol_error",
+    "slow_reader",
+    "taken_over",
+    "shutdown",
+    "kicked",
+];
 
 /// The gateway's metrics and their registry. One per gateway (tests run several in one
 /// process, each with its own).
@@ -130,8 +167,14 @@ impl Metrics {
             &["listener", "transport", "reason"],
         );
         let connects = counter_vec("lmq_connect_total", "CONNECT results, by CONNACK reason code", &["code"]);
+        for code in CONNECT_CODES {
+            connects.with_label_values(&[&connect_code(code)]);
+        }
         let auth_failures =
             counter_vec("lmq_auth_failures_total", "Refused CONNECT authentications", &["mode", "reason"]);
+        for (mode, reason) in crate::auth::FAILURE_LABELS {
+            auth_failures.with_label_values(&[mode.as_str(), reason]);
+        }
         let messages_vec = counter_vec(
             "lmq_messages_total",
             "PUBLISH messages: in = accepted from clients for storing, out = sent to clients",
@@ -223,6 +266,18 @@ impl Metrics {
         String::from_utf8(out).unwrap_or_default()
     }
 
+    /// Zero samples of the per-listener metrics for each configured listener (name,
+    /// transport), so they show before the first client connects.
+    pub fn listeners_known<'a>(&self, listeners: impl IntoIterator<Item = (&'a str, &'static str)>) {
+        for (listener, transport) in listeners {
+            self.connections.with_label_values(&[listener, transport]);
+            self.connections_opened.with_label_values(&[listener, transport]);
+            for reason in CLOSE_REASONS {
+                self.connections_closed.with_label_values(&[listener, transport, reason]);
+            }
+        }
+    }
+
     /// A connection finished its transport handshake; the returned guard counts its close.
     pub fn connection_opened(&self, info: &ConnInfo) -> ConnectionMetrics {
         let labels = [&*info.listener, info.transport.as_str()];
@@ -240,7 +295,7 @@ impl Metrics {
 
     /// CONNECT answered with `code` (0x00 = accepted).
     pub fn connect_result(&self, code: ReasonCode) {
-        self.connects.with_label_values(&[&format!("0x{:02x}", code.0)]).inc();
+        self.connects.with_label_values(&[&connect_code(code)]).inc();
     }
 
     /// `mode` and `reason` come from `auth::AuthFailure` (fixed sets of names).
@@ -292,6 +347,11 @@ impl Metrics {
         };
         self.events[i].inc();
     }
+}
+
+/// `code` label of `lmq_connect_total`: `0x00`, `0x86`, ...
+fn connect_code(code: ReasonCode) -> String {
+    format!("0x{:02x}", code.0)
 }
 
 fn register(registry: &Registry, c: Box<dyn prometheus::core::Collector>) {
@@ -361,6 +421,30 @@ mod tests {
         assert!(text.contains("lmq_core_append_duration_seconds_bucket"), "{text}");
         #[cfg(target_os = "linux")]
         assert!(text.contains("lmq_process_open_fds"), "{text}");
+    }
+
+    #[test]
+    fn labelled_metrics_start_at_zero_for_known_labels() {
+        let m = Metrics::new();
+        m.listeners_known([("tcp", "tcp"), ("ws", "ws")]);
+        let text = m.encode();
+        for sample in [
+            "lmq_messages_total{direction=\"out\",qos=\"2\"} 0",
+            "lmq_bytes_total{direction=\"in\"} 0",
+            "lmq_limit_refusals_total{reason=\"reserved_topic\"} 0",
+            "lmq_connect_total{code=\"0x00\"} 0",
+            "lmq_connect_total{code=\"0x86\"} 0",
+            "lmq_auth_failures_total{mode=\"signature\",reason=\"bad_signature\"} 0",
+            "lmq_connections{listener=\"ws\",transport=\"ws\"} 0",
+            "lmq_connections_opened_total{listener=\"tcp\",transport=\"tcp\"} 0",
+            "lmq_connections_closed_total{listener=\"tcp\",reason=\"client_disconnect\",transport=\"tcp\"} 0",
+            "lmq_events_written_total{type=\"tcpclean\"} 0",
+        ] {
+            assert!(text.contains(sample), "{sample} missing:\n{text}");
+        }
+        for r in Refusal::ALL {
+            assert!(text.contains(&format!("lmq_limit_refusals_total{{reason=\"{}\"}} 0", r.as_str())), "{r:?}");
+        }
     }
 
     #[test]

@@ -56,6 +56,71 @@ async fn metrics_are_served_without_the_token_and_use_lmq_names() {
     assert_eq!(common::metric_value(&text, "lmq_core_available", &[]), 1.0);
 }
 
+/// Sample lines of metric `name` (exactly that name) in Prometheus text.
+fn samples<'a>(text: &'a str, name: &str) -> Vec<&'a str> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' ')))
+        .collect()
+}
+
+#[tokio::test]
+async fn every_dashboard_query_has_series_before_any_client_connects() {
+    let ws = "  - name: ws\n    bind: 127.0.0.1:0\n    transport: ws\n";
+    let gw = TestGateway::start_with_listeners(ws, "admin:\n  enabled: true\n  bind: 127.0.0.1:0\n").await;
+    // What Prometheus scrapes right after start: no client has connected yet.
+    let r = http().get(format!("{}/metrics", gw.admin_url())).send().await.unwrap();
+    assert_eq!(r.status(), 200, "/metrics needs no token");
+    let text = r.text().await.unwrap();
+
+    // Every metric a Grafana panel queries has samples already.
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/grafana/dashboards/lmq-gateway.json")).unwrap(),
+    )
+    .unwrap();
+    for expr in dashboard["panels"].as_array().unwrap().iter().flat_map(|p| p["targets"].as_array().unwrap()) {
+        let expr = expr["expr"].as_str().unwrap();
+        for name in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).filter(|w| w.starts_with("lmq_")) {
+            assert!(!samples(&text, name).is_empty(), "`{expr}`: no {name} samples before traffic:\n{text}");
+        }
+    }
+
+    // The labelled ones at zero, for each known label value.
+    for (name, labels) in [
+        ("lmq_connections", vec![("listener", "tcp"), ("transport", "tcp")]),
+        ("lmq_connections", vec![("listener", "ws"), ("transport", "ws")]),
+        ("lmq_connections_opened_total", vec![("listener", "ws"), ("transport", "ws")]),
+        ("lmq_connections_closed_total", vec![("listener", "tcp"), ("reason", "client_disconnect")]),
+        ("lmq_connections_closed_total", vec![("listener", "ws"), ("reason", "keepalive_timeout")]),
+        ("lmq_connect_total", vec![("code", "0x00")]),
+        ("lmq_connect_total", vec![("code", "0x86")]),
+        ("lmq_auth_failures_total", vec![("mode", "signature"), ("reason", "bad_signature")]),
+        ("lmq_auth_failures_total", vec![("mode", "token"), ("reason", "expired_token")]),
+        ("lmq_limit_refusals_total", vec![("reason", "reserved_topic")]),
+        ("lmq_events_written_total", vec![("type", "connect")]),
+    ] {
+        let found = samples(&text, name)
+            .into_iter()
+            .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
+            .collect::<Vec<_>>();
+        assert_eq!(found.len(), 1, "{name}{labels:?}: {found:?}");
+        assert!(found[0].ends_with(" 0"), "{}", found[0]);
+    }
+    for direction in ["in", "out"] {
+        for qos in ["0", "1", "2"] {
+            let labels = [("direction", direction), ("qos", qos)];
+            let line = samples(&text, "lmq_messages_total")
+                .into_iter()
+                .find(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))));
+            assert!(line.is_some_and(|l| l.ends_with(" 0")), "lmq_messages_total{labels:?}: {line:?}");
+        }
+    }
+    // Only the configured listeners: no series for listeners that do not exist.
+    assert!(samples(&text, "lmq_connections")
+        .iter()
+        .all(|l| l.contains("listener=\"tcp\"") || l.contains("listener=\"ws\"")));
+}
+
 #[tokio::test]
 async fn connections_are_counted_by_listener_and_close_reason() {
     let gw = TestGateway::start_admin("").await;

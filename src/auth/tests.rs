@@ -36,6 +36,13 @@ type Verdict = (AuthMode, &'static str, u8, u8);
 
 fn fail(r: Result<Identity, AuthFailure>) -> Verdict {
     let f = r.unwrap_err();
+    // Its counter exists at zero from the start (metrics).
+    assert!(
+        super::FAILURE_LABELS.contains(&(f.mode, f.reason)),
+        "({:?}, {}) missing from FAILURE_LABELS",
+        f.mode,
+        f.reason
+    );
     (f.mode, f.reason, f.reason_code().0, f.v3_return_code())
 }
 

@@ -662,3 +662,25 @@ impl Conn {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn close_reasons_are_the_ones_counted_from_the_start() {
+        let mut ends = vec![
+            End::ClientDisconnect { with_will: false },
+            End::Dropped("eof"),
+            End::SlowReader,
+            End::Kicked(Kick::TakenOver { new_clean_start: true }),
+            End::Kicked(Kick::Shutdown),
+            End::Kicked(Kick::Administrative),
+        ];
+        ends.extend((0..=u8::MAX).map(|c| End::Server(ReasonCode(c), "")));
+        for end in &ends {
+            let reason = end.metric_reason();
+            assert!(crate::metrics::CLOSE_REASONS.contains(&reason), "{reason} missing from metrics::CLOSE_REASONS");
+        }
+    }
+}

@@ -871,9 +871,10 @@ pub struct AdminConfig {
     /// `LMQ_ADMIN_BIND`.
     #[serde(default = "default_admin_bind")]
     pub bind: SocketAddr,
-    /// Bearer token required by `/metrics` and `/api/v1/...` (`Authorization: Bearer <token>`).
-    /// Prefer the variable named by `token_env`, which overrides this. Without a token those
-    /// endpoints answer 401; `/healthz` and `/readyz` never need one.
+    /// Bearer token required by the management routes `/api/v1/...` (`Authorization: Bearer
+    /// <token>`). Prefer the variable named by `token_env`, which overrides this. Without a
+    /// token (an empty one counts as none) those routes answer 401; `/metrics`, `/healthz` and
+    /// `/readyz` never need one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<crate::auth::config::Secret>,
     /// Environment variable holding the token.
@@ -1249,6 +1250,18 @@ mod tests {
                 .unwrap_err()
                 .to_string();
         assert!(err.contains("ws_path"), "{err}");
+    }
+
+    #[test]
+    fn an_empty_admin_token_is_no_token() {
+        let admin = |yaml: &str| Config::from_yaml(yaml).unwrap().admin;
+        // A variable only this test sets, so parallel tests do not see it.
+        std::env::set_var("LMQ_TEST_EMPTY_ADMIN_TOKEN", "");
+        let env = "admin:\n  token_env: LMQ_TEST_EMPTY_ADMIN_TOKEN\n";
+        assert!(admin(env).resolved_token().is_none(), "empty variable: management API off");
+        let with_file_token = admin(&format!("{env}  token: from-file\n"));
+        assert_eq!(with_file_token.resolved_token().map(|t| t.expose().to_string()).as_deref(), Some("from-file"));
+        assert!(admin("admin:\n  token: \"\"\n  token_env: LMQ_TEST_UNSET_TOKEN_VAR\n").resolved_token().is_none());
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 use serde_yaml_ng::Value;
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -105,12 +105,17 @@ fn compose_services_files_and_ports_agree() {
         assert!(bind.ip().is_unspecified(), "listener {:?} must listen on all interfaces in a container", l["name"]);
         expected.insert(bind.port());
         if let Some(tls) = l.get("tls") {
-            for f in [&tls["cert"], &tls["key"]] {
-                let host = host_file(gw, s(f)).expect("certificate path is in a mounted directory");
-                assert!(host.parent().is_some_and(Path::is_dir), "{host:?}");
-            }
+            // `docker compose up` alone must work: the TLS listeners make their own certificate,
+            // and the directory for real ones is mounted.
+            assert_eq!(tls["self_signed"], Value::Bool(true), "listener {:?} needs no certificate files", l["name"]);
+            assert!(tls.get("cert").is_none() && tls.get("key").is_none(), "{tls:?}");
+            let certs = host_file(gw, "/etc/lmq-gateway/certs").expect("deploy/certs mounted for real certificates");
+            assert!(certs.is_dir(), "{certs:?}");
         }
     }
+    let tls_listeners =
+        seq(&config["listeners"]).iter().filter(|l| matches!(s(&l["transport"]), "tls" | "wss")).count();
+    assert_eq!(tls_listeners, 2, "TLS (8883) and WSS (8084) are on");
     assert_eq!(config["admin"]["enabled"], Value::Bool(true));
     let admin: std::net::SocketAddr = s(&config["admin"]["bind"]).parse().expect("admin bind");
     expected.insert(admin.port());
@@ -123,7 +128,8 @@ fn compose_services_files_and_ports_agree() {
     let admin_mapping = seq(&gw["ports"]).iter().map(s).find(|p| p.ends_with(&format!(":{}", admin.port())));
     assert!(admin_mapping.is_some_and(|p| p.starts_with("127.0.0.1:")), "{admin_mapping:?}");
 
-    // Prometheus scrapes the gateway's admin port with the token the gateway gets.
+    // Prometheus scrapes the gateway's admin port; /metrics is open, so it needs no token and
+    // runs the image's own command.
     let prom_svc = &services["prometheus"];
     let prom_file = host_file(prom_svc, "/etc/prometheus/prometheus.yml").expect("prometheus.yml mounted");
     let prom: Value = serde_yaml_ng::from_str(&std::fs::read_to_string(prom_file).unwrap()).unwrap();
@@ -131,11 +137,12 @@ fn compose_services_files_and_ports_agree() {
     assert_eq!(s(&job["metrics_path"]), "/metrics");
     let targets: Vec<&str> = seq(&seq(&job["static_configs"])[0]["targets"]).iter().map(s).collect();
     assert_eq!(targets, vec![format!("gateway:{}", admin.port())]);
-    let token_file = s(&job["authorization"]["credentials_file"]);
-    let entrypoint: Vec<&str> = seq(&prom_svc["entrypoint"]).iter().map(s).collect();
-    assert!(entrypoint.iter().any(|e| e.contains(token_file)), "the entrypoint writes {token_file}");
-    assert_eq!(prom_svc["environment"]["LMQ_ADMIN_TOKEN"], gw["environment"]["LMQ_ADMIN_TOKEN"]);
+    assert!(job.get("authorization").is_none() && job.get("bearer_token_file").is_none(), "{job:?}");
+    assert!(prom_svc.get("entrypoint").is_none() && prom_svc.get("environment").is_none(), "{prom_svc:?}");
+    // The admin token only switches the management API on: optional, empty when unset.
     assert_eq!(s(&config["admin"]["token_env"]), "LMQ_ADMIN_TOKEN");
+    assert_eq!(s(&gw["environment"]["LMQ_ADMIN_TOKEN"]), "${LMQ_ADMIN_TOKEN:-}");
+    assert!(s(&gw["environment"]["LMQ_ACCESS_KEY_DEMO_KEY_SECRET"]).starts_with("${LMQ_ACCESS_KEY_DEMO_KEY_SECRET:?"));
 
     // Grafana: datasource → the compose Prometheus; dashboards from the mounted directory.
     let graf = &services["grafana"];
@@ -226,19 +233,23 @@ fn dockerfile_is_multi_stage_non_root_with_healthcheck() {
 }
 
 /// The compose file's gateway configuration is valid (the demo key's secret comes from the
-/// environment in compose, as here).
+/// environment in compose, as here), with an admin token and with the empty one compose passes
+/// when none is set.
 #[test]
 fn compose_gateway_config_passes_check_config() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lmq-gateway"))
-        .args(["check-config", "-c"])
-        .arg(root().join("deploy/gateway-kafka.yaml"))
-        .env("LMQ_ACCESS_KEY_DEMO_KEY_SECRET", "compose-secret")
-        .env("LMQ_ADMIN_TOKEN", "compose-token")
-        .output()
-        .expect("run check-config");
-    assert!(out.status.success(), "check-config failed: {}", String::from_utf8_lossy(&out.stderr));
-    let shown = String::from_utf8_lossy(&out.stdout);
-    assert!(shown.contains("kafka:9092"), "effective config names the compose Kafka: {shown}");
+    for admin_token in ["compose-token", ""] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_lmq-gateway"))
+            .args(["check-config", "-c"])
+            .arg(root().join("deploy/gateway-kafka.yaml"))
+            .env("LMQ_ACCESS_KEY_DEMO_KEY_SECRET", "compose-secret")
+            .env("LMQ_ADMIN_TOKEN", admin_token)
+            .output()
+            .expect("run check-config");
+        assert!(out.status.success(), "check-config failed: {}", String::from_utf8_lossy(&out.stderr));
+        let shown = String::from_utf8_lossy(&out.stdout);
+        assert!(shown.contains("kafka:9092"), "effective config names the compose Kafka: {shown}");
+        assert!(shown.contains("self_signed: true"), "TLS listeners make their own certificate: {shown}");
+    }
 }
 
 /// `deploy/gateway-mqtt.yaml`, the plain MQTT broker, passes `check-config` and says what it is.

@@ -183,3 +183,15 @@ async fn mqtt_3_1_clients_connect() {
         other => panic!("expected CONNACK, got {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn p2p_looking_topics_are_ordinary_topics() {
+    let b = broker().await;
+    let mut sub = v4::connect(b.addr, "p2p watcher").await;
+    sub.subscribe("room/p2p/#", v4::QoS::AtLeastOnce).await;
+    let mut publisher = v4::connect(b.addr, "p2p pub").await;
+    // Under LMQ names only the client `device` would get it; here every subscriber does.
+    publisher.publish("room/p2p/device", v4::QoS::AtLeastOnce, false, b"for all").await;
+    let m = sub.next_publish().await;
+    assert_eq!((m.topic.as_str(), &m.payload[..]), ("room/p2p/device", &b"for all"[..]));
+}

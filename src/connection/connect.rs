@@ -164,6 +164,7 @@ impl Conn {
             None => (SessionState::new(client_id.clone()), Vec::new()),
         };
         state.owner = Some(owner);
+        state.p2p = ctx.config.naming == crate::config::Naming::Lmq;
 
         let qos2_waiting = state.inbound_qos2.len();
         let (slot, rx) = ctx.router.register(client_id.clone().into(), mqtt.queue_capacity);

@@ -7,7 +7,7 @@
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use super::{mapping, Delivery, Router, State};
+use super::{Delivery, Router, State};
 use crate::backend::{BackendError, GroupTail, Record};
 use crate::protocol::QoS;
 
@@ -33,7 +33,7 @@ impl Router {
         let Some(message) = self.topics.message_of(&record.tp.topic, &record.record) else {
             return Offer::NotForGroup;
         };
-        if mapping::p2p_target(&message.topic).is_some() {
+        if self.topics.p2p_target(&message.topic).is_some() {
             return Offer::NotForGroup;
         }
         let mut st = self.state.lock();

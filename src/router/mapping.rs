@@ -164,6 +164,15 @@ impl TopicMap {
         self.resolve(parent).ok()
     }
 
+    /// The target ClientId of a P2P topic (`<parent>/p2p/<ClientId>`, LMQ's); with
+    /// `naming: mqtt` such a topic is an ordinary one and this is `None`.
+    pub fn p2p_target<'a>(&self, topic: &'a str) -> Option<&'a str> {
+        if self.naming == Naming::Mqtt {
+            return None;
+        }
+        p2p_target(topic)
+    }
+
     /// Whether a core-service topic belongs to a parent declared by name (not through `*`).
     pub fn is_declared_core(&self, core: &str) -> bool {
         self.by_core.contains_key(core)

@@ -307,7 +307,7 @@ impl Router {
     /// without subscribing): a gateway does not read back what only flows through it.
     pub async fn ensure_for_publish(&self, topic: &CoreTopic, mqtt_topic: &str) -> Result<(), RouterError> {
         self.refuse_reserved(topic)?;
-        let read_here = mapping::p2p_target(mqtt_topic).is_some() || self.state.lock().trie.has_root_wildcard();
+        let read_here = self.topics.p2p_target(mqtt_topic).is_some() || self.state.lock().trie.has_root_wildcard();
         if read_here {
             return self.ensure_core_topic(topic).await;
         }
@@ -644,7 +644,7 @@ impl Router {
     ) {
         self.stats.routed.inc();
         let State { trie, sessions, by_client, .. } = st;
-        if let Some(target) = mapping::p2p_target(&message.topic) {
+        if let Some(target) = self.topics.p2p_target(&message.topic) {
             // P2P: only the target client, no subscription needed.
             if let Some(slot) = by_client.get(target).and_then(|id| sessions.get(id)) {
                 self.offer(slot, record, message, message.qos);

@@ -128,6 +128,9 @@ pub struct SessionState {
     pub subscriptions: Vec<Subscription>,
     pub cursors: HashMap<TopicPartition, Cursor>,
     pub outbound: HashMap<PacketId, Outbound>,
+    /// `<parent>/p2p/<ClientId>` topics reach that client only (LMQ's P2P; off with
+    /// `naming: mqtt`, where they are ordinary topics).
+    pub p2p: bool,
     /// QoS 2 PUBLISHes received and stored, waiting for PUBREL.
     pub inbound_qos2: BTreeSet<u16>,
     /// QoS 2 PUBLISHes of a persistent session being stored: saved with the session before
@@ -139,7 +142,7 @@ pub struct SessionState {
 
 impl SessionState {
     pub fn new(client_id: String) -> SessionState {
-        SessionState { client_id, next_packet_id: 1, ..SessionState::default() }
+        SessionState { client_id, next_packet_id: 1, p2p: true, ..SessionState::default() }
     }
 
     pub fn subscription(&self, filter: &str) -> Option<&Subscription> {
@@ -182,7 +185,7 @@ impl SessionState {
     /// Decide whether and how a message reaches this client. `shared` is the `$share`
     /// subscription the router chose this session for, if any.
     pub fn matches(&self, message: &Message, shared: Option<&str>) -> Option<Match> {
-        if let Some(target) = p2p_target(&message.topic) {
+        if let Some(target) = p2p_target(&message.topic).filter(|_| self.p2p) {
             return (target == self.client_id).then(|| Match {
                 qos: message.qos,
                 subscription_ids: Vec::new(),

@@ -66,6 +66,7 @@ fn table() -> Vec<(Route, bool, MethodRouter<Shared>)> {
         (("POST", "/api/v1/messages"), true, post(messages::publish)),
         (("GET", "/api/v1/sessions/{client_id}"), true, get(sessions::get_one)),
         (("DELETE", "/api/v1/sessions/{client_id}"), true, delete(sessions::delete_one)),
+        (("POST", "/api/v1/sessions/{client_id}/reset"), true, post(sessions::reset)),
     ]
 }
 

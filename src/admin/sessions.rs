@@ -1,6 +1,7 @@
 //! Persistent sessions in the sessions store, connected or not: look up (subscriptions,
-//! backlog per partition read) and delete.
+//! backlog per partition read), reset (skip the backlog or replay from the start) and delete.
 
+use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
@@ -55,6 +56,65 @@ pub(super) async fn get_one(
     })))
 }
 
+/// Where `POST /api/v1/sessions/{client_id}/reset` moves a session.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ResetRequest {
+    /// `latest`: skip the backlog; `earliest`: replay everything the core service still holds.
+    to: String,
+}
+
+fn connected_here(client_id: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "session_connected",
+        format!("`{client_id}` is connected to this gateway; kick it first (DELETE /api/v1/clients/{{client_id}})"),
+    )
+}
+
+/// Move a stored session's position in every partition it reads: to the end (it gets none
+/// of its backlog when it returns) or to the start of what the core service holds. Messages
+/// it had in flight are dropped with the old positions (a PUBREL it owes is kept).
+pub(super) async fn reset(
+    State(s): State<Shared>,
+    Path(client_id): Path<String>,
+    body: Result<Json<ResetRequest>, JsonRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Json(req) = body?;
+    let latest = match req.to.as_str() {
+        "latest" => true,
+        "earliest" => false,
+        other => {
+            return Err(ApiError::bad_request(
+                "invalid_reset",
+                format!("`to` must be `latest` or `earliest`, not `{other}`"),
+            ))
+        }
+    };
+    if s.ctx.registry.get(&client_id).is_some() {
+        return Err(connected_here(&client_id));
+    }
+    let mut stored = load(&s, &client_id).await?;
+    for p in &mut stored.positions {
+        let tp = TopicPartition::new(p.topic.clone(), p.partition);
+        p.committed = if latest {
+            s.ctx.backend.end_offset(&tp).await.map_err(ApiError::core)?
+        } else {
+            let first = s.ctx.backend.fetch(&tp, 0, 1).await.map_err(ApiError::core)?;
+            first.records.first().map_or(first.next_offset, |r| r.offset)
+        };
+        p.acked.clear();
+    }
+    stored.inflight.retain(|i| i.released);
+    s.ctx.backend.put_state(StateStore::Sessions, &client_id, Some(stored.encode())).await.map_err(ApiError::core)?;
+    let positions: Vec<serde_json::Value> = stored
+        .positions
+        .iter()
+        .map(|p| serde_json::json!({ "topic": p.topic, "partition": p.partition, "committed": p.committed }))
+        .collect();
+    Ok(Json(serde_json::json!({ "client_id": client_id, "to": req.to, "positions": positions })))
+}
+
 /// Remove a stored session (its owner's next CONNECT starts afresh). A session connected to
 /// this gateway is refused with 409: kick the client first (it saves its session as it goes).
 pub(super) async fn delete_one(
@@ -62,11 +122,7 @@ pub(super) async fn delete_one(
     Path(client_id): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     if s.ctx.registry.get(&client_id).is_some() {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "session_connected",
-            format!("`{client_id}` is connected to this gateway; kick it first (DELETE /api/v1/clients/{{client_id}})"),
-        ));
+        return Err(connected_here(&client_id));
     }
     load(&s, &client_id).await?;
     s.ctx.backend.put_state(StateStore::Sessions, &client_id, None).await.map_err(ApiError::core)?;

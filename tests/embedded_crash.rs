@@ -20,15 +20,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-macro_rules! on_embedded {
-    ($($name:ident),* $(,)?) => {$(
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn $name() {
-            hostile::$name(&hostile::Core::embedded()).await;
-        }
-    )*};
-}
-
 for_each_crash_check!(on_embedded);
 
 /// The real binary on a fixed port and data directory (`dir/data`, `fsync: always`), killable

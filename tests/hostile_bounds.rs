@@ -22,15 +22,6 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-macro_rules! on_embedded {
-    ($($name:ident),* $(,)?) => {$(
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn $name() {
-            hostile::$name(&hostile::Core::embedded()).await;
-        }
-    )*};
-}
-
 for_each_bounds_check!(on_embedded);
 
 fn pid(n: u16) -> NonZeroU16 {

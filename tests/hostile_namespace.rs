@@ -8,15 +8,6 @@ mod hostile;
 
 use lmq_gateway::config::Config;
 
-macro_rules! on_embedded {
-    ($($name:ident),* $(,)?) => {$(
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn $name() {
-            hostile::$name(&hostile::Core::embedded()).await;
-        }
-    )*};
-}
-
 for_each_namespace_check!(on_embedded);
 
 #[test]

@@ -6,13 +6,4 @@ mod common;
 #[macro_use]
 mod hostile;
 
-macro_rules! on_embedded {
-    ($($name:ident),* $(,)?) => {$(
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn $name() {
-            hostile::$name(&hostile::Core::embedded()).await;
-        }
-    )*};
-}
-
 for_each_session_check!(on_embedded);

@@ -15,6 +15,17 @@
 
 #![allow(dead_code, unused_imports, unused_macros)]
 
+/// Wraps each check in a `#[tokio::test]` on the embedded log (the broker test files have
+/// their own, on their shared broker).
+macro_rules! on_embedded {
+    ($($name:ident),* $(,)?) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            hostile::$name(&hostile::Core::embedded()).await;
+        }
+    )*};
+}
+
 /// Calls `$m!(check, ...)` with every session check.
 macro_rules! for_each_session_check {
     ($m:ident) => {

@@ -6,6 +6,8 @@
 mod common;
 #[macro_use]
 mod hostile;
+#[macro_use]
+mod ops;
 mod kafka_broker;
 
 use common::{publish_pipelined, v4, v5, GatewayProcess, Pace, FULL_SPEED, WAIT};
@@ -582,10 +584,10 @@ async fn unmarked_events_from_plain_producers_take_nobody_over() {
 /// The hostile-client checks (`tests/hostile`) with sessions, offline messages, credentials
 /// and events in Kafka, and Kafka's own topics among the reserved names.
 macro_rules! on_kafka {
-    ($($name:ident),* $(,)?) => {$(
+    ($module:ident; $($name:ident),* $(,)?) => {$(
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn $name() {
-            crate::hostile::$name(&crate::hostile::Core::kafka(crate::kafka_broker::shared().core_yaml())).await;
+            crate::$module::$name(&crate::hostile::Core::kafka(crate::kafka_broker::shared().core_yaml())).await;
         }
     )*};
 }
@@ -596,4 +598,8 @@ mod hostile_checks {
     for_each_crash_check!(on_kafka);
 
     for_each_bounds_check!(on_kafka);
+}
+
+mod ops_checks {
+    for_each_ops_check!(on_kafka);
 }

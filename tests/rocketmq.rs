@@ -6,6 +6,8 @@
 mod common;
 #[macro_use]
 mod hostile;
+#[macro_use]
+mod ops;
 mod rocketmq_broker;
 
 use common::{v4, v5, GatewayProcess, WAIT};
@@ -404,11 +406,11 @@ async fn devices_cannot_reach_internal_topics() {
 /// The hostile-client checks (`tests/hostile`) with sessions, offline messages, credentials
 /// and events in RocketMQ, and RocketMQ's own topics among the reserved names.
 macro_rules! on_rocketmq {
-    ($($name:ident),* $(,)?) => {$(
+    ($module:ident; $($name:ident),* $(,)?) => {$(
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn $name() {
             let Some(namesrv) = crate::rocketmq_broker::namesrv() else { return };
-            crate::hostile::$name(&crate::hostile::Core::rocketmq(&namesrv)).await;
+            crate::$module::$name(&crate::hostile::Core::rocketmq(&namesrv)).await;
         }
     )*};
 }
@@ -418,4 +420,8 @@ mod hostile_checks {
     for_each_namespace_check!(on_rocketmq);
     for_each_bounds_check!(on_rocketmq);
     for_each_crash_check!(on_rocketmq);
+}
+
+mod ops_checks {
+    for_each_ops_check!(on_rocketmq);
 }

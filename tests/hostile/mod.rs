@@ -18,10 +18,10 @@
 /// Wraps each check in a `#[tokio::test]` on the embedded log (the broker test files have
 /// their own, on their shared broker).
 macro_rules! on_embedded {
-    ($($name:ident),* $(,)?) => {$(
+    ($module:ident; $($name:ident),* $(,)?) => {$(
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn $name() {
-            hostile::$name(&hostile::Core::embedded()).await;
+            crate::$module::$name(&crate::hostile::Core::embedded()).await;
         }
     )*};
 }
@@ -30,6 +30,7 @@ macro_rules! on_embedded {
 macro_rules! for_each_session_check {
     ($m:ident) => {
         $m!(
+            hostile;
             another_identity_with_the_victims_client_id_gets_a_fresh_session_and_nothing_of_it,
             restored_subscriptions_are_checked_against_the_rights_of_the_new_connection,
             a_token_upload_that_narrows_the_rights_removes_the_subscriptions_it_no_longer_covers,
@@ -41,6 +42,7 @@ macro_rules! for_each_session_check {
 macro_rules! for_each_namespace_check {
     ($m:ident) => {
         $m!(
+            hostile;
             events_topic_cannot_be_subscribed_and_wildcards_carry_no_events,
             forged_connect_event_is_refused_and_the_victim_stays_connected,
             internal_topic_names_are_refused_for_publish_and_subscribe,
@@ -54,6 +56,7 @@ macro_rules! for_each_namespace_check {
 macro_rules! for_each_crash_check {
     ($m:ident) => {
         $m!(
+            hostile;
             qos2_is_stored_once_across_a_duplicate_and_a_sigkill,
             qos2_pipelined_is_stored_once_across_sigkills_mid_stream,
         );
@@ -63,7 +66,7 @@ macro_rules! for_each_crash_check {
 /// Calls `$m!(check, ...)` with every per-client-bound check.
 macro_rules! for_each_bounds_check {
     ($m:ident) => {
-        $m!(a_subscriber_that_stops_reading_is_disconnected_and_gets_every_message_back,);
+        $m!(hostile; a_subscriber_that_stops_reading_is_disconnected_and_gets_every_message_back);
     };
 }
 

@@ -1,0 +1,10 @@
+//! The operations checks of `tests/ops` (message query, trace, session reset, offline pull)
+//! on the embedded core service.
+
+mod common;
+#[macro_use]
+mod hostile;
+#[macro_use]
+mod ops;
+
+for_each_ops_check!(on_embedded);

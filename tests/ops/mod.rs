@@ -1,0 +1,37 @@
+//! Operations checks (SPEC §10): message query, trace, session reset, offline pull — through
+//! the admin API and real MQTT clients, written once and run on every core service:
+//! `tests/operations.rs` (embedded), `tests/kafka.rs` and `tests/rocketmq.rs` (module
+//! `ops_checks`), with the runner macros of `tests/hostile` and its [`Core`].
+
+#![allow(dead_code, unused_imports, unused_macros)]
+
+/// Calls `$m!(ops; check, ...)` with every operations check.
+macro_rules! for_each_ops_check {
+    ($m:ident) => {
+        $m!(ops;);
+    };
+}
+
+pub use crate::hostile::Core;
+use lmq_gateway::gateway::Gateway;
+use serde_json::Value;
+
+/// The admin token of the gateways the checks start.
+pub const TOKEN: &str = "ops-admin-token";
+
+/// The `admin:` section of the gateways the checks start.
+pub const ADMIN: &str = "admin:\n  enabled: true\n  bind: 127.0.0.1:0\n  token: ops-admin-token\n";
+
+/// `METHOD path` on `gw`'s admin API with the token; status and JSON body (Null if none).
+pub async fn api(gw: &Gateway, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    let addr = gw.admin_addr().expect("admin API enabled");
+    let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+    let mut req = crate::common::http().request(method, format!("http://{addr}{path}")).bearer_auth(TOKEN);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let r = req.send().await.expect("admin request");
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap_or_default();
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}

@@ -43,6 +43,47 @@ pub struct Config {
     /// Admin HTTP API: metrics, health, clients, tokens, credentials, messages.
     #[serde(default)]
     pub admin: AdminConfig,
+    /// Message trace (`crate::trace`): off by default.
+    #[serde(default)]
+    pub trace: TraceConfig,
+}
+
+/// Message trace: events of sampled messages in an internal core topic.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TraceConfig {
+    /// Write trace events for the messages this gateway handles.
+    #[serde(default)]
+    pub enabled: bool,
+    /// Share of messages traced, 0.0 to 1.0 (chosen from the message ID, the same on every
+    /// gateway).
+    #[serde(default = "default_trace_sample_rate")]
+    pub sample_rate: f64,
+    /// Parent topics whose messages are traced; empty: all.
+    #[serde(default)]
+    pub parents: Vec<String>,
+    /// The internal core topic of the events (reserved like the events topic).
+    #[serde(default = "default_trace_topic")]
+    pub topic: String,
+    /// Partitions of the trace topic when the gateway creates it.
+    #[serde(default = "default_trace_partitions")]
+    pub partitions: u32,
+}
+
+fn default_trace_sample_rate() -> f64 {
+    1.0
+}
+fn default_trace_topic() -> String {
+    "lmq-trace".into()
+}
+fn default_trace_partitions() -> u32 {
+    4
+}
+
+impl Default for TraceConfig {
+    fn default() -> Self {
+        serde_yaml_ng::from_str("{}").unwrap_or_else(|_| unreachable!("defaults deserialize"))
+    }
 }
 
 impl Default for Config {
@@ -887,6 +928,20 @@ pub struct AdminConfig {
     /// on a kept-alive connection) before its connection is closed.
     #[serde(default = "default_admin_header_timeout")]
     pub header_read_timeout_secs: u64,
+    /// Most records one message query (`/api/v1/messages`) reads from the core service; a
+    /// search that stops there returns a cursor to go on from.
+    #[serde(default = "default_query_max_scan")]
+    pub query_max_scan: usize,
+    /// Payload bytes a query answer shows per message; longer payloads are cut (`truncated`).
+    #[serde(default = "default_query_max_payload")]
+    pub query_max_payload_bytes: usize,
+}
+
+fn default_query_max_scan() -> usize {
+    100_000
+}
+fn default_query_max_payload() -> usize {
+    4096
 }
 
 fn default_admin_max_connections() -> usize {
@@ -972,6 +1027,10 @@ impl Config {
         let invalid = |m: String| Err(ConfigError::Invalid(m));
         if self.listeners.is_empty() {
             return invalid("listeners: at least one listener is required".into());
+        }
+        let t = &self.trace;
+        if !(0.0..=1.0).contains(&t.sample_rate) || t.partitions == 0 || t.topic.is_empty() {
+            return invalid("trace: sample_rate must be 0.0 to 1.0, partitions at least 1, topic non-empty".into());
         }
         let max_permits = tokio::sync::Semaphore::MAX_PERMITS;
         if self.max_connections_total == 0 || self.max_connections_total > max_permits {
@@ -1118,7 +1177,7 @@ impl Config {
     /// topic namespace (`data_dir/state/`), so it adds no names.
     pub fn reserved_topics(&self) -> ReservedTopics {
         use crate::router::reserved::{KAFKA_SYSTEM_PREFIXES, ROCKETMQ_SYSTEM_PREFIXES, ROCKETMQ_SYSTEM_TOPICS};
-        let mut names = vec![self.topics.events_topic.as_str()];
+        let mut names = vec![self.topics.events_topic.as_str(), self.trace.topic.as_str()];
         let mut prefixes = vec![self.topics.reserved_prefix.as_str()];
         match self.core.kind {
             CoreKind::Embedded => {}

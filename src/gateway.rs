@@ -54,14 +54,6 @@ impl Gateway {
         // Metrics first: the router and the limits count into them.
         let metrics = Arc::new(crate::metrics::Metrics::new());
         metrics.listeners_known(config.listeners.iter().map(|l| (l.name.as_str(), l.transport.as_str())));
-        let router_stats = crate::router::RouterStats::new(&metrics);
-        let router = Router::start(
-            backend.clone(),
-            TopicMap::new(&config.topics, config.reserved_topics()),
-            router_stats,
-            RouterLimits::new(&config.limits),
-        )
-        .await?;
         let limits = Limits::new(config.limits.clone(), &metrics);
         let mut listeners = Vec::new();
         for l in &config.listeners {
@@ -79,8 +71,19 @@ impl Gateway {
             format!("{host}:{port}")
         });
         crate::msgid::init(&gateway_id);
+        let (tracer, trace_events) =
+            crate::trace::Tracer::new(&config.trace, &gateway_id, metrics.trace_dropped.clone());
+        let router_stats = crate::router::RouterStats::new(&metrics, tracer.clone());
+        let router = Router::start(
+            backend.clone(),
+            TopicMap::new(&config.topics, config.reserved_topics()),
+            router_stats,
+            RouterLimits::new(&config.limits),
+        )
+        .await?;
         let auth = Arc::new(crate::auth::Authenticator::start(&config.auth, backend.clone()).await?);
         let ctx = Arc::new(Context {
+            tracer,
             auth,
             connections_total: Arc::new(tokio::sync::Semaphore::new(config.max_connections_total)),
             limits,
@@ -110,6 +113,15 @@ impl Gateway {
             ctx.registry.clone(),
             ctx.shutdown.clone(),
         )));
+        if let Some(events) = trace_events {
+            tasks.push(tokio::spawn(crate::trace::run_writer(
+                ctx.backend.clone(),
+                (ctx.config.trace.topic.clone(), ctx.config.trace.partitions),
+                events,
+                ctx.metrics.trace_dropped.clone(),
+                ctx.shutdown.clone(),
+            )));
+        }
         for (name, addr) in &addrs {
             tracing::info!(listener = %name, %addr, "listening");
         }

@@ -32,9 +32,11 @@ pub mod limits;
 pub mod metrics;
 pub mod msgid;
 pub mod protocol;
+pub mod query;
 pub mod router;
 pub mod server;
 pub mod session;
+pub mod trace;
 pub mod transport;
 
 /// Milliseconds since the Unix epoch (0 if the clock is before it).

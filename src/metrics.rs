@@ -88,6 +88,7 @@ pub struct Metrics {
     pub dropped_shared: IntCounter,
     /// Times a subscriber fell behind and had to read back from the core service.
     pub lag_events: IntCounter,
+    pub trace_dropped: IntCounter,
     /// QoS 1/2 messages sent to clients and not yet acknowledged.
     pub inflight: IntGauge,
     /// Messages waiting in connections for the in-flight window or the socket.
@@ -230,6 +231,10 @@ impl Metrics {
             lag_events: counter(
                 "lmq_subscriber_lag_events_total",
                 "Times a subscriber's queue was full and it switched to reading back from the core service",
+            ),
+            trace_dropped: counter(
+                "lmq_trace_events_dropped_total",
+                "Message-trace events not written (queue full or the core service refused them)",
             ),
             inflight: gauge("lmq_inflight_messages", "QoS 1/2 messages sent to clients and not yet acknowledged"),
             queued: gauge("lmq_queued_messages", "Messages waiting in connections for the in-flight window"),

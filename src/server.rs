@@ -39,6 +39,8 @@ pub struct Context {
     pub shutdown: CancellationToken,
     /// Every metric (`lmq_*`), served by the admin API.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Message trace (off unless `trace.enabled`).
+    pub tracer: Arc<crate::trace::Tracer>,
 }
 
 /// A bound listener, ready to serve.

@@ -493,52 +493,6 @@ async fn stored_sessions_are_looked_up_with_their_backlog_and_deleted() {
     assert!(back.no_publish(std::time::Duration::from_millis(500)).await, "no backlog after the delete");
 }
 
-#[tokio::test]
-async fn a_stored_session_is_reset_to_skip_its_backlog_or_replay_it() {
-    let gw = TestGateway::start_admin("").await;
-    let persistent = |id: &str| {
-        let mut o = v4::options(gw.addr, id);
-        o.set_clean_session(false);
-        o
-    };
-    let mut device = v4::connect_with(persistent("adm-reset")).await;
-    device.subscribe("reset/#", v4::QoS::AtLeastOnce).await;
-    let mut publisher = v4::connect(gw.addr, "adm-reset-pub").await;
-    publisher.publish("reset/t", v4::QoS::AtLeastOnce, false, b"seen").await;
-    assert_eq!(&device.next_publish().await.payload[..], b"seen");
-    let (status, body) = call(&gw, "POST", "/api/v1/sessions/adm-reset/reset", Some(json!({"to": "latest"}))).await;
-    assert_eq!(status, 409, "connected here: {body}");
-    device.disconnect().await;
-    wait_gone(&gw, "adm-reset").await;
-    for i in 0..3 {
-        publisher.publish("reset/t", v4::QoS::AtLeastOnce, false, format!("backlog-{i}").as_bytes()).await;
-    }
-    let (status, body) = call(&gw, "POST", "/api/v1/sessions/adm-reset/reset", Some(json!({"to": "soon"}))).await;
-    assert_eq!(status, 400);
-    assert!(is_error(&body, "invalid_reset"), "{body}");
-
-    // `latest`: the backlog is skipped.
-    let (status, body) = call(&gw, "POST", "/api/v1/sessions/adm-reset/reset", Some(json!({"to": "latest"}))).await;
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(call(&gw, "GET", "/api/v1/sessions/adm-reset", None).await.1["backlog"], 0);
-    let mut back = v4::connect_with(persistent("adm-reset")).await;
-    assert!(back.no_publish(std::time::Duration::from_millis(500)).await, "no backlog after a reset to latest");
-    back.disconnect().await;
-    // A reset waits for the client to be gone (409 while it is connected here).
-    wait_gone(&gw, "adm-reset").await;
-
-    // `earliest`: everything the core service holds comes again, the acknowledged one too.
-    let (status, body) = call(&gw, "POST", "/api/v1/sessions/adm-reset/reset", Some(json!({"to": "earliest"}))).await;
-    assert_eq!(status, 200, "{body}");
-    let mut again = v4::connect_with(persistent("adm-reset")).await;
-    let mut got = Vec::new();
-    for _ in 0..4 {
-        got.push(String::from_utf8_lossy(&again.next_publish().await.payload).into_owned());
-    }
-    got.sort();
-    assert_eq!(got, ["backlog-0", "backlog-1", "backlog-2", "seen"]);
-}
-
 /// Wait (at most 5 s) until `client_id` is no longer connected to the gateway.
 async fn wait_gone(gw: &TestGateway, client_id: &str) {
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);

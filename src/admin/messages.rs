@@ -108,20 +108,20 @@ pub(super) async fn publish(
         correlation_data: None,
         user_properties: Default::default(),
         timestamp_ms: crate::now_ms(),
+        msg_id: None,
     };
-    let record = ctx.router.topics().to_record(&message);
-    let msg_id = record.header(crate::msgid::HEADER).map(|v| String::from_utf8_lossy(v).into_owned());
-    let started = std::time::Instant::now();
-    let stored = tokio::time::timeout(timeout, ctx.backend.append(&core.name, record))
-        .await
-        .unwrap_or(Err(crate::backend::BackendError::Timeout(timeout)));
-    ctx.metrics.append_done(started, stored.is_ok());
-    let position = stored?;
+    // The one ingest path of every message (PUBLISH, will, this): record, append, trace.
+    let stored = async {
+        let (ack, msg_id) = crate::connection::store_message(ctx, &core.name, Arc::new(message), None).await?;
+        Ok::<_, crate::backend::BackendError>((ack.await?, msg_id))
+    };
+    let (position, msg_id) =
+        tokio::time::timeout(timeout, stored).await.unwrap_or(Err(crate::backend::BackendError::Timeout(timeout)))?;
     Ok(Json(serde_json::json!({
         "topic": topic,
         "core_topic": &*core.name,
         "partition": position.partition,
         "offset": position.offset,
-        "msg_id": msg_id,
+        "msg_id": &*msg_id,
     })))
 }

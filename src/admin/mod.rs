@@ -18,6 +18,7 @@ mod error;
 mod health;
 mod messages;
 pub mod probe;
+mod query;
 mod sessions;
 mod tokens;
 
@@ -64,6 +65,9 @@ fn table() -> Vec<(Route, bool, MethodRouter<Shared>)> {
         (("POST", "/api/v1/credentials"), true, post(credentials::register)),
         (("DELETE", "/api/v1/credentials/{access_key_id}"), true, delete(credentials::revoke)),
         (("POST", "/api/v1/messages"), true, post(messages::publish)),
+        (("GET", "/api/v1/messages"), true, get(query::search)),
+        (("GET", "/api/v1/messages/{msg_id}"), true, get(query::by_id)),
+        (("GET", "/api/v1/messages/{msg_id}/trace"), true, get(query::trace)),
         (("GET", "/api/v1/sessions/{client_id}"), true, get(sessions::get_one)),
         (("DELETE", "/api/v1/sessions/{client_id}"), true, delete(sessions::delete_one)),
         (("POST", "/api/v1/sessions/{client_id}/reset"), true, post(sessions::reset)),

@@ -1,5 +1,6 @@
 //! Persistent sessions in the sessions store, connected or not: look up (subscriptions,
-//! backlog per partition read), reset (skip the backlog or replay from the start) and delete.
+//! backlog per partition read), reset (skip the backlog, replay from the start or from a
+//! point in time) and delete.
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
@@ -9,6 +10,7 @@ use axum::Json;
 use super::{ApiError, Shared};
 use crate::backend::{StateStore, TopicPartition};
 use crate::session::persist::Stored;
+use crate::session::registry::Kick;
 
 fn not_stored(client_id: &str) -> ApiError {
     ApiError::not_found("session_not_found", format!("no stored session for `{client_id}`"))
@@ -60,9 +62,22 @@ pub(super) async fn get_one(
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct ResetRequest {
-    /// `latest`: skip the backlog; `earliest`: replay everything the core service still holds.
+    /// `latest`: skip the backlog; `earliest`: replay everything the core service still holds;
+    /// `time`: replay from the first message stored at or after `time_ms`.
     to: String,
+    time_ms: Option<i64>,
 }
+
+/// Where a reset moves each position.
+#[derive(Debug, Clone, Copy)]
+enum Target {
+    Latest,
+    Earliest,
+    Time(i64),
+}
+
+/// Longest a reset waits for a connected client to end and save its session.
+const KICK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 fn connected_here(client_id: &str) -> ApiError {
     ApiError::new(
@@ -81,27 +96,32 @@ pub(super) async fn reset(
     body: Result<Json<ResetRequest>, JsonRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let Json(req) = body?;
-    let latest = match req.to.as_str() {
-        "latest" => true,
-        "earliest" => false,
-        other => {
+    let target = match (req.to.as_str(), req.time_ms) {
+        ("latest", None) => Target::Latest,
+        ("earliest", None) => Target::Earliest,
+        ("time", Some(t)) => Target::Time(t),
+        ("time", None) => return Err(ApiError::bad_request("invalid_reset", "`to: time` needs `time_ms`")),
+        (other, _) => {
             return Err(ApiError::bad_request(
                 "invalid_reset",
-                format!("`to` must be `latest` or `earliest`, not `{other}`"),
+                format!("`to` must be `latest`, `earliest` or `time` (with `time_ms` only), not `{other}`"),
             ))
         }
     };
-    if s.ctx.registry.get(&client_id).is_some() {
-        return Err(connected_here(&client_id));
-    }
+    // A client connected here is disconnected first (MQTT 5: 0x98 administrative action)
+    // and its session saved; it finds the new position when it reconnects.
+    let kicked = s.ctx.registry.kick_and_wait(&client_id, Kick::Administrative, KICK_WAIT).await;
     let mut stored = load(&s, &client_id).await?;
+    let core = s.ctx.backend.as_ref();
     for p in &mut stored.positions {
         let tp = TopicPartition::new(p.topic.clone(), p.partition);
-        p.committed = if latest {
-            s.ctx.backend.end_offset(&tp).await.map_err(ApiError::core)?
-        } else {
-            let first = s.ctx.backend.fetch(&tp, 0, 1).await.map_err(ApiError::core)?;
-            first.records.first().map_or(first.next_offset, |r| r.offset)
+        p.committed = match target {
+            Target::Latest => core.end_offset(&tp).await.map_err(ApiError::core)?,
+            Target::Earliest => {
+                let first = core.fetch(&tp, 0, 1).await.map_err(ApiError::core)?;
+                first.records.first().map_or(first.next_offset, |r| r.offset)
+            }
+            Target::Time(t) => crate::backend::offset_for_time(core, &tp, t).await.map_err(ApiError::core)?,
         };
         p.acked.clear();
     }
@@ -112,7 +132,9 @@ pub(super) async fn reset(
         .iter()
         .map(|p| serde_json::json!({ "topic": p.topic, "partition": p.partition, "committed": p.committed }))
         .collect();
-    Ok(Json(serde_json::json!({ "client_id": client_id, "to": req.to, "positions": positions })))
+    Ok(Json(
+        serde_json::json!({ "client_id": client_id, "to": req.to, "disconnected": kicked, "positions": positions }),
+    ))
 }
 
 /// Remove a stored session (its owner's next CONNECT starts afresh). A session connected to

@@ -217,6 +217,13 @@ pub trait CoreService: Send + Sync + 'static {
     /// Offset the next record of `tp` will get.
     fn end_offset(&self, tp: &TopicPartition) -> BoxFuture<'static, Result<u64>>;
 
+    /// The core service's own time index, where it has one: the first offset of `tp` whose
+    /// record time is at or after `time_ms` (the end offset when there is none). `None`: no
+    /// index; [`offset_for_time`] then searches the log.
+    fn time_index(&self, _tp: &TopicPartition, _time_ms: i64) -> Option<BoxFuture<'static, Result<u64>>> {
+        None
+    }
+
     /// A new live tail with nothing assigned.
     fn tail(&self) -> Box<dyn Tail>;
 
@@ -258,3 +265,30 @@ pub trait CoreService: Send + Sync + 'static {
 }
 
 pub type SharedCoreService = Arc<dyn CoreService>;
+
+/// The first offset of `tp` whose record time is at or after `time_ms` (the end offset when
+/// there is none): through the service's time index ([`CoreService::time_index`]) or by a
+/// binary search of the log (one single-record read per step). Record times are set by their
+/// producers, so they are ordered within a partition only up to the producers' clock skew:
+/// callers widen their ranges by a margin and filter by time.
+pub async fn offset_for_time(core: &dyn CoreService, tp: &TopicPartition, time_ms: i64) -> Result<u64> {
+    if let Some(indexed) = core.time_index(tp, time_ms) {
+        return indexed.await;
+    }
+    let first = core.fetch(tp, 0, 1).await?;
+    let (mut lo, mut hi) = match first.records.first() {
+        Some(r) => (r.offset, core.end_offset(tp).await?.max(r.offset)),
+        None => return Ok(first.next_offset.max(first.high_watermark)),
+    };
+    // Invariant: every record below `lo` is older than `time_ms`; the record at `hi` (or the
+    // end) is not.
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        let read = core.fetch(tp, mid, 1).await?;
+        match read.records.first() {
+            Some(r) if r.offset < hi && r.record.timestamp_ms < time_ms => lo = r.offset + 1,
+            _ => hi = mid,
+        }
+    }
+    Ok(lo)
+}

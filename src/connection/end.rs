@@ -101,6 +101,7 @@ impl Conn {
             correlation_data: will.properties.correlation_data.clone(),
             user_properties: will.properties.user_properties.clone(),
             timestamp_ms: now_ms(),
+            msg_id: None,
         });
         // Delayed wills wait in memory: bounded per identity, the rest are published at once.
         let max = ctx.config.limits.max_delayed_wills_per_identity;

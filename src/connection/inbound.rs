@@ -5,6 +5,7 @@ use super::*;
 use crate::config::Naming;
 use crate::limits::Refusal;
 use crate::router::RouterError;
+use crate::trace::Kind;
 
 /// Result of one core-service append, in publish order.
 pub(super) struct AckResult {
@@ -180,6 +181,7 @@ impl Conn {
             correlation_data: p.properties.correlation_data.clone(),
             user_properties: std::mem::take(&mut p.properties.user_properties),
             timestamp_ms: now_ms(),
+            msg_id: None,
         });
         let (packet_id, qos, retain) = (p.packet_id, p.qos, p.retain);
         let mut qos2_id = None;
@@ -216,7 +218,7 @@ impl Conn {
         acks.push_back(
             async move {
                 let outcome = match tokio::time::timeout(backend_timeout, fut).await {
-                    Ok(Ok(())) => Ok(()),
+                    Ok(Ok(_)) => Ok(()),
                     Ok(Err(e)) => Err(e.to_string()),
                     Err(_) => {
                         metrics.append_errors.inc();
@@ -496,12 +498,12 @@ pub(super) fn with_timestamp(message: Arc<Message>, ts: i64) -> Arc<Message> {
 /// Queue a message on its core topic (and, when retained, its retained-store update).
 /// Resolves once the message has its place in the log's order; the returned future
 /// resolves once both are durable.
-pub(super) async fn store_message(
+pub(crate) async fn store_message(
     ctx: &Arc<Context>,
     core: &str,
     message: Arc<Message>,
     qos2_id: Option<String>,
-) -> Result<(BoxFuture<'static, Result<(), BackendError>>, Arc<str>), BackendError> {
+) -> Result<(BoxFuture<'static, Result<crate::backend::Position, BackendError>>, Arc<str>), BackendError> {
     let mut record = ctx.router.topics().to_record(&message);
     let msg_id: Arc<str> =
         record.header(crate::msgid::HEADER).and_then(|v| std::str::from_utf8(v).ok()).unwrap_or_default().into();
@@ -509,24 +511,37 @@ pub(super) async fn store_message(
         record.headers.push((mapping::header::QOS2_ID.to_string(), Bytes::from(id)));
     }
     let value = (message.retain && !message.payload.is_empty()).then(|| mapping::encode_record(&record));
+    let traced = ctx.tracer.wants(&message.topic, Some(&msg_id)).then(|| {
+        let retain = if message.retain { " retain" } else { "" };
+        let detail = format!("topic={} qos={}{retain}", message.topic, message.qos as u8);
+        ctx.tracer.emit(Kind::Publish, &msg_id, &message.publisher, detail);
+        (ctx.tracer.clone(), msg_id.clone(), message.publisher.clone(), core.to_owned())
+    });
     let started = std::time::Instant::now();
     let append = ctx.backend.enqueue(core, record).await.inspect_err(|_| ctx.metrics.append_errors.inc())?;
     let metrics = ctx.metrics.clone();
     let append = async move {
         let r = append.await;
         metrics.append_done(started, r.is_ok());
+        if let Some((tracer, id, publisher, core)) = traced {
+            let (kind, detail) = match &r {
+                Ok(pos) => (Kind::Stored, format!("{core}-{}@{}", pos.partition, pos.offset)),
+                Err(e) => (Kind::Dropped, format!("not stored: {e}")),
+            };
+            tracer.emit(kind, &id, &publisher, detail);
+        }
         r
     };
     if !message.retain {
-        return Ok((async move { append.await.map(|_| ()) }.boxed(), msg_id));
+        return Ok((append.boxed(), msg_id));
     }
     let retained = ctx.backend.put_state(StateStore::Retained, &message.topic, value);
     let ctx = ctx.clone();
     let done = async move {
-        futures::try_join!(append, retained)?;
+        let (position, ()) = futures::try_join!(append, retained)?;
         let local = (!message.payload.is_empty()).then(|| message.clone());
         ctx.router.apply_retained(&message.topic, local);
-        Ok(())
+        Ok(position)
     };
     Ok((done.boxed(), msg_id))
 }

@@ -48,7 +48,8 @@ mod inbound;
 mod outbound;
 mod tokens;
 
-use inbound::{store_message, with_timestamp, AckResult};
+pub(crate) use inbound::store_message;
+use inbound::{with_timestamp, AckResult};
 use outbound::{empty_message, publish_packet, record_message, CatchupStep, OutAliases};
 
 /// Stop taking deliveries when this many bytes wait to be written (or at
@@ -504,6 +505,7 @@ impl Conn {
             Packet::Publish(p) => self.on_publish(p, acks, backend_timeout).await,
             Packet::PubAck(r) => {
                 if let Some(o) = self.state.outbound.remove(&r.packet_id) {
+                    self.trace(crate::trace::Kind::Acked, &o.message, || format!("puback {}", r.code.0));
                     let above = self.state.ack_origin(&o.origin);
                     self.dirty = true;
                     self.check_acked_above(above)?;
@@ -522,7 +524,9 @@ impl Conn {
                 let origin = match self.state.outbound.get_mut(&pid) {
                     Some(o) => {
                         o.stage = OutboundStage::Released;
-                        o.origin.clone()
+                        let (message, origin) = (o.message.clone(), o.origin.clone());
+                        self.trace(crate::trace::Kind::Acked, &message, || "pubrec".into());
+                        origin
                     }
                     None if self.protocol == Protocol::V5 => {
                         let mut rel = PubResponse::new(pid);

@@ -2,6 +2,7 @@
 //! lagging, the in-flight window and the write buffer.
 
 use super::*;
+use crate::trace::Kind;
 
 pub(super) enum CatchupStep {
     Fetched(TopicPartition, Result<Fetched, BackendError>),
@@ -68,6 +69,7 @@ impl Conn {
                 self.retained_waiting = self.retained_waiting.saturating_sub(1);
             }
             if p.message.expired(now_ms()) {
+                self.trace(Kind::Dropped, &p.message, || "message expiry interval passed".into());
                 self.state.ack_origin(&p.origin);
                 continue;
             }
@@ -87,6 +89,9 @@ impl Conn {
             };
             if self.client_max_packet.is_some_and(|max| len > max) {
                 // Too large for this client: dropped as if delivered [MQTT-3.1.2-25].
+                self.trace(Kind::Dropped, &o.message, || {
+                    format!("{len} bytes exceed the client's maximum packet size")
+                });
                 self.state.ack_origin(&o.origin);
                 continue;
             }
@@ -109,10 +114,19 @@ impl Conn {
                 continue;
             }
             self.ctx.metrics.message_out(o.qos).inc();
+            self.trace(Kind::Delivered, &o.message, || match pid {
+                Some(pid) => format!("qos={} packet_id={pid}", o.qos as u8),
+                None => "qos=0".into(),
+            });
             if let Some(pid) = pid {
                 self.state.outbound.insert(pid, o);
             }
         }
+    }
+
+    /// A trace event about `message` and this client, when the message is traced.
+    pub(super) fn trace(&self, kind: Kind, message: &Message, detail: impl FnOnce() -> String) {
+        self.ctx.tracer.on(kind, (&message.topic, message.msg_id.as_deref()), &self.client_id, detail);
     }
 
     /// Move cursors past records that were routed but did not match this session, so a

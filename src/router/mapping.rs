@@ -55,6 +55,9 @@ pub struct Message {
     pub user_properties: UserProperties,
     /// When the message was published, epoch ms.
     pub timestamp_ms: i64,
+    /// The message's ID (record header `msgId`) once it was stored; `None` before, and for
+    /// records written by other applications.
+    pub msg_id: Option<Arc<str>>,
 }
 
 impl Message {
@@ -330,6 +333,7 @@ pub fn record_to_message(parent: &str, rec: &CoreRecord) -> Option<Message> {
         correlation_data: rec.header(header::CORRELATION_DATA).cloned(),
         user_properties,
         timestamp_ms: rec.timestamp_ms,
+        msg_id: header_str(rec, crate::msgid::HEADER).map(Arc::from),
     })
 }
 
@@ -418,6 +422,7 @@ mod tests {
             correlation_data: Some(Bytes::from_static(b"c1")),
             user_properties: vec![("a".into(), "1".into()), ("a".into(), "2".into())],
             timestamp_ms: 1_700_000_000_000,
+            msg_id: None,
         }
     }
 
@@ -449,7 +454,11 @@ mod tests {
             rec.header("mqtt5UserProperty").map(|v| &v[..]),
             Some(&br#"[{"key":"a","value":"1"},{"key":"a","value":"2"}]"#[..])
         );
-        assert_eq!(record_to_message("sensors", &rec), Some(msg()));
+        // Back as the same message, now with the ID the record was given.
+        let id = rec.header(crate::msgid::HEADER).map(|v| String::from_utf8_lossy(v).into_owned());
+        assert_eq!(id.as_ref().map(String::len), Some(32));
+        let back = record_to_message("sensors", &rec);
+        assert_eq!(back, Some(Message { msg_id: id.map(Arc::from), ..msg() }));
     }
 
     #[test]

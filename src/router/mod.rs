@@ -25,6 +25,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::backend::{Record, SharedCoreService, StateStore, StateUpdate, Tail, TopicPartition};
 use crate::protocol::QoS;
+use crate::trace::Kind;
 use mapping::{CoreTopic, Message, TopicMap};
 use trie::{PlainMatch, Trie};
 
@@ -209,15 +210,18 @@ pub struct RouterStats {
     pub dropped_qos0: prometheus::IntCounter,
     pub dropped_shared: prometheus::IntCounter,
     pub lag_events: prometheus::IntCounter,
+    /// Drops of traced messages become trace events.
+    pub tracer: Arc<crate::trace::Tracer>,
 }
 
 impl RouterStats {
-    pub fn new(m: &crate::metrics::Metrics) -> RouterStats {
+    pub fn new(m: &crate::metrics::Metrics, tracer: Arc<crate::trace::Tracer>) -> RouterStats {
         RouterStats {
             routed: m.routed.clone(),
             dropped_qos0: m.dropped_qos0.clone(),
             dropped_shared: m.dropped_shared.clone(),
             lag_events: m.lag_events.clone(),
+            tracer,
         }
     }
 }
@@ -311,6 +315,13 @@ impl Router {
         if read_here {
             return self.ensure_core_topic(topic).await;
         }
+        self.ensure_known(topic).await
+    }
+
+    /// Make sure the core topic exists and the core service knows it here (for writing to it
+    /// or reading it back once), without tailing it.
+    pub async fn ensure_known(&self, topic: &CoreTopic) -> Result<(), RouterError> {
+        self.refuse_reserved(topic)?;
         if !self.room_for(topic)? {
             return Ok(());
         }
@@ -684,6 +695,9 @@ impl Router {
                 }
             }
             if !delivered {
+                self.stats.tracer.on(Kind::Dropped, (&message.topic, message.msg_id.as_deref()), "", || {
+                    format!("shared group `{group}` cannot keep up")
+                });
                 if message.qos == QoS::AtMostOnce {
                     self.stats.dropped_qos0.inc();
                 } else {
@@ -704,6 +718,12 @@ impl Router {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) if qos == QoS::AtMostOnce => {
                 self.stats.dropped_qos0.inc();
+                self.stats.tracer.on(
+                    Kind::Dropped,
+                    (&message.topic, message.msg_id.as_deref()),
+                    &slot.client_id,
+                    || "QoS 0: subscriber's queue full".into(),
+                );
             }
             Err(mpsc::error::TrySendError::Full(_)) => {
                 self.stats.lag_events.inc();

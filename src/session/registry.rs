@@ -128,6 +128,23 @@ impl Registry {
         }
     }
 
+    /// Kick one client and wait (at most `wait`) until it finished saving its session; false if
+    /// it is not connected here.
+    pub async fn kick_and_wait(&self, client_id: &str, kick: Kick, wait: std::time::Duration) -> bool {
+        let (sender, mut done) = {
+            let mut c = self.clients.lock();
+            match c.get_mut(client_id) {
+                Some(e) => (e.kick.take(), e.done.clone()),
+                None => return false,
+            }
+        };
+        if let Some(k) = sender {
+            let _ = k.send(kick);
+        }
+        let _ = tokio::time::timeout(wait, done.wait_for(|d| *d)).await;
+        true
+    }
+
     /// Kick a client connected here before `than_ms` (a newer connection of the same
     /// ClientId elsewhere wins; an older one does not).
     pub fn kick_if_older(&self, client_id: &str, than_ms: i64, kick: Kick) -> bool {

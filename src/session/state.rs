@@ -275,6 +275,7 @@ mod tests {
             correlation_data: None,
             user_properties: vec![],
             timestamp_ms: 0,
+            msg_id: None,
         }
     }
 

@@ -8,11 +8,26 @@
 /// Calls `$m!(ops; check, ...)` with every operations check.
 macro_rules! for_each_ops_check {
     ($m:ident) => {
-        $m!(ops;);
+        $m!(
+            ops;
+            messages_are_found_by_id_by_topic_and_time_and_by_key,
+            a_session_reset_skips_its_backlog_or_replays_it_from_a_time,
+            a_traced_qos1_message_shows_publish_stored_and_each_delivery_and_ack,
+        );
     };
 }
 
+pub mod query;
+pub mod sessions;
+pub mod trace;
+
 pub use crate::hostile::Core;
+pub use query::*;
+pub use sessions::*;
+pub use trace::*;
+
+/// The LMQ status-events topic (reserved).
+pub const EVENTS_TOPIC: &str = crate::hostile::EVENTS;
 use lmq_gateway::gateway::Gateway;
 use serde_json::Value;
 

@@ -81,4 +81,34 @@ impl Readers {
         }
         Ok(Fetched { records, next_offset, high_watermark })
     }
+
+    /// Kafka's time index (`offsetsForTimes`): the first offset of `tp` whose timestamp is at
+    /// or after `time_ms`, or the end of the partition when there is none.
+    pub(super) async fn offset_for_time(self: Arc<Self>, tp: TopicPartition, time_ms: i64) -> Result<u64> {
+        let _permit = self.permits.acquire().await.map_err(|_| BackendError::Closed)?;
+        let idle = self.idle.lock().pop();
+        let consumer = match idle {
+            Some(c) => c,
+            None => self.config.create::<StreamConsumer>().map_err(client::error)?,
+        };
+        let readers = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let partition = i32::try_from(tp.partition).unwrap_or(i32::MAX);
+            let mut list = TopicPartitionList::new();
+            list.add_partition_offset(&tp.topic, partition, Offset::Offset(time_ms.max(0))).map_err(client::error)?;
+            let found = consumer.offsets_for_times(list, READ_WAIT).map_err(client::error)?;
+            let offset = match found.find_partition(&tp.topic, partition).map(|e| e.offset()) {
+                Some(Offset::Offset(o)) => u64::try_from(o).unwrap_or(0),
+                _ => {
+                    let (_, high) =
+                        consumer.fetch_watermarks(&tp.topic, partition, READ_WAIT).map_err(client::error)?;
+                    u64::try_from(high).unwrap_or(0)
+                }
+            };
+            readers.idle.lock().push(consumer);
+            Ok(offset)
+        })
+        .await
+        .map_err(|e| BackendError::Unavailable(e.to_string()))?
+    }
 }

@@ -454,6 +454,16 @@ impl CoreService for KafkaCore {
         })
     }
 
+    fn time_index(&self, tp: &TopicPartition, time_ms: i64) -> Option<BoxFuture<'static, Result<u64>>> {
+        let readers = self.readers.clone();
+        let tp = tp.clone();
+        let open = self.check_open().and_then(|()| self.partitions(&tp.topic).map(|_| ()));
+        Some(Box::pin(async move {
+            open?;
+            readers.offset_for_time(tp, time_ms).await
+        }))
+    }
+
     fn tail(&self) -> Box<dyn Tail> {
         let consumer = client::consumer(&self.config).create::<StreamConsumer>().map_err(|e| e.to_string());
         Box::new(tail::KafkaTail::new(consumer, self.closed.clone()))

@@ -264,6 +264,15 @@ impl Client {
         Ok(u64::try_from(max).unwrap_or(0))
     }
 
+    /// The broker's time index: the offset of the first message of `mq` stored at or after
+    /// `time_ms` (the end of the queue when there is none).
+    pub async fn search_offset(&self, mq: &MessageQueue, time_ms: i64) -> Result<u64> {
+        let mut producer = self.producer.clone();
+        let t = u64::try_from(time_ms).unwrap_or(0);
+        let found = producer.search_offset(mq, t).await.map_err(|e| unavailable("rocketmq search offset", &e))?;
+        Ok(u64::try_from(found).unwrap_or(0))
+    }
+
     /// Stop the producer, the consumer and the client runtime.
     pub async fn shutdown(&self) {
         let mut producer = self.producer.clone();

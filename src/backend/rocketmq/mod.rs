@@ -309,6 +309,16 @@ impl CoreService for RocketmqCore {
         })
     }
 
+    fn time_index(&self, tp: &TopicPartition, time_ms: i64) -> Option<BoxFuture<'static, Result<u64>>> {
+        let shared = self.shared.clone();
+        let tp = tp.clone();
+        Some(Box::pin(async move {
+            shared.check_open()?;
+            let mq = shared.client.queue(&tp).await?;
+            shared.client.search_offset(&mq, time_ms).await
+        }))
+    }
+
     fn tail(&self) -> Box<dyn Tail> {
         Box::new(tail::RocketmqTail::new(self.shared.client.clone(), self.shared.closed.clone()))
     }

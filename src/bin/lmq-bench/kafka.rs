@@ -127,6 +127,7 @@ fn gateway_record(map: &TopicMap, topic: &str, client_id: &str, payload: usize) 
         correlation_data: None,
         user_properties: UserProperties::default(),
         timestamp_ms: epoch_ms(),
+        msg_id: None,
     })
 }
 

@@ -1,4 +1,5 @@
-//! Operations checks (SPEC §10): message query, trace, session reset, offline pull — through
+//! Operations checks (SPEC §10): message query, trace, session reset, offline pull, backlog
+//! metrics (`backlog.rs`) — through
 //! the admin API and real MQTT clients, written once and run on every core service:
 //! `tests/operations.rs` (embedded), `tests/kafka.rs` and `tests/rocketmq.rs` (module
 //! `ops_checks`), with the runner macros of `tests/hostile` and its [`Core`].
@@ -8,9 +9,12 @@
 /// Calls `$m!(ops; check, ...)` with every operations check.
 macro_rules! for_each_ops_check {
     ($m:ident) => {
-        $m!(ops;);
+        $m!(ops; backlog_of_an_offline_session_is_reported_until_it_returns);
     };
 }
+
+pub mod backlog;
+pub use backlog::*;
 
 pub use crate::hostile::Core;
 use lmq_gateway::gateway::Gateway;

@@ -211,6 +211,21 @@ impl Backlog {
         max_core_topics: usize,
     ) -> Backlog {
         let max_parents = router.topics().declared().count().saturating_add(max_core_topics);
+        // Declared parent topics have their series (at zero) from the first scrape on.
+        let zeros: Vec<BacklogRow> = router
+            .topics()
+            .declared()
+            .filter(|(_, t)| !router.topics().is_reserved(&t.name))
+            .flat_map(|(p, _)| {
+                ["connected", "offline"].map(|sessions| BacklogRow {
+                    parent_topic: p.to_owned(),
+                    sessions,
+                    messages: 0,
+                    delay_secs: 0.0,
+                })
+            })
+            .collect();
+        metrics.backlog.set(&zeros, &[], [0, 0]);
         Backlog {
             backend,
             registry,

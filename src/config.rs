@@ -46,6 +46,9 @@ pub struct Config {
     /// Message trace (`crate::trace`): off by default.
     #[serde(default)]
     pub trace: TraceConfig,
+    /// Backlog and delay metrics (`lmq_backlog_*`), computed while the admin API is enabled.
+    #[serde(default)]
+    pub backlog: BacklogConfig,
 }
 
 /// Message trace: events of sampled messages in an internal core topic.
@@ -951,6 +954,38 @@ fn default_admin_header_timeout() -> u64 {
     10
 }
 
+/// `backlog:` — how the backlog and delay metrics are computed (`session::backlog`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BacklogConfig {
+    /// Seconds between two rounds of the computation.
+    #[serde(default = "default_backlog_interval")]
+    pub interval_secs: u64,
+    /// K: the sessions with the largest backlog reported by ClientId (0: none).
+    #[serde(default = "default_backlog_top_sessions")]
+    pub top_sessions: usize,
+    /// Sessions examined per round at most; more are spread over several rounds (the gauges
+    /// change once all were examined).
+    #[serde(default = "default_backlog_sessions_per_round")]
+    pub max_sessions_per_round: usize,
+}
+
+fn default_backlog_interval() -> u64 {
+    15
+}
+fn default_backlog_top_sessions() -> usize {
+    10
+}
+fn default_backlog_sessions_per_round() -> usize {
+    10_000
+}
+
+impl Default for BacklogConfig {
+    fn default() -> Self {
+        serde_yaml_ng::from_str("{}").unwrap_or_else(|_| unreachable!("defaults deserialize"))
+    }
+}
+
 impl Default for AdminConfig {
     fn default() -> Self {
         serde_yaml_ng::from_str("{}").unwrap_or_else(|_| unreachable!("defaults deserialize"))
@@ -1097,6 +1132,13 @@ impl Config {
             {
                 return invalid(format!("listeners[{name}].ws_path must not be the console's path"));
             }
+        }
+        let b = &self.backlog;
+        if b.interval_secs == 0 || b.max_sessions_per_round == 0 || b.top_sessions > 1000 {
+            return invalid(
+                "backlog: interval_secs and max_sessions_per_round must be at least 1, top_sessions at most 1000"
+                    .into(),
+            );
         }
         let prefix = &self.topics.reserved_prefix;
         if prefix.is_empty() || !prefix.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')) {

@@ -106,6 +106,17 @@ impl Gateway {
             Duration::from_secs(600),
             ctx.shutdown.clone(),
         )));
+        if admin.is_some() {
+            let backlog = crate::session::backlog::Backlog::new(
+                ctx.backend.clone(),
+                ctx.registry.clone(),
+                ctx.router.clone(),
+                ctx.metrics.clone(),
+                ctx.config.backlog.clone(),
+                ctx.config.limits.max_core_topics,
+            );
+            tasks.push(tokio::spawn(crate::session::backlog::run(backlog, ctx.shutdown.clone())));
+        }
         tasks.push(tokio::spawn(crate::session::takeover::run(
             ctx.backend.clone(),
             ctx.config.topics.events_topic.clone(),

@@ -2,7 +2,10 @@
 //! port's `/metrics`).
 //!
 //! Names follow `lmq_<noun>_<unit>_total`; labels are low-cardinality only (listener,
-//! transport, QoS, direction, reason, mode) — never a ClientId or a topic. The counters of
+//! transport, QoS, direction, reason, mode) — never a ClientId or a topic, with two bounded
+//! exceptions: the backlog gauges ([`BacklogGauges`]) name parent topics (at most the
+//! declared ones plus `limits.max_core_topics`) and the ClientIds of the K sessions with the
+//! largest backlog (`backlog.top_sessions`), and drop series that leave those sets. The counters of
 //! the publish and delivery paths are resolved to plain handles once, when the gateway
 //! starts ([`Metrics::message_in`], [`Metrics::bytes_in`], the fields of
 //! [`crate::router::RouterStats`], the refusal counters held by [`crate::limits::Limits`]),
@@ -19,7 +22,8 @@
 
 use prometheus::core::{AtomicI64, GenericGauge};
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 use std::time::Instant;
 
@@ -103,6 +107,8 @@ pub struct Metrics {
     pub core_available: IntGauge,
     events: [IntCounter; 3],
     pub event_errors: IntCounter,
+    /// Backlog and delay per parent topic and of the top-K sessions (`session::backlog`).
+    pub backlog: BacklogGauges,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -204,6 +210,49 @@ impl Metrics {
         )
         .unwrap_or_else(|e| unreachable!("{e}"));
         register(&registry, Box::new(append_latency.clone()));
+        let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
+            let g = IntGaugeVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| unreachable!("{name}: {e}"));
+            register(&registry, Box::new(g.clone()));
+            g
+        };
+        let float_vec = |name: &str, help: &str, labels: &[&str]| {
+            let g = GaugeVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| unreachable!("{name}: {e}"));
+            register(&registry, Box::new(g.clone()));
+            g
+        };
+        let backlog = BacklogGauges {
+            messages: gauge_vec(
+                "lmq_backlog_messages",
+                "Messages in the core service not yet acknowledged by the sessions subscribed to the parent topic, \
+                 summed over sessions (sessions=connected: connected here, sum over gateways; \
+                 sessions=offline: stored offline sessions, the same on every gateway, max over gateways)",
+                &["parent_topic", "sessions"],
+            ),
+            delay: float_vec(
+                "lmq_backlog_delay_seconds",
+                "Age of the oldest message of the parent topic not yet acknowledged by some session (0: none)",
+                &["parent_topic", "sessions"],
+            ),
+            session_messages: gauge_vec(
+                "lmq_session_backlog_messages",
+                "Messages not yet acknowledged by one of the sessions with the largest backlog (backlog.top_sessions)",
+                &["client_id"],
+            ),
+            session_delay: float_vec(
+                "lmq_session_backlog_delay_seconds",
+                "Age of the oldest message not yet acknowledged by one of the sessions with the largest backlog",
+                &["client_id"],
+            ),
+            sessions: gauge_vec(
+                "lmq_backlog_sessions",
+                "Sessions counted in the last backlog pass (connected here, stored offline)",
+                &["sessions"],
+            ),
+            shown: parking_lot::Mutex::new((Vec::new(), Vec::new())),
+        };
+        for kind in ["connected", "offline"] {
+            backlog.sessions.with_label_values(&[kind]);
+        }
         #[cfg(target_os = "linux")]
         register(
             &registry,
@@ -252,6 +301,7 @@ impl Metrics {
             core_available: gauge("lmq_core_available", "1 while the core service accepts writes"),
             events,
             event_errors: counter("lmq_event_errors_total", "Client status events that could not be written"),
+            backlog,
             registry,
             names: names.into_inner(),
         }
@@ -366,6 +416,73 @@ fn register(registry: &Registry, c: Box<dyn prometheus::core::Collector>) {
     }
 }
 
+/// Backlog of one parent topic for one kind of session (`connected` / `offline`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BacklogRow {
+    pub parent_topic: String,
+    pub sessions: &'static str,
+    pub messages: u64,
+    pub delay_secs: f64,
+}
+
+/// Backlog of one of the top-K sessions.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionBacklogRow {
+    pub client_id: String,
+    pub messages: u64,
+    pub delay_secs: f64,
+}
+
+/// The backlog gauges: set whole after each pass of `session::backlog`; series whose parent
+/// topic or ClientId is not in the new set are removed, so the series count stays bounded.
+pub struct BacklogGauges {
+    messages: IntGaugeVec,
+    delay: GaugeVec,
+    session_messages: IntGaugeVec,
+    session_delay: GaugeVec,
+    sessions: IntGaugeVec,
+    shown: parking_lot::Mutex<Shown>,
+}
+
+/// Label values of the backlog series shown now: (parent topic, kind) pairs and ClientIds.
+type Shown = (Vec<(String, &'static str)>, Vec<String>);
+
+impl BacklogGauges {
+    /// Replace every backlog series; `counted` = sessions counted `[connected, offline]`.
+    pub fn set(&self, parents: &[BacklogRow], sessions: &[SessionBacklogRow], counted: [u64; 2]) {
+        let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        let mut shown = self.shown.lock();
+        for r in parents {
+            let labels = [r.parent_topic.as_str(), r.sessions];
+            self.messages.with_label_values(&labels).set(gauge(r.messages));
+            self.delay.with_label_values(&labels).set(r.delay_secs);
+        }
+        for (parent, kind) in &shown.0 {
+            if !parents.iter().any(|r| &r.parent_topic == parent && r.sessions == *kind) {
+                let _ = self.messages.remove_label_values(&[parent.as_str(), kind]);
+                let _ = self.delay.remove_label_values(&[parent.as_str(), kind]);
+            }
+        }
+        for r in sessions {
+            self.session_messages.with_label_values(&[&r.client_id]).set(gauge(r.messages));
+            self.session_delay.with_label_values(&[&r.client_id]).set(r.delay_secs);
+        }
+        for id in &shown.1 {
+            if !sessions.iter().any(|r| &r.client_id == id) {
+                let _ = self.session_messages.remove_label_values(&[id]);
+                let _ = self.session_delay.remove_label_values(&[id]);
+            }
+        }
+        *shown = (
+            parents.iter().map(|r| (r.parent_topic.clone(), r.sessions)).collect(),
+            sessions.iter().map(|r| r.client_id.clone()).collect(),
+        );
+        for (kind, n) in ["connected", "offline"].into_iter().zip(counted) {
+            self.sessions.with_label_values(&[kind]).set(gauge(n));
+        }
+    }
+}
+
 /// Counts one connection: `lmq_connections` while it lives, `lmq_connections_closed_total`
 /// with [`ConnectionMetrics::reason`] when dropped.
 pub struct ConnectionMetrics {
@@ -450,6 +567,24 @@ mod tests {
         for r in Refusal::ALL {
             assert!(text.contains(&format!("lmq_limit_refusals_total{{reason=\"{}\"}} 0", r.as_str())), "{r:?}");
         }
+    }
+
+    #[test]
+    fn backlog_series_that_leave_the_set_are_removed() {
+        let m = Metrics::new();
+        let row = |p: &str, n| BacklogRow { parent_topic: p.into(), sessions: "offline", messages: n, delay_secs: 1.5 };
+        let top = |id: &str, n| SessionBacklogRow { client_id: id.into(), messages: n, delay_secs: 2.0 };
+        m.backlog.set(&[row("a", 3), row("b", 0)], &[top("c1", 3)], [0, 1]);
+        let text = m.encode();
+        assert!(text.contains("lmq_backlog_messages{parent_topic=\"a\",sessions=\"offline\"} 3"), "{text}");
+        assert!(text.contains("lmq_backlog_delay_seconds{parent_topic=\"a\",sessions=\"offline\"} 1.5"), "{text}");
+        assert!(text.contains("lmq_session_backlog_messages{client_id=\"c1\"} 3"), "{text}");
+        assert!(text.contains("lmq_backlog_sessions{sessions=\"offline\"} 1"), "{text}");
+        m.backlog.set(&[row("b", 7)], &[top("c2", 7)], [0, 1]);
+        let text = m.encode();
+        assert!(!text.contains("parent_topic=\"a\""), "{text}");
+        assert!(!text.contains("client_id=\"c1\""), "{text}");
+        assert!(text.contains("lmq_session_backlog_delay_seconds{client_id=\"c2\"} 2"), "{text}");
     }
 
     #[test]

@@ -184,7 +184,8 @@ fn dashboard_queries_only_exported_metrics() {
         }
     }
     // The panels: connections, connect rate, auth failures, messages, bytes, refusals,
-    // drops, core-service latency and errors, lag.
+    // drops, core-service latency and errors, lag; backlog and delay per parent topic and of the
+    // top sessions.
     for m in [
         "lmq_connections",
         "lmq_connect_total",
@@ -196,6 +197,10 @@ fn dashboard_queries_only_exported_metrics() {
         "lmq_core_append_duration_seconds",
         "lmq_core_append_errors_total",
         "lmq_consumer_lag_records",
+        "lmq_backlog_messages",
+        "lmq_backlog_delay_seconds",
+        "lmq_session_backlog_messages",
+        "lmq_session_backlog_delay_seconds",
     ] {
         assert!(used.contains(m), "dashboard does not show {m}");
     }

@@ -8,3 +8,5 @@ mod hostile;
 mod ops;
 
 for_each_ops_check!(on_embedded);
+// The top-K bound is the same code on every core service: checked here only.
+on_embedded!(ops; top_k_session_series_stay_within_k);

@@ -218,6 +218,8 @@ impl Conn {
             pubrec_saving: Vec::new(),
             persist: None,
             gauges: Default::default(),
+            positions_at: Instant::now(),
+            positions_stale: false,
             ctx: ctx.clone(),
         };
 

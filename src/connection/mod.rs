@@ -66,6 +66,8 @@ const BUSY_READ_BUFFER: usize = 16 * 1024;
 const IDLE_READ_BUFFER: usize = 256;
 /// How often a dirty persistent session is saved.
 const PERSIST_EVERY: Duration = Duration::from_millis(100);
+/// A busy connection publishes its read positions (backlog metrics) at most this often.
+const POSITIONS_EVERY: Duration = Duration::from_secs(1);
 
 pub use crate::now_ms;
 
@@ -260,6 +262,10 @@ struct Conn {
     persist: Option<BoxFuture<'static, Result<(), BackendError>>>,
     /// This connection's share of the in-flight / queued / subscription gauges.
     gauges: crate::metrics::GaugeShare,
+    /// When the read positions may next be published (`session::backlog`), and whether a loop
+    /// turn since the last publication may have changed them.
+    positions_at: Instant,
+    positions_stale: bool,
 }
 
 impl Conn {
@@ -350,6 +356,7 @@ impl Conn {
         loop {
             self.flush_pending();
             self.report_gauges();
+            self.report_positions();
             // Memory follows traffic: a connection whose last read was small and whose
             // buffers are drained holds a few hundred bytes, not kilobytes.
             if inbuf.is_empty() && last_read < IDLE_READ_BUFFER {
@@ -436,6 +443,8 @@ impl Conn {
                     catchup = self.on_catchup(step);
                 }
                 _ = self.slot.lag_notify.notified(), if catchup.is_none() => {}
+                // Positions changed within a second of the last publication: publish them once more.
+                _ = tokio::time::sleep_until(self.positions_at), if self.positions_stale => {}
                 res = async { match self.persist.as_mut() { Some(f) => f.await, None => std::future::pending().await } }, if self.persist.is_some() => {
                     self.persist = None;
                     self.on_persisted(res);
@@ -637,6 +646,21 @@ impl Conn {
     fn report_gauges(&mut self) {
         let now = [self.state.outbound.len(), self.pending.len(), self.state.subscriptions.len()];
         self.gauges.report(&self.ctx.metrics, now);
+    }
+
+    /// Publish the read positions for the backlog metrics: at most once per
+    /// [`POSITIONS_EVERY`], and once more after the last loop turn that came too early.
+    fn report_positions(&mut self) {
+        let now = Instant::now();
+        if now < self.positions_at {
+            self.positions_stale = true;
+            return;
+        }
+        self.positions_at = now + POSITIONS_EVERY;
+        self.positions_stale = false;
+        let lagging: Vec<TopicPartition> = self.slot.lagging().into_iter().map(|(tp, _)| tp).collect();
+        let view = crate::session::backlog::SessionView::live(&self.state, &lagging, self.rx.is_empty());
+        self.registration.live.set(view);
     }
 
     /// Make room for `needed` more bytes in the output buffer. Beyond 64 KiB it grows in two

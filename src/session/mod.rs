@@ -1,5 +1,6 @@
 //! MQTT session: state that belongs to a ClientId rather than to one network connection.
 //!
+//! - [`backlog`]: backlog and delay of sessions for the metrics.
 //! - [`state`]: subscriptions, read positions, messages in flight (pure data + rules).
 //! - [`persist`]: what of it is stored in the core service for persistent sessions.
 //! - [`registry`]: connected ClientIds on this gateway (takeover) and delayed wills.
@@ -7,6 +8,7 @@
 //! - [`owners`]: persistent sessions per identity (bounded).
 //! - [`takeover`]: closing local connections taken over on another gateway.
 
+pub mod backlog;
 pub mod expiry;
 pub mod owners;
 pub mod persist;

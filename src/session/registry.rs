@@ -1,5 +1,6 @@
 //! Which ClientIds are connected to this gateway, for session takeover, the admin API's
-//! client list and kick, and delayed will messages waiting to be published.
+//! client list and kick, the backlog metrics (each connection's published read positions), and
+//! delayed will messages waiting to be published.
 
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -46,6 +47,8 @@ struct Entry {
     kick: Option<oneshot::Sender<Kick>>,
     /// Becomes true when the connection has finished (state saved, events written).
     done: watch::Receiver<bool>,
+    /// Read positions the connection publishes for the backlog metrics.
+    live: Arc<super::backlog::LiveView>,
 }
 
 /// Handle a connection keeps while registered.
@@ -53,6 +56,8 @@ pub struct Registration {
     pub conn_id: u64,
     pub kicked: oneshot::Receiver<Kick>,
     pub done: watch::Sender<bool>,
+    /// Where the connection publishes its read positions (`session::backlog`).
+    pub live: Arc<super::backlog::LiveView>,
 }
 
 #[derive(Default)]
@@ -98,9 +103,17 @@ impl Registry {
         }
         let (kick_tx, kick_rx) = oneshot::channel();
         let (done_tx, done_rx) = watch::channel(false);
+        let live = Arc::new(super::backlog::LiveView::default());
         let old = self.clients.lock().insert(
             client_id.to_string(),
-            Entry { conn_id, info: None, since_ms: crate::connection::now_ms(), kick: Some(kick_tx), done: done_rx },
+            Entry {
+                conn_id,
+                info: None,
+                since_ms: crate::connection::now_ms(),
+                kick: Some(kick_tx),
+                done: done_rx,
+                live: live.clone(),
+            },
         );
         if let Some(mut old) = old {
             if let Some(k) = old.kick.take() {
@@ -108,7 +121,7 @@ impl Registry {
             }
             let _ = tokio::time::timeout(wait, old.done.wait_for(|d| *d)).await;
         }
-        Registration { conn_id, kicked: kick_rx, done: done_tx }
+        Registration { conn_id, kicked: kick_rx, done: done_tx, live }
     }
 
     /// Remove the entry if it still belongs to `conn_id`.
@@ -204,6 +217,12 @@ impl Registry {
 
     pub fn client_ids(&self) -> Vec<String> {
         self.clients.lock().keys().cloned().collect()
+    }
+
+    /// The read positions each connected client (past CONNACK) last published.
+    pub fn live_views(&self) -> Vec<(String, Arc<super::backlog::SessionView>)> {
+        let c = self.clients.lock();
+        c.iter().filter(|(_, e)| e.info.is_some()).filter_map(|(id, e)| Some((id.clone(), e.live.get()?))).collect()
     }
 
     /// Park a delayed will of identity `owner`; returns the receiver that fires if a new

@@ -1,4 +1,5 @@
-//! Operations checks (SPEC §10): message query, trace, session reset, offline pull — through
+//! Operations checks (SPEC §10): message query, trace, session reset, offline pull, backlog
+//! metrics (`backlog.rs`) — through
 //! the admin API and real MQTT clients, written once and run on every core service:
 //! `tests/operations.rs` (embedded), `tests/kafka.rs` and `tests/rocketmq.rs` (module
 //! `ops_checks`), with the runner macros of `tests/hostile` and its [`Core`].
@@ -13,15 +14,18 @@ macro_rules! for_each_ops_check {
             messages_are_found_by_id_by_topic_and_time_and_by_key,
             a_session_reset_skips_its_backlog_or_replays_it_from_a_time,
             a_traced_qos1_message_shows_publish_stored_and_each_delivery_and_ack,
+            backlog_of_an_offline_session_is_reported_until_it_returns,
         );
     };
 }
 
+pub mod backlog;
 pub mod query;
 pub mod sessions;
 pub mod trace;
 
 pub use crate::hostile::Core;
+pub use backlog::*;
 pub use query::*;
 pub use sessions::*;
 pub use trace::*;

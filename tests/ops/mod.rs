@@ -8,9 +8,20 @@
 /// Calls `$m!(ops; check, ...)` with every operations check.
 macro_rules! for_each_ops_check {
     ($m:ident) => {
-        $m!(ops;);
+        $m!(
+            ops;
+            offline_pull_delivers_at_most_30_per_request_and_only_on_request,
+            offline_pull_serves_at_most_5_requests_per_second,
+            offline_pull_position_moves_only_with_pubacks,
+            a_client_that_does_not_pull_gets_its_backlog_pushed,
+            a_client_that_publishes_first_gets_its_backlog_at_once,
+            offline_pull_over_mqtt_311,
+        );
     };
 }
+
+pub mod offline;
+pub use offline::*;
 
 pub use crate::hostile::Core;
 use lmq_gateway::gateway::Gateway;

@@ -308,6 +308,11 @@ pub struct MqttConfig {
     /// disconnected (MQTT 5: 0x97) and gets the unacknowledged messages again when it returns.
     #[serde(default = "default_max_acked_above")]
     pub max_acked_above: usize,
+    /// Milliseconds after CONNECT during which a client with a stored session may switch to
+    /// LMQ's offline pull by publishing `$SYS/getOfflineMsg`: its backlog is held that long
+    /// (or until it publishes anything else) before it is pushed; 0 = no offline pull.
+    #[serde(default = "default_offline_pull_window_ms")]
+    pub offline_pull_window_ms: u64,
 }
 
 impl Default for MqttConfig {
@@ -357,6 +362,9 @@ fn default_idle_timeout_keepalive_0() -> u64 {
 }
 fn default_max_acked_above() -> usize {
     10_000
+}
+fn default_offline_pull_window_ms() -> u64 {
+    500
 }
 
 /// LMQ limits (SPEC §5).

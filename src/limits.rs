@@ -43,10 +43,12 @@ pub enum Refusal {
     SessionsPerIdentity,
     /// A delayed will beyond `limits.max_delayed_wills_per_identity` (published at once).
     DelayedWillsPerIdentity,
+    /// A `$SYS/getOfflineMsg` beyond 5 per second, or while earlier pulls still wait to be sent.
+    OfflinePullLimit,
 }
 
 /// Number of [`Refusal`] reasons.
-pub const REFUSALS: usize = 13;
+pub const REFUSALS: usize = 14;
 
 impl Refusal {
     pub const ALL: [Refusal; REFUSALS] = [
@@ -63,6 +65,7 @@ impl Refusal {
         Refusal::AckedAboveLimit,
         Refusal::SessionsPerIdentity,
         Refusal::DelayedWillsPerIdentity,
+        Refusal::OfflinePullLimit,
     ];
 
     fn index(self) -> usize {
@@ -82,7 +85,8 @@ impl Refusal {
             | Refusal::TooManyShareGroups
             | Refusal::AckedAboveLimit
             | Refusal::SessionsPerIdentity
-            | Refusal::DelayedWillsPerIdentity => ReasonCode::QUOTA_EXCEEDED,
+            | Refusal::DelayedWillsPerIdentity
+            | Refusal::OfflinePullLimit => ReasonCode::QUOTA_EXCEEDED,
             Refusal::ReservedTopic => ReasonCode::NOT_AUTHORIZED,
         }
     }
@@ -102,6 +106,7 @@ impl Refusal {
             Refusal::AckedAboveLimit => "acked_above_limit",
             Refusal::SessionsPerIdentity => "sessions_per_identity",
             Refusal::DelayedWillsPerIdentity => "delayed_wills_per_identity",
+            Refusal::OfflinePullLimit => "offline_pull_limit",
         }
     }
 }
@@ -231,6 +236,7 @@ mod tests {
         l.count(Refusal::AckedAboveLimit);
         l.count(Refusal::SessionsPerIdentity);
         l.count(Refusal::DelayedWillsPerIdentity);
+        l.count(Refusal::OfflinePullLimit);
         assert_eq!(l.refuse_reserved().reason_code(), ReasonCode::NOT_AUTHORIZED);
         for r in Refusal::ALL {
             assert_eq!(l.refused(r), 1, "{r:?} counted once");

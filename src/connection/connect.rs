@@ -220,6 +220,7 @@ impl Conn {
             gauges: Default::default(),
             positions_at: Instant::now(),
             positions_stale: false,
+            offline: offline::OfflinePull::new(Duration::from_millis(mqtt.offline_pull_window_ms)),
             ctx: ctx.clone(),
         };
 
@@ -372,6 +373,11 @@ impl Conn {
         // Every cursor reads back what the session missed while away.
         let cursors: Vec<(TopicPartition, u64)> =
             self.state.cursors.iter().map(|(tp, c)| (tp.clone(), c.committed())).collect();
+        // Offline pull: held back while the client may still ask for it instead.
+        if !cursors.is_empty() {
+            let tps: Vec<TopicPartition> = cursors.iter().map(|(tp, _)| tp.clone()).collect();
+            self.offline.hold(router.positions_of(&tps));
+        }
         for (tp, from) in cursors {
             self.slot.mark_lagging(tp, from);
         }

@@ -76,6 +76,14 @@ impl Conn {
             }
             return Ok(());
         }
+        if p.topic == offline::SYS_GET_OFFLINE_MSG {
+            if let Some(alias) = new_alias {
+                self.topic_aliases.insert(alias, p.topic.clone());
+            }
+            return self.on_pull_request(&p, backend_timeout).await;
+        }
+        // Any other message ends the wait for an offline pull request.
+        self.offline.push();
         if p.qos != QoS::AtMostOnce {
             self.inbound_inflight += 1;
             if self.protocol == Protocol::V5

@@ -14,7 +14,8 @@
 //! - `inbound`: PUBLISH (store, then acknowledge), SUBSCRIBE, UNSUBSCRIBE;
 //! - `outbound`: deliveries, catch-up from the core service, in-flight window;
 //! - `end`: session save, will, events at the end;
-//! - `tokens`: denials, `$SYS` token topics, token expiry and revocation.
+//! - `tokens`: denials, `$SYS` token topics, token expiry and revocation;
+//! - `offline`: LMQ's offline pull (`$SYS/getOfflineMsg`).
 
 use bytes::{Buf, Bytes, BytesMut};
 use futures::future::BoxFuture;
@@ -45,6 +46,7 @@ use crate::transport::ConnInfo;
 mod connect;
 mod end;
 mod inbound;
+mod offline;
 mod outbound;
 mod tokens;
 
@@ -266,6 +268,8 @@ struct Conn {
     /// turn since the last publication may have changed them.
     positions_at: Instant,
     positions_stale: bool,
+    /// Offline pull: whether the restored backlog is pushed, held, or pulled on request.
+    offline: offline::OfflinePull,
 }
 
 impl Conn {
@@ -371,6 +375,7 @@ impl Conn {
             }
             let persist_due = self.dirty && self.session_expiry > 0 && self.persist.is_none();
             let token_event = self.next_token_event();
+            let pull_deadline = self.offline.deadline();
             let high_water = self.deliveries_high_water();
             if self.out.len() < high_water {
                 backed_up_since = None;
@@ -379,9 +384,9 @@ impl Conn {
             }
             let can_read = acks.len() < MAX_OUTSTANDING_APPENDS && self.out.len() < out_limit;
             let can_take = self.pending.len() < PENDING_HIGH_WATER && self.out.len() < high_water;
-            if catchup.is_none() && can_take {
+            if catchup.is_none() && can_take && !self.offline.holds_catchup() {
                 if let Some((tp, lag)) = self.slot.lagging().into_iter().next() {
-                    let from = self.state.cursors.get(&tp).map(|c| c.next.min(lag)).unwrap_or(lag);
+                    let from = self.state.cursors.get(&tp).map(|c| c.read_from(lag)).unwrap_or(lag);
                     catchup = Some(self.fetch_step(tp, from));
                 }
             }
@@ -458,6 +463,10 @@ impl Conn {
                     let stored = Stored::from_state(&self.state, self.session_expiry, None);
                     self.persist = Some(self.ctx.backend.put_state(StateStore::Sessions, &self.client_id, Some(stored.encode())));
                     self.stored = true;
+                }
+                // No offline pull request in time: the held backlog is pushed.
+                _ = async { match pull_deadline { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } }, if pull_deadline.is_some() => {
+                    self.offline.push();
                 }
                 _ = async { tokio::time::sleep_until(tokens::instant_at(token_event.unwrap_or(0))).await }, if token_event.is_some() => {
                     if let Err(end) = self.on_token_event() { return end; }

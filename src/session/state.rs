@@ -35,6 +35,18 @@ pub struct Cursor {
     pub pending: BTreeSet<u64>,
     /// Offsets above the lowest pending one that the client already acknowledged.
     pub acked: BTreeSet<u64>,
+    /// Offline pull (`$SYS/getOfflineMsg`): the part of the backlog at CONNECT the client has
+    /// not pulled yet, `[lo, hi)` below `next`. Not delivered unless pulled; the committed
+    /// position stays at or below `lo` until it is.
+    pub held: Option<Held>,
+}
+
+/// The offsets `[lo, hi)` of a partition's offline backlog that are still to be pulled:
+/// requests take from `lo` (oldest first) or from `hi` (newest first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Held {
+    pub lo: u64,
+    pub hi: u64,
 }
 
 impl Cursor {
@@ -44,7 +56,30 @@ impl Cursor {
 
     /// Position up to which everything is acknowledged (restart point after a crash).
     pub fn committed(&self) -> u64 {
-        self.pending.first().copied().unwrap_or(self.next)
+        let low = self.pending.first().copied().unwrap_or(self.next);
+        self.held.map_or(low, |h| low.min(h.lo))
+    }
+
+    /// Hold back `[lo, hi)` for pulling (the live position moves to `hi` at least).
+    pub fn hold(&mut self, lo: u64, hi: u64) {
+        self.next = self.next.max(hi);
+        self.set_held(lo, hi);
+    }
+
+    /// What is still held after a pull; an empty range releases the hold.
+    pub fn set_held(&mut self, lo: u64, hi: u64) {
+        self.held = (lo < hi).then_some(Held { lo, hi });
+        let low = self.committed();
+        self.acked = self.acked.split_off(&low);
+    }
+
+    /// Where reading this partition back from the core service starts, when the router
+    /// stopped delivering it from `lag`: never inside a held backlog, which only pulls read.
+    pub fn read_from(&self, lag: u64) -> u64 {
+        match self.held {
+            Some(_) => self.next,
+            None => self.next.min(lag),
+        }
     }
 
     pub fn ack(&mut self, offset: u64) {
@@ -331,6 +366,32 @@ mod tests {
         assert!(c.acked.is_empty());
         c.ack(14);
         assert_eq!(c.committed(), 15);
+    }
+
+    #[test]
+    fn a_held_backlog_keeps_the_committed_position_until_pulled_and_acknowledged() {
+        let mut c = Cursor::at(10);
+        c.hold(10, 20);
+        assert_eq!((c.next, c.committed(), c.read_from(10)), (20, 10, 20));
+        // Newest first: 19 and 18 pulled, 19 acknowledged above the held rest.
+        c.pending.insert(19);
+        c.pending.insert(18);
+        c.set_held(10, 18);
+        c.ack(19);
+        assert_eq!(c.committed(), 10);
+        assert!(c.already_handled(19) && !c.already_handled(17));
+        // The rest pulled and acknowledged: the position moves past everything.
+        for o in 10..18 {
+            c.pending.insert(o);
+        }
+        c.set_held(18, 18);
+        assert_eq!(c.held, None);
+        assert_eq!(c.committed(), 10);
+        for o in 10..19 {
+            c.ack(o);
+        }
+        assert_eq!(c.committed(), 20);
+        assert!(c.acked.is_empty());
     }
 
     #[test]

@@ -15,17 +15,25 @@ macro_rules! for_each_ops_check {
             a_session_reset_skips_its_backlog_or_replays_it_from_a_time,
             a_traced_qos1_message_shows_publish_stored_and_each_delivery_and_ack,
             backlog_of_an_offline_session_is_reported_until_it_returns,
+            offline_pull_delivers_at_most_30_per_request_and_only_on_request,
+            offline_pull_serves_at_most_5_requests_per_second,
+            offline_pull_position_moves_only_with_pubacks,
+            a_client_that_does_not_pull_gets_its_backlog_pushed,
+            a_client_that_publishes_first_gets_its_backlog_at_once,
+            offline_pull_over_mqtt_311,
         );
     };
 }
 
 pub mod backlog;
+pub mod offline;
 pub mod query;
 pub mod sessions;
 pub mod trace;
 
 pub use crate::hostile::Core;
 pub use backlog::*;
+pub use offline::*;
 pub use query::*;
 pub use sessions::*;
 pub use trace::*;

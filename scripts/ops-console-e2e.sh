@@ -40,6 +40,8 @@ admin:
 trace:
   enabled: true
   sample_rate: 1.0
+backlog:
+  interval_secs: 1
 log:
   level: warn
 YAML

@@ -6,7 +6,8 @@
 //  - signed in (the token only in sessionStorage): a connected mosquitto_sub is listed, kicked,
 //    and gone from the list;
 //  - a stored session (mosquitto_sub -c, then gone) with three messages published after it
-//    left: the page shows backlog 3 (session view and backlog view), 0 after "reset to latest",
+//    left: the page shows backlog 3 (session view; backlog view, from the API and from the
+//    gateway's backlog metrics, computed every second here), 0 after "reset to latest",
 //    3 after "reset to earliest", 0 after a reset to a point in time after the messages, and
 //    "not found" once deleted;
 //  - messages published to a topic are listed by the query form two per page with "next page",
@@ -168,9 +169,21 @@ try {
     await page.waitForSelector("#backlogResult:not([hidden])", { timeout: 10000 });
     check("backlog: the session's backlog is shown", (await text(page, "#backlogTotal")) === "3"
       && (await text(page, "#backlogOf")) === stored_, await text(page, "#backlogTotal"));
-    const metrics = await page.$$eval("#metricsTable tbody tr td:first-child", (tds) => tds.map((t) => t.textContent));
-    check("backlog: /metrics series about backlog, delay or lag are listed",
-      metrics.length > 0 && metrics.every((m) => m.startsWith("lmq_") && /backlog|delay|lag/.test(m)), JSON.stringify(metrics));
+    // The gateway computes its backlog metrics every second here (backlog.interval_secs).
+    const series = () => page.$$eval("#metricsTable tbody tr", (trs) => trs.map((tr) => Array.from(tr.cells, (c) => c.textContent)));
+    const has = (rows, name, label, value) => rows.some(([n, l, v]) => n === name && l.includes(label) && v === value);
+    let metrics = [];
+    for (let i = 0; i < 50; i++) {
+      metrics = await series();
+      if (has(metrics, "lmq_session_backlog_messages", `client_id="${stored_}"`, "3")) break;
+      await sleep(200);
+      await page.click("#backlogRefresh");
+    }
+    check("backlog: only /metrics series about backlog, delay or lag are listed",
+      metrics.length > 0 && metrics.every(([m]) => m.startsWith("lmq_") && /backlog|delay|lag/.test(m)), JSON.stringify(metrics));
+    check("backlog: the metrics show the stored session's backlog of 3 and its parent topic's",
+      has(metrics, "lmq_session_backlog_messages", `client_id="${stored_}"`, "3")
+        && has(metrics, "lmq_backlog_messages", 'parent_topic="ops"', "3"), JSON.stringify(metrics));
     await shot(page, "ops-backlog.png");
 
     await page.click('#tabs button[data-view="session"]');

@@ -88,6 +88,7 @@ stage "mosquitto-e2e" scripts/mosquitto-e2e.sh "$BIN" || status=1
 stage "mosquitto-mqtt-e2e" scripts/mosquitto-mqtt-e2e.sh "$BIN" || status=1
 stage "tls-e2e" scripts/tls-e2e.sh "$BIN" || status=1
 stage "browser-e2e" scripts/browser-e2e.sh "$BIN" || status=1
+stage "ops-console-e2e" scripts/ops-console-e2e.sh "$BIN" || status=1
 stage "prometheus-e2e" scripts/prometheus-e2e.sh "$BIN" || status=1
 stage "alert rules" scripts/alerts-check.sh || status=1
 stage "hadolint" scripts/hadolint.sh || status=1

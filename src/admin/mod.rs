@@ -1,12 +1,13 @@
-//! Admin HTTP API (axum) on its own port: `/metrics`, `/healthz`, `/readyz` and the
-//! management endpoints under `/api/v1` (clients, sessions, tokens, device credentials,
-//! messages).
+//! Admin HTTP API (axum) on its own port: `/metrics`, `/healthz`, `/readyz`, the operator
+//! console page `/ui` and the management endpoints under `/api/v1` (clients, sessions,
+//! tokens, device credentials, messages).
 //!
-//! Everything but the health probes and `/metrics` needs `Authorization: Bearer <admin
-//! token>` (compared in constant time); without a configured token the management routes are
-//! off (401 `admin_token_not_configured`). Errors have one JSON shape, `{"error":{"code":"...","message":"..."}}`
-//! ([`ApiError`]). The routes are documented in `docs/admin-openapi.yaml`; [`routes`] lists
-//! them for the test that keeps the two in step.
+//! Everything but the health probes, `/metrics` and the page `/ui` (which holds no data and
+//! asks its user for the token) needs `Authorization: Bearer <admin token>` (compared in
+//! constant time); without a configured token the management routes are off (401
+//! `admin_token_not_configured`). Errors have one JSON shape,
+//! `{"error":{"code":"...","message":"..."}}` ([`ApiError`]). The routes are documented in
+//! `docs/admin-openapi.yaml`; [`routes`] lists them for the test that keeps the two in step.
 //!
 //! This module translates HTTP into calls on the gateway's existing parts (registry,
 //! authenticator, router, core service); it holds no state of its own and must not grow
@@ -21,6 +22,7 @@ pub mod probe;
 mod query;
 mod sessions;
 mod tokens;
+mod ui;
 
 use axum::extract::{Request, State};
 use axum::middleware::Next;
@@ -57,6 +59,7 @@ fn table() -> Vec<(Route, bool, MethodRouter<Shared>)> {
         (("GET", "/healthz"), false, get(health::healthz)),
         (("GET", "/readyz"), false, get(health::readyz)),
         (("GET", "/metrics"), false, get(health::metrics)),
+        (("GET", "/ui"), false, get(ui::page)),
         (("GET", "/api/v1/clients"), true, get(clients::list)),
         (("GET", "/api/v1/clients/{client_id}"), true, get(clients::get_one)),
         (("DELETE", "/api/v1/clients/{client_id}"), true, delete(clients::kick)),

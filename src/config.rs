@@ -71,6 +71,21 @@ pub struct TraceConfig {
     /// Partitions of the trace topic when the gateway creates it.
     #[serde(default = "default_trace_partitions")]
     pub partitions: u32,
+    /// How long the trace topic keeps events, where the core service sets retention per topic
+    /// and the gateway creates the topic (Kafka: `retention.ms`); elsewhere the service's own.
+    #[serde(default = "default_trace_retention_hours")]
+    pub retention_hours: u64,
+}
+
+impl TraceConfig {
+    /// `retention_hours` in milliseconds.
+    pub fn retention_ms(&self) -> u64 {
+        self.retention_hours.saturating_mul(3_600_000)
+    }
+}
+
+fn default_trace_retention_hours() -> u64 {
+    72
 }
 
 fn default_trace_sample_rate() -> f64 {
@@ -1072,8 +1087,11 @@ impl Config {
             return invalid("listeners: at least one listener is required".into());
         }
         let t = &self.trace;
-        if !(0.0..=1.0).contains(&t.sample_rate) || t.partitions == 0 || t.topic.is_empty() {
-            return invalid("trace: sample_rate must be 0.0 to 1.0, partitions at least 1, topic non-empty".into());
+        if !(0.0..=1.0).contains(&t.sample_rate) || t.partitions == 0 || t.topic.is_empty() || t.retention_hours == 0 {
+            return invalid(
+                "trace: sample_rate must be 0.0 to 1.0, partitions and retention_hours at least 1, topic non-empty"
+                    .into(),
+            );
         }
         let max_permits = tokio::sync::Semaphore::MAX_PERMITS;
         if self.max_connections_total == 0 || self.max_connections_total > max_permits {

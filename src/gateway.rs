@@ -119,7 +119,10 @@ impl Gateway {
         }
         tasks.push(tokio::spawn(crate::session::takeover::run(
             ctx.backend.clone(),
-            ctx.config.topics.events_topic.clone(),
+            (
+                ctx.config.topics.events_topic.clone(),
+                crate::session::reset::control_topic(&ctx.config.topics.reserved_prefix),
+            ),
             ctx.gateway_id.clone(),
             ctx.registry.clone(),
             ctx.shutdown.clone(),
@@ -127,7 +130,7 @@ impl Gateway {
         if let Some(events) = trace_events {
             tasks.push(tokio::spawn(crate::trace::run_writer(
                 ctx.backend.clone(),
-                (ctx.config.trace.topic.clone(), ctx.config.trace.partitions),
+                (ctx.config.trace.topic.clone(), ctx.config.trace.partitions, ctx.config.trace.retention_ms()),
                 events,
                 ctx.metrics.trace_dropped.clone(),
                 ctx.shutdown.clone(),

@@ -22,6 +22,9 @@ use crate::trace::Event as TraceEvent;
 /// Clock skew between gateways tolerated by time-range searches, in milliseconds.
 pub const SKEW_MS: i64 = 10_000;
 
+/// Trace events one answer holds at most.
+const MAX_TRACE_EVENTS: usize = 10_000;
+
 /// Records read per fetch while scanning.
 const WINDOW: usize = 500;
 
@@ -267,13 +270,12 @@ pub async fn page(
 /// records in all. `complete` is false when the scan stopped early.
 pub async fn trace_of(
     core: &dyn CoreService,
-    topic: &str,
-    partitions: u32,
+    (topic, partitions, retention_ms): (&str, u32, u64),
     msg_id: &str,
     max_scan: usize,
 ) -> Result<(Vec<TraceEvent>, bool), BackendError> {
     let Some(t) = id_time(msg_id) else { return Ok((Vec::new(), true)) };
-    core.ensure_topic(topic, partitions).await?;
+    core.ensure_topic_with_retention(topic, partitions, retention_ms).await?;
     let n = core.partitions(topic)?;
     let budget = (max_scan / n.max(1) as usize).max(1);
     let mut events = Vec::new();
@@ -283,13 +285,13 @@ pub async fn trace_of(
         let from = backend::offset_for_time(core, &tp, t.saturating_sub(SKEW_MS)).await?;
         let end = core.end_offset(&tp).await?;
         let mut keep = |r: &Arc<Record>| {
-            (r.record.header(crate::msgid::HEADER)?.as_ref() == msg_id.as_bytes())
-                .then(|| serde_json::from_slice::<TraceEvent>(&r.record.value).ok())
-                .flatten()
+            let mine: Vec<TraceEvent> =
+                crate::trace::events_in(&r.record).into_iter().filter(|e| e.msg_id == msg_id).collect();
+            (!mine.is_empty()).then_some(mine)
         };
         let (found, next) = scan(core, &tp, (from, end), (usize::MAX, budget), &mut keep).await?;
         complete &= next >= end;
-        events.extend(found);
+        events.extend(found.into_iter().flatten().take(MAX_TRACE_EVENTS - events.len().min(MAX_TRACE_EVENTS)));
     }
     // Stored before delivered whatever the clocks say: the tail may deliver a record before
     // the acknowledgement that produces `stored` reached the publishing gateway.

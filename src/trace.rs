@@ -1,7 +1,9 @@
 //! Message trace (SPEC §10): what happened to one message — published, stored (where),
 //! delivered to and acknowledged by each subscriber, dropped (why) — as events in an internal
 //! core topic (`trace.topic`, reserved), keyed by message ID, read back by
-//! `GET /api/v1/messages/{msgId}/trace` on any gateway (`crate::query::trace_of`).
+//! `GET /api/v1/messages/{msgId}/trace` on any gateway (`crate::query::trace_of`). Events are
+//! written in batches (a JSON array per record, up to 512 events), so tracing costs the core
+//! service one append per batch, not one per event.
 //!
 //! Tracing is off by default. When on, a message is traced when its parent topic is in
 //! `trace.parents` (empty: all) and its ID falls in the sample (`trace.sample_rate`, decided
@@ -140,63 +142,84 @@ fn fnv1a(b: &[u8]) -> u32 {
     h
 }
 
-/// The record of an event: key and header `msgId`, JSON value, the event's time.
-fn to_record(e: &Event) -> CoreRecord {
-    let id = Bytes::copy_from_slice(e.msg_id.as_bytes());
+/// Events packed into one record at most.
+const BATCH: usize = 512;
+
+/// The record of a batch of events: a JSON array, no key (spread over the partitions), the
+/// time it is written (at or after every event in it).
+fn to_record(events: &[Event]) -> CoreRecord {
     CoreRecord {
-        key: Some(id.clone()),
-        headers: vec![(crate::msgid::HEADER.to_string(), id)],
-        value: Bytes::from(serde_json::to_vec(e).unwrap_or_default()),
-        timestamp_ms: e.time_ms,
+        key: None,
+        headers: Vec::new(),
+        value: Bytes::from(serde_json::to_vec(events).unwrap_or_default()),
+        timestamp_ms: crate::now_ms(),
     }
 }
 
-/// Write queued events to `topic` until the queue closes. Appends are not awaited one by one:
-/// up to [`OUTSTANDING`] are in flight; a failed one is counted as dropped.
+/// The events of a trace record (empty when it is not one).
+pub fn events_in(record: &CoreRecord) -> Vec<Event> {
+    serde_json::from_slice(&record.value).unwrap_or_default()
+}
+
+/// Write queued events to `topic` until `stop`, up to [`BATCH`] events per record. Appends
+/// are not awaited one by one: up to [`OUTSTANDING`] are in flight; a failed one counts its
+/// events as dropped.
 pub async fn run_writer(
     backend: SharedCoreService,
-    (topic, partitions): (String, u32),
+    (topic, partitions, retention_ms): (String, u32, u64),
     mut rx: mpsc::Receiver<Event>,
     dropped: prometheus::IntCounter,
     stop: tokio_util::sync::CancellationToken,
 ) {
     let mut ready = false;
     let mut outstanding = FuturesUnordered::new();
+    let mut batch = Vec::with_capacity(BATCH);
     loop {
-        let event = tokio::select! {
+        let first = tokio::select! {
             e = rx.recv() => e,
             // Stopping: what is queued is still written.
             _ = stop.cancelled() => rx.try_recv().ok(),
         };
-        let Some(event) = event else { break };
+        let Some(first) = first else { break };
+        batch.push(first);
+        while batch.len() < BATCH {
+            match rx.try_recv() {
+                Ok(e) => batch.push(e),
+                Err(_) => break,
+            }
+        }
+        let n = batch.len() as u64;
         if !ready {
-            match backend.ensure_topic(&topic, partitions).await {
+            match backend.ensure_topic_with_retention(&topic, partitions, retention_ms).await {
                 Ok(()) => ready = true,
                 Err(e) => {
-                    tracing::warn!(topic, error = %e, "cannot create the trace topic; trace event dropped");
-                    dropped.inc();
+                    tracing::warn!(topic, error = %e, "cannot create the trace topic; trace events dropped");
+                    dropped.inc_by(n);
+                    batch.clear();
                     continue;
                 }
             }
         }
-        match backend.enqueue(&topic, to_record(&event)).await {
-            Ok(ack) => outstanding.push(ack),
-            Err(_) => dropped.inc(),
+        let record = to_record(&batch);
+        batch.clear();
+        match backend.enqueue(&topic, record).await {
+            Ok(ack) => outstanding.push(async move { (n, ack.await.is_ok()) }),
+            Err(_) => dropped.inc_by(n),
         }
         while outstanding.len() >= OUTSTANDING {
-            if let Some(Err(_)) = outstanding.next().await {
-                dropped.inc();
+            if let Some((n, false)) = outstanding.next().await {
+                dropped.inc_by(n);
             }
         }
-        while let Some(Some(r)) = futures::FutureExt::now_or_never(outstanding.next()) {
-            if r.is_err() {
-                dropped.inc();
+        while let Some(Some((n, ok))) = futures::FutureExt::now_or_never(outstanding.next()) {
+            if !ok {
+                dropped.inc_by(n);
             }
         }
     }
-    while let Some(r) = outstanding.next().await {
-        if r.is_err() {
-            dropped.inc();
+    while let Some((n, ok)) = outstanding.next().await {
+        if !ok {
+            dropped.inc_by(n);
         }
     }
 }
@@ -260,9 +283,18 @@ mod tests {
             time_ms: 5,
             detail: "qos=1".into(),
         };
-        let r = to_record(&e);
-        assert_eq!(r.header(crate::msgid::HEADER).map(|v| v.as_ref()), Some(&b"ID"[..]));
-        assert_eq!(serde_json::from_slice::<Event>(&r.value).unwrap(), e);
+        let r = to_record(&[e.clone(), Event { kind: Kind::Acked, ..e.clone() }]);
+        let back = events_in(&r);
+        assert_eq!(back.len(), 2);
+        assert_eq!(back[0], e);
+        assert_eq!(back[1].kind, Kind::Acked);
         assert!(String::from_utf8_lossy(&r.value).contains("\"type\":\"delivered\""));
+        assert!(events_in(&CoreRecord {
+            key: None,
+            headers: vec![],
+            value: Bytes::from_static(b"junk"),
+            timestamp_ms: 0
+        })
+        .is_empty());
     }
 }

@@ -581,6 +581,49 @@ async fn unmarked_events_from_plain_producers_take_nobody_over() {
     gw.shutdown().await;
 }
 
+/// The trace topic is created with its own retention (`trace.retention_hours` → `retention.ms`)
+/// and receives the events of a traced message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_trace_topic_is_created_with_its_own_retention() {
+    use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+    use rdkafka::client::DefaultClientContext;
+    let broker = kafka_broker::shared();
+    let topic = hostile::unique("lmq-trace-t");
+    let yaml = format!(
+        "listeners:\n  - name: tcp\n    bind: 127.0.0.1:0\n{}trace:\n  enabled: true\n  topic: {topic}\n  retention_hours: 5\n",
+        gateway_yaml(broker, "gw-trace")
+    );
+    let gw = Gateway::start(Config::from_yaml(&yaml).expect("config")).await.expect("gateway");
+    let mut c = v4::connect(gw.addr(), "trace-retention").await;
+    c.publish("traced/t", v4::QoS::AtLeastOnce, false, b"x").await;
+    // The gateway's writer creates the topic with the first events.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let partitions = gw.ctx.backend.partitions(&topic).unwrap_or(0);
+        let mut stored = 0;
+        for p in 0..partitions {
+            let tp = lmq_gateway::backend::TopicPartition::new(topic.as_str(), p);
+            stored += gw.ctx.backend.end_offset(&tp).await.unwrap_or(0);
+        }
+        if stored > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no trace events in {topic}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", broker.bootstrap()).create().expect("admin client");
+    let described = admin
+        .describe_configs(&[ResourceSpecifier::Topic(&topic)], &AdminOptions::new())
+        .await
+        .expect("describe configs");
+    let config = described.into_iter().next().expect("one resource").expect("topic config");
+    let retention = config.get("retention.ms").and_then(|e| e.value.clone());
+    assert_eq!(retention.as_deref(), Some("18000000"));
+    c.disconnect().await;
+    gw.shutdown().await;
+}
+
 /// The hostile-client checks (`tests/hostile`) with sessions, offline messages, credentials
 /// and events in Kafka, and Kafka's own topics among the reserved names.
 macro_rules! on_kafka {
@@ -602,4 +645,5 @@ mod hostile_checks {
 
 mod ops_checks {
     for_each_ops_check!(on_kafka);
+    for_each_cluster_ops_check!(on_kafka);
 }

@@ -424,4 +424,5 @@ mod hostile_checks {
 
 mod ops_checks {
     for_each_ops_check!(on_rocketmq);
+    for_each_cluster_ops_check!(on_rocketmq);
 }

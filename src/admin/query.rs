@@ -87,8 +87,7 @@ pub(super) async fn trace(
     let trace = &s.ctx.config.trace;
     let (events, complete) = query::trace_of(
         s.ctx.backend.as_ref(),
-        &trace.topic,
-        trace.partitions,
+        (&trace.topic, trace.partitions, trace.retention_ms()),
         &msg_id,
         s.ctx.config.admin.query_max_scan,
     )

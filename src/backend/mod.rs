@@ -193,6 +193,18 @@ pub trait CoreService: Send + Sync + 'static {
     /// Make sure `topic` exists with at least `partitions` partitions.
     fn ensure_topic(&self, topic: &str, partitions: u32) -> BoxFuture<'_, Result<()>>;
 
+    /// [`CoreService::ensure_topic`] for a topic whose records are kept `retention_ms` when the
+    /// service supports retention per topic and creates it now (Kafka: `retention.ms`); others
+    /// keep their own retention.
+    fn ensure_topic_with_retention(
+        &self,
+        topic: &str,
+        partitions: u32,
+        _retention_ms: u64,
+    ) -> BoxFuture<'_, Result<()>> {
+        self.ensure_topic(topic, partitions)
+    }
+
     /// Number of partitions of an existing topic.
     fn partitions(&self, topic: &str) -> Result<u32>;
 

@@ -6,12 +6,14 @@
 //! - [`registry`]: connected ClientIds on this gateway (takeover) and delayed wills.
 //! - [`expiry`]: removal of expired stored sessions.
 //! - [`owners`]: persistent sessions per identity (bounded).
-//! - [`takeover`]: closing local connections taken over on another gateway.
+//! - [`takeover`]: closing local connections taken over on another gateway; forwarded resets.
+//! - [`reset`]: moving a persistent session's positions (latest, earliest, a time).
 
 pub mod backlog;
 pub mod expiry;
 pub mod owners;
 pub mod persist;
 pub mod registry;
+pub mod reset;
 pub mod state;
 pub mod takeover;

@@ -1,6 +1,9 @@
 //! Session takeover across gateway instances (SPEC §6): every gateway reads the client
 //! status events; a `connect` of a ClientId on *another* gateway, newer than the local
-//! connection of that ClientId, closes the local one (MQTT 5: DISCONNECT 0x8E).
+//! connection of that ClientId, closes the local one (MQTT 5: DISCONNECT 0x8E). The same
+//! follower reads the control topic: a session reset forwarded by another gateway for a client
+//! connected here disconnects it and applies the reset once its session is saved
+//! (`session::reset`).
 //!
 //! Only events that gateways wrote count (SPEC §8): the record must come from the events
 //! topic and carry the [`GATEWAY_HEADER`] marker naming the same gateway as its body. MQTT
@@ -13,6 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::registry::{Kick, Registry};
+use super::reset;
 use crate::backend::{Record, SharedCoreService, TopicPartition};
 use crate::events::GATEWAY_HEADER;
 
@@ -37,32 +41,41 @@ pub(crate) fn foreign_connect(r: &Record, events_topic: &str, gateway_id: &str) 
     (genuine && ev.event_type == "connect" && ev.gateway_id != gateway_id).then_some(ev)
 }
 
-/// Follow the events topic from its end until `stop`.
+/// Longest a forwarded reset waits for the client to end and save its session.
+const KICK_WAIT: Duration = Duration::from_secs(10);
+
+/// Follow the events topic and the control topic from their ends until `stop`.
 pub async fn run(
     backend: SharedCoreService,
-    events_topic: String,
+    (events_topic, control_topic): (String, String),
     gateway_id: String,
     registry: Arc<Registry>,
     stop: tokio_util::sync::CancellationToken,
 ) {
     let mut tail = backend.tail();
-    let partitions = loop {
-        match backend.partitions(&events_topic) {
-            Ok(p) => break p,
-            Err(e) => {
-                tracing::warn!(topic = events_topic, error = %e, "cannot read the events topic; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    _ = stop.cancelled() => return,
+    for topic in [&events_topic, &control_topic] {
+        let partitions = loop {
+            let known = match backend.ensure_topic(topic, 1).await {
+                Ok(()) => backend.partitions(topic),
+                Err(e) => Err(e),
+            };
+            match known {
+                Ok(p) => break p,
+                Err(e) => {
+                    tracing::warn!(topic, error = %e, "cannot read the topic; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = stop.cancelled() => return,
+                    }
                 }
             }
-        }
-    };
-    for p in 0..partitions {
-        let tp = TopicPartition::new(events_topic.as_str(), p);
-        match backend.end_offset(&tp).await {
-            Ok(end) => tail.assign(tp, end),
-            Err(e) => tracing::warn!(topic = events_topic, error = %e, "cannot find the end of the events topic"),
+        };
+        for p in 0..partitions {
+            let tp = TopicPartition::new(topic.as_str(), p);
+            match backend.end_offset(&tp).await {
+                Ok(end) => tail.assign(tp, end),
+                Err(e) => tracing::warn!(topic, error = %e, "cannot find the end of the topic"),
+            }
         }
     }
     loop {
@@ -73,6 +86,12 @@ pub async fn run(
         match batch {
             Ok(records) => {
                 for r in records {
+                    if let Some(command) = reset::foreign_command(&r, &control_topic, &gateway_id) {
+                        if registry.get(&command.client_id).is_some() {
+                            tokio::spawn(apply_forwarded(backend.clone(), registry.clone(), command));
+                        }
+                        continue;
+                    }
                     let Some(ev) = foreign_connect(&r, &events_topic, &gateway_id) else { continue };
                     if registry.kick_if_older(&ev.client_id, ev.time, Kick::TakenOver { new_clean_start: false }) {
                         tracing::info!(
@@ -89,6 +108,18 @@ pub async fn run(
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
         }
+    }
+}
+
+/// A reset another gateway forwarded for a client connected here: disconnect it, wait for its
+/// session to be saved, reset the saved session.
+async fn apply_forwarded(backend: SharedCoreService, registry: Arc<Registry>, command: reset::Command) {
+    if !registry.kick_and_wait(&command.client_id, Kick::Administrative, KICK_WAIT).await {
+        return;
+    }
+    match reset::reset_stored(backend.as_ref(), &command.client_id, command.target).await {
+        Ok(_) => tracing::info!(client_id = command.client_id, by = command.gateway_id, "session reset"),
+        Err(e) => tracing::warn!(client_id = command.client_id, error = %e, "forwarded session reset failed"),
     }
 }
 

@@ -25,6 +25,14 @@ macro_rules! for_each_ops_check {
     };
 }
 
+/// Calls `$m!(ops; check, ...)` with every operations check that needs two gateways on one
+/// cluster (Kafka, RocketMQ).
+macro_rules! for_each_cluster_ops_check {
+    ($m:ident) => {
+        $m!(ops; a_reset_asked_on_one_gateway_reaches_the_client_connected_to_another);
+    };
+}
+
 pub mod backlog;
 pub mod offline;
 pub mod query;

@@ -160,7 +160,7 @@ impl KafkaCore {
             );
         }
         for (topic, compacted) in missing {
-            self.create_topic(topic, self.config.partitions, *compacted).await?;
+            self.create_topic(topic, self.config.partitions, (*compacted, None)).await?;
         }
         for (topic, _) in &wanted {
             self.learn_partitions(topic).await?;
@@ -168,7 +168,27 @@ impl KafkaCore {
         Ok(())
     }
 
-    async fn create_topic(&self, topic: &str, partitions: u32, compacted: bool) -> Result<()> {
+    /// Make sure `topic` exists (created with `retention_ms` when given) and learn its partitions.
+    async fn ensure(&self, topic: &str, partitions: u32, retention_ms: Option<u64>) -> Result<()> {
+        self.check_open()?;
+        if self.partitions.read().contains_key(topic) {
+            return Ok(());
+        }
+        if !self.metadata(Some(topic)).await?.contains_key(topic) {
+            if !self.config.create_topics {
+                return Err(BackendError::UnknownTopic(topic.to_owned()));
+            }
+            self.create_topic(topic, partitions, (false, retention_ms)).await?;
+        }
+        self.learn_partitions(topic).await.map(|_| ())
+    }
+
+    async fn create_topic(
+        &self,
+        topic: &str,
+        partitions: u32,
+        (compacted, retention_ms): (bool, Option<u64>),
+    ) -> Result<()> {
         let mut new = NewTopic::new(
             topic,
             i32::try_from(partitions).unwrap_or(i32::MAX),
@@ -176,6 +196,10 @@ impl KafkaCore {
         );
         if compacted {
             new = new.set("cleanup.policy", "compact");
+        }
+        let retention = retention_ms.map(|ms| ms.to_string());
+        if let Some(ms) = &retention {
+            new = new.set("retention.ms", ms);
         }
         let min_isr = self.config.min_insync_replicas.map(|n| n.to_string());
         if let Some(min_isr) = &min_isr {
@@ -395,19 +419,17 @@ impl CoreService for KafkaCore {
 
     fn ensure_topic(&self, topic: &str, partitions: u32) -> BoxFuture<'_, Result<()>> {
         let topic = topic.to_owned();
-        Box::pin(async move {
-            self.check_open()?;
-            if self.partitions.read().contains_key(&topic) {
-                return Ok(());
-            }
-            if !self.metadata(Some(&topic)).await?.contains_key(&topic) {
-                if !self.config.create_topics {
-                    return Err(BackendError::UnknownTopic(topic));
-                }
-                self.create_topic(&topic, partitions, false).await?;
-            }
-            self.learn_partitions(&topic).await.map(|_| ())
-        })
+        Box::pin(async move { self.ensure(&topic, partitions, None).await })
+    }
+
+    fn ensure_topic_with_retention(
+        &self,
+        topic: &str,
+        partitions: u32,
+        retention_ms: u64,
+    ) -> BoxFuture<'_, Result<()>> {
+        let topic = topic.to_owned();
+        Box::pin(async move { self.ensure(&topic, partitions, Some(retention_ms)).await })
     }
 
     fn partitions(&self, topic: &str) -> Result<u32> {

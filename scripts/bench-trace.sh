@@ -7,10 +7,11 @@
 # medians: received msg/s, acked-by-server msg/s, the ratios trace-on / trace-off and
 # gateway / Mosquitto.
 #
-# Usage: scripts/bench-trace.sh      (DURATION [10] s per run, ROUNDS [3], SKIP_BUILD [0])
+# Usage: scripts/bench-trace.sh      (DURATION [10] s per run, ROUNDS [3], SAMPLE [1.0]: trace.sample_rate, SKIP_BUILD [0])
 set -euo pipefail
 DURATION="${DURATION:-10}"
 ROUNDS="${ROUNDS:-3}"
+SAMPLE="${SAMPLE:-1.0}"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
 WORK="$(mktemp -d -t lmq-trace-bench.XXXXXX)"
@@ -59,7 +60,7 @@ log:
   level: warn
 trace:
   enabled: $3
-  sample_rate: 1.0
+  sample_rate: $SAMPLE
 admin:
   enabled: true
   bind: 127.0.0.1:$(($2 + 10))

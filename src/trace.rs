@@ -144,6 +144,8 @@ fn fnv1a(b: &[u8]) -> u32 {
 
 /// Events packed into one record at most.
 const BATCH: usize = 512;
+/// Longest an event waits for others to share its record.
+const GATHER: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// The record of a batch of events: a JSON array, no key (spread over the partitions), the
 /// time it is written (at or after every event in it).
@@ -182,10 +184,13 @@ pub async fn run_writer(
         };
         let Some(first) = first else { break };
         batch.push(first);
+        // Gather for a moment: one append (one fsync on the embedded log) per batch, a few
+        // per second under load, instead of one per event.
+        let until = tokio::time::Instant::now() + GATHER;
         while batch.len() < BATCH {
-            match rx.try_recv() {
-                Ok(e) => batch.push(e),
-                Err(_) => break,
+            match tokio::time::timeout_at(until, rx.recv()).await {
+                Ok(Some(e)) => batch.push(e),
+                Ok(None) | Err(_) => break,
             }
         }
         let n = batch.len() as u64;

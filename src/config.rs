@@ -325,7 +325,8 @@ pub struct MqttConfig {
     pub max_acked_above: usize,
     /// Milliseconds after CONNECT during which a client with a stored session may switch to
     /// LMQ's offline pull by publishing `$SYS/getOfflineMsg`: its backlog is held that long
-    /// (or until it publishes anything else) before it is pushed; 0 = no offline pull.
+    /// (or until it publishes anything else) before it is pushed; 0 = no offline pull (the
+    /// built-in default; the shipped `gateway.yaml` sets 500). Only sessions with a backlog wait.
     #[serde(default = "default_offline_pull_window_ms")]
     pub offline_pull_window_ms: u64,
 }
@@ -379,7 +380,7 @@ fn default_max_acked_above() -> usize {
     10_000
 }
 fn default_offline_pull_window_ms() -> u64 {
-    500
+    0
 }
 
 /// LMQ limits (SPEC §5).
@@ -1314,13 +1315,16 @@ mod tests {
     /// Settings the shipped file sets to a non-default value on purpose (the README quick
     /// start: a demo access key, an instance id and any ClientId; the WebSocket listener with
     /// the console and the admin port a newcomer expects — off by default for embedders and
-    /// tests, which choose their own ports). Everything else it shows must be the default.
+    /// tests, which choose their own ports; LMQ's offline pull window, off by default so that
+    /// embedders' returning sessions never wait for it). Everything else it shows must be the
+    /// default.
     const SHIPPED_DEMO_SETTINGS: &[&[&str]] = &[
         &["auth", "access_keys"],
         &["auth", "instance_id"],
         &["auth", "allow_plain_client_ids"],
         &["listeners"],
         &["admin", "enabled"],
+        &["mqtt", "offline_pull_window_ms"],
     ];
 
     fn at<'a>(v: &'a mut serde_yaml_ng::Value, path: &[&str]) -> &'a mut serde_yaml_ng::Value {

@@ -303,6 +303,21 @@ impl Conn {
     pub(super) async fn restore(&mut self, inflight: Vec<StoredInflight>) -> Result<(), ReasonCode> {
         let router = self.ctx.router.clone();
         self.drop_forbidden_subscriptions("restored");
+        // Whether the core service holds records after a stored position (an offline backlog
+        // the client may pull). Asked before the subscriptions go back to the router, so no
+        // live delivery can arrive while this waits. An end that cannot be read in time counts
+        // as a backlog. Without one, nothing waits for a pull request.
+        let behind = self.offline.deciding() && {
+            let timeout = Duration::from_secs(self.ctx.config.mqtt.backend_timeout_secs);
+            let stored: Vec<(TopicPartition, u64)> =
+                self.state.cursors.iter().map(|(tp, c)| (tp.clone(), c.committed())).collect();
+            let backend = self.ctx.backend.clone();
+            let ends = futures::future::join_all(
+                stored.iter().map(|(tp, _)| tokio::time::timeout(timeout, backend.end_offset(tp))),
+            )
+            .await;
+            stored.iter().zip(&ends).any(|((_, from), end)| !matches!(end, Ok(Ok(e)) if e <= from))
+        };
         let filters: Vec<(String, QoS)> =
             self.state.subscriptions.iter().map(|s| (s.filter.clone(), s.options.qos)).collect();
         for (filter, qos) in filters {
@@ -373,8 +388,9 @@ impl Conn {
         // Every cursor reads back what the session missed while away.
         let cursors: Vec<(TopicPartition, u64)> =
             self.state.cursors.iter().map(|(tp, c)| (tp.clone(), c.committed())).collect();
-        // Offline pull: held back while the client may still ask for it instead.
-        if !cursors.is_empty() {
+        // Offline pull: held back while the client may still ask for it instead (only when
+        // there is a backlog, see above).
+        if behind && !cursors.is_empty() {
             let tps: Vec<TopicPartition> = cursors.iter().map(|(tp, _)| tp.clone()).collect();
             self.offline.hold(router.positions_of(&tps));
         }

@@ -107,6 +107,11 @@ impl OfflinePull {
         }
     }
 
+    /// Whether the client may still switch to pull mode (the window is open).
+    pub(super) fn deciding(&self) -> bool {
+        matches!(self.mode, Mode::Deciding { .. })
+    }
+
     /// Whether reading back the backlog must wait.
     pub(super) fn holds_catchup(&self) -> bool {
         matches!(self.mode, Mode::Deciding { held: Some(_), .. })

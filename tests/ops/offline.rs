@@ -88,6 +88,23 @@ async fn backlog(gw: &Gateway, id: &str, topic: &str, protocol: Protocol) {
             other => panic!("the publisher expected PUBACK, got {other:?}"),
         }
     }
+    // The backlog is what the core service reports as stored (RocketMQ's queue offsets may
+    // trail its acknowledgements by a moment): wait until all of it is.
+    let core = topic.split('/').next().unwrap_or(topic);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let partitions = gw.ctx.backend.partitions(core).unwrap_or(0);
+        let mut stored = 0;
+        for p in 0..partitions {
+            let tp = lmq_gateway::backend::TopicPartition::new(core, p);
+            stored += gw.ctx.backend.end_offset(&tp).await.unwrap_or(0);
+        }
+        if stored >= BACKLOG as u64 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{stored} of {BACKLOG} messages visible in the core service");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 fn request(pid: u16, qos: QoS, body: &str) -> Packet {

@@ -330,25 +330,7 @@ impl Conn {
             return false;
         }
         let Some(message) = record_message(&self.ctx, &r.tp, &r.record) else { return false };
-        if message.expired(now_ms()) {
-            return false;
-        }
-        let Some(m) = self.state.matches(&message, None) else { return false };
-        let origin = (m.qos != QoS::AtMostOnce).then(|| {
-            self.state.cursor(&r.tp, r.offset).pending.insert(r.offset);
-            Origin { tp: r.tp.clone(), offset: r.offset }
-        });
-        let retain = m.retain_as_published && message.retain;
-        self.pending.push_back(Pending {
-            message,
-            qos: m.qos,
-            retain,
-            subscription_ids: m.subscription_ids,
-            origin,
-            on_subscribe: false,
-        });
-        self.dirty = true;
-        true
+        self.queue_if_matching(&r.tp, r.offset, message, None)
     }
 }
 

@@ -35,10 +35,23 @@ impl Conn {
             }
             cursor.next = offset + 1;
         }
+        self.queue_if_matching(tp, offset, message, shared);
+    }
+
+    /// Queue a message of the core service for delivery if it has not expired and matches a
+    /// subscription (`shared`: the `$share` filter it came for); QoS 1/2 ones (not shared)
+    /// become pending at their offset. Returns whether it was queued.
+    pub(super) fn queue_if_matching(
+        &mut self,
+        tp: &TopicPartition,
+        offset: u64,
+        message: Arc<Message>,
+        shared: Option<&str>,
+    ) -> bool {
         if message.expired(now_ms()) {
-            return;
+            return false;
         }
-        let Some(m) = self.state.matches(&message, shared) else { return };
+        let Some(m) = self.state.matches(&message, shared) else { return false };
         let origin = if m.qos != QoS::AtMostOnce && shared.is_none() {
             self.state.cursor(tp, offset).pending.insert(offset);
             Some(Origin { tp: tp.clone(), offset })
@@ -55,6 +68,7 @@ impl Conn {
             on_subscribe: false,
         });
         self.dirty = true;
+        true
     }
 
     /// Move messages from the pending queue into the in-flight window and the write buffer.

@@ -49,6 +49,54 @@ pub struct Config {
     /// Backlog and delay metrics (`lmq_backlog_*`), computed while the admin API is enabled.
     #[serde(default)]
     pub backlog: BacklogConfig,
+    /// Delayed messages (`crate::delay`): `$delayed/<seconds>/<topic>`, `__STARTDELIVERTIME`.
+    #[serde(default)]
+    pub delay: DelayConfig,
+}
+
+/// Delayed messages: the delay-level topics and the forwarders that move them.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DelayConfig {
+    /// Take part in moving delayed messages (one gateway at a time does, see `delay::lease`).
+    /// Off: this gateway still accepts delayed messages; others deliver them.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// A gateway that has not seen the forwarding gateway's lease renewed for this long takes
+    /// over, milliseconds (renewed every fifth of it).
+    #[serde(default = "default_delay_lease_ms")]
+    pub lease_ms: u64,
+    /// Retention of the delay topics when the gateway creates them on a core service with
+    /// retention per topic (Kafka: `retention.ms`), hours. The longest hold of a level is half
+    /// of it (the other half is the outage the pending messages survive).
+    #[serde(default = "default_delay_retention_hours")]
+    pub retention_hours: u64,
+    /// Ready records a level's forwarder moves at once (and the most it holds in memory).
+    #[serde(default = "default_delay_batch")]
+    pub batch: usize,
+    /// Longest wait for one core-service operation of a forwarder, seconds.
+    #[serde(default = "default_delay_timeout_secs")]
+    pub timeout_secs: u64,
+}
+
+fn default_delay_lease_ms() -> u64 {
+    10_000
+}
+fn default_delay_retention_hours() -> u64 {
+    // 40 days of the longest delay's top-level holds plus 5 days.
+    1080
+}
+fn default_delay_batch() -> usize {
+    256
+}
+fn default_delay_timeout_secs() -> u64 {
+    10
+}
+
+impl Default for DelayConfig {
+    fn default() -> Self {
+        serde_yaml_ng::from_str("{}").unwrap_or_else(|_| unreachable!("defaults deserialize"))
+    }
 }
 
 /// Message trace: events of sampled messages in an internal core topic.
@@ -850,6 +898,13 @@ pub struct KafkaStateTopics {
     pub credentials: String,
     #[serde(default = "default_kafka_revoked_topic")]
     pub revoked_tokens: String,
+    /// Checkpoints of the delayed-message forwarders.
+    #[serde(default = "default_kafka_delay_state_topic")]
+    pub delay: String,
+}
+
+fn default_kafka_delay_state_topic() -> String {
+    "lmq-delay-state".into()
 }
 
 impl Default for KafkaStateTopics {
@@ -1094,6 +1149,13 @@ impl Config {
                     .into(),
             );
         }
+        let d = &self.delay;
+        if d.lease_ms < 500 || d.retention_hours < 2 || d.batch == 0 || d.batch > 10_000 || d.timeout_secs == 0 {
+            return invalid(
+                "delay: lease_ms at least 500, retention_hours at least 2, batch 1 to 10000, timeout_secs at least 1"
+                    .into(),
+            );
+        }
         let max_permits = tokio::sync::Semaphore::MAX_PERMITS;
         if self.max_connections_total == 0 || self.max_connections_total > max_permits {
             return invalid(format!("max_connections_total must be between 1 and {max_permits}"));
@@ -1244,6 +1306,20 @@ impl Config {
     /// topics of the configured core service, its system topics, and every name under
     /// `topics.reserved_prefix`. The embedded engine keeps its state in files outside the
     /// topic namespace (`data_dir/state/`), so it adds no names.
+    /// Longest hold of a delay level: half of what the delay topics are kept (Kafka: the
+    /// retention the gateway creates them with; embedded: `core.embedded.retention_hours`, 0 =
+    /// forever; RocketMQ: the broker's file retention, of which `state_refresh_hours` is the
+    /// safe part).
+    pub fn delay_max_hold_ms(&self) -> u64 {
+        let hours = |h: u64| h.saturating_mul(3_600_000);
+        match self.core.kind {
+            CoreKind::Kafka => hours(self.delay.retention_hours) / 2,
+            CoreKind::Embedded if self.core.embedded.retention_hours == 0 => u64::MAX,
+            CoreKind::Embedded => hours(self.core.embedded.retention_hours) / 2,
+            CoreKind::Rocketmq => hours(self.core.rocketmq.state_refresh_hours),
+        }
+    }
+
     pub fn reserved_topics(&self) -> ReservedTopics {
         use crate::router::reserved::{KAFKA_SYSTEM_PREFIXES, ROCKETMQ_SYSTEM_PREFIXES, ROCKETMQ_SYSTEM_TOPICS};
         let mut names = vec![self.topics.events_topic.as_str(), self.trace.topic.as_str()];
@@ -1252,7 +1328,7 @@ impl Config {
             CoreKind::Embedded => {}
             CoreKind::Kafka => {
                 let t = &self.core.kafka.state_topics;
-                names.extend([t.sessions.as_str(), &t.retained, &t.credentials, &t.revoked_tokens]);
+                names.extend([t.sessions.as_str(), &t.retained, &t.credentials, &t.revoked_tokens, &t.delay]);
                 prefixes.extend(KAFKA_SYSTEM_PREFIXES);
             }
             CoreKind::Rocketmq => {
@@ -1298,10 +1374,10 @@ impl KafkaConfig {
             ));
         }
         let t = &self.state_topics;
-        let names = [&t.sessions, &t.retained, &t.credentials, &t.revoked_tokens];
+        let names = [&t.sessions, &t.retained, &t.credentials, &t.revoked_tokens, &t.delay];
         for (i, n) in names.iter().enumerate() {
             if n.is_empty() || names[..i].contains(n) {
-                return invalid("core.kafka.state_topics must be four distinct, non-empty names".into());
+                return invalid("core.kafka.state_topics must be five distinct, non-empty names".into());
             }
         }
         Ok(())

@@ -82,8 +82,10 @@ impl Gateway {
         )
         .await?;
         let auth = Arc::new(crate::auth::Authenticator::start(&config.auth, backend.clone()).await?);
+        let delay = crate::delay::Delays::new(&config, metrics.delay.clone());
         let ctx = Arc::new(Context {
             tracer,
+            delay,
             auth,
             connections_total: Arc::new(tokio::sync::Semaphore::new(config.max_connections_total)),
             limits,
@@ -125,6 +127,14 @@ impl Gateway {
             ),
             ctx.gateway_id.clone(),
             ctx.registry.clone(),
+            ctx.shutdown.clone(),
+        )));
+        tasks.push(tokio::spawn(crate::delay::run(
+            ctx.delay.clone(),
+            ctx.backend.clone(),
+            ctx.router.clone(),
+            ctx.config.delay.clone(),
+            ctx.gateway_id.clone(),
             ctx.shutdown.clone(),
         )));
         if let Some(events) = trace_events {

@@ -24,6 +24,7 @@ pub mod auth;
 pub mod backend;
 pub mod config;
 pub mod connection;
+pub mod delay;
 pub mod events;
 #[doc(hidden)]
 pub mod fuzzing;

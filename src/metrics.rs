@@ -36,6 +36,9 @@ use crate::transport::ConnInfo;
 const APPEND_BUCKETS: &[f64] =
     &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 
+/// Buckets of delayed messages' lateness, in seconds (5 ms … 60 s).
+const LATENESS_BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+
 /// `code` labels of `lmq_connect_total` the gateway answers CONNECT with: accepted,
 /// unsupported protocol version, ClientId not valid, bad user name or password, not
 /// authorised, server unavailable, topic name invalid (will), quota exceeded.
@@ -109,6 +112,8 @@ pub struct Metrics {
     pub event_errors: IntCounter,
     /// Backlog and delay per parent topic and of the top-K sessions (`session::backlog`).
     pub backlog: BacklogGauges,
+    /// Delayed messages (`crate::delay`), cloned into it at start.
+    pub delay: DelayMetrics,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -253,6 +258,48 @@ impl Metrics {
         for kind in ["connected", "offline"] {
             backlog.sessions.with_label_values(&[kind]);
         }
+        let delay = DelayMetrics {
+            pending: gauge_vec(
+                "lmq_delayed_pending_messages",
+                "Delayed messages waiting in each delay level (set by the gateway that moves them; 0 elsewhere)",
+                &["level"],
+            ),
+            lateness: {
+                let h = Histogram::with_opts(
+                    HistogramOpts::new(
+                        "lmq_delayed_lateness_seconds",
+                        "Time from a delayed message's due time until it was written to its topic",
+                    )
+                    .buckets(LATENESS_BUCKETS.to_vec()),
+                )
+                .unwrap_or_else(|e| unreachable!("{e}"));
+                register(&registry, Box::new(h.clone()));
+                h
+            },
+            accepted: counter("lmq_delayed_accepted_total", "Delayed messages accepted and stored in a delay level"),
+            refused: counter_vec(
+                "lmq_delayed_refused_total",
+                "Delayed messages refused, by reason (malformed delay, more than 40 days)",
+                &["reason"],
+            ),
+            forwarded: counter_vec(
+                "lmq_delayed_forwarded_total",
+                "Delayed-message records written on by this gateway (to=level: a lower level; to=topic: delivered)",
+                &["to"],
+            ),
+            dropped: counter_vec(
+                "lmq_delayed_dropped_total",
+                "Delay-level records that could not be delivered (no due time or topic, topic refused)",
+                &["reason"],
+            ),
+            holder: gauge("lmq_delay_forwarder", "1 while this gateway moves delayed messages"),
+        };
+        for reason in crate::delay::Refused::ALL {
+            delay.refused.with_label_values(&[reason.as_str()]);
+        }
+        for to in ["level", "topic"] {
+            delay.forwarded.with_label_values(&[to]);
+        }
         #[cfg(target_os = "linux")]
         register(
             &registry,
@@ -302,6 +349,7 @@ impl Metrics {
             events,
             event_errors: counter("lmq_event_errors_total", "Client status events that could not be written"),
             backlog,
+            delay,
             registry,
             names: names.into_inner(),
         }
@@ -431,6 +479,18 @@ pub struct SessionBacklogRow {
     pub client_id: String,
     pub messages: u64,
     pub delay_secs: f64,
+}
+
+/// Delayed-message metrics (`crate::delay`).
+#[derive(Clone)]
+pub struct DelayMetrics {
+    pub pending: IntGaugeVec,
+    pub lateness: Histogram,
+    pub accepted: IntCounter,
+    pub refused: IntCounterVec,
+    pub forwarded: IntCounterVec,
+    pub dropped: IntCounterVec,
+    pub holder: IntGauge,
 }
 
 /// The backlog gauges: set whole after each pass of `session::backlog`; series whose parent

@@ -41,6 +41,8 @@ pub struct Context {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Message trace (off unless `trace.enabled`).
     pub tracer: Arc<crate::trace::Tracer>,
+    /// Delayed messages: the delay clock and levels the publish path uses.
+    pub delay: Arc<crate::delay::Delays>,
 }
 
 /// A bound listener, ready to serve.

@@ -35,6 +35,10 @@ pub(super) struct PublishRequest {
     payload_encoding: String,
     #[serde(default = "default_qos")]
     qos: u8,
+    /// Deliver this many seconds from now (0 … 3,456,000; delayed message).
+    delay_secs: Option<u64>,
+    /// Deliver at this time, epoch ms (at most 40 days ahead; delayed message).
+    deliver_at_ms: Option<i64>,
 }
 
 fn default_encoding() -> String {
@@ -82,6 +86,23 @@ pub(super) async fn publish(
             "the payload is larger than limits.max_payload_bytes",
         ));
     }
+    let now = ctx.delay.clock.now_ms();
+    let due = match (req.delay_secs, req.deliver_at_ms) {
+        (None, None) => None,
+        (Some(secs), None) if secs <= crate::delay::MAX_DELAY_SECS => Some(now + secs as i64 * 1000),
+        (None, Some(at)) => Some(crate::delay::parse_start_time(&at.to_string(), now).map_err(|why| {
+            ctx.delay.refused(why);
+            ApiError::bad_request("invalid_delay", "deliver_at_ms must be epoch milliseconds at most 40 days ahead")
+        })?),
+        (Some(_), None) => {
+            ctx.delay.refused(crate::delay::Refused::TooLong);
+            return Err(ApiError::bad_request("invalid_delay", "delay_secs must be 0 to 3456000 (40 days)"));
+        }
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad_request("invalid_delay", "give delay_secs or deliver_at_ms, not both"))
+        }
+    }
+    .filter(|due| *due > now);
     let parent = topic::parent(&topic);
     let core = ctx.router.topics().resolve(parent).map_err(|why| match why {
         Unmapped::Undeclared => {
@@ -112,7 +133,8 @@ pub(super) async fn publish(
     };
     // The one ingest path of every message (PUBLISH, will, this): record, append, trace.
     let stored = async {
-        let (ack, msg_id) = crate::connection::store_message(ctx, &core.name, Arc::new(message), None).await?;
+        let (ack, msg_id) =
+            crate::connection::store_message(ctx, &core.name, Arc::new(message), None, due.map(|d| (d, now))).await?;
         Ok::<_, crate::backend::BackendError>((ack.await?, msg_id))
     };
     let (position, msg_id) =
@@ -123,5 +145,6 @@ pub(super) async fn publish(
         "partition": position.partition,
         "offset": position.offset,
         "msg_id": &*msg_id,
+        "deliver_at_ms": due,
     })))
 }

@@ -759,7 +759,7 @@ impl Inner {
                     self.revoked.write().remove(&key);
                 }
             },
-            StateStore::Sessions | StateStore::Retained => {}
+            StateStore::Sessions | StateStore::Retained | StateStore::Delay => {}
         }
     }
 

@@ -146,12 +146,20 @@ pub enum StateStore {
     /// Revoked token ids, key = `jti`, value = JSON with the token's expiry (`auth::token`);
     /// an entry may be deleted once the token has expired on its own.
     RevokedTokens,
+    /// Checkpoints of the delayed-message forwarders, key = delay level, value = JSON from
+    /// `delay::forward` (what is being moved and where to look for it after a crash).
+    Delay,
 }
 
 impl StateStore {
     /// Every store, for engines that open them all.
-    pub const ALL: [StateStore; 4] =
-        [StateStore::Sessions, StateStore::Retained, StateStore::Credentials, StateStore::RevokedTokens];
+    pub const ALL: [StateStore; 5] = [
+        StateStore::Sessions,
+        StateStore::Retained,
+        StateStore::Credentials,
+        StateStore::RevokedTokens,
+        StateStore::Delay,
+    ];
 }
 
 /// A change to a [`StateStore`]: `None` value = deleted.

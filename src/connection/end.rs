@@ -125,7 +125,7 @@ impl Conn {
                 tracing::warn!(client_id, error = %e, "cannot publish will");
                 return;
             }
-            let stored = match store_message(&ctx, &core.name, with_timestamp(message, now_ms()), None).await {
+            let stored = match store_message(&ctx, &core.name, with_timestamp(message, now_ms()), None, None).await {
                 Ok((ack, _)) => ack.await,
                 Err(e) => Err(e),
             };

@@ -82,6 +82,45 @@ impl Conn {
             }
             return self.on_pull_request(&p, backend_timeout).await;
         }
+        // Delayed (SPEC §9): `$delayed/<seconds>/<topic>`, or MQTT 5's `__STARTDELIVERTIME`;
+        // everything below checks and stores the target topic.
+        let mut alias_topic = None;
+        let mut delayed = None;
+        let now = self.ctx.delay.clock.now_ms();
+        if let Some(parsed) = crate::delay::parse_delayed_topic(&p.topic) {
+            match parsed {
+                Ok((delay_ms, target)) => {
+                    let target = target.to_owned();
+                    alias_topic = Some(std::mem::replace(&mut p.topic, target));
+                    delayed = (delay_ms > 0).then_some((now + delay_ms, now));
+                }
+                Err(why) => {
+                    self.ctx.delay.refused(why);
+                    return self.refuse_publish(
+                        &p,
+                        ReasonCode::TOPIC_NAME_INVALID,
+                        "delayed topic malformed or beyond 40 days",
+                    );
+                }
+            }
+        } else if let Some(i) =
+            p.properties.user_properties.iter().position(|(k, _)| k == crate::delay::START_DELIVER_TIME)
+        {
+            match crate::delay::parse_start_time(&p.properties.user_properties[i].1, now) {
+                Ok(due) => {
+                    p.properties.user_properties.remove(i);
+                    delayed = (due > now).then_some((due, now));
+                }
+                Err(why) => {
+                    self.ctx.delay.refused(why);
+                    return self.refuse_publish(
+                        &p,
+                        ReasonCode::PAYLOAD_FORMAT_INVALID,
+                        "__STARTDELIVERTIME malformed or beyond 40 days",
+                    );
+                }
+            }
+        }
         // Any other message ends the wait for an offline pull request.
         self.offline.push();
         if p.qos != QoS::AtMostOnce {
@@ -109,7 +148,7 @@ impl Conn {
             return self.refuse_publish(&p, ReasonCode::TOPIC_NAME_INVALID, "topic name not allowed");
         }
         if let Some(alias) = new_alias {
-            self.topic_aliases.insert(alias, p.topic.clone());
+            self.topic_aliases.insert(alias, alias_topic.unwrap_or_else(|| p.topic.clone()));
         }
         // The retained store every gateway holds is bounded (an empty payload only deletes).
         let limits = &self.ctx.config.limits;
@@ -195,7 +234,15 @@ impl Conn {
         let mut qos2_id = None;
         if let (QoS::ExactlyOnce, Some(pid)) = (qos, packet_id) {
             if self.session_expiry > 0 {
-                match self.qos2_intent(&core, pid, backend_timeout).await? {
+                // A delayed message's record is in its first delay level.
+                let stored_in = match delayed {
+                    Some((due, at)) => {
+                        let levels = &self.ctx.delay.levels;
+                        CoreTopic { name: levels.topic(levels.for_remaining(due - at)).into(), partitions: 1 }
+                    }
+                    None => core.clone(),
+                };
+                match self.qos2_intent(&stored_in, pid, backend_timeout).await? {
                     Some(marker) => qos2_id = Some(marker),
                     // Stored before a crash of the gateway that received it first; it counts
                     // against the Receive Maximum until its PUBREL, like any QoS 2 PUBLISH.
@@ -207,7 +254,7 @@ impl Conn {
         self.ctx.metrics.message_in(qos).inc();
         // Queued in arrival order (this await is the back-pressure point); the durable
         // acknowledgements then complete in the background, in order.
-        let stored = store_message(&self.ctx, &core.name, message, qos2_id);
+        let stored = store_message(&self.ctx, &core.name, message, qos2_id, delayed);
         let (fut, msg_id) = match tokio::time::timeout(backend_timeout, stored).await {
             Ok(Ok(ack)) => ack,
             Ok(Err(e)) => {
@@ -511,6 +558,7 @@ pub(crate) async fn store_message(
     core: &str,
     message: Arc<Message>,
     qos2_id: Option<String>,
+    delayed: Option<(i64, i64)>,
 ) -> Result<(BoxFuture<'static, Result<crate::backend::Position, BackendError>>, Arc<str>), BackendError> {
     let mut record = ctx.router.topics().to_record(&message);
     let msg_id: Arc<str> =
@@ -519,14 +567,24 @@ pub(crate) async fn store_message(
         record.headers.push((mapping::header::QOS2_ID.to_string(), Bytes::from(id)));
     }
     let value = (message.retain && !message.payload.is_empty()).then(|| mapping::encode_record(&record));
+    // A delayed message is stored in its first delay level; its retain flag applies when it
+    // is delivered (`delay::forward`).
+    let core = match delayed {
+        Some((due, now)) => ctx.delay.place(&mut record, due, now),
+        None => core.to_owned(),
+    };
+    let due_ms = delayed.map(|(due, _)| due);
     let traced = ctx.tracer.wants(&message.topic, Some(&msg_id)).then(|| {
         let retain = if message.retain { " retain" } else { "" };
         let detail = format!("topic={} qos={}{retain}", message.topic, message.qos as u8);
         ctx.tracer.emit(Kind::Publish, &msg_id, &message.publisher, detail);
-        (ctx.tracer.clone(), msg_id.clone(), message.publisher.clone(), core.to_owned())
+        if let Some(due) = due_ms {
+            ctx.tracer.emit(Kind::Delayed, &msg_id, &message.publisher, format!("due_ms={due}"));
+        }
+        (ctx.tracer.clone(), msg_id.clone(), message.publisher.clone(), core.clone())
     });
     let started = std::time::Instant::now();
-    let append = ctx.backend.enqueue(core, record).await.inspect_err(|_| ctx.metrics.append_errors.inc())?;
+    let append = ctx.backend.enqueue(&core, record).await.inspect_err(|_| ctx.metrics.append_errors.inc())?;
     let metrics = ctx.metrics.clone();
     let append = async move {
         let r = append.await;
@@ -540,7 +598,7 @@ pub(crate) async fn store_message(
         }
         r
     };
-    if !message.retain {
+    if !message.retain || due_ms.is_some() {
         return Ok((append.boxed(), msg_id));
     }
     let retained = ctx.backend.put_state(StateStore::Retained, &message.topic, value);

@@ -93,6 +93,7 @@ struct Stores<T> {
     retained: T,
     credentials: T,
     revoked_tokens: T,
+    delay: T,
 }
 
 impl<T> Stores<T> {
@@ -102,11 +103,12 @@ impl<T> Stores<T> {
             retained: f(self.retained),
             credentials: f(self.credentials),
             revoked_tokens: f(self.revoked_tokens),
+            delay: f(self.delay),
         }
     }
 
-    fn all(&self) -> [&T; 4] {
-        [&self.sessions, &self.retained, &self.credentials, &self.revoked_tokens]
+    fn all(&self) -> [&T; 5] {
+        [&self.sessions, &self.retained, &self.credentials, &self.revoked_tokens, &self.delay]
     }
 }
 
@@ -228,6 +230,7 @@ fn recover_blocking(
         retained: load(StateStore::Retained)?,
         credentials: load(StateStore::Credentials)?,
         revoked_tokens: load(StateStore::RevokedTokens)?,
+        delay: load(StateStore::Delay)?,
     };
     Ok((topics, stores))
 }
@@ -403,6 +406,7 @@ impl Shared {
             StateStore::Retained => &self.stores.retained,
             StateStore::Credentials => &self.stores.credentials,
             StateStore::RevokedTokens => &self.stores.revoked_tokens,
+            StateStore::Delay => &self.stores.delay,
         }
     }
 

@@ -46,6 +46,7 @@ pub(crate) fn file_name(store: StateStore) -> &'static str {
         StateStore::Retained => "retained.kv",
         StateStore::Credentials => "credentials.kv",
         StateStore::RevokedTokens => "revoked_tokens.kv",
+        StateStore::Delay => "delay.kv",
     }
 }
 

@@ -1,6 +1,6 @@
 //! Keyed state in compacted Kafka topics, materialised in memory.
 //!
-//! One consumer reads every partition of the four state topics from the beginning and keeps
+//! One consumer reads every partition of the five state topics from the beginning and keeps
 //! the latest value per key (a tombstone deletes it) — the same view on every gateway.
 //! Reads are read-your-writes across gateways: `get` and `watch` first ask the brokers for the
 //! current end of the store's partitions and wait until the view has consumed up to it, so a
@@ -19,7 +19,7 @@ use crate::backend::{BackendError, Result, StateStore, StateUpdate};
 use crate::config::KafkaStateTopics;
 
 pub(super) struct StateView {
-    topics: [(StateStore, String); 4],
+    topics: [(StateStore, String); 5],
     inner: parking_lot::Mutex<Inner>,
     /// Bumped after every applied message, so waiters re-check their positions.
     progress: watch::Sender<u64>,
@@ -41,6 +41,7 @@ impl StateView {
                 (StateStore::Retained, names.retained.clone()),
                 (StateStore::Credentials, names.credentials.clone()),
                 (StateStore::RevokedTokens, names.revoked_tokens.clone()),
+                (StateStore::Delay, names.delay.clone()),
             ],
             inner: parking_lot::Mutex::new(Inner::default()),
             progress: watch::channel(0).0,

@@ -47,6 +47,7 @@ pub fn store_name(store: StateStore) -> &'static str {
         StateStore::Retained => "retained",
         StateStore::Credentials => "credentials",
         StateStore::RevokedTokens => "revoked_tokens",
+        StateStore::Delay => "delay",
     }
 }
 

@@ -289,8 +289,14 @@ pub(super) fn mock_cluster(args: &Args) -> Result<()> {
     let topics = TopicsConfig::default();
     let kafka = KafkaConfig::default();
     let state = &kafka.state_topics;
-    let gateway_topics =
-        [&topics.events_topic, &state.sessions, &state.retained, &state.credentials, &state.revoked_tokens];
+    let gateway_topics = [
+        &topics.events_topic,
+        &state.sessions,
+        &state.retained,
+        &state.credentials,
+        &state.revoked_tokens,
+        &state.delay,
+    ];
     let partitions = i32::try_from(kafka.partitions).context("partitions")?;
     for topic in gateway_topics {
         cluster.create_topic(topic, partitions, 1).with_context(|| format!("creating {topic:?}"))?;

@@ -1,0 +1,370 @@
+//! The forwarder of one delay level: reads the level's head, and moves each ready record to a
+//! lower level or, once due, to its topic; exactly once across crashes.
+//!
+//! Before a batch is written anywhere, its **checkpoint** is saved in the `Delay` state store
+//! (key = level): the level offsets `[next, to)` being moved, the time, and the topics written
+//! to. Every forwarded record carries `lmqDelayFrom = <level>:<offset>`. A batch that
+//! completes needs no second write: the next checkpoint starts where it ended. After a crash,
+//! a failed write or a takeover, recovery reads the checkpoint and, when its range is not
+//! empty, looks in each of its topics from the checkpoint's time (less
+//! [`crate::query::SKEW_MS`], for time indexes kept by the broker's clock) for the records that
+//! carry its `lmqDelayFrom` marks: those were written; the others of the range are written
+//! now. Only the head of the level is in memory: at most `delay.batch` records while they are
+//! ready, one while it waits.
+
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeSet, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{decide, due_of, header, lease::Lease, mark, ready_of, Decision, Delays, START_DELIVER_TIME};
+use crate::backend::{BackendError, CoreRecord, Record, SharedCoreService, StateStore, TopicPartition};
+use crate::router::mapping::{self, header as lmq};
+use crate::router::Router;
+
+/// Longest a forwarder sleeps before it looks again (a moved clock, a lost lease).
+const MAX_SLEEP_MS: i64 = 1000;
+/// Records recovery reads at most to find what was already written.
+const SCAN_MAX_RECORDS: usize = 5_000_000;
+
+/// What is being moved (the `Delay` state store's value for a level).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Checkpoint {
+    /// First level offset of the batch.
+    pub next: u64,
+    /// End of the batch (exclusive): offsets `[next, to)` may be written, partly or wholly.
+    pub to: u64,
+    /// When the checkpoint was written (epoch ms, forwarder's clock).
+    pub at: i64,
+    /// Topics the batch writes to.
+    pub dests: Vec<String>,
+}
+
+/// One record's way on.
+enum Out {
+    Wait(i64),
+    /// Write `record` to `topic`; `retained`: also the retained store (`Some(None)`: delete).
+    Write {
+        topic: String,
+        record: CoreRecord,
+        retained: Option<(String, Option<bytes::Bytes>)>,
+        late_ms: Option<i64>,
+    },
+    /// Cannot be delivered (no due time, topic refused): counted and skipped.
+    Drop(&'static str),
+}
+
+pub struct Forwarder {
+    level: u32,
+    tp: TopicPartition,
+    delays: Arc<Delays>,
+    core: SharedCoreService,
+    router: Arc<Router>,
+    lease: Arc<Lease>,
+    batch: usize,
+    timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum Failed {
+    #[error(transparent)]
+    Core(#[from] BackendError),
+    #[error("no answer from the core service within {0:?}")]
+    Timeout(Duration),
+    #[error("lease lost")]
+    Lease,
+}
+
+impl Forwarder {
+    pub fn new(
+        level: u32,
+        delays: Arc<Delays>,
+        core: SharedCoreService,
+        router: Arc<Router>,
+        lease: Arc<Lease>,
+        config: &crate::config::DelayConfig,
+    ) -> Forwarder {
+        let tp = TopicPartition::new(delays.levels.topic(level), 0);
+        Forwarder {
+            level,
+            tp,
+            delays,
+            core,
+            router,
+            lease,
+            batch: config.batch.max(1),
+            timeout: Duration::from_secs(config.timeout_secs.max(1)),
+        }
+    }
+
+    fn key(&self) -> String {
+        self.level.to_string()
+    }
+
+    async fn within<T>(&self, f: impl std::future::Future<Output = Result<T, BackendError>>) -> Result<T, Failed> {
+        tokio::time::timeout(self.timeout, f).await.map_err(|_| Failed::Timeout(self.timeout))?.map_err(Failed::from)
+    }
+
+    async fn checkpoint(&self) -> Result<Option<Checkpoint>, Failed> {
+        let raw = self.within(self.core.get_state(StateStore::Delay, &self.key())).await?;
+        Ok(raw.and_then(|v| serde_json::from_slice(&v).ok()))
+    }
+
+    async fn save(&self, cp: &Checkpoint) -> Result<(), Failed> {
+        if !self.lease.valid() {
+            return Err(Failed::Lease);
+        }
+        let value = serde_json::to_vec(cp).map_err(|e| Failed::Core(BackendError::Storage(e.to_string())))?;
+        self.within(self.core.put_state(StateStore::Delay, &self.key(), Some(value.into()))).await
+    }
+
+    /// What to do with `r` at `now`.
+    async fn out(&self, r: &Record, now: i64) -> Out {
+        let Some(due) = due_of(&r.record) else { return Out::Drop("no_due_time") };
+        let from = format!("{}:{}", self.level, r.offset);
+        match decide(&self.delays.levels, ready_of(&r.record), due, now) {
+            Decision::Wait(t) => Out::Wait(t),
+            Decision::Move(k) => {
+                let mut record = r.record.clone();
+                mark(&mut record, k, due, now, Some(from));
+                record.timestamp_ms = now;
+                Out::Write { topic: self.delays.levels.topic(k), record, retained: None, late_ms: None }
+            }
+            Decision::Deliver => {
+                let Some(topic) = r.record.header(lmq::TOPIC).and_then(|t| std::str::from_utf8(t).ok()) else {
+                    return Out::Drop("no_topic");
+                };
+                let Ok(core) = self.router.topics().resolve(crate::router::topic::parent(topic)) else {
+                    return Out::Drop("topic_refused");
+                };
+                if crate::router::topic::validate_name(topic).is_err() {
+                    return Out::Drop("topic_refused");
+                }
+                if let Err(e) = self.router.ensure_for_publish(&core, topic).await {
+                    tracing::warn!(topic, error = %e, "cannot deliver a delayed message");
+                    return Out::Drop("topic_refused");
+                }
+                let mut record = r.record.clone();
+                record.headers.retain(|(k, _)| k != header::DUE && k != header::READY && k != START_DELIVER_TIME);
+                record.headers.retain(|(k, _)| k != header::FROM);
+                record.headers.push((header::FROM.into(), bytes::Bytes::from(from)));
+                record.timestamp_ms = now;
+                let retained = (record.header(lmq::RETAIN).map(|v| &v[..]) == Some(b"true")).then(|| {
+                    let value = (!record.value.is_empty()).then(|| mapping::encode_record(&record));
+                    (topic.to_owned(), value)
+                });
+                Out::Write { topic: core.name.to_string(), record, retained, late_ms: Some(now - due) }
+            }
+        }
+    }
+
+    /// Write a batch of decided records in order and wait until all are durable.
+    async fn write(&self, outs: Vec<Out>) -> Result<(), Failed> {
+        let mut acks = Vec::with_capacity(outs.len());
+        let mut lateness = Vec::new();
+        for out in outs {
+            match out {
+                Out::Write { topic, record, retained, late_ms } => {
+                    let is_level = self.delays.levels.of_topic(&topic).is_some();
+                    acks.push(self.within(self.core.enqueue(&topic, record)).await?);
+                    if let Some((key, value)) = retained {
+                        self.within(self.core.put_state(StateStore::Retained, &key, value)).await?;
+                    }
+                    let to = if is_level { "level" } else { "topic" };
+                    self.delays.metrics.forwarded.with_label_values(&[to]).inc();
+                    lateness.extend(late_ms);
+                }
+                Out::Drop(why) => {
+                    self.delays.metrics.dropped.with_label_values(&[why]).inc();
+                }
+                Out::Wait(_) => {}
+            }
+        }
+        for ack in acks {
+            self.within(ack).await?;
+        }
+        for late in lateness {
+            self.delays.metrics.lateness.observe(late.max(0) as f64 / 1000.0);
+        }
+        Ok(())
+    }
+
+    /// Finish what the checkpoint says may be half done; returns the offset to go on from.
+    async fn recover(&self) -> Result<u64, Failed> {
+        let Some(cp) = self.checkpoint().await? else { return Ok(0) };
+        if cp.to <= cp.next {
+            return Ok(cp.next);
+        }
+        let written = self.written(&cp).await?;
+        let mut next = cp.next;
+        let mut redo = 0usize;
+        while next < cp.to {
+            let got = self.within(self.core.fetch(&self.tp, next, self.batch)).await?;
+            if got.records.is_empty() {
+                break;
+            }
+            next = got.next_offset.max(next + 1);
+            let mut outs = Vec::new();
+            for r in got.records.iter().filter(|r| r.offset < cp.to && !written.contains(&r.offset)) {
+                let mut out = self.out(r, self.delays.clock.now_ms()).await;
+                while let Out::Wait(t) = out {
+                    tokio::time::sleep(Duration::from_millis(
+                        (t - self.delays.clock.now_ms()).clamp(1, MAX_SLEEP_MS) as u64
+                    ))
+                    .await;
+                    out = self.out(r, self.delays.clock.now_ms()).await;
+                }
+                outs.push(out);
+            }
+            redo += outs.len();
+            if !self.lease.valid() {
+                return Err(Failed::Lease);
+            }
+            self.write(outs).await?;
+        }
+        if redo > 0 || !written.is_empty() {
+            tracing::info!(
+                level = self.level,
+                already = written.len(),
+                written_now = redo,
+                "delayed messages of an unfinished batch recovered"
+            );
+        }
+        let done = Checkpoint { next: cp.to, to: cp.to, at: self.delays.clock.now_ms(), dests: Vec::new() };
+        self.save(&done).await?;
+        Ok(cp.to)
+    }
+
+    /// Offsets of the checkpoint's range that some topic of the checkpoint already holds.
+    async fn written(&self, cp: &Checkpoint) -> Result<HashSet<u64>, Failed> {
+        let mark = format!("{}:", self.level);
+        let mut found = HashSet::new();
+        let mut scanned = 0usize;
+        for dest in &cp.dests {
+            self.within(self.core.ensure_topic(dest, 1)).await?;
+            let partitions = self.core.partitions(dest)?;
+            for p in 0..partitions {
+                let tp = TopicPartition::new(dest.as_str(), p);
+                let from = crate::backend::offset_for_time(
+                    self.core.as_ref(),
+                    &tp,
+                    cp.at.saturating_sub(crate::query::SKEW_MS),
+                );
+                let mut at = self.within(from).await?;
+                let end = self.within(self.core.end_offset(&tp)).await?;
+                while at < end && scanned < SCAN_MAX_RECORDS {
+                    let got = self.within(self.core.fetch(&tp, at, 1000)).await?;
+                    if got.records.is_empty() {
+                        break;
+                    }
+                    scanned += got.records.len();
+                    at = got.next_offset.max(at + 1);
+                    for r in &got.records {
+                        let Some(from) = r.record.header(header::FROM) else { continue };
+                        let Some(offset) = std::str::from_utf8(from).ok().and_then(|f| f.strip_prefix(&mark)) else {
+                            continue;
+                        };
+                        if let Ok(o) = offset.parse::<u64>() {
+                            if (cp.next..cp.to).contains(&o) {
+                                found.insert(o);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if scanned >= SCAN_MAX_RECORDS {
+            tracing::warn!(
+                level = self.level,
+                "recovery scan bound reached; some delayed messages may be written twice"
+            );
+        }
+        Ok(found)
+    }
+
+    /// Move ready records until the lease is lost or `stop`.
+    async fn forward(&self, mut next: u64, stop: &tokio_util::sync::CancellationToken) -> Result<(), Failed> {
+        let mut heads: std::collections::VecDeque<Arc<Record>> = Default::default();
+        let idle = Duration::from_millis((1u64 << self.level.min(20)).clamp(50, MAX_SLEEP_MS as u64) / 2);
+        let pending = self.delays.metrics.pending.with_label_values(&[&self.key()]);
+        loop {
+            if stop.is_cancelled() || !self.lease.valid() {
+                return Err(Failed::Lease);
+            }
+            if heads.is_empty() {
+                let got = self.within(self.core.fetch(&self.tp, next, self.batch)).await?;
+                pending.set(got.high_watermark.saturating_sub(next) as i64);
+                if got.records.is_empty() {
+                    next = next.max(got.next_offset);
+                    tokio::select! {
+                        _ = tokio::time::sleep(idle) => {}
+                        _ = stop.cancelled() => return Ok(()),
+                    }
+                    continue;
+                }
+                heads.extend(got.records);
+            }
+            let now = self.delays.clock.now_ms();
+            let mut outs = Vec::new();
+            let mut wait = None;
+            for r in heads.iter().take(self.batch) {
+                match self.out(r, now).await {
+                    Out::Wait(t) => {
+                        wait = Some(t);
+                        break;
+                    }
+                    out => outs.push(out),
+                }
+            }
+            if outs.is_empty() {
+                let sleep = wait.map_or(MAX_SLEEP_MS, |t| (t - now).clamp(1, MAX_SLEEP_MS));
+                if sleep >= MAX_SLEEP_MS {
+                    // Long wait: hold only the head.
+                    heads.truncate(1);
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(sleep as u64)) => {}
+                    _ = stop.cancelled() => return Ok(()),
+                }
+                continue;
+            }
+            let taken: Vec<Arc<Record>> = heads.drain(..outs.len()).collect();
+            let to = taken.last().map_or(next, |r| r.offset + 1);
+            let dests: BTreeSet<String> = outs
+                .iter()
+                .filter_map(|o| match o {
+                    Out::Write { topic, .. } => Some(topic.clone()),
+                    _ => None,
+                })
+                .collect();
+            let cp = Checkpoint { next, to, at: now, dests: dests.into_iter().collect() };
+            self.save(&cp).await?;
+            if let Err(e) = self.write(outs).await {
+                // Some of the batch may be written: recovery sorts it out from the checkpoint.
+                tracing::warn!(level = self.level, error = %e, "writing delayed messages failed");
+                return Err(e);
+            }
+            next = to;
+        }
+    }
+}
+
+/// Run one level's forwarder while this gateway holds the lease.
+pub async fn run(f: Forwarder, stop: tokio_util::sync::CancellationToken) {
+    loop {
+        let result = match f.recover().await {
+            Ok(next) => f.forward(next, &stop).await,
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(()) => return,
+            Err(Failed::Lease) if stop.is_cancelled() => return,
+            Err(Failed::Lease) => {}
+            Err(e) => tracing::warn!(level = f.level, error = %e, "delayed-message forwarder failed; retrying"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = stop.cancelled() => return,
+        }
+    }
+}

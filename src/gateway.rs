@@ -83,6 +83,9 @@ impl Gateway {
         .await?;
         let auth = Arc::new(crate::auth::Authenticator::start(&config.auth, backend.clone()).await?);
         let delay = crate::delay::Delays::new(&config, metrics.delay.clone());
+        crate::delay::create_topics(&delay.levels, &backend, &config.delay)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot create the delay topics: {e}"))?;
         let ctx = Arc::new(Context {
             tracer,
             delay,

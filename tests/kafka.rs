@@ -8,6 +8,8 @@ mod common;
 mod hostile;
 #[macro_use]
 mod ops;
+#[macro_use]
+mod delay;
 mod kafka_broker;
 
 use common::{publish_pipelined, v4, v5, GatewayProcess, Pace, FULL_SPEED, WAIT};
@@ -646,4 +648,8 @@ mod hostile_checks {
 mod ops_checks {
     for_each_ops_check!(on_kafka);
     for_each_cluster_ops_check!(on_kafka);
+}
+
+mod delay_checks {
+    for_each_delay_check!(on_kafka);
 }

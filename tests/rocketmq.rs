@@ -8,6 +8,8 @@ mod common;
 mod hostile;
 #[macro_use]
 mod ops;
+#[macro_use]
+mod delay;
 mod rocketmq_broker;
 
 use common::{v4, v5, GatewayProcess, WAIT};
@@ -425,4 +427,8 @@ mod hostile_checks {
 mod ops_checks {
     for_each_ops_check!(on_rocketmq);
     for_each_cluster_ops_check!(on_rocketmq);
+}
+
+mod delay_checks {
+    for_each_delay_check!(on_rocketmq);
 }

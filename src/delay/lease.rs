@@ -8,8 +8,10 @@
 //! A gateway that has not seen the holder beat for `lease_ms` claims `epoch + 1`.
 //!
 //! Fencing: the holder moves messages only while it has seen its own beat within
-//! `lease_ms / 2`, and a new holder starts `lease_ms / 2` after its claim is in the log (its
-//! recovery then sees every checkpoint the old holder wrote). Instances are named by gateway ID
+//! `lease_ms / 2`, and its writes time out after `delay.timeout_secs`; a new holder starts
+//! once that much time has passed since the old holder's last beat it saw (at least one beat
+//! interval after its claim is in the log), so its recovery sees every checkpoint and every
+//! write of the old holder. Instances are named by gateway ID
 //! and a random number, so a restarted gateway is a new instance. With the embedded core
 //! service only one process can use the data directory: it claims at once, without waiting.
 
@@ -70,13 +72,14 @@ impl Lease {
         single: bool,
         stop: tokio_util::sync::CancellationToken,
     ) -> (Arc<Lease>, watch::Receiver<Option<u64>>) {
+        let timeout_secs = config.timeout_secs;
         let lease = Arc::new(Lease {
             me,
             lease_ms: config.lease_ms.max(500) as i64,
             view: parking_lot::Mutex::new(View::default()),
         });
         let (tx, rx) = watch::channel(None);
-        tokio::spawn(follow(lease.clone(), core, topic, single, tx, stop));
+        tokio::spawn(follow(lease.clone(), core, topic, (single, timeout_secs), tx, stop));
         (lease, rx)
     }
 
@@ -104,7 +107,7 @@ async fn follow(
     lease: Arc<Lease>,
     core: SharedCoreService,
     topic: String,
-    single: bool,
+    (single, timeout_secs): (bool, u64),
     held: watch::Sender<Option<u64>>,
     stop: tokio_util::sync::CancellationToken,
 ) {
@@ -126,7 +129,10 @@ async fn follow(
     let mut tail = core.tail();
     tail.assign(tp.clone(), end.saturating_sub(32));
     let beat_every = Duration::from_millis((lease.lease_ms / 5).max(100) as u64);
-    let grace_ms = if single { 0 } else { lease.lease_ms / 2 };
+    // How long a holder that lost sight of its beats may still be writing: it stops new
+    // writes `lease_ms / 2` after its last beat it saw, and a write takes at most the timeout.
+    let fence_ms = lease.lease_ms / 2 + (timeout_secs as i64).saturating_mul(1000);
+    let mut grace_ms = 0;
     let mut ticks = tokio::time::interval(beat_every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // When this gateway's claim was seen, and whether it was announced as held.
@@ -181,6 +187,9 @@ async fn follow(
                     };
                     if single || silent > lease.lease_ms {
                         claiming = write_beat(&core, &topic, &lease.me, epoch + 1).await;
+                        // Wait out whatever the silent holder may still write (at least one
+                        // beat interval, in case it is alive and only our view was stale).
+                        grace_ms = if single { 0 } else { (fence_ms - silent).max(lease.lease_ms / 5) };
                     }
                 } else if now - refreshed > 2 * lease.lease_ms {
                     // The claim was written but never seen (or lost the race unseen): try again.

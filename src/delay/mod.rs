@@ -238,8 +238,29 @@ impl Delays {
     }
 }
 
-/// Create the level topics, then take part in moving delayed messages until `stop`: follow
-/// the lease; while this gateway holds it, run one forwarder per level.
+impl Levels {
+    /// The lease topic (`delay::lease`).
+    pub fn lease_topic(&self) -> String {
+        format!("{}lease", self.prefix)
+    }
+}
+
+/// Create the level topics and the lease topic (one partition each; on Kafka with
+/// `delay.retention_hours`), all at once. The gateway does this before it serves clients.
+pub async fn create_topics(
+    levels: &Levels,
+    core: &SharedCoreService,
+    config: &crate::config::DelayConfig,
+) -> crate::backend::Result<()> {
+    let retention_ms = config.retention_hours.saturating_mul(3_600_000);
+    let mut topics: Vec<String> = levels.all().map(|k| levels.topic(k)).collect();
+    topics.push(levels.lease_topic());
+    futures::future::try_join_all(topics.iter().map(|t| core.ensure_topic_with_retention(t, 1, retention_ms))).await?;
+    Ok(())
+}
+
+/// Take part in moving delayed messages until `stop`: follow the lease; while this gateway
+/// holds it, run one forwarder per level.
 pub async fn run(
     delays: Arc<Delays>,
     core: SharedCoreService,
@@ -248,24 +269,7 @@ pub async fn run(
     gateway_id: String,
     stop: tokio_util::sync::CancellationToken,
 ) {
-    let retention_ms = config.retention_hours.saturating_mul(3_600_000);
-    let lease_topic = format!("{}lease", delays.levels.prefix);
-    let mut topics: Vec<String> = delays.levels.all().map(|k| delays.levels.topic(k)).collect();
-    topics.push(lease_topic.clone());
-    for topic in &topics {
-        loop {
-            match core.ensure_topic_with_retention(topic, 1, retention_ms).await {
-                Ok(()) => break,
-                Err(e) => {
-                    tracing::warn!(topic, error = %e, "cannot create a delay topic; retrying");
-                    tokio::select! {
-                        _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
-                        _ = stop.cancelled() => return,
-                    }
-                }
-            }
-        }
-    }
+    let lease_topic = delays.levels.lease_topic();
     if !config.enabled {
         return;
     }

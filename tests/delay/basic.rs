@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 /// than 2 s after its PUBACK and at most 1 s late.
 pub async fn a_delayed_message_arrives_no_earlier_than_due_and_about_on_time(core: &Core) {
     let gw = core.start(OPEN_AUTH).await;
+    wait_forwarding(&gw).await;
     let topic = format!("{}/later", unique("delay"));
     let mut sub = v5::connect(gw.addr(), &unique("sub")).await;
     sub.subscribe(&topic, QoS::AtLeastOnce).await;

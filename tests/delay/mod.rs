@@ -15,3 +15,15 @@ pub mod basic;
 
 pub use crate::hostile::Core;
 pub use basic::*;
+
+use lmq_gateway::gateway::Gateway;
+use std::time::{Duration, Instant};
+
+/// Wait until `gw` moves delayed messages (it holds the forwarding lease).
+pub async fn wait_forwarding(gw: &Gateway) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while gw.ctx.metrics.delay.holder.get() != 1 {
+        assert!(Instant::now() < deadline, "the gateway never took up forwarding delayed messages");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -9,8 +9,8 @@
 //! empty, looks in each of its topics from the checkpoint's time (less
 //! [`crate::query::SKEW_MS`], for time indexes kept by the broker's clock) for the records that
 //! carry its `lmqDelayFrom` marks: those were written; the others of the range are written
-//! now. Only the head of the level is in memory: at most `delay.batch` records while they are
-//! ready, one while it waits.
+//! now. Only the head of the level is in memory: at most `delay.batch` records and 1 MiB
+//! while they are ready, one record while it waits.
 
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashSet};
@@ -24,6 +24,9 @@ use crate::router::Router;
 
 /// Longest a forwarder sleeps before it looks again (a moved clock, a lost lease).
 const MAX_SLEEP_MS: i64 = 1000;
+/// Bytes of head records a forwarder keeps (at least one record): with every level busy, the
+/// forwarders hold at most about this much times the number of levels.
+const HEAD_BYTES: usize = 1 << 20;
 /// Records recovery reads at most to find what was already written.
 const SCAN_MAX_RECORDS: usize = 5_000_000;
 
@@ -302,7 +305,12 @@ impl Forwarder {
                     }
                     continue;
                 }
-                heads.extend(got.records);
+                let mut bytes = 0;
+                heads.extend(got.records.into_iter().take_while(|r| {
+                    let first = bytes == 0;
+                    bytes += r.record.memory_size();
+                    first || bytes <= HEAD_BYTES
+                }));
             }
             let now = self.delays.clock.now_ms();
             let mut outs = Vec::new();

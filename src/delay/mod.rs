@@ -220,6 +220,9 @@ pub struct Delays {
 impl Delays {
     pub fn new(config: &Config, metrics: DelayMetrics) -> Arc<Delays> {
         let levels = Levels::new(&config.topics.reserved_prefix, config.delay_max_hold_ms());
+        for k in levels.all() {
+            metrics.pending.with_label_values(&[&k.to_string()]).set(0);
+        }
         Arc::new(Delays { clock: Clock::default(), levels, metrics })
     }
 

@@ -7,6 +7,9 @@
 //! epoch shows it is alive; any other beat is ignored. The holder beats every `lease_ms / 5`.
 //! A gateway that has not seen the holder beat for `lease_ms` claims `epoch + 1`.
 //!
+//! A beat without a gateway (`"gw": ""`) releases the lease: a gateway shutting down writes
+//! one after its forwarders finished, and the next claims at once.
+//!
 //! Fencing: the holder moves messages only while it has seen its own beat within
 //! `lease_ms / 2`, and its writes time out after `delay.timeout_secs`; a new holder starts
 //! once that much time has passed since the old holder's last beat it saw (at least one beat
@@ -31,7 +34,10 @@ struct Beat {
 
 #[derive(Debug, Default)]
 struct View {
+    /// `None`: nobody yet, or released (`released`).
     holder: Option<String>,
+    /// The last holder gave the lease up after finishing its writes: claim at once.
+    released: bool,
     epoch: u64,
     /// When the holder last beat (wall clock, ms).
     refreshed_ms: i64,
@@ -41,7 +47,9 @@ impl View {
     /// Apply one beat in log order; true when it changed the holder.
     fn apply(&mut self, beat: &Beat, seen_ms: i64) -> bool {
         if beat.epoch > self.epoch {
-            self.holder = Some(beat.gw.clone());
+            // A beat without a gateway releases the lease.
+            self.released = beat.gw.is_empty();
+            self.holder = (!beat.gw.is_empty()).then(|| beat.gw.clone());
             self.epoch = beat.epoch;
             self.refreshed_ms = seen_ms;
             true
@@ -81,6 +89,21 @@ impl Lease {
         let (tx, rx) = watch::channel(None);
         tokio::spawn(follow(lease.clone(), core, topic, (single, timeout_secs), tx, stop));
         (lease, rx)
+    }
+
+    /// Give the lease up, once this gateway's forwarders have finished (graceful shutdown): the
+    /// next gateway claims it at once instead of waiting for the lease to run out.
+    pub async fn release(&self, core: &SharedCoreService, topic: &str) {
+        let epoch = {
+            let v = self.view.lock();
+            if v.holder.as_deref() != Some(&self.me) {
+                return;
+            }
+            v.epoch
+        };
+        if write_beat(core, topic, "", epoch + 1).await {
+            tracing::info!("delayed-message forwarding handed on");
+        }
     }
 
     /// Whether this gateway holds the lease and has seen that recently enough to act on it.
@@ -171,17 +194,17 @@ async fn follow(
             },
             _ = ticks.tick() => {
                 let now = crate::now_ms();
-                let (holder, epoch, refreshed) = {
+                let (holder, epoch, refreshed, released) = {
                     let v = lease.view.lock();
-                    (v.holder.clone(), v.epoch, v.refreshed_ms)
+                    (v.holder.clone(), v.epoch, v.refreshed_ms, v.released)
                 };
                 if holder.as_deref() == Some(&lease.me) {
                     write_beat(&core, &topic, &lease.me, epoch).await;
                 } else if !claiming {
                     // Nobody known, or the holder is silent: claim the next epoch.
                     let silent = match holder {
-                        // An empty lease log: nobody ever held it.
-                        None if end == 0 => i64::MAX,
+                        // An empty lease log (nobody ever held it), or released.
+                        None if end == 0 || released => i64::MAX,
                         None => now - started,
                         Some(_) => now - refreshed,
                     };
@@ -226,6 +249,12 @@ mod tests {
         assert!(v.apply(&beat("b", 2), 30));
         assert!(!v.apply(&beat("a", 1), 40));
         assert_eq!((v.holder.as_deref(), v.epoch, v.refreshed_ms), (Some("b"), 2, 30));
+        // b releases it; the next claim wins at once.
+        assert!(v.apply(&beat("", 3), 50));
+        assert!(v.holder.is_none() && v.released);
+        assert!(v.apply(&beat("c", 4), 51));
+        assert!(!v.released);
+        assert_eq!(v.holder.as_deref(), Some("c"));
     }
 
     #[test]

@@ -278,7 +278,8 @@ pub async fn run(
     }
     let single = core.kind() == "embedded";
     let instance = format!("{gateway_id}#{:016x}", rand::random::<u64>());
-    let (lease, mut held) = lease::Lease::start(core.clone(), lease_topic, instance, &config, single, stop.clone());
+    let (lease, mut held) =
+        lease::Lease::start(core.clone(), lease_topic.clone(), instance, &config, single, stop.clone());
     loop {
         // Wait until this gateway holds the lease.
         while held.borrow_and_update().is_none() {
@@ -314,6 +315,7 @@ pub async fn run(
             delays.metrics.pending.with_label_values(&[&k.to_string()]).set(0);
         }
         if stop.is_cancelled() {
+            lease.release(&core, &lease_topic).await;
             return;
         }
     }

@@ -583,6 +583,75 @@ async fn unmarked_events_from_plain_producers_take_nobody_over() {
     gw.shutdown().await;
 }
 
+/// A Kafka application schedules a message by writing it to the lowest delay level with the
+/// documented headers (`topic`, `__STARTDELIVERTIME`): MQTT subscribers get it at that time,
+/// not before. The delay topics are created with `delay.retention_hours`, and the gateway
+/// that forwards hands forwarding on at once when it shuts down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn applications_schedule_delayed_messages_through_the_delay_topic() {
+    use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+    use rdkafka::client::DefaultClientContext;
+    let broker = kafka_broker::shared();
+    let yaml = format!(
+        "listeners:\n  - name: tcp\n    bind: 127.0.0.1:0\n{}delay:\n  lease_ms: 2000\n  retention_hours: 100\n",
+        gateway_yaml(broker, "gw-delay-a")
+    );
+    let a = Gateway::start(Config::from_yaml(&yaml).unwrap()).await.unwrap();
+    let forwarding = |gw: &Gateway| gw.ctx.metrics.delay.holder.get() == 1;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !forwarding(&a) {
+        assert!(Instant::now() < deadline, "nobody forwards delayed messages");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let b = Gateway::start(Config::from_yaml(&yaml.replace("gw-delay-a", "gw-delay-b")).unwrap()).await.unwrap();
+    let mut sub = v4::connect(b.addr(), "GID_k@@@delay-sub").await;
+    sub.subscribe("kdelay/app", v4::QoS::AtLeastOnce).await;
+    let due = lmq_gateway::now_ms() + 2_000;
+    produce(
+        &producer(broker),
+        "lmq-delay-07",
+        &[("topic", "kdelay/app"), ("qoslevel", "1"), ("__STARTDELIVERTIME", &due.to_string())],
+        "from-kafka",
+    )
+    .await;
+    let got = sub.next_publish().await;
+    let at = lmq_gateway::now_ms();
+    assert_eq!(&got.payload[..], b"from-kafka");
+    assert!(at >= due, "delivered {} ms early", due - at);
+    assert!(at <= due + 1_000, "delivered {} ms late", at - due);
+    // The delay topics keep records for delay.retention_hours.
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", broker.bootstrap()).create().expect("admin client");
+    let described = admin
+        .describe_configs(&[ResourceSpecifier::Topic("lmq-delay-07")], &AdminOptions::new())
+        .await
+        .expect("describe configs");
+    let config = described.into_iter().next().expect("one resource").expect("topic config");
+    let retention = config.get("retention.ms").and_then(|e| e.value.clone());
+    let retention: u64 = retention.and_then(|r| r.parse().ok()).expect("delay topics have a retention");
+    assert!(retention >= 100 * 3_600_000, "retention.ms {retention} below delay.retention_hours");
+    // The forwarding gateway stops gracefully: the other takes over within a second or two,
+    // not after the lease runs out.
+    let stopped = Instant::now();
+    a.shutdown().await;
+    while !forwarding(&b) {
+        assert!(stopped.elapsed() < Duration::from_secs(30), "forwarding was not handed on");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let due = lmq_gateway::now_ms() + 1_000;
+    produce(
+        &producer(broker),
+        "lmq-delay-07",
+        &[("topic", "kdelay/app"), ("__STARTDELIVERTIME", &due.to_string())],
+        "after-handover",
+    )
+    .await;
+    assert_eq!(&sub.next_publish().await.payload[..], b"after-handover");
+    assert!(lmq_gateway::now_ms() >= due);
+    sub.disconnect().await;
+    b.shutdown().await;
+}
+
 /// The trace topic is created with its own retention (`trace.retention_hours` → `retention.ms`)
 /// and receives the events of a traced message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -124,6 +124,10 @@ impl Forwarder {
     /// What to do with `r` at `now`.
     async fn out(&self, r: &Record, now: i64) -> Out {
         let Some(due) = due_of(&r.record) else { return Out::Drop("no_due_time") };
+        if due.saturating_sub(now) > super::MAX_DELAY_MS + 86_400_000 {
+            // Written by an application past the 40 days (with a day of clock margin).
+            return Out::Drop("too_far");
+        }
         let from = format!("{}:{}", self.level, r.offset);
         match decide(&self.delays.levels, ready_of(&r.record), due, now) {
             Decision::Wait(t) => Out::Wait(t),

@@ -71,6 +71,9 @@ pub struct DelayConfig {
     /// of it (the other half is the outage the pending messages survive).
     #[serde(default = "default_delay_retention_hours")]
     pub retention_hours: u64,
+    /// Partitions of each delay level (forwarded in parallel; records are spread by key).
+    #[serde(default = "default_delay_partitions")]
+    pub partitions: u32,
     /// Ready records a level's forwarder moves at once (and the most it holds in memory).
     #[serde(default = "default_delay_batch")]
     pub batch: usize,
@@ -85,6 +88,9 @@ fn default_delay_lease_ms() -> u64 {
 fn default_delay_retention_hours() -> u64 {
     // 40 days of the longest delay's top-level holds plus 5 days.
     1080
+}
+fn default_delay_partitions() -> u32 {
+    4
 }
 fn default_delay_batch() -> usize {
     256
@@ -1150,9 +1156,16 @@ impl Config {
             );
         }
         let d = &self.delay;
-        if d.lease_ms < 500 || d.retention_hours < 2 || d.batch == 0 || d.batch > 10_000 || d.timeout_secs == 0 {
+        if d.lease_ms < 500
+            || d.retention_hours < 2
+            || d.batch == 0
+            || d.batch > 10_000
+            || d.timeout_secs == 0
+            || !(1..=64).contains(&d.partitions)
+        {
             return invalid(
-                "delay: lease_ms at least 500, retention_hours at least 2, batch 1 to 10000, timeout_secs at least 1"
+                "delay: lease_ms at least 500, retention_hours at least 2, batch 1 to 10000, timeout_secs at least 1, \
+                 partitions 1 to 64"
                     .into(),
             );
         }

@@ -585,7 +585,8 @@ async fn unmarked_events_from_plain_producers_take_nobody_over() {
 
 /// A Kafka application schedules a message by writing it to the lowest delay level with the
 /// documented headers (`topic`, `__STARTDELIVERTIME`): MQTT subscribers get it at that time,
-/// not before. The delay topics are created with `delay.retention_hours`, and the gateway
+/// not before. (Its own reserved prefix keeps the lease and levels apart from other checks on
+/// the shared broker.) The delay topics are created with `delay.retention_hours`, and the gateway
 /// that forwards hands forwarding on at once when it shuts down.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn applications_schedule_delayed_messages_through_the_delay_topic() {
@@ -593,7 +594,8 @@ async fn applications_schedule_delayed_messages_through_the_delay_topic() {
     use rdkafka::client::DefaultClientContext;
     let broker = kafka_broker::shared();
     let yaml = format!(
-        "listeners:\n  - name: tcp\n    bind: 127.0.0.1:0\n{}delay:\n  lease_ms: 2000\n  retention_hours: 100\n",
+        "listeners:\n  - name: tcp\n    bind: 127.0.0.1:0\n{}delay:\n  lease_ms: 2000\n  retention_hours: 100\n\
+         topics:\n  reserved_prefix: kapp-\n",
         gateway_yaml(broker, "gw-delay-a")
     );
     let a = Gateway::start(Config::from_yaml(&yaml).unwrap()).await.unwrap();
@@ -609,7 +611,7 @@ async fn applications_schedule_delayed_messages_through_the_delay_topic() {
     let due = lmq_gateway::now_ms() + 2_000;
     produce(
         &producer(broker),
-        "lmq-delay-07",
+        "kapp-delay-07",
         &[("topic", "kdelay/app"), ("qoslevel", "1"), ("__STARTDELIVERTIME", &due.to_string())],
         "from-kafka",
     )
@@ -623,7 +625,7 @@ async fn applications_schedule_delayed_messages_through_the_delay_topic() {
     let admin: AdminClient<DefaultClientContext> =
         ClientConfig::new().set("bootstrap.servers", broker.bootstrap()).create().expect("admin client");
     let described = admin
-        .describe_configs(&[ResourceSpecifier::Topic("lmq-delay-07")], &AdminOptions::new())
+        .describe_configs(&[ResourceSpecifier::Topic("kapp-delay-07")], &AdminOptions::new())
         .await
         .expect("describe configs");
     let config = described.into_iter().next().expect("one resource").expect("topic config");
@@ -641,7 +643,7 @@ async fn applications_schedule_delayed_messages_through_the_delay_topic() {
     let due = lmq_gateway::now_ms() + 1_000;
     produce(
         &producer(broker),
-        "lmq-delay-07",
+        "kapp-delay-07",
         &[("topic", "kdelay/app"), ("__STARTDELIVERTIME", &due.to_string())],
         "after-handover",
     )

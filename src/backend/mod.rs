@@ -146,7 +146,7 @@ pub enum StateStore {
     /// Revoked token ids, key = `jti`, value = JSON with the token's expiry (`auth::token`);
     /// an entry may be deleted once the token has expired on its own.
     RevokedTokens,
-    /// Checkpoints of the delayed-message forwarders, key = delay level, value = JSON from
+    /// Checkpoints of the delayed-message forwarders, key = level topic and partition, value = JSON from
     /// `delay::forward` (what is being moved and where to look for it after a crash).
     Delay,
 }

@@ -238,7 +238,9 @@ impl Conn {
                 let stored_in = match delayed {
                     Some((due, at)) => {
                         let levels = &self.ctx.delay.levels;
-                        CoreTopic { name: levels.topic(levels.for_remaining(due - at)).into(), partitions: 1 }
+                        let name = levels.topic(levels.for_remaining(due - at));
+                        let partitions = self.ctx.backend.partitions(&name).unwrap_or(1);
+                        CoreTopic { name: name.into(), partitions }
                     }
                     None => core.clone(),
                 };

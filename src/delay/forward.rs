@@ -1,9 +1,11 @@
-//! The forwarder of one delay level: reads the level's head, and moves each ready record to a
-//! lower level or, once due, to its topic; exactly once across crashes.
+//! The forwarder of one partition of a delay level: reads its head, and moves each ready
+//! record to a lower level or, once due, to its topic; exactly once across crashes. Each
+//! partition of a level is first-in first-out on its own (records are held a fixed time from
+//! when they were written, whichever partition they went to).
 //!
 //! Before a batch is written anywhere, its **checkpoint** is saved in the `Delay` state store
-//! (key = level): the level offsets `[next, to)` being moved, the time, and the topics written
-//! to. Every forwarded record carries `lmqDelayFrom = <level>:<offset>`. A batch that
+//! (key = `<level topic>-<partition>`): the offsets `[next, to)` being moved, the time, and the
+//! topics written to. Every forwarded record carries `lmqDelayFrom = <level topic>-<partition>:<offset>`. A batch that
 //! completes needs no second write: the next checkpoint starts where it ended. After a crash,
 //! a failed write or a takeover, recovery reads the checkpoint and, when its range is not
 //! empty, looks in each of its topics from the checkpoint's time (less
@@ -59,6 +61,7 @@ enum Out {
 
 pub struct Forwarder {
     level: u32,
+    partition: u32,
     tp: TopicPartition,
     delays: Arc<Delays>,
     core: SharedCoreService,
@@ -80,16 +83,17 @@ enum Failed {
 
 impl Forwarder {
     pub fn new(
-        level: u32,
+        (level, partition): (u32, u32),
         delays: Arc<Delays>,
         core: SharedCoreService,
         router: Arc<Router>,
         lease: Arc<Lease>,
         config: &crate::config::DelayConfig,
     ) -> Forwarder {
-        let tp = TopicPartition::new(delays.levels.topic(level), 0);
+        let tp = TopicPartition::new(delays.levels.topic(level), partition);
         Forwarder {
             level,
+            partition,
             tp,
             delays,
             core,
@@ -100,8 +104,10 @@ impl Forwarder {
         }
     }
 
+    /// Checkpoint key and mark prefix: the level topic and partition (`lmq-delay-09-2`), so
+    /// gateway groups with different reserved prefixes on one cluster never mix them up.
     fn key(&self) -> String {
-        self.level.to_string()
+        self.tp.to_string()
     }
 
     async fn within<T>(&self, f: impl std::future::Future<Output = Result<T, BackendError>>) -> Result<T, Failed> {
@@ -128,7 +134,7 @@ impl Forwarder {
             // Written by an application past the 40 days (with a day of clock margin).
             return Out::Drop("too_far");
         }
-        let from = format!("{}:{}", self.level, r.offset);
+        let from = format!("{}:{}", self.key(), r.offset);
         match decide(&self.delays.levels, ready_of(&r.record), due, now) {
             Decision::Wait(t) => Out::Wait(t),
             Decision::Move(k) => {
@@ -232,6 +238,7 @@ impl Forwarder {
         if redo > 0 || !written.is_empty() {
             tracing::info!(
                 level = self.level,
+                partition = self.partition,
                 already = written.len(),
                 written_now = redo,
                 "delayed messages of an unfinished batch recovered"
@@ -244,7 +251,7 @@ impl Forwarder {
 
     /// Offsets of the checkpoint's range that some topic of the checkpoint already holds.
     async fn written(&self, cp: &Checkpoint) -> Result<HashSet<u64>, Failed> {
-        let mark = format!("{}:", self.level);
+        let mark = format!("{}:", self.key());
         let mut found = HashSet::new();
         let mut scanned = 0usize;
         for dest in &cp.dests {
@@ -283,6 +290,7 @@ impl Forwarder {
         if scanned >= SCAN_MAX_RECORDS {
             tracing::warn!(
                 level = self.level,
+                partition = self.partition,
                 "recovery scan bound reached; some delayed messages may be written twice"
             );
         }
@@ -290,17 +298,36 @@ impl Forwarder {
     }
 
     /// Move ready records until the lease is lost or `stop`.
-    async fn forward(&self, mut next: u64, stop: &tokio_util::sync::CancellationToken) -> Result<(), Failed> {
+    async fn forward(&self, next: u64, stop: &tokio_util::sync::CancellationToken) -> Result<(), Failed> {
+        let pending = self.delays.metrics.pending.with_label_values(&[&self.level.to_string()]);
+        // This partition's share of the level's gauge, taken back when it stops.
+        let mut counted = 0i64;
+        let result = self.forward_from(next, stop, &pending, &mut counted).await;
+        pending.sub(counted);
+        result
+    }
+
+    async fn forward_from(
+        &self,
+        mut next: u64,
+        stop: &tokio_util::sync::CancellationToken,
+        pending: &prometheus::IntGauge,
+        counted: &mut i64,
+    ) -> Result<(), Failed> {
         let mut heads: std::collections::VecDeque<Arc<Record>> = Default::default();
-        let idle = Duration::from_millis((1u64 << self.level.min(20)).clamp(50, MAX_SLEEP_MS as u64) / 2);
-        let pending = self.delays.metrics.pending.with_label_values(&[&self.key()]);
+        // An empty partition is looked at again within half its hold (at most 1 s, at least
+        // 100 ms): a record written meanwhile is seen before it is ready.
+        let idle = Duration::from_millis(((1u64 << self.level.min(20)) / 2).clamp(100, MAX_SLEEP_MS as u64));
+
         loop {
             if stop.is_cancelled() || !self.lease.valid() {
                 return Err(Failed::Lease);
             }
             if heads.is_empty() {
                 let got = self.within(self.core.fetch(&self.tp, next, self.batch)).await?;
-                pending.set(got.high_watermark.saturating_sub(next) as i64);
+                let now_pending = got.high_watermark.saturating_sub(next) as i64;
+                pending.add(now_pending - *counted);
+                *counted = now_pending;
                 if got.records.is_empty() {
                     next = next.max(got.next_offset);
                     tokio::select! {
@@ -353,7 +380,8 @@ impl Forwarder {
             self.save(&cp).await?;
             if let Err(e) = self.write(outs).await {
                 // Some of the batch may be written: recovery sorts it out from the checkpoint.
-                tracing::warn!(level = self.level, error = %e, "writing delayed messages failed");
+                tracing::warn!(level = self.level,
+                partition = self.partition, error = %e, "writing delayed messages failed");
                 return Err(e);
             }
             next = to;
@@ -372,7 +400,9 @@ pub async fn run(f: Forwarder, stop: tokio_util::sync::CancellationToken) {
             Ok(()) => return,
             Err(Failed::Lease) if stop.is_cancelled() => return,
             Err(Failed::Lease) => {}
-            Err(e) => tracing::warn!(level = f.level, error = %e, "delayed-message forwarder failed; retrying"),
+            Err(e) => {
+                tracing::warn!(level = f.level, partition = f.partition, error = %e, "delayed-message forwarder failed; retrying")
+            }
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}

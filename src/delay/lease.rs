@@ -218,12 +218,14 @@ async fn follow(
                     // The claim was written but never seen (or lost the race unseen): try again.
                     claiming = false;
                 }
-                let holds = claimed_at.is_some_and(|at| now - at >= grace_ms) && lease.valid();
-                let announced = held.borrow().is_some();
-                if holds != announced {
-                    let _ = held.send(holds.then_some(epoch));
-                }
             }
+        }
+        // After every event: announce whether this gateway may forward now.
+        let now = crate::now_ms();
+        let holds = claimed_at.is_some_and(|at| now - at >= grace_ms) && lease.valid();
+        let epoch = lease.view.lock().epoch;
+        if holds != held.borrow().is_some() {
+            let _ = held.send(holds.then_some(epoch));
         }
     }
 }

@@ -1,10 +1,10 @@
 //! Delayed messages (SPEC §9): `$delayed/<seconds>/<topic>` and MQTT 5's
 //! `__STARTDELIVERTIME`, up to 40 days, with every pending message in the core service.
 //!
-//! A delayed message is stored in a **delay level**: internal topic `<prefix>delay-<k>` (one
-//! partition) holds each record for `2^k` ms after it was written. Because the hold of a level
-//! is fixed, the times at which its records become ready grow with their offsets, so a level is
-//! a FIFO: its forwarder looks only at its head. A ready record with `r` ms left until its due
+//! A delayed message is stored in a **delay level**: internal topic `<prefix>delay-<k>`
+//! (`delay.partitions` partitions) holds each record for `2^k` ms after it was written. Because
+//! the hold of a level is fixed, the times at which the records of a partition become ready grow
+//! with their offsets, so each partition is a FIFO: its forwarder looks only at its head. A ready record with `r` ms left until its due
 //! time goes to level `⌊log2 r⌋` (or to its topic when due), so each hop at least halves the
 //! remaining time and a message takes at most one hop per level, plus repeated hops of the top
 //! level when delays exceed its hold. The top level's hold is at most half the delay topics'
@@ -47,7 +47,7 @@ pub mod header {
     pub const DUE: &str = "lmqDue";
     /// When the record's hold in its level ends, epoch ms (absent: at once).
     pub const READY: &str = "lmqReady";
-    /// The level record this one was forwarded from, `<level>:<offset>`: what a forwarder
+    /// The level record this one was forwarded from, `<level topic>-<partition>:<offset>`: what a forwarder
     /// looks for after a crash to know whether a record was already moved.
     pub const FROM: &str = "lmqDelayFrom";
 }
@@ -256,9 +256,10 @@ pub async fn create_topics(
     config: &crate::config::DelayConfig,
 ) -> crate::backend::Result<()> {
     let retention_ms = config.retention_hours.saturating_mul(3_600_000);
-    let mut topics: Vec<String> = levels.all().map(|k| levels.topic(k)).collect();
-    topics.push(levels.lease_topic());
-    futures::future::try_join_all(topics.iter().map(|t| core.ensure_topic_with_retention(t, 1, retention_ms))).await?;
+    let mut topics: Vec<(String, u32)> = levels.all().map(|k| (levels.topic(k), config.partitions)).collect();
+    topics.push((levels.lease_topic(), 1));
+    futures::future::try_join_all(topics.iter().map(|(t, n)| core.ensure_topic_with_retention(t, *n, retention_ms)))
+        .await?;
     Ok(())
 }
 
@@ -290,12 +291,21 @@ pub async fn run(
         }
         delays.metrics.holder.set(1);
         let term = stop.child_token();
-        let tasks: Vec<_> = delays
+        // Every partition of every level (a level may have more partitions than configured, if
+        // it was created so earlier).
+        let parts: Vec<(u32, u32)> = delays
             .levels
             .all()
-            .map(|k| {
+            .flat_map(|k| {
+                let n = core.partitions(&delays.levels.topic(k)).unwrap_or(config.partitions).max(1);
+                (0..n).map(move |p| (k, p))
+            })
+            .collect();
+        let tasks: Vec<_> = parts
+            .into_iter()
+            .map(|kp| {
                 tokio::spawn(forward::run(
-                    forward::Forwarder::new(k, delays.clone(), core.clone(), router.clone(), lease.clone(), &config),
+                    forward::Forwarder::new(kp, delays.clone(), core.clone(), router.clone(), lease.clone(), &config),
                     term.clone(),
                 ))
             })

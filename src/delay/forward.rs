@@ -29,6 +29,9 @@ const MAX_SLEEP_MS: i64 = 1000;
 /// Bytes of head records a forwarder keeps (at least one record): with every level busy, the
 /// forwarders hold at most about this much times the number of levels.
 const HEAD_BYTES: usize = 1 << 20;
+/// Deliveries due within this of each other may go out in either order (larger groups per
+/// write when many are overdue).
+const ORDER_SLACK_MS: i64 = 50;
 /// Records recovery reads at most to find what was already written.
 const SCAN_MAX_RECORDS: usize = 5_000_000;
 
@@ -53,10 +56,52 @@ enum Out {
         topic: String,
         record: CoreRecord,
         retained: Option<(String, Option<bytes::Bytes>)>,
-        late_ms: Option<i64>,
+        /// Due time of a delivery (`None`: moved to a level).
+        due: Option<i64>,
     },
     /// Cannot be delivered (no due time, topic refused): counted and skipped.
     Drop(&'static str),
+}
+
+impl Out {
+    fn due(&self) -> Option<i64> {
+        match self {
+            Out::Write { due, .. } => *due,
+            _ => None,
+        }
+    }
+}
+
+/// What each forwarder of this gateway delivers next, so that all of them deliver in due order
+/// (after an outage many messages are overdue at once, spread over levels and partitions).
+/// A forwarder announces the due time of its next delivery while it writes a batch, and the
+/// time its head is ready (or due, in the last 128 ms) while it waits for it; a forwarder with
+/// nothing to read announces nothing. A delivery waits while another forwarder announced an
+/// earlier time. Only writing forwarders wait, and the one with the earliest announcement
+/// among them is never held back by a writing one: no deadlock.
+#[derive(Default)]
+pub struct DueHeads {
+    heads: parking_lot::Mutex<std::collections::HashMap<String, i64>>,
+}
+
+impl DueHeads {
+    fn offer(&self, key: &str, at: Option<i64>) {
+        let mut heads = self.heads.lock();
+        match at {
+            Some(t) => {
+                heads.insert(key.to_owned(), t);
+            }
+            None => {
+                heads.remove(key);
+            }
+        }
+    }
+
+    /// The earliest announcement of the other forwarders (`i64::MAX`: none).
+    fn floor(&self, key: &str) -> i64 {
+        let heads = self.heads.lock();
+        heads.iter().filter(|(k, _)| k.as_str() != key).map(|(_, t)| *t).min().unwrap_or(i64::MAX)
+    }
 }
 
 pub struct Forwarder {
@@ -141,7 +186,7 @@ impl Forwarder {
                 let mut record = r.record.clone();
                 mark(&mut record, k, due, now, Some(from));
                 record.timestamp_ms = now;
-                Out::Write { topic: self.delays.levels.topic(k), record, retained: None, late_ms: None }
+                Out::Write { topic: self.delays.levels.topic(k), record, retained: None, due: None }
             }
             Decision::Deliver => {
                 let Some(topic) = r.record.header(lmq::TOPIC).and_then(|t| std::str::from_utf8(t).ok()) else {
@@ -166,7 +211,7 @@ impl Forwarder {
                     let value = (!record.value.is_empty()).then(|| mapping::encode_record(&record));
                     (topic.to_owned(), value)
                 });
-                Out::Write { topic: core.name.to_string(), record, retained, late_ms: Some(now - due) }
+                Out::Write { topic: core.name.to_string(), record, retained, due: Some(due) }
             }
         }
     }
@@ -175,9 +220,10 @@ impl Forwarder {
     async fn write(&self, outs: Vec<Out>) -> Result<(), Failed> {
         let mut acks = Vec::with_capacity(outs.len());
         let mut lateness = Vec::new();
+        let now = self.delays.clock.now_ms();
         for out in outs {
             match out {
-                Out::Write { topic, record, retained, late_ms } => {
+                Out::Write { topic, record, retained, due } => {
                     let is_level = self.delays.levels.of_topic(&topic).is_some();
                     acks.push(self.within(self.core.enqueue(&topic, record)).await?);
                     if let Some((key, value)) = retained {
@@ -185,7 +231,7 @@ impl Forwarder {
                     }
                     let to = if is_level { "level" } else { "topic" };
                     self.delays.metrics.forwarded.with_label_values(&[to]).inc();
-                    lateness.extend(late_ms);
+                    lateness.extend(due.map(|d| now - d));
                 }
                 Out::Drop(why) => {
                     self.delays.metrics.dropped.with_label_values(&[why]).inc();
@@ -198,6 +244,30 @@ impl Forwarder {
         }
         for late in lateness {
             self.delays.metrics.lateness.observe(late.max(0) as f64 / 1000.0);
+        }
+        Ok(())
+    }
+
+    /// Write a batch: moves to levels at once, deliveries in due order, in groups: each group is
+    /// what is due no later than every other forwarder's announcement ([`DueHeads`]) plus
+    /// [`ORDER_SLACK_MS`], so deliveries of all forwarders interleave by due time.
+    async fn write_in_order(&self, outs: Vec<Out>) -> Result<(), Failed> {
+        let (mut deliveries, others): (Vec<Out>, Vec<Out>) = outs.into_iter().partition(|o| o.due().is_some());
+        self.write(others).await?;
+        deliveries.sort_by_key(|o| o.due());
+        let mut rest = std::collections::VecDeque::from(deliveries);
+        while let Some(first) = rest.front().and_then(Out::due) {
+            self.delays.due_heads.offer(&self.key(), Some(first));
+            let floor = self.delays.due_heads.floor(&self.key()).saturating_add(ORDER_SLACK_MS);
+            let n = rest.iter().take_while(|o| o.due().is_some_and(|d| d <= floor)).count();
+            if n == 0 {
+                if !self.lease.valid() {
+                    return Err(Failed::Lease);
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                continue;
+            }
+            self.write(rest.drain(..n).collect()).await?;
         }
         Ok(())
     }
@@ -304,6 +374,7 @@ impl Forwarder {
         let mut counted = 0i64;
         let result = self.forward_from(next, stop, &pending, &mut counted).await;
         pending.sub(counted);
+        self.delays.due_heads.offer(&self.key(), None);
         result
     }
 
@@ -318,6 +389,8 @@ impl Forwarder {
         // An empty partition is looked at again within half its hold (at most 1 s, at least
         // 100 ms): a record written meanwhile is seen before it is ready.
         let idle = Duration::from_millis(((1u64 << self.level.min(20)) / 2).clamp(100, MAX_SLEEP_MS as u64));
+        // The end of `heads` last read on from (once per position).
+        let mut topped_up = None;
 
         loop {
             if stop.is_cancelled() || !self.lease.valid() {
@@ -330,6 +403,7 @@ impl Forwarder {
                 *counted = now_pending;
                 if got.records.is_empty() {
                     next = next.max(got.next_offset);
+                    self.delays.due_heads.offer(&self.key(), None);
                     tokio::select! {
                         _ = tokio::time::sleep(idle) => {}
                         _ = stop.cancelled() => return Ok(()),
@@ -344,6 +418,21 @@ impl Forwarder {
                 }));
             }
             let now = self.delays.clock.now_ms();
+            // A ready head: read on behind it (up to the batch), so that deliveries within the
+            // batch can be sorted by due time.
+            let last = heads.back().map_or(next, |r| r.offset + 1);
+            if heads.len() < self.batch
+                && topped_up != Some(last)
+                && !matches!(self.out(&heads[0], now).await, Out::Wait(_))
+            {
+                topped_up = Some(last);
+                let got = self.within(self.core.fetch(&self.tp, last, self.batch - heads.len())).await?;
+                let mut bytes: usize = heads.iter().map(|r| r.record.memory_size()).sum();
+                heads.extend(got.records.into_iter().filter(|r| r.offset >= last).take_while(|r| {
+                    bytes += r.record.memory_size();
+                    bytes <= HEAD_BYTES
+                }));
+            }
             let mut outs = Vec::new();
             let mut wait = None;
             for r in heads.iter().take(self.batch) {
@@ -356,6 +445,7 @@ impl Forwarder {
                 }
             }
             if outs.is_empty() {
+                self.delays.due_heads.offer(&self.key(), wait);
                 let sleep = wait.map_or(MAX_SLEEP_MS, |t| (t - now).clamp(1, MAX_SLEEP_MS));
                 if sleep >= MAX_SLEEP_MS {
                     // Long wait: hold only the head.
@@ -366,6 +456,11 @@ impl Forwarder {
                     _ = stop.cancelled() => return Ok(()),
                 }
                 continue;
+            }
+            // Announce the batch's earliest delivery before anything else, so that the other
+            // forwarders hold later ones back (`write_in_order`).
+            if let Some(first) = outs.iter().filter_map(Out::due).min() {
+                self.delays.due_heads.offer(&self.key(), Some(first));
             }
             let taken: Vec<Arc<Record>> = heads.drain(..outs.len()).collect();
             let to = taken.last().map_or(next, |r| r.offset + 1);
@@ -378,12 +473,15 @@ impl Forwarder {
                 .collect();
             let cp = Checkpoint { next, to, at: now, dests: dests.into_iter().collect() };
             self.save(&cp).await?;
-            if let Err(e) = self.write(outs).await {
+            if let Err(e) = self.write_in_order(outs).await {
                 // Some of the batch may be written: recovery sorts it out from the checkpoint.
                 tracing::warn!(level = self.level,
                 partition = self.partition, error = %e, "writing delayed messages failed");
                 return Err(e);
             }
+            // What is left is ready no earlier than the next head.
+            let rest = heads.front().map(|r| ready_of(&r.record));
+            self.delays.due_heads.offer(&self.key(), rest);
             next = to;
         }
     }

@@ -213,6 +213,8 @@ pub fn mark(rec: &mut CoreRecord, level: u32, due: i64, now: i64, from: Option<S
 /// forwarding task.
 pub struct Delays {
     pub clock: Clock,
+    /// Deliveries about to be made by this gateway's forwarders (`forward::DueHeads`).
+    pub(crate) due_heads: forward::DueHeads,
     pub levels: Levels,
     pub metrics: DelayMetrics,
 }
@@ -223,7 +225,7 @@ impl Delays {
         for k in levels.all() {
             metrics.pending.with_label_values(&[&k.to_string()]).set(0);
         }
-        Arc::new(Delays { clock: Clock::default(), levels, metrics })
+        Arc::new(Delays { clock: Clock::default(), due_heads: Default::default(), levels, metrics })
     }
 
     /// Turn `rec` (a message's record) into the record of its first level, for a message due at

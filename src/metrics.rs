@@ -206,15 +206,17 @@ impl Metrics {
             counter_vec("lmq_events_written_total", "Client status events written to the core service", &["type"]);
         let events = [EventType::Connect, EventType::Disconnect, EventType::Tcpclean]
             .map(|t| events_vec.with_label_values(&[t.as_str()]));
-        let append_latency = Histogram::with_opts(
-            HistogramOpts::new(
-                "lmq_core_append_duration_seconds",
-                "Time from queueing a message in the core service until it is durable",
-            )
-            .buckets(APPEND_BUCKETS.to_vec()),
-        )
-        .unwrap_or_else(|e| unreachable!("{e}"));
-        register(&registry, Box::new(append_latency.clone()));
+        let histogram = |name: &str, help: &str, buckets: &[f64]| {
+            let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))
+                .unwrap_or_else(|e| unreachable!("{name}: {e}"));
+            register(&registry, Box::new(h.clone()));
+            h
+        };
+        let append_latency = histogram(
+            "lmq_core_append_duration_seconds",
+            "Time from queueing a message in the core service until it is durable",
+            APPEND_BUCKETS,
+        );
         let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
             let g = IntGaugeVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| unreachable!("{name}: {e}"));
             register(&registry, Box::new(g.clone()));
@@ -264,18 +266,11 @@ impl Metrics {
                 "Delayed messages waiting in each delay level (set by the gateway that moves them; 0 elsewhere)",
                 &["level"],
             ),
-            lateness: {
-                let h = Histogram::with_opts(
-                    HistogramOpts::new(
-                        "lmq_delayed_lateness_seconds",
-                        "Time from a delayed message's due time until it was written to its topic",
-                    )
-                    .buckets(LATENESS_BUCKETS.to_vec()),
-                )
-                .unwrap_or_else(|e| unreachable!("{e}"));
-                register(&registry, Box::new(h.clone()));
-                h
-            },
+            lateness: histogram(
+                "lmq_delayed_lateness_seconds",
+                "Time from a delayed message's due time until it was written to its topic",
+                LATENESS_BUCKETS,
+            ),
             accepted: counter("lmq_delayed_accepted_total", "Delayed messages accepted and stored in a delay level"),
             refused: counter_vec(
                 "lmq_delayed_refused_total",

@@ -13,6 +13,11 @@
 //! carry its `lmqDelayFrom` marks: those were written; the others of the range are written
 //! now. Only the head of the level is in memory: at most `delay.batch` records and 1 MiB
 //! while they are ready, one record while it waits.
+//!
+//! Due and ready times are read on the delay clock ([`super::Clock`], which tests move
+//! forward); record timestamps and checkpoint times are wall-clock time, because the core
+//! service keeps its time indexes by them and may refuse timestamps far ahead of its own clock
+//! (Kafka 4: `log.message.timestamp.after.max.ms`, one hour by default).
 
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashSet};
@@ -42,7 +47,8 @@ pub struct Checkpoint {
     pub next: u64,
     /// End of the batch (exclusive): offsets `[next, to)` may be written, partly or wholly.
     pub to: u64,
-    /// When the checkpoint was written (epoch ms, forwarder's clock).
+    /// When the checkpoint was written (epoch ms, wall clock: recovery looks it up in the time
+    /// indexes of the topics, which hold the records' wall-clock timestamps).
     pub at: i64,
     /// Topics the batch writes to.
     pub dests: Vec<String>,
@@ -185,7 +191,7 @@ impl Forwarder {
             Decision::Move(k) => {
                 let mut record = r.record.clone();
                 mark(&mut record, k, due, now, Some(from));
-                record.timestamp_ms = now;
+                record.timestamp_ms = crate::now_ms();
                 Out::Write { topic: self.delays.levels.topic(k), record, retained: None, due: None }
             }
             Decision::Deliver => {
@@ -206,7 +212,7 @@ impl Forwarder {
                 record.headers.retain(|(k, _)| k != header::DUE && k != header::READY && k != START_DELIVER_TIME);
                 record.headers.retain(|(k, _)| k != header::FROM);
                 record.headers.push((header::FROM.into(), bytes::Bytes::from(from)));
-                record.timestamp_ms = now;
+                record.timestamp_ms = crate::now_ms();
                 let retained = (record.header(lmq::RETAIN).map(|v| &v[..]) == Some(b"true")).then(|| {
                     let value = (!record.value.is_empty()).then(|| mapping::encode_record(&record));
                     (topic.to_owned(), value)
@@ -314,7 +320,7 @@ impl Forwarder {
                 "delayed messages of an unfinished batch recovered"
             );
         }
-        let done = Checkpoint { next: cp.to, to: cp.to, at: self.delays.clock.now_ms(), dests: Vec::new() };
+        let done = Checkpoint { next: cp.to, to: cp.to, at: crate::now_ms(), dests: Vec::new() };
         self.save(&done).await?;
         Ok(cp.to)
     }
@@ -471,7 +477,7 @@ impl Forwarder {
                     _ => None,
                 })
                 .collect();
-            let cp = Checkpoint { next, to, at: now, dests: dests.into_iter().collect() };
+            let cp = Checkpoint { next, to, at: crate::now_ms(), dests: dests.into_iter().collect() };
             self.save(&cp).await?;
             if let Err(e) = self.write_in_order(outs).await {
                 // Some of the batch may be written: recovery sorts it out from the checkpoint.

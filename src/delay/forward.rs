@@ -186,7 +186,7 @@ impl Forwarder {
             return Out::Drop("too_far");
         }
         let from = format!("{}:{}", self.key(), r.offset);
-        match decide(&self.delays.levels, ready_of(&r.record), due, now) {
+        match decide(&self.delays.levels, self.level, ready_of(&r.record), due, now) {
             Decision::Wait(t) => Out::Wait(t),
             Decision::Move(k) => {
                 let mut record = r.record.clone();

@@ -166,17 +166,22 @@ pub enum Decision {
     Move(u32),
 }
 
-/// The decision for a record held until `ready` and due at `due`. Less than the lowest level's
-/// hold left: the record waits at the head until due (the records behind it become ready no
-/// earlier than it, so they are late by at most that hold).
-pub fn decide(levels: &Levels, ready: i64, due: i64, now: i64) -> Decision {
+/// The decision for a record of `level` held until `ready` and due at `due`. Less than the
+/// lowest level's hold left: in the lowest level the record waits at the head until due (every
+/// record there was written at most twice that hold before it is due, so the records behind
+/// it are late by at most that much); in any other level it moves to the lowest. A higher
+/// level never waits on a ready record: the records behind it may be ready and due already
+/// (a level orders its records by ready time, not by due time), and a forwarder running
+/// behind would meet one such record after another and fall further behind each time, up to
+/// the level's hold.
+pub fn decide(levels: &Levels, level: u32, ready: i64, due: i64, now: i64) -> Decision {
     if now < ready {
         return Decision::Wait(ready);
     }
     let left = due - now;
     if left <= 0 {
         Decision::Deliver
-    } else if left < 1 << levels.min {
+    } else if left < 1 << levels.min && level <= levels.min {
         Decision::Wait(due)
     } else {
         Decision::Move(levels.for_remaining(left))
@@ -384,6 +389,19 @@ mod tests {
         assert_eq!(Levels::new("lmq-", 36 * 3_600_000).max, 26);
     }
 
+    /// A ready record with less than the lowest hold left waits only at the head of the lowest
+    /// level; elsewhere it moves there and the records behind it go on.
+    #[test]
+    fn only_the_lowest_level_waits_for_a_due_time() {
+        let levels = Levels::new("lmq-", 45 * 86_400_000);
+        assert_eq!(decide(&levels, 7, 1_000, 1_100, 1_000), Decision::Wait(1_100));
+        assert_eq!(decide(&levels, 11, 1_000, 1_100, 1_000), Decision::Move(7));
+        assert_eq!(decide(&levels, 11, 1_000, 1_100, 1_050), Decision::Move(7));
+        assert_eq!(decide(&levels, 11, 1_000, 1_100, 1_100), Decision::Deliver);
+        assert_eq!(decide(&levels, 11, 1_000, 3_000, 900), Decision::Wait(1_000));
+        assert_eq!(decide(&levels, 11, 1_000, 3_000, 1_000), Decision::Move(10));
+    }
+
     /// Follow one message through the levels with a forwarder that acts exactly when a hold
     /// ends: it is delivered exactly at its due time, in few hops.
     #[test]
@@ -401,7 +419,7 @@ mod tests {
             let mut ready = now.saturating_add(1 << level).min(due);
             let mut hops = 1;
             loop {
-                match decide(&levels, ready, due, now) {
+                match decide(&levels, level, ready, due, now) {
                     Decision::Wait(t) => now = t,
                     Decision::Deliver => break,
                     Decision::Move(k) => {

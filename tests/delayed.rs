@@ -1,4 +1,5 @@
-//! The delayed-message checks of `tests/delay` on the embedded core service.
+//! The delayed-message checks of `tests/delay` on the embedded core service (the crash check
+//! with gateway processes on one data directory).
 
 mod common;
 #[macro_use]
@@ -7,3 +8,4 @@ mod hostile;
 mod delay;
 
 for_each_delay_check!(on_embedded);
+for_each_delay_crash_check!(on_embedded);

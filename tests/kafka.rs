@@ -723,4 +723,6 @@ mod ops_checks {
 
 mod delay_checks {
     for_each_delay_check!(on_kafka);
+    for_each_delay_crash_check!(on_kafka);
+    for_each_cluster_delay_check!(on_kafka);
 }

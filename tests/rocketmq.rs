@@ -431,4 +431,6 @@ mod ops_checks {
 
 mod delay_checks {
     for_each_delay_check!(on_rocketmq);
+    for_each_delay_crash_check!(on_rocketmq);
+    for_each_cluster_delay_check!(on_rocketmq);
 }

@@ -139,6 +139,11 @@ impl GatewayProcess {
         &self.dir
     }
 
+    /// The admin API's address, when started with it.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin
+    }
+
     /// Everything the process wrote to stdout and stderr so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("gateway.log")).unwrap_or_default()

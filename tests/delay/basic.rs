@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 /// A message published to `$delayed/2/<topic>` reaches a subscriber of `<topic>` no earlier
 /// than 2 s after it was sent and at most 1 s late.
 pub async fn a_delayed_message_arrives_no_earlier_than_due_and_about_on_time(core: &Core) {
+    let _turn = serial().await;
     let gw = core.start(&isolated(OPEN_AUTH)).await;
     wait_forwarding(&gw).await;
     let topic = format!("{}/later", unique("delay"));

@@ -162,6 +162,12 @@ impl Core {
         crate::common::GatewayProcess::start(&format!("{}{extra}", self.core_yaml))
     }
 
+    /// Options of a gateway process as in [`Core::process`], for more than the defaults (the
+    /// admin API for its metrics).
+    pub fn process_options(&self, extra: &str) -> crate::common::process::ProcessOptions {
+        crate::common::GatewayProcess::options(&format!("{}{extra}", self.core_yaml))
+    }
+
     /// Whether this is the embedded log (checks size their load by it).
     pub fn is_embedded(&self) -> bool {
         self._dir.is_some()

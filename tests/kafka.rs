@@ -590,6 +590,8 @@ async fn unmarked_events_from_plain_producers_take_nobody_over() {
 /// that forwards hands forwarding on at once when it shuts down.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn applications_schedule_delayed_messages_through_the_delay_topic() {
+    // Timed like the delayed-message checks: one at a time with them.
+    let _turn = delay::serial().await;
     use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
     use rdkafka::client::DefaultClientContext;
     let broker = kafka_broker::shared();

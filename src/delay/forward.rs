@@ -34,6 +34,15 @@ const MAX_SLEEP_MS: i64 = 1000;
 /// Bytes of head records a forwarder keeps (at least one record): with every level busy, the
 /// forwarders hold at most about this much times the number of levels.
 const HEAD_BYTES: usize = 1 << 20;
+/// Longest a delivery waits for earlier ones of other forwarders (one slow on the core service
+/// holds the others back no longer).
+const MAX_ORDER_WAIT: Duration = Duration::from_millis(500);
+/// Bytes of records behind a head that waits longer than a second that a forwarder keeps
+/// (more: it keeps only the head and reads the rest again when it is ready).
+const WAITING_BYTES: usize = 64 << 10;
+/// Deliveries late by more than this (every gateway was down, or the forwarders fell behind)
+/// go out in due order across forwarders; those due more recently are written at once.
+const ORDER_AFTER_MS: i64 = 2000;
 /// Deliveries due within this of each other may go out in either order (larger groups per
 /// write when many are overdue).
 const ORDER_SLACK_MS: i64 = 50;
@@ -107,6 +116,72 @@ impl DueHeads {
     fn floor(&self, key: &str) -> i64 {
         let heads = self.heads.lock();
         heads.iter().filter(|(k, _)| k.as_str() != key).map(|(_, t)| *t).min().unwrap_or(i64::MAX)
+    }
+}
+
+/// Records this gateway's forwarders moved into a level, by where they landed: the forwarder
+/// of that partition takes them from here instead of reading them back from the core service
+/// (which on Kafka and RocketMQ costs a round trip per hop), and is woken when one arrives.
+/// Bounded: beyond [`Handover::MAX_RECORDS`] or [`Handover::MAX_BYTES`] nothing more is kept
+/// (the forwarder reads those from the core service as usual).
+#[derive(Default)]
+pub struct Handover {
+    inner: parking_lot::Mutex<HandoverInner>,
+}
+
+#[derive(Default)]
+struct HandoverInner {
+    records: std::collections::HashMap<TopicPartition, std::collections::BTreeMap<u64, Arc<Record>>>,
+    wake: std::collections::HashMap<TopicPartition, Arc<tokio::sync::Notify>>,
+    count: usize,
+    bytes: usize,
+}
+
+impl Handover {
+    const MAX_RECORDS: usize = 65_536;
+    const MAX_BYTES: usize = 32 << 20;
+
+    fn wake(&self, tp: &TopicPartition) -> Arc<tokio::sync::Notify> {
+        self.inner.lock().wake.entry(tp.clone()).or_default().clone()
+    }
+
+    fn put(&self, r: Record) {
+        let size = r.record.memory_size();
+        let mut inner = self.inner.lock();
+        if inner.count >= Self::MAX_RECORDS || inner.bytes + size > Self::MAX_BYTES {
+            return;
+        }
+        inner.count += 1;
+        inner.bytes += size;
+        let tp = r.tp.clone();
+        inner.records.entry(tp.clone()).or_default().insert(r.offset, Arc::new(r));
+        if let Some(w) = inner.wake.get(&tp) {
+            w.notify_one();
+        }
+    }
+
+    /// The records of `tp` from `from` on without a gap, at most `max`; those below `from`
+    /// are dropped.
+    fn take(&self, tp: &TopicPartition, from: u64, max: usize) -> Vec<Arc<Record>> {
+        let mut inner = self.inner.lock();
+        let HandoverInner { records, count, bytes, .. } = &mut *inner;
+        let Some(held) = records.get_mut(tp) else { return Vec::new() };
+        let mut keep = held.split_off(&from);
+        for r in held.values() {
+            *count -= 1;
+            *bytes -= r.record.memory_size();
+        }
+        let mut out = Vec::new();
+        let mut at = from;
+        while out.len() < max {
+            let Some(r) = keep.remove(&at) else { break };
+            *count -= 1;
+            *bytes -= r.record.memory_size();
+            out.push(r);
+            at += 1;
+        }
+        *held = keep;
+        out
     }
 }
 
@@ -231,7 +306,8 @@ impl Forwarder {
             match out {
                 Out::Write { topic, record, retained, due } => {
                     let is_level = self.delays.levels.of_topic(&topic).is_some();
-                    acks.push(self.within(self.core.enqueue(&topic, record)).await?);
+                    let copy = is_level.then(|| (topic.clone(), record.clone()));
+                    acks.push((copy, self.within(self.core.enqueue(&topic, record)).await?));
                     if let Some((key, value)) = retained {
                         self.within(self.core.put_state(StateStore::Retained, &key, value)).await?;
                     }
@@ -245,8 +321,12 @@ impl Forwarder {
                 Out::Wait(_) => {}
             }
         }
-        for ack in acks {
-            self.within(ack).await?;
+        for (copy, ack) in acks {
+            let at = self.within(ack).await?;
+            if let Some((topic, record)) = copy {
+                let tp = TopicPartition::new(topic, at.partition);
+                self.delays.handover.put(Record { tp, offset: at.offset, record });
+            }
         }
         for late in lateness {
             self.delays.metrics.lateness.observe(late.max(0) as f64 / 1000.0);
@@ -258,21 +338,29 @@ impl Forwarder {
     /// what is due no later than every other forwarder's announcement ([`DueHeads`]) plus
     /// [`ORDER_SLACK_MS`], so deliveries of all forwarders interleave by due time.
     async fn write_in_order(&self, outs: Vec<Out>) -> Result<(), Failed> {
-        let (mut deliveries, others): (Vec<Out>, Vec<Out>) = outs.into_iter().partition(|o| o.due().is_some());
+        // Moves, and deliveries not yet [`ORDER_AFTER_MS`] late, go out at once.
+        let overdue = self.delays.clock.now_ms() - ORDER_AFTER_MS;
+        let (mut deliveries, others): (Vec<Out>, Vec<Out>) =
+            outs.into_iter().partition(|o| o.due().is_some_and(|d| d < overdue));
         self.write(others).await?;
         deliveries.sort_by_key(|o| o.due());
         let mut rest = std::collections::VecDeque::from(deliveries);
+        let mut waited = Duration::ZERO;
         while let Some(first) = rest.front().and_then(Out::due) {
             self.delays.due_heads.offer(&self.key(), Some(first));
             let floor = self.delays.due_heads.floor(&self.key()).saturating_add(ORDER_SLACK_MS);
             let n = rest.iter().take_while(|o| o.due().is_some_and(|d| d <= floor)).count();
-            if n == 0 {
+            if n == 0 && waited < MAX_ORDER_WAIT {
                 if !self.lease.valid() {
                     return Err(Failed::Lease);
                 }
                 tokio::time::sleep(Duration::from_millis(2)).await;
+                waited += Duration::from_millis(2);
                 continue;
             }
+            // Held back too long (another forwarder slow on the core service): go on.
+            let n = n.max(1);
+            waited = Duration::ZERO;
             self.write(rest.drain(..n).collect()).await?;
         }
         Ok(())
@@ -395,12 +483,17 @@ impl Forwarder {
         // An empty partition is looked at again within half its hold (at most 1 s, at least
         // 100 ms): a record written meanwhile is seen before it is ready.
         let idle = Duration::from_millis(((1u64 << self.level.min(20)) / 2).clamp(100, MAX_SLEEP_MS as u64));
+        let wake = self.delays.handover.wake(&self.tp);
         // The end of `heads` last read on from (once per position).
         let mut topped_up = None;
 
         loop {
             if stop.is_cancelled() || !self.lease.valid() {
                 return Err(Failed::Lease);
+            }
+            if heads.is_empty() {
+                // Moved here by this gateway: no need to read them back.
+                heads.extend(self.delays.handover.take(&self.tp, next, self.batch));
             }
             if heads.is_empty() {
                 let got = self.within(self.core.fetch(&self.tp, next, self.batch)).await?;
@@ -412,6 +505,7 @@ impl Forwarder {
                     self.delays.due_heads.offer(&self.key(), None);
                     tokio::select! {
                         _ = tokio::time::sleep(idle) => {}
+                        _ = wake.notified() => {}
                         _ = stop.cancelled() => return Ok(()),
                     }
                     continue;
@@ -453,7 +547,8 @@ impl Forwarder {
             if outs.is_empty() {
                 self.delays.due_heads.offer(&self.key(), wait);
                 let sleep = wait.map_or(MAX_SLEEP_MS, |t| (t - now).clamp(1, MAX_SLEEP_MS));
-                if sleep >= MAX_SLEEP_MS {
+                if sleep >= MAX_SLEEP_MS && heads.iter().map(|r| r.record.memory_size()).sum::<usize>() > WAITING_BYTES
+                {
                     // Long wait: hold only the head.
                     heads.truncate(1);
                 }
@@ -465,7 +560,7 @@ impl Forwarder {
             }
             // Announce the batch's earliest delivery before anything else, so that the other
             // forwarders hold later ones back (`write_in_order`).
-            if let Some(first) = outs.iter().filter_map(Out::due).min() {
+            if let Some(first) = outs.iter().filter_map(Out::due).min().filter(|d| *d < now - ORDER_AFTER_MS) {
                 self.delays.due_heads.offer(&self.key(), Some(first));
             }
             let taken: Vec<Arc<Record>> = heads.drain(..outs.len()).collect();

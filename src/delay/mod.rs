@@ -220,6 +220,8 @@ pub struct Delays {
     pub clock: Clock,
     /// Deliveries about to be made by this gateway's forwarders (`forward::DueHeads`).
     pub(crate) due_heads: forward::DueHeads,
+    /// Records moved into levels by this gateway, for their forwarders (`forward::Handover`).
+    pub(crate) handover: forward::Handover,
     pub levels: Levels,
     pub metrics: DelayMetrics,
 }
@@ -230,7 +232,13 @@ impl Delays {
         for k in levels.all() {
             metrics.pending.with_label_values(&[&k.to_string()]).set(0);
         }
-        Arc::new(Delays { clock: Clock::default(), due_heads: Default::default(), levels, metrics })
+        Arc::new(Delays {
+            clock: Clock::default(),
+            due_heads: Default::default(),
+            handover: Default::default(),
+            levels,
+            metrics,
+        })
     }
 
     /// Turn `rec` (a message's record) into the record of its first level, for a message due at

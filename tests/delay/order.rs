@@ -10,6 +10,7 @@ use rumqttc::v5::mqttbytes::QoS;
 /// overdue at once when the delay clock jumps an hour ahead (what a gateway coming back after an
 /// outage sees): the subscriber gets each once, in due order.
 pub async fn overdue_messages_are_delivered_in_due_order(core: &Core) {
+    let _turn = serial().await;
     let gw = core.start(&isolated(OPEN_AUTH)).await;
     wait_forwarding(&gw).await;
     let topic = format!("{}/overdue", unique("order"));

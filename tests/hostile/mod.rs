@@ -173,6 +173,11 @@ impl Core {
         self._dir.is_some()
     }
 
+    /// Whether this is RocketMQ.
+    pub fn is_rocketmq(&self) -> bool {
+        self.core_yaml.contains("kind: rocketmq")
+    }
+
     /// Every core-topic name no device may reach on this core service: the events topic (also
     /// in another case), names under the reserved prefix, and this core service's own.
     pub fn reserved_names(&self) -> Vec<String> {

@@ -13,7 +13,7 @@ use super::client;
 use crate::backend::{BackendError, Fetched, Result, TopicPartition};
 
 /// Consumers kept for reads; more concurrent reads wait for one.
-const READERS: usize = 4;
+const READERS: usize = 16;
 /// Longest one read waits for records it knows exist.
 const READ_WAIT: Duration = Duration::from_secs(5);
 

@@ -178,11 +178,13 @@ pub fn decide(levels: &Levels, level: u32, ready: i64, due: i64, now: i64) -> De
     if now < ready {
         return Decision::Wait(ready);
     }
+    // Due times are whole milliseconds of a clock that reads whole milliseconds: delivering
+    // only once the clock is past the due millisecond is never early, not even by a fraction.
     let left = due - now;
-    if left <= 0 {
+    if left < 0 {
         Decision::Deliver
     } else if left < 1 << levels.min && level <= levels.min {
-        Decision::Wait(due)
+        Decision::Wait(due + 1)
     } else {
         Decision::Move(levels.for_remaining(left))
     }
@@ -402,10 +404,11 @@ mod tests {
     #[test]
     fn only_the_lowest_level_waits_for_a_due_time() {
         let levels = Levels::new("lmq-", 45 * 86_400_000);
-        assert_eq!(decide(&levels, 7, 1_000, 1_100, 1_000), Decision::Wait(1_100));
+        assert_eq!(decide(&levels, 7, 1_000, 1_100, 1_000), Decision::Wait(1_101));
         assert_eq!(decide(&levels, 11, 1_000, 1_100, 1_000), Decision::Move(7));
         assert_eq!(decide(&levels, 11, 1_000, 1_100, 1_050), Decision::Move(7));
-        assert_eq!(decide(&levels, 11, 1_000, 1_100, 1_100), Decision::Deliver);
+        assert_eq!(decide(&levels, 11, 1_000, 1_100, 1_100), Decision::Move(7));
+        assert_eq!(decide(&levels, 11, 1_000, 1_100, 1_101), Decision::Deliver);
         assert_eq!(decide(&levels, 11, 1_000, 3_000, 900), Decision::Wait(1_000));
         assert_eq!(decide(&levels, 11, 1_000, 3_000, 1_000), Decision::Move(10));
     }
@@ -438,7 +441,7 @@ mod tests {
                     }
                 }
             }
-            assert_eq!(now, due);
+            assert_eq!(now, due + 1, "delivered in the millisecond after the due one");
             let top_repeats = (delay >> levels.max) + 1;
             assert!(hops <= (levels.max - levels.min + 1) as i64 + top_repeats, "{hops} hops");
         }

@@ -17,6 +17,11 @@
 //!   the records the gateway writes for a QoS 1 fan-in, with the gateway's producer settings,
 //! - `mock-kafka`: librdkafka's mock cluster as a broker for the gateway, until killed.
 //!
+//! With `--delay-secs`, the message scenarios publish delayed messages
+//! (`$delayed/<seconds>/<topic>`, SPEC §9) and subscribe to the plain topics; subscribers then
+//! also measure **lateness**: receive time − (send time + the publisher's delay), and count
+//! messages that arrived early.
+//!
 //! Only loopback targets are accepted: this is a benchmark tool, not a traffic generator.
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -125,6 +130,14 @@ struct Args {
     /// fan-in: publishers only, no subscriber (ingest throughput).
     #[arg(long)]
     no_subscriber: bool,
+    /// Publish delayed messages: to `$delayed/<seconds>/<topic>`, subscribers on `<topic>`.
+    /// `N` for every publisher, or `A-B`: publisher i waits A + (i mod (B−A+1)) seconds.
+    #[arg(long, value_parser = parse_delays)]
+    delay_secs: Option<Delays>,
+    /// Stop publishing after this many messages in all (each publisher its share), or at
+    /// `--duration`, whichever comes first; rates are then per second of publishing.
+    #[arg(long)]
+    count: Option<u64>,
     /// kafka-raw: `bootstrap.servers` (loopback addresses only).
     #[arg(long, default_value = "localhost:9092")]
     bootstrap: String,
@@ -135,6 +148,39 @@ struct Args {
     /// kafka-raw: producer `linger.ms` (the gateway's `core.kafka.linger_ms`).
     #[arg(long, default_value_t = 5)]
     linger_ms: u64,
+}
+
+/// `--delay-secs`: the delays of the publishers, in seconds (`min ..= max`, one per publisher
+/// index in turn).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Delays {
+    min: u32,
+    max: u32,
+}
+
+impl Delays {
+    /// Delay of publisher `index`, in seconds.
+    fn of(&self, index: usize) -> u32 {
+        let span = (self.max - self.min) as usize + 1;
+        self.min + (index % span) as u32
+    }
+
+    /// The topic publisher `index` publishes to for messages meant for `topic`.
+    fn topic(&self, index: usize, topic: &str) -> String {
+        format!("$delayed/{}/{topic}", self.of(index))
+    }
+}
+
+fn parse_delays(s: &str) -> std::result::Result<Delays, String> {
+    let num = |v: &str| v.trim().parse::<u32>().map_err(|_| format!("{v:?} is not a number of seconds"));
+    let (min, max) = match s.split_once('-') {
+        Some((a, b)) => (num(a)?, num(b)?),
+        None => (num(s)?, num(s)?),
+    };
+    if min == 0 || min > max {
+        return Err("delays are N or A-B with 0 < A <= B".into());
+    }
+    Ok(Delays { min, max })
 }
 
 impl Args {
@@ -179,7 +225,13 @@ impl Args {
         if self.topic_prefix.is_empty() || self.topic_prefix.contains(['+', '#', '/']) {
             bail!("--topic-prefix must be one non-empty topic level without wildcards");
         }
+        if self.count == Some(0) {
+            bail!("--count must be at least 1");
+        }
         if matches!(self.scenario, Scenario::KafkaRaw | Scenario::MockKafka) {
+            if self.delay_secs.is_some() || self.count.is_some() {
+                bail!("--delay-secs and --count are for the MQTT message scenarios");
+            }
             kafka::check_bootstrap(&self.bootstrap)?;
             if self.rate.is_some() {
                 bail!("{:?} sends at full speed: --rate does not apply", self.scenario);
@@ -335,6 +387,8 @@ struct Run {
     /// Per publisher: messages the subscribers should receive (QoS 0: written; QoS 1/2: acknowledged).
     published: Vec<AtomicU64>,
     pubs_done: AtomicUsize,
+    /// Nanoseconds (`now_ns`) when the last publisher sent its last message (`--count`).
+    last_sent_ns: AtomicU64,
     /// Set once, when everyone is connected: (start, end of publishing, hard deadline).
     clock: watch::Sender<Option<Clock>>,
 }
@@ -409,6 +463,12 @@ impl SeqTracker {
 }
 
 struct SubResult {
+    /// Receive time − (send time + delay) of delayed messages, µs (`--delay-secs`).
+    lateness: Histogram<u64>,
+    /// Delayed messages received before send time + delay.
+    early: u64,
+    /// The most one of them was early, µs.
+    early_max_us: u64,
     received: u64,
     in_window: u64,
     unique: u64,
@@ -467,7 +527,10 @@ impl IdPool {
     }
 }
 
+#[derive(Clone)]
 struct PubConfig {
+    /// Messages this publisher sends at most (`--count`).
+    limit: Option<u64>,
     qos: QoS,
     payload: usize,
     window: usize,
@@ -519,7 +582,7 @@ async fn publish_loop(
 
     loop {
         let now = Instant::now();
-        let publishing = now < clock.stop;
+        let publishing = now < clock.stop && cfg.limit.map_or(true, |l| res.sent < l);
         if !publishing && ids.count == 0 && wbuf.is_empty() {
             break;
         }
@@ -532,6 +595,9 @@ async fn publish_loop(
         let mut next_due: Option<Instant> = None;
         if publishing && wbuf.len() < WBUF_HIGH {
             let mut budget = window.saturating_sub(ids.count).min(BATCH_MAX);
+            if let Some(limit) = cfg.limit {
+                budget = budget.min(usize::try_from(limit - res.sent).unwrap_or(usize::MAX));
+            }
             if let Some(rate) = cfg.rate {
                 let elapsed = now.saturating_duration_since(clock.start).as_secs_f64();
                 let allowed = (rate * elapsed) as u64 + 1;
@@ -557,6 +623,9 @@ async fn publish_loop(
                 wbuf[at + 12..at + 16].copy_from_slice(&seq.to_be_bytes());
                 seq = seq.wrapping_add(1);
                 res.sent += 1;
+                if cfg.limit == Some(res.sent) {
+                    run.last_sent_ns.fetch_max(t_ns, Ordering::Relaxed);
+                }
                 if cfg.qos == QoS::AtMostOnce {
                     counter.fetch_add(1, Ordering::Relaxed);
                 }
@@ -633,12 +702,18 @@ async fn subscriber(
     spec: SubSpec,
     n_pubs: usize,
     keepalive: Duration,
+    delays: Option<Delays>,
     run: Arc<Run>,
 ) -> Result<SubResult> {
     let mut clock_rx = run.clock.subscribe();
     let clock = wait_clock(&mut clock_rx).await?;
     let mut trackers: Vec<SeqTracker> = (0..n_pubs).map(|_| SeqTracker::default()).collect();
+    // Delayed messages still arrive up to the longest delay after the last was published.
+    let quiet = QUIET + Duration::from_secs(delays.map_or(0, |d| u64::from(d.max)));
     let mut res = SubResult {
+        lateness: new_histogram(),
+        early: 0,
+        early_max_us: 0,
         received: 0,
         in_window: 0,
         unique: 0,
@@ -665,7 +740,7 @@ async fn subscriber(
         if run.pubs_done.load(Ordering::SeqCst) == n_pubs {
             let expected: u64 = spec.sources.iter().map(|&i| run.published[i].load(Ordering::SeqCst)).sum();
             res.expected = expected;
-            if res.unique >= expected || now.duration_since(last_rx) >= QUIET {
+            if res.unique >= expected || now.duration_since(last_rx) >= quiet {
                 break;
             }
         }
@@ -709,6 +784,16 @@ async fn subscriber(
                             if new {
                                 res.unique += 1;
                                 res.hist.saturating_record((t_ns.saturating_sub(sent_ns) / 1000).max(1));
+                                if let Some(d) = delays {
+                                    let due_ns = sent_ns + u64::from(d.of(publisher)) * 1_000_000_000;
+                                    match t_ns.checked_sub(due_ns) {
+                                        Some(late) => res.lateness.saturating_record((late / 1000).max(1)),
+                                        None => {
+                                            res.early += 1;
+                                            res.early_max_us = res.early_max_us.max((due_ns - t_ns) / 1000);
+                                        }
+                                    }
+                                }
                             } else {
                                 res.duplicates += 1;
                             }
@@ -779,9 +864,13 @@ async fn message_scenario(args: &Args, addr: SocketAddr, report: &mut Report) ->
     let tag = run_tag();
     let base = format!("{}/{tag}", args.topic_prefix);
     let n = args.clients;
+    let publish_topic = |i: usize, topic: String| match &args.delay_secs {
+        Some(d) => d.topic(i, &topic),
+        None => topic,
+    };
     let (pubs, subs): (Vec<PubSpec>, Vec<SubSpec>) = match args.scenario {
         Scenario::FanIn => (
-            (0..n).map(|i| PubSpec { index: i as u32, topic: format!("{base}/in/{i}") }).collect(),
+            (0..n).map(|i| PubSpec { index: i as u32, topic: publish_topic(i, format!("{base}/in/{i}")) }).collect(),
             if args.no_subscriber {
                 Vec::new()
             } else {
@@ -789,11 +878,11 @@ async fn message_scenario(args: &Args, addr: SocketAddr, report: &mut Report) ->
             },
         ),
         Scenario::FanOut => (
-            vec![PubSpec { index: 0, topic: format!("{base}/out") }],
+            vec![PubSpec { index: 0, topic: publish_topic(0, format!("{base}/out")) }],
             (0..n).map(|_| SubSpec { filter: format!("{base}/out"), sources: vec![0] }).collect(),
         ),
         Scenario::P2p => (
-            (0..n).map(|i| PubSpec { index: i as u32, topic: format!("{base}/p2p/{i}") }).collect(),
+            (0..n).map(|i| PubSpec { index: i as u32, topic: publish_topic(i, format!("{base}/p2p/{i}")) }).collect(),
             (0..n).map(|i| SubSpec { filter: format!("{base}/p2p/{i}"), sources: vec![i] }).collect(),
         ),
         Scenario::Idle | Scenario::ConnectStorm | Scenario::KafkaRaw | Scenario::MockKafka => {
@@ -807,6 +896,7 @@ async fn message_scenario(args: &Args, addr: SocketAddr, report: &mut Report) ->
     let run = Arc::new(Run {
         published: (0..n_pubs).map(|_| AtomicU64::new(0)).collect(),
         pubs_done: AtomicUsize::new(0),
+        last_sent_ns: AtomicU64::new(0),
         clock: clock_tx,
     });
     let keepalive = Duration::from_secs(u64::from(args.keepalive.max(1)));
@@ -818,6 +908,7 @@ async fn message_scenario(args: &Args, addr: SocketAddr, report: &mut Report) ->
         sub_conns.push(r.context("opening a subscriber connection")?.0);
     }
     let sem = Arc::new(Semaphore::new(args.concurrency));
+    let delays = args.delay_secs;
     let mut sub_tasks = Vec::new();
     let mut ready = Vec::new();
     for (mut conn, spec) in sub_conns.into_iter().zip(subs) {
@@ -835,7 +926,7 @@ async fn message_scenario(args: &Args, addr: SocketAddr, report: &mut Report) ->
                 return Err(e);
             }
             let _ = ready_tx.send(Ok(()));
-            subscriber(conn, spec, n_pubs, keepalive, run).await
+            subscriber(conn, spec, n_pubs, keepalive, delays, run).await
         }));
     }
     for r in ready {
@@ -844,7 +935,10 @@ async fn message_scenario(args: &Args, addr: SocketAddr, report: &mut Report) ->
 
     // Then publishers.
     let pub_ids = (0..n_pubs).map(|i| format!("lb-{tag}-p{i}")).collect();
+    // `--count`: each publisher its share, the first ones one more for the remainder.
+    let limit = |i: usize| args.count.map(|c| c / n_pubs as u64 + u64::from((i as u64) < c % n_pubs as u64));
     let cfg = Arc::new(PubConfig {
+        limit: None,
         qos,
         payload: args.payload,
         window: usize::from(args.inflight),
@@ -854,21 +948,33 @@ async fn message_scenario(args: &Args, addr: SocketAddr, report: &mut Report) ->
     let mut pub_tasks = Vec::new();
     for (r, spec) in open_many(addr, protocol, pub_ids, args.keepalive, args.concurrency).await.into_iter().zip(pubs) {
         let (conn, _) = r.context("opening a publisher connection")?;
-        pub_tasks.push(tokio::spawn(publisher(conn, spec, Arc::clone(&cfg), Arc::clone(&run))));
+        let cfg = Arc::new(PubConfig { limit: limit(spec.index as usize), ..PubConfig::clone(&cfg) });
+        pub_tasks.push(tokio::spawn(publisher(conn, spec, cfg, Arc::clone(&run))));
     }
     tokio::time::sleep(SETTLE).await;
 
     let server_before = args.server_pid.map(ProcSample::read).transpose()?;
     let client_before = self_cpu_secs();
     let start = Instant::now();
+    let start_ns = now_ns();
     let stop = start + Duration::from_secs_f64(args.duration);
     let deadline = stop + Duration::from_secs_f64(args.drain);
     run.clock.send_replace(Some(Clock { start, stop, deadline }));
 
-    // Sample the server when publishing stops (not during the drain).
+    // Sample the server when publishing stops (not during the drain): at `--duration`, or
+    // once every publisher has finished (`--count`).
     let sampler = args.server_pid.map(|pid| {
+        let run = Arc::clone(&run);
         tokio::spawn(async move {
-            sleep_until(stop).await;
+            let finished = async {
+                while run.pubs_done.load(Ordering::SeqCst) < n_pubs {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            };
+            tokio::select! {
+                _ = sleep_until(stop) => {}
+                _ = finished => {}
+            }
             ProcSample::read(pid)
         })
     });
@@ -882,7 +988,9 @@ async fn message_scenario(args: &Args, addr: SocketAddr, report: &mut Report) ->
         }
     }
     let mut hist = new_histogram();
-    let (mut received, mut in_window, mut unique, mut dups, mut ooo, mut expected) = (0, 0, 0, 0, 0, 0);
+    let mut lateness = new_histogram();
+    let (mut received, mut in_window, mut unique, mut dups, mut ooo, mut expected, mut early) = (0, 0, 0, 0, 0, 0, 0);
+    let mut early_max_us = 0;
     for t in sub_tasks {
         match t.await {
             Ok(Ok(r)) => {
@@ -892,13 +1000,23 @@ async fn message_scenario(args: &Args, addr: SocketAddr, report: &mut Report) ->
                 dups += r.duplicates;
                 ooo += r.out_of_order;
                 expected += r.expected;
+                early += r.early;
+                early_max_us = early_max_us.max(r.early_max_us);
                 hist.add(&r.hist).map_err(|e| anyhow!("merging histograms: {e:?}"))?;
+                lateness.add(&r.lateness).map_err(|e| anyhow!("merging histograms: {e:?}"))?;
             }
             Ok(Err(e)) => report.error(format!("subscriber: {e:#}")),
             Err(e) => report.error(format!("subscriber task: {e}")),
         }
     }
-    let secs = args.duration;
+    // With `--count` met before `--duration`, rates are per second of publishing.
+    let last_sent = run.last_sent_ns.load(Ordering::Relaxed);
+    let secs = if args.count.is_some() && last_sent > start_ns && pub_total.sent >= args.count.unwrap_or(0) {
+        (last_sent - start_ns) as f64 / 1e9
+    } else {
+        args.duration
+    };
+    report.publish_s = Some(secs);
     report.client_cpu_s = Some(self_cpu_secs() - client_before);
     if let (Some(before), Some(sampler)) = (server_before, sampler) {
         let after = sampler.await.map_err(|e| anyhow!("sampler task: {e}"))??;
@@ -909,6 +1027,10 @@ async fn message_scenario(args: &Args, addr: SocketAddr, report: &mut Report) ->
         sent_per_s: pub_total.sent as f64 / secs,
         acked: (qos != QoS::AtMostOnce).then_some(pub_total.acked),
         acked_per_s: (qos != QoS::AtMostOnce).then_some(pub_total.acked_in_window as f64 / secs),
+        delay_secs: args.delay_secs.map(|d| [d.min, d.max]),
+        lateness_us: Latency::from_hist(&lateness),
+        early: args.delay_secs.map(|_| early),
+        early_max_us: args.delay_secs.map(|_| early_max_us),
         unacked: (qos != QoS::AtMostOnce).then_some(pub_total.unacked),
         ack_latency_us: Latency::from_hist(&pub_total.ack_hist),
         expected,
@@ -1176,6 +1298,19 @@ struct MessageStats {
     /// QoS 1/2: acknowledgements received during the publishing window, per second.
     #[serde(skip_serializing_if = "Option::is_none")]
     acked_per_s: Option<f64>,
+    /// `--delay-secs`: shortest and longest delay of the publishers, seconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    delay_secs: Option<[u32; 2]>,
+    /// Delayed messages: receive time − (send time + delay), µs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lateness_us: Option<Latency>,
+    /// Delayed messages received before send time + delay (the gateway keeps due times in
+    /// whole milliseconds: up to 1 ms early is its resolution).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    early: Option<u64>,
+    /// The most one of them was early, µs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    early_max_us: Option<u64>,
     /// QoS 1/2: still unacknowledged at the end of the drain period.
     #[serde(skip_serializing_if = "Option::is_none")]
     unacked: Option<u64>,
@@ -1254,6 +1389,9 @@ struct Report {
     rate_target: Option<f64>,
     inflight: u16,
     nofile_limit: Option<u64>,
+    /// Seconds of publishing the rates are computed over (`--duration`, or less with `--count`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    publish_s: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     publishers: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -1307,6 +1445,21 @@ impl Report {
                     "  latency µs p50 {} p90 {} p99 {} p99.9 {} max {} (mean {:.0})",
                     l.p50, l.p90, l.p99, l.p999, l.max, l.mean
                 );
+            }
+            if let Some(l) = &m.lateness_us {
+                println!(
+                    "  lateness µs p50 {} p90 {} p99 {} p99.9 {} max {} (mean {:.0}); early {} (by at most {} µs)",
+                    l.p50,
+                    l.p90,
+                    l.p99,
+                    l.p999,
+                    l.max,
+                    l.mean,
+                    m.early.unwrap_or(0),
+                    m.early_max_us.unwrap_or(0)
+                );
+            } else if let Some(e) = m.early {
+                println!("  early {e}");
             }
         }
         if let Some(i) = &self.idle {
@@ -1409,6 +1562,7 @@ async fn run(args: Args) -> Result<Report> {
         rate_target: args.rate,
         inflight: args.inflight,
         nofile_limit: nofile,
+        publish_s: None,
         publishers: None,
         subscribers: None,
         messages: None,
@@ -1457,6 +1611,17 @@ mod tests {
         assert!(p.release(a));
         assert!(!p.release(a));
         assert_eq!(p.count, 1);
+    }
+
+    #[test]
+    fn delays_per_publisher() {
+        let d = parse_delays("1-5").unwrap();
+        assert_eq!((0..6).map(|i| d.of(i)).collect::<Vec<_>>(), [1, 2, 3, 4, 5, 1]);
+        assert_eq!(d.topic(2, "bench/x/in/2"), "$delayed/3/bench/x/in/2");
+        assert_eq!(parse_delays("86400").unwrap().of(7), 86400);
+        for bad in ["0", "5-1", "x", "1-", ""] {
+            assert!(parse_delays(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -9,18 +9,19 @@
 #             forwarded during the run) on the gateway, and normal ones on Mosquitto (which has
 #             no delayed messages) as the reference. Prints each run and the medians, the ratio
 #             delayed / normal (goal ≥ 0.8) and gateway / Mosquitto.
-#   lateness  LATE_RATE msg/s of delayed QoS 1 messages with 1–5 s delays (5 publishers, one
+#   lateness  For each of LATE_RATE (a list) msg/s of delayed QoS 1 messages with 1–5 s delays (5 publishers, one
 #             delay each) to a subscriber, while NORMAL_RATE msg/s of normal QoS 1 fan-in flow
 #             (8 publishers → 1 subscriber) in a second lmq-bench, both for LATE_SECS s. Lateness
 #             = receive − (send + delay) at the subscriber, and the gateway's own
 #             lmq_delayed_lateness_seconds (due time → written to its topic) over the same run.
 #   forward   How fast the forwarder delivers: BURST delayed messages (2 s) published as fast as
 #             the gateway takes them, to a subscriber; lateness and delivery rate.
-#   pending   A fresh gateway: RSS with nothing pending, then PENDING delayed messages of 1 day
-#             (they stay pending), RSS after ingest, and the lateness of 1–2 s delayed messages
+#   pending   A fresh gateway: RSS with nothing pending, then PENDING_STEPS × PENDING delayed
+#             messages of 1 day (they stay pending), RSS after each step, and the lateness of 1–2 s delayed messages
 #             published afterwards (PROBE_RATE msg/s for PROBE_SECS s), compared with the same
 #             probe before the ingest; then the gateway restarts with them pending: time until
-#             it serves again, RSS, and the probe once more.
+#             it serves again, RSS, and the probe once more. Control: RSS growth of a fresh
+#             gateway over the same ingest of normal messages.
 #
 # Servers: lmq-gateway (embedded core, fsync: FSYNC, parent topic `*` with PARTITIONS partitions,
 # anonymous clients, admin port for /metrics) and Mosquitto (in-memory, as in scripts/bench.sh),
@@ -30,8 +31,8 @@
 # Environment knobs (defaults in brackets):
 #   DURATION [10] s per ingest run    ROUNDS [3]     CLIENTS [8] publishers   INFLIGHT [64]
 #   PAYLOAD [64]  bytes               INGEST_DELAY [3600] s of the delayed ingest runs
-#   LATE_RATE [1000] LATE_SECS [30] NORMAL_RATE [10000]     BURST [200000]
-#   PENDING [1000000] PROBE_RATE [100] PROBE_SECS [10]
+#   LATE_RATE ["1000 5000"] LATE_SECS [30] NORMAL_RATE [10000]     BURST [200000]
+#   PENDING [1000000] delayed messages per ingest step, PENDING_STEPS [3] steps   PROBE_RATE [100] PROBE_SECS [10]
 #   FSYNC [always] the gateway's core.embedded.fsync   PARTITIONS [4] of the parent topic `*`
 #   DELAY_BATCH [256] the gateway's delay.batch (records a level's forwarder moves at once)
 #   GW_PORT [18861] (admin GW_PORT+10)  MOSQ_PORT [18863]
@@ -46,11 +47,12 @@ CLIENTS="${CLIENTS:-8}"
 INFLIGHT="${INFLIGHT:-64}"
 PAYLOAD="${PAYLOAD:-64}"
 INGEST_DELAY="${INGEST_DELAY:-3600}"
-LATE_RATE="${LATE_RATE:-1000}"
+LATE_RATE="${LATE_RATE:-1000 5000}"
 LATE_SECS="${LATE_SECS:-30}"
 NORMAL_RATE="${NORMAL_RATE:-10000}"
 BURST="${BURST:-200000}"
 PENDING="${PENDING:-1000000}"
+PENDING_STEPS="${PENDING_STEPS:-3}"
 PROBE_RATE="${PROBE_RATE:-100}"
 PROBE_SECS="${PROBE_SECS:-10}"
 FSYNC="${FSYNC:-always}"
@@ -242,7 +244,7 @@ part_ingest() {
     # Warm-up (not measured): creates the parent topic's partitions and the level's segment.
     "$BENCH" "${LOAD[@]}" --duration 2 --port "$GW_PORT" > /dev/null 2>&1 || true
     "$BENCH" "${LOAD[@]}" --duration 2 --delay-secs "$INGEST_DELAY" --port "$GW_PORT" > /dev/null 2>&1 || true
-    local normal="" delayed="" mosqs="" r
+    local normal="" delayed="" mosqs="" ratios="" r
     for round in $(seq 1 "$ROUNDS"); do
         bench "ingest-normal-$round" "$GW_PORT" "$GW_PID" "${INGEST[@]}"
         sleep 2
@@ -255,33 +257,37 @@ part_ingest() {
             log "ingest round $round $kind: $r PUBACKs/s, p50/p99 $(j "ingest-$kind-$round" '.messages.ack_latency_us | "\(.p50)/\(.p99)"') µs, server CPU $(j "ingest-$kind-$round" '.server.cpu_pct | floor') %"
             case $kind in normal) normal+="$r " ;; delayed) delayed+="$r " ;; mosq) mosqs+="$r " ;; esac
         done
+        ratios+="$(ratio "$(j "ingest-delayed-$round" '.messages.acked_per_s')" "$(j "ingest-normal-$round" '.messages.acked_per_s')") "
     done
     local n d m
     n=$(median "$normal") d=$(median "$delayed") m=$(median "$mosqs")
-    log "ingest medians (PUBACKs/s): normal $n, delayed $d, mosquitto $m; delayed/normal $(ratio "$d" "$n") (goal ≥ 0.8), normal/mosquitto $(ratio "$n" "$m"), delayed/mosquitto $(ratio "$d" "$m")"
+    log "ingest medians (PUBACKs/s): normal $n, delayed $d, mosquitto $m; delayed/normal $(ratio "$d" "$n") (goal ≥ 0.8; per round: $ratios→ median $(median "$ratios")), normal/mosquitto $(ratio "$n" "$m"), delayed/mosquitto $(ratio "$d" "$m")"
     log "accepted delayed messages: $(metric lmq_delayed_accepted_total), pending in level 21: $(metric 'lmq_delayed_pending_messages{level="21"}')"
     kill "$mosq" 2> /dev/null || true
     stop_gateway
 }
 
 part_lateness() {
-    start_gateway fresh
-    wait_forwarder
-    metrics > "$OUT/lateness.before.prom"
-    local drain=$((LATE_SECS + 20))
-    bench lateness-normal "$GW_PORT" "$GW_PID" fan-in --clients 8 --payload "$PAYLOAD" --qos 1 --inflight "$INFLIGHT" \
-        --rate "$NORMAL_RATE" --duration "$LATE_SECS" --topic-prefix normal &
-    local bg=$!
-    bench lateness-delayed "$GW_PORT" "$GW_PID" fan-in --clients 5 --payload "$PAYLOAD" --qos 1 --inflight "$INFLIGHT" \
-        --rate "$LATE_RATE" --duration "$LATE_SECS" --drain "$drain" --delay-secs 1-5 --topic-prefix delayed
-    wait "$bg" || true
-    metrics > "$OUT/lateness.after.prom"
-    log "lateness: $LATE_RATE msg/s delayed 1–5 s while $NORMAL_RATE msg/s normal QoS 1 flow, $LATE_SECS s"
-    log "  subscriber lateness: $(late lateness-delayed)"
-    log "  gateway lmq_delayed_lateness_seconds: $(hist_count "$OUT/lateness.before.prom" "$OUT/lateness.after.prom") observations, p50 $(hist_quantile 0.5 "$OUT/lateness.before.prom" "$OUT/lateness.after.prom"), p99 $(hist_quantile 0.99 "$OUT/lateness.before.prom" "$OUT/lateness.after.prom")"
-    log "  normal flow meanwhile: $(j lateness-normal '.messages.received_per_s | floor') msg/s received, latency p50/p99 $(j lateness-normal '.messages.latency_us | "\(.p50)/\(.p99)"') µs, lost $(j lateness-normal '.messages.lost')"
-    log "  gateway CPU $(j lateness-delayed '.server.cpu_pct | floor') % over the run"
-    stop_gateway
+    local rate n d b a
+    for rate in $LATE_RATE; do
+        start_gateway fresh
+        wait_forwarder
+        n="lateness-$rate-normal" d="lateness-$rate-delayed" b="$OUT/lateness-$rate.before.prom" a="$OUT/lateness-$rate.after.prom"
+        metrics > "$b"
+        bench "$n" "$GW_PORT" "$GW_PID" fan-in --clients 8 --payload "$PAYLOAD" --qos 1 --inflight "$INFLIGHT" \
+            --rate "$NORMAL_RATE" --duration "$LATE_SECS" --topic-prefix normal &
+        local bg=$!
+        bench "$d" "$GW_PORT" "$GW_PID" fan-in --clients 5 --payload "$PAYLOAD" --qos 1 --inflight "$INFLIGHT" \
+            --rate "$rate" --duration "$LATE_SECS" --drain $((LATE_SECS + 20)) --delay-secs 1-5 --topic-prefix delayed
+        wait "$bg" || true
+        metrics > "$a"
+        log "lateness: $rate msg/s delayed 1–5 s while $NORMAL_RATE msg/s normal QoS 1 flow, $LATE_SECS s"
+        log "  subscriber lateness: $(late "$d")"
+        log "  gateway lmq_delayed_lateness_seconds: $(hist_count "$b" "$a") observations, p50 $(hist_quantile 0.5 "$b" "$a"), p99 $(hist_quantile 0.99 "$b" "$a")"
+        log "  normal flow meanwhile: $(j "$n" '.messages.received_per_s | floor') msg/s received, latency p50/p99 $(j "$n" '.messages.latency_us | "\(.p50)/\(.p99)"') µs, lost $(j "$n" '.messages.lost')"
+        log "  gateway CPU $(j "$d" '.server.cpu_pct | floor') % over the run"
+        stop_gateway
+    done
 }
 
 part_forward() {
@@ -320,22 +326,37 @@ part_pending() {
     rss0=$(rss_kb)
     log "pending: RSS of the fresh gateway $((fresh / 1024)) MiB; after a 2 s normal ingest and the probe, nothing pending: $((rss0 / 1024)) MiB ($rss0 kB)"
     log "  1–2 s probe, nothing pending: $(late pending-probe-empty)"
-    bench pending-ingest "$GW_PORT" "$GW_PID" "${LOAD[@]}" --count "$PENDING" --duration 600 --drain 30 --delay-secs 86400
-    sleep 5
-    rss1=$(rss_kb)
-    log "  ingest of $PENDING delayed 1 d: $(j pending-ingest '.publish_s * 10 | round / 10') s, $(j pending-ingest '.messages.acked_per_s | floor') PUBACKs/s; accepted $(metric lmq_delayed_accepted_total), lmq_delayed_pending_messages{level=26} $(metric 'lmq_delayed_pending_messages{level="26"}')"
-    log "  RSS after ingest: $((rss1 / 1024)) MiB ($rss1 kB), +$(((rss1 - rss0) / 1024)) MiB = $(awk -v a="$rss1" -v b="$rss0" -v n="$PENDING" 'BEGIN { printf "%.1f", (a - b) * 1024 / n }') B per pending message; peak $(awk '/^VmHWM:/ { print int($2 / 1024) }' "/proc/$GW_PID/status") MiB; data dir $(du -sm "$WORK/gw-data" | cut -f1) MiB"
+    local step total=0
+    for step in $(seq 1 "$PENDING_STEPS"); do
+        bench "pending-ingest-$step" "$GW_PORT" "$GW_PID" "${LOAD[@]}" --count "$PENDING" --duration 600 --drain 30 --delay-secs 86400
+        total=$((total + PENDING))
+        sleep 6
+        rss1=$(rss_kb)
+        log "  ingest $step of $PENDING delayed 1 d: $(j "pending-ingest-$step" '.publish_s * 10 | round / 10') s, $(j "pending-ingest-$step" '.messages.acked_per_s | floor') PUBACKs/s; accepted $(metric lmq_delayed_accepted_total), lmq_delayed_pending_messages{level=26} $(metric 'lmq_delayed_pending_messages{level="26"}')"
+        log "    RSS with $total pending: $((rss1 / 1024)) MiB ($rss1 kB), +$(((rss1 - rss0) / 1024)) MiB over none pending; peak $(awk '/^VmHWM:/ { print int($2 / 1024) }' "/proc/$GW_PID/status") MiB; data dir $(du -sm "$WORK/gw-data" | cut -f1) MiB"
+    done
     probe pending-probe-full
     rss2=$(rss_kb)
-    log "  1–2 s probe with $PENDING pending: $(late pending-probe-full); RSS after $((rss2 / 1024)) MiB"
+    log "  1–2 s probe with $total pending: $(late pending-probe-full); RSS after $((rss2 / 1024)) MiB"
     stop_gateway
     start_gateway
     wait_forwarder
     sleep 2
     rss3=$(rss_kb)
-    log "  restart with $PENDING pending: MQTT port open after $STARTED s, RSS $((rss3 / 1024)) MiB (fresh gateway with nothing pending: $((fresh / 1024)) MiB), pending{level=26} $(metric 'lmq_delayed_pending_messages{level="26"}')"
+    log "  restart with $total pending: MQTT port open after $STARTED s, RSS $((rss3 / 1024)) MiB (fresh gateway with nothing pending: $((fresh / 1024)) MiB), pending{level=26} $(metric 'lmq_delayed_pending_messages{level="26"}')"
     probe pending-probe-restarted
     log "  1–2 s probe after the restart: $(late pending-probe-restarted); RSS after $(($(rss_kb) / 1024)) MiB"
+    stop_gateway
+    # Control: the same warm-up and ingest of normal messages (nothing pending, same writes).
+    start_gateway fresh
+    wait_forwarder
+    "$BENCH" "${LOAD[@]}" --duration 2 --port "$GW_PORT" > /dev/null 2>&1 || true
+    sleep 5
+    rss0=$(rss_kb)
+    bench pending-control "$GW_PORT" "$GW_PID" "${LOAD[@]}" --count "$PENDING" --duration 600 --drain 30
+    sleep 5
+    rss1=$(rss_kb)
+    log "  control, $PENDING normal messages instead (none pending): RSS $((rss0 / 1024)) → $((rss1 / 1024)) MiB (+$(((rss1 - rss0) / 1024)) MiB), $(j pending-control '.messages.acked_per_s | floor') PUBACKs/s"
     stop_gateway
 }
 

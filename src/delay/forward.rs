@@ -31,6 +31,9 @@ use crate::router::Router;
 
 /// Longest a forwarder sleeps before it looks again (a moved clock, a lost lease).
 const MAX_SLEEP_MS: i64 = 1000;
+/// While a head waits, the pending gauge is set from the partition's end (one end-offset
+/// request) at most this often.
+const PENDING_REFRESH: Duration = Duration::from_secs(5);
 /// Bytes of head records a forwarder keeps (at least one record): with every level busy, the
 /// forwarders hold at most about this much times the number of levels.
 const HEAD_BYTES: usize = 1 << 20;
@@ -486,6 +489,8 @@ impl Forwarder {
         let wake = self.delays.handover.wake(&self.tp);
         // The end of `heads` last read on from (once per position).
         let mut topped_up = None;
+        // When `pending` was last set from the partition's end.
+        let mut pending_at = tokio::time::Instant::now();
 
         loop {
             if stop.is_cancelled() || !self.lease.valid() {
@@ -500,6 +505,7 @@ impl Forwarder {
                 let now_pending = got.high_watermark.saturating_sub(next) as i64;
                 pending.add(now_pending - *counted);
                 *counted = now_pending;
+                pending_at = tokio::time::Instant::now();
                 if got.records.is_empty() {
                     next = next.max(got.next_offset);
                     self.delays.due_heads.offer(&self.key(), None);
@@ -545,6 +551,15 @@ impl Forwarder {
                 }
             }
             if outs.is_empty() {
+                // A waiting head is not read again: count what was written behind it.
+                if pending_at.elapsed() >= PENDING_REFRESH {
+                    if let Ok(end) = self.within(self.core.end_offset(&self.tp)).await {
+                        let now_pending = end.saturating_sub(next) as i64;
+                        pending.add(now_pending - *counted);
+                        *counted = now_pending;
+                    }
+                    pending_at = tokio::time::Instant::now();
+                }
                 self.delays.due_heads.offer(&self.key(), wait);
                 let sleep = wait.map_or(MAX_SLEEP_MS, |t| (t - now).clamp(1, MAX_SLEEP_MS));
                 if sleep >= MAX_SLEEP_MS && heads.iter().map(|r| r.record.memory_size()).sum::<usize>() > WAITING_BYTES

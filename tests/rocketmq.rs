@@ -333,7 +333,15 @@ async fn gateway_recovers_when_the_broker_restarts() {
         }
         assert!(tokio::time::Instant::now() < deadline, "no publish acknowledged within 60 s of the restart");
         tokio::time::sleep(Duration::from_secs(1)).await;
-        publisher = v4::connect(gw.addr(), "GID_restart@@@pub").await;
+        // While the core service is unavailable the gateway refuses CONNECT (server
+        // unavailable): the publisher tries again, as a device would.
+        publisher = loop {
+            if let Some(c) = v4::try_connect(gw.addr(), "GID_restart@@@pub").await {
+                break c;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "no CONNECT accepted within 60 s of the restart");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        };
     }
     // The subscriber's live tail resumed too, within seconds (the client library admits no new
     // connection to a broker for 30 s once 5 attempts have failed; the gateway replaces its

@@ -605,7 +605,11 @@ impl Forwarder {
 
 /// Run one level's forwarder while this gateway holds the lease.
 pub async fn run(f: Forwarder, stop: tokio_util::sync::CancellationToken) {
+    // Failures back off (0.5 s doubling to 8 s) so that a hundred forwarders do not hammer a
+    // core service that is down; an attempt that ran for a while starts over at 0.5 s.
+    let mut backoff = Duration::from_millis(500);
     loop {
+        let started = tokio::time::Instant::now();
         let result = match f.recover().await {
             Ok(next) => f.forward(next, &stop).await,
             Err(e) => Err(e),
@@ -618,9 +622,13 @@ pub async fn run(f: Forwarder, stop: tokio_util::sync::CancellationToken) {
                 tracing::warn!(level = f.level, partition = f.partition, error = %e, "delayed-message forwarder failed; retrying")
             }
         }
+        if started.elapsed() > Duration::from_secs(10) {
+            backoff = Duration::from_millis(500);
+        }
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = tokio::time::sleep(backoff) => {}
             _ = stop.cancelled() => return,
         }
+        backoff = (backoff * 2).min(Duration::from_secs(8));
     }
 }

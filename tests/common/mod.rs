@@ -194,6 +194,26 @@ pub mod v4 {
         connect_with(options(addr, id)).await
     }
 
+    /// Connect; `None` when the server refuses the CONNECT or closes the connection.
+    pub async fn try_connect(addr: SocketAddr, id: &str) -> Option<Client> {
+        let (client, mut eventloop) = AsyncClient::new(options(addr, id), 1000);
+        match tokio::time::timeout(WAIT, eventloop.poll()).await {
+            Ok(Ok(Event::Incoming(Incoming::ConnAck(a)))) if a.code == rumqttc::ConnectReturnCode::Success => {}
+            _ => return None,
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            loop {
+                let e = eventloop.poll().await.map_err(|e| e.to_string());
+                let end = e.is_err();
+                if tx.send(e).is_err() || end {
+                    return;
+                }
+            }
+        });
+        Some(Client { client, events: rx, task })
+    }
+
     /// Connect and wait for CONNACK. The event loop stops at the first error (no reconnect).
     pub async fn connect_with(opts: MqttOptions) -> Client {
         let (client, mut eventloop) = AsyncClient::new(opts, 1000);

@@ -12,7 +12,8 @@
 //! [`crate::query::SKEW_MS`], for time indexes kept by the broker's clock) for the records that
 //! carry its `lmqDelayFrom` marks: those were written; the others of the range are written
 //! now. Only the head of the level is in memory: at most `delay.batch` records and 1 MiB
-//! while they are ready, one record while it waits.
+//! while they are ready or wait less than a second (the records behind a waiting head are read
+//! while it waits, off the delivery's path), one record (or 64 KiB) while it waits longer.
 //!
 //! Due and ready times are read on the delay clock ([`super::Clock`], which tests move
 //! forward); record timestamps and checkpoint times are wall-clock time, because the core
@@ -37,9 +38,10 @@ const PENDING_REFRESH: Duration = Duration::from_secs(5);
 /// Bytes of head records a forwarder keeps (at least one record): with every level busy, the
 /// forwarders hold at most about this much times the number of levels.
 const HEAD_BYTES: usize = 1 << 20;
-/// Longest a delivery waits for earlier ones of other forwarders (one slow on the core service
-/// holds the others back no longer).
-const MAX_ORDER_WAIT: Duration = Duration::from_millis(500);
+/// Longest a delivery waits for earlier ones of other forwarders while none of them makes
+/// progress (one stuck on the core service holds the others back no longer: the rest of the
+/// batch then goes out at once).
+const MAX_ORDER_WAIT: Duration = Duration::from_millis(1500);
 /// Bytes of records behind a head that waits longer than a second that a forwarder keeps
 /// (more: it keeps only the head and reads the rest again when it is ready).
 const WAITING_BYTES: usize = 64 << 10;
@@ -49,6 +51,9 @@ const ORDER_AFTER_MS: i64 = 2000;
 /// Deliveries due within this of each other may go out in either order (larger groups per
 /// write when many are overdue).
 const ORDER_SLACK_MS: i64 = 50;
+/// A waiting head with at least this long to wait (and less than [`MAX_SLEEP_MS`]) has the
+/// records behind it read meanwhile.
+const PREFETCH_MIN_MS: i64 = 200;
 /// Records recovery reads at most to find what was already written.
 const SCAN_MAX_RECORDS: usize = 5_000_000;
 
@@ -94,7 +99,8 @@ impl Out {
 /// (after an outage many messages are overdue at once, spread over levels and partitions).
 /// A forwarder announces the due time of its next delivery while it writes a batch, and the
 /// time its head is ready (or due, in the last 128 ms) while it waits for it; a forwarder with
-/// nothing to read announces nothing. A delivery waits while another forwarder announced an
+/// nothing to read announces nothing. Its first read (after it starts, or after the delay clock
+/// was moved) may find overdue records: while it reads, it announces the earliest time of all. A delivery waits while another forwarder announced an
 /// earlier time. Only writing forwarders wait, and the one with the earliest announcement
 /// among them is never held back by a writing one: no deadlock.
 #[derive(Default)]
@@ -348,23 +354,27 @@ impl Forwarder {
         self.write(others).await?;
         deliveries.sort_by_key(|o| o.due());
         let mut rest = std::collections::VecDeque::from(deliveries);
-        let mut waited = Duration::ZERO;
+        // Since when the earliest other announcement has not moved.
+        let mut stuck = (i64::MIN, tokio::time::Instant::now());
         while let Some(first) = rest.front().and_then(Out::due) {
             self.delays.due_heads.offer(&self.key(), Some(first));
-            let floor = self.delays.due_heads.floor(&self.key()).saturating_add(ORDER_SLACK_MS);
-            let n = rest.iter().take_while(|o| o.due().is_some_and(|d| d <= floor)).count();
-            if n == 0 && waited < MAX_ORDER_WAIT {
+            let floor = self.delays.due_heads.floor(&self.key());
+            if floor != stuck.0 {
+                stuck = (floor, tokio::time::Instant::now());
+            }
+            let limit = floor.saturating_add(ORDER_SLACK_MS);
+            let n = rest.iter().take_while(|o| o.due().is_some_and(|d| d <= limit)).count();
+            if n > 0 {
+                self.write(rest.drain(..n).collect()).await?;
+            } else if stuck.1.elapsed() < MAX_ORDER_WAIT {
                 if !self.lease.valid() {
                     return Err(Failed::Lease);
                 }
                 tokio::time::sleep(Duration::from_millis(2)).await;
-                waited += Duration::from_millis(2);
-                continue;
+            } else {
+                // Held back too long (another forwarder stuck on the core service): go on.
+                return self.write(rest.into_iter().collect()).await;
             }
-            // Held back too long (another forwarder slow on the core service): go on.
-            let n = n.max(1);
-            waited = Duration::ZERO;
-            self.write(rest.drain(..n).collect()).await?;
         }
         Ok(())
     }
@@ -491,6 +501,9 @@ impl Forwarder {
         let mut topped_up = None;
         // When `pending` was last set from the partition's end.
         let mut pending_at = tokio::time::Instant::now();
+        // The partition has not been read since the forwarder started or the clock was moved:
+        // it may hold overdue records nobody announced yet.
+        let mut unseen = true;
 
         loop {
             if stop.is_cancelled() || !self.lease.valid() {
@@ -501,7 +514,13 @@ impl Forwarder {
                 heads.extend(self.delays.handover.take(&self.tp, next, self.batch));
             }
             if heads.is_empty() {
+                if unseen {
+                    // What this read finds may be overdue: the others hold their overdue
+                    // deliveries back until it is announced.
+                    self.delays.due_heads.offer(&self.key(), Some(i64::MIN));
+                }
                 let got = self.within(self.core.fetch(&self.tp, next, self.batch)).await?;
+                unseen = false;
                 let now_pending = got.high_watermark.saturating_sub(next) as i64;
                 pending.add(now_pending - *counted);
                 *counted = now_pending;
@@ -512,6 +531,7 @@ impl Forwarder {
                     tokio::select! {
                         _ = tokio::time::sleep(idle) => {}
                         _ = wake.notified() => {}
+                        _ = self.delays.clock.moved() => unseen = true,
                         _ = stop.cancelled() => return Ok(()),
                     }
                     continue;
@@ -524,12 +544,17 @@ impl Forwarder {
                 }));
             }
             let now = self.delays.clock.now_ms();
-            // A ready head: read on behind it (up to the batch), so that deliveries within the
-            // batch can be sorted by due time.
+            // Read on behind the head (up to the batch) while it waits long enough for a read
+            // (off the delivery's path), or when it is overdue (so that deliveries within the
+            // batch can be sorted by due time). A head ready on time goes out without waiting
+            // for a read.
             let last = heads.back().map_or(next, |r| r.offset + 1);
             if heads.len() < self.batch
                 && topped_up != Some(last)
-                && !matches!(self.out(&heads[0], now).await, Out::Wait(_))
+                && match self.out(&heads[0], now).await {
+                    Out::Wait(t) => (PREFETCH_MIN_MS..MAX_SLEEP_MS).contains(&(t - now)),
+                    out => out.due().is_some_and(|d| d < now - ORDER_AFTER_MS),
+                }
             {
                 topped_up = Some(last);
                 let got = self.within(self.core.fetch(&self.tp, last, self.batch - heads.len())).await?;
@@ -569,15 +594,14 @@ impl Forwarder {
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(sleep as u64)) => {}
+                    _ = self.delays.clock.moved() => {}
                     _ = stop.cancelled() => return Ok(()),
                 }
                 continue;
             }
             // Announce the batch's earliest delivery before anything else, so that the other
             // forwarders hold later ones back (`write_in_order`).
-            if let Some(first) = outs.iter().filter_map(Out::due).min().filter(|d| *d < now - ORDER_AFTER_MS) {
-                self.delays.due_heads.offer(&self.key(), Some(first));
-            }
+            self.delays.due_heads.offer(&self.key(), outs.iter().filter_map(Out::due).min());
             let taken: Vec<Arc<Record>> = heads.drain(..outs.len()).collect();
             let to = taken.last().map_or(next, |r| r.offset + 1);
             let dests: BTreeSet<String> = outs

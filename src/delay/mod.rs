@@ -106,6 +106,8 @@ pub fn parse_start_time(value: &str, now_ms: i64) -> Result<i64, Refused> {
 #[derive(Debug, Default)]
 pub struct Clock {
     offset_ms: AtomicI64,
+    /// Woken when the clock is moved, so that waiting forwarders look again at once.
+    moved: tokio::sync::Notify,
 }
 
 impl Clock {
@@ -116,6 +118,12 @@ impl Clock {
     /// Move this gateway's delay clock forward by `ms`.
     pub fn advance(&self, ms: i64) {
         self.offset_ms.fetch_add(ms, Ordering::Relaxed);
+        self.moved.notify_waiters();
+    }
+
+    /// Completes when the clock is next moved.
+    pub async fn moved(&self) {
+        self.moved.notified().await
     }
 }
 

@@ -164,18 +164,18 @@ pub async fn ten_thousand_pending_delayed_messages_arrive_once_and_on_time(core:
         early.len(),
         &early[..early.len().min(10)]
     );
-    // SPEC §9 asks for about a second. The embedded core meets it. On the brokers it is not
-    // met yet: the forwarders read, checkpoint and write each batch one after the other
-    // through the broker, and the burst of 10,000 also takes the brokers' own delivery path
-    // time (on RocketMQ about as long as the forwarding). Measured on 2 cores: Kafka p50 0.5 s,
-    // p99 2.1 s; RocketMQ p50 2.8 s, p99 5.7 s (forwarder's own lateness 1 s on average).
-    // Checked against those, so that it does not get worse unnoticed.
+    // SPEC §9 asks for about a second. Measured on 2 cores (debug build, as the tests run):
+    // embedded p99 about 0.2 s; Kafka p50 0.1 s, p99 0.7 s; RocketMQ p50 1.0-1.5 s, p99 3.0-3.5 s
+    // (there the broker, sharing the 2 cores, stores the ingest, every hop between levels and
+    // the deliveries, and the subscriber's pulls fall behind during the burst). The release
+    // build's figures are in docs/benchmarks.md. Checked with room for a busy CI machine, so
+    // that it does not get worse unnoticed.
     let bound = if core.is_embedded() {
         1000
     } else if core.is_rocketmq() {
-        9000
+        6000
     } else {
-        4000
+        2000
     };
     assert!(p99 <= bound, "p99 lateness {p99} ms (p50 {p50} ms, max {max} ms), bound {bound} ms");
     // Nearly all were pending together: published within the shortest delay.

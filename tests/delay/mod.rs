@@ -121,6 +121,26 @@ pub async fn wait_forwarding(gw: &Gateway) {
     }
 }
 
+/// Wait until the forwarders of `gw` have read `n` pending delayed messages (the sum of
+/// `lmq_delayed_pending_messages`).
+pub async fn wait_pending(gw: &Gateway, n: i64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let pending: i64 = gw
+            .ctx
+            .delay
+            .levels
+            .all()
+            .map(|k| gw.ctx.metrics.delay.pending.with_label_values(&[&k.to_string()]).get())
+            .sum();
+        if pending == n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the forwarders read {pending} pending delayed messages, not {n}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Wall-clock time in epoch milliseconds (the clock the gateway's delays are measured by).
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)

@@ -284,7 +284,7 @@ impl Metrics {
             ),
             dropped: counter_vec(
                 "lmq_delayed_dropped_total",
-                "Delay-level records that could not be delivered (no due time or topic, topic refused)",
+                "Delay-level records that could not be delivered (no due time or topic, topic refused, record rejected by the core service)",
                 &["reason"],
             ),
             holder: gauge("lmq_delay_forwarder", "1 while this gateway moves delayed messages"),

@@ -656,6 +656,59 @@ async fn applications_schedule_delayed_messages_through_the_delay_topic() {
     b.shutdown().await;
 }
 
+/// A delayed message its topic refuses for good (larger than the topic's `max.message.bytes`)
+/// is dropped and counted (`lmq_delayed_dropped_total{reason="rejected"}`), and the delayed
+/// messages behind it in the same partition of the level still arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delayed_message_its_topic_refuses_is_dropped_and_the_level_goes_on() {
+    let _turn = delay::serial().await;
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    let broker = kafka_broker::shared();
+    let small = hostile::unique("ksmall");
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", broker.bootstrap()).create().expect("admin client");
+    let created = admin
+        .create_topics(
+            &[NewTopic::new(&small, 1, TopicReplication::Fixed(1)).set("max.message.bytes", "1024")],
+            &AdminOptions::new(),
+        )
+        .await
+        .expect("create topic");
+    assert!(created.iter().all(|r| r.is_ok()), "{created:?}");
+    // One partition per level: the refused message and the next one wait in the same queue.
+    let yaml = format!(
+        "listeners:\n  - name: tcp\n    bind: 127.0.0.1:0\n{}delay:\n  lease_ms: 2000\n  partitions: 1\n\
+         topics:\n  reserved_prefix: {}\n",
+        gateway_yaml(broker, "gw-delay-rejected"),
+        hostile::unique("krej")
+    );
+    let gw = Gateway::start(Config::from_yaml(&yaml).unwrap()).await.unwrap();
+    delay::wait_forwarding(&gw).await;
+    let mut sub = v4::connect(gw.addr(), "GID_k@@@rej-sub").await;
+    sub.subscribe(&format!("{small}/#"), v4::QoS::AtLeastOnce).await;
+    let mut publisher = v4::connect(gw.addr(), "GID_k@@@rej-pub").await;
+    // Incompressible, so that no compression brings it under the topic's limit.
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let big: Vec<u8> = (0..4096)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    publisher.publish(&format!("$delayed/1/{small}/big"), v4::QoS::AtLeastOnce, false, &big).await;
+    publisher.publish(&format!("$delayed/1/{small}/ok"), v4::QoS::AtLeastOnce, false, b"after").await;
+    let got = sub.next_publish().await;
+    assert_eq!((got.topic.as_str(), got.payload.len()), (format!("{small}/ok").as_str(), 5), "the next message");
+    let dropped = gw.ctx.metrics.delay.dropped.with_label_values(&["rejected"]).get();
+    assert_eq!(dropped, 1, "the refused delayed message is counted once");
+    publisher.disconnect().await;
+    sub.disconnect().await;
+    gw.shutdown().await;
+}
+
 /// The trace topic is created with its own retention (`trace.retention_hours` → `retention.ms`)
 /// and receives the events of a traced message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -121,6 +121,10 @@ pub enum BackendError {
     /// The service was shut down by this process.
     #[error("core service closed")]
     Closed,
+    /// The service refuses this record for good (too large for the topic, not authorised):
+    /// sending it again cannot succeed.
+    #[error("core service refused the record: {0}")]
+    Rejected(String),
 }
 
 impl From<std::io::Error> for BackendError {

@@ -306,41 +306,62 @@ impl Forwarder {
         }
     }
 
-    /// Write a batch of decided records in order and wait until all are durable.
+    /// Write a batch of decided records in order and wait until all are durable. A record the
+    /// core service refuses for good is dropped ([`Forwarder::rejected`]).
     async fn write(&self, outs: Vec<Out>) -> Result<(), Failed> {
-        let mut acks = Vec::with_capacity(outs.len());
-        let mut lateness = Vec::new();
         let now = self.delays.clock.now_ms();
+        let mut acks = Vec::with_capacity(outs.len());
         for out in outs {
             match out {
                 Out::Write { topic, record, retained, due } => {
-                    let is_level = self.delays.levels.of_topic(&topic).is_some();
-                    let copy = is_level.then(|| (topic.clone(), record.clone()));
-                    acks.push((copy, self.within(self.core.enqueue(&topic, record)).await?));
-                    if let Some((key, value)) = retained {
-                        self.within(self.core.put_state(StateStore::Retained, &key, value)).await?;
+                    // A move into a level: handed to that level's forwarder once stored.
+                    let copy = self.delays.levels.of_topic(&topic).is_some().then(|| record.clone());
+                    match self.within(self.core.enqueue(&topic, record)).await {
+                        Ok(ack) => acks.push((topic, copy, retained, due, ack)),
+                        Err(Failed::Core(BackendError::Rejected(e))) => self.rejected(&topic, &e),
+                        Err(e) => return Err(e),
                     }
-                    let to = if is_level { "level" } else { "topic" };
-                    self.delays.metrics.forwarded.with_label_values(&[to]).inc();
-                    lateness.extend(due.map(|d| now - d));
                 }
-                Out::Drop(why) => {
-                    self.delays.metrics.dropped.with_label_values(&[why]).inc();
-                }
+                Out::Drop(why) => self.delays.metrics.dropped.with_label_values(&[why]).inc(),
                 Out::Wait(_) => {}
             }
         }
-        for (copy, ack) in acks {
-            let at = self.within(ack).await?;
-            if let Some((topic, record)) = copy {
+        for (topic, copy, retained, due, ack) in acks {
+            let at = match self.within(ack).await {
+                Ok(at) => at,
+                Err(Failed::Core(BackendError::Rejected(e))) => {
+                    self.rejected(&topic, &e);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            if let Some((key, value)) = retained {
+                self.within(self.core.put_state(StateStore::Retained, &key, value)).await?;
+            }
+            let to = if copy.is_some() { "level" } else { "topic" };
+            self.delays.metrics.forwarded.with_label_values(&[to]).inc();
+            if let Some(due) = due {
+                self.delays.metrics.lateness.observe((now - due).max(0) as f64 / 1000.0);
+            }
+            if let Some(record) = copy {
                 let tp = TopicPartition::new(topic, at.partition);
                 self.delays.handover.put(Record { tp, offset: at.offset, record });
             }
         }
-        for late in lateness {
-            self.delays.metrics.lateness.observe(late.max(0) as f64 / 1000.0);
-        }
         Ok(())
+    }
+
+    /// A record the core service refuses for good (too large for its topic, not authorised):
+    /// counted and skipped, so that it does not hold up the level forever.
+    fn rejected(&self, topic: &str, error: &str) {
+        tracing::warn!(
+            level = self.level,
+            partition = self.partition,
+            topic,
+            error,
+            "the core service refuses a delayed message for good; dropped"
+        );
+        self.delays.metrics.dropped.with_label_values(&["rejected"]).inc();
     }
 
     /// Write a batch: moves to levels at once, deliveries in due order, in groups: each group is

@@ -98,6 +98,14 @@ pub(super) fn error(e: KafkaError) -> BackendError {
         Some(RDKafkaErrorCode::UnknownTopicOrPartition) | Some(RDKafkaErrorCode::UnknownTopic) => {
             BackendError::UnknownTopic(e.to_string())
         }
+        Some(
+            RDKafkaErrorCode::MessageSizeTooLarge
+            | RDKafkaErrorCode::InvalidMessageSize
+            | RDKafkaErrorCode::InvalidRecord
+            | RDKafkaErrorCode::InvalidTimestamp
+            | RDKafkaErrorCode::PolicyViolation
+            | RDKafkaErrorCode::TopicAuthorizationFailed,
+        ) => BackendError::Rejected(e.to_string()),
         Some(RDKafkaErrorCode::MessageTimedOut) | Some(RDKafkaErrorCode::OperationTimedOut) => {
             BackendError::Unavailable(format!("Kafka did not store the record in time: {e}"))
         }

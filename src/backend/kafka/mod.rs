@@ -86,7 +86,7 @@ impl KafkaCore {
             admin,
             partitions: parking_lot::RwLock::new(HashMap::new()),
             state: state::StateView::new(&config.state_topics),
-            readers: fetch::Readers::new(consumer_config),
+            readers: fetch::Readers::new(consumer_config.clone().set("fetch.wait.max.ms", "10").to_owned()),
             available: Arc::new(AtomicBool::new(false)),
             closed: Arc::new(AtomicBool::new(false)),
             tasks: parking_lot::Mutex::new(Vec::new()),

@@ -91,6 +91,8 @@ impl Conn {
             match parsed {
                 Ok((delay_ms, target)) => {
                     let target = target.to_owned();
+                    // The topic's delay counts; the property is not passed on either way.
+                    p.properties.user_properties.retain(|(k, _)| k != crate::delay::START_DELIVER_TIME);
                     alias_topic = Some(std::mem::replace(&mut p.topic, target));
                     delayed = (delay_ms > 0).then_some((now + delay_ms, now));
                 }
@@ -585,12 +587,18 @@ pub(crate) async fn store_message(
         }
         (ctx.tracer.clone(), msg_id.clone(), message.publisher.clone(), core.clone())
     });
+    // Stored in a short level while this gateway forwards: handed to the level's forwarder.
+    let handed = (due_ms.is_some() && ctx.delay.hands_over(&core)).then(|| (ctx.delay.clone(), record.clone()));
+    let level = handed.as_ref().map(|_| core.clone());
     let started = std::time::Instant::now();
     let append = ctx.backend.enqueue(&core, record).await.inspect_err(|_| ctx.metrics.append_errors.inc())?;
     let metrics = ctx.metrics.clone();
     let append = async move {
         let r = append.await;
         metrics.append_done(started, r.is_ok());
+        if let (Ok(at), Some((delays, record)), Some(level)) = (&r, handed, level) {
+            delays.stored(&level, *at, record);
+        }
         if let Some((tracer, id, publisher, core)) = traced {
             let (kind, detail) = match &r {
                 Ok(pos) => (Kind::Stored, format!("{core}-{}@{}", pos.partition, pos.offset)),

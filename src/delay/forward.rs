@@ -146,15 +146,27 @@ struct HandoverInner {
     bytes: usize,
 }
 
+/// Highest level whose records are handed over ([`super::Delays::hands_over`]): its hold is
+/// about 4 s.
+pub const HANDOVER_MAX_LEVEL: u32 = 12;
+
 impl Handover {
     const MAX_RECORDS: usize = 65_536;
     const MAX_BYTES: usize = 32 << 20;
+
+    /// Forget every record (this gateway stopped forwarding).
+    pub(super) fn clear(&self) {
+        let mut inner = self.inner.lock();
+        inner.records.clear();
+        inner.count = 0;
+        inner.bytes = 0;
+    }
 
     fn wake(&self, tp: &TopicPartition) -> Arc<tokio::sync::Notify> {
         self.inner.lock().wake.entry(tp.clone()).or_default().clone()
     }
 
-    fn put(&self, r: Record) {
+    pub(super) fn put(&self, r: Record) {
         let size = r.record.memory_size();
         let mut inner = self.inner.lock();
         if inner.count >= Self::MAX_RECORDS || inner.bytes + size > Self::MAX_BYTES {
@@ -315,7 +327,8 @@ impl Forwarder {
             match out {
                 Out::Write { topic, record, retained, due } => {
                     // A move into a level: handed to that level's forwarder once stored.
-                    let copy = self.delays.levels.of_topic(&topic).is_some().then(|| record.clone());
+                    let is_level = self.delays.levels.of_topic(&topic).is_some();
+                    let copy = is_level.then(|| self.delays.hands_over(&topic).then(|| record.clone()));
                     match self.within(self.core.enqueue(&topic, record)).await {
                         Ok(ack) => acks.push((topic, copy, retained, due, ack)),
                         Err(Failed::Core(BackendError::Rejected(e))) => self.rejected(&topic, &e),
@@ -343,9 +356,8 @@ impl Forwarder {
             if let Some(due) = due {
                 self.delays.metrics.lateness.observe((now - due).max(0) as f64 / 1000.0);
             }
-            if let Some(record) = copy {
-                let tp = TopicPartition::new(topic, at.partition);
-                self.delays.handover.put(Record { tp, offset: at.offset, record });
+            if let Some(Some(record)) = copy {
+                self.delays.stored(&topic, at, record);
             }
         }
         Ok(())

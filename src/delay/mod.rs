@@ -228,6 +228,8 @@ pub fn mark(rec: &mut CoreRecord, level: u32, due: i64, now: i64, from: Option<S
 /// forwarding task.
 pub struct Delays {
     pub clock: Clock,
+    /// Whether this gateway's forwarders run (it holds the lease).
+    forwarding: std::sync::atomic::AtomicBool,
     /// Deliveries about to be made by this gateway's forwarders (`forward::DueHeads`).
     pub(crate) due_heads: forward::DueHeads,
     /// Records moved into levels by this gateway, for their forwarders (`forward::Handover`).
@@ -244,11 +246,28 @@ impl Delays {
         }
         Arc::new(Delays {
             clock: Clock::default(),
+            forwarding: Default::default(),
             due_heads: Default::default(),
             handover: Default::default(),
             levels,
             metrics,
         })
+    }
+
+    /// Whether `rec`, about to be written to `topic`, should be handed to its forwarder once
+    /// stored ([`Delays::stored`]): this gateway forwards, and `topic` is a level short enough
+    /// that its forwarder takes the record within seconds (longer ones would hold the bounded
+    /// hand-over for hours).
+    pub fn hands_over(&self, topic: &str) -> bool {
+        self.forwarding.load(Ordering::Acquire)
+            && self.levels.of_topic(topic).is_some_and(|k| k <= forward::HANDOVER_MAX_LEVEL)
+    }
+
+    /// `record` was stored in level `topic` at `at`: its forwarder takes it from memory instead
+    /// of reading it back from the core service.
+    pub fn stored(&self, topic: &str, at: crate::backend::Position, record: CoreRecord) {
+        let tp = crate::backend::TopicPartition::new(topic, at.partition);
+        self.handover.put(crate::backend::Record { tp, offset: at.offset, record });
     }
 
     /// Turn `rec` (a message's record) into the record of its first level, for a message due at
@@ -315,6 +334,7 @@ pub async fn run(
             }
         }
         delays.metrics.holder.set(1);
+        delays.forwarding.store(true, Ordering::Release);
         let term = stop.child_token();
         // Every partition of every level (a level may have more partitions than configured, if
         // it was created so earlier).
@@ -345,6 +365,8 @@ pub async fn run(
         for t in tasks {
             let _ = t.await;
         }
+        delays.forwarding.store(false, Ordering::Release);
+        delays.handover.clear();
         delays.metrics.holder.set(0);
         for k in delays.levels.all() {
             delays.metrics.pending.with_label_values(&[&k.to_string()]).set(0);

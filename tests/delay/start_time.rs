@@ -7,6 +7,8 @@ use crate::hostile::{unique, OPEN_AUTH};
 /// earlier than that time and at most 1 s after it, without `__STARTDELIVERTIME` and with the
 /// other user properties as sent (order kept). One with a time a minute in the past is
 /// delivered at once (within 1 s of its PUBACK, the time a message takes through the core service), also without the property.
+/// On a `$delayed/1/…` topic with `__STARTDELIVERTIME` a minute ahead, the topic's second
+/// counts and the property is removed.
 pub async fn start_deliver_time_is_honoured_and_removed_and_a_past_time_is_now(core: &Core) {
     let _turn = serial().await;
     let gw = core.start(&isolated(&format!("{OPEN_AUTH}{DELAY}"))).await;
@@ -39,7 +41,25 @@ pub async fn start_deliver_time_is_honoured_and_removed_and_a_past_time_is_now(c
     assert!(g.at_ms - acked <= 1000, "a message due in the past arrived {} ms after its PUBACK", g.at_ms - acked);
     assert!(g.user_properties.is_empty(), "user properties as delivered: {:?}", g.user_properties);
 
+    // On a `$delayed/1/…` topic the topic's delay counts, not the property (a minute ahead),
+    // and the property is not passed on.
+    let later = now_ms() + 60_000;
+    let delayed = format!("$delayed/1/{topic}");
+    let (code, acked) =
+        publish_one(gw.addr(), &delayed, "both", false, &[("__STARTDELIVERTIME", later.to_string())]).await;
+    assert_eq!(code, 0, "PUBACK of a $delayed message with __STARTDELIVERTIME");
+    let got = sub.wait_for(3, Duration::from_secs(4)).await;
+    assert_eq!(
+        got.len(),
+        3,
+        "a $delayed/1 message with __STARTDELIVERTIME a minute ahead was not delivered within 4 s"
+    );
+    let g = &got[2];
+    assert_eq!(g.payload, "both");
+    assert!(g.at_ms - acked <= 2000, "delivered {} ms after its PUBACK", g.at_ms - acked);
+    assert!(g.user_properties.is_empty(), "user properties as delivered: {:?}", g.user_properties);
+
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(sub.count(), 2, "delivered more than once: {:?}", sub.got());
+    assert_eq!(sub.count(), 3, "delivered more than once: {:?}", sub.got());
     drop(gw);
 }

@@ -578,24 +578,30 @@ impl Forwarder {
             }
             let now = self.delays.clock.now_ms();
             // Read on behind the head (up to the batch) while it waits long enough for a read
-            // (off the delivery's path), or when it is overdue (so that deliveries within the
-            // batch can be sorted by due time). A head ready on time goes out without waiting
-            // for a read.
+            // (off the delivery's path: a read that would outlast the wait is given up), or when
+            // it is overdue (so that deliveries within the batch can be sorted by due time). A
+            // head ready on time goes out without waiting for a read.
             let last = heads.back().map_or(next, |r| r.offset + 1);
-            if heads.len() < self.batch
-                && topped_up != Some(last)
-                && match self.out(&heads[0], now).await {
-                    Out::Wait(t) => (PREFETCH_MIN_MS..MAX_SLEEP_MS).contains(&(t - now)),
-                    out => out.due().is_some_and(|d| d < now - ORDER_AFTER_MS),
+            if heads.len() < self.batch && topped_up != Some(last) {
+                let budget = match self.out(&heads[0], now).await {
+                    Out::Wait(t) if (PREFETCH_MIN_MS..MAX_SLEEP_MS).contains(&(t - now)) => {
+                        Some(Duration::from_millis((t - now - PREFETCH_MIN_MS / 2) as u64))
+                    }
+                    Out::Wait(_) => None,
+                    out => out.due().is_some_and(|d| d < now - ORDER_AFTER_MS).then_some(self.timeout),
+                };
+                if let Some(budget) = budget {
+                    topped_up = Some(last);
+                    let read = self.within(self.core.fetch(&self.tp, last, self.batch - heads.len()));
+                    if let Ok(got) = tokio::time::timeout(budget, read).await {
+                        let got = got?;
+                        let mut bytes: usize = heads.iter().map(|r| r.record.memory_size()).sum();
+                        heads.extend(got.records.into_iter().filter(|r| r.offset >= last).take_while(|r| {
+                            bytes += r.record.memory_size();
+                            bytes <= HEAD_BYTES
+                        }));
+                    }
                 }
-            {
-                topped_up = Some(last);
-                let got = self.within(self.core.fetch(&self.tp, last, self.batch - heads.len())).await?;
-                let mut bytes: usize = heads.iter().map(|r| r.record.memory_size()).sum();
-                heads.extend(got.records.into_iter().filter(|r| r.offset >= last).take_while(|r| {
-                    bytes += r.record.memory_size();
-                    bytes <= HEAD_BYTES
-                }));
             }
             let mut outs = Vec::new();
             let mut wait = None;

@@ -56,6 +56,9 @@ impl Readers {
             Some(c) => c,
             None => self.config.create::<StreamConsumer>().map_err(client::error)?,
         };
+        // A read given up half-way (its future dropped) hands the consumer back too.
+        let mut lent = Lent { readers: self, consumer: Some(consumer) };
+        let Some(consumer) = lent.consumer.as_ref() else { return Err(BackendError::Closed) };
         let partition = i32::try_from(tp.partition).unwrap_or(i32::MAX);
         let mut list = TopicPartitionList::new();
         list.add_partition_offset(&tp.topic, partition, Offset::Offset(i64::try_from(from).unwrap_or(i64::MAX)))
@@ -84,9 +87,10 @@ impl Readers {
             }
         }
         // Reuse the consumer only when it is known to be healthy.
-        if failed.is_none() && consumer.unassign().is_ok() {
-            self.idle.lock().push(consumer);
+        if failed.is_some() {
+            lent.consumer = None;
         }
+        drop(lent);
         if let Some(e) = failed {
             if records.is_empty() {
                 return Err(client::error(e));
@@ -123,5 +127,22 @@ impl Readers {
         })
         .await
         .map_err(|e| BackendError::Unavailable(e.to_string()))?
+    }
+}
+
+/// A pooled consumer out for one read: back to the pool when the read ends or is dropped
+/// (unassigned; a consumer that cannot be unassigned is closed instead).
+struct Lent<'a> {
+    readers: &'a Readers,
+    consumer: Option<StreamConsumer>,
+}
+
+impl Drop for Lent<'_> {
+    fn drop(&mut self) {
+        if let Some(consumer) = self.consumer.take() {
+            if consumer.unassign().is_ok() {
+                self.readers.idle.lock().push(consumer);
+            }
+        }
     }
 }

@@ -28,19 +28,6 @@ impl Readers {
         Arc::new(Readers { config, idle: parking_lot::Mutex::new(Vec::new()), permits: Semaphore::new(READERS) })
     }
 
-    /// Create the pool's consumers and connect each (a metadata request for `topic`), so that
-    /// the first reads under load (delay forwarders, returning sessions) do not each wait for a
-    /// consumer to be created and connected: about a second on a busy machine. Blocking.
-    pub(super) fn warm(&self, topic: &str) {
-        while self.idle.lock().len() < READERS {
-            let Ok(consumer) = self.config.create::<StreamConsumer>() else { return };
-            if consumer.fetch_metadata(Some(topic), READ_WAIT).is_err() {
-                return;
-            }
-            self.idle.lock().push(consumer);
-        }
-    }
-
     /// Read up to `max` records of `tp` from `from`; `high_watermark` is the partition's end,
     /// already known to be above `from`.
     pub(super) async fn read(

@@ -100,8 +100,6 @@ impl KafkaCore {
         }
         core.available.store(true, Ordering::Release);
         core.tasks.lock().push(tokio::spawn(probe(Arc::downgrade(&core))));
-        let (readers, topic) = (core.readers.clone(), core.events_topic.clone());
-        core.tasks.lock().push(tokio::task::spawn_blocking(move || readers.warm(&topic)));
         tracing::info!(bootstrap = config.bootstrap_servers, "Kafka core service ready");
         Ok(core)
     }

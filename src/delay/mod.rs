@@ -254,10 +254,11 @@ impl Delays {
         })
     }
 
-    /// Whether `rec`, about to be written to `topic`, should be handed to its forwarder once
+    /// Whether a record about to be written to `topic` should be handed to its forwarder once
     /// stored ([`Delays::stored`]): this gateway forwards, and `topic` is a level short enough
     /// that its forwarder takes the record within seconds (longer ones would hold the bounded
-    /// hand-over for hours).
+    /// hand-over for hours). A client flooding short delays fills the hand-over to its bound
+    /// (64k records, 32 MiB); beyond it records are read back from the core service.
     pub fn hands_over(&self, topic: &str) -> bool {
         self.forwarding.load(Ordering::Acquire)
             && self.levels.of_topic(topic).is_some_and(|k| k <= forward::HANDOVER_MAX_LEVEL)

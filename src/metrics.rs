@@ -96,6 +96,8 @@ pub struct Metrics {
     /// Times a subscriber fell behind and had to read back from the core service.
     pub lag_events: IntCounter,
     pub trace_dropped: IntCounter,
+    /// Persistent-session records written by connections (checkpoints, QoS 2, final saves).
+    pub session_saves: IntCounter,
     /// QoS 1/2 messages sent to clients and not yet acknowledged.
     pub inflight: IntGauge,
     /// Messages waiting in connections for the in-flight window or the socket.
@@ -326,6 +328,11 @@ impl Metrics {
             trace_dropped: counter(
                 "lmq_trace_events_dropped_total",
                 "Message-trace events not written (queue full or the core service refused them)",
+            ),
+            session_saves: counter(
+                "lmq_session_saves_total",
+                "Persistent-session records written to the core service by this gateway's connections \
+                 (checkpoints every mqtt.session_checkpoint_ms while changed, QoS 2 saves before PUBREC, saves at disconnect)",
             ),
             inflight: gauge("lmq_inflight_messages", "QoS 1/2 messages sent to clients and not yet acknowledged"),
             queued: gauge("lmq_queued_messages", "Messages waiting in connections for the in-flight window"),

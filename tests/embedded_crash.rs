@@ -104,13 +104,22 @@ async fn sigkill_loses_no_acknowledged_message_and_a_persistent_subscriber_gets_
 
     let progress = Arc::new(AtomicUsize::new(0));
     let mut acked = BTreeSet::new();
+    // Publishing starts once the subscriber is back in its session, so that the kill finds it
+    // reading however slowly the machine brings it up.
+    let subscribed = Arc::new(tokio::sync::Notify::new());
     let subscriber = {
         let mut got = BTreeSet::new();
+        let subscribed = subscribed.clone();
         tokio::spawn(async move {
-            persistent_subscriber(addr, "crash-sub", "crash/#", &mut got, |_| false, Duration::from_secs(30)).await;
+            let until = |_: &BTreeSet<u32>| {
+                subscribed.notify_one();
+                false
+            };
+            persistent_subscriber(addr, "crash-sub", "crash/#", &mut got, until, Duration::from_secs(30)).await;
             got
         })
     };
+    tokio::time::timeout(Duration::from_secs(10), subscribed.notified()).await.expect("the subscriber is back");
     // Paced so that the kill comes mid-stream with the subscriber reading.
     let pace = Pace { window: 100, rate: Some(5_000.0) };
     let seen = progress.clone();

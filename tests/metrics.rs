@@ -325,3 +325,39 @@ async fn messages_beyond_the_inflight_window_are_queued() {
     gw.wait_metric("lmq_queued_messages", &[], |v| v == 0.0).await;
     gw.wait_metric("lmq_inflight_messages", &[], |v| v == 0.0).await;
 }
+
+/// A persistent subscriber receiving a steady stream is saved once per checkpoint interval
+/// (`mqtt.session_checkpoint_ms`), not once per message, and its positions still move.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_persistent_session_is_saved_once_per_checkpoint_interval() {
+    let gw = TestGateway::start_admin("mqtt:\n  session_checkpoint_ms: 500\n").await;
+    let mut opts = v4::options(gw.addr, "busy-sub");
+    opts.set_clean_session(false);
+    let mut sub = v4::connect_with(opts).await;
+    sub.subscribe("busy/#", v4::QoS::AtLeastOnce).await;
+    let mut publisher = v4::connect(gw.addr, "busy-pub").await;
+    // Settle: the subscription's save is done.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let before = gw.metric("lmq_session_saves_total", &[]).await;
+
+    // 3 s at about 50 messages per second, each acknowledged by the subscriber.
+    let started = tokio::time::Instant::now();
+    let mut n = 0u32;
+    while started.elapsed() < Duration::from_secs(3) {
+        publisher.publish("busy/a", v4::QoS::AtLeastOnce, false, n.to_string().as_bytes()).await;
+        assert_eq!(sub.next_publish().await.payload, n.to_string().as_bytes());
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let elapsed = started.elapsed();
+    let saves = gw.metric("lmq_session_saves_total", &[]).await - before;
+    let intervals = elapsed.as_millis() as f64 / 500.0;
+    assert!(n >= 30, "the stream ran ({n} messages)");
+    assert!(saves >= 2.0, "the session's positions are saved while it receives ({saves} saves)");
+    assert!(
+        saves <= intervals + 2.0,
+        "{saves} saves for {n} messages in {elapsed:?}: at most one per 500 ms checkpoint"
+    );
+    publisher.disconnect().await;
+    sub.disconnect().await;
+}

@@ -220,8 +220,8 @@ async fn two_gateway_processes_share_messages_and_sessions() {
     let p = durable.next_publish().await;
     assert_eq!(&p.payload[..], b"before");
     pub_a.publish(&format!("{parent}/r/state"), v4::QoS::AtLeastOnce, true, b"on").await;
-    // Let the gateway store the acknowledged position (every 100 ms while dirty).
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    // Let the gateway store the acknowledged position (at the next checkpoint, 1 s).
+    tokio::time::sleep(Duration::from_millis(1600)).await;
     // Messages PUBACKed by A right up to its SIGKILL are all in RocketMQ.
     let mut reader = plain::Reader::at_end(&namesrv, &parent, "k").await;
     let mut acked_by_a = Vec::new();

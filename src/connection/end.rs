@@ -49,15 +49,13 @@ impl Conn {
         self.ctx.router.unregister(&self.slot, &filters);
         // Messages still pending were never sent; their positions stay uncommitted, so a
         // persistent session gets them on reconnect.
-        let backend = self.ctx.backend.clone();
         // The save in flight lands first, so the final one is not overwritten by it.
         let in_flight = Duration::from_secs(self.ctx.config.mqtt.backend_timeout_secs);
         let _ = tokio::time::timeout(in_flight, self.finish_persist()).await;
         let save = if self.session_expiry > 0 {
-            let stored = Stored::from_state(&self.state, self.session_expiry, Some(now_ms()));
-            backend.put_state(StateStore::Sessions, &self.client_id, Some(stored.encode()))
+            self.save_session(Some(Stored::from_state(&self.state, self.session_expiry, Some(now_ms()))))
         } else if self.stored {
-            backend.put_state(StateStore::Sessions, &self.client_id, None)
+            self.save_session(None)
         } else {
             async { Ok(()) }.boxed()
         };

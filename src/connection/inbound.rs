@@ -335,7 +335,7 @@ impl Conn {
             .qos2_intents
             .insert(pid.get(), Qos2Intent { marker: marker.clone(), topic: core.name.to_string(), from });
         let stored = Stored::from_state(&self.state, self.session_expiry, None);
-        let save = self.ctx.backend.put_state(StateStore::Sessions, &self.client_id, Some(stored.encode()));
+        let save = self.save_session(Some(stored));
         match tokio::time::timeout(timeout, save).await {
             Ok(Ok(())) => {
                 self.stored = true;

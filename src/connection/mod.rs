@@ -66,8 +66,6 @@ const CATCHUP_BATCH: usize = 256;
 /// Read buffer for a connection that is busy; an idle one keeps only [`IDLE_READ_BUFFER`].
 const BUSY_READ_BUFFER: usize = 16 * 1024;
 const IDLE_READ_BUFFER: usize = 256;
-/// How often a dirty persistent session is saved.
-const PERSIST_EVERY: Duration = Duration::from_millis(100);
 /// A busy connection publishes its read positions (backlog metrics) at most this often.
 const POSITIONS_EVERY: Duration = Duration::from_secs(1);
 
@@ -330,6 +328,8 @@ impl Conn {
     {
         let mut catchup: Option<BoxFuture<'static, CatchupStep>> = None;
         let mut last_persist = Instant::now();
+        // How often a dirty persistent session is saved (`mqtt.session_checkpoint_ms`).
+        let checkpoint_every = Duration::from_millis(self.ctx.config.mqtt.session_checkpoint_ms);
         let mut last_packet = Instant::now();
         // One timer per connection, re-armed only when it fires: an idle connection costs no
         // wake-ups, a busy one no timer churn.
@@ -455,13 +455,13 @@ impl Conn {
                     self.on_persisted(res);
                 }
                 // A PUBREC waiting for the save makes it due at once.
-                _ = tokio::time::sleep_until(if self.pubrec_waiting.is_empty() { last_persist + PERSIST_EVERY } else { last_persist }), if persist_due => {
+                _ = tokio::time::sleep_until(if self.pubrec_waiting.is_empty() { last_persist + checkpoint_every } else { last_persist }), if persist_due => {
                     self.dirty = false;
                     self.pubrec_saving.append(&mut self.pubrec_waiting);
                     last_persist = Instant::now();
                     self.advance_idle_cursors();
                     let stored = Stored::from_state(&self.state, self.session_expiry, None);
-                    self.persist = Some(self.ctx.backend.put_state(StateStore::Sessions, &self.client_id, Some(stored.encode())));
+                    self.persist = Some(self.save_session(Some(stored)));
                     self.stored = true;
                 }
                 // No offline pull request in time: the held backlog is pushed.
@@ -625,6 +625,12 @@ impl Conn {
                 self.pubrec_waiting.extend(saving);
             }
         }
+    }
+
+    /// Write the session (`None`: delete it) to the sessions store.
+    pub(super) fn save_session(&self, stored: Option<Stored>) -> BoxFuture<'static, Result<(), BackendError>> {
+        self.ctx.metrics.session_saves.inc();
+        self.ctx.backend.put_state(StateStore::Sessions, &self.client_id, stored.map(|s| s.encode()))
     }
 
     /// Finish the session save in flight, if any (a save made now must land after it).

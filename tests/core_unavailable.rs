@@ -89,6 +89,14 @@ impl CoreService for Flaky {
     fn get_state(&self, store: StateStore, key: &str) -> BoxFuture<'static, Result<Option<Bytes>>> {
         self.inner.get_state(store, key)
     }
+    fn scan_state(
+        &self,
+        store: StateStore,
+        after: Option<String>,
+        limit: usize,
+    ) -> BoxFuture<'static, Result<Vec<(String, Bytes)>>> {
+        self.inner.scan_state(store, after, limit)
+    }
     fn watch_state(
         &self,
         store: StateStore,

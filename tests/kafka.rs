@@ -291,6 +291,70 @@ async fn persistent_session_resumes_on_another_gateway_after_sigkill() {
     publisher.disconnect().await;
 }
 
+/// Connect with clean_session=false (true with `clean`), subscribe to `filter` when given,
+/// disconnect; the CONNACK's session-present flag.
+async fn session_visit(addr: std::net::SocketAddr, client_id: &str, clean: bool, filter: Option<&str>) -> bool {
+    let mut opts = v4::options(addr, client_id);
+    opts.set_clean_session(clean);
+    let (client, mut eventloop) = v4::AsyncClient::new(opts, 10);
+    let present = loop {
+        match tokio::time::timeout(WAIT, eventloop.poll()).await.expect("CONNACK in time").expect("connected") {
+            v4::Event::Incoming(v4::Packet::ConnAck(ack)) => break ack.session_present,
+            _ => continue,
+        }
+    };
+    if let Some(filter) = filter {
+        client.subscribe(filter, v4::QoS::AtLeastOnce).await.expect("subscribe");
+        loop {
+            let ev = tokio::time::timeout(WAIT, eventloop.poll()).await.expect("SUBACK in time").expect("connected");
+            if matches!(ev, v4::Event::Incoming(v4::Packet::SubAck(_))) {
+                break;
+            }
+        }
+    }
+    client.disconnect().await.expect("disconnect");
+    while let Ok(Ok(ev)) = tokio::time::timeout(WAIT, eventloop.poll()).await {
+        if matches!(ev, v4::Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
+            break;
+        }
+    }
+    present
+}
+
+/// A gateway keeps its copy of the sessions store in `state_cache_dir`: restarted on it, it
+/// continues from where the copy left off and sees what other gateways changed meanwhile —
+/// a session created, a session ended — as well as what it knew.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_gateway_resumes_its_sessions_cache_and_sees_what_changed_meanwhile() {
+    let broker = kafka_broker::shared();
+    let cache = tempfile::tempdir().expect("cache dir");
+    let yaml = format!(
+        "listeners:\n  - name: tcp\n    bind: 127.0.0.1:0\ngateway_id: gw-cache-a\n{}    state_cache_dir: {}\n{OPEN_AUTH}",
+        broker.core_yaml(),
+        cache.path().display()
+    );
+    let a = Gateway::start(Config::from_yaml(&yaml).expect("config")).await.expect("gateway");
+    for id in ["GID_k@@@cache-kept", "GID_k@@@cache-ended"] {
+        assert!(!session_visit(a.addr(), id, false, Some("kcache/#")).await, "{id} is new");
+    }
+    assert!(session_visit(a.addr(), "GID_k@@@cache-kept", false, None).await, "stored on A");
+    a.shutdown().await;
+    assert!(cache.path().join("state.redb").exists(), "the copy is in the configured directory");
+
+    // Meanwhile, on another gateway: a new persistent session, and one ended by a clean start.
+    let b = gateway(broker, "gw-cache-b").await;
+    assert!(!session_visit(b.addr(), "GID_k@@@cache-new", false, Some("kcache/#")).await);
+    // A clean start ends the stored session (its CONNACK says no session, [MQTT-3.2.2-1]).
+    assert!(!session_visit(b.addr(), "GID_k@@@cache-ended", true, None).await);
+    b.shutdown().await;
+
+    let a = Gateway::start(Config::from_yaml(&yaml).expect("config")).await.expect("gateway restarts on its cache");
+    assert!(session_visit(a.addr(), "GID_k@@@cache-kept", false, None).await, "known before the restart");
+    assert!(session_visit(a.addr(), "GID_k@@@cache-new", false, None).await, "created elsewhere meanwhile");
+    assert!(!session_visit(a.addr(), "GID_k@@@cache-ended", false, None).await, "ended elsewhere meanwhile");
+    a.shutdown().await;
+}
+
 fn assert_all_in_kafka(bootstrap: &str, topic: &str, acked: &BTreeSet<u32>) {
     let stored: BTreeSet<u32> = read_topic(bootstrap, topic)
         .into_iter()

@@ -267,7 +267,7 @@ impl Identity {
 
     /// May the client publish to `topic`? (Not for `$SYS/...` gateway topics.)
     pub fn check_publish(&self, topic: &str) -> Result<(), Denied> {
-        let allowed = |t: &str| self.acl.can_publish(t) && self.key_acl.as_ref().map_or(true, |k| k.can_publish(t));
+        let allowed = |t: &str| self.acl.can_publish(t) && self.key_acl.as_ref().is_none_or(|k| k.can_publish(t));
         if allowed(topic) || self.undollared(topic).is_some_and(|t| allowed(&t)) {
             return Ok(());
         }
@@ -276,7 +276,7 @@ impl Identity {
 
     /// May the client subscribe to `filter` (plain or `$share/<group>/...`)?
     pub fn check_subscribe(&self, filter: &str) -> Result<(), Denied> {
-        let allowed = |f: &str| self.acl.can_subscribe(f) && self.key_acl.as_ref().map_or(true, |k| k.can_subscribe(f));
+        let allowed = |f: &str| self.acl.can_subscribe(f) && self.key_acl.as_ref().is_none_or(|k| k.can_subscribe(f));
         if allowed(filter) || self.undollared(filter).is_some_and(|f| allowed(&f)) {
             return Ok(());
         }
@@ -657,8 +657,7 @@ impl Authenticator {
     /// Check `identity` against the current views (after a lagged revocation receiver).
     pub fn recheck(&self, identity: &Identity) -> Option<Denied> {
         if identity.mode == AuthMode::DeviceCredential {
-            let gone =
-                identity.access_key_id.as_ref().map_or(true, |id| !self.inner.credentials.read().contains_key(id));
+            let gone = identity.access_key_id.as_ref().is_none_or(|id| !self.inner.credentials.read().contains_key(id));
             if gone {
                 return Some(Denied { reason: "revoked_credential", ..Denied::plain() });
             }

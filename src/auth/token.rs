@@ -359,7 +359,7 @@ pub fn parse_password(password: &[u8]) -> Result<Vec<(TokenType, &str)>, TokenIn
     let forged = TokenInvalid::new(TokenInvalidCode::Forged, None);
     let text = std::str::from_utf8(password).map_err(|_| forged)?;
     let parts: Vec<&str> = text.split('|').collect();
-    if parts.len() % 2 != 0 || parts.is_empty() || parts.len() > 2 * MAX_TOKENS_PER_CONNECTION {
+    if !parts.len().is_multiple_of(2) || parts.is_empty() || parts.len() > 2 * MAX_TOKENS_PER_CONNECTION {
         return Err(forged);
     }
     let mut out: Vec<(TokenType, &str)> = Vec::with_capacity(parts.len() / 2);

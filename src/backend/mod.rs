@@ -12,6 +12,7 @@
 //! [`CoreService::append`]) resolves `Ok` only once the record is durably accepted (per the
 //! service's durability policy). The session sends PUBACK / PUBREC after that and never before.
 
+pub mod diskstate;
 pub mod embedded;
 #[cfg(feature = "kafka")]
 pub mod kafka;
@@ -269,6 +270,17 @@ pub trait CoreService: Send + Sync + 'static {
     /// Current value of a key.
     fn get_state(&self, store: StateStore, key: &str) -> BoxFuture<'static, Result<Option<Bytes>>>;
 
+    /// Up to `limit` entries of a store in key order, after key `after` (from the first with
+    /// `None`): how a task visits every stored session without holding them all. A first page
+    /// reflects every write made before the call; later pages continue from the view of the
+    /// moment they are read.
+    fn scan_state(
+        &self,
+        store: StateStore,
+        after: Option<String>,
+        limit: usize,
+    ) -> BoxFuture<'static, Result<Vec<(String, Bytes)>>>;
+
     /// All current entries of a store, then every later change (from any gateway instance),
     /// delivered to `updates` (bounded: a full channel delays the writer, it never drops).
     /// Returns the snapshot.
@@ -289,6 +301,22 @@ pub trait CoreService: Send + Sync + 'static {
 }
 
 pub type SharedCoreService = Arc<dyn CoreService>;
+
+/// The page [`CoreService::scan_state`] returns from an in-memory map: up to `limit` entries
+/// with keys after `after`, in key order.
+pub fn scan_entries<'a>(
+    entries: impl Iterator<Item = (&'a String, &'a Bytes)>,
+    after: Option<&str>,
+    limit: usize,
+) -> Vec<(String, Bytes)> {
+    let mut page: Vec<(&String, &Bytes)> = entries.filter(|(k, _)| after.is_none_or(|a| k.as_str() > a)).collect();
+    if page.len() > limit {
+        page.select_nth_unstable_by(limit, |a, b| a.0.cmp(b.0));
+        page.truncate(limit);
+    }
+    page.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    page.into_iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+}
 
 /// The first offset of `tp` whose record time is at or after `time_ms` (the end offset when
 /// there is none): through the service's time index ([`CoreService::time_index`]) or by a

@@ -217,6 +217,7 @@ impl Conn {
             pubrec_waiting: Vec::new(),
             pubrec_saving: Vec::new(),
             persist: None,
+            save_soon: false,
             gauges: Default::default(),
             positions_at: Instant::now(),
             positions_stale: false,
@@ -262,6 +263,7 @@ impl Conn {
         conn.resend_inflight();
         if session_expiry > 0 {
             conn.dirty = true;
+            conn.save_soon = true;
         }
         ctx.registry.describe(
             conn_id,
@@ -419,6 +421,7 @@ impl Conn {
         }
         if !forbidden.is_empty() {
             self.dirty = true;
+            self.save_soon = true;
         }
         forbidden.len()
     }

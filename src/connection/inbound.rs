@@ -500,6 +500,7 @@ impl Conn {
                 Subscription { filter: filter.to_string(), options, identifier: s.properties.subscription_identifier };
             self.state.subscribe(sub);
             self.dirty = true;
+            self.save_soon = true;
             codes.push(ReasonCode(options.qos as u8));
             let send_retained = parsed.group.is_none()
                 && match options.retain_handling {
@@ -544,6 +545,7 @@ impl Conn {
             codes.push(if existed { ReasonCode::SUCCESS } else { ReasonCode::NO_SUBSCRIPTION_EXISTED });
         }
         self.dirty = true;
+        self.save_soon = true;
         self.send(&Packet::UnsubAck(UnsubAck { packet_id: u.packet_id, codes, properties: AckProperties::default() }));
     }
 }

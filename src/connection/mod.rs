@@ -244,6 +244,9 @@ struct Conn {
     /// `mqtt.max_output_buffer_bytes`.
     out: BytesMut,
     dirty: bool,
+    /// A change that does not wait for the next checkpoint (a new connection's session, a
+    /// subscription change): the save starts at once, so a crash right after cannot lose it.
+    save_soon: bool,
     /// A stored session exists for this ClientId (so a clean end must delete it).
     stored: bool,
     /// The last status event being written (events are chained to keep their order).
@@ -454,9 +457,10 @@ impl Conn {
                     self.persist = None;
                     self.on_persisted(res);
                 }
-                // A PUBREC waiting for the save makes it due at once.
-                _ = tokio::time::sleep_until(if self.pubrec_waiting.is_empty() { last_persist + checkpoint_every } else { last_persist }), if persist_due => {
+                // A PUBREC waiting for the save, or a change to save soon, makes it due at once.
+                _ = tokio::time::sleep_until(if self.pubrec_waiting.is_empty() && !self.save_soon { last_persist + checkpoint_every } else { last_persist }), if persist_due => {
                     self.dirty = false;
+                    self.save_soon = false;
                     self.pubrec_saving.append(&mut self.pubrec_waiting);
                     last_persist = Instant::now();
                     self.advance_idle_cursors();

@@ -110,7 +110,7 @@ impl Conn {
                 continue;
             }
             // A new alias adds its 3 bytes; a known one replaces the topic by nothing.
-            let room_for_new = self.client_max_packet.map_or(true, |max| len + 3 <= max);
+            let room_for_new = self.client_max_packet.is_none_or(|max| len + 3 <= max);
             if let Some((alias, known)) = self.out_aliases.alias(&o.message.topic, room_for_new) {
                 publish.properties.topic_alias = Some(alias);
                 if known {

@@ -177,10 +177,16 @@ struct Totals {
     sessions: [u64; 2],
 }
 
+/// Stored sessions read from the sessions store at once.
+const STORED_PAGE: usize = 1000;
+
 /// A pass over every session: what is left to examine and what was added up.
 struct Pass {
     live: Vec<(String, Arc<SessionView>)>,
+    /// The current page of stored sessions (examined from its end).
     stored: Vec<(String, Bytes)>,
+    /// Key to read the next page after; `None` once the store has been read to its end.
+    next_page: Option<String>,
     connected: HashSet<String>,
     totals: Totals,
 }
@@ -253,6 +259,15 @@ impl Backlog {
         };
         let mut budget = self.config.max_sessions_per_round.max(1);
         while budget > 0 {
+            if pass.stored.is_empty() {
+                if let Some(after) = pass.next_page.take() {
+                    match self.stored_page(Some(after)).await {
+                        Some((page, next)) => (pass.stored, pass.next_page) = (page, next),
+                        // The store is not readable now: the pass starts over next time.
+                        None => return false,
+                    }
+                }
+            }
             if let Some((client_id, view)) = pass.live.pop() {
                 self.add(&mut pass.totals, Kind::Connected, client_id, &view).await;
             } else if let Some((client_id, value)) = pass.stored.pop() {
@@ -269,7 +284,7 @@ impl Backlog {
             }
             budget -= 1;
         }
-        if !pass.live.is_empty() || !pass.stored.is_empty() {
+        if !pass.live.is_empty() || !pass.stored.is_empty() || pass.next_page.is_some() {
             self.pass = Some(pass);
             return false;
         }
@@ -280,12 +295,16 @@ impl Backlog {
     async fn start_pass(&self) -> Option<Pass> {
         let live: Vec<(String, Arc<SessionView>)> = self.registry.live_views();
         let connected = self.registry.client_ids().into_iter().collect();
-        // A snapshot; the update channel is dropped at once (see `expiry::sweep_once`).
-        let (tx, rx) = tokio::sync::mpsc::channel(1);
-        drop(rx);
-        let stored = match tokio::time::timeout(READ_TIMEOUT, self.backend.watch_state(StateStore::Sessions, tx)).await
-        {
-            Ok(Ok(s)) => s,
+        let (stored, next_page) = self.stored_page(None).await?;
+        Some(Pass { live, stored, next_page, connected, totals: Totals::default() })
+    }
+
+    /// A page of stored sessions after `after`, reversed (popped from the end), and where the
+    /// next one starts (`None`: this was the last).
+    async fn stored_page(&self, after: Option<String>) -> Option<(Vec<(String, Bytes)>, Option<String>)> {
+        let read = self.backend.scan_state(StateStore::Sessions, after, STORED_PAGE);
+        let mut page = match tokio::time::timeout(READ_TIMEOUT, read).await {
+            Ok(Ok(page)) => page,
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "backlog: sessions store not readable");
                 return None;
@@ -295,7 +314,9 @@ impl Backlog {
                 return None;
             }
         };
-        Some(Pass { live, stored, connected, totals: Totals::default() })
+        let next = (page.len() == STORED_PAGE).then(|| page.last().map(|(k, _)| k.clone())).flatten();
+        page.reverse();
+        Some((page, next))
     }
 
     async fn end(&mut self, tp: &TopicPartition) -> Option<u64> {

@@ -477,6 +477,16 @@ impl CoreService for EmbeddedCore {
         Box::pin(async move { value })
     }
 
+    fn scan_state(
+        &self,
+        store: StateStore,
+        after: Option<String>,
+        limit: usize,
+    ) -> BoxFuture<'static, Result<Vec<(String, Bytes)>>> {
+        let page = self.shared.check_open().map(|()| self.shared.store(store).scan(after.as_deref(), limit));
+        Box::pin(async move { page })
+    }
+
     fn watch_state(
         &self,
         store: StateStore,

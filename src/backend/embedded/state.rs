@@ -216,6 +216,11 @@ impl KvStore {
         self.shared.lock().map.get(key).cloned()
     }
 
+    /// A page of entries in key order (`CoreService::scan_state`).
+    pub(crate) fn scan(&self, after: Option<&str>, limit: usize) -> Vec<(String, Bytes)> {
+        crate::backend::scan_entries(self.shared.lock().map.iter(), after, limit)
+    }
+
     /// Snapshot of all entries; `updates` receives every later change.
     pub(crate) fn watch(&self, updates: mpsc::Sender<StateUpdate>) -> Vec<(String, Bytes)> {
         let mut shared = self.shared.lock();

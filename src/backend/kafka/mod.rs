@@ -30,6 +30,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
+use crate::backend::diskstate::DiskState;
 use crate::backend::{
     AppendAck, BackendError, CoreRecord, CoreService, Fetched, GroupTail, Position, Result, StateStore, StateUpdate,
     Tail, TopicPartition,
@@ -61,6 +62,9 @@ pub struct KafkaCore {
     /// Partition count of every topic known to exist.
     partitions: parking_lot::RwLock<HashMap<String, u32>>,
     state: Arc<state::StateView>,
+    /// The temporary directory of the sessions file when `state_cache_dir` is unset (removed
+    /// with the core).
+    _state_dir: Option<tempfile::TempDir>,
     readers: Arc<fetch::Readers>,
     available: Arc<AtomicBool>,
     closed: Arc<AtomicBool>,
@@ -79,13 +83,23 @@ impl KafkaCore {
         let consumer_config = client::consumer(config);
         // Checks the consumer settings once, so later `tail()` calls cannot fail on them.
         let state_consumer: StreamConsumer = consumer_config.create()?;
+        let (state_dir, temporary) = match &config.state_cache_dir {
+            Some(dir) => (dir.clone(), None),
+            None => {
+                let tmp = tempfile::Builder::new().prefix("lmq-state-").tempdir()?;
+                (tmp.path().to_owned(), Some(tmp))
+            }
+        };
+        let source = format!("kafka:{}/{}", config.bootstrap_servers, config.state_topics.sessions);
+        let sessions = tokio::task::spawn_blocking(move || DiskState::open(&state_dir, &source)).await??;
         let core = Arc::new(KafkaCore {
             config: config.clone(),
             events_topic: events_topic.to_owned(),
             producer,
             admin,
             partitions: parking_lot::RwLock::new(HashMap::new()),
-            state: state::StateView::new(&config.state_topics),
+            state: state::StateView::new(&config.state_topics, sessions),
+            _state_dir: temporary,
             readers: fetch::Readers::new(consumer_config.clone().set("fetch.wait.max.ms", "10").to_owned()),
             available: Arc::new(AtomicBool::new(false)),
             closed: Arc::new(AtomicBool::new(false)),
@@ -93,9 +107,12 @@ impl KafkaCore {
         });
         core.wait_for_cluster().await;
         core.ensure_gateway_topics().await?;
+        core.state.check_sessions(&core.end_offsets(core.state.topic(StateStore::Sessions)).await?)?;
         core.state.assign(&state_consumer, &core.partitions.read())?;
         core.tasks.lock().push(tokio::spawn(core.state.clone().run(state_consumer)));
-        for store in StateStore::ALL {
+        // Sessions are read when their clients come back, each waiting only for its own
+        // partition: the gateway does not wait here for the whole fleet's sessions.
+        for store in StateStore::ALL.into_iter().filter(|s| *s != StateStore::Sessions) {
             core.catch_up(store).await?;
         }
         core.available.store(true, Ordering::Release);
@@ -521,7 +538,7 @@ impl CoreService for KafkaCore {
             let end = i64::try_from(end.await?).unwrap_or(i64::MAX);
             let p = i32::try_from(partition).unwrap_or(i32::MAX);
             state.wait_for(store, &[(p, end)], STATE_CATCH_UP).await?;
-            Ok(state.get(store, &key))
+            state.get(store, &key).await
         })
     }
 
@@ -536,7 +553,25 @@ impl CoreService for KafkaCore {
         Box::pin(async move {
             open?;
             state.wait_for(store, &ends.await?, STATE_CATCH_UP).await?;
-            Ok(state.watch(store, updates))
+            state.watch(store, updates).await
+        })
+    }
+
+    fn scan_state(
+        &self,
+        store: StateStore,
+        after: Option<String>,
+        limit: usize,
+    ) -> BoxFuture<'static, Result<Vec<(String, Bytes)>>> {
+        let ends = after.is_none().then(|| self.end_offsets(self.state.topic(store)));
+        let state = self.state.clone();
+        let open = self.check_open();
+        Box::pin(async move {
+            open?;
+            if let Some(ends) = ends {
+                state.wait_for(store, &ends.await?, STATE_CATCH_UP).await?;
+            }
+            state.scan(store, after, limit).await
         })
     }
 
@@ -562,6 +597,8 @@ impl CoreService for KafkaCore {
             for t in self.tasks.lock().drain(..) {
                 t.abort();
             }
+            let state = self.state.clone();
+            let _ = tokio::task::spawn_blocking(move || state.flush()).await;
         })
     }
 }

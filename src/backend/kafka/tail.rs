@@ -124,7 +124,7 @@ impl Tail for KafkaTail {
                 drop(pending);
                 if let Some(e) = failure {
                     let now = Instant::now();
-                    if self.last_error_log.map_or(true, |t| now.duration_since(t) > Duration::from_secs(10)) {
+                    if self.last_error_log.is_none_or(|t| now.duration_since(t) > Duration::from_secs(10)) {
                         self.last_error_log = Some(now);
                         tracing::warn!(error = %e, "Kafka tail: consumer error (retrying)");
                     }

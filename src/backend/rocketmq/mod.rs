@@ -342,6 +342,22 @@ impl CoreService for RocketmqCore {
         })
     }
 
+    fn scan_state(
+        &self,
+        store: StateStore,
+        after: Option<String>,
+        limit: usize,
+    ) -> BoxFuture<'static, Result<Vec<(String, Bytes)>>> {
+        let shared = self.shared.clone();
+        Box::pin(async move {
+            shared.check_open()?;
+            if after.is_none() {
+                shared.state.catch_up(STATE_WAIT).await?;
+            }
+            Ok(shared.state.scan(store, after.as_deref(), limit))
+        })
+    }
+
     fn watch_state(
         &self,
         store: StateStore,

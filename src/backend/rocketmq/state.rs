@@ -239,6 +239,15 @@ impl StateView {
         self.view.lock().stores.get(&store).and_then(|m| m.get(key)).map(|e| e.value.clone())
     }
 
+    /// A page of entries in key order (`CoreService::scan_state`).
+    pub fn scan(&self, store: StateStore, after: Option<&str>, limit: usize) -> Vec<(String, Bytes)> {
+        let view = self.view.lock();
+        match view.stores.get(&store) {
+            Some(m) => crate::backend::scan_entries(m.iter().map(|(k, e)| (k, &e.value)), after, limit),
+            None => Vec::new(),
+        }
+    }
+
     pub fn watch(&self, store: StateStore, tx: mpsc::Sender<StateUpdate>) -> Vec<(String, Bytes)> {
         let mut view = self.view.lock();
         let snapshot = view

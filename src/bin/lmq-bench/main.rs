@@ -455,7 +455,7 @@ impl SeqTracker {
         let new = self.seen[word] & (1 << bit) == 0;
         self.seen[word] |= 1 << bit;
         let out_of_order = new && self.last.is_some_and(|l| seq < l);
-        if self.last.map_or(true, |l| seq > l) {
+        if self.last.is_none_or(|l| seq > l) {
             self.last = Some(seq);
         }
         (new, out_of_order)
@@ -582,7 +582,7 @@ async fn publish_loop(
 
     loop {
         let now = Instant::now();
-        let publishing = now < clock.stop && cfg.limit.map_or(true, |l| res.sent < l);
+        let publishing = now < clock.stop && cfg.limit.is_none_or(|l| res.sent < l);
         if !publishing && ids.count == 0 && wbuf.is_empty() {
             break;
         }

@@ -872,10 +872,10 @@ pub struct KafkaConfig {
     /// Consumer `fetch.wait.max.ms`: longest a fetch waits for new records.
     #[serde(default = "default_kafka_fetch_wait")]
     pub fetch_wait_max_ms: u64,
-    /// Directory of this gateway's local copy of the sessions store (a disposable cache:
-    /// deleting it loses nothing; with it, a restart reads only what changed since). One
-    /// directory per gateway process. Unset: a new temporary directory, removed at exit, so
-    /// every start reads the sessions topic from the beginning.
+    /// Directory of this gateway's local copy of the sessions and retained stores (a
+    /// disposable cache: deleting it loses nothing; with it, a restart reads only what changed
+    /// since). One directory per gateway process. Unset: a new temporary directory, removed at
+    /// exit, so every start reads those topics from the beginning.
     #[serde(default)]
     pub state_cache_dir: Option<std::path::PathBuf>,
     /// Any other librdkafka property (security, SASL, tuning), given to the producer and

@@ -89,6 +89,9 @@ impl CoreService for Flaky {
     fn get_state(&self, store: StateStore, key: &str) -> BoxFuture<'static, Result<Option<Bytes>>> {
         self.inner.get_state(store, key)
     }
+    fn peek_state(&self, store: StateStore, key: &str) -> BoxFuture<'static, Result<Option<Bytes>>> {
+        self.inner.peek_state(store, key)
+    }
     fn scan_state(
         &self,
         store: StateStore,
@@ -103,6 +106,13 @@ impl CoreService for Flaky {
         updates: tokio::sync::mpsc::Sender<StateUpdate>,
     ) -> BoxFuture<'static, Result<Vec<(String, Bytes)>>> {
         self.inner.watch_state(store, updates)
+    }
+    fn follow_state(
+        &self,
+        store: StateStore,
+        updates: tokio::sync::mpsc::Sender<StateUpdate>,
+    ) -> BoxFuture<'static, Result<()>> {
+        self.inner.follow_state(store, updates)
     }
     fn emit_event(&self, event: ClientEvent) -> BoxFuture<'static, Result<()>> {
         self.inner.emit_event(event)

@@ -338,14 +338,29 @@ async fn a_restarted_gateway_resumes_its_sessions_cache_and_sees_what_changed_me
         assert!(!session_visit(a.addr(), id, false, Some("kcache/#")).await, "{id} is new");
     }
     assert!(session_visit(a.addr(), "GID_k@@@cache-kept", false, None).await, "stored on A");
+    // Retained messages, more than the retained index reads in one page at start.
+    let mut retainer = v4::connect(a.addr(), "GID_k@@@cache-retainer").await;
+    for i in 0..CACHE_RETAINED {
+        let topic = format!("kcache/many/{}/{i:04}", i % 2);
+        retainer.client.publish(topic, v4::QoS::AtLeastOnce, true, format!("r{i}").into_bytes()).await.expect("queued");
+    }
+    for _ in 0..CACHE_RETAINED {
+        retainer.wait_for(|e| matches!(e, v4::Event::Incoming(v4::Incoming::PubAck(_)))).await;
+    }
+    retainer.disconnect().await;
     a.shutdown().await;
-    assert!(cache.path().join("state.redb").exists(), "the copy is in the configured directory");
+    assert!(cache.path().join("sessions/state.redb").exists(), "the copy is in the configured directory");
+    assert!(cache.path().join("retained/state.redb").exists(), "retained messages are copied too");
 
     // Meanwhile, on another gateway: a new persistent session, and one ended by a clean start.
     let b = gateway(broker, "gw-cache-b").await;
     assert!(!session_visit(b.addr(), "GID_k@@@cache-new", false, Some("kcache/#")).await);
     // A clean start ends the stored session (its CONNACK says no session, [MQTT-3.2.2-1]).
     assert!(!session_visit(b.addr(), "GID_k@@@cache-ended", true, None).await);
+    let mut retainer = v4::connect(b.addr(), "GID_k@@@cache-retainer").await;
+    retainer.publish("kcache/many/0/0000", v4::QoS::AtLeastOnce, true, b"changed").await;
+    retainer.publish("kcache/many/1/0001", v4::QoS::AtLeastOnce, true, b"").await;
+    retainer.disconnect().await;
     b.shutdown().await;
 
     let a = Gateway::start(Config::from_yaml(&yaml).expect("config")).await.expect("gateway restarts on its cache");
@@ -353,6 +368,39 @@ async fn a_restarted_gateway_resumes_its_sessions_cache_and_sees_what_changed_me
     assert!(session_visit(a.addr(), "GID_k@@@cache-new", false, None).await, "created elsewhere meanwhile");
     assert!(!session_visit(a.addr(), "GID_k@@@cache-ended", false, None).await, "ended elsewhere meanwhile");
     a.shutdown().await;
+
+    // The same retained messages right after a start, on the local copy and without one.
+    for copy in ["warm", "cold"] {
+        if copy == "cold" {
+            std::fs::remove_dir_all(cache.path().join("retained")).expect("copy removed");
+        }
+        let a = Gateway::start(Config::from_yaml(&yaml).expect("config")).await.expect("gateway");
+        let even = retained_under(a.addr(), "kcache/many/0/#").await;
+        assert_eq!(even.len(), CACHE_RETAINED / 2, "{copy}: every retained message of the first filter");
+        assert_eq!(even.get("kcache/many/0/0000").map(Vec::as_slice), Some(&b"changed"[..]), "{copy}");
+        assert_eq!(even.get("kcache/many/0/0002").map(Vec::as_slice), Some(&b"r2"[..]), "{copy}");
+        let odd = retained_under(a.addr(), "kcache/many/1/#").await;
+        assert_eq!(odd.len(), CACHE_RETAINED / 2 - 1, "{copy}: the one cleared meanwhile is gone");
+        assert!(!odd.contains_key("kcache/many/1/0001"), "{copy}");
+        a.shutdown().await;
+    }
+}
+
+/// Retained messages of the cache test: more than one page of the retained index at start
+/// (1,000), half of them (one filter's share) fewer than a SUBSCRIBE's cap (1,000).
+const CACHE_RETAINED: usize = 1_100;
+
+/// The retained messages a new subscriber of `filter` gets: topic → payload.
+async fn retained_under(addr: std::net::SocketAddr, filter: &str) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let mut sub = v4::connect(addr, "GID_k@@@cache-reader").await;
+    sub.subscribe(filter, v4::QoS::AtLeastOnce).await;
+    let mut seen = std::collections::BTreeMap::new();
+    while let Some(m) = publish_within(&mut sub, Duration::from_secs(2)).await {
+        assert!(m.retain, "{} is a retained message", m.topic);
+        seen.insert(m.topic.clone(), m.payload.to_vec());
+    }
+    sub.disconnect().await;
+    seen
 }
 
 fn assert_all_in_kafka(bootstrap: &str, topic: &str, acked: &BTreeSet<u32>) {

@@ -34,6 +34,9 @@ pub const DURABLE_EVERY: Duration = Duration::from_secs(5);
 /// redb's page cache: pages of the B-tree kept in memory (the OS caches the file too).
 const CACHE_BYTES: usize = 16 * 1024 * 1024;
 
+/// How long [`DiskState::open`] waits for another holder of the directory to let it go.
+const LOCK_WAIT: Duration = Duration::from_secs(5);
+
 fn storage(e: impl std::fmt::Display) -> BackendError {
     BackendError::Storage(format!("state cache: {e}"))
 }
@@ -68,9 +71,17 @@ impl DiskState {
     pub fn open(dir: &Path, source: &str) -> Result<DiskState> {
         std::fs::create_dir_all(dir).map_err(storage)?;
         let lock = File::create(dir.join("LOCK")).map_err(storage)?;
-        lock.try_lock().map_err(|_| {
-            storage(format!("{} is in use by another gateway process (each needs its own directory)", dir.display()))
-        })?;
+        // A gateway that just stopped may still be letting its copy go: wait a little.
+        let deadline = Instant::now() + LOCK_WAIT;
+        while lock.try_lock().is_err() {
+            if Instant::now() >= deadline {
+                return Err(storage(format!(
+                    "{} is in use by another gateway process (each needs its own directory)",
+                    dir.display()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
         let path = dir.join("state.redb");
         let db = match Self::open_db(&path, source) {
             Ok(db) => db,

@@ -270,6 +270,12 @@ pub trait CoreService: Send + Sync + 'static {
     /// Current value of a key.
     fn get_state(&self, store: StateStore, key: &str) -> BoxFuture<'static, Result<Option<Bytes>>>;
 
+    /// The value of a key in this gateway's view as it is now, without waiting for writes that
+    /// other gateways made just before (a local read: no request to the core service). For
+    /// values the caller knows from [`CoreService::watch_state`] updates, such as retained
+    /// messages the router has indexed.
+    fn peek_state(&self, store: StateStore, key: &str) -> BoxFuture<'static, Result<Option<Bytes>>>;
+
     /// Up to `limit` entries of a store in key order, after key `after` (from the first with
     /// `None`): how a task visits every stored session without holding them all. A first page
     /// reflects every write made before the call; later pages continue from the view of the
@@ -289,6 +295,19 @@ pub trait CoreService: Send + Sync + 'static {
         store: StateStore,
         updates: tokio::sync::mpsc::Sender<StateUpdate>,
     ) -> BoxFuture<'static, Result<Vec<(String, Bytes)>>>;
+
+    /// Every later change of a store (from any gateway instance), delivered to `updates` like
+    /// [`CoreService::watch_state`]'s, without a snapshot and without waiting for the view to
+    /// catch up: for a caller that pages through the store itself with
+    /// [`CoreService::scan_state`] (the router's retained index).
+    fn follow_state(
+        &self,
+        store: StateStore,
+        updates: tokio::sync::mpsc::Sender<StateUpdate>,
+    ) -> BoxFuture<'static, Result<()>> {
+        let watch = self.watch_state(store, updates);
+        Box::pin(async move { watch.await.map(drop) })
+    }
 
     /// Write a client status event (connect / disconnect / tcpclean) to the events topic.
     fn emit_event(&self, event: ClientEvent) -> BoxFuture<'static, Result<()>>;

@@ -509,10 +509,16 @@ impl Conn {
                     RetainHandling::Never => false,
                 };
             if send_retained {
-                let (matching, matched) = router.retained_matching(parsed.filter, retained_budget, now_ms());
-                retained_cut |= matched > matching.len();
-                retained_budget -= matching.len();
-                for m in matching {
+                // The retained index is loaded in the background after a start: a SUBSCRIBE
+                // right after it waits (bounded) so that it gets every retained message.
+                if !router.retained_loaded(RETAINED_INDEX_WAIT).await {
+                    tracing::warn!(client_id = %self.client_id, "retained index still loading: retained messages may be missing");
+                }
+                let now = now_ms();
+                let (topics, matched) = router.retained_matching(parsed.filter, retained_budget, now);
+                retained_cut |= matched > topics.len();
+                retained_budget -= topics.len();
+                for m in router.retained_messages(topics, now).await {
                     let qos = m.qos.min(options.qos);
                     retained.push((m, qos, s.properties.subscription_identifier.into_iter().collect()));
                 }
@@ -627,6 +633,9 @@ pub(crate) async fn store_message(
 /// Records scanned at most to find a QoS 2 marker (a client that returns long after a crash
 /// may find it stored twice rather than wait for a read of the whole log).
 const QOS2_SCAN_MAX_RECORDS: usize = 1_000_000;
+
+/// How long a SUBSCRIBE waits for the retained index after a start (see `router::retained`).
+const RETAINED_INDEX_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Whether a record with the intent's marker is in its topic at or after its offsets.
 async fn find_qos2_record(

@@ -14,6 +14,7 @@
 mod groups;
 pub mod mapping;
 pub mod reserved;
+pub mod retained;
 pub mod topic;
 pub mod trie;
 
@@ -27,6 +28,7 @@ use crate::backend::{Record, SharedCoreService, StateStore, StateUpdate, Tail, T
 use crate::protocol::QoS;
 use crate::trace::Kind;
 use mapping::{CoreTopic, Message, TopicMap};
+pub use retained::RetainedMatch;
 use trie::{PlainMatch, Trie};
 
 /// One partition's recent routed records with their messages, oldest first.
@@ -244,7 +246,7 @@ impl RouterLimits {
 pub struct Router {
     limits: RouterLimits,
     state: Mutex<State>,
-    retained: Mutex<RetainedStore>,
+    retained: retained::RetainedIndex,
     topics: TopicMap,
     backend: SharedCoreService,
     commands: mpsc::Sender<Command>,
@@ -268,7 +270,7 @@ impl Router {
         let router = Arc::new(Router {
             limits,
             state: Mutex::new(State::default()),
-            retained: Mutex::new(RetainedStore::default()),
+            retained: retained::RetainedIndex::new(),
             topics,
             backend: backend.clone(),
             commands: cmd_tx,
@@ -276,19 +278,11 @@ impl Router {
             stats,
             consumer_groups: backend.has_consumer_groups(),
         });
-        // Retained messages: snapshot, then every update from any gateway.
-        let (upd_tx, mut upd_rx) = mpsc::channel::<StateUpdate>(1024);
-        let snapshot = backend.watch_state(StateStore::Retained, upd_tx).await?;
-        for (topic, value) in snapshot {
-            router.apply_retained_value(&topic, Some(value));
-        }
-        let weak = Arc::downgrade(&router);
-        tokio::spawn(async move {
-            while let Some(u) = upd_rx.recv().await {
-                let Some(r) = weak.upgrade() else { break };
-                r.apply_retained_value(&u.key, u.value);
-            }
-        });
+        // Retained messages: indexed in the background (SUBSCRIBEs wait for it), then every
+        // update from any gateway.
+        let (upd_tx, upd_rx) = mpsc::channel::<StateUpdate>(1024);
+        backend.follow_state(StateStore::Retained, upd_tx).await?;
+        tokio::spawn(retained::load(Arc::downgrade(&router), upd_rx));
         let tail = backend.tail();
         tokio::spawn(dispatch(Arc::downgrade(&router), tail, cmd_rx, limits.max_replay_bytes));
         let declared: Vec<CoreTopic> = router.topics.declared().map(|(_, t)| t.clone()).collect();
@@ -551,80 +545,68 @@ impl Router {
     }
 
     /// The first `limit` unexpired retained messages matching a filter (not `$share`), in
-    /// topic order, and how many matched in all. Costs one pass over the store and memory for
-    /// `limit` entries, however many match.
-    pub fn retained_matching(&self, filter: &str, limit: usize, now_ms: i64) -> (Vec<Arc<Message>>, usize) {
-        /// Ordered by topic: the heap keeps the `limit` smallest topics.
-        struct ByTopic(Arc<Message>);
-        impl PartialEq for ByTopic {
-            fn eq(&self, o: &Self) -> bool {
-                self.0.topic == o.0.topic
+    /// topic order — their topics, and the message where this gateway still holds it — and
+    /// how many matched in all ([`retained::RetainedIndex::matching`]). The messages are read
+    /// with [`Router::retained_messages`].
+    pub fn retained_matching(&self, filter: &str, limit: usize, now_ms: i64) -> (Vec<RetainedMatch>, usize) {
+        self.retained.matching(filter, limit, now_ms)
+    }
+
+    /// Wait until the retained index holds the whole retained store (it is loaded in the
+    /// background at start), at most `limit`; false if it does not by then.
+    pub async fn retained_loaded(&self, limit: std::time::Duration) -> bool {
+        self.retained.wait_loaded(limit).await
+    }
+
+    /// The retained messages of `matches` (from [`Router::retained_matching`]): held ones as
+    /// they are, the others read from this gateway's view of the retained store; one that
+    /// changed to nothing or expired since is left out.
+    pub async fn retained_messages(&self, matches: Vec<RetainedMatch>, now_ms: i64) -> Vec<Arc<Message>> {
+        let reads = matches.into_iter().map(|(topic, held)| async move {
+            match held {
+                Some(m) => Some(m),
+                None => {
+                    let value = self.backend.peek_state(StateStore::Retained, &topic).await.ok()??;
+                    self.retained_message(&topic, value)
+                }
             }
-        }
-        impl Eq for ByTopic {}
-        impl PartialOrd for ByTopic {
-            fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
-                Some(self.cmp(o))
-            }
-        }
-        impl Ord for ByTopic {
-            fn cmp(&self, o: &Self) -> std::cmp::Ordering {
-                self.0.topic.cmp(&o.0.topic)
-            }
-        }
-        let mut matched = 0;
-        let mut first = std::collections::BinaryHeap::with_capacity(limit.min(1024).saturating_add(1));
-        for m in self.retained.lock().by_topic.values() {
-            if !topic::matches(filter, &m.topic) || m.expired(now_ms) {
-                continue;
-            }
-            matched += 1;
-            if limit == 0 {
-                continue;
-            }
-            first.push(ByTopic(m.clone()));
-            if first.len() > limit {
-                first.pop();
-            }
-        }
-        (first.into_sorted_vec().into_iter().map(|b| b.0).collect(), matched)
+        });
+        futures::future::join_all(reads).await.into_iter().flatten().filter(|m| !m.expired(now_ms)).collect()
     }
 
     pub fn retained_count(&self) -> usize {
-        self.retained.lock().by_topic.len()
+        self.retained.count()
     }
 
     /// Whether a retained message of `payload_len` bytes on `topic` fits within `max_count`
     /// messages and `max_bytes` bytes (replacing the topic's current one, if any).
     pub fn retained_room(&self, topic: &str, payload_len: usize, max_count: usize, max_bytes: usize) -> bool {
-        let r = self.retained.lock();
-        let old = r.by_topic.get(topic).map(|m| retained_size(topic, m));
-        let bytes = r.bytes - old.unwrap_or(0) + topic.len() + payload_len;
-        (old.is_some() || r.by_topic.len() < max_count) && bytes <= max_bytes
+        self.retained.room(topic, payload_len, max_count, max_bytes)
     }
 
     /// Apply a retained-message change made by this gateway (the core service's update
-    /// stream will confirm it; applying it now makes it visible at once).
+    /// stream will confirm it; applying it now makes it visible at once: the message is held
+    /// until then, since this gateway's view of the store may not have it yet).
     pub fn apply_retained(&self, topic: &str, message: Option<Arc<Message>>) {
-        let mut r = self.retained.lock();
-        let added = message.as_ref().map_or(0, |m| retained_size(topic, m));
-        let removed = match message {
-            Some(m) => r.by_topic.insert(topic.to_string(), m),
-            None => r.by_topic.remove(topic),
-        };
-        let removed = removed.map_or(0, |m| retained_size(topic, &m));
-        r.bytes = r.bytes + added - removed;
+        self.retained.index(topic, message, true);
     }
 
-    fn apply_retained_value(&self, topic: &str, value: Option<bytes::Bytes>) {
+    /// A retained store value as the message subscribers get (`None`: not a message, or under
+    /// a reserved parent topic).
+    fn retained_message(&self, topic: &str, value: bytes::Bytes) -> Option<Arc<Message>> {
         // A retained entry under a reserved parent (stored before the namespace existed, or
         // written around the gateway) is never offered to subscribers.
         let parent = topic::parent(topic);
-        let value = value.filter(|_| self.topics.resolve(parent) != Err(mapping::Unmapped::Reserved));
-        let message = value
-            .and_then(mapping::decode_record)
-            .and_then(|rec| mapping::record_to_message(parent, &rec).map(Arc::new));
-        self.apply_retained(topic, message);
+        if self.topics.resolve(parent) == Err(mapping::Unmapped::Reserved) {
+            return None;
+        }
+        let rec = mapping::decode_record(value)?;
+        mapping::record_to_message(parent, &rec).map(Arc::new)
+    }
+
+    fn apply_retained_value(&self, topic: &str, value: Option<bytes::Bytes>) {
+        let message = value.and_then(|v| self.retained_message(topic, v));
+        self.retained.index(topic, message, false);
     }
 
     /// Route one batch of records (called by the dispatcher only).
@@ -865,15 +847,4 @@ mod tests {
         // Every connection's queue holds blocks of these; keep them at two words + tag.
         assert!(std::mem::size_of::<Delivery>() <= 24, "{}", std::mem::size_of::<Delivery>());
     }
-}
-
-/// Retained messages by topic, and their size in bytes (topics + payloads).
-#[derive(Default)]
-struct RetainedStore {
-    by_topic: HashMap<String, Arc<Message>>,
-    bytes: usize,
-}
-
-fn retained_size(topic: &str, m: &Message) -> usize {
-    topic.len() + m.payload.len()
 }

@@ -477,6 +477,10 @@ impl CoreService for EmbeddedCore {
         Box::pin(async move { value })
     }
 
+    fn peek_state(&self, store: StateStore, key: &str) -> BoxFuture<'static, Result<Option<Bytes>>> {
+        self.get_state(store, key)
+    }
+
     fn scan_state(
         &self,
         store: StateStore,

@@ -90,15 +90,21 @@ impl KafkaCore {
                 (tmp.path().to_owned(), Some(tmp))
             }
         };
-        let source = format!("kafka:{}/{}", config.bootstrap_servers, config.state_topics.sessions);
-        let sessions = tokio::task::spawn_blocking(move || DiskState::open(&state_dir, &source)).await??;
+        let sources =
+            [("sessions", config.state_topics.sessions.clone()), ("retained", config.state_topics.retained.clone())]
+                .map(|(dir, topic)| (state_dir.join(dir), format!("kafka:{}/{topic}", config.bootstrap_servers)));
+        let disk = tokio::task::spawn_blocking(move || -> Result<[DiskState; 2]> {
+            let [(d0, s0), (d1, s1)] = sources;
+            Ok([DiskState::open(&d0, &s0)?, DiskState::open(&d1, &s1)?])
+        })
+        .await??;
         let core = Arc::new(KafkaCore {
             config: config.clone(),
             events_topic: events_topic.to_owned(),
             producer,
             admin,
             partitions: parking_lot::RwLock::new(HashMap::new()),
-            state: state::StateView::new(&config.state_topics, sessions),
+            state: state::StateView::new(&config.state_topics, disk),
             _state_dir: temporary,
             readers: fetch::Readers::new(consumer_config.clone().set("fetch.wait.max.ms", "10").to_owned()),
             available: Arc::new(AtomicBool::new(false)),
@@ -107,12 +113,16 @@ impl KafkaCore {
         });
         core.wait_for_cluster().await;
         core.ensure_gateway_topics().await?;
-        core.state.check_sessions(&core.end_offsets(core.state.topic(StateStore::Sessions)).await?)?;
+        for store in state::DISK_STORES {
+            core.state.check_disk(store, &core.end_offsets(core.state.topic(store)).await?)?;
+        }
         core.state.assign(&state_consumer, &core.partitions.read())?;
         core.tasks.lock().push(tokio::spawn(core.state.clone().run(state_consumer)));
         // Sessions are read when their clients come back, each waiting only for its own
-        // partition: the gateway does not wait here for the whole fleet's sessions.
-        for store in StateStore::ALL.into_iter().filter(|s| *s != StateStore::Sessions) {
+        // partition, and the router indexes retained messages in the background while
+        // connections are accepted (SUBSCRIBEs wait for it): the gateway does not wait here
+        // for the whole fleet's disk stores.
+        for store in StateStore::ALL.into_iter().filter(|s| !state::DISK_STORES.contains(s)) {
             core.catch_up(store).await?;
         }
         core.available.store(true, Ordering::Release);
@@ -557,6 +567,22 @@ impl CoreService for KafkaCore {
         })
     }
 
+    fn follow_state(&self, store: StateStore, updates: mpsc::Sender<StateUpdate>) -> BoxFuture<'static, Result<()>> {
+        self.state.follow(store, updates);
+        let open = self.check_open();
+        Box::pin(async move { open })
+    }
+
+    fn peek_state(&self, store: StateStore, key: &str) -> BoxFuture<'static, Result<Option<Bytes>>> {
+        let state = self.state.clone();
+        let key = key.to_owned();
+        let open = self.check_open();
+        Box::pin(async move {
+            open?;
+            state.get(store, &key).await
+        })
+    }
+
     fn scan_state(
         &self,
         store: StateStore,
@@ -598,7 +624,7 @@ impl CoreService for KafkaCore {
                 t.abort();
             }
             let state = self.state.clone();
-            let _ = tokio::task::spawn_blocking(move || state.flush()).await;
+            let _ = tokio::task::spawn_blocking(move || state.close()).await;
         })
     }
 }

@@ -1,10 +1,10 @@
 //! Keyed state in compacted Kafka topics, materialised locally.
 //!
 //! One consumer reads every partition of the five state topics and keeps the latest value per
-//! key (a tombstone deletes it) — the same view on every gateway. The sessions store, the one
-//! that grows with the fleet, is kept on disk ([`DiskState`]) and read from where that file
-//! left off; the others (retained messages, credentials, revoked tokens, delay checkpoints)
-//! are read from the beginning into memory.
+//! key (a tombstone deletes it) — the same view on every gateway. The stores that grow with the
+//! fleet, sessions and retained messages ([`DISK_STORES`]), are kept on disk ([`DiskState`]) and
+//! read from where their files left off; the others (credentials, revoked tokens, delay
+//! checkpoints) are read from the beginning into memory.
 //! Reads are read-your-writes across gateways: `get` and `watch` first ask the brokers for the
 //! current end of the store's partitions and wait until the view has consumed up to it, so a
 //! session saved by another gateway just before is seen.
@@ -23,22 +23,25 @@ use crate::backend::diskstate::{Change, DiskState};
 use crate::backend::{BackendError, Result, StateStore, StateUpdate};
 use crate::config::KafkaStateTopics;
 
-/// Messages taken from the consumer at once (one disk transaction for the sessions among them).
+/// Messages taken from the consumer at once (one disk transaction per disk store among them).
 const MAX_BATCH: usize = 2048;
+/// Stores kept on disk rather than in memory.
+pub(super) const DISK_STORES: [StateStore; 2] = [StateStore::Sessions, StateStore::Retained];
 
 pub(super) struct StateView {
     topics: [(StateStore, String); 5],
     inner: parking_lot::Mutex<Inner>,
-    /// The sessions store (values and the offsets read), on disk.
-    sessions: Arc<DiskState>,
+    /// The [`DISK_STORES`] (values and the offsets read), in that order; `None` once closed
+    /// ([`StateView::close`]).
+    disk: parking_lot::RwLock<Option<[Arc<DiskState>; 2]>>,
     /// Bumped after every applied batch, so waiters re-check their positions.
     progress: watch::Sender<u64>,
 }
 
-/// A sessions-topic message, owned, on its way to the disk (`key` `None`: not UTF-8, only
-/// its offset counts).
+/// A message of a disk store's topic, owned, on its way to the disk (`key` `None`: not
+/// UTF-8, only its offset counts).
 #[derive(Clone)]
-struct SessionChange {
+struct DiskChange {
     partition: u32,
     offset: u64,
     key: Option<String>,
@@ -54,15 +57,16 @@ struct Inner {
 }
 
 impl StateView {
-    pub(super) fn new(names: &KafkaStateTopics, sessions: DiskState) -> Arc<StateView> {
-        let read: HashMap<(StateStore, i32), i64> = sessions
-            .offsets()
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(p, o)| ((StateStore::Sessions, p as i32), i64::try_from(o).unwrap_or(i64::MAX)))
-            .collect();
+    /// `disk`: the files of the [`DISK_STORES`], in that order.
+    pub(super) fn new(names: &KafkaStateTopics, disk: [DiskState; 2]) -> Arc<StateView> {
+        let mut read: HashMap<(StateStore, i32), i64> = HashMap::new();
+        for (store, file) in DISK_STORES.iter().zip(&disk) {
+            for (p, o) in file.offsets().unwrap_or_default() {
+                read.insert((*store, p as i32), i64::try_from(o).unwrap_or(i64::MAX));
+            }
+        }
         Arc::new(StateView {
-            sessions: Arc::new(sessions),
+            disk: parking_lot::RwLock::new(Some(disk.map(Arc::new))),
             topics: [
                 (StateStore::Sessions, names.sessions.clone()),
                 (StateStore::Retained, names.retained.clone()),
@@ -83,24 +87,30 @@ impl StateView {
         self.topics.iter().find(|(_, t)| t == topic).map(|(s, _)| *s)
     }
 
-    /// Where the sessions store's file left off, per partition (`ends`: the topic's end
-    /// offsets now). Offsets beyond the end mean the topic was created again since: the file
-    /// is emptied and the topic read from the beginning.
-    pub(super) fn check_sessions(&self, ends: &[(i32, i64)]) -> Result<()> {
+    fn disk(&self, store: StateStore) -> Option<Arc<DiskState>> {
+        let i = DISK_STORES.iter().position(|s| *s == store)?;
+        self.disk.read().as_ref().and_then(|d| d.get(i).cloned())
+    }
+
+    /// Where a disk store's file left off, per partition (`ends`: the topic's end offsets now).
+    /// Offsets beyond the end mean the topic was created again since: the file is emptied and
+    /// the topic read from the beginning.
+    pub(super) fn check_disk(&self, store: StateStore, ends: &[(i32, i64)]) -> Result<()> {
+        let Some(disk) = self.disk(store) else { return Ok(()) };
         let beyond = {
             let inner = self.inner.lock();
-            ends.iter().any(|(p, end)| inner.consumed.get(&(StateStore::Sessions, *p)).is_some_and(|o| o > end))
+            ends.iter().any(|(p, end)| inner.consumed.get(&(store, *p)).is_some_and(|o| o > end))
         };
         if beyond {
-            tracing::warn!("sessions cache is ahead of the sessions topic (topic created again?): reading it again");
-            self.sessions.clear()?;
-            self.inner.lock().consumed.retain(|(store, _), _| *store != StateStore::Sessions);
+            tracing::warn!(?store, "state cache is ahead of its topic (topic created again?): reading it again");
+            disk.clear()?;
+            self.inner.lock().consumed.retain(|(s, _), _| *s != store);
         }
         Ok(())
     }
 
-    /// Assign every partition of the state topics: the sessions topic from where its file left
-    /// off, the others from the beginning.
+    /// Assign every partition of the state topics: the disk stores' topics from where their
+    /// files left off, the others from the beginning.
     pub(super) fn assign(&self, consumer: &StreamConsumer, partitions: &HashMap<String, u32>) -> Result<()> {
         let mut list = TopicPartitionList::new();
         let inner = self.inner.lock();
@@ -108,7 +118,7 @@ impl StateView {
             let n = partitions.get(topic).copied().unwrap_or(1);
             for p in 0..n {
                 let from = match inner.consumed.get(&(*store, p as i32)) {
-                    Some(o) if *store == StateStore::Sessions => Offset::Offset(*o),
+                    Some(o) if DISK_STORES.contains(store) => Offset::Offset(*o),
                     _ => Offset::Beginning,
                 };
                 list.add_partition_offset(topic, p as i32, from)
@@ -142,21 +152,27 @@ impl StateView {
                 }
             }
             let mut updates = Vec::new();
-            let mut sessions = Vec::new();
+            let mut to_disk: [Vec<DiskChange>; 2] = Default::default();
             for m in &batch {
-                match self.store_of(m.topic()) {
-                    Some(StateStore::Sessions) => sessions.extend(session_change(m)),
-                    Some(store) => updates.extend(self.apply(store, m)),
-                    None => {}
+                if let Some(store) = self.store_of(m.topic()) {
+                    match DISK_STORES.iter().position(|s| *s == store) {
+                        Some(i) => to_disk[i].extend(disk_change(m)),
+                        None => updates.extend(self.apply(store, m)),
+                    }
                 }
             }
             drop(batch);
-            if !sessions.is_empty() {
-                self.store_sessions(&sessions).await;
-                let watchers = self.inner.lock().watchers.get(&StateStore::Sessions).cloned().unwrap_or_default();
-                updates.extend(sessions.into_iter().filter_map(|c| {
-                    Some((StateUpdate { store: StateStore::Sessions, key: c.key?, value: c.value }, watchers.clone()))
-                }));
+            for (store, changes) in DISK_STORES.into_iter().zip(to_disk) {
+                if changes.is_empty() {
+                    continue;
+                }
+                self.store_on_disk(store, &changes).await;
+                let watchers = self.inner.lock().watchers.get(&store).cloned().unwrap_or_default();
+                updates.extend(
+                    changes
+                        .into_iter()
+                        .filter_map(|c| Some((StateUpdate { store, key: c.key?, value: c.value }, watchers.clone()))),
+                );
             }
             for (update, watchers) in updates {
                 let mut closed = false;
@@ -175,12 +191,13 @@ impl StateView {
         }
     }
 
-    /// Write sessions-topic messages to the file (retried until the disk takes them: the
+    /// Write a disk store's messages to its file (retried until the disk takes them: the
     /// consumer has moved past them), then count them as consumed.
-    async fn store_sessions(&self, changes: &[SessionChange]) {
-        let owned: Arc<Vec<SessionChange>> = Arc::new(changes.to_vec());
+    async fn store_on_disk(&self, store: StateStore, changes: &[DiskChange]) {
+        let Some(disk) = self.disk(store) else { return };
+        let owned: Arc<Vec<DiskChange>> = Arc::new(changes.to_vec());
         loop {
-            let (disk, batch) = (self.sessions.clone(), owned.clone());
+            let (disk, batch) = (disk.clone(), owned.clone());
             let written = tokio::task::spawn_blocking(move || {
                 let changes: Vec<Change<'_>> = batch
                     .iter()
@@ -196,22 +213,27 @@ impl StateView {
             match written {
                 Ok(()) => break,
                 Err(e) => {
-                    tracing::warn!(error = %e, "sessions cache: cannot write (retrying in 1 s)");
+                    tracing::warn!(?store, error = %e, "state cache: cannot write (retrying in 1 s)");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
         }
         let mut inner = self.inner.lock();
         for c in changes {
-            let next = inner.consumed.entry((StateStore::Sessions, c.partition as i32)).or_insert(0);
+            let next = inner.consumed.entry((store, c.partition as i32)).or_insert(0);
             *next = (*next).max(i64::try_from(c.offset).unwrap_or(i64::MAX).saturating_add(1));
         }
     }
 
-    /// Make the sessions file durable (at shutdown).
-    pub(super) fn flush(&self) {
-        if let Err(e) = self.sessions.flush() {
-            tracing::warn!(error = %e, "sessions cache: final flush failed (the next start reads more)");
+    /// Make the disk stores' files durable and let them go (at shutdown): the directory is
+    /// free for the next start once reads in flight end, even while other tasks of this
+    /// process still hold the core service.
+    pub(super) fn close(&self) {
+        let Some(disks) = self.disk.write().take() else { return };
+        for disk in &disks {
+            if let Err(e) = disk.flush() {
+                tracing::warn!(error = %e, "state cache: final flush failed (the next start reads more)");
+            }
         }
     }
 
@@ -264,8 +286,8 @@ impl StateView {
     }
 
     pub(super) async fn get(&self, store: StateStore, key: &str) -> Result<Option<Bytes>> {
-        if store == StateStore::Sessions {
-            let (disk, key) = (self.sessions.clone(), key.to_owned());
+        if let Some(disk) = self.disk(store) {
+            let (disk, key) = (disk.clone(), key.to_owned());
             return tokio::task::spawn_blocking(move || disk.get(&key))
                 .await
                 .unwrap_or_else(|e| Err(BackendError::Storage(e.to_string())));
@@ -280,8 +302,8 @@ impl StateView {
         after: Option<String>,
         limit: usize,
     ) -> Result<Vec<(String, Bytes)>> {
-        if store == StateStore::Sessions {
-            let disk = self.sessions.clone();
+        if let Some(disk) = self.disk(store) {
+            let disk = disk.clone();
             return tokio::task::spawn_blocking(move || disk.scan(after.as_deref(), limit))
                 .await
                 .unwrap_or_else(|e| Err(BackendError::Storage(e.to_string())));
@@ -293,17 +315,22 @@ impl StateView {
         })
     }
 
-    /// The current entries, and every later change sent to `updates`. For the sessions store
-    /// the snapshot is read from disk whole: the gateway's own tasks page through it with
-    /// [`StateView::scan`] instead.
+    /// Every change consumed from now on sent to `updates` (`CoreService::follow_state`).
+    pub(super) fn follow(&self, store: StateStore, updates: mpsc::Sender<StateUpdate>) {
+        self.inner.lock().watchers.entry(store).or_default().push(updates);
+    }
+
+    /// The current entries, and every later change sent to `updates`. For a disk store the
+    /// snapshot is read from disk whole; the router pages through the retained store instead
+    /// ([`StateView::follow`] and [`StateView::scan`]).
     pub(super) async fn watch(
         &self,
         store: StateStore,
         updates: mpsc::Sender<StateUpdate>,
     ) -> Result<Vec<(String, Bytes)>> {
-        if store == StateStore::Sessions {
+        if let Some(disk) = self.disk(store) {
             self.inner.lock().watchers.entry(store).or_default().push(updates);
-            let disk = self.sessions.clone();
+            let disk = disk.clone();
             return tokio::task::spawn_blocking(move || disk.scan(None, usize::MAX))
                 .await
                 .unwrap_or_else(|e| Err(BackendError::Storage(e.to_string())));
@@ -318,9 +345,9 @@ impl StateView {
     }
 }
 
-/// The key, value and position of a sessions-topic message.
-fn session_change(m: &BorrowedMessage<'_>) -> Option<SessionChange> {
-    Some(SessionChange {
+/// The key, value and position of a disk store's message.
+fn disk_change(m: &BorrowedMessage<'_>) -> Option<DiskChange> {
+    Some(DiskChange {
         partition: u32::try_from(m.partition()).ok()?,
         offset: u64::try_from(m.offset()).ok()?,
         key: m.key().and_then(|k| String::from_utf8(k.to_vec()).ok()),

@@ -342,6 +342,11 @@ impl CoreService for RocketmqCore {
         })
     }
 
+    fn peek_state(&self, store: StateStore, key: &str) -> BoxFuture<'static, Result<Option<Bytes>>> {
+        let value = self.shared.check_open().map(|()| self.shared.state.get(store, key));
+        Box::pin(async move { value })
+    }
+
     fn scan_state(
         &self,
         store: StateStore,

@@ -33,8 +33,10 @@
 #   SESSIONS [1000000]  RETAINED [1000000]  SUBSCRIPTIONS [2] per session
 #   RECONNECT [1000] clients   RECONNECT_CONCURRENCY [50]   HOLD_SECS [30]   SUBACK_PROBES [20]
 #   SUBSCRIBERS [10000]  B_RATE [10] msg/s per subscriber   B_SECS [60]
-#   CHECKPOINT_MS [unset] mqtt.session_checkpoint_ms of the gateway, when set (the gateway must
-#                 know the option)
+#   CHECKPOINT_MS [unset] mqtt.session_checkpoint_ms of the gateway, when set
+#   STATE_CACHE [1] core.kafka.state_cache_dir in the run's temp dir: the restart finds the
+#               first start's local copy of the sessions store; empty = unset (a new temporary
+#               directory per start: every start reads the sessions topic from the beginning)
 #   KAFKA_HEAP [1g]   GW_PORT [28851]   KAFKA_BENCH_PORT [29193]
 #   OUT [a new temp dir]  JSON results, gateway and broker logs, commands, table.md
 #   SKIP_BUILD [0] 1 = use the binaries already built
@@ -53,6 +55,7 @@ SUBSCRIBERS="${SUBSCRIBERS:-10000}"
 B_RATE="${B_RATE:-10}"
 B_SECS="${B_SECS:-60}"
 CHECKPOINT_MS="${CHECKPOINT_MS:-}"
+STATE_CACHE="${STATE_CACHE-1}"
 GW_PORT="${GW_PORT:-28851}"
 KAFKA_BENCH_PORT="${KAFKA_BENCH_PORT:-29193}"
 export KAFKA_HEAP="${KAFKA_HEAP:-1g}"
@@ -76,7 +79,7 @@ cleanup() {
     [[ -n "$GW_PID" ]] && kill "$GW_PID" 2> /dev/null && wait "$GW_PID" 2> /dev/null || true
     "$ROOT/scripts/kafka-dev.sh" stop "$WORK/kafka" > /dev/null 2>&1 || true
     [[ -f "$WORK/kafka/broker.log" ]] && cp "$WORK/kafka/broker.log" "$OUT/broker.log" 2> /dev/null
-    rm -rf "$WORK/kafka"
+    rm -rf "$WORK/kafka" "$WORK/state-cache"
 }
 trap cleanup EXIT INT TERM
 
@@ -112,6 +115,7 @@ core:
   kafka:
     bootstrap_servers: "$BOOTSTRAP"
     create_topics: true
+${STATE_CACHE:+    state_cache_dir: $WORK/state-cache}
 mqtt:
   retain_available: true
 ${CHECKPOINT_MS:+  session_checkpoint_ms: $CHECKPOINT_MS}
@@ -233,6 +237,8 @@ BROKER_PID=$(cat "$WORK/kafka/pid")
 # The empty broker: the gateway creates its topics (as it does in production) and is measured.
 start_measured empty
 stop_gateway
+# The first start after the fill finds no local copy.
+rm -rf "$WORK/state-cache"
 
 part_a() {
     bench state-fill --bootstrap "$BOOTSTRAP" --sessions "$SESSIONS" --retained "$RETAINED" \
@@ -255,7 +261,7 @@ part_b() {
     # scans them all (see the SUBACK row of part a) and the subscribers would time out.
     stop_gateway
     "$ROOT/scripts/kafka-dev.sh" stop "$WORK/kafka" > /dev/null
-    rm -rf "$WORK/kafka"
+    rm -rf "$WORK/kafka" "$WORK/state-cache"
     "$ROOT/scripts/kafka-dev.sh" start "$WORK/kafka" "$KAFKA_BENCH_PORT" >&2
     BROKER_PID=$(cat "$WORK/kafka/pid")
     start_measured b

@@ -141,8 +141,9 @@ pub(super) fn record(tp: TopicPartition, m: &BorrowedMessage<'_>) -> Arc<Record>
 /// The partition Kafka's Java client (and librdkafka's `murmur2_random`) picks for a key:
 /// `(murmur2(key) & 0x7fffffff) % partitions`. State records are written to this partition
 /// explicitly, so a read knows the one partition to catch up on whatever partitioner the
-/// `librdkafka` options set.
-pub(super) fn key_partition(key: &[u8], partitions: u32) -> u32 {
+/// `librdkafka` options set. Public (re-exported as `backend::kafka::key_partition`) so that
+/// tools writing state records around the gateway (`lmq-bench state-fill`) place them alike.
+pub fn key_partition(key: &[u8], partitions: u32) -> u32 {
     (murmur2(key) & 0x7fff_ffff) % partitions.max(1)
 }
 

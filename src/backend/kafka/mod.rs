@@ -17,6 +17,8 @@ mod group;
 mod state;
 mod tail;
 
+pub use client::key_partition;
+
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};

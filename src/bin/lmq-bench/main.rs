@@ -16,6 +16,11 @@
 //! - `kafka-raw`: the baseline of the Kafka core service — a raw librdkafka producer sending
 //!   the records the gateway writes for a QoS 1 fan-in, with the gateway's producer settings,
 //! - `mock-kafka`: librdkafka's mock cluster as a broker for the gateway, until killed.
+//! - `state-fill`: persistent sessions and retained messages written straight into the
+//!   gateway's Kafka state topics (a fleet's state, for start-up and memory measurements),
+//! - `reconnect`: K of those sessions reconnect (clean session 0); CONNECT → CONNACK latency
+//!   and how many found their session,
+//! - `state-offsets`: the end offsets of the gateway's Kafka state topics (records written).
 //!
 //! With `--delay-secs`, the message scenarios publish delayed messages
 //! (`$delayed/<seconds>/<topic>`, SPEC §9) and subscribe to the plain topics; subscribers then
@@ -43,6 +48,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio::time::{sleep_until, timeout, Instant};
 
 mod kafka;
+mod state;
 
 /// Bytes at the start of every payload: timestamp, publisher index, sequence number.
 const HEADER_LEN: usize = 16;
@@ -75,6 +81,9 @@ enum Scenario {
     ConnectStorm,
     KafkaRaw,
     MockKafka,
+    StateFill,
+    Reconnect,
+    StateOffsets,
 }
 
 #[derive(Debug, Parser)]
@@ -109,9 +118,10 @@ struct Args {
     /// QoS 1/2 messages a publisher may have unacknowledged.
     #[arg(long, default_value_t = 64)]
     inflight: u16,
-    /// Connections opened in parallel (idle, connect-storm, and the setup of other scenarios).
-    #[arg(long, default_value_t = 256)]
-    concurrency: usize,
+    /// Connections opened in parallel (idle, connect-storm, reconnect, and the setup of other
+    /// scenarios); default 50 for reconnect, 256 otherwise.
+    #[arg(long)]
+    concurrency: Option<usize>,
     /// Keepalive in seconds; connections send PINGREQ every half of it when otherwise silent.
     #[arg(long, default_value_t = 60)]
     keepalive: u16,
@@ -138,13 +148,19 @@ struct Args {
     /// `--duration`, whichever comes first; rates are then per second of publishing.
     #[arg(long)]
     count: Option<u64>,
-    /// kafka-raw: `bootstrap.servers` (loopback addresses only).
-    #[arg(long, default_value = "localhost:9092")]
+    /// kafka-raw, state-fill, state-offsets: `bootstrap.servers` (loopback addresses only).
+    #[arg(long, alias = "brokers", default_value = "localhost:9092")]
     bootstrap: String,
     /// kafka-raw, mock-kafka: partitions of the topic created for `--topic-prefix` (the gateway's
-    /// parent topic `*` creates 4).
+    /// parent topic `*` creates 4); state-fill: of a state topic it has to create (the
+    /// gateway's `core.kafka.partitions`, 4).
     #[arg(long, default_value_t = 4)]
     partitions: u32,
+    /// fan-in, fan-out, p2p: subscribers connect with clean session 0 (persistent sessions).
+    #[arg(long)]
+    persistent: bool,
+    #[command(flatten)]
+    state: state::StateArgs,
     /// kafka-raw: producer `linger.ms` (the gateway's `core.kafka.linger_ms`).
     #[arg(long, default_value_t = 5)]
     linger_ms: u64,
@@ -184,6 +200,10 @@ fn parse_delays(s: &str) -> std::result::Result<Delays, String> {
 }
 
 impl Args {
+    fn concurrency(&self) -> usize {
+        self.concurrency.unwrap_or(if self.scenario == Scenario::Reconnect { 50 } else { 256 })
+    }
+
     fn protocol(&self) -> Protocol {
         if self.mqtt5 {
             Protocol::V5
@@ -219,7 +239,7 @@ impl Args {
                 bail!("--rate must be > 0");
             }
         }
-        if self.inflight == 0 || self.concurrency == 0 {
+        if self.inflight == 0 || self.concurrency() == 0 {
             bail!("--inflight and --concurrency must be at least 1");
         }
         if self.topic_prefix.is_empty() || self.topic_prefix.contains(['+', '#', '/']) {
@@ -227,6 +247,10 @@ impl Args {
         }
         if self.count == Some(0) {
             bail!("--count must be at least 1");
+        }
+        if matches!(self.scenario, Scenario::StateFill | Scenario::Reconnect | Scenario::StateOffsets) {
+            self.state.validate(self.scenario == Scenario::Reconnect, self.clients)?;
+            kafka::check_bootstrap(&self.bootstrap)?;
         }
         if matches!(self.scenario, Scenario::KafkaRaw | Scenario::MockKafka) {
             if self.delay_secs.is_some() || self.count.is_some() {
@@ -265,11 +289,20 @@ struct Conn {
     protocol: Protocol,
     /// Server's Receive Maximum (MQTT 5), else `u16::MAX`.
     server_receive_max: u16,
+    /// The CONNACK's session present flag.
+    session_present: bool,
 }
 
 impl Conn {
-    /// TCP connect, CONNECT, wait for a successful CONNACK.
-    async fn open(addr: SocketAddr, protocol: Protocol, client_id: String, keepalive: u16) -> Result<Conn> {
+    /// TCP connect, CONNECT, wait for a successful CONNACK; also the time from writing the
+    /// CONNECT to reading the CONNACK.
+    async fn open_timed(
+        addr: SocketAddr,
+        protocol: Protocol,
+        client_id: String,
+        keepalive: u16,
+        clean_start: bool,
+    ) -> Result<(Conn, Duration)> {
         let stream = timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(addr))
             .await
             .map_err(|_| anyhow!("TCP connect to {addr} timed out"))?
@@ -281,10 +314,11 @@ impl Conn {
             wbuf: BytesMut::with_capacity(256),
             protocol,
             server_receive_max: u16::MAX,
+            session_present: false,
         };
         let connect = Connect {
             protocol,
-            clean_start: true,
+            clean_start,
             keep_alive: keepalive,
             client_id,
             will: None,
@@ -293,13 +327,16 @@ impl Conn {
             properties: ConnectProperties::default(),
         };
         conn.queue(&Packet::Connect(Box::new(connect)))?;
+        let sent = Instant::now();
         conn.flush().await?;
         match timeout(HANDSHAKE_TIMEOUT, conn.read_packet()).await.map_err(|_| anyhow!("no CONNACK in time"))?? {
             Packet::ConnAck(ack) if !ack.code.is_error() => {
+                let took = sent.elapsed();
                 if let Some(max) = ack.properties.receive_maximum {
                     conn.server_receive_max = max;
                 }
-                Ok(conn)
+                conn.session_present = ack.session_present;
+                Ok((conn, took))
             }
             Packet::ConnAck(ack) => bail!("CONNACK refused the connection: reason code {:#04x}", ack.code.0),
             other => bail!("expected CONNACK, got {}", other.name()),
@@ -835,6 +872,7 @@ async fn open_many(
     ids: Vec<String>,
     keepalive: u16,
     concurrency: usize,
+    clean_start: bool,
 ) -> Vec<Result<(Conn, Duration)>> {
     let sem = Arc::new(Semaphore::new(concurrency));
     let mut tasks = Vec::with_capacity(ids.len());
@@ -843,7 +881,7 @@ async fn open_many(
         tasks.push(tokio::spawn(async move {
             let _permit = sem.acquire_owned().await.map_err(|_| anyhow!("semaphore closed"))?;
             let t0 = Instant::now();
-            let conn = Conn::open(addr, protocol, id, keepalive).await?;
+            let (conn, _) = Conn::open_timed(addr, protocol, id, keepalive, clean_start).await?;
             Ok((conn, t0.elapsed()))
         }));
     }
@@ -885,7 +923,13 @@ async fn message_scenario(args: &Args, addr: SocketAddr, report: &mut Report) ->
             (0..n).map(|i| PubSpec { index: i as u32, topic: publish_topic(i, format!("{base}/p2p/{i}")) }).collect(),
             (0..n).map(|i| SubSpec { filter: format!("{base}/p2p/{i}"), sources: vec![i] }).collect(),
         ),
-        Scenario::Idle | Scenario::ConnectStorm | Scenario::KafkaRaw | Scenario::MockKafka => {
+        Scenario::Idle
+        | Scenario::ConnectStorm
+        | Scenario::KafkaRaw
+        | Scenario::MockKafka
+        | Scenario::StateFill
+        | Scenario::Reconnect
+        | Scenario::StateOffsets => {
             unreachable!("not an MQTT message scenario")
         }
     };
@@ -904,10 +948,10 @@ async fn message_scenario(args: &Args, addr: SocketAddr, report: &mut Report) ->
     // Subscribers first: connect, subscribe.
     let sub_ids = (0..subs.len()).map(|i| format!("lb-{tag}-s{i}")).collect();
     let mut sub_conns = Vec::new();
-    for r in open_many(addr, protocol, sub_ids, args.keepalive, args.concurrency).await {
+    for r in open_many(addr, protocol, sub_ids, args.keepalive, args.concurrency(), !args.persistent).await {
         sub_conns.push(r.context("opening a subscriber connection")?.0);
     }
-    let sem = Arc::new(Semaphore::new(args.concurrency));
+    let sem = Arc::new(Semaphore::new(args.concurrency()));
     let delays = args.delay_secs;
     let mut sub_tasks = Vec::new();
     let mut ready = Vec::new();
@@ -946,7 +990,9 @@ async fn message_scenario(args: &Args, addr: SocketAddr, report: &mut Report) ->
         keepalive,
     });
     let mut pub_tasks = Vec::new();
-    for (r, spec) in open_many(addr, protocol, pub_ids, args.keepalive, args.concurrency).await.into_iter().zip(pubs) {
+    for (r, spec) in
+        open_many(addr, protocol, pub_ids, args.keepalive, args.concurrency(), true).await.into_iter().zip(pubs)
+    {
         let (conn, _) = r.context("opening a publisher connection")?;
         let cfg = Arc::new(PubConfig { limit: limit(spec.index as usize), ..PubConfig::clone(&cfg) });
         pub_tasks.push(tokio::spawn(publisher(conn, spec, cfg, Arc::clone(&run))));
@@ -960,6 +1006,8 @@ async fn message_scenario(args: &Args, addr: SocketAddr, report: &mut Report) ->
     let stop = start + Duration::from_secs_f64(args.duration);
     let deadline = stop + Duration::from_secs_f64(args.drain);
     run.clock.send_replace(Some(Clock { start, stop, deadline }));
+    // Scripts measuring the server over the publishing window wait for this line.
+    eprintln!("lmq-bench: publishing starts ({} subscribers ready)", report.subscribers.unwrap_or(0));
 
     // Sample the server when publishing stops (not during the drain): at `--duration`, or
     // once every publisher has finished (`--count`).
@@ -1055,7 +1103,7 @@ async fn idle_scenario(args: &Args, addr: SocketAddr, report: &mut Report) -> Re
     let before = args.server_pid.map(ProcSample::read).transpose()?;
     let ids = (0..args.clients).map(|i| format!("lb-{tag}-i{i}")).collect();
     let t0 = Instant::now();
-    let results = open_many(addr, args.protocol(), ids, args.keepalive, args.concurrency).await;
+    let results = open_many(addr, args.protocol(), ids, args.keepalive, args.concurrency(), true).await;
     let open_secs = t0.elapsed().as_secs_f64();
     let mut conns = Vec::new();
     for r in results {
@@ -1133,7 +1181,7 @@ async fn storm_scenario(args: &Args, addr: SocketAddr, report: &mut Report) -> R
     let client_before = self_cpu_secs();
     let ids = (0..args.clients).map(|i| format!("lb-{tag}-c{i}")).collect();
     let t0 = Instant::now();
-    let results = open_many(addr, args.protocol(), ids, args.keepalive, args.concurrency).await;
+    let results = open_many(addr, args.protocol(), ids, args.keepalive, args.concurrency(), true).await;
     let elapsed = t0.elapsed().as_secs_f64();
     let after = args.server_pid.map(ProcSample::read).transpose()?;
     let mut hist = new_histogram();
@@ -1153,7 +1201,7 @@ async fn storm_scenario(args: &Args, addr: SocketAddr, report: &mut Report) -> R
         report.server = Some(ServerStats::between(&b, &a, elapsed));
     }
     // Close in bounded parallel batches.
-    let sem = Arc::new(Semaphore::new(args.concurrency));
+    let sem = Arc::new(Semaphore::new(args.concurrency()));
     let closers: Vec<_> = conns
         .into_iter()
         .map(|c| {
@@ -1170,7 +1218,7 @@ async fn storm_scenario(args: &Args, addr: SocketAddr, report: &mut Report) -> R
     report.storm = Some(StormStats {
         requested: args.clients,
         connected,
-        concurrency: args.concurrency,
+        concurrency: args.concurrency(),
         elapsed_s: elapsed,
         connects_per_s: connected as f64 / elapsed,
         connack_latency_us: Latency::from_hist(&hist),
@@ -1403,6 +1451,13 @@ struct Report {
     #[serde(skip_serializing_if = "Option::is_none")]
     storm: Option<StormStats>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    state_fill: Option<state::FillStats>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reconnect: Option<state::ReconnectStats>,
+    /// state-offsets: the sum of the end offsets of each state topic's partitions.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    state_offsets: Option<std::collections::BTreeMap<String, i64>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     server: Option<ServerStats>,
     #[serde(skip_serializing_if = "Option::is_none")]
     client_cpu_s: Option<f64>,
@@ -1483,6 +1538,26 @@ impl Report {
                 println!("  CONNACK latency µs p50 {} p99 {} p99.9 {} max {}", l.p50, l.p99, l.p999, l.max);
             }
         }
+        if let Some(f) = &self.state_fill {
+            println!(
+                "  wrote {} sessions and {} retained messages in {:.1} s ({:.0} records/s)",
+                f.sessions, f.retained, f.elapsed_s, f.records_per_s
+            );
+        }
+        if let Some(r) = &self.reconnect {
+            println!(
+                "  reconnected {}/{}: session present {}, absent {}",
+                r.connected, r.requested, r.session_present, r.session_absent
+            );
+            if let Some(l) = &r.connack_latency_us {
+                println!("  CONNECT → CONNACK µs p50 {} p99 {} max {}", l.p50, l.p99, l.max);
+            }
+        }
+        if let Some(o) = &self.state_offsets {
+            for (topic, end) in o {
+                println!("  {topic}: {end} records");
+            }
+        }
         if let Some(s) = &self.server {
             println!(
                 "  server CPU {:.2} s ({:.0}%), RSS {} → {} kB (peak {} kB)",
@@ -1545,7 +1620,8 @@ async fn run(args: Args) -> Result<Report> {
             Scenario::FanIn | Scenario::FanOut => args.clients + 1,
             Scenario::P2p => 2 * args.clients,
             Scenario::Idle | Scenario::ConnectStorm => args.clients,
-            Scenario::KafkaRaw | Scenario::MockKafka => 0,
+            Scenario::Reconnect => args.concurrency(),
+            Scenario::KafkaRaw | Scenario::MockKafka | Scenario::StateFill | Scenario::StateOffsets => 0,
         } as u64;
         if needed + 64 > limit {
             bail!("{needed} connections need more file descriptors than the limit of {limit}; lower --clients or spread the load over several processes");
@@ -1568,6 +1644,9 @@ async fn run(args: Args) -> Result<Report> {
         messages: None,
         idle: None,
         storm: None,
+        state_fill: None,
+        reconnect: None,
+        state_offsets: None,
         server: None,
         client_cpu_s: None,
         error_count: 0,
@@ -1578,6 +1657,9 @@ async fn run(args: Args) -> Result<Report> {
         Scenario::Idle => idle_scenario(&args, addr, &mut report).await?,
         Scenario::ConnectStorm => storm_scenario(&args, addr, &mut report).await?,
         Scenario::KafkaRaw => kafka::raw_producer_scenario(&args, &mut report).await?,
+        Scenario::StateFill => state::fill(&args, &mut report).await?,
+        Scenario::Reconnect => state::reconnect(&args, addr, &mut report).await?,
+        Scenario::StateOffsets => state::offsets(&args, &mut report).await?,
         Scenario::MockKafka => unreachable!("mock-kafka runs before the runtime starts"),
     }
     if args.json {

@@ -106,7 +106,7 @@ impl KafkaCore {
             producer,
             admin,
             partitions: parking_lot::RwLock::new(HashMap::new()),
-            state: state::StateView::new(&config.state_topics, disk),
+            state: state::StateView::new(&config.state_topics, disk)?,
             _state_dir: temporary,
             readers: fetch::Readers::new(consumer_config.clone().set("fetch.wait.max.ms", "10").to_owned()),
             available: Arc::new(AtomicBool::new(false)),

@@ -48,37 +48,54 @@ struct DiskChange {
     value: Option<Bytes>,
 }
 
-/// A disk store's file and the thread that writes it. The writes run on one thread of their
-/// own rather than on the blocking pool: redb's page buffers are then allocated and freed on
-/// the same thread (spread over the pool's threads, the allocator kept freed pages per thread
-/// and a cold fill of 1 M sessions grew the process to 1.3 GiB).
+/// A disk store's file and the thread that writes it and pages through it. Writes and scans
+/// run on one thread of their own rather than on the blocking pool: redb's page buffers are
+/// then allocated and freed on the same thread (spread over the pool's threads, the allocator
+/// kept freed pages per thread and a cold fill of 1 M sessions grew the process to 1.3 GiB).
+/// Point reads (a session's CONNECT) stay on the pool, so they never queue behind a write.
 struct DiskStore {
     file: Arc<DiskState>,
-    jobs: std::sync::mpsc::Sender<WriteJob>,
+    jobs: std::sync::mpsc::Sender<DiskJob>,
     writer: std::thread::JoinHandle<()>,
 }
 
-enum WriteJob {
+type Page = Vec<(String, Bytes)>;
+
+enum DiskJob {
     Write(Arc<Vec<DiskChange>>, tokio::sync::oneshot::Sender<Result<()>>),
+    Scan(Option<String>, usize, tokio::sync::oneshot::Sender<Result<Page>>),
     Stop,
 }
 
 impl DiskStore {
     fn start(store: StateStore, file: DiskState) -> std::io::Result<DiskStore> {
         let file = Arc::new(file);
-        let (jobs, rx) = std::sync::mpsc::channel::<WriteJob>();
+        let (jobs, rx) = std::sync::mpsc::channel::<DiskJob>();
         let disk = file.clone();
         let writer =
             std::thread::Builder::new().name(format!("lmq-state-{store:?}").to_lowercase()).spawn(move || {
-                while let Ok(WriteJob::Write(batch, done)) = rx.recv() {
-                    let changes: Vec<Change<'_>> = batch
-                        .iter()
-                        .filter_map(|c| {
-                            let key = c.key.as_deref()?;
-                            Some(Change { partition: c.partition, offset: c.offset, key, value: c.value.as_deref() })
-                        })
-                        .collect();
-                    let _ = done.send(disk.apply(&changes));
+                while let Ok(job) = rx.recv() {
+                    match job {
+                        DiskJob::Write(batch, done) => {
+                            let changes: Vec<Change<'_>> = batch
+                                .iter()
+                                .filter_map(|c| {
+                                    let key = c.key.as_deref()?;
+                                    Some(Change {
+                                        partition: c.partition,
+                                        offset: c.offset,
+                                        key,
+                                        value: c.value.as_deref(),
+                                    })
+                                })
+                                .collect();
+                            let _ = done.send(disk.apply(&changes));
+                        }
+                        DiskJob::Scan(after, limit, done) => {
+                            let _ = done.send(disk.scan(after.as_deref(), limit));
+                        }
+                        DiskJob::Stop => return,
+                    }
                 }
             })?;
         Ok(DiskStore { file, jobs, writer })
@@ -86,7 +103,7 @@ impl DiskStore {
 
     /// Stop the writer (after the write in progress) and make the file durable.
     fn close(self) {
-        let _ = self.jobs.send(WriteJob::Stop);
+        let _ = self.jobs.send(DiskJob::Stop);
         let _ = self.writer.join();
         if let Err(e) = self.file.flush() {
             tracing::warn!(error = %e, "state cache: final flush failed (the next start reads more)");
@@ -141,7 +158,7 @@ impl StateView {
         self.disk.read().as_ref().and_then(|d| d.get(i)).map(|d| d.file.clone())
     }
 
-    fn disk_writer(&self, store: StateStore) -> Option<std::sync::mpsc::Sender<WriteJob>> {
+    fn disk_jobs(&self, store: StateStore) -> Option<std::sync::mpsc::Sender<DiskJob>> {
         let i = DISK_STORES.iter().position(|s| *s == store)?;
         self.disk.read().as_ref().and_then(|d| d.get(i)).map(|d| d.jobs.clone())
     }
@@ -248,11 +265,11 @@ impl StateView {
     /// Write a disk store's messages to its file (retried until the disk takes them: the
     /// consumer has moved past them), then count them as consumed.
     async fn store_on_disk(&self, store: StateStore, changes: &[DiskChange]) {
-        let Some(writer) = self.disk_writer(store) else { return };
+        let Some(writer) = self.disk_jobs(store) else { return };
         let owned: Arc<Vec<DiskChange>> = Arc::new(changes.to_vec());
         loop {
             let (done, written) = tokio::sync::oneshot::channel();
-            if writer.send(WriteJob::Write(owned.clone(), done)).is_err() {
+            if writer.send(DiskJob::Write(owned.clone(), done)).is_err() {
                 return; // closed
             }
             let Ok(written) = written.await else { return };
@@ -346,11 +363,11 @@ impl StateView {
         after: Option<String>,
         limit: usize,
     ) -> Result<Vec<(String, Bytes)>> {
-        if let Some(disk) = self.disk(store) {
-            let disk = disk.clone();
-            return tokio::task::spawn_blocking(move || disk.scan(after.as_deref(), limit))
-                .await
-                .unwrap_or_else(|e| Err(BackendError::Storage(e.to_string())));
+        if DISK_STORES.contains(&store) {
+            let jobs = self.disk_jobs(store).ok_or(BackendError::Closed)?;
+            let (done, page) = tokio::sync::oneshot::channel();
+            jobs.send(DiskJob::Scan(after, limit, done)).map_err(|_| BackendError::Closed)?;
+            return page.await.unwrap_or(Err(BackendError::Closed));
         }
         let inner = self.inner.lock();
         Ok(match inner.values.get(&store) {

@@ -704,6 +704,12 @@ pub struct RocketmqConfig {
     /// Blocking threads the client's runtime may use.
     #[serde(default = "default_rmq_blocking_threads")]
     pub client_blocking_threads: usize,
+    /// Directory of this gateway's local copy of the state topic (a disposable cache: deleting
+    /// it loses nothing; with it, a restart reads only what was written since). One directory
+    /// per gateway process. Unset: a new temporary directory, removed at exit, so every start
+    /// reads the state topic from its oldest record.
+    #[serde(default)]
+    pub state_cache_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for RocketmqConfig {
@@ -872,7 +878,7 @@ pub struct KafkaConfig {
     /// Consumer `fetch.wait.max.ms`: longest a fetch waits for new records.
     #[serde(default = "default_kafka_fetch_wait")]
     pub fetch_wait_max_ms: u64,
-    /// Directory of this gateway's local copy of the sessions and retained stores (a
+    /// Directory of this gateway's local copy of the sessions, retained and credentials stores (a
     /// disposable cache: deleting it loses nothing; with it, a restart reads only what changed
     /// since). One directory per gateway process. Unset: a new temporary directory, removed at
     /// exit, so every start reads those topics from the beginning.

@@ -96,3 +96,61 @@ async fn state_topic_with_several_queues() {
     }
     core.shutdown().await;
 }
+
+/// A gateway keeps its copy of the state topic in `state_cache_dir`: restarted, it answers
+/// local reads from the copy at once, and reads of changes other gateways made while it was
+/// away wait until it has read them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_copy_resumes_after_a_restart() {
+    use bytes::Bytes;
+    use lmq_gateway::backend::StateStore::{Credentials, Retained, Sessions};
+    let Some(namesrv) = rocketmq_broker::namesrv() else { return };
+    let state_topic = format!("state_copy_{}", rocketmq_broker::run_id());
+    let cache = tempfile::tempdir().expect("temporary directory");
+    let with_copy = RocketmqConfig {
+        namesrv_addr: namesrv,
+        state_topic,
+        state_cache_dir: Some(cache.path().to_owned()),
+        ..Default::default()
+    };
+    let without_copy = RocketmqConfig { state_cache_dir: None, ..with_copy.clone() };
+    async fn put(core: Arc<RocketmqCore>, store: lmq_gateway::backend::StateStore, key: String, value: Option<&str>) {
+        let put = core.put_state(store, &key, value.map(|v| Bytes::from(v.to_owned())));
+        tokio::time::timeout(conformance::STEP_TIMEOUT, put).await.expect("put in time").expect("put");
+    }
+
+    let core = RocketmqCore::open(&with_copy, EVENTS).await.expect("open rocketmq core");
+    for i in 0..50 {
+        put(core.clone(), Sessions, format!("s{i:02}"), Some(&format!("v{i}"))).await;
+    }
+    put(core.clone(), Retained, "t/a".into(), Some("r")).await;
+    put(core.clone(), Credentials, "ak".into(), Some("c")).await;
+    core.shutdown().await;
+    drop(core);
+
+    // While it is away, another gateway changes the state.
+    let other = RocketmqCore::open(&without_copy, EVENTS).await.expect("open rocketmq core");
+    put(other.clone(), Sessions, "s00".into(), Some("changed")).await;
+    put(other.clone(), Sessions, "s01".into(), None).await;
+    put(other.clone(), Sessions, "s50".into(), Some("new")).await;
+    other.shutdown().await;
+    drop(other);
+
+    let core = RocketmqCore::open(&with_copy, EVENTS).await.expect("reopen rocketmq core");
+    let peeked = core.peek_state(Sessions, "s10").await.expect("peek");
+    assert_eq!(peeked, Some(Bytes::from("v10")), "a local read answers from the copy right after the start");
+    let get = |key: &str| core.get_state(Sessions, key);
+    assert_eq!(get("s00").await.expect("get"), Some(Bytes::from("changed")));
+    assert_eq!(get("s01").await.expect("get"), None);
+    assert_eq!(get("s50").await.expect("get"), Some(Bytes::from("new")));
+    let sessions = core.scan_state(Sessions, None, 1000).await.expect("scan");
+    let keys: Vec<&str> = sessions.iter().map(|(k, _)| k.as_str()).collect();
+    let mut expected: Vec<String> = (2..51).map(|i| format!("s{i:02}")).collect();
+    expected.insert(0, "s00".into());
+    assert_eq!(keys, expected, "sessions in key order, and nothing of the other stores");
+    let retained = core.scan_state(Retained, None, 1000).await.expect("scan");
+    assert_eq!(retained, vec![("t/a".to_owned(), Bytes::from("r"))]);
+    let credential = core.get_state(Credentials, "ak").await.expect("get");
+    assert_eq!(credential, Some(Bytes::from("c")));
+    core.shutdown().await;
+}

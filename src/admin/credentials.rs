@@ -54,7 +54,11 @@ pub(super) async fn revoke(
     State(s): State<Shared>,
     Path(access_key_id): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    if !s.ctx.auth.has_credential(&access_key_id) {
+    let known = tokio::time::timeout(timeout(&s), s.ctx.auth.has_credential(&access_key_id))
+        .await
+        .map_err(|_| ApiError::core("no answer from the core service in time"))?
+        .map_err(auth_error)?;
+    if !known {
         return Err(ApiError::not_found("credential_not_found", format!("no device credential `{access_key_id}`")));
     }
     tokio::time::timeout(timeout(&s), s.ctx.auth.revoke_credential(&access_key_id))

@@ -88,6 +88,9 @@ impl fmt::Debug for NewCredential {
     }
 }
 
+/// Longest DeviceAccessKeyId looked up (those [`generate`] makes have 27 characters).
+pub const MAX_ACCESS_KEY_ID: usize = 64;
+
 /// A fresh random DeviceAccessKeyId and secret.
 pub fn generate() -> (String, Secret) {
     use base64::Engine as _;

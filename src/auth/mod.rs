@@ -6,8 +6,13 @@
 //! no user name = anonymous (only with `auth.allow_anonymous`). Access keys come from
 //! `gateway.yaml` ([`config`]); device credentials and revoked token ids live in the core
 //! service (`StateStore::Credentials`, `StateStore::RevokedTokens`) so that every gateway
-//! sees every registration and revocation: the [`Authenticator`] keeps an in-memory view
-//! fed by `CoreService::watch_state`, so `authenticate` does no I/O.
+//! sees every registration and revocation. Device credentials grow with the fleet, so none
+//! is held in memory: a `DeviceCredential` CONNECT reads its own from the core service's
+//! local view (`CoreService::peek_state`; an unknown one once more with `get_state`, which
+//! sees a credential registered on another gateway just before), and removals arrive through
+//! `CoreService::follow_state`. Revoked token ids are few and each lives only until its
+//! token expires: the [`Authenticator`] keeps them in memory, fed by
+//! `CoreService::watch_state`.
 //!
 //! This module decides and explains; it does not write packets, log per client or count.
 //! The connection code turns its answers into MQTT packets and metrics.
@@ -453,7 +458,6 @@ impl RevokedEntry {
 struct Inner {
     keys: KeyRing,
     core: SharedCoreService,
-    credentials: RwLock<HashMap<String, DeviceCredential>>,
     revoked: RwLock<HashMap<String, i64>>,
     revocations: broadcast::Sender<Revocation>,
     /// False once the core service stopped feeding the view.
@@ -471,7 +475,6 @@ impl fmt::Debug for Authenticator {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Authenticator")
             .field("access_keys", &self.inner.keys.config.access_keys.len())
-            .field("credentials", &self.inner.credentials.read().len())
             .field("revoked_tokens", &self.inner.revoked.read().len())
             .finish()
     }
@@ -490,20 +493,16 @@ impl Authenticator {
         let keys = KeyRing::from_config(config)?;
         let (cred_tx, cred_rx) = mpsc::channel(WATCH_CAPACITY);
         let (rev_tx, rev_rx) = mpsc::channel(WATCH_CAPACITY);
-        let creds = core.watch_state(StateStore::Credentials, cred_tx).await?;
+        core.follow_state(StateStore::Credentials, cred_tx).await?;
         let revoked = core.watch_state(StateStore::RevokedTokens, rev_tx).await?;
         let (revocations, _) = broadcast::channel(REVOCATION_CAPACITY);
         let inner = Arc::new(Inner {
             keys,
             core,
-            credentials: RwLock::new(HashMap::new()),
             revoked: RwLock::new(HashMap::new()),
             revocations,
             watching: AtomicBool::new(true),
         });
-        for (key, value) in creds {
-            inner.apply(StateUpdate { store: StateStore::Credentials, key, value: Some(value) }, false);
-        }
         for (key, value) in revoked {
             inner.apply(StateUpdate { store: StateStore::RevokedTokens, key, value: Some(value) }, false);
         }
@@ -516,16 +515,59 @@ impl Authenticator {
         &self.inner.keys
     }
 
-    /// Check a CONNECT. No I/O: answers from configuration and the in-memory views.
+    /// Check a CONNECT. Answers from configuration and the in-memory views; a
+    /// `DeviceCredential` CONNECT reads its credential first ([`Authenticator::credential`]).
     pub async fn authenticate(&self, req: &AuthRequest<'_>) -> Result<Identity, AuthFailure> {
         let dollar_wildcards = self.inner.keys.config.naming == crate::config::Naming::Mqtt;
-        self.authenticate_at(req, now_ms()).map(|mut id| {
+        let credential = match req.username.and_then(|u| u.strip_prefix("DeviceCredential|")) {
+            Some(rest) => {
+                let ak = rest.split('|').next().unwrap_or_default();
+                let unavailable =
+                    AuthFailure::new(AuthMode::DeviceCredential, "server_unavailable", ReasonCode::SERVER_UNAVAILABLE);
+                // Fail closed: without the removals stream a revoked credential could still log in.
+                if !self.inner.watching.load(Ordering::Acquire) {
+                    return Err(unavailable);
+                }
+                self.credential(ak).await.map_err(|_| unavailable)?
+            }
+            None => None,
+        };
+        self.authenticate_at(req, now_ms(), credential.as_ref()).map(|mut id| {
             id.dollar_wildcards = dollar_wildcards;
             id
         })
     }
 
-    fn authenticate_at(&self, req: &AuthRequest<'_>, now_ms: i64) -> Result<Identity, AuthFailure> {
+    /// Device credential `access_key_id`: read from this gateway's view of the core service,
+    /// and when it is not there, once more after the view has caught up with every gateway's
+    /// writes (a credential registered elsewhere just before). An entry that cannot be read
+    /// authenticates nobody.
+    async fn credential(&self, access_key_id: &str) -> Result<Option<DeviceCredential>, BackendError> {
+        if access_key_id.is_empty() || access_key_id.len() > credential::MAX_ACCESS_KEY_ID {
+            return Ok(None);
+        }
+        let core = &self.inner.core;
+        let value = match core.peek_state(StateStore::Credentials, access_key_id).await? {
+            Some(v) => Some(v),
+            None => core.get_state(StateStore::Credentials, access_key_id).await?,
+        };
+        Ok(value.and_then(|v| {
+            let cred = StoredCredential::decode(&v);
+            if cred.is_none() {
+                tracing::warn!(access_key_id, "unreadable device credential ignored");
+            }
+            cred
+        }))
+    }
+
+    /// `credential`: the stored device credential of the user name's access key, read by
+    /// [`Authenticator::authenticate`] (`None`: none, or not a `DeviceCredential` CONNECT).
+    fn authenticate_at(
+        &self,
+        req: &AuthRequest<'_>,
+        now_ms: i64,
+        credential: Option<&DeviceCredential>,
+    ) -> Result<Identity, AuthFailure> {
         let cfg = &self.inner.keys.config;
         let bad = ReasonCode::BAD_USER_NAME_OR_PASSWORD;
         let parts = req.username.map(|u| {
@@ -599,11 +641,7 @@ impl Authenticator {
                 Ok(Identity::with_tokens(&key.id, key.acl.clone(), grants))
             }
             AuthMode::DeviceCredential => {
-                if !self.inner.watching.load(Ordering::Acquire) {
-                    return Err(AuthFailure::new(mode, "server_unavailable", ReasonCode::SERVER_UNAVAILABLE));
-                }
-                let creds = self.inner.credentials.read();
-                let cred = creds.get(ak).ok_or(AuthFailure::new(mode, "unknown_access_key", bad))?;
+                let cred = credential.ok_or(AuthFailure::new(mode, "unknown_access_key", bad))?;
                 if cred.client_id != req.client_id {
                     return Err(AuthFailure::new(mode, "client_id_mismatch", ReasonCode::NOT_AUTHORIZED));
                 }
@@ -655,10 +693,12 @@ impl Authenticator {
     }
 
     /// Check `identity` against the current views (after a lagged revocation receiver).
-    pub fn recheck(&self, identity: &Identity) -> Option<Denied> {
+    pub async fn recheck(&self, identity: &Identity) -> Option<Denied> {
         if identity.mode == AuthMode::DeviceCredential {
-            let gone = identity.access_key_id.as_ref().is_none_or(|id| !self.inner.credentials.read().contains_key(id));
-            if gone {
+            let id = identity.access_key_id.as_deref().unwrap_or_default();
+            let value = self.inner.core.peek_state(StateStore::Credentials, id).await;
+            // A view that cannot be read keeps the connection: the revocation stream goes on.
+            if matches!(value, Ok(None)) {
                 return Some(Denied { reason: "revoked_credential", ..Denied::plain() });
             }
         }
@@ -685,19 +725,13 @@ impl Authenticator {
             created_ms: now_ms(),
         };
         let value = Bytes::from(stored.encode());
-        self.inner.core.put_state(StateStore::Credentials, &access_key_id, Some(value.clone())).await?;
-        // Visible here at once; the watch delivers the same entry again.
-        self.inner.apply(
-            StateUpdate { store: StateStore::Credentials, key: access_key_id.clone(), value: Some(value) },
-            false,
-        );
+        self.inner.core.put_state(StateStore::Credentials, &access_key_id, Some(value)).await?;
         Ok(NewCredential { access_key_id, secret, client_id: client_id.to_owned() })
     }
 
     /// Remove a device credential; connections using it are told through `revocations()`.
     pub async fn revoke_credential(&self, access_key_id: &str) -> Result<(), AuthError> {
         self.inner.core.put_state(StateStore::Credentials, access_key_id, None).await?;
-        self.inner.credentials.write().remove(access_key_id);
         Ok(())
     }
 
@@ -713,9 +747,9 @@ impl Authenticator {
         Ok(())
     }
 
-    /// Is credential `access_key_id` known here (tests, admin API)?
-    pub fn has_credential(&self, access_key_id: &str) -> bool {
-        self.inner.credentials.read().contains_key(access_key_id)
+    /// Is credential `access_key_id` registered (read-your-writes across gateways)?
+    pub async fn has_credential(&self, access_key_id: &str) -> Result<bool, AuthError> {
+        Ok(self.credential(access_key_id).await?.is_some())
     }
 
     /// Is token `jti` revoked in this gateway's view?
@@ -730,22 +764,12 @@ impl Inner {
     fn apply(&self, update: StateUpdate, announce: bool) {
         let StateUpdate { store, key, value } = update;
         match store {
-            StateStore::Credentials => match value.as_deref().map(StoredCredential::decode) {
-                Some(Some(cred)) => {
-                    self.credentials.write().insert(key, cred);
+            // Credentials are read when used; only removals concern connected clients.
+            StateStore::Credentials => {
+                if value.is_none() && announce {
+                    let _ = self.revocations.send(Revocation::Credential { access_key_id: key });
                 }
-                Some(None) => {
-                    // Fail closed: an entry we cannot read authenticates nobody.
-                    tracing::warn!(access_key_id = %key, "unreadable device credential ignored");
-                    self.credentials.write().remove(&key);
-                }
-                None => {
-                    self.credentials.write().remove(&key);
-                    if announce {
-                        let _ = self.revocations.send(Revocation::Credential { access_key_id: key });
-                    }
-                }
-            },
+            }
             StateStore::RevokedTokens => match value {
                 Some(v) => {
                     let exp_ms = RevokedEntry::revoked_until(&v);

@@ -476,7 +476,7 @@ impl Conn {
                     if let Err(end) = self.on_token_event() { return end; }
                 }
                 r = async { match self.revocations.as_mut() { Some(rx) => rx.recv().await, None => std::future::pending().await } }, if self.revocations.is_some() => {
-                    if let Err(end) = self.on_revocation(r) { return end; }
+                    if let Err(end) = self.on_revocation(r).await { return end; }
                 }
                 _ = async { match backed_up_since { Some(t) => tokio::time::sleep_until(t + stall_timeout).await, None => std::future::pending().await } }, if backed_up_since.is_some() => {
                     self.ctx.limits.count(crate::limits::Refusal::SlowReader);

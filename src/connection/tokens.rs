@@ -94,11 +94,11 @@ impl Conn {
         Ok(())
     }
 
-    pub(super) fn on_revocation(&mut self, r: Result<Revocation, RecvError>) -> Result<(), End> {
+    pub(super) async fn on_revocation(&mut self, r: Result<Revocation, RecvError>) -> Result<(), End> {
         let denied = match r {
             Ok(rev) => self.identity.affected_by(&rev),
             // Missed some: check the whole identity against the current revocations.
-            Err(RecvError::Lagged(_)) => self.ctx.auth.recheck(&self.identity),
+            Err(RecvError::Lagged(_)) => self.ctx.auth.recheck(&self.identity).await,
             Err(RecvError::Closed) => {
                 self.revocations = None;
                 None

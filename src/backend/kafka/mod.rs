@@ -92,12 +92,12 @@ impl KafkaCore {
                 (tmp.path().to_owned(), Some(tmp))
             }
         };
+        let topics = &config.state_topics;
         let sources =
-            [("sessions", config.state_topics.sessions.clone()), ("retained", config.state_topics.retained.clone())]
+            [("sessions", &topics.sessions), ("retained", &topics.retained), ("credentials", &topics.credentials)]
                 .map(|(dir, topic)| (state_dir.join(dir), format!("kafka:{}/{topic}", config.bootstrap_servers)));
-        let disk = tokio::task::spawn_blocking(move || -> Result<[DiskState; 2]> {
-            let [(d0, s0), (d1, s1)] = sources;
-            Ok([DiskState::open(&d0, &s0)?, DiskState::open(&d1, &s1)?])
+        let disk = tokio::task::spawn_blocking(move || -> Result<Vec<DiskState>> {
+            sources.iter().map(|(dir, source)| DiskState::open(dir, source)).collect()
         })
         .await??;
         let core = Arc::new(KafkaCore {

@@ -2,9 +2,9 @@
 //!
 //! One consumer reads every partition of the five state topics and keeps the latest value per
 //! key (a tombstone deletes it) — the same view on every gateway. The stores that grow with the
-//! fleet, sessions and retained messages ([`DISK_STORES`]), are kept on disk ([`DiskState`]) and
-//! read from where their files left off; the others (credentials, revoked tokens, delay
-//! checkpoints) are read from the beginning into memory.
+//! fleet, sessions, retained messages and device credentials ([`DISK_STORES`]), are kept on
+//! disk ([`DiskState`]) and read from where their files left off; the others (revoked tokens,
+//! delay checkpoints) are read from the beginning into memory.
 //! Reads are read-your-writes across gateways: `get` and `watch` first ask the brokers for the
 //! current end of the store's partitions and wait until the view has consumed up to it, so a
 //! session saved by another gateway just before is seen.
@@ -19,96 +19,22 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 
-use crate::backend::diskstate::{Change, DiskState};
+use crate::backend::diskstate::{DiskState, DiskStore, OwnedChange};
 use crate::backend::{BackendError, Result, StateStore, StateUpdate};
 use crate::config::KafkaStateTopics;
 
 /// Messages taken from the consumer at once (one disk transaction per disk store among them).
 const MAX_BATCH: usize = 2048;
-/// Stores kept on disk rather than in memory.
-pub(super) const DISK_STORES: [StateStore; 2] = [StateStore::Sessions, StateStore::Retained];
+/// Stores kept on disk rather than in memory: those that grow with the fleet.
+pub(super) const DISK_STORES: [StateStore; 3] = [StateStore::Sessions, StateStore::Retained, StateStore::Credentials];
 
 pub(super) struct StateView {
     topics: [(StateStore, String); 5],
     inner: parking_lot::Mutex<Inner>,
-    /// The [`DISK_STORES`] (values and the offsets read), in that order; `None` once closed
-    /// ([`StateView::close`]).
-    disk: parking_lot::RwLock<Option<[DiskStore; 2]>>,
+    /// The [`DISK_STORES`] (values and the offsets read), in that order.
+    disk: Vec<DiskStore>,
     /// Bumped after every applied batch, so waiters re-check their positions.
     progress: watch::Sender<u64>,
-}
-
-/// A message of a disk store's topic, owned, on its way to the disk (`key` `None`: not
-/// UTF-8, only its offset counts).
-#[derive(Clone)]
-struct DiskChange {
-    partition: u32,
-    offset: u64,
-    key: Option<String>,
-    value: Option<Bytes>,
-}
-
-/// A disk store's file and the thread that writes it and pages through it. Writes and scans
-/// run on one thread of their own rather than on the blocking pool: redb's page buffers are
-/// then allocated and freed on the same thread (spread over the pool's threads, the allocator
-/// kept freed pages per thread and a cold fill of 1 M sessions grew the process to 1.3 GiB).
-/// Point reads (a session's CONNECT) stay on the pool, so they never queue behind a write.
-struct DiskStore {
-    file: Arc<DiskState>,
-    jobs: std::sync::mpsc::Sender<DiskJob>,
-    writer: std::thread::JoinHandle<()>,
-}
-
-type Page = Vec<(String, Bytes)>;
-
-enum DiskJob {
-    Write(Arc<Vec<DiskChange>>, tokio::sync::oneshot::Sender<Result<()>>),
-    Scan(Option<String>, usize, tokio::sync::oneshot::Sender<Result<Page>>),
-    Stop,
-}
-
-impl DiskStore {
-    fn start(store: StateStore, file: DiskState) -> std::io::Result<DiskStore> {
-        let file = Arc::new(file);
-        let (jobs, rx) = std::sync::mpsc::channel::<DiskJob>();
-        let disk = file.clone();
-        let writer =
-            std::thread::Builder::new().name(format!("lmq-state-{store:?}").to_lowercase()).spawn(move || {
-                while let Ok(job) = rx.recv() {
-                    match job {
-                        DiskJob::Write(batch, done) => {
-                            let changes: Vec<Change<'_>> = batch
-                                .iter()
-                                .filter_map(|c| {
-                                    let key = c.key.as_deref()?;
-                                    Some(Change {
-                                        partition: c.partition,
-                                        offset: c.offset,
-                                        key,
-                                        value: c.value.as_deref(),
-                                    })
-                                })
-                                .collect();
-                            let _ = done.send(disk.apply(&changes));
-                        }
-                        DiskJob::Scan(after, limit, done) => {
-                            let _ = done.send(disk.scan(after.as_deref(), limit));
-                        }
-                        DiskJob::Stop => return,
-                    }
-                }
-            })?;
-        Ok(DiskStore { file, jobs, writer })
-    }
-
-    /// Stop the writer (after the write in progress) and make the file durable.
-    fn close(self) {
-        let _ = self.jobs.send(DiskJob::Stop);
-        let _ = self.writer.join();
-        if let Err(e) = self.file.flush() {
-            tracing::warn!(error = %e, "state cache: final flush failed (the next start reads more)");
-        }
-    }
 }
 
 #[derive(Default)]
@@ -121,18 +47,20 @@ struct Inner {
 
 impl StateView {
     /// `disk`: the files of the [`DISK_STORES`], in that order.
-    pub(super) fn new(names: &KafkaStateTopics, disk: [DiskState; 2]) -> Result<Arc<StateView>> {
+    pub(super) fn new(names: &KafkaStateTopics, disk: Vec<DiskState>) -> Result<Arc<StateView>> {
         let mut read: HashMap<(StateStore, i32), i64> = HashMap::new();
         for (store, file) in DISK_STORES.iter().zip(&disk) {
             for (p, o) in file.offsets().unwrap_or_default() {
                 read.insert((*store, p as i32), i64::try_from(o).unwrap_or(i64::MAX));
             }
         }
-        let [sessions, retained] = disk;
-        let started = |store, file| DiskStore::start(store, file).map_err(|e| BackendError::Storage(e.to_string()));
-        let disk = [started(DISK_STORES[0], sessions)?, started(DISK_STORES[1], retained)?];
+        let disk = DISK_STORES
+            .iter()
+            .zip(disk)
+            .map(|(store, file)| DiskStore::start(&format!("{store:?}").to_lowercase(), file))
+            .collect::<Result<Vec<_>>>()?;
         Ok(Arc::new(StateView {
-            disk: parking_lot::RwLock::new(Some(disk)),
+            disk,
             topics: [
                 (StateStore::Sessions, names.sessions.clone()),
                 (StateStore::Retained, names.retained.clone()),
@@ -153,14 +81,8 @@ impl StateView {
         self.topics.iter().find(|(_, t)| t == topic).map(|(s, _)| *s)
     }
 
-    fn disk(&self, store: StateStore) -> Option<Arc<DiskState>> {
-        let i = DISK_STORES.iter().position(|s| *s == store)?;
-        self.disk.read().as_ref().and_then(|d| d.get(i)).map(|d| d.file.clone())
-    }
-
-    fn disk_jobs(&self, store: StateStore) -> Option<std::sync::mpsc::Sender<DiskJob>> {
-        let i = DISK_STORES.iter().position(|s| *s == store)?;
-        self.disk.read().as_ref().and_then(|d| d.get(i)).map(|d| d.jobs.clone())
+    fn disk(&self, store: StateStore) -> Option<&DiskStore> {
+        self.disk.get(DISK_STORES.iter().position(|s| *s == store)?)
     }
 
     /// Where a disk store's file left off, per partition (`ends`: the topic's end offsets now).
@@ -174,7 +96,7 @@ impl StateView {
         };
         if beyond {
             tracing::warn!(?store, "state cache is ahead of its topic (topic created again?): reading it again");
-            disk.clear()?;
+            disk.file()?.clear()?;
             self.inner.lock().consumed.retain(|(s, _), _| *s != store);
         }
         Ok(())
@@ -223,7 +145,7 @@ impl StateView {
                 }
             }
             let mut updates = Vec::new();
-            let mut to_disk: [Vec<DiskChange>; 2] = Default::default();
+            let mut to_disk: Vec<Vec<OwnedChange>> = vec![Vec::new(); DISK_STORES.len()];
             for m in &batch {
                 if let Some(store) = self.store_of(m.topic()) {
                     match DISK_STORES.iter().position(|s| *s == store) {
@@ -264,17 +186,13 @@ impl StateView {
 
     /// Write a disk store's messages to its file (retried until the disk takes them: the
     /// consumer has moved past them), then count them as consumed.
-    async fn store_on_disk(&self, store: StateStore, changes: &[DiskChange]) {
-        let Some(writer) = self.disk_jobs(store) else { return };
-        let owned: Arc<Vec<DiskChange>> = Arc::new(changes.to_vec());
+    async fn store_on_disk(&self, store: StateStore, changes: &[OwnedChange]) {
+        let Some(disk) = self.disk(store) else { return };
+        let owned: Arc<Vec<OwnedChange>> = Arc::new(changes.to_vec());
         loop {
-            let (done, written) = tokio::sync::oneshot::channel();
-            if writer.send(DiskJob::Write(owned.clone(), done)).is_err() {
-                return; // closed
-            }
-            let Ok(written) = written.await else { return };
-            match written {
+            match disk.write(owned.clone()).await {
                 Ok(()) => break,
+                Err(BackendError::Closed) => return,
                 Err(e) => {
                     tracing::warn!(?store, error = %e, "state cache: cannot write (retrying in 1 s)");
                     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -292,8 +210,7 @@ impl StateView {
     /// free for the next start once reads in flight end, even while other tasks of this
     /// process still hold the core service.
     pub(super) fn close(&self) {
-        let Some(disks) = self.disk.write().take() else { return };
-        for disk in disks {
+        for disk in &self.disk {
             disk.close();
         }
     }
@@ -348,10 +265,7 @@ impl StateView {
 
     pub(super) async fn get(&self, store: StateStore, key: &str) -> Result<Option<Bytes>> {
         if let Some(disk) = self.disk(store) {
-            let (disk, key) = (disk.clone(), key.to_owned());
-            return tokio::task::spawn_blocking(move || disk.get(&key))
-                .await
-                .unwrap_or_else(|e| Err(BackendError::Storage(e.to_string())));
+            return disk.get(key.to_owned()).await;
         }
         Ok(self.inner.lock().values.get(&store).and_then(|m| m.get(key)).cloned())
     }
@@ -363,11 +277,8 @@ impl StateView {
         after: Option<String>,
         limit: usize,
     ) -> Result<Vec<(String, Bytes)>> {
-        if DISK_STORES.contains(&store) {
-            let jobs = self.disk_jobs(store).ok_or(BackendError::Closed)?;
-            let (done, page) = tokio::sync::oneshot::channel();
-            jobs.send(DiskJob::Scan(after, limit, done)).map_err(|_| BackendError::Closed)?;
-            return page.await.unwrap_or(Err(BackendError::Closed));
+        if let Some(disk) = self.disk(store) {
+            return disk.scan("", after, limit).await;
         }
         let inner = self.inner.lock();
         Ok(match inner.values.get(&store) {
@@ -391,10 +302,7 @@ impl StateView {
     ) -> Result<Vec<(String, Bytes)>> {
         if let Some(disk) = self.disk(store) {
             self.inner.lock().watchers.entry(store).or_default().push(updates);
-            let disk = disk.clone();
-            return tokio::task::spawn_blocking(move || disk.scan(None, usize::MAX))
-                .await
-                .unwrap_or_else(|e| Err(BackendError::Storage(e.to_string())));
+            return disk.scan("", None, usize::MAX).await;
         }
         let mut inner = self.inner.lock();
         inner.watchers.entry(store).or_default().push(updates);
@@ -407,11 +315,12 @@ impl StateView {
 }
 
 /// The key, value and position of a disk store's message.
-fn disk_change(m: &BorrowedMessage<'_>) -> Option<DiskChange> {
-    Some(DiskChange {
+fn disk_change(m: &BorrowedMessage<'_>) -> Option<OwnedChange> {
+    Some(OwnedChange {
         partition: u32::try_from(m.partition()).ok()?,
         offset: u64::try_from(m.offset()).ok()?,
         key: m.key().and_then(|k| String::from_utf8(k.to_vec()).ok()),
         value: m.payload().map(Bytes::copy_from_slice),
+        if_prefix: None,
     })
 }

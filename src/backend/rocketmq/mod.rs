@@ -39,6 +39,7 @@ use super::{
     AppendAck, BackendError, CoreRecord, CoreService, Fetched, Record, Result, StateStore, StateUpdate, Tail,
     TopicPartition,
 };
+use crate::backend::diskstate::DiskState;
 use crate::config::RocketmqConfig;
 use crate::events::ClientEvent;
 
@@ -75,6 +76,9 @@ pub struct RocketmqCore {
     shared: Arc<Shared>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     shutdown_lock: tokio::sync::Mutex<()>,
+    /// The temporary directory of the state copy when `state_cache_dir` is unset (removed
+    /// with the core).
+    _state_dir: Option<tempfile::TempDir>,
 }
 
 impl RocketmqCore {
@@ -89,7 +93,21 @@ impl RocketmqCore {
             }
         }
         let healthy = Arc::new(AtomicBool::new(true));
-        let state = StateView::new(client.clone(), &config.state_topic, healthy.clone());
+        let (state_dir, temporary) = match &config.state_cache_dir {
+            Some(dir) => (dir.clone(), None),
+            None => {
+                let tmp = tempfile::Builder::new()
+                    .prefix("lmq-state-")
+                    .tempdir()
+                    .map_err(|e| BackendError::Storage(format!("state cache: {e}")))?;
+                (tmp.path().to_owned(), Some(tmp))
+            }
+        };
+        let source = format!("rocketmq:{}/{}", config.namesrv(), config.state_topic);
+        let file = tokio::task::spawn_blocking(move || DiskState::open(&state_dir, &source))
+            .await
+            .map_err(|e| BackendError::Storage(e.to_string()))??;
+        let state = StateView::new(client.clone(), &config.state_topic, healthy.clone(), file)?;
         let shared = Arc::new(Shared {
             client,
             config: config.clone(),
@@ -106,10 +124,12 @@ impl RocketmqCore {
             shared: shared.clone(),
             tasks: Mutex::new(Vec::new()),
             shutdown_lock: tokio::sync::Mutex::new(()),
+            _state_dir: temporary,
         });
         core.tasks.lock().push(tokio::spawn(state.clone().run(shared.closed.clone())));
         core.tasks.lock().push(tokio::spawn(refresh_loop(Arc::downgrade(&shared))));
-        state.catch_up(Duration::from_secs(60)).await?;
+        // Reads wait for the copy to catch up (each `get_state` to the queue's end then), so
+        // the gateway does not wait here for the whole state topic.
         tracing::info!(namesrv = %config.namesrv(), "rocketmq core service ready");
         Ok(core)
     }
@@ -121,11 +141,25 @@ async fn refresh_loop(shared: std::sync::Weak<Shared>) {
         let Some(s) = shared.upgrade() else { return };
         let closed = s.closed.clone();
         let age_ms = i64::try_from(s.config.state_refresh_hours.saturating_mul(3_600_000)).unwrap_or(i64::MAX);
-        for (store, key, value, offset) in s.state.stale(age_ms) {
-            let rec = state::change_record(store, &key, Some(value), Some(offset));
-            if let Err(e) = s.append(&s.config.state_topic, rec).await {
-                tracing::warn!(error = %e, "state refresh failed; next round retries");
-                break;
+        let mut after = None;
+        'pass: loop {
+            let (stale, next) = match s.state.stale(after.take(), age_ms).await {
+                Ok(page) => page,
+                Err(e) => {
+                    tracing::warn!(error = %e, "state refresh: cannot read the copy; next round retries");
+                    break;
+                }
+            };
+            for (store, key, value, offset) in stale {
+                let rec = state::change_record(store, &key, Some(value), Some(offset));
+                if let Err(e) = s.append(&s.config.state_topic, rec).await {
+                    tracing::warn!(error = %e, "state refresh failed; next round retries");
+                    break 'pass;
+                }
+            }
+            match next {
+                Some(n) => after = Some(n),
+                None => break,
             }
         }
         drop(s);
@@ -338,13 +372,17 @@ impl CoreService for RocketmqCore {
         Box::pin(async move {
             shared.check_open()?;
             shared.state.catch_up(STATE_WAIT).await?;
-            Ok(shared.state.get(store, &key))
+            shared.state.get(store, &key).await
         })
     }
 
     fn peek_state(&self, store: StateStore, key: &str) -> BoxFuture<'static, Result<Option<Bytes>>> {
-        let value = self.shared.check_open().map(|()| self.shared.state.get(store, key));
-        Box::pin(async move { value })
+        let shared = self.shared.clone();
+        let key = key.to_owned();
+        Box::pin(async move {
+            shared.check_open()?;
+            shared.state.get(store, &key).await
+        })
     }
 
     fn scan_state(
@@ -359,7 +397,7 @@ impl CoreService for RocketmqCore {
             if after.is_none() {
                 shared.state.catch_up(STATE_WAIT).await?;
             }
-            Ok(shared.state.scan(store, after.as_deref(), limit))
+            shared.state.scan(store, after, limit).await
         })
     }
 
@@ -372,8 +410,13 @@ impl CoreService for RocketmqCore {
         Box::pin(async move {
             shared.check_open()?;
             shared.state.catch_up(STATE_WAIT).await?;
-            Ok(shared.state.watch(store, updates))
+            shared.state.watch(store, updates).await
         })
+    }
+
+    fn follow_state(&self, store: StateStore, updates: mpsc::Sender<StateUpdate>) -> BoxFuture<'static, Result<()>> {
+        let followed = self.shared.check_open().map(|()| self.shared.state.follow(store, updates));
+        Box::pin(async move { followed })
     }
 
     fn emit_event(&self, event: ClientEvent) -> BoxFuture<'static, Result<()>> {
@@ -406,6 +449,7 @@ impl CoreService for RocketmqCore {
                 t.abort();
             }
             self.shared.client.shutdown().await;
+            self.shared.state.close();
             tracing::info!("rocketmq core service stopped");
         })
     }

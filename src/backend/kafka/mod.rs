@@ -16,6 +16,7 @@ mod fetch;
 mod group;
 mod state;
 mod tail;
+mod watermarks;
 
 pub use client::key_partition;
 
@@ -68,6 +69,7 @@ pub struct KafkaCore {
     /// with the core).
     _state_dir: Option<tempfile::TempDir>,
     readers: Arc<fetch::Readers>,
+    watermarks: Arc<watermarks::Watermarks>,
     available: Arc<AtomicBool>,
     closed: Arc<AtomicBool>,
     tasks: parking_lot::Mutex<Vec<tokio::task::JoinHandle<()>>>,
@@ -109,6 +111,7 @@ impl KafkaCore {
             state: state::StateView::new(&config.state_topics, disk)?,
             _state_dir: temporary,
             readers: fetch::Readers::new(consumer_config.clone().set("fetch.wait.max.ms", "10").to_owned()),
+            watermarks: Arc::default(),
             available: Arc::new(AtomicBool::new(false)),
             closed: Arc::new(AtomicBool::new(false)),
             tasks: parking_lot::Mutex::new(Vec::new()),
@@ -278,21 +281,24 @@ impl KafkaCore {
 
     /// Current end offsets of every partition of a topic.
     fn end_offsets(&self, topic: &str) -> BoxFuture<'static, Result<Vec<(i32, i64)>>> {
-        let n = self.partitions.read().get(topic).copied();
-        let producer = self.producer.get();
-        let topic = topic.to_owned();
+        let Some(n) = self.partitions.read().get(topic).copied() else {
+            let unknown = BackendError::UnknownTopic(topic.to_owned());
+            return Box::pin(async move { Err(unknown) });
+        };
+        let ends: Vec<_> = (0..n as i32).map(|p| self.high_watermark(topic, p)).collect();
         Box::pin(async move {
-            let n = n.ok_or_else(|| BackendError::UnknownTopic(topic.clone()))?;
-            tokio::task::spawn_blocking(move || {
-                (0..n as i32)
-                    .map(|p| {
-                        let high = client::high_watermark(producer.client(), &topic, p, REQUEST_TIMEOUT)?;
-                        Ok((p, high))
-                    })
-                    .collect()
-            })
-            .await
-            .map_err(|e| BackendError::Unavailable(e.to_string()))?
+            let ends = futures::future::join_all(ends).await;
+            ends.into_iter().enumerate().map(|(p, end)| Ok((p as i32, end?))).collect()
+        })
+    }
+
+    /// The end offset of a partition, read after this call (one request for all who ask at
+    /// the same time, see [`watermarks`]).
+    fn high_watermark(&self, topic: &str, partition: i32) -> BoxFuture<'static, Result<i64>> {
+        let producer = self.producer.get();
+        let owned = topic.to_owned();
+        self.watermarks.end(topic, partition, move || {
+            client::high_watermark(producer.client(), &owned, partition, REQUEST_TIMEOUT)
         })
     }
 
@@ -490,18 +496,11 @@ impl CoreService for KafkaCore {
     }
 
     fn end_offset(&self, tp: &TopicPartition) -> BoxFuture<'static, Result<u64>> {
-        let producer = self.producer.get();
-        let tp = tp.clone();
         let open = self.check_open().and_then(|()| self.partitions(&tp.topic).map(|_| ()));
+        let high = self.high_watermark(&tp.topic, i32::try_from(tp.partition).unwrap_or(i32::MAX));
         Box::pin(async move {
             open?;
-            tokio::task::spawn_blocking(move || {
-                let p = i32::try_from(tp.partition).unwrap_or(i32::MAX);
-                let high = client::high_watermark(producer.client(), &tp.topic, p, REQUEST_TIMEOUT)?;
-                Ok(u64::try_from(high).unwrap_or(0))
-            })
-            .await
-            .map_err(|e| BackendError::Unavailable(e.to_string()))?
+            Ok(u64::try_from(high.await?).unwrap_or(0))
         })
     }
 

@@ -434,6 +434,9 @@ pub use crate::now_ms;
 /// How often expired entries are dropped from the revoked-token store.
 const PRUNE_INTERVAL: Duration = Duration::from_secs(60);
 const WATCH_CAPACITY: usize = 256;
+/// Longest a CONNECT waits for its device credential to be read; then it is refused as
+/// server unavailable and the client retries.
+const CREDENTIAL_READ_TIMEOUT: Duration = Duration::from_secs(10);
 const REVOCATION_CAPACITY: usize = 1024;
 
 /// Value stored per revoked token id.
@@ -528,7 +531,10 @@ impl Authenticator {
                 if !self.inner.watching.load(Ordering::Acquire) {
                     return Err(unavailable);
                 }
-                self.credential(ak).await.map_err(|_| unavailable)?
+                match tokio::time::timeout(CREDENTIAL_READ_TIMEOUT, self.credential(ak)).await {
+                    Ok(Ok(credential)) => credential,
+                    Ok(Err(_)) | Err(_) => return Err(unavailable),
+                }
             }
             None => None,
         };

@@ -47,6 +47,8 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 const STATE_CATCH_UP: Duration = Duration::from_secs(10);
 /// Interval of the availability probe.
 const PROBE_INTERVAL: Duration = Duration::from_secs(2);
+/// Records the state consumer fetches ahead of the copies, KiB.
+const STATE_PREFETCH_KBYTES: usize = 32_768;
 
 /// What the brokers say of one topic.
 struct TopicInfo {
@@ -86,7 +88,15 @@ impl KafkaCore {
         let admin: AdminClient<DefaultClientContext> = client::producer(config).create()?;
         let consumer_config = client::consumer(config);
         // Checks the consumer settings once, so later `tail()` calls cannot fail on them.
-        let state_consumer: StreamConsumer = consumer_config.create()?;
+        drop(consumer_config.create::<StreamConsumer>()?);
+        // The state consumer's prefetch is bounded well below librdkafka's default (64 MiB):
+        // while a cold copy is filled, the disk is slower than the fetches and the queue of
+        // fetched records ahead of it was most of the gateway's memory.
+        let state_consumer: StreamConsumer = consumer_config
+            .clone()
+            .set("queued.max.messages.kbytes", STATE_PREFETCH_KBYTES.to_string())
+            .set("fetch.max.bytes", (STATE_PREFETCH_KBYTES * 1024 / 2).to_string())
+            .create()?;
         let (state_dir, temporary) = match &config.state_cache_dir {
             Some(dir) => (dir.clone(), None),
             None => {

@@ -522,23 +522,26 @@ impl Authenticator {
     /// `DeviceCredential` CONNECT reads its credential first ([`Authenticator::credential`]).
     pub async fn authenticate(&self, req: &AuthRequest<'_>) -> Result<Identity, AuthFailure> {
         let dollar_wildcards = self.inner.keys.config.naming == crate::config::Naming::Mqtt;
-        let credential = match req.username.and_then(|u| u.strip_prefix("DeviceCredential|")) {
-            Some(rest) => {
-                let ak = rest.split('|').next().unwrap_or_default();
+        let now = now_ms();
+        // Everything that needs no I/O is checked first: a `DeviceCredential` CONNECT reads its
+        // credential only once its ClientId, instance and password have passed.
+        let decided = match self.authenticate_at(req, now, None) {
+            Err(f) if f.mode == AuthMode::DeviceCredential && f.reason == "unknown_access_key" => {
                 let unavailable =
                     AuthFailure::new(AuthMode::DeviceCredential, "server_unavailable", ReasonCode::SERVER_UNAVAILABLE);
                 // Fail closed: without the removals stream a revoked credential could still log in.
                 if !self.inner.watching.load(Ordering::Acquire) {
                     return Err(unavailable);
                 }
+                let ak = req.username.and_then(|u| u.split('|').nth(1)).unwrap_or_default();
                 match tokio::time::timeout(CREDENTIAL_READ_TIMEOUT, self.credential(ak)).await {
-                    Ok(Ok(credential)) => credential,
-                    Ok(Err(_)) | Err(_) => return Err(unavailable),
+                    Ok(Ok(credential)) => self.authenticate_at(req, now, credential.as_ref()),
+                    Ok(Err(_)) | Err(_) => Err(unavailable),
                 }
             }
-            None => None,
+            decided => decided,
         };
-        self.authenticate_at(req, now_ms(), credential.as_ref()).map(|mut id| {
+        decided.map(|mut id| {
             id.dollar_wildcards = dollar_wildcards;
             id
         })

@@ -288,3 +288,18 @@ async fn mqtt_names_accept_any_client_id_and_wildcard_grants_cover_dollar_topics
     assert!(id.check_publish("$SYS/x").is_err());
     assert!(id.check_subscribe("$SYS/#").is_err());
 }
+
+/// A `DeviceCredential` CONNECT that fails a check needing no I/O is refused for it before any
+/// credential is read: with the core service stopped, the answer is still the cheap one.
+#[tokio::test]
+async fn device_credential_checks_without_io_come_before_the_credential_read() {
+    let (_dir, core, auth) = setup(CONFIG).await;
+    core.shutdown().await;
+    let wrong_instance = req(CID, Some("DeviceCredential|DAK00|other-instance"), Some(b"pw"));
+    assert_eq!(fail(auth.authenticate(&wrong_instance).await).1, "instance_mismatch");
+    let no_password = req(CID, Some("DeviceCredential|DAK00|inst-1"), None);
+    assert_eq!(fail(auth.authenticate(&no_password).await).1, "missing_password");
+    // Past those checks the credential is read, and a stopped core service is said so.
+    let read = req(CID, Some("DeviceCredential|DAK00|inst-1"), Some(b"pw"));
+    assert_eq!(fail(auth.authenticate(&read).await).1, "server_unavailable");
+}

@@ -10,6 +10,8 @@ FROM rust:1-bookworm AS builder
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
+# A workspace member: cargo reads its manifest even when building the gateway alone.
+COPY bench ./bench
 COPY web ./web
 RUN cargo build --release --locked --bin lmq-gateway \
     && cp target/release/lmq-gateway /usr/local/bin/lmq-gateway \

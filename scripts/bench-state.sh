@@ -84,7 +84,7 @@ cleanup() {
 trap cleanup EXIT INT TERM
 
 if [[ "${SKIP_BUILD:-0}" != 1 ]]; then
-    (cd "$ROOT" && CARGO_PROFILE_RELEASE_DEBUG=0 cargo build --release --bin lmq-gateway --bin lmq-bench)
+    (cd "$ROOT" && CARGO_PROFILE_RELEASE_DEBUG=0 cargo build --release --workspace --bins)
 fi
 GW="$TARGET/release/lmq-gateway"
 BENCH="$TARGET/release/lmq-bench"

@@ -19,7 +19,7 @@ for tool in jq mosquitto; do
     command -v "$tool" > /dev/null || { echo "$tool is required" >&2; exit 69; }
 done
 if [[ "${SKIP_BUILD:-0}" != 1 ]]; then
-    (cd "$ROOT" && cargo build --release --bin lmq-gateway --bin lmq-bench)
+    (cd "$ROOT" && cargo build --release --workspace --bins)
 fi
 GW="$TARGET/release/lmq-gateway"
 BENCH="$TARGET/release/lmq-bench"

@@ -58,7 +58,7 @@ cleanup() {
 trap cleanup EXIT INT TERM
 
 if [[ "${SKIP_BUILD:-0}" != 1 ]]; then
-    (cd "$ROOT" && cargo build --release --bin lmq-gateway --bin lmq-bench)
+    (cd "$ROOT" && cargo build --release --workspace --bins)
 fi
 GW="$TARGET/release/lmq-gateway"
 BENCH="$TARGET/release/lmq-bench"

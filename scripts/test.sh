@@ -66,7 +66,7 @@ install_brokers() {
 
 stage "packages (apt)" install_packages
 stage "brokers (maven)" install_brokers
-stage "cargo fmt --check" cargo fmt --check
+stage "cargo fmt --check" cargo fmt --all --check
 # The compose file needs the demo key's secret (no default); the admin token is optional, so
 # it is checked with and without one.
 compose_config() {
@@ -74,13 +74,13 @@ compose_config() {
     env -u LMQ_ADMIN_TOKEN LMQ_ACCESS_KEY_DEMO_KEY_SECRET=ci docker-compose config -q
 }
 stage "docker-compose config" compose_config
-stage "cargo clippy" cargo clippy --all-targets --locked -- -D warnings
+stage "cargo clippy" cargo clippy --workspace --all-targets --locked -- -D warnings
 
 # The RocketMQ tests are required here, so never skipped.
 export LMQ_REQUIRE_ROCKETMQ=1
-stage "cargo build" cargo build --bins --tests --locked
+stage "cargo build" cargo build --workspace --bins --tests --locked
 status=0
-stage "cargo test" cargo test --locked --no-fail-fast || status=1
+stage "cargo test" cargo test --workspace --locked --no-fail-fast || status=1
 # Every fuzz target for a bounded time (60 s each, two at a time on two cores).
 stage "fuzz" scripts/fuzz.sh || status=1
 BIN="${CARGO_TARGET_DIR:-target}/debug/lmq-gateway"

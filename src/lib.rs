@@ -18,6 +18,7 @@
 //! - [`admin`]: admin HTTP API (axum): metrics, health, clients, tokens, credentials, messages.
 //!
 //! `fuzzing` (hidden) only exposes private decoders to the fuzz targets in `fuzz/`.
+#![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod auth;

@@ -1,4 +1,5 @@
 //! `lmq-gateway` command line: parse, load config, run.
+#![forbid(unsafe_code)]
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};

@@ -1,5 +1,6 @@
 //! Admin HTTP API against a real gateway: authentication, JSON errors, clients, tokens,
 //! device credentials, sending messages, and agreement with docs/admin-openapi.yaml.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
 mod common;
 

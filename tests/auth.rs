@@ -1,5 +1,6 @@
 //! LMQ identity on the wire (SPEC §4): signature and token modes with the CONNACK codes of
 //! MQTT 3.1.1 and 5.0, ACL refusals, and the token life cycle over `$SYS` topics.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! The `sign` and `token issue` commands: run the built binary with a temporary config and
 //! check that what it prints is accepted by the authenticator.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
 use std::process::Command;
 use std::sync::Arc;

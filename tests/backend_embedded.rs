@@ -1,5 +1,6 @@
 //! Runs the backend conformance suite against the embedded core service, plus
 //! embedded-specific checks (restart recovery, a throughput measurement).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
 #[macro_use]
 mod conformance;

@@ -1,5 +1,6 @@
 //! Runs the backend conformance suite against the Kafka core service on a real
 //! Apache Kafka broker (started by `tests/kafka_broker`).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
 #[macro_use]
 mod conformance;

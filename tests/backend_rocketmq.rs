@@ -1,5 +1,6 @@
 //! Runs the backend conformance suite against the RocketMQ core service on a real broker
 //! (see `tests/rocketmq_broker` for how the broker is found or started).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
 #[macro_use]
 mod conformance;

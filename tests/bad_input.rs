@@ -1,5 +1,6 @@
 //! Hostile and malformed input closes only the offending connection, with the right MQTT 5
 //! reason code, while other clients keep working.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
 mod common;
 

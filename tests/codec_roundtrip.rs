@@ -1,6 +1,7 @@
 //! Property tests of the MQTT codec: every valid packet of every kind survives
 //! encode → decode for MQTT 3.1.1 and 5.0, `encoded_len` is exact, and `decode` never
 //! panics on arbitrary or mutated input.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
 use bytes::{Bytes, BytesMut};
 use lmq_gateway::protocol::{

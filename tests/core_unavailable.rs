@@ -1,5 +1,6 @@
 //! The acknowledgement rule when the core service fails or stalls: nothing is acknowledged
 //! that was not stored, the client is told, and the gateway recovers when the service does.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
 mod common;
 

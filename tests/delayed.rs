@@ -1,5 +1,6 @@
 //! The delayed-message checks of `tests/delay` on the embedded core service (the crash check
 //! with gateway processes on one data directory).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
 mod common;
 #[macro_use]

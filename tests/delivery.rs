@@ -1,6 +1,7 @@
 //! Delivery guarantees seen from the wire: acknowledgement order, in-flight window,
 //! redelivery with original packet identifiers, QoS 2 exactly-once, slow subscribers,
 //! keepalive, and status events.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
 mod common;
 

@@ -1,6 +1,7 @@
 //! Static checks of the deployment files (no Docker engine needed): docker-compose.yml, the
 //! compose gateway configuration, Prometheus and Grafana provisioning, the dashboard and the
 //! Dockerfile agree with each other and with what the gateway really serves.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
 use serde_yaml_ng::Value;
 use std::collections::BTreeSet;
@@ -226,6 +227,16 @@ fn dockerfile_is_multi_stage_non_root_with_healthcheck() {
         assert!(exposed.contains(port), "EXPOSE {port}");
     }
     assert!(runtime.iter().any(|l| l.starts_with("COPY --from=builder")));
+    // Every member of the cargo workspace is in the build stage: cargo reads their manifests
+    // even to build the gateway alone.
+    let manifest = std::fs::read_to_string(root().join("Cargo.toml")).unwrap();
+    let members = manifest.lines().find_map(|l| l.strip_prefix("members = ")).expect("a [workspace] members list");
+    for member in members.trim_matches(['[', ']']).split(',').map(|m| m.trim().trim_matches('"')) {
+        if member != "." {
+            let copied = lines.iter().any(|l| l.starts_with(&format!("COPY {member} ")));
+            assert!(copied, "the build stage does not copy workspace member {member}");
+        }
+    }
     // Everything the build stage copies exists.
     for l in lines.iter().filter(|l| l.starts_with("COPY ") && !l.contains("--from")) {
         let parts: Vec<&str> = l.split_whitespace().collect();

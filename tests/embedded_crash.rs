@@ -4,6 +4,7 @@
 //! given to another record); a torn or corrupted segment tail is cut back on restart and the
 //! log goes on from there; QoS 2 is stored once across a SIGKILL (the check of
 //! `tests/hostile/crash.rs`, which `tests/kafka.rs` and `tests/rocketmq.rs` run on the brokers).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
 mod common;
 #[macro_use]

@@ -7,6 +7,7 @@
 //!
 //! The memory tests run the real binary as a child process and read its resident set size
 //! from `/proc/<pid>/status`, so the test's own buffers do not count.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
 mod common;
 #[macro_use]

@@ -1,6 +1,7 @@
 //! The reserved namespace (SPEC §8) on the embedded core service: the checks of
 //! `tests/hostile/namespace.rs` (`tests/kafka.rs` and `tests/rocketmq.rs` run them on the
 //! brokers), and the configuration's refusal of parents mapped onto reserved topics.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
 mod common;
 #[macro_use]

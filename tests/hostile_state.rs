@@ -2,6 +2,7 @@
 //! with an ordinary key would: core topics created through `*`, share groups, acknowledgements
 //! held above an unacknowledged message, delayed wills and persistent sessions per identity.
 //! Each bound answers the one client that reaches it (0x97) and leaves everyone else served.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
 mod common;
 

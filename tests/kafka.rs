@@ -2,6 +2,7 @@
 //! MQTT → Kafka records, Kafka → MQTT deliveries, two gateway processes sharing one cluster,
 //! no acknowledged message lost when a gateway is killed or the broker stops, status events;
 //! and the hostile-client checks of `tests/hostile` on Kafka (module `hostile_checks`).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
 mod common;
 #[macro_use]

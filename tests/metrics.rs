@@ -1,5 +1,6 @@
 //! Metrics on the admin port move when their events happen: real MQTT clients act, the test
 //! reads `/metrics` over HTTP like Prometheus does.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
 mod common;
 

@@ -1,6 +1,7 @@
 //! The standard MQTT naming profile, with the shipped `deploy/gateway-mqtt.yaml`: clients
 //! written for any MQTT broker use ClientIds and topics LMQ's names refuse — spaces, empty
 //! ClientIds, an empty first level, `$` topics — and get what MQTT promises.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
 mod common;
 

@@ -1,4 +1,5 @@
 //! MQTT 3.1.1 behaviour with a real client (rumqttc v4) against a real gateway.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
 mod common;
 

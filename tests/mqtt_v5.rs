@@ -1,4 +1,5 @@
 //! MQTT 5.0 behaviour with a real client (rumqttc v5) and the raw codec client.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
 mod common;
 

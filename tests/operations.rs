@@ -1,5 +1,6 @@
 //! The operations checks of `tests/ops` (message query, trace, session reset, offline pull)
 //! on the embedded core service.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
 mod common;
 #[macro_use]

@@ -1,4 +1,5 @@
 //! Per-publisher order (MQTT 4.6): in the core service's log and at the subscriber.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
 mod common;
 

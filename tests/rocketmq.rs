@@ -2,6 +2,7 @@
 //! what plain RocketMQ applications see of MQTT traffic and status events, what MQTT clients
 //! receive from plain RocketMQ producers, and two gateway processes sharing one cluster; and
 //! the hostile-client checks of `tests/hostile` on RocketMQ (module `hostile_checks`).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
 mod common;
 #[macro_use]

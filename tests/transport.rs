@@ -2,6 +2,7 @@
 //! WebSocket and WSS (tokio-tungstenite client with the gateway's codec), the console page,
 //! PROXY protocol v1/v2, the gateway-wide connection limit, and idle handshakes that must
 //! not hold up anyone else. Certificates are made at test time with rcgen.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
 mod common;
 

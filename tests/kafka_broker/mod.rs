@@ -41,6 +41,7 @@ fn spawn(dir: &Path, port: u16) -> Child {
         .stdout(log.try_clone().expect("log"))
         .stderr(log)
         .stdin(Stdio::null());
+    #[allow(unsafe_code)]
     unsafe {
         cmd.pre_exec(|| {
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
@@ -103,6 +104,7 @@ impl KafkaBroker {
     /// Stop the broker (SIGTERM: a controlled shutdown, then SIGKILL after 30 s); its data stays.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
+            #[allow(unsafe_code)]
             unsafe {
                 libc::kill(child.id() as i32, libc::SIGTERM);
             }

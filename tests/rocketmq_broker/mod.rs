@@ -77,7 +77,10 @@ fn start() -> Option<String> {
     let dir = PathBuf::from(field("ROCKETMQ_HOME="));
     let _ = BROKER_DIR.set(dir);
     // SAFETY: registering a plain `extern "C" fn` with the C library's exit handlers.
-    unsafe { libc::atexit(stop_broker) };
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::atexit(stop_broker)
+    };
     Some(field("LMQ_TEST_ROCKETMQ="))
 }
 

@@ -1268,6 +1268,7 @@ impl ProcSample {
     }
 }
 
+#[allow(unsafe_code)]
 fn clock_ticks() -> f64 {
     // SAFETY: sysconf has no preconditions.
     let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
@@ -1279,6 +1280,7 @@ fn clock_ticks() -> f64 {
 }
 
 /// CPU time (user + system) of this process so far, in seconds.
+#[allow(unsafe_code)]
 fn self_cpu_secs() -> f64 {
     // SAFETY: getrusage writes into the zeroed struct we pass.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
@@ -1290,6 +1292,7 @@ fn self_cpu_secs() -> f64 {
 }
 
 /// Raises the soft open-files limit to the hard limit; returns (soft, hard) in force.
+#[allow(unsafe_code)]
 fn raise_nofile_limit() -> Result<(u64, u64)> {
     // SAFETY: plain libc calls on a stack struct.
     let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };

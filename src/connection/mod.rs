@@ -338,6 +338,12 @@ impl Conn {
         // wake-ups, a busy one no timer churn.
         let keepalive = tokio::time::sleep(self.keep_alive.max(Duration::from_secs(1)));
         tokio::pin!(keepalive);
+        // The position and checkpoint timers likewise: re-armed only when their deadline
+        // moves, not created and dropped on every turn of a busy loop.
+        let positions_timer = tokio::time::sleep_until(self.positions_at);
+        tokio::pin!(positions_timer);
+        let persist_timer = tokio::time::sleep_until(last_persist + checkpoint_every);
+        tokio::pin!(persist_timer);
         let max_packet = self.ctx.limits.max_packet_size();
         let backend_timeout = Duration::from_secs(self.ctx.config.mqtt.backend_timeout_secs);
         // The kick receiver moves out of `self` so the loop can borrow `self` freely.
@@ -377,6 +383,20 @@ impl Conn {
                 self.out = BytesMut::new();
             }
             let persist_due = self.dirty && self.session_expiry > 0 && self.persist.is_none();
+            // A PUBREC waiting for the save, or a change to save soon, makes it due at once.
+            if persist_due {
+                let at = if self.pubrec_waiting.is_empty() && !self.save_soon {
+                    last_persist + checkpoint_every
+                } else {
+                    last_persist
+                };
+                if persist_timer.deadline() != at {
+                    persist_timer.as_mut().reset(at);
+                }
+            }
+            if self.positions_stale && positions_timer.deadline() != self.positions_at {
+                positions_timer.as_mut().reset(self.positions_at);
+            }
             let token_event = self.next_token_event();
             let pull_deadline = self.offline.deadline();
             let high_water = self.deliveries_high_water();
@@ -452,13 +472,12 @@ impl Conn {
                 }
                 _ = self.slot.lag_notify.notified(), if catchup.is_none() => {}
                 // Positions changed within a second of the last publication: publish them once more.
-                _ = tokio::time::sleep_until(self.positions_at), if self.positions_stale => {}
+                _ = &mut positions_timer, if self.positions_stale => {}
                 res = async { match self.persist.as_mut() { Some(f) => f.await, None => std::future::pending().await } }, if self.persist.is_some() => {
                     self.persist = None;
                     self.on_persisted(res);
                 }
-                // A PUBREC waiting for the save, or a change to save soon, makes it due at once.
-                _ = tokio::time::sleep_until(if self.pubrec_waiting.is_empty() && !self.save_soon { last_persist + checkpoint_every } else { last_persist }), if persist_due => {
+                _ = &mut persist_timer, if persist_due => {
                     self.dirty = false;
                     self.save_soon = false;
                     self.pubrec_saving.append(&mut self.pubrec_waiting);

@@ -96,8 +96,8 @@ impl Conn {
                 origin: p.origin,
                 stage: OutboundStage::Published,
             };
-            let mut publish = publish_packet(&o, pid, false, self.protocol);
-            let Ok(len) = protocol::encoded_len(&Packet::Publish(publish.clone()), self.protocol) else {
+            let mut packet = Packet::Publish(publish_packet(&o, pid, false, self.protocol));
+            let Ok(mut len) = protocol::encoded_len(&packet, self.protocol) else {
                 self.state.ack_origin(&o.origin);
                 continue;
             };
@@ -111,17 +111,19 @@ impl Conn {
             }
             // A new alias adds its 3 bytes; a known one replaces the topic by nothing.
             let room_for_new = self.client_max_packet.is_none_or(|max| len + 3 <= max);
-            if let Some((alias, known)) = self.out_aliases.alias(&o.message.topic, room_for_new) {
+            if let (Packet::Publish(publish), Some((alias, known))) =
+                (&mut packet, self.out_aliases.alias(&o.message.topic, room_for_new))
+            {
                 publish.properties.topic_alias = Some(alias);
                 if known {
                     publish.topic.clear();
                 }
+                let Ok(aliased) = protocol::encoded_len(&packet, self.protocol) else {
+                    self.state.ack_origin(&o.origin);
+                    continue;
+                };
+                len = aliased;
             }
-            let packet = Packet::Publish(publish);
-            let Ok(len) = protocol::encoded_len(&packet, self.protocol) else {
-                self.state.ack_origin(&o.origin);
-                continue;
-            };
             self.reserve_out(len);
             if protocol::encode(&packet, self.protocol, &mut self.out).is_err() {
                 self.state.ack_origin(&o.origin);

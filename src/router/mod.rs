@@ -246,6 +246,11 @@ impl RouterLimits {
 pub struct Router {
     limits: RouterLimits,
     state: Mutex<State>,
+    /// What a PUBLISH needs to know, readable without `state`, which the dispatcher holds
+    /// while it routes a batch: the core topics known here (`true`: tailed), and whether a
+    /// subscription's filter starts with a wildcard (then every topic is tailed).
+    known: parking_lot::RwLock<HashMap<Arc<str>, bool>>,
+    root_wildcard: AtomicBool,
     retained: retained::RetainedIndex,
     topics: TopicMap,
     backend: SharedCoreService,
@@ -270,6 +275,8 @@ impl Router {
         let router = Arc::new(Router {
             limits,
             state: Mutex::new(State::default()),
+            known: Default::default(),
+            root_wildcard: AtomicBool::new(false),
             retained: retained::RetainedIndex::new(),
             topics,
             backend: backend.clone(),
@@ -305,7 +312,12 @@ impl Router {
     /// without subscribing): a gateway does not read back what only flows through it.
     pub async fn ensure_for_publish(&self, topic: &CoreTopic, mqtt_topic: &str) -> Result<(), RouterError> {
         self.refuse_reserved(topic)?;
-        let read_here = self.topics.p2p_target(mqtt_topic).is_some() || self.state.lock().trie.has_root_wildcard();
+        let read_here = self.topics.p2p_target(mqtt_topic).is_some() || self.root_wildcard.load(Ordering::Acquire);
+        match self.known.read().get(&topic.name) {
+            Some(true) => return Ok(()),
+            Some(false) if !read_here => return Ok(()),
+            _ => {}
+        }
         if read_here {
             return self.ensure_core_topic(topic).await;
         }
@@ -321,6 +333,7 @@ impl Router {
         }
         self.backend.ensure_topic(&topic.name, topic.partitions).await?;
         self.state.lock().writable.insert(topic.name.clone(), topic.partitions);
+        self.known.write().entry(topic.name.clone()).or_insert(false);
         Ok(())
     }
 
@@ -386,6 +399,7 @@ impl Router {
                 }
             }
         }
+        self.root_wildcard.store(st.trie.has_root_wildcard(), Ordering::Release);
         st.sessions.remove(&slot.id);
         if st.by_client.get(&slot.client_id) == Some(&slot.id) {
             st.by_client.remove(&slot.client_id);
@@ -447,6 +461,7 @@ impl Router {
                 }
             }
         };
+        self.root_wildcard.store(st.trie.has_root_wildcard(), Ordering::Release);
         let mut out = Vec::new();
         for t in &cores {
             for p in 0..t.partitions {
@@ -508,6 +523,7 @@ impl Router {
         if let (true, Some(g)) = (removed, parsed.group) {
             st.count_share_member(g, -1);
         }
+        self.root_wildcard.store(st.trie.has_root_wildcard(), Ordering::Release);
         removed
     }
 
@@ -611,15 +627,23 @@ impl Router {
 
     /// Route one batch of records (called by the dispatcher only).
     fn route(&self, records: Vec<Arc<Record>>, rings: &mut ReplayRings) {
+        // Decoded before the lock is taken: publishers and subscribers wait for it.
+        let decoded: Vec<(Arc<Record>, Option<Arc<Message>>)> = records
+            .into_iter()
+            .map(|record| {
+                let message = self.topics.message_of(&record.tp.topic, &record.record).map(Arc::new);
+                if let Some(message) = &message {
+                    rings.push(&record, message);
+                }
+                (record, message)
+            })
+            .collect();
         let mut st = self.state.lock();
         let mut plain: Vec<PlainMatch> = Vec::new();
         let mut sent: HashSet<SessionId> = HashSet::new();
-        for record in records {
+        for (record, message) in decoded {
             let next = record.offset + 1;
-            let message = self.topics.message_of(&record.tp.topic, &record.record);
             if let Some(message) = message {
-                let message = Arc::new(message);
-                rings.push(&record, &message);
                 self.route_one(&mut st, &record, &message, &mut plain, &mut sent);
             }
             let pos = st.positions.entry(record.tp.clone()).or_insert(0);
@@ -767,6 +791,7 @@ async fn assign(r: &Router, tail: &mut dyn Tail, topic: &CoreTopic) -> Result<()
     let mut st = r.state.lock();
     st.writable.remove(&topic.name);
     st.assigned.insert(topic.name.clone(), partitions);
+    r.known.write().insert(topic.name.clone(), true);
     Ok(())
 }
 

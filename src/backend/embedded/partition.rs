@@ -520,43 +520,33 @@ impl Writer {
         let buf = Bytes::from(buf);
         let written = buf.clone();
         let sync = self.part.settings().fsync == FsyncPolicy::Always;
-        let joined = tokio::task::spawn_blocking(move || {
-            let res = (|| {
-                file.seek(SeekFrom::Start(size))?;
-                file.write_all(&written)
-            })();
-            (file, res)
-        })
-        .await;
-        let (file, res) = match joined {
-            Ok(out) => out,
-            Err(e) => return Err((batch, io::Error::other(format!("write task failed: {e}")))),
-        };
-        if let Err(e) = res {
-            return Err((batch, e));
-        }
         // `fsync: always`: nothing is visible before it is durable, so no reader (a persistent
         // session's position included) ever sees a record that a crash of the machine could
         // take back and whose offset could then be given to another record. A failed fsync
         // fails the whole batch: the file is dropped, and reopened and truncated to the last
         // durable size before the next write (after a failed fsync the kernel may have thrown
-        // the dirty pages away; a later fsync would not write them again).
-        let file = if sync {
-            match tokio::task::spawn_blocking(move || {
-                let res = file.sync_data();
-                (file, res)
-            })
-            .await
-            {
-                Ok((file, Ok(()))) => file,
-                Ok((_, Err(e))) => {
+        // the dirty pages away; a later fsync would not write them again). The write and the
+        // fsync are one trip to the blocking pool: each trip is two thread wake-ups on the
+        // path of every message.
+        let joined = tokio::task::spawn_blocking(move || {
+            let res = (|| {
+                file.seek(SeekFrom::Start(size))?;
+                file.write_all(&written)
+            })()
+            .map_err(|e| (false, e))
+            .and_then(|()| if sync { file.sync_data().map_err(|e| (true, e)) } else { Ok(()) });
+            (file, res)
+        })
+        .await;
+        let file = match joined {
+            Ok((file, Ok(()))) => file,
+            Ok((_, Err((in_fsync, e)))) => {
+                if in_fsync {
                     tracing::error!(partition = %self.part.tp, error = %e, "fsync failed; batch not acknowledged");
-                    return Err((batch, e));
                 }
-                Err(e) => return Err((batch, io::Error::other(format!("fsync task failed: {e}")))),
+                return Err((batch, e));
             }
-        } else {
-            file
+            Err(e) => return Err((batch, io::Error::other(format!("write task failed: {e}")))),
         };
 
         // Readers see the records now (with `interval` / `never`: written, not yet synced —

@@ -140,7 +140,7 @@ impl Limits {
         let i = r.index();
         self.refused[i].inc();
         self.unlogged[i].fetch_add(1, Ordering::Relaxed);
-        let now = crate::connection::now_ms();
+        let now = crate::now_ms();
         let last = self.last_logged_ms[i].load(Ordering::Relaxed);
         if now - last >= LOG_EVERY_MS
             && self.last_logged_ms[i].compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()

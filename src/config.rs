@@ -299,6 +299,9 @@ fn default_handshake_timeout() -> u64 {
 fn default_ws_path() -> String {
     "/mqtt".into()
 }
+/// Path of the console page (served by `transport::console` on the `ws` / `wss` listeners): a
+/// listener's `ws_path` must not be it or under it.
+pub const CONSOLE_PAGE_PATH: &str = "/console";
 fn default_tls_reload_interval() -> u64 {
     5
 }
@@ -1254,9 +1257,7 @@ impl Config {
             if !l.ws_path.starts_with('/') || l.ws_path.contains(char::is_whitespace) {
                 return invalid(format!("listeners[{name}].ws_path must be an absolute path like /mqtt"));
             }
-            if l.ws_path == crate::transport::console::PAGE_PATH
-                || l.ws_path.starts_with(&format!("{}/", crate::transport::console::PAGE_PATH))
-            {
+            if l.ws_path == CONSOLE_PAGE_PATH || l.ws_path.starts_with(&format!("{CONSOLE_PAGE_PATH}/")) {
                 return invalid(format!("listeners[{name}].ws_path must not be the console's path"));
             }
         }

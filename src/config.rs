@@ -5,10 +5,12 @@
 //! docs and the code cannot drift apart silently: `check-config` prints the effective values.
 //! This module must not start anything.
 
+pub mod reserved;
+
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 
-use crate::router::reserved::ReservedTopics;
+use self::reserved::ReservedTopics;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -1360,7 +1362,7 @@ impl Config {
     }
 
     pub fn reserved_topics(&self) -> ReservedTopics {
-        use crate::router::reserved::{KAFKA_SYSTEM_PREFIXES, ROCKETMQ_SYSTEM_PREFIXES, ROCKETMQ_SYSTEM_TOPICS};
+        use self::reserved::{KAFKA_SYSTEM_PREFIXES, ROCKETMQ_SYSTEM_PREFIXES, ROCKETMQ_SYSTEM_TOPICS};
         let mut names = vec![self.topics.events_topic.as_str(), self.trace.topic.as_str()];
         let mut prefixes = vec![self.topics.reserved_prefix.as_str()];
         match self.core.kind {

@@ -5,6 +5,7 @@
 //! docs and the code cannot drift apart silently: `check-config` prints the effective values.
 //! This module must not start anything.
 
+pub mod auth;
 pub mod reserved;
 
 use serde::{Deserialize, Serialize};
@@ -39,9 +40,9 @@ pub struct Config {
     pub core: CoreConfig,
     #[serde(default)]
     pub log: LogConfig,
-    /// Authentication and authorisation: access keys, tokens, anonymous access (see `auth::config`).
+    /// Authentication and authorisation: access keys, tokens, anonymous access (see `config::auth` and `auth::config`).
     #[serde(default)]
-    pub auth: crate::auth::config::AuthConfig,
+    pub auth: auth::AuthConfig,
     /// Admin HTTP API: metrics, health, clients, tokens, credentials, messages.
     #[serde(default)]
     pub admin: AdminConfig,
@@ -1032,7 +1033,7 @@ pub struct AdminConfig {
     /// token (an empty one counts as none) those routes answer 401; `/metrics`, `/healthz` and
     /// `/readyz` never need one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub token: Option<crate::auth::config::Secret>,
+    pub token: Option<auth::Secret>,
     /// Environment variable holding the token.
     #[serde(default = "default_admin_token_env")]
     pub token_env: String,
@@ -1116,11 +1117,11 @@ impl AdminConfig {
     }
 
     /// The token: the `token_env` variable if set and not empty, else `token`.
-    pub fn resolved_token(&self) -> Option<crate::auth::config::Secret> {
+    pub fn resolved_token(&self) -> Option<auth::Secret> {
         std::env::var(&self.token_env)
             .ok()
             .filter(|t| !t.is_empty())
-            .map(crate::auth::config::Secret::new)
+            .map(auth::Secret::new)
             .or_else(|| self.token.clone().filter(|t| !t.is_empty()))
     }
 }

@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use error::ApiError;
 
-use crate::auth::config::Secret;
+use crate::config::auth::Secret;
 use crate::server::Context;
 
 /// Requests served at once; more wait.

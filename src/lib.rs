@@ -30,6 +30,7 @@ pub mod events;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod gateway;
+pub mod labels;
 pub mod limits;
 pub mod metrics;
 pub mod msgid;

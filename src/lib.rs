@@ -25,6 +25,7 @@ pub mod auth;
 pub mod backend;
 pub mod config;
 pub mod connection;
+pub mod context;
 pub mod delay;
 pub mod events;
 #[doc(hidden)]

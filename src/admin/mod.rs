@@ -37,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 pub use error::ApiError;
 
 use crate::config::auth::Secret;
-use crate::server::Context;
+use crate::context::Context;
 
 /// Requests served at once; more wait.
 const MAX_CONCURRENT_REQUESTS: usize = 64;

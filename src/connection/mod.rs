@@ -29,6 +29,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
 use crate::backend::{BackendError, Fetched, StateStore, TopicPartition};
+use crate::context::Context;
 use crate::events::{ClientEvent, EventType};
 use crate::protocol::{
     self, AckProperties, ConnAck, ConnAckProperties, Connect, DecodeError, Disconnect, DisconnectProperties, LastWill,
@@ -37,7 +38,6 @@ use crate::protocol::{
 };
 use crate::router::mapping::{self, CoreTopic, Message, Unmapped};
 use crate::router::{topic, Delivery, Reattach, SessionSlot};
-use crate::server::Context;
 use crate::session::persist::{Stored, StoredInflight};
 use crate::session::registry::{Kick, Registration};
 use crate::session::state::{Origin, Outbound, OutboundStage, Pending, Qos2Intent, SessionState, Subscription};

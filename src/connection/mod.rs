@@ -479,7 +479,7 @@ impl Conn {
                     if let Err(end) = self.on_revocation(r).await { return end; }
                 }
                 _ = async { match backed_up_since { Some(t) => tokio::time::sleep_until(t + stall_timeout).await, None => std::future::pending().await } }, if backed_up_since.is_some() => {
-                    self.ctx.limits.count(crate::limits::Refusal::SlowReader);
+                    self.ctx.limits.count(crate::labels::Refusal::SlowReader);
                     tracing::debug!(client_id = %self.client_id, waiting = self.out.len(), "client does not read; disconnecting");
                     return End::SlowReader;
                 }
@@ -650,7 +650,7 @@ impl Conn {
     /// (it gets the unacknowledged messages again when it returns).
     fn check_acked_above(&self, above: usize) -> Result<(), End> {
         if above > self.ctx.config.mqtt.max_acked_above {
-            let r = self.ctx.limits.count(crate::limits::Refusal::AckedAboveLimit);
+            let r = self.ctx.limits.count(crate::labels::Refusal::AckedAboveLimit);
             return Err(End::Server(r.reason_code(), "too many acknowledgements above an unacknowledged message"));
         }
         Ok(())

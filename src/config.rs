@@ -40,7 +40,7 @@ pub struct Config {
     pub core: CoreConfig,
     #[serde(default)]
     pub log: LogConfig,
-    /// Authentication and authorisation: access keys, tokens, anonymous access (see `config::auth` and `auth::config`).
+    /// Authentication and authorisation: access keys, tokens, anonymous access (see `config::auth`).
     #[serde(default)]
     pub auth: auth::AuthConfig,
     /// Admin HTTP API: metrics, health, clients, tokens, credentials, messages.

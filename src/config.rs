@@ -5,10 +5,13 @@
 //! docs and the code cannot drift apart silently: `check-config` prints the effective values.
 //! This module must not start anything.
 
+pub mod auth;
+pub mod reserved;
+
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 
-use crate::router::reserved::ReservedTopics;
+use self::reserved::ReservedTopics;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -37,9 +40,9 @@ pub struct Config {
     pub core: CoreConfig,
     #[serde(default)]
     pub log: LogConfig,
-    /// Authentication and authorisation: access keys, tokens, anonymous access (see `auth::config`).
+    /// Authentication and authorisation: access keys, tokens, anonymous access (see `config::auth`).
     #[serde(default)]
-    pub auth: crate::auth::config::AuthConfig,
+    pub auth: auth::AuthConfig,
     /// Admin HTTP API: metrics, health, clients, tokens, credentials, messages.
     #[serde(default)]
     pub admin: AdminConfig,
@@ -299,6 +302,9 @@ fn default_handshake_timeout() -> u64 {
 fn default_ws_path() -> String {
     "/mqtt".into()
 }
+/// Path of the console page (served by `transport::console` on the `ws` / `wss` listeners): a
+/// listener's `ws_path` must not be it or under it.
+pub const CONSOLE_PAGE_PATH: &str = "/console";
 fn default_tls_reload_interval() -> u64 {
     5
 }
@@ -1027,7 +1033,7 @@ pub struct AdminConfig {
     /// token (an empty one counts as none) those routes answer 401; `/metrics`, `/healthz` and
     /// `/readyz` never need one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub token: Option<crate::auth::config::Secret>,
+    pub token: Option<auth::Secret>,
     /// Environment variable holding the token.
     #[serde(default = "default_admin_token_env")]
     pub token_env: String,
@@ -1111,11 +1117,11 @@ impl AdminConfig {
     }
 
     /// The token: the `token_env` variable if set and not empty, else `token`.
-    pub fn resolved_token(&self) -> Option<crate::auth::config::Secret> {
+    pub fn resolved_token(&self) -> Option<auth::Secret> {
         std::env::var(&self.token_env)
             .ok()
             .filter(|t| !t.is_empty())
-            .map(crate::auth::config::Secret::new)
+            .map(auth::Secret::new)
             .or_else(|| self.token.clone().filter(|t| !t.is_empty()))
     }
 }
@@ -1254,9 +1260,7 @@ impl Config {
             if !l.ws_path.starts_with('/') || l.ws_path.contains(char::is_whitespace) {
                 return invalid(format!("listeners[{name}].ws_path must be an absolute path like /mqtt"));
             }
-            if l.ws_path == crate::transport::console::PAGE_PATH
-                || l.ws_path.starts_with(&format!("{}/", crate::transport::console::PAGE_PATH))
-            {
+            if l.ws_path == CONSOLE_PAGE_PATH || l.ws_path.starts_with(&format!("{CONSOLE_PAGE_PATH}/")) {
                 return invalid(format!("listeners[{name}].ws_path must not be the console's path"));
             }
         }
@@ -1359,7 +1363,7 @@ impl Config {
     }
 
     pub fn reserved_topics(&self) -> ReservedTopics {
-        use crate::router::reserved::{KAFKA_SYSTEM_PREFIXES, ROCKETMQ_SYSTEM_PREFIXES, ROCKETMQ_SYSTEM_TOPICS};
+        use self::reserved::{KAFKA_SYSTEM_PREFIXES, ROCKETMQ_SYSTEM_PREFIXES, ROCKETMQ_SYSTEM_TOPICS};
         let mut names = vec![self.topics.events_topic.as_str(), self.trace.topic.as_str()];
         let mut prefixes = vec![self.topics.reserved_prefix.as_str()];
         match self.core.kind {

@@ -63,17 +63,6 @@ impl ClientEvent {
         serde_json::to_vec(self).unwrap_or_default()
     }
 
-    /// The event as a record (every core service): key = ClientId, headers `eventType` and
-    /// [`GATEWAY_HEADER`] (= `gatewayId`), value = the LMQ JSON body.
-    pub fn to_record(&self) -> crate::backend::CoreRecord {
-        crate::backend::CoreRecord {
-            key: Some(bytes::Bytes::from(self.client_id.clone().into_bytes())),
-            headers: vec![
-                (TYPE_HEADER.to_owned(), bytes::Bytes::from_static(self.event_type.as_str().as_bytes())),
-                (GATEWAY_HEADER.to_owned(), bytes::Bytes::from(self.gateway_id.clone().into_bytes())),
-            ],
-            value: bytes::Bytes::from(self.to_json()),
-            timestamp_ms: self.time,
-        }
-    }
+    // `to_record` (the event as a core-service record) is defined in `backend`, beside
+    // `CoreRecord`: this module imports nothing from the crate.
 }

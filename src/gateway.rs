@@ -10,10 +10,11 @@ use tokio_util::sync::CancellationToken;
 use crate::backend::embedded::EmbeddedCore;
 use crate::backend::SharedCoreService;
 use crate::config::{Config, CoreKind};
+use crate::context::Context;
 use crate::limits::Limits;
 use crate::router::mapping::TopicMap;
 use crate::router::{Router, RouterLimits};
-use crate::server::{Context, Listener};
+use crate::server::Listener;
 use crate::session::registry::{Kick, Registry};
 
 /// A running gateway.

@@ -2,15 +2,17 @@
 //!
 //! Module map (see ARCHITECTURE.md for the data flow):
 //! - [`protocol`]: MQTT codec, pure, no I/O.
-//! - [`config`]: settings from `gateway.yaml`.
-//! - [`server`]: listeners and the shared [`server::Context`]; [`gateway`] wires it all up.
+//! - [`config`]: settings from `gateway.yaml`; [`config::auth`] is the `auth:` section's data,
+//!   [`config::reserved`] the reserved namespace (topics no MQTT client may reach).
+//! - [`context`]: the process-wide [`context::Context`] every connection shares.
+//! - [`server`]: listeners; [`gateway`] wires it all up.
 //! - [`transport`]: PROXY protocol, TLS, WebSocket and the browser console: one byte stream per client.
 //! - [`connection`]: one task per client: read, decode, session logic, write.
 //! - [`session`]: session state, persistence format, takeover registry.
-//! - [`router`]: topic matching, subscription trie, MQTT ↔ record mapping, the reserved
-//!   namespace (topics no MQTT client may reach), dispatch.
+//! - [`router`]: topic matching, subscription trie, MQTT ↔ record mapping, dispatch.
 //! - [`backend`]: the core-service trait and its engines.
 //! - [`limits`]: LMQ limits.
+//! - [`labels`]: label values of the metrics several modules name (refusal reasons, auth modes).
 //! - [`events`]: client status events.
 //! - [`auth`]: signature / token / device credential authentication and topic ACLs.
 //! - [`msgid`]: the message ID every stored message gets.
@@ -18,6 +20,9 @@
 //! - [`admin`]: admin HTTP API (axum): metrics, health, clients, tokens, credentials, messages.
 //!
 //! `fuzzing` (hidden) only exposes private decoders to the fuzz targets in `fuzz/`.
+//!
+//! Modules import one another without a cycle: each imports only from the layers below it
+//! (ARCHITECTURE.md, "Layers"), which `tests/layering.rs` checks.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -25,11 +30,13 @@ pub mod auth;
 pub mod backend;
 pub mod config;
 pub mod connection;
+pub mod context;
 pub mod delay;
 pub mod events;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod gateway;
+pub mod labels;
 pub mod limits;
 pub mod metrics;
 pub mod msgid;

@@ -1,6 +1,6 @@
 //! LMQ limits (SPEC §5) in one place: topic length, ClientId length, payload size,
 //! subscriptions per client; the reserved namespace (SPEC §8; which names are reserved is
-//! `router::reserved`'s decision, counting the refusal is this module's); and the
+//! `config::reserved`'s decision, counting the refusal is this module's); and the
 //! per-connection bounds of SPEC §8 that a client's behaviour can hit (retained messages per
 //! SUBSCRIBE, a client that does not read, the retained store). Each check returns the reason
 //! code to answer with; every refusal is counted by reason
@@ -10,106 +10,12 @@ use prometheus::IntCounter;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use crate::config::LimitsConfig;
-use crate::protocol::ReasonCode;
 
 /// Refusals of one reason are logged at most this often.
 const LOG_EVERY_MS: i64 = 10_000;
 
-/// A limit that was hit, for refusals and their counters.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
-    TopicTooLong,
-    ClientIdTooLong,
-    PayloadTooLarge,
-    TooManySubscriptions,
-    /// More retained messages matched a SUBSCRIBE than `mqtt.max_retained_per_subscribe`
-    /// (the rest are not sent; the subscription itself is granted).
-    RetainedPerSubscribe,
-    /// The client left its output backed up longer than `mqtt.write_stall_timeout_secs`.
-    SlowReader,
-    /// A retained PUBLISH beyond `limits.max_retained_messages` / `max_retained_bytes`.
-    RetainedStoreFull,
-    /// A PUBLISH or SUBSCRIBE aimed at the reserved namespace (events, state, system topics).
-    ReservedTopic,
-    /// A PUBLISH or SUBSCRIBE needing a new core topic for a `*` parent beyond
-    /// `limits.max_core_topics`.
-    CoreTopicLimit,
-    /// A SUBSCRIBE joining more share groups than `limits.max_share_groups_per_client`.
-    TooManyShareGroups,
-    /// A client acknowledged more than `mqtt.max_acked_above` messages above its oldest
-    /// unacknowledged one.
-    AckedAboveLimit,
-    /// A CONNECT creating a persistent session beyond `limits.max_sessions_per_identity`.
-    SessionsPerIdentity,
-    /// A delayed will beyond `limits.max_delayed_wills_per_identity` (published at once).
-    DelayedWillsPerIdentity,
-    /// A `$SYS/getOfflineMsg` beyond 5 per second, or while earlier pulls still wait to be sent.
-    OfflinePullLimit,
-}
-
-/// Number of [`Refusal`] reasons.
-pub const REFUSALS: usize = 14;
-
-impl Refusal {
-    pub const ALL: [Refusal; REFUSALS] = [
-        Refusal::TopicTooLong,
-        Refusal::ClientIdTooLong,
-        Refusal::PayloadTooLarge,
-        Refusal::TooManySubscriptions,
-        Refusal::RetainedPerSubscribe,
-        Refusal::SlowReader,
-        Refusal::RetainedStoreFull,
-        Refusal::ReservedTopic,
-        Refusal::CoreTopicLimit,
-        Refusal::TooManyShareGroups,
-        Refusal::AckedAboveLimit,
-        Refusal::SessionsPerIdentity,
-        Refusal::DelayedWillsPerIdentity,
-        Refusal::OfflinePullLimit,
-    ];
-
-    fn index(self) -> usize {
-        self as usize
-    }
-
-    pub fn reason_code(self) -> ReasonCode {
-        match self {
-            Refusal::TopicTooLong => ReasonCode::TOPIC_NAME_INVALID,
-            Refusal::ClientIdTooLong => ReasonCode::CLIENT_IDENTIFIER_NOT_VALID,
-            Refusal::PayloadTooLarge => ReasonCode::PACKET_TOO_LARGE,
-            Refusal::TooManySubscriptions
-            | Refusal::RetainedPerSubscribe
-            | Refusal::SlowReader
-            | Refusal::RetainedStoreFull
-            | Refusal::CoreTopicLimit
-            | Refusal::TooManyShareGroups
-            | Refusal::AckedAboveLimit
-            | Refusal::SessionsPerIdentity
-            | Refusal::DelayedWillsPerIdentity
-            | Refusal::OfflinePullLimit => ReasonCode::QUOTA_EXCEEDED,
-            Refusal::ReservedTopic => ReasonCode::NOT_AUTHORIZED,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Refusal::TopicTooLong => "topic_too_long",
-            Refusal::ClientIdTooLong => "client_id_too_long",
-            Refusal::PayloadTooLarge => "payload_too_large",
-            Refusal::TooManySubscriptions => "too_many_subscriptions",
-            Refusal::RetainedPerSubscribe => "retained_per_subscribe",
-            Refusal::SlowReader => "slow_reader",
-            Refusal::RetainedStoreFull => "retained_store_full",
-            Refusal::ReservedTopic => "reserved_topic",
-            Refusal::CoreTopicLimit => "core_topic_limit",
-            Refusal::TooManyShareGroups => "too_many_share_groups",
-            Refusal::AckedAboveLimit => "acked_above_limit",
-            Refusal::SessionsPerIdentity => "sessions_per_identity",
-            Refusal::DelayedWillsPerIdentity => "delayed_wills_per_identity",
-            Refusal::OfflinePullLimit => "offline_pull_limit",
-        }
-    }
-}
+// Defined in `labels`, so that `metrics` can label its counters without importing `limits`.
+pub use crate::labels::{Refusal, REFUSALS};
 
 #[derive(Debug)]
 pub struct Limits {
@@ -140,7 +46,7 @@ impl Limits {
         let i = r.index();
         self.refused[i].inc();
         self.unlogged[i].fetch_add(1, Ordering::Relaxed);
-        let now = crate::connection::now_ms();
+        let now = crate::now_ms();
         let last = self.last_logged_ms[i].load(Ordering::Relaxed);
         if now - last >= LOG_EVERY_MS
             && self.last_logged_ms[i].compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
@@ -215,6 +121,7 @@ impl Limits {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::ReasonCode;
 
     #[test]
     fn lmq_defaults() {

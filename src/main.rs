@@ -5,10 +5,10 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
-use lmq_gateway::auth::config::Secret;
 use lmq_gateway::auth::signature;
 use lmq_gateway::auth::token::TokenType;
 use lmq_gateway::auth::KeyRing;
+use lmq_gateway::config::auth::Secret;
 use lmq_gateway::config::{Config, LogFormat};
 use lmq_gateway::gateway::Gateway;
 

@@ -28,7 +28,7 @@ use prometheus::{
 use std::time::Instant;
 
 use crate::events::EventType;
-use crate::limits::Refusal;
+use crate::labels::{Refusal, REFUSALS};
 use crate::protocol::{QoS, ReasonCode};
 use crate::transport::ConnInfo;
 
@@ -86,7 +86,7 @@ pub struct Metrics {
     messages: [[IntCounter; 3]; 2],
     /// `[in, out]`.
     bytes: [IntCounter; 2],
-    refusals: [IntCounter; crate::limits::REFUSALS],
+    refusals: [IntCounter; REFUSALS],
     /// Records the router offered to local sessions.
     pub routed: IntCounter,
     /// QoS 0 deliveries dropped because a subscriber's queue was full.
@@ -186,7 +186,7 @@ impl Metrics {
         }
         let auth_failures =
             counter_vec("lmq_auth_failures_total", "Refused CONNECT authentications", &["mode", "reason"]);
-        for (mode, reason) in crate::auth::FAILURE_LABELS {
+        for (mode, reason) in crate::labels::FAILURE_LABELS {
             auth_failures.with_label_values(&[mode.as_str(), reason]);
         }
         let messages_vec = counter_vec(
@@ -291,7 +291,7 @@ impl Metrics {
             ),
             holder: gauge("lmq_delay_forwarder", "1 while this gateway moves delayed messages"),
         };
-        for reason in crate::delay::Refused::ALL {
+        for reason in crate::labels::Refused::ALL {
             delay.refused.with_label_values(&[reason.as_str()]);
         }
         for to in ["level", "topic"] {

@@ -1,4 +1,4 @@
-//! Listeners and the process-wide context shared by all connections.
+//! Listeners: they hand each connection the process-wide [`Context`] (defined in `context`).
 //!
 //! The accept loop only accepts: a connection permit is taken *before* `accept` (so a full
 //! listener leaves new clients in the kernel backlog instead of spawning unbounded tasks),
@@ -8,42 +8,16 @@
 //! (`max_connections_total`) is taken the same way as the listener's.
 
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
-use tokio_util::sync::CancellationToken;
 
-use crate::backend::SharedCoreService;
-use crate::config::{Config, ListenerConfig};
-use crate::limits::Limits;
-use crate::router::Router;
-use crate::session::registry::Registry;
+use crate::config::ListenerConfig;
 use crate::transport::{Acceptor, TransportError};
 
-/// Everything a connection needs, shared.
-pub struct Context {
-    pub config: Config,
-    pub gateway_id: String,
-    pub backend: SharedCoreService,
-    pub router: Arc<Router>,
-    pub registry: Arc<Registry>,
-    pub limits: Limits,
-    /// Who clients are and what they may do (SPEC §4).
-    pub auth: Arc<crate::auth::Authenticator>,
-    pub next_conn_id: AtomicU64,
-    /// Gateway-wide connection limit (`max_connections_total`), shared by all listeners.
-    pub connections_total: Arc<Semaphore>,
-    /// Cancelled when the gateway starts shutting down.
-    pub shutdown: CancellationToken,
-    /// Every metric (`lmq_*`), served by the admin API.
-    pub metrics: Arc<crate::metrics::Metrics>,
-    /// Message trace (off unless `trace.enabled`).
-    pub tracer: Arc<crate::trace::Tracer>,
-    /// Delayed messages: the delay clock and levels the publish path uses.
-    pub delay: Arc<crate::delay::Delays>,
-}
+// Defined in `context`, so that `connection` (which `server` runs) need not import `server`.
+pub use crate::context::Context;
 
 /// A bound listener, ready to serve.
 pub struct Listener {

@@ -95,7 +95,7 @@ pub(super) async fn publish(
             ApiError::bad_request("invalid_delay", "deliver_at_ms must be epoch milliseconds at most 40 days ahead")
         })?),
         (Some(_), None) => {
-            ctx.delay.refused(crate::delay::Refused::TooLong);
+            ctx.delay.refused(crate::labels::Refused::TooLong);
             return Err(ApiError::bad_request("invalid_delay", "delay_secs must be 0 to 3456000 (40 days)"));
         }
         (Some(_), Some(_)) => {

@@ -36,8 +36,8 @@ use tokio_util::sync::CancellationToken;
 
 pub use error::ApiError;
 
-use crate::auth::config::Secret;
-use crate::server::Context;
+use crate::config::auth::Secret;
+use crate::context::Context;
 
 /// Requests served at once; more wait.
 const MAX_CONCURRENT_REQUESTS: usize = 64;

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 
 use super::acl::Acl;
-use super::config::Secret;
+use crate::config::auth::Secret;
 
 /// Stored form of one device credential (JSON in the core service, `v` = format version).
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]

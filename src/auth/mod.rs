@@ -82,31 +82,8 @@ use self::config::{AccessKey, AuthConfig, AuthConfigError, ResolvedAuth, Secret}
 use self::credential::{DeviceCredential, NewCredential, StoredCredential};
 use self::token::{IssueError, IssuedToken, TokenGrant, TokenInvalid, TokenInvalidCode, TokenType, UploadToken};
 
-/// How a client authenticated (also the `mode` metrics label).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum AuthMode {
-    Anonymous,
-    Signature,
-    Token,
-    DeviceCredential,
-    /// No user name; the TLS client certificate's CN is the identity (`auth.tls_client_cn_identity`).
-    Certificate,
-    /// A user name of no known mode (failures only).
-    Unknown,
-}
-
-impl AuthMode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            AuthMode::Anonymous => "anonymous",
-            AuthMode::Signature => "signature",
-            AuthMode::Token => "token",
-            AuthMode::DeviceCredential => "device_credential",
-            AuthMode::Certificate => "certificate",
-            AuthMode::Unknown => "unknown",
-        }
-    }
-}
+// Defined in `labels`, so that `metrics` can label its counters without importing `auth`.
+pub use crate::labels::{AuthMode, FAILURE_LABELS};
 
 /// What a CONNECT presents.
 #[derive(Clone, Copy)]
@@ -145,39 +122,6 @@ pub struct AuthFailure {
     /// For token failures: the token verdict (for logs; no notice can be sent before CONNACK).
     pub token_invalid: Option<TokenInvalid>,
 }
-
-/// Every (`mode`, `reason`) pair an [`AuthFailure`] can carry, so that the failure counters
-/// exist at zero before the first failure. The auth tests check that each failure they
-/// provoke is listed here.
-pub const FAILURE_LABELS: &[(AuthMode, &str)] = &[
-    (AuthMode::Anonymous, "client_id_invalid"),
-    (AuthMode::Anonymous, "missing_username"),
-    (AuthMode::Certificate, "client_id_not_cn"),
-    (AuthMode::Unknown, "client_id_invalid"),
-    (AuthMode::Unknown, "bad_username"),
-    (AuthMode::Signature, "client_id_invalid"),
-    (AuthMode::Signature, "instance_mismatch"),
-    (AuthMode::Signature, "missing_password"),
-    (AuthMode::Signature, "unknown_access_key"),
-    (AuthMode::Signature, "bad_signature"),
-    (AuthMode::Token, "client_id_invalid"),
-    (AuthMode::Token, "instance_mismatch"),
-    (AuthMode::Token, "missing_password"),
-    (AuthMode::Token, "unknown_access_key"),
-    (AuthMode::Token, "forged_token"),
-    (AuthMode::Token, "expired_token"),
-    (AuthMode::Token, "revoked_token"),
-    (AuthMode::Token, "resource_mismatch"),
-    (AuthMode::Token, "permission_mismatch"),
-    (AuthMode::Token, "bad_signature"),
-    (AuthMode::DeviceCredential, "client_id_invalid"),
-    (AuthMode::DeviceCredential, "instance_mismatch"),
-    (AuthMode::DeviceCredential, "missing_password"),
-    (AuthMode::DeviceCredential, "server_unavailable"),
-    (AuthMode::DeviceCredential, "unknown_access_key"),
-    (AuthMode::DeviceCredential, "client_id_mismatch"),
-    (AuthMode::DeviceCredential, "bad_signature"),
-];
 
 impl AuthFailure {
     fn new(mode: AuthMode, reason: &'static str, code: ReasonCode) -> AuthFailure {

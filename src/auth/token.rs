@@ -31,12 +31,11 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 
 use super::acl::Acl;
-use super::config::Secret;
+use crate::config::auth::Secret;
 
-/// Shortest token lifetime issued.
-pub const MIN_TOKEN_TTL_SECS: u64 = 60;
-/// Longest token lifetime issued (30 days).
-pub const MAX_TOKEN_TTL_SECS: u64 = 30 * 24 * 3600;
+/// Shortest and longest token lifetime issued (defined with the `auth:` section they bound).
+pub use crate::config::auth::{MAX_TOKEN_TTL_SECS, MIN_TOKEN_TTL_SECS};
+
 /// Most topic filters in one token.
 pub const MAX_RESOURCES: usize = 100;
 /// Most `<type>|<token>` pairs in one password.

@@ -24,7 +24,7 @@ use futures::future::BoxFuture;
 use std::fmt;
 use std::sync::Arc;
 
-use crate::events::ClientEvent;
+use crate::events::{ClientEvent, GATEWAY_HEADER, TYPE_HEADER};
 
 /// One record as the core service stores it (Kafka's model: key, headers, value, time).
 #[derive(Clone, PartialEq, Eq)]
@@ -60,6 +60,23 @@ impl fmt::Debug for CoreRecord {
             .field("value_len", &self.value.len())
             .field("timestamp_ms", &self.timestamp_ms)
             .finish()
+    }
+}
+
+// Defined here rather than in `events`, so that `events` (a leaf) does not import `backend`.
+impl ClientEvent {
+    /// The event as a record (every core service): key = ClientId, headers `eventType` and
+    /// [`GATEWAY_HEADER`] (= `gatewayId`), value = the LMQ JSON body.
+    pub fn to_record(&self) -> CoreRecord {
+        CoreRecord {
+            key: Some(Bytes::from(self.client_id.clone().into_bytes())),
+            headers: vec![
+                (TYPE_HEADER.to_owned(), Bytes::from_static(self.event_type.as_str().as_bytes())),
+                (GATEWAY_HEADER.to_owned(), Bytes::from(self.gateway_id.clone().into_bytes())),
+            ],
+            value: Bytes::from(self.to_json()),
+            timestamp_ms: self.time,
+        }
     }
 }
 

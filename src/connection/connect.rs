@@ -154,7 +154,7 @@ impl Conn {
             && session_expiry > 0
             && !owners.try_add(&owner, ctx.config.limits.max_sessions_per_identity)
         {
-            let r = ctx.limits.count(crate::limits::Refusal::SessionsPerIdentity);
+            let r = ctx.limits.count(crate::labels::Refusal::SessionsPerIdentity);
             let _ = write_now(writer, &refuse(r.reason_code()), protocol).await;
             ctx.registry.release(&client_id, conn_id);
             return None;
@@ -179,7 +179,7 @@ impl Conn {
             info,
             revocations: matches!(
                 identity.mode,
-                crate::auth::AuthMode::Token | crate::auth::AuthMode::DeviceCredential
+                crate::labels::AuthMode::Token | crate::labels::AuthMode::DeviceCredential
             )
             .then(|| ctx.auth.revocations()),
             identity,

@@ -105,7 +105,7 @@ impl Conn {
         let max = ctx.config.limits.max_delayed_wills_per_identity;
         let cancel = (delay > 0).then(|| ctx.registry.park_will(&client_id, &self.identity.owner(), max)).flatten();
         if delay > 0 && cancel.is_none() {
-            ctx.limits.count(crate::limits::Refusal::DelayedWillsPerIdentity);
+            ctx.limits.count(crate::labels::Refusal::DelayedWillsPerIdentity);
         }
         tokio::spawn(async move {
             if let Some(cancel) = cancel {

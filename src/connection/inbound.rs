@@ -3,7 +3,7 @@
 
 use super::*;
 use crate::config::Naming;
-use crate::limits::Refusal;
+use crate::labels::Refusal;
 use crate::router::RouterError;
 use crate::trace::Kind;
 

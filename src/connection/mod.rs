@@ -29,6 +29,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
 use crate::backend::{BackendError, Fetched, StateStore, TopicPartition};
+use crate::context::Context;
 use crate::events::{ClientEvent, EventType};
 use crate::protocol::{
     self, AckProperties, ConnAck, ConnAckProperties, Connect, DecodeError, Disconnect, DisconnectProperties, LastWill,
@@ -37,7 +38,6 @@ use crate::protocol::{
 };
 use crate::router::mapping::{self, CoreTopic, Message, Unmapped};
 use crate::router::{topic, Delivery, Reattach, SessionSlot};
-use crate::server::Context;
 use crate::session::persist::{Stored, StoredInflight};
 use crate::session::registry::{Kick, Registration};
 use crate::session::state::{Origin, Outbound, OutboundStage, Pending, Qos2Intent, SessionState, Subscription};
@@ -498,7 +498,7 @@ impl Conn {
                     if let Err(end) = self.on_revocation(r).await { return end; }
                 }
                 _ = async { match backed_up_since { Some(t) => tokio::time::sleep_until(t + stall_timeout).await, None => std::future::pending().await } }, if backed_up_since.is_some() => {
-                    self.ctx.limits.count(crate::limits::Refusal::SlowReader);
+                    self.ctx.limits.count(crate::labels::Refusal::SlowReader);
                     tracing::debug!(client_id = %self.client_id, waiting = self.out.len(), "client does not read; disconnecting");
                     return End::SlowReader;
                 }
@@ -669,7 +669,7 @@ impl Conn {
     /// (it gets the unacknowledged messages again when it returns).
     fn check_acked_above(&self, above: usize) -> Result<(), End> {
         if above > self.ctx.config.mqtt.max_acked_above {
-            let r = self.ctx.limits.count(crate::limits::Refusal::AckedAboveLimit);
+            let r = self.ctx.limits.count(crate::labels::Refusal::AckedAboveLimit);
             return Err(End::Server(r.reason_code(), "too many acknowledgements above an unacknowledged message"));
         }
         Ok(())

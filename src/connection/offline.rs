@@ -19,7 +19,7 @@
 //! at [`PULL_SCAN_MAX`] records at most.
 
 use super::*;
-use crate::limits::Refusal;
+use crate::labels::Refusal;
 use crate::session::state::Held;
 
 /// Client → gateway: deliver some offline messages (not stored, not subject to the ACL).

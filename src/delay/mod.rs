@@ -52,26 +52,8 @@ pub mod header {
     pub const FROM: &str = "lmqDelayFrom";
 }
 
-/// Why a delayed PUBLISH is refused (label of `lmq_delayed_refused_total`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refused {
-    /// `$delayed/<seconds>/…` without a number of seconds and a topic, or a
-    /// `__STARTDELIVERTIME` that is not epoch milliseconds.
-    Malformed,
-    /// More than 40 days ahead.
-    TooLong,
-}
-
-impl Refused {
-    pub const ALL: [Refused; 2] = [Refused::Malformed, Refused::TooLong];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Refused::Malformed => "malformed",
-            Refused::TooLong => "too_long",
-        }
-    }
-}
+// Defined in `labels`, so that `metrics` can label its counter without importing `delay`.
+pub use crate::labels::Refused;
 
 /// Split `$delayed/<seconds>/<topic>`: `None` for any other topic; the delay in ms and the
 /// topic, or why it is refused.

@@ -7,7 +7,7 @@
 //! becomes an MQTT message.
 //!
 //! Every parent → core-topic mapping goes through [`TopicMap::resolve`], which keeps MQTT
-//! clients out of the reserved namespace ([`super::reserved`]); every core topic → parent
+//! clients out of the reserved namespace ([`crate::config::reserved`]); every core topic → parent
 //! mapping goes through [`TopicMap::parent_of_core`], which never names a reserved topic, so a
 //! record of the events or a state topic is never taken for a message.
 
@@ -15,8 +15,8 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::reserved::ReservedTopics;
 use crate::backend::CoreRecord;
+use crate::config::reserved::ReservedTopics;
 use crate::config::{Naming, RecordKey, TopicsConfig};
 use crate::protocol::{PublishProperties, QoS, UserProperties};
 

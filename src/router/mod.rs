@@ -13,7 +13,9 @@
 
 mod groups;
 pub mod mapping;
-pub mod reserved;
+// The reserved namespace lives in `config` (its names are configuration); re-exported here for
+// the `router::reserved` paths.
+pub use crate::config::reserved;
 pub mod retained;
 pub mod topic;
 pub mod trie;

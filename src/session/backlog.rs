@@ -409,7 +409,7 @@ impl Backlog {
     }
 
     async fn publish(&mut self, totals: Totals) {
-        let now = crate::connection::now_ms();
+        let now = crate::now_ms();
         let age = |ts: Option<i64>| ts.map_or(0.0, |t| (now.saturating_sub(t)).max(0) as f64 / 1000.0);
         let top: Vec<Ranked> = totals.top.into_sorted_vec().into_iter().map(|Reverse(r)| r).collect();
         let wanted = totals

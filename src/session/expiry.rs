@@ -9,7 +9,7 @@ use std::time::Duration;
 use super::persist::Stored;
 use super::registry::Registry;
 use crate::backend::{SharedCoreService, StateStore};
-use crate::connection::now_ms;
+use crate::now_ms;
 
 /// Stored sessions read at once.
 const PAGE: usize = 1000;

@@ -109,7 +109,7 @@ impl Registry {
             Entry {
                 conn_id,
                 info: None,
-                since_ms: crate::connection::now_ms(),
+                since_ms: crate::now_ms(),
                 kick: Some(kick_tx),
                 done: done_rx,
                 live: live.clone(),

@@ -9,8 +9,8 @@
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::http::StatusCode;
 
-/// Path of the console page.
-pub const PAGE_PATH: &str = "/console";
+/// Path of the console page (defined in `config`, which refuses it as a `ws_path`).
+pub use crate::config::CONSOLE_PAGE_PATH as PAGE_PATH;
 const SCRIPT_PATH: &str = "/console/mqtt.min.js";
 
 const PAGE: &str = include_str!("../../web/console.html");

@@ -64,6 +64,7 @@ use super::{
 };
 use crate::config::EmbeddedConfig;
 use crate::events::ClientEvent;
+use crate::now_ms;
 
 /// How often retention runs.
 const RETENTION_PERIOD: Duration = Duration::from_secs(60);
@@ -155,12 +156,6 @@ fn check_topic_name(name: &str) -> Result<()> {
 /// FNV-1a, 32 bit: stable across versions and processes.
 fn fnv1a(bytes: &[u8]) -> u32 {
     bytes.iter().fold(0x811c_9dc5u32, |h, &b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193))
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// Recover (or create) a topic's partitions `0..partitions` and write its metadata. Blocking.

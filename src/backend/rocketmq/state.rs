@@ -38,6 +38,7 @@ use super::client::{self, Client};
 use super::record::from_message;
 use crate::backend::diskstate::{DiskState, DiskStore, OwnedChange};
 use crate::backend::{BackendError, CoreRecord, Result, StateStore, StateUpdate, TopicPartition};
+use crate::now_ms;
 use rocketmq_client_rust::PullStatus;
 
 const OP: &str = "lmqStateOp";
@@ -75,12 +76,6 @@ pub fn change_record(store: StateStore, key: &str, value: Option<Bytes>, refresh
         value: value.unwrap_or_default(),
         timestamp_ms: now_ms(),
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// Bytes before a stored value: the offset (u64) and time (i64, ms) of its record, big-endian.

@@ -5,7 +5,7 @@
 //! the router never reads them as message topics.
 //!
 //! This is the one place that decides whether a name is reserved. The names come from the
-//! configuration (`Config::reserved_topics`); [`super::mapping::TopicMap`] applies them to
+//! configuration (`Config::reserved_topics`); [`crate::router::mapping::TopicMap`] applies them to
 //! every parent → core-topic mapping, config validation refuses declared parents that touch
 //! them. This module depends on nothing else of the gateway and must not grow policy about
 //! who asks (connections, admin API): it only answers "reserved or not".

@@ -228,7 +228,7 @@ struct Conn {
     will: Option<LastWill>,
     state: SessionState,
     slot: Arc<SessionSlot>,
-    rx: tokio::sync::mpsc::Receiver<Delivery>,
+    rx: crate::router::queue::Receiver,
     registration: Registration,
     /// Our window towards the client: its Receive Maximum, capped by config.
     window: usize,
@@ -334,16 +334,14 @@ impl Conn {
         // How often a dirty persistent session is saved (`mqtt.session_checkpoint_ms`).
         let checkpoint_every = Duration::from_millis(self.ctx.config.mqtt.session_checkpoint_ms);
         let mut last_packet = Instant::now();
-        // One timer per connection, re-armed only when it fires: an idle connection costs no
-        // wake-ups, a busy one no timer churn.
-        let keepalive = tokio::time::sleep(self.keep_alive.max(Duration::from_secs(1)));
-        tokio::pin!(keepalive);
-        // The position and checkpoint timers likewise: re-armed only when their deadline
-        // moves, not created and dropped on every turn of a busy loop.
-        let positions_timer = tokio::time::sleep_until(self.positions_at);
-        tokio::pin!(positions_timer);
-        let persist_timer = tokio::time::sleep_until(last_persist + checkpoint_every);
-        tokio::pin!(persist_timer);
+        // One timer per connection for every deadline of the loop (keepalive, checkpoint,
+        // positions, offline pull, token events, stalled output), re-armed only when the
+        // earliest of them moves. The keepalive check moves only when it comes due (then to
+        // the last packet plus the keepalive): an idle connection costs no wake-ups, a busy
+        // one no timer churn, and the loop's state holds one timer, not six.
+        let mut keepalive_at = Instant::now() + self.keep_alive.max(Duration::from_secs(1));
+        let timer = tokio::time::sleep_until(keepalive_at);
+        tokio::pin!(timer);
         let max_packet = self.ctx.limits.max_packet_size();
         let backend_timeout = Duration::from_secs(self.ctx.config.mqtt.backend_timeout_secs);
         // The kick receiver moves out of `self` so the loop can borrow `self` freely.
@@ -384,26 +382,37 @@ impl Conn {
             }
             let persist_due = self.dirty && self.session_expiry > 0 && self.persist.is_none();
             // A PUBREC waiting for the save, or a change to save soon, makes it due at once.
-            if persist_due {
-                let at = if self.pubrec_waiting.is_empty() && !self.save_soon {
+            let persist_at = persist_due.then(|| {
+                if self.pubrec_waiting.is_empty() && !self.save_soon {
                     last_persist + checkpoint_every
                 } else {
                     last_persist
-                };
-                if persist_timer.deadline() != at {
-                    persist_timer.as_mut().reset(at);
                 }
-            }
-            if self.positions_stale && positions_timer.deadline() != self.positions_at {
-                positions_timer.as_mut().reset(self.positions_at);
-            }
-            let token_event = self.next_token_event();
+            });
+            let token_at = self.next_token_event().map(tokens::instant_at);
             let pull_deadline = self.offline.deadline();
             let high_water = self.deliveries_high_water();
             if self.out.len() < high_water {
                 backed_up_since = None;
             } else if backed_up_since.is_none() {
                 backed_up_since = Some(Instant::now());
+            }
+            let stall_at = backed_up_since.map(|t| t + stall_timeout);
+            let deadline = [
+                (!self.keep_alive.is_zero()).then_some(keepalive_at),
+                persist_at,
+                self.positions_stale.then_some(self.positions_at),
+                pull_deadline,
+                token_at,
+                stall_at,
+            ]
+            .into_iter()
+            .flatten()
+            .min();
+            if let Some(at) = deadline {
+                if timer.deadline() != at {
+                    timer.as_mut().reset(at);
+                }
             }
             let can_read = acks.len() < MAX_OUTSTANDING_APPENDS && self.out.len() < out_limit;
             let can_take = self.pending.len() < PENDING_HIGH_WATER && self.out.len() < high_water;
@@ -456,13 +465,12 @@ impl Conn {
                     }
                 }
                 d = self.rx.recv(), if can_take => {
-                    let Some(d) = d else { return End::Server(ReasonCode::SERVER_SHUTTING_DOWN, "router stopped") };
                     self.on_delivery(d);
                     let mut n = 0;
                     while n < 256 && self.pending.len() < PENDING_HIGH_WATER {
                         match self.rx.try_recv() {
-                            Ok(d) => self.on_delivery(d),
-                            Err(_) => break,
+                            Some(d) => self.on_delivery(d),
+                            None => break,
                         }
                         n += 1;
                     }
@@ -471,43 +479,48 @@ impl Conn {
                     catchup = self.on_catchup(step);
                 }
                 _ = self.slot.lag_notify.notified(), if catchup.is_none() => {}
-                // Positions changed within a second of the last publication: publish them once more.
-                _ = &mut positions_timer, if self.positions_stale => {}
                 res = async { match self.persist.as_mut() { Some(f) => f.await, None => std::future::pending().await } }, if self.persist.is_some() => {
                     self.persist = None;
                     self.on_persisted(res);
                 }
-                _ = &mut persist_timer, if persist_due => {
-                    self.dirty = false;
-                    self.save_soon = false;
-                    self.pubrec_saving.append(&mut self.pubrec_waiting);
-                    last_persist = Instant::now();
-                    self.advance_idle_cursors();
-                    let stored = Stored::from_state(&self.state, self.session_expiry, None);
-                    self.persist = Some(self.save_session(Some(stored)));
-                    self.stored = true;
-                }
-                // No offline pull request in time: the held backlog is pushed.
-                _ = async { match pull_deadline { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } }, if pull_deadline.is_some() => {
-                    self.offline.push();
-                }
-                _ = async { tokio::time::sleep_until(tokens::instant_at(token_event.unwrap_or(0))).await }, if token_event.is_some() => {
-                    if let Err(end) = self.on_token_event() { return end; }
-                }
                 r = async { match self.revocations.as_mut() { Some(rx) => rx.recv().await, None => std::future::pending().await } }, if self.revocations.is_some() => {
-                    if let Err(end) = self.on_revocation(r).await { return end; }
+                    // Boxed: a revocation check reads the core service, a state an idle
+                    // connection should not carry.
+                    if let Err(end) = Box::pin(self.on_revocation(r)).await { return end; }
                 }
-                _ = async { match backed_up_since { Some(t) => tokio::time::sleep_until(t + stall_timeout).await, None => std::future::pending().await } }, if backed_up_since.is_some() => {
-                    self.ctx.limits.count(crate::labels::Refusal::SlowReader);
-                    tracing::debug!(client_id = %self.client_id, waiting = self.out.len(), "client does not read; disconnecting");
-                    return End::SlowReader;
-                }
-                _ = &mut keepalive, if !self.keep_alive.is_zero() => {
-                    let deadline = last_packet + self.keep_alive;
-                    if Instant::now() >= deadline {
-                        return End::Server(ReasonCode::KEEP_ALIVE_TIMEOUT, "keepalive timeout");
+                // Positions changed within a second of the last publication: the loop's next
+                // turn publishes them once more.
+                _ = &mut timer, if deadline.is_some() => {
+                    let now = Instant::now();
+                    if !self.keep_alive.is_zero() && now >= keepalive_at {
+                        let due = last_packet + self.keep_alive;
+                        if now >= due {
+                            return End::Server(ReasonCode::KEEP_ALIVE_TIMEOUT, "keepalive timeout");
+                        }
+                        keepalive_at = due;
                     }
-                    keepalive.as_mut().reset(deadline);
+                    if stall_at.is_some_and(|t| now >= t) {
+                        self.ctx.limits.count(crate::labels::Refusal::SlowReader);
+                        tracing::debug!(client_id = %self.client_id, waiting = self.out.len(), "client does not read; disconnecting");
+                        return End::SlowReader;
+                    }
+                    if persist_at.is_some_and(|t| now >= t) {
+                        self.dirty = false;
+                        self.save_soon = false;
+                        self.pubrec_saving.append(&mut self.pubrec_waiting);
+                        last_persist = Instant::now();
+                        self.advance_idle_cursors();
+                        let stored = Stored::from_state(&self.state, self.session_expiry, None);
+                        self.persist = Some(self.save_session(Some(stored)));
+                        self.stored = true;
+                    }
+                    // No offline pull request in time: the held backlog is pushed.
+                    if pull_deadline.is_some_and(|t| now >= t) {
+                        self.offline.push();
+                    }
+                    if token_at.is_some_and(|t| now >= t) {
+                        if let Err(end) = self.on_token_event() { return end; }
+                    }
                 }
             }
         }

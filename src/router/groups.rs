@@ -53,7 +53,7 @@ impl Router {
             let (sid, _qos) = g.members[(g.next + i) % n];
             let Some(slot) = sessions.get(&sid) else { continue };
             let d = Delivery::Shared(Box::new((record.clone(), message.clone(), g.full.clone())));
-            if slot.tx.try_send(d).is_ok() {
+            if slot.queue.try_send(d).is_ok() {
                 g.next = (g.next + i + 1) % n;
                 self.stats.routed.inc();
                 return Offer::Taken;

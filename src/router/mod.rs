@@ -13,6 +13,7 @@
 
 mod groups;
 pub mod mapping;
+pub mod queue;
 // The reserved namespace lives in `config` (its names are configuration); re-exported here for
 // the `router::reserved` paths.
 pub use crate::config::reserved;
@@ -114,7 +115,7 @@ pub enum Delivery {
 pub struct SessionSlot {
     pub id: SessionId,
     pub client_id: Arc<str>,
-    tx: mpsc::Sender<Delivery>,
+    queue: queue::DeliveryQueue,
     /// Partitions the dispatcher skips for this session → first offset it did not deliver.
     lagging: Mutex<HashMap<TopicPartition, u64>>,
     any_lagging: AtomicBool,
@@ -123,6 +124,17 @@ pub struct SessionSlot {
 }
 
 impl SessionSlot {
+    fn new(id: SessionId, client_id: Arc<str>, capacity: usize) -> SessionSlot {
+        SessionSlot {
+            id,
+            client_id,
+            queue: queue::DeliveryQueue::new(capacity),
+            lagging: Mutex::new(HashMap::new()),
+            any_lagging: AtomicBool::new(false),
+            lag_notify: Notify::new(),
+        }
+    }
+
     /// Partitions on which this session must read back from the core service, with the
     /// first offset to read. Does not clear them.
     pub fn lagging(&self) -> Vec<(TopicPartition, u64)> {
@@ -372,17 +384,10 @@ impl Router {
     }
 
     /// Register a connected session; its deliveries arrive on the returned receiver.
-    pub fn register(&self, client_id: Arc<str>, capacity: usize) -> (Arc<SessionSlot>, mpsc::Receiver<Delivery>) {
-        let (tx, rx) = mpsc::channel(capacity);
+    pub fn register(&self, client_id: Arc<str>, capacity: usize) -> (Arc<SessionSlot>, queue::Receiver) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let slot = Arc::new(SessionSlot {
-            id,
-            client_id: client_id.clone(),
-            tx,
-            lagging: Mutex::new(HashMap::new()),
-            any_lagging: AtomicBool::new(false),
-            lag_notify: Notify::new(),
-        });
+        let slot = Arc::new(SessionSlot::new(id, client_id.clone(), capacity));
+        let rx = queue::Receiver(slot.clone());
         let mut st = self.state.lock();
         st.sessions.insert(id, slot.clone());
         st.by_client.insert(client_id, id);
@@ -696,7 +701,7 @@ impl Router {
                     continue;
                 }
                 let d = Delivery::Shared(Box::new((record.clone(), message.clone(), g.full.clone())));
-                if slot.tx.try_send(d).is_ok() {
+                if slot.queue.try_send(d).is_ok() {
                     g.next = (g.next + i + 1) % n;
                     delivered = true;
                     break;
@@ -722,9 +727,9 @@ impl Router {
             return;
         }
         let d = Delivery::Live(record.clone(), message.clone());
-        match slot.tx.try_send(d) {
+        match slot.queue.try_send(d) {
             Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) if qos == QoS::AtMostOnce => {
+            Err(queue::Refused::Full(_)) if qos == QoS::AtMostOnce => {
                 self.stats.dropped_qos0.inc();
                 self.stats.tracer.on(
                     Kind::Dropped,
@@ -733,11 +738,11 @@ impl Router {
                     || "QoS 0: subscriber's queue full".into(),
                 );
             }
-            Err(mpsc::error::TrySendError::Full(_)) => {
+            Err(queue::Refused::Full(_)) => {
                 self.stats.lag_events.inc();
                 slot.mark_lagging(record.tp.clone(), record.offset);
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => {}
+            Err(queue::Refused::Closed(_)) => {}
         }
     }
 }
@@ -810,7 +815,7 @@ fn reattach(r: &Router, slot: &Arc<SessionSlot>, tp: &TopicPartition, from: u64,
         return Reattach::Behind(from);
     }
     let records: Vec<_> = ring.iter().filter(|(rec, _)| rec.offset >= from).cloned().collect();
-    match slot.tx.try_send(Delivery::Replay(Box::new(records))) {
+    match slot.queue.try_send(Delivery::Replay(Box::new(records))) {
         Ok(()) => {
             slot.clear_lagging(tp);
             Reattach::Attached

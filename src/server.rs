@@ -77,15 +77,19 @@ impl Listener {
                     let _ = stream.set_nodelay(true);
                     let ctx = ctx.clone();
                     let acceptor = self.acceptor.clone();
+                    // The task's own future stays a few words: the handshake (TLS, WebSocket,
+                    // PROXY: kilobytes while it runs) and the connection each live in a box of
+                    // their own, the handshake's freed before the connection's is made, instead
+                    // of one task the size of the larger of the two for the connection's life.
                     tokio::spawn(async move {
                         let _permits = (permit, total);
-                        let handshake = tokio::time::timeout(handshake_timeout, acceptor.accept(stream, peer));
+                        let handshake = Box::pin(tokio::time::timeout(handshake_timeout, acceptor.accept(stream, peer)));
                         let result = tokio::select! {
                             r = handshake => r,
                             _ = ctx.shutdown.cancelled() => return,
                         };
                         match result {
-                            Ok(Ok((stream, info))) => crate::connection::run(ctx, stream, info).await,
+                            Ok(Ok((stream, info))) => Box::pin(crate::connection::run(ctx, stream, info)).await,
                             Ok(Err(TransportError::HttpServed)) => {}
                             Ok(Err(e)) => tracing::debug!(%peer, error = %e, "handshake failed"),
                             Err(_) => tracing::debug!(%peer, "handshake timed out after {handshake_timeout:?}"),

@@ -107,13 +107,13 @@ where
     }))
     .await;
     let connect = match first {
-        Ok(Ok(Packet::Connect(c))) => *c,
+        Ok(Ok(Packet::Connect(c))) => c,
         Ok(Err(Some(DecodeError::UnsupportedProtocolVersion(_)))) => {
             // Answer in 3.1.1 form, which every client version can read [MQTT-3.1.2-2].
             let ack = ConnAck { code: ReasonCode::UNSUPPORTED_PROTOCOL_VERSION, ..ConnAck::default() };
             ctx.metrics.connect_result(ack.code);
             counted.reason = "connect_refused";
-            let _ = write_now(&mut writer, &Packet::ConnAck(ack), Protocol::V311).await;
+            let _ = Box::pin(write_now(&mut writer, &Packet::ConnAck(ack), Protocol::V311)).await;
             return;
         }
         Ok(Err(None)) if inbuf.first().is_some_and(|b| b >> 4 != protocol::CONNECT_TYPE) => {
@@ -135,10 +135,10 @@ where
     };
     // Each phase's state lives on the heap only while that phase runs: an idle connection
     // then carries the state of the main loop alone (see the memory figures in
-    // docs/benchmarks.md).
-    // The connection's state is boxed too: held in this future, it would widen every one of
-    // its states (the CONNECT read's, the refusal write's) to its size.
-    let mut conn = match Box::pin(Conn::accept(ctx.clone(), connect, info, conn_id, &mut writer)).await {
+    // docs/benchmarks.md). The connection's state is boxed too: held in this future, it
+    // would widen every one of its states (the CONNECT read's, the refusal write's) to its
+    // size.
+    let mut conn = match Box::pin(Conn::accept(ctx.clone(), *connect, info, conn_id, &mut writer)).await {
         Some(c) => Box::new(c),
         None => {
             counted.reason = "connect_refused";
@@ -351,8 +351,9 @@ impl Conn {
         let mut kicked = std::mem::replace(&mut self.registration.kicked, placeholder);
         let shutdown = self.ctx.shutdown.clone();
 
-        // Packets that arrived together with CONNECT.
-        if let Err(end) = self.decode_all(&mut inbuf, max_packet, acks, backend_timeout).await {
+        // Packets that arrived together with CONNECT (boxed like every packet handling: inline,
+        // its state would be part of the loop's for the connection's life).
+        if let Err(end) = Box::pin(self.decode_all(&mut inbuf, max_packet, acks, backend_timeout)).await {
             return end;
         }
         let mut last_read = 0usize;

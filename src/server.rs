@@ -83,7 +83,8 @@ impl Listener {
                     // of one task the size of the larger of the two for the connection's life.
                     tokio::spawn(async move {
                         let _permits = (permit, total);
-                        let handshake = Box::pin(tokio::time::timeout(handshake_timeout, acceptor.accept(stream, peer)));
+                        let handshake =
+                            Box::pin(tokio::time::timeout(handshake_timeout, acceptor.accept(stream, peer)));
                         let result = tokio::select! {
                             r = handshake => r,
                             _ = ctx.shutdown.cancelled() => return,

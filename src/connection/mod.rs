@@ -38,6 +38,7 @@ use crate::protocol::{
 };
 use crate::router::mapping::{self, CoreTopic, Message, Unmapped};
 use crate::router::{topic, Delivery, Reattach, SessionSlot};
+use crate::session::acks::ClientAck;
 use crate::session::persist::{Stored, StoredInflight};
 use crate::session::registry::{Kick, Registration};
 use crate::session::state::{Origin, Outbound, OutboundStage, Pending, Qos2Intent, SessionState, Subscription};
@@ -560,64 +561,10 @@ impl Conn {
     ) -> Result<(), End> {
         match packet {
             Packet::Publish(p) => self.on_publish(p, acks, backend_timeout).await,
-            Packet::PubAck(r) => {
-                if let Some(o) = self.state.outbound.remove(&r.packet_id) {
-                    self.trace(crate::trace::Kind::Acked, &o.message, || format!("puback {}", r.code.0));
-                    let above = self.state.ack_origin(&o.origin);
-                    self.dirty = true;
-                    self.check_acked_above(above)?;
-                }
-                Ok(())
-            }
-            Packet::PubRec(r) => {
-                let pid = r.packet_id;
-                if r.code.is_error() {
-                    if let Some(o) = self.state.outbound.remove(&pid) {
-                        let above = self.state.ack_origin(&o.origin);
-                        self.check_acked_above(above)?;
-                    }
-                    return Ok(());
-                }
-                let origin = match self.state.outbound.get_mut(&pid) {
-                    Some(o) => {
-                        o.stage = OutboundStage::Released;
-                        let (message, origin) = (o.message.clone(), o.origin.clone());
-                        self.trace(crate::trace::Kind::Acked, &message, || "pubrec".into());
-                        origin
-                    }
-                    None if self.protocol == Protocol::V5 => {
-                        let mut rel = PubResponse::new(pid);
-                        rel.code = ReasonCode::PACKET_IDENTIFIER_NOT_FOUND;
-                        self.send(&Packet::PubRel(rel));
-                        return Ok(());
-                    }
-                    None => None,
-                };
-                let above = self.state.ack_origin(&origin);
-                self.dirty = true;
-                self.check_acked_above(above)?;
-                self.send(&Packet::PubRel(PubResponse::new(pid)));
-                Ok(())
-            }
-            Packet::PubComp(r) => {
-                if self.state.outbound.remove(&r.packet_id).is_some() {
-                    self.dirty = true;
-                }
-                Ok(())
-            }
-            Packet::PubRel(r) => {
-                let known = self.state.inbound_qos2.remove(&r.packet_id.get());
-                if known {
-                    self.dirty = true;
-                    self.done_inbound(QoS::ExactlyOnce);
-                }
-                let mut comp = PubResponse::new(r.packet_id);
-                if !known && self.protocol == Protocol::V5 {
-                    comp.code = ReasonCode::PACKET_IDENTIFIER_NOT_FOUND;
-                }
-                self.send(&Packet::PubComp(comp));
-                Ok(())
-            }
+            Packet::PubAck(r) => self.on_client_ack(ClientAck::PubAck(r)),
+            Packet::PubRec(r) => self.on_client_ack(ClientAck::PubRec(r)),
+            Packet::PubComp(r) => self.on_client_ack(ClientAck::PubComp(r)),
+            Packet::PubRel(r) => self.on_client_ack(ClientAck::PubRel(r)),
             Packet::Subscribe(s) => self.on_subscribe(s).await,
             Packet::Unsubscribe(u) => {
                 self.on_unsubscribe(u);
@@ -647,6 +594,24 @@ impl Conn {
                 Err(End::Server(ReasonCode::PROTOCOL_ERROR, "server-to-client packet sent by a client"))
             }
         }
+    }
+
+    /// Apply the client's acknowledgement to the session (`session::acks`), then do what it
+    /// says: trace, bound the acknowledgements kept above an unacknowledged message, answer.
+    fn on_client_ack(&mut self, ack: ClientAck) -> Result<(), End> {
+        let step = self.state.on_client_ack(ack, self.protocol);
+        if let Some((message, how)) = &step.acked {
+            self.trace(crate::trace::Kind::Acked, message, || how.to_string());
+        }
+        self.dirty |= step.changed;
+        if step.inbound_done {
+            self.done_inbound(QoS::ExactlyOnce);
+        }
+        self.check_acked_above(step.acked_above)?;
+        if let Some(reply) = &step.reply {
+            self.send(reply);
+        }
+        Ok(())
     }
 
     /// A session save finished: the PUBRECs that waited for it go out, or wait for the next.

@@ -2,6 +2,7 @@
 //!
 //! - [`backlog`]: backlog and delay of sessions for the metrics.
 //! - [`state`]: subscriptions, read positions, messages in flight (pure data + rules).
+//! - [`acks`]: the client's PUBACK / PUBREC / PUBCOMP / PUBREL applied to that state (no I/O).
 //! - [`persist`]: what of it is stored in the core service for persistent sessions.
 //! - [`registry`]: connected ClientIds on this gateway (takeover) and delayed wills.
 //! - [`expiry`]: removal of expired stored sessions.
@@ -9,6 +10,7 @@
 //! - [`takeover`]: closing local connections taken over on another gateway; forwarded resets.
 //! - [`reset`]: moving a persistent session's positions (latest, earliest, a time).
 
+pub mod acks;
 pub mod backlog;
 pub mod expiry;
 pub mod owners;

@@ -226,6 +226,37 @@ mod tests {
         assert!(matches!(rel311.reply, Some(Packet::PubComp(ref r)) if r.code == ReasonCode::SUCCESS));
     }
 
+    proptest::proptest! {
+        /// Any order of PUBACKs (repeats and unknown ids included) against a model: the set
+        /// of messages not yet acknowledged. The session keeps exactly those in flight, its
+        /// read position is the oldest of them, and it reports how many acknowledgements it
+        /// keeps above that one.
+        #[test]
+        fn pubacks_in_any_order_match_the_model(
+            n in 1u16..40,
+            acks in proptest::collection::vec(1u16..45, 0..80),
+        ) {
+            let mut s = session(n, QoS::AtLeastOnce);
+            let mut unacked: std::collections::BTreeSet<u64> = (0..u64::from(n)).collect();
+            for k in acks {
+                let step = s.on_client_ack(ClientAck::PubAck(resp(k)), Protocol::V5);
+                let offset = u64::from(k) - 1;
+                let known = unacked.remove(&offset);
+                proptest::prop_assert_eq!(step.changed, known);
+                proptest::prop_assert!(step.reply.is_none());
+                let low = unacked.first().copied().unwrap_or(u64::from(n));
+                let above = (low + 1..u64::from(n)).filter(|o| !unacked.contains(o)).count();
+                if known {
+                    proptest::prop_assert_eq!(step.acked_above, above);
+                }
+                proptest::prop_assert_eq!(s.cursors[&tp()].committed(), low);
+                let in_flight: std::collections::BTreeSet<u64> =
+                    s.outbound.keys().map(|p| u64::from(p.get()) - 1).collect();
+                proptest::prop_assert_eq!(&in_flight, &unacked);
+            }
+        }
+    }
+
     #[test]
     fn pubrel_completes_a_received_qos2_message_once() {
         let mut s = session(0, QoS::ExactlyOnce);

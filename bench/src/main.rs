@@ -86,6 +86,29 @@ enum Scenario {
     StateOffsets,
 }
 
+/// The key `--sign` connects with (set once at start).
+static SIGN: OnceLock<Option<SignKey>> = OnceLock::new();
+
+struct SignKey {
+    id: String,
+    secret: String,
+    instance: String,
+}
+
+impl SignKey {
+    fn parse(spec: &str) -> Result<SignKey> {
+        let mut parts = spec.splitn(3, ':');
+        match (parts.next(), parts.next(), parts.next()) {
+            (Some(id), Some(secret), instance) if !id.is_empty() && !secret.is_empty() => Ok(SignKey {
+                id: id.into(),
+                secret: secret.into(),
+                instance: instance.unwrap_or("bench").into(),
+            }),
+            _ => bail!("--sign wants ACCESS_KEY_ID:SECRET[:INSTANCE_ID]"),
+        }
+    }
+}
+
 #[derive(Debug, Parser)]
 #[command(name = "lmq-bench", about = "MQTT load generator and benchmark (loopback only)")]
 struct Args {
@@ -128,6 +151,11 @@ struct Args {
     /// Use MQTT 5.0 instead of 3.1.1.
     #[arg(long)]
     mqtt5: bool,
+    /// Connect with LMQ signature authentication: `ACCESS_KEY_ID:SECRET[:INSTANCE_ID]`
+    /// (user name `Signature|<id>|<instance>`, password the HMAC-SHA1 of the ClientId);
+    /// anonymous when absent.
+    #[arg(long, value_name = "ID:SECRET[:INSTANCE]")]
+    sign: Option<String>,
     /// Server process to sample (/proc/<pid>): CPU time and RSS.
     #[arg(long)]
     server_pid: Option<u32>,
@@ -316,14 +344,21 @@ impl Conn {
             server_receive_max: u16::MAX,
             session_present: false,
         };
+        let (username, password) = match SIGN.get().and_then(Option::as_ref) {
+            Some(key) => (
+                Some(format!("Signature|{}|{}", key.id, key.instance)),
+                Some(bytes::Bytes::from(lmq_gateway::auth::signature::sign(&key.secret, &client_id))),
+            ),
+            None => (None, None),
+        };
         let connect = Connect {
             protocol,
             clean_start,
             keep_alive: keepalive,
             client_id,
             will: None,
-            username: None,
-            password: None,
+            username,
+            password,
             properties: ConnectProperties::default(),
         };
         conn.queue(&Packet::Connect(Box::new(connect)))?;
@@ -1581,6 +1616,14 @@ impl Report {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    let key = match args.sign.as_deref().map(SignKey::parse).transpose() {
+        Ok(key) => key,
+        Err(e) => {
+            eprintln!("lmq-bench: {e:#}");
+            std::process::exit(2);
+        }
+    };
+    let _ = SIGN.set(key);
     if args.scenario == Scenario::MockKafka {
         // Serves until killed; librdkafka runs the cluster on its own threads.
         return match args.validate().and_then(|_| kafka::mock_cluster(&args)) {

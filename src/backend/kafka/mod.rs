@@ -183,7 +183,7 @@ impl KafkaCore {
                 .collect())
         })
         .await
-        .map_err(|e| BackendError::Unavailable(e.to_string()))?
+        .map_err(|e| BackendError::unavailable_from("Kafka metadata task failed", e))?
     }
 
     /// The events topic and the compacted state topics: created if missing (when allowed),
@@ -218,7 +218,7 @@ impl KafkaCore {
         }
         if !self.metadata(Some(topic)).await?.contains_key(topic) {
             if !self.config.create_topics {
-                return Err(BackendError::UnknownTopic(topic.to_owned()));
+                return Err(BackendError::unknown_topic(topic));
             }
             self.create_topic(topic, partitions, (false, retention_ms)).await?;
         }
@@ -254,7 +254,7 @@ impl KafkaCore {
                 Ok(_) => tracing::info!(topic, partitions, compacted, "created Kafka topic"),
                 Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
                 Err((t, code)) => {
-                    return Err(BackendError::Unavailable(format!("cannot create Kafka topic `{t}`: {code}")));
+                    return Err(BackendError::unavailable_from(format!("cannot create Kafka topic `{t}`"), code));
                 }
             }
         }
@@ -283,7 +283,7 @@ impl KafkaCore {
                 return Ok(info.partitions);
             }
             if tokio::time::Instant::now() > deadline {
-                return Err(BackendError::UnknownTopic(topic.to_owned()));
+                return Err(BackendError::unknown_topic(topic));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -292,7 +292,7 @@ impl KafkaCore {
     /// Current end offsets of every partition of a topic.
     fn end_offsets(&self, topic: &str) -> BoxFuture<'static, Result<Vec<(i32, i64)>>> {
         let Some(n) = self.partitions.read().get(topic).copied() else {
-            let unknown = BackendError::UnknownTopic(topic.to_owned());
+            let unknown = BackendError::unknown_topic(topic);
             return Box::pin(async move { Err(unknown) });
         };
         let ends: Vec<_> = (0..n as i32).map(|p| self.high_watermark(topic, p)).collect();
@@ -478,7 +478,7 @@ impl CoreService for KafkaCore {
     }
 
     fn partitions(&self, topic: &str) -> Result<u32> {
-        self.partitions.read().get(topic).copied().ok_or_else(|| BackendError::UnknownTopic(topic.to_owned()))
+        self.partitions.read().get(topic).copied().ok_or_else(|| BackendError::unknown_topic(topic))
     }
 
     fn enqueue(&self, topic: &str, record: CoreRecord) -> BoxFuture<'static, Result<AppendAck>> {
@@ -486,7 +486,7 @@ impl CoreService for KafkaCore {
         // `ensure_topic` first, so an unknown topic here is refused at once.
         if !self.partitions.read().contains_key(topic) {
             let topic = topic.to_owned();
-            return Box::pin(async move { Err(BackendError::UnknownTopic(topic)) });
+            return Box::pin(async move { Err(BackendError::unknown_topic(topic)) });
         }
         let headers = client::headers(&record);
         self.produce(topic, None, record.key, Some(record.value), Some(headers), Some(record.timestamp_ms))
@@ -525,7 +525,7 @@ impl CoreService for KafkaCore {
     }
 
     fn tail(&self) -> Box<dyn Tail> {
-        let consumer = client::consumer(&self.config).create::<StreamConsumer>().map_err(|e| e.to_string());
+        let consumer = client::consumer(&self.config).create::<StreamConsumer>();
         Box::new(tail::KafkaTail::new(consumer, self.closed.clone()))
     }
 

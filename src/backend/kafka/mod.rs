@@ -59,6 +59,23 @@ struct TopicInfo {
     led: bool,
 }
 
+/// Why [`KafkaCore::open`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// A librdkafka client could not be created (its configuration is refused).
+    #[error("Kafka client: {0}")]
+    Client(#[from] KafkaError),
+    /// Gateway topics are missing and `create_topics` is off.
+    #[error(
+        "Kafka topics missing: {} (create them — the state topics with cleanup.policy=compact — \
+         or set core.kafka.create_topics: true)",
+        .0.join(", ")
+    )]
+    TopicsMissing(Vec<String>),
+    #[error(transparent)]
+    Core(#[from] BackendError),
+}
+
 pub struct KafkaCore {
     config: KafkaConfig,
     events_topic: String,
@@ -80,7 +97,7 @@ pub struct KafkaCore {
 impl KafkaCore {
     /// Connect (waiting, with a log line per attempt, while the cluster is unreachable),
     /// create or check the gateway's topics and load the state stores.
-    pub async fn open(config: &KafkaConfig, events_topic: &str) -> anyhow::Result<Arc<KafkaCore>> {
+    pub async fn open(config: &KafkaConfig, events_topic: &str) -> std::result::Result<Arc<KafkaCore>, OpenError> {
         let producer = Arc::new(ProducerSlot {
             current: parking_lot::RwLock::new(client::producer(config).create()?),
             config: client::producer(config),
@@ -100,7 +117,10 @@ impl KafkaCore {
         let (state_dir, temporary) = match &config.state_cache_dir {
             Some(dir) => (dir.clone(), None),
             None => {
-                let tmp = tempfile::Builder::new().prefix("lmq-state-").tempdir()?;
+                let tmp = tempfile::Builder::new()
+                    .prefix("lmq-state-")
+                    .tempdir()
+                    .map_err(|e| BackendError::storage_from("state cache", e))?;
                 (tmp.path().to_owned(), Some(tmp))
             }
         };
@@ -111,7 +131,8 @@ impl KafkaCore {
         let disk = tokio::task::spawn_blocking(move || -> Result<Vec<DiskState>> {
             sources.iter().map(|(dir, source)| DiskState::open(dir, source)).collect()
         })
-        .await??;
+        .await
+        .map_err(|e| BackendError::storage_from("state cache: open task failed", e))??;
         let core = Arc::new(KafkaCore {
             config: config.clone(),
             events_topic: events_topic.to_owned(),
@@ -188,18 +209,13 @@ impl KafkaCore {
 
     /// The events topic and the compacted state topics: created if missing (when allowed),
     /// otherwise the start fails naming the missing ones.
-    async fn ensure_gateway_topics(&self) -> anyhow::Result<()> {
+    async fn ensure_gateway_topics(&self) -> std::result::Result<(), OpenError> {
         let existing = self.metadata(None).await?;
         let mut wanted: Vec<(String, bool)> = vec![(self.events_topic.clone(), false)];
         wanted.extend(StateStore::ALL.iter().map(|s| (self.state.topic(*s).to_owned(), true)));
         let missing: Vec<&(String, bool)> = wanted.iter().filter(|(t, _)| !existing.contains_key(t)).collect();
         if !missing.is_empty() && !self.config.create_topics {
-            let names: Vec<&str> = missing.iter().map(|(t, _)| t.as_str()).collect();
-            anyhow::bail!(
-                "Kafka topics missing: {} (create them — the state topics with cleanup.policy=compact — \
-                 or set core.kafka.create_topics: true)",
-                names.join(", ")
-            );
+            return Err(OpenError::TopicsMissing(missing.iter().map(|(t, _)| t.clone()).collect()));
         }
         for (topic, compacted) in missing {
             self.create_topic(topic, self.config.partitions, (*compacted, None)).await?;

@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::embedded::EmbeddedCore;
-use crate::backend::SharedCoreService;
+use crate::backend::{BackendError, SharedCoreService};
 use crate::config::{Config, CoreKind};
 use crate::context::Context;
 use crate::limits::Limits;
@@ -16,6 +16,41 @@ use crate::router::mapping::TopicMap;
 use crate::router::{Router, RouterLimits};
 use crate::server::Listener;
 use crate::session::registry::{Kick, Registry};
+
+/// Why [`Gateway::start`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The core service could not be opened, or refused what the start asked of it.
+    #[error(transparent)]
+    Core(#[from] BackendError),
+    #[cfg(feature = "kafka")]
+    #[error(transparent)]
+    Kafka(#[from] crate::backend::kafka::OpenError),
+    /// `core.kind` names a core service this binary was built without.
+    #[error("core.kind: {0} needs the `{0}` cargo feature")]
+    NotBuilt(&'static str),
+    #[error("listener `{name}` cannot bind {addr}: {source}")]
+    Bind {
+        name: String,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("listener `{name}`: no local address: {source}")]
+    LocalAddr {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Router(#[from] crate::router::RouterError),
+    #[error(transparent)]
+    Auth(#[from] crate::auth::AuthError),
+    #[error("cannot create the delay topics: {0}")]
+    DelayTopics(#[source] BackendError),
+    #[error(transparent)]
+    Admin(#[from] crate::admin::StartError),
+}
 
 /// A running gateway.
 pub struct Gateway {
@@ -31,7 +66,7 @@ pub struct Gateway {
 
 impl Gateway {
     /// Open the core service named in the config, start the router and bind every listener.
-    pub async fn start(config: Config) -> anyhow::Result<Gateway> {
+    pub async fn start(config: Config) -> Result<Gateway, StartError> {
         let backend: SharedCoreService = match config.core.kind {
             CoreKind::Embedded => EmbeddedCore::open(&config.core.embedded, &config.topics.events_topic).await?,
             #[cfg(feature = "kafka")]
@@ -39,32 +74,42 @@ impl Gateway {
                 crate::backend::kafka::KafkaCore::open(&config.core.kafka, &config.topics.events_topic).await?
             }
             #[cfg(not(feature = "kafka"))]
-            CoreKind::Kafka => anyhow::bail!("core.kind: kafka needs the `kafka` cargo feature"),
+            CoreKind::Kafka => return Err(StartError::NotBuilt("kafka")),
             #[cfg(feature = "rocketmq")]
             CoreKind::Rocketmq => {
                 crate::backend::rocketmq::RocketmqCore::open(&config.core.rocketmq, &config.topics.events_topic).await?
             }
             #[cfg(not(feature = "rocketmq"))]
-            CoreKind::Rocketmq => anyhow::bail!("core.kind: rocketmq needs the `rocketmq` cargo feature"),
+            CoreKind::Rocketmq => return Err(StartError::NotBuilt("rocketmq")),
         };
         Self::start_with_backend(config, backend).await
     }
 
     /// Start on an already opened core service (tests wrap one to inject failures).
-    pub async fn start_with_backend(config: Config, backend: SharedCoreService) -> anyhow::Result<Gateway> {
+    pub async fn start_with_backend(config: Config, backend: SharedCoreService) -> Result<Gateway, StartError> {
         // Metrics first: the router and the limits count into them.
         let metrics = Arc::new(crate::metrics::Metrics::new());
         metrics.listeners_known(config.listeners.iter().map(|l| (l.name.as_str(), l.transport.as_str())));
         let limits = Limits::new(config.limits.clone(), &metrics);
         let mut listeners = Vec::new();
         for l in &config.listeners {
-            let bound = Listener::bind(l, limits.max_packet_size())
-                .await
-                .map_err(|e| anyhow::anyhow!("listener `{}` cannot bind {}: {e}", l.name, l.bind))?;
+            let bound = Listener::bind(l, limits.max_packet_size()).await.map_err(|source| StartError::Bind {
+                name: l.name.clone(),
+                addr: l.bind,
+                source,
+            })?;
             listeners.push(bound);
         }
-        let addrs: Vec<(String, SocketAddr)> =
-            listeners.iter().map(|l| Ok((l.config.name.clone(), l.local_addr()?))).collect::<std::io::Result<_>>()?;
+        let addrs: Vec<(String, SocketAddr)> = listeners
+            .iter()
+            .map(|l| {
+                let name = l.config.name.clone();
+                match l.local_addr() {
+                    Ok(addr) => Ok((name, addr)),
+                    Err(source) => Err(StartError::LocalAddr { name, source }),
+                }
+            })
+            .collect::<Result<_, _>>()?;
         let tls: Vec<_> = listeners.iter().filter_map(|l| Some((l.config.name.clone(), l.tls()?))).collect();
         let gateway_id = config.gateway_id.clone().unwrap_or_else(|| {
             let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "gateway".into());
@@ -84,9 +129,7 @@ impl Gateway {
         .await?;
         let auth = Arc::new(crate::auth::Authenticator::start(&config.auth, backend.clone()).await?);
         let delay = crate::delay::Delays::new(&config, metrics.delay.clone());
-        crate::delay::create_topics(&delay.levels, &backend, &config.delay)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot create the delay topics: {e}"))?;
+        crate::delay::create_topics(&delay.levels, &backend, &config.delay).await.map_err(StartError::DelayTopics)?;
         let ctx = Arc::new(Context {
             tracer,
             delay,
@@ -224,5 +267,34 @@ fn warn_demo_secrets(config: &Config, listeners: &[(String, SocketAddr)], admin:
     let admin_token = config.admin.resolved_token();
     if admin.is_some_and(|a| exposed(&a)) && admin_token.is_some_and(|t| DEMO_SECRETS.contains(&t.expose())) {
         tracing::warn!("the admin API uses the shipped demo token on a non-loopback address: set LMQ_ADMIN_TOKEN");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The start errors keep what they wrap as their source, with the messages they had.
+    #[test]
+    fn start_errors_keep_their_source_and_message() {
+        let e = StartError::Bind {
+            name: "tcp".into(),
+            addr: "127.0.0.1:1883".parse().expect("address"),
+            source: std::io::Error::from(std::io::ErrorKind::AddrInUse),
+        };
+        assert!(e.to_string().starts_with("listener `tcp` cannot bind 127.0.0.1:1883: "), "{e}");
+        let source = std::error::Error::source(&e).and_then(|s| s.downcast_ref::<std::io::Error>());
+        assert_eq!(source.map(|s| s.kind()), Some(std::io::ErrorKind::AddrInUse));
+        let e = StartError::DelayTopics(BackendError::unavailable("down"));
+        assert_eq!(e.to_string(), "cannot create the delay topics: core service unavailable: down");
+        assert!(std::error::Error::source(&e).is_some_and(|s| s.is::<BackendError>()));
+        let e = StartError::from(BackendError::Closed);
+        assert_eq!(e.to_string(), "core service closed");
+        assert_eq!(StartError::NotBuilt("kafka").to_string(), "core.kind: kafka needs the `kafka` cargo feature");
+        #[cfg(feature = "kafka")]
+        {
+            let e = StartError::from(crate::backend::kafka::OpenError::TopicsMissing(vec!["a".into(), "b".into()]));
+            assert!(e.to_string().starts_with("Kafka topics missing: a, b (create them"), "{e}");
+        }
     }
 }

@@ -68,9 +68,7 @@ impl CoreService for Flaky {
     fn enqueue(&self, topic: &str, record: CoreRecord) -> BoxFuture<'static, Result<AppendAck>> {
         match self.mode.load(Ordering::SeqCst) {
             // Queued, then never stored: the acknowledgement fails or never comes.
-            FAIL => Box::pin(async {
-                Ok(Box::pin(async { Err(BackendError::Unavailable("injected".into())) }) as AppendAck)
-            }),
+            FAIL => Box::pin(async { Ok(Box::pin(async { Err(BackendError::unavailable("injected")) }) as AppendAck) }),
             STALL => Box::pin(async { Ok(Box::pin(std::future::pending()) as AppendAck) }),
             _ => self.inner.enqueue(topic, record),
         }

@@ -173,6 +173,21 @@ async fn serve(
     while connections.join_next().await.is_some() {}
 }
 
+/// Why [`AdminServer::start`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("admin API cannot bind {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("admin API: no local address: {0}")]
+    LocalAddr(#[source] std::io::Error),
+}
+
 /// The running admin server.
 pub struct AdminServer {
     pub addr: SocketAddr,
@@ -183,7 +198,7 @@ pub struct AdminServer {
 impl AdminServer {
     /// Bind `admin.bind` and serve until [`AdminServer::stop`]. Shutdown of the gateway turns
     /// `/readyz` false before this stops, so probes see the drain.
-    pub async fn start(ctx: Arc<Context>) -> anyhow::Result<AdminServer> {
+    pub async fn start(ctx: Arc<Context>) -> Result<AdminServer, StartError> {
         let bind = ctx.config.admin.bind_addr()?;
         let token = ctx.config.admin.resolved_token();
         if token.is_none() {
@@ -192,10 +207,9 @@ impl AdminServer {
                 ctx.config.admin.token_env
             );
         }
-        let listener = tokio::net::TcpListener::bind(bind)
-            .await
-            .map_err(|e| anyhow::anyhow!("admin API cannot bind {bind}: {e}"))?;
-        let addr = listener.local_addr()?;
+        let listener =
+            tokio::net::TcpListener::bind(bind).await.map_err(|source| StartError::Bind { addr: bind, source })?;
+        let addr = listener.local_addr().map_err(StartError::LocalAddr)?;
         let stop = CancellationToken::new();
         // A client that trickles a request's headers cannot hold a connection; connections
         // beyond the cap are closed at once.

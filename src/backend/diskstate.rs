@@ -39,8 +39,9 @@ const CACHE_BYTES: usize = 16 * 1024 * 1024;
 /// How long [`DiskState::open`] waits for another holder of the directory to let it go.
 const LOCK_WAIT: Duration = Duration::from_secs(5);
 
-fn storage(e: impl std::fmt::Display) -> BackendError {
-    BackendError::Storage(format!("state cache: {e}"))
+/// A failure of the file (io, redb), kept as the error's source.
+fn storage(e: impl std::error::Error + Send + Sync + 'static) -> BackendError {
+    BackendError::storage_from("state cache", e)
 }
 
 /// One change read from the source topic.
@@ -80,8 +81,8 @@ impl DiskState {
         let deadline = Instant::now() + LOCK_WAIT;
         while lock.try_lock().is_err() {
             if Instant::now() >= deadline {
-                return Err(storage(format!(
-                    "{} is in use by another gateway process (each needs its own directory)",
+                return Err(BackendError::storage(format!(
+                    "state cache: {} is in use by another gateway process (each needs its own directory)",
                     dir.display()
                 )));
             }
@@ -109,7 +110,9 @@ impl DiskState {
             let current = meta.get("source").map_err(storage)?.map(|v| v.value().to_owned());
             match current {
                 Some(s) if s == source => {}
-                Some(s) => return Err(storage(format!("filled from `{s}`, not `{source}`"))),
+                Some(s) => {
+                    return Err(BackendError::storage(format!("state cache: filled from `{s}`, not `{source}`")))
+                }
                 None => {
                     meta.insert("source", source).map_err(storage)?;
                 }
@@ -361,7 +364,7 @@ impl DiskStore {
         let file = self.file()?;
         tokio::task::spawn_blocking(move || file.get(&key))
             .await
-            .unwrap_or_else(|e| Err(BackendError::Storage(e.to_string())))
+            .unwrap_or_else(|e| Err(BackendError::storage_from("state cache: read task failed", e)))
     }
 
     /// Stop the thread (after the job in progress) and make the file durable (at shutdown).

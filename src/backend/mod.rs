@@ -14,6 +14,7 @@
 
 pub mod diskstate;
 pub mod embedded;
+mod error;
 #[cfg(feature = "kafka")]
 pub mod kafka;
 #[cfg(feature = "rocketmq")]
@@ -25,6 +26,8 @@ use std::fmt;
 use std::sync::Arc;
 
 use crate::events::{ClientEvent, GATEWAY_HEADER, TYPE_HEADER};
+
+pub use error::{BackendError, BoxError};
 
 /// One record as the core service stores it (Kafka's model: key, headers, value, time).
 #[derive(Clone, PartialEq, Eq)]
@@ -123,32 +126,6 @@ pub struct Fetched {
     pub next_offset: u64,
     /// Offset the next appended record will get (the end of the log).
     pub high_watermark: u64,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum BackendError {
-    /// The service cannot be reached or refuses work right now; retrying later may succeed.
-    #[error("core service unavailable: {0}")]
-    Unavailable(String),
-    #[error("unknown core-service topic `{0}`")]
-    UnknownTopic(String),
-    #[error("core service timed out after {0:?}")]
-    Timeout(std::time::Duration),
-    #[error("core service storage error: {0}")]
-    Storage(String),
-    /// The service was shut down by this process.
-    #[error("core service closed")]
-    Closed,
-    /// The service refuses this record for good (too large for the topic, not authorised):
-    /// sending it again cannot succeed.
-    #[error("core service refused the record: {0}")]
-    Rejected(String),
-}
-
-impl From<std::io::Error> for BackendError {
-    fn from(e: std::io::Error) -> Self {
-        BackendError::Storage(e.to_string())
-    }
 }
 
 pub type Result<T, E = BackendError> = std::result::Result<T, E>;
@@ -278,7 +255,7 @@ pub trait CoreService: Send + Sync + 'static {
     /// Join consumer group `group` reading `topic`. A group that is new starts at the end of
     /// the topic. Leaving the group = dropping the returned member.
     fn group_tail(&self, _group: &str, _topic: &str) -> Result<Box<dyn GroupTail>> {
-        Err(BackendError::Unavailable("this core service has no consumer groups".into()))
+        Err(BackendError::unavailable("this core service has no consumer groups"))
     }
 
     /// Write (Some) or delete (None) a key of a state store; resolves once durable.

@@ -262,7 +262,7 @@ impl Conn {
     ) -> Result<(u64, u64), BackendError> {
         let f = fetch(&self.ctx, tp, h.lo, PULL_FETCH, timeout).await?;
         if f.records.is_empty() && f.next_offset <= h.lo && h.lo < f.high_watermark {
-            return Err(BackendError::Unavailable(format!("nothing read at {tp}:{}", h.lo)));
+            return Err(BackendError::unavailable(format!("nothing read at {tp}:{}", h.lo)));
         }
         let mut lo = h.lo;
         for r in f.records.iter().filter(|r| r.offset >= h.lo) {
@@ -301,7 +301,7 @@ impl Conn {
             let max = usize::try_from(h.hi - from).unwrap_or(PULL_FETCH).min(PULL_FETCH);
             let f = fetch(&self.ctx, tp, from, max, timeout).await?;
             if f.records.is_empty() && f.next_offset <= from && from < f.high_watermark {
-                return Err(BackendError::Unavailable(format!("nothing read at {tp}:{from}")));
+                return Err(BackendError::unavailable(format!("nothing read at {tp}:{from}")));
             }
             window.extend(f.records.iter().filter(|r| r.offset >= from && r.offset < h.hi).cloned());
             if f.records.is_empty() || f.next_offset <= from {

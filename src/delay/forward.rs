@@ -270,7 +270,8 @@ impl Forwarder {
         if !self.lease.valid() {
             return Err(Failed::Lease);
         }
-        let value = serde_json::to_vec(cp).map_err(|e| Failed::Core(BackendError::Storage(e.to_string())))?;
+        let value =
+            serde_json::to_vec(cp).map_err(|e| Failed::Core(BackendError::storage_from("delay checkpoint", e)))?;
         self.within(self.core.put_state(StateStore::Delay, &self.key(), Some(value.into()))).await
     }
 
@@ -331,7 +332,7 @@ impl Forwarder {
                     let copy = is_level.then(|| self.delays.hands_over(&topic).then(|| record.clone()));
                     match self.within(self.core.enqueue(&topic, record)).await {
                         Ok(ack) => acks.push((topic, copy, retained, due, ack)),
-                        Err(Failed::Core(BackendError::Rejected(e))) => self.rejected(&topic, &e),
+                        Err(Failed::Core(e @ BackendError::Rejected { .. })) => self.rejected(&topic, &e),
                         Err(e) => return Err(e),
                     }
                 }
@@ -342,7 +343,7 @@ impl Forwarder {
         for (topic, copy, retained, due, ack) in acks {
             let at = match self.within(ack).await {
                 Ok(at) => at,
-                Err(Failed::Core(BackendError::Rejected(e))) => {
+                Err(Failed::Core(e @ BackendError::Rejected { .. })) => {
                     self.rejected(&topic, &e);
                     continue;
                 }
@@ -365,12 +366,12 @@ impl Forwarder {
 
     /// A record the core service refuses for good (too large for its topic, not authorised):
     /// counted and skipped, so that it does not hold up the level forever.
-    fn rejected(&self, topic: &str, error: &str) {
+    fn rejected(&self, topic: &str, error: &BackendError) {
         tracing::warn!(
             level = self.level,
             partition = self.partition,
             topic,
-            error,
+            error = %error,
             "the core service refuses a delayed message for good; dropped"
         );
         self.delays.metrics.dropped.with_label_values(&["rejected"]).inc();

@@ -389,7 +389,7 @@ pub async fn events_written(core: &dyn CoreService, events_topic: &str, client_i
 /// Appends and reads of a topic that does not exist are refused.
 pub async fn unknown_topic_refused(core: &dyn CoreService, topic: &str) {
     match step("append", core.append(topic, record(Some("k"), "x"))).await {
-        Err(BackendError::UnknownTopic(_)) => {}
+        Err(BackendError::UnknownTopic { .. }) => {}
         other => panic!("append to unknown topic: {other:?}"),
     }
     assert!(core.partitions(topic).is_err());

@@ -149,7 +149,7 @@ fn check_topic_name(name: &str) -> Result<()> {
     if valid_topic_name(name) {
         Ok(())
     } else {
-        Err(BackendError::Storage(format!("invalid topic name `{name}`: use letters, digits, `-`, `_`, `.`")))
+        Err(BackendError::storage(format!("invalid topic name `{name}`: use letters, digits, `-`, `_`, `.`")))
     }
 }
 
@@ -249,7 +249,7 @@ impl EmbeddedCore {
                 (log_dir.clone(), state_dir.clone(), config.clone(), settings.clone());
             tokio::task::spawn_blocking(move || recover_blocking(&log_dir, &state_dir, &config, &settings))
                 .await
-                .map_err(|e| BackendError::Storage(format!("recovery task failed: {e}")))??
+                .map_err(|e| BackendError::storage_from("recovery task failed", e))??
         };
         let healthy = Arc::new(AtomicBool::new(true));
         let topics = topics
@@ -330,7 +330,7 @@ impl Shared {
     }
 
     fn topic(&self, name: &str) -> Result<Arc<Topic>> {
-        self.topics.read().get(name).cloned().ok_or_else(|| BackendError::UnknownTopic(name.to_owned()))
+        self.topics.read().get(name).cloned().ok_or_else(|| BackendError::unknown_topic(name))
     }
 
     fn partition(&self, tp: &TopicPartition) -> Result<Arc<Partition>> {
@@ -338,7 +338,7 @@ impl Shared {
             .partitions
             .get(tp.partition as usize)
             .cloned()
-            .ok_or_else(|| BackendError::UnknownTopic(tp.to_string()))
+            .ok_or_else(|| BackendError::unknown_topic(tp.to_string()))
     }
 
     async fn ensure_topic(&self, name: &str, partitions: u32) -> Result<()> {
@@ -357,7 +357,7 @@ impl Shared {
             open_topic_blocking(&log_dir, &topic, &existing_for_open, partitions, &settings)
         })
         .await
-        .map_err(|e| BackendError::Storage(format!("topic creation task failed: {e}")))??;
+        .map_err(|e| BackendError::storage_from("topic creation task failed", e))??;
         let mut all = existing;
         for p in new {
             let p = Arc::new(p);

@@ -242,7 +242,7 @@ impl Partition {
             let read =
                 tokio::task::spawn_blocking(move || segment::read_records(&tp, &spans, start, high_watermark, max))
                     .await
-                    .map_err(|e| BackendError::Storage(format!("read task failed: {e}")))?;
+                    .map_err(|e| BackendError::storage_from("read task failed", e))?;
             match read {
                 Ok(records) => {
                     let next_offset = records.last().map_or(high_watermark, |r| r.offset + 1);
@@ -444,7 +444,7 @@ impl Writer {
                 self.healthy.store(false, Ordering::Release);
                 self.file = None;
                 for req in batch {
-                    let _ = req.done.send(Err(BackendError::Storage(e.to_string())));
+                    let _ = req.done.send(Err(BackendError::storage_io_copy(&e)));
                 }
             }
         }
@@ -601,7 +601,7 @@ async fn run_blocking<T: Send + 'static>(f: impl FnOnce() -> io::Result<T> + Sen
 pub(crate) fn check_record(record: &CoreRecord) -> Result<()> {
     let len = segment::frame_len(record);
     if len > segment::MAX_FRAME_BYTES || record.key.as_ref().is_some_and(|k| k.len() > i32::MAX as usize) {
-        return Err(BackendError::Storage(format!(
+        return Err(BackendError::storage(format!(
             "record of {len} bytes exceeds the limit of {} bytes",
             segment::MAX_FRAME_BYTES
         )));

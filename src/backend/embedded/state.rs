@@ -102,7 +102,7 @@ pub(crate) fn decode(body: Bytes) -> Option<(String, Option<Bytes>)> {
 pub(crate) fn check_put(key: &str, value: Option<&Bytes>) -> Result<()> {
     let size = frame_size(key, value);
     if size > MAX_FRAME_BYTES as u64 {
-        return Err(BackendError::Storage(format!(
+        return Err(BackendError::storage(format!(
             "state entry of {size} bytes exceeds the limit of {MAX_FRAME_BYTES} bytes"
         )));
     }
@@ -353,7 +353,7 @@ impl KvWriter {
                 tracing::error!(store = ?self.kv.store, error = %e, "state write failed");
                 self.healthy.store(false, Ordering::Release);
                 for req in batch {
-                    let _ = req.done.send(Err(BackendError::Storage(e.to_string())));
+                    let _ = req.done.send(Err(BackendError::storage_io_copy(&e)));
                 }
                 return;
             }

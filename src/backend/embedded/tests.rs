@@ -238,7 +238,7 @@ async fn write_failure_fails_appends_and_availability() {
     let blocker = dir.path().join("log/t/0").join(segment::segment_file_name(1));
     std::fs::create_dir(&blocker).unwrap();
     match core.append("t", record(1, 1)).await {
-        Err(BackendError::Storage(_)) => {}
+        Err(BackendError::Storage { .. }) => {}
         other => panic!("expected a storage error, got {other:?}"),
     }
     assert!(!core.is_available());

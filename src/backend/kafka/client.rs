@@ -96,7 +96,7 @@ fn transient(e: &KafkaError) -> bool {
 pub(super) fn error(e: KafkaError) -> BackendError {
     match e.rdkafka_error_code() {
         Some(RDKafkaErrorCode::UnknownTopicOrPartition) | Some(RDKafkaErrorCode::UnknownTopic) => {
-            BackendError::UnknownTopic(e.to_string())
+            BackendError::unknown_topic_from("", e)
         }
         Some(
             RDKafkaErrorCode::MessageSizeTooLarge
@@ -105,11 +105,11 @@ pub(super) fn error(e: KafkaError) -> BackendError {
             | RDKafkaErrorCode::InvalidTimestamp
             | RDKafkaErrorCode::PolicyViolation
             | RDKafkaErrorCode::TopicAuthorizationFailed,
-        ) => BackendError::Rejected(e.to_string()),
+        ) => BackendError::rejected_from("", e),
         Some(RDKafkaErrorCode::MessageTimedOut) | Some(RDKafkaErrorCode::OperationTimedOut) => {
-            BackendError::Unavailable(format!("Kafka did not store the record in time: {e}"))
+            BackendError::unavailable_from("Kafka did not store the record in time", e)
         }
-        _ => BackendError::Unavailable(e.to_string()),
+        _ => BackendError::unavailable_from("", e),
     }
 }
 

@@ -113,7 +113,7 @@ impl Readers {
             Ok(offset)
         })
         .await
-        .map_err(|e| BackendError::Unavailable(e.to_string()))?
+        .map_err(|e| BackendError::unavailable_from("Kafka offset lookup task failed", e))?
     }
 }
 

@@ -59,6 +59,23 @@ struct TopicInfo {
     led: bool,
 }
 
+/// Why [`KafkaCore::open`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// A librdkafka client could not be created (its configuration is refused).
+    #[error("Kafka client: {0}")]
+    Client(#[from] KafkaError),
+    /// Gateway topics are missing and `create_topics` is off.
+    #[error(
+        "Kafka topics missing: {} (create them — the state topics with cleanup.policy=compact — \
+         or set core.kafka.create_topics: true)",
+        .0.join(", ")
+    )]
+    TopicsMissing(Vec<String>),
+    #[error(transparent)]
+    Core(#[from] BackendError),
+}
+
 pub struct KafkaCore {
     config: KafkaConfig,
     events_topic: String,
@@ -80,7 +97,7 @@ pub struct KafkaCore {
 impl KafkaCore {
     /// Connect (waiting, with a log line per attempt, while the cluster is unreachable),
     /// create or check the gateway's topics and load the state stores.
-    pub async fn open(config: &KafkaConfig, events_topic: &str) -> anyhow::Result<Arc<KafkaCore>> {
+    pub async fn open(config: &KafkaConfig, events_topic: &str) -> std::result::Result<Arc<KafkaCore>, OpenError> {
         let producer = Arc::new(ProducerSlot {
             current: parking_lot::RwLock::new(client::producer(config).create()?),
             config: client::producer(config),
@@ -100,7 +117,10 @@ impl KafkaCore {
         let (state_dir, temporary) = match &config.state_cache_dir {
             Some(dir) => (dir.clone(), None),
             None => {
-                let tmp = tempfile::Builder::new().prefix("lmq-state-").tempdir()?;
+                let tmp = tempfile::Builder::new()
+                    .prefix("lmq-state-")
+                    .tempdir()
+                    .map_err(|e| BackendError::storage_from("state cache", e))?;
                 (tmp.path().to_owned(), Some(tmp))
             }
         };
@@ -111,7 +131,8 @@ impl KafkaCore {
         let disk = tokio::task::spawn_blocking(move || -> Result<Vec<DiskState>> {
             sources.iter().map(|(dir, source)| DiskState::open(dir, source)).collect()
         })
-        .await??;
+        .await
+        .map_err(|e| BackendError::storage_from("state cache: open task failed", e))??;
         let core = Arc::new(KafkaCore {
             config: config.clone(),
             events_topic: events_topic.to_owned(),
@@ -183,23 +204,18 @@ impl KafkaCore {
                 .collect())
         })
         .await
-        .map_err(|e| BackendError::Unavailable(e.to_string()))?
+        .map_err(|e| BackendError::unavailable_from("Kafka metadata task failed", e))?
     }
 
     /// The events topic and the compacted state topics: created if missing (when allowed),
     /// otherwise the start fails naming the missing ones.
-    async fn ensure_gateway_topics(&self) -> anyhow::Result<()> {
+    async fn ensure_gateway_topics(&self) -> std::result::Result<(), OpenError> {
         let existing = self.metadata(None).await?;
         let mut wanted: Vec<(String, bool)> = vec![(self.events_topic.clone(), false)];
         wanted.extend(StateStore::ALL.iter().map(|s| (self.state.topic(*s).to_owned(), true)));
         let missing: Vec<&(String, bool)> = wanted.iter().filter(|(t, _)| !existing.contains_key(t)).collect();
         if !missing.is_empty() && !self.config.create_topics {
-            let names: Vec<&str> = missing.iter().map(|(t, _)| t.as_str()).collect();
-            anyhow::bail!(
-                "Kafka topics missing: {} (create them — the state topics with cleanup.policy=compact — \
-                 or set core.kafka.create_topics: true)",
-                names.join(", ")
-            );
+            return Err(OpenError::TopicsMissing(missing.iter().map(|(t, _)| t.clone()).collect()));
         }
         for (topic, compacted) in missing {
             self.create_topic(topic, self.config.partitions, (*compacted, None)).await?;
@@ -218,7 +234,7 @@ impl KafkaCore {
         }
         if !self.metadata(Some(topic)).await?.contains_key(topic) {
             if !self.config.create_topics {
-                return Err(BackendError::UnknownTopic(topic.to_owned()));
+                return Err(BackendError::unknown_topic(topic));
             }
             self.create_topic(topic, partitions, (false, retention_ms)).await?;
         }
@@ -254,7 +270,7 @@ impl KafkaCore {
                 Ok(_) => tracing::info!(topic, partitions, compacted, "created Kafka topic"),
                 Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
                 Err((t, code)) => {
-                    return Err(BackendError::Unavailable(format!("cannot create Kafka topic `{t}`: {code}")));
+                    return Err(BackendError::unavailable_from(format!("cannot create Kafka topic `{t}`"), code));
                 }
             }
         }
@@ -283,7 +299,7 @@ impl KafkaCore {
                 return Ok(info.partitions);
             }
             if tokio::time::Instant::now() > deadline {
-                return Err(BackendError::UnknownTopic(topic.to_owned()));
+                return Err(BackendError::unknown_topic(topic));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -292,7 +308,7 @@ impl KafkaCore {
     /// Current end offsets of every partition of a topic.
     fn end_offsets(&self, topic: &str) -> BoxFuture<'static, Result<Vec<(i32, i64)>>> {
         let Some(n) = self.partitions.read().get(topic).copied() else {
-            let unknown = BackendError::UnknownTopic(topic.to_owned());
+            let unknown = BackendError::unknown_topic(topic);
             return Box::pin(async move { Err(unknown) });
         };
         let ends: Vec<_> = (0..n as i32).map(|p| self.high_watermark(topic, p)).collect();
@@ -478,7 +494,7 @@ impl CoreService for KafkaCore {
     }
 
     fn partitions(&self, topic: &str) -> Result<u32> {
-        self.partitions.read().get(topic).copied().ok_or_else(|| BackendError::UnknownTopic(topic.to_owned()))
+        self.partitions.read().get(topic).copied().ok_or_else(|| BackendError::unknown_topic(topic))
     }
 
     fn enqueue(&self, topic: &str, record: CoreRecord) -> BoxFuture<'static, Result<AppendAck>> {
@@ -486,7 +502,7 @@ impl CoreService for KafkaCore {
         // `ensure_topic` first, so an unknown topic here is refused at once.
         if !self.partitions.read().contains_key(topic) {
             let topic = topic.to_owned();
-            return Box::pin(async move { Err(BackendError::UnknownTopic(topic)) });
+            return Box::pin(async move { Err(BackendError::unknown_topic(topic)) });
         }
         let headers = client::headers(&record);
         self.produce(topic, None, record.key, Some(record.value), Some(headers), Some(record.timestamp_ms))
@@ -525,7 +541,7 @@ impl CoreService for KafkaCore {
     }
 
     fn tail(&self) -> Box<dyn Tail> {
-        let consumer = client::consumer(&self.config).create::<StreamConsumer>().map_err(|e| e.to_string());
+        let consumer = client::consumer(&self.config).create::<StreamConsumer>();
         Box::new(tail::KafkaTail::new(consumer, self.closed.clone()))
     }
 

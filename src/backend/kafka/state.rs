@@ -114,11 +114,10 @@ impl StateView {
                     Some(o) if DISK_STORES.contains(store) => Offset::Offset(*o),
                     _ => Offset::Beginning,
                 };
-                list.add_partition_offset(topic, p as i32, from)
-                    .map_err(|e| BackendError::Unavailable(e.to_string()))?;
+                list.add_partition_offset(topic, p as i32, from).map_err(|e| BackendError::unavailable_from("", e))?;
             }
         }
-        consumer.assign(&list).map_err(|e| BackendError::Unavailable(e.to_string()))
+        consumer.assign(&list).map_err(|e| BackendError::unavailable_from("", e))
     }
 
     /// Apply the state topics' messages until the consumer fails for good (process end).

@@ -3,6 +3,7 @@
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::error::KafkaError;
 use rdkafka::{Offset, TopicPartitionList};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,7 +17,7 @@ use crate::backend::{BackendError, Record, Result, Tail, TopicPartition};
 const POLL_MAX_RECORDS: usize = 1024;
 
 pub(super) struct KafkaTail {
-    consumer: Result<StreamConsumer, String>,
+    consumer: Result<StreamConsumer, KafkaError>,
     closed: Arc<AtomicBool>,
     /// Next offset to hand out, per assigned partition; a message below it (a re-read across a
     /// re-assignment) or of a partition no longer assigned is skipped.
@@ -25,7 +26,7 @@ pub(super) struct KafkaTail {
 }
 
 impl KafkaTail {
-    pub(super) fn new(consumer: Result<StreamConsumer, String>, closed: Arc<AtomicBool>) -> Self {
+    pub(super) fn new(consumer: Result<StreamConsumer, KafkaError>, closed: Arc<AtomicBool>) -> Self {
         KafkaTail { consumer, closed, assigned: HashMap::new(), last_error_log: None }
     }
 
@@ -99,7 +100,7 @@ impl Tail for KafkaTail {
                 }
                 let consumer = match &self.consumer {
                     Ok(c) => c,
-                    Err(e) => return Err(BackendError::Unavailable(e.clone())),
+                    Err(e) => return Err(BackendError::unavailable_from("", e.clone())),
                 };
                 // Awaiting the first message is cancel-safe (nothing is taken from the queue
                 // until it is returned); the rest are taken without waiting.

@@ -17,7 +17,9 @@ use std::sync::{Arc, Weak};
 
 use crate::backend::{BackendError, Result};
 
-type Answer = Shared<BoxFuture<'static, std::result::Result<i64, String>>>;
+/// An error shared by every caller of one request (`BackendError` cannot be cloned).
+type SharedError = Arc<dyn std::error::Error + Send + Sync>;
+type Answer = Shared<BoxFuture<'static, std::result::Result<i64, SharedError>>>;
 
 /// The requests of one partition: the one in flight and the one queued behind it, each with
 /// an id so that a finished request can tell whether it is still the running one.
@@ -60,7 +62,7 @@ impl Watermarks {
                 }
             }
         };
-        Box::pin(async move { answer.await.map_err(BackendError::Unavailable) })
+        Box::pin(async move { answer.await.map_err(|e| BackendError::unavailable_from("", e)) })
     }
 
     /// Request `id` has its answer: the queued request (if any) becomes the running one.
@@ -90,8 +92,8 @@ fn request(
         }
         let answer = match tokio::task::spawn_blocking(query).await {
             Ok(Ok(end)) => Ok(end),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(e) => Err(e.to_string()),
+            Ok(Err(e)) => Err(Arc::new(e) as SharedError),
+            Err(e) => Err(Arc::new(e) as SharedError),
         };
         if let Some(owner) = owner.upgrade() {
             owner.finished(&key, id);

@@ -22,6 +22,7 @@ use rocketmq_client_rust::{
 use rocketmq_model::common::message::message_queue::MessageQueue;
 use rocketmq_model::common::message::message_single::Message;
 use rocketmq_runtime::{RuntimeConfig, RuntimeOwner};
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -38,8 +39,8 @@ const CONSUMER_RENEW_INTERVAL: Duration = Duration::from_secs(5);
 /// Least time between two checks of whether a broker the consumer cannot reach is up.
 const BROKER_PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
-pub fn unavailable(what: &str, e: &ClientError) -> BackendError {
-    BackendError::Unavailable(format!("{what}: {e}"))
+pub fn unavailable(what: impl Into<Cow<'static, str>>, e: &ClientError) -> BackendError {
+    BackendError::unavailable_from(what, e.clone())
 }
 
 pub struct Client {
@@ -61,11 +62,11 @@ impl Client {
         runtime_config.worker_threads = config.client_worker_threads.max(1);
         let runtime_config = runtime_config
             .with_max_blocking_threads(config.client_blocking_threads)
-            .map_err(|e| BackendError::Unavailable(format!("rocketmq client runtime: {e:?}")))?;
+            .map_err(|e| BackendError::unavailable_from("rocketmq client runtime", e))?;
         let owner = RuntimeOwner::plan(runtime_config)
-            .map_err(|e| BackendError::Unavailable(format!("rocketmq client runtime: {e:?}")))?
+            .map_err(|e| BackendError::unavailable_from("rocketmq client runtime", e))?
             .build()
-            .map_err(|e| BackendError::Unavailable(format!("rocketmq client runtime: {e}")))?;
+            .map_err(|e| BackendError::unavailable_from("rocketmq client runtime", e))?;
         let runtime = ClientRuntime::try_new(
             owner.root_context().component("client"),
             ClientRuntimeConfig { shutdown_timeout: Duration::from_secs(10), ..Default::default() },
@@ -111,9 +112,9 @@ impl Client {
                 self.routes.write().insert(topic.to_owned(), queues.clone());
                 Ok(queues)
             }
-            Ok(_) => Err(BackendError::UnknownTopic(topic.to_owned())),
+            Ok(_) => Err(BackendError::unknown_topic(topic)),
             Err(e) if e.broker_response_code() == Some(TOPIC_NOT_EXIST) || is_no_route(&e) => {
-                Err(BackendError::UnknownTopic(topic.to_owned()))
+                Err(BackendError::unknown_topic_from(topic, e))
             }
             Err(e) => Err(unavailable("rocketmq route lookup", &e)),
         }
@@ -130,7 +131,7 @@ impl Client {
     /// The message queue of a partition.
     pub async fn queue(&self, tp: &TopicPartition) -> Result<MessageQueue> {
         let queues = self.queues(&tp.topic).await?;
-        queues.get(tp.partition as usize).cloned().ok_or_else(|| BackendError::UnknownTopic(tp.to_string()))
+        queues.get(tp.partition as usize).cloned().ok_or_else(|| BackendError::unknown_topic(tp.to_string()))
     }
 
     /// Create `topic` with `partitions` queues on the brokers of the create-topic key, then wait
@@ -141,14 +142,14 @@ impl Client {
         producer
             .create_topic(&self.config.create_topic_key, topic, queue_num, HashMap::new())
             .await
-            .map_err(|e| unavailable(&format!("rocketmq create topic `{topic}`"), &e))?;
+            .map_err(|e| unavailable(format!("rocketmq create topic `{topic}`"), &e))?;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
         loop {
             match self.lookup(topic).await {
                 Ok(q) if q.len() >= partitions as usize => return Ok(()),
-                Ok(_) | Err(BackendError::UnknownTopic(_)) if tokio::time::Instant::now() < deadline => {}
+                Ok(_) | Err(BackendError::UnknownTopic { .. }) if tokio::time::Instant::now() < deadline => {}
                 Ok(q) => {
-                    return Err(BackendError::Unavailable(format!(
+                    return Err(BackendError::unavailable(format!(
                         "topic `{topic}` has {} queues, {partitions} requested",
                         q.len()
                     )))
@@ -168,8 +169,8 @@ impl Client {
             .map_err(|e| unavailable("rocketmq send", &e))?;
         match result {
             Some(r) if r.send_status == SendStatus::SendOk => Ok(r.queue_offset),
-            Some(r) => Err(BackendError::Unavailable(format!("rocketmq send status {:?}", r.send_status))),
-            None => Err(BackendError::Unavailable("rocketmq send returned no result".into())),
+            Some(r) => Err(BackendError::unavailable(format!("rocketmq send status {:?}", r.send_status))),
+            None => Err(BackendError::unavailable("rocketmq send returned no result")),
         }
     }
 
@@ -184,7 +185,7 @@ impl Client {
         if r.send_status == SendStatus::SendOk {
             Ok(r.queue_offset)
         } else {
-            Err(BackendError::Unavailable(format!("rocketmq send status {:?}", r.send_status)))
+            Err(BackendError::unavailable(format!("rocketmq send status {:?}", r.send_status)))
         }
     }
 

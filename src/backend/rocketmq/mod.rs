@@ -88,7 +88,7 @@ impl RocketmqCore {
         for (topic, queues) in [(events_topic, 1), (config.state_topic.as_str(), 1)] {
             match client.lookup(topic).await {
                 Ok(_) => {}
-                Err(BackendError::UnknownTopic(_)) => client.create_topic(topic, queues).await?,
+                Err(BackendError::UnknownTopic { .. }) => client.create_topic(topic, queues).await?,
                 Err(e) => return Err(e),
             }
         }
@@ -99,14 +99,14 @@ impl RocketmqCore {
                 let tmp = tempfile::Builder::new()
                     .prefix("lmq-state-")
                     .tempdir()
-                    .map_err(|e| BackendError::Storage(format!("state cache: {e}")))?;
+                    .map_err(|e| BackendError::storage_from("state cache", e))?;
                 (tmp.path().to_owned(), Some(tmp))
             }
         };
         let source = format!("rocketmq:{}/{}", config.namesrv(), config.state_topic);
         let file = tokio::task::spawn_blocking(move || DiskState::open(&state_dir, &source))
             .await
-            .map_err(|e| BackendError::Storage(e.to_string()))??;
+            .map_err(|e| BackendError::storage_from("state cache: open task failed", e))??;
         let state = StateView::new(client.clone(), &config.state_topic, healthy.clone(), file)?;
         let shared = Arc::new(Shared {
             client,
@@ -220,7 +220,7 @@ impl Shared {
             Some(key) => fnv1a(key) % n,
             None => self.round_robin.fetch_add(1, Ordering::Relaxed) % n,
         };
-        let mq = queues.get(partition as usize).ok_or_else(|| BackendError::UnknownTopic(topic.to_owned()))?;
+        let mq = queues.get(partition as usize).ok_or_else(|| BackendError::unknown_topic(topic))?;
         let tag = if topic == self.events_topic {
             record
                 .header(crate::events::TYPE_HEADER)
@@ -306,7 +306,7 @@ impl CoreService for RocketmqCore {
                 // An existing topic keeps its queues (fewer than asked is fine: ordering by key
                 // still holds; more partitions is an operator's decision on RocketMQ).
                 Ok(_) => Ok(()),
-                Err(BackendError::UnknownTopic(_)) => self.shared.client.create_topic(&topic, partitions).await,
+                Err(BackendError::UnknownTopic { .. }) => self.shared.client.create_topic(&topic, partitions).await,
                 Err(e) => Err(e),
             }
         })
@@ -314,11 +314,7 @@ impl CoreService for RocketmqCore {
 
     fn partitions(&self, topic: &str) -> Result<u32> {
         self.shared.check_open()?;
-        self.shared
-            .client
-            .cached(topic)
-            .map(|q| q.len() as u32)
-            .ok_or_else(|| BackendError::UnknownTopic(topic.to_owned()))
+        self.shared.client.cached(topic).map(|q| q.len() as u32).ok_or_else(|| BackendError::unknown_topic(topic))
     }
 
     fn enqueue(&self, topic: &str, record: CoreRecord) -> BoxFuture<'static, Result<AppendAck>> {

@@ -65,7 +65,7 @@ pub fn spawn(
                         on_stored(partition, offset + count - 1);
                         break Ok(offset);
                     }
-                    Err(e) if attempt < retries => {
+                    Err(e) if attempt < retries && e.is_retriable() => {
                         attempt += 1;
                         tracing::warn!(queue = %mq, attempt, error = %e, "rocketmq send failed; retrying");
                         tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt))).await;
@@ -78,10 +78,12 @@ pub fn spawn(
                 }
             };
             // An appender may have given up waiting; its record is stored (or failed) anyway.
+            // Each gets the failure as an `Unavailable` around the shared error.
+            let result = result.map_err(Arc::new);
             for (i, req) in reqs.into_iter().enumerate() {
                 let position = match &result {
                     Ok(first) => Ok(Position { partition, offset: first + i as u64 }),
-                    Err(e) => Err(BackendError::Unavailable(e.to_string())),
+                    Err(e) => Err(BackendError::unavailable_from("", Arc::clone(e))),
                 };
                 let _ = req.done.send(position);
             }

@@ -99,11 +99,9 @@ impl SignKey {
     fn parse(spec: &str) -> Result<SignKey> {
         let mut parts = spec.splitn(3, ':');
         match (parts.next(), parts.next(), parts.next()) {
-            (Some(id), Some(secret), instance) if !id.is_empty() && !secret.is_empty() => Ok(SignKey {
-                id: id.into(),
-                secret: secret.into(),
-                instance: instance.unwrap_or("bench").into(),
-            }),
+            (Some(id), Some(secret), instance) if !id.is_empty() && !secret.is_empty() => {
+                Ok(SignKey { id: id.into(), secret: secret.into(), instance: instance.unwrap_or("bench").into() })
+            }
             _ => bail!("--sign wants ACCESS_KEY_ID:SECRET[:INSTANCE_ID]"),
         }
     }

@@ -194,19 +194,19 @@ impl Conn {
             session_expiry,
             expiry_was_zero: session_expiry == 0,
             will: connect.will.clone(),
-            state,
+            session: Session::new(
+                state,
+                protocol,
+                Limits {
+                    window,
+                    client_max_packet: connect.properties.maximum_packet_size.map(|v| v as usize),
+                    topic_alias_max: connect.properties.topic_alias_maximum.unwrap_or(0).min(mqtt.topic_alias_max),
+                },
+            ),
             slot,
             rx,
             registration,
-            window: window.max(1),
-            client_max_packet: connect.properties.maximum_packet_size.map(|v| v as usize),
             topic_aliases: HashMap::new(),
-            out_aliases: OutAliases::new(match protocol {
-                Protocol::V5 => connect.properties.topic_alias_maximum.unwrap_or(0).min(mqtt.topic_alias_max),
-                _ => 0,
-            }),
-            pending: VecDeque::new(),
-            retained_waiting: 0,
             out: BytesMut::new(),
             dirty: false,
             stored: session_present,
@@ -237,7 +237,7 @@ impl Conn {
             // Offline P2P messages: a persistent session reads every known core topic.
             let router = conn.ctx.router.clone();
             for (tp, live) in router.positions(&router.assigned_topics()) {
-                conn.state.cursor(&tp, live);
+                conn.session.state.cursor(&tp, live);
             }
         }
 
@@ -312,7 +312,7 @@ impl Conn {
         let behind = self.offline.deciding() && {
             let timeout = Duration::from_secs(self.ctx.config.mqtt.backend_timeout_secs);
             let stored: Vec<(TopicPartition, u64)> =
-                self.state.cursors.iter().map(|(tp, c)| (tp.clone(), c.committed())).collect();
+                self.session.state.cursors.iter().map(|(tp, c)| (tp.clone(), c.committed())).collect();
             let backend = self.ctx.backend.clone();
             let ends = futures::future::join_all(
                 stored.iter().map(|(tp, _)| tokio::time::timeout(timeout, backend.end_offset(tp))),
@@ -321,20 +321,20 @@ impl Conn {
             stored.iter().zip(&ends).any(|((_, from), end)| !matches!(end, Ok(Ok(e)) if e <= from))
         };
         let filters: Vec<(String, QoS)> =
-            self.state.subscriptions.iter().map(|s| (s.filter.clone(), s.options.qos)).collect();
+            self.session.state.subscriptions.iter().map(|s| (s.filter.clone(), s.options.qos)).collect();
         for (filter, qos) in filters {
             // Filters onto reserved or undeclared topics were dropped above.
             let positions =
                 router.subscribe(&self.slot, &filter, qos).await.map_err(|_| ReasonCode::SERVER_UNAVAILABLE)?;
             for (tp, live) in positions {
-                self.state.cursor(&tp, live);
+                self.session.state.cursor(&tp, live);
             }
         }
         // Positions in reserved topics (stored before the reserved namespace existed) are
         // dropped: nothing is read back from them for a client.
-        let before = self.state.cursors.len();
-        self.state.cursors.retain(|tp, _| !router.topics().is_reserved(&tp.topic));
-        self.dirty |= self.state.cursors.len() != before;
+        let before = self.session.state.cursors.len();
+        self.session.state.cursors.retain(|tp, _| !router.topics().is_reserved(&tp.topic));
+        self.dirty |= self.session.state.cursors.len() != before;
         // In-flight messages: fetch their bodies back from the log, a window of offsets per
         // read (one round trip for a window of consecutive messages, not one per message).
         let inflight: Vec<StoredInflight> =
@@ -381,15 +381,15 @@ impl Conn {
             }
             let stage = if inf.released { OutboundStage::Released } else { OutboundStage::Published };
             let message = message.unwrap_or_else(|| Arc::new(empty_message()));
-            self.state.cursor(&origin.tp, origin.offset).pending.insert(origin.offset);
-            self.state.outbound.insert(
+            self.session.state.cursor(&origin.tp, origin.offset).pending.insert(origin.offset);
+            self.session.state.outbound.insert(
                 pid,
                 Outbound { message, qos, retain: false, subscription_ids: Vec::new(), origin: Some(origin), stage },
             );
         }
         // Every cursor reads back what the session missed while away.
         let cursors: Vec<(TopicPartition, u64)> =
-            self.state.cursors.iter().map(|(tp, c)| (tp.clone(), c.committed())).collect();
+            self.session.state.cursors.iter().map(|(tp, c)| (tp.clone(), c.committed())).collect();
         // Offline pull: held back while the client may still ask for it instead (only when
         // there is a backlog, see above).
         if behind && !cursors.is_empty() {
@@ -408,6 +408,7 @@ impl Conn {
     /// and the router. Returns how many were removed.
     pub(super) fn drop_forbidden_subscriptions(&mut self, why: &'static str) -> usize {
         let forbidden: Vec<String> = self
+            .session
             .state
             .subscriptions
             .iter()
@@ -415,7 +416,7 @@ impl Conn {
             .map(|s| s.filter.clone())
             .collect();
         for filter in &forbidden {
-            self.state.unsubscribe(filter);
+            self.session.state.unsubscribe(filter);
             self.ctx.router.unsubscribe(&self.slot, filter);
             tracing::info!(client_id = self.client_id, filter, why, "subscription no longer allowed: removed");
         }
@@ -433,15 +434,8 @@ impl Conn {
     }
 
     pub(super) fn resend_inflight(&mut self) {
-        let mut ids: Vec<PacketId> = self.state.outbound.keys().copied().collect();
-        ids.sort();
-        for pid in ids {
-            let Some(o) = self.state.outbound.get(&pid) else { continue };
-            let packet = match o.stage {
-                OutboundStage::Released => Packet::PubRel(PubResponse::new(pid)),
-                OutboundStage::Published => Packet::Publish(publish_packet(o, Some(pid), true, self.protocol)),
-            };
-            let _ = protocol::encode(&packet, self.protocol, &mut self.out);
+        for packet in self.session.resend_inflight(now_ms()) {
+            self.send(&packet);
         }
     }
 }

@@ -45,7 +45,7 @@ impl Conn {
         let _ = tokio::time::timeout(Duration::from_secs(1), writer.shutdown()).await;
 
         // Leave the router first so no more deliveries queue up.
-        let filters: Vec<String> = self.state.subscriptions.iter().map(|s| s.filter.clone()).collect();
+        let filters: Vec<String> = self.session.state.subscriptions.iter().map(|s| s.filter.clone()).collect();
         self.ctx.router.unregister(&self.slot, &filters);
         // Messages still pending were never sent; their positions stay uncommitted, so a
         // persistent session gets them on reconnect.
@@ -53,7 +53,7 @@ impl Conn {
         let in_flight = Duration::from_secs(self.ctx.config.mqtt.backend_timeout_secs);
         let _ = tokio::time::timeout(in_flight, self.finish_persist()).await;
         let save = if self.session_expiry > 0 {
-            self.save_session(Some(Stored::from_state(&self.state, self.session_expiry, Some(now_ms()))))
+            self.save_session(Some(Stored::from_state(&self.session.state, self.session_expiry, Some(now_ms()))))
         } else if self.stored {
             self.save_session(None)
         } else {

@@ -69,7 +69,7 @@ impl Conn {
             match (p.qos, p.packet_id) {
                 (QoS::AtLeastOnce, Some(pid)) => self.send(&Packet::PubAck(PubResponse::new(pid))),
                 (QoS::ExactlyOnce, Some(pid)) => {
-                    self.state.inbound_qos2.insert(pid.get());
+                    self.session.state.inbound_qos2.insert(pid.get());
                     self.send(&Packet::PubRec(PubResponse::new(pid)));
                 }
                 _ => {}
@@ -195,7 +195,7 @@ impl Conn {
                 self.done_inbound(p.qos);
                 return Ok(());
             }
-            if self.state.inbound_qos2.contains(&pid.get()) {
+            if self.session.state.inbound_qos2.contains(&pid.get()) {
                 self.done_inbound(p.qos);
                 let waiting = |v: &[PubResponse]| v.iter().any(|r| r.packet_id == pid);
                 if !waiting(&self.pubrec_waiting) && !waiting(&self.pubrec_saving) {
@@ -299,24 +299,24 @@ impl Conn {
     /// intent (`Ok(Some(marker))`). The session cannot be saved: not stored, disconnected.
     async fn qos2_intent(&mut self, core: &CoreTopic, pid: PacketId, timeout: Duration) -> Result<Option<String>, End> {
         let backend = self.ctx.backend.clone();
-        if let Some(intent) = self.state.qos2_intents.remove(&pid.get()) {
+        if let Some(intent) = self.session.state.qos2_intents.remove(&pid.get()) {
             self.dirty = true;
             let found = tokio::time::timeout(timeout, find_qos2_record(&backend, &intent)).await;
             match found {
                 Ok(Ok(true)) => {
                     tracing::debug!(client_id = %self.client_id, packet_id = pid.get(), "re-sent QoS 2 PUBLISH was stored before; not stored again");
-                    self.state.inbound_qos2.insert(pid.get());
+                    self.session.state.inbound_qos2.insert(pid.get());
                     self.pubrec_waiting.push(PubResponse::new(pid));
                     return Ok(None);
                 }
                 Ok(Ok(false)) => {}
                 Ok(Err(e)) => {
                     tracing::warn!(client_id = %self.client_id, error = %e, "cannot look for a QoS 2 record");
-                    self.state.qos2_intents.insert(pid.get(), intent);
+                    self.session.state.qos2_intents.insert(pid.get(), intent);
                     return Err(End::Server(ReasonCode::SERVER_BUSY, "core service unavailable"));
                 }
                 Err(_) => {
-                    self.state.qos2_intents.insert(pid.get(), intent);
+                    self.session.state.qos2_intents.insert(pid.get(), intent);
                     return Err(End::Server(ReasonCode::SERVER_BUSY, "core service unavailable"));
                 }
             }
@@ -331,10 +331,11 @@ impl Conn {
         let marker = format!("{}:{}:{}", self.ctx.gateway_id, qos2_nonce(), pid.get());
         // Saves land in the order they are made: the one in flight (without this intent) first.
         self.finish_persist().await;
-        self.state
+        self.session
+            .state
             .qos2_intents
             .insert(pid.get(), Qos2Intent { marker: marker.clone(), topic: core.name.to_string(), from });
-        let stored = Stored::from_state(&self.state, self.session_expiry, None);
+        let stored = Stored::from_state(&self.session.state, self.session_expiry, None);
         let save = self.save_session(Some(stored));
         match tokio::time::timeout(timeout, save).await {
             Ok(Ok(())) => {
@@ -342,7 +343,7 @@ impl Conn {
                 Ok(Some(marker))
             }
             _ => {
-                self.state.qos2_intents.remove(&pid.get());
+                self.session.state.qos2_intents.remove(&pid.get());
                 Err(End::Server(ReasonCode::SERVER_BUSY, "cannot save the session"))
             }
         }
@@ -379,8 +380,8 @@ impl Conn {
                 Ok(())
             }
             (Ok(()), QoS::ExactlyOnce, Some(pid)) => {
-                self.state.qos2_intents.remove(&pid.get());
-                self.state.inbound_qos2.insert(pid.get());
+                self.session.state.qos2_intents.remove(&pid.get());
+                self.session.state.inbound_qos2.insert(pid.get());
                 self.dirty = true;
                 let rec = self.ack_with_id(pid, r.msg_id.as_deref());
                 if self.session_expiry > 0 {
@@ -431,7 +432,8 @@ impl Conn {
         let mut retained: Vec<(Arc<Message>, QoS, Vec<u32>)> = Vec::new();
         // Retained messages waiting per connection are bounded: earlier SUBSCRIBEs' unsent
         // ones count against this one's share.
-        let mut retained_budget = self.ctx.config.mqtt.max_retained_per_subscribe.saturating_sub(self.retained_waiting);
+        let mut retained_budget =
+            self.ctx.config.mqtt.max_retained_per_subscribe.saturating_sub(self.session.retained_waiting());
         let mut retained_cut = false;
         let router = self.ctx.router.clone();
         for &(filter, options, any_no_local) in &unique {
@@ -464,12 +466,12 @@ impl Conn {
                 continue;
             }
             // Replacing a subscription the client holds does not count against the quota.
-            let exists = self.state.subscription(filter).is_some();
-            if !exists && self.ctx.limits.check_subscription_count(self.state.subscriptions.len()).is_err() {
+            let exists = self.session.state.subscription(filter).is_some();
+            if !exists && self.ctx.limits.check_subscription_count(self.session.state.subscriptions.len()).is_err() {
                 codes.push(ReasonCode::QUOTA_EXCEEDED);
                 continue;
             }
-            if let Err(r) = self.ctx.limits.check_share_groups(self.state.share_groups_with(parsed.group)) {
+            if let Err(r) = self.ctx.limits.check_share_groups(self.session.state.share_groups_with(parsed.group)) {
                 codes.push(r.reason_code());
                 continue;
             }
@@ -494,11 +496,11 @@ impl Conn {
                 }
             };
             for (tp, live) in positions {
-                self.state.cursor(&tp, live);
+                self.session.state.cursor(&tp, live);
             }
             let sub =
                 Subscription { filter: filter.to_string(), options, identifier: s.properties.subscription_identifier };
-            self.state.subscribe(sub);
+            self.session.state.subscribe(sub);
             self.dirty = true;
             self.save_soon = true;
             codes.push(ReasonCode(options.qos as u8));
@@ -529,16 +531,8 @@ impl Conn {
         }
         let codes = copies.iter().map(|&i| codes.get(i).copied().unwrap_or(ReasonCode::UNSPECIFIED_ERROR)).collect();
         self.send(&Packet::SubAck(SubAck { packet_id: s.packet_id, codes, properties: AckProperties::default() }));
-        self.retained_waiting += retained.len();
         for (message, qos, subscription_ids) in retained {
-            self.pending.push_back(Pending {
-                message,
-                qos,
-                retain: true,
-                subscription_ids,
-                origin: None,
-                on_subscribe: true,
-            });
+            self.session.queue_retained(message, qos, subscription_ids);
         }
         Ok(())
     }
@@ -546,7 +540,7 @@ impl Conn {
     pub(super) fn on_unsubscribe(&mut self, u: Unsubscribe) {
         let mut codes = Vec::with_capacity(u.filters.len());
         for f in &u.filters {
-            let existed = self.state.unsubscribe(f);
+            let existed = self.session.state.unsubscribe(f);
             self.ctx.router.unsubscribe(&self.slot, f);
             codes.push(if existed { ReasonCode::SUCCESS } else { ReasonCode::NO_SUBSCRIPTION_EXISTED });
         }

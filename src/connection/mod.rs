@@ -38,10 +38,10 @@ use crate::protocol::{
 };
 use crate::router::mapping::{self, CoreTopic, Message, Unmapped};
 use crate::router::{topic, Delivery, Reattach, SessionSlot};
-use crate::session::acks::ClientAck;
+use crate::session::machine::{ClientAck, Limits, Session};
 use crate::session::persist::{Stored, StoredInflight};
 use crate::session::registry::{Kick, Registration};
-use crate::session::state::{Origin, Outbound, OutboundStage, Pending, Qos2Intent, SessionState, Subscription};
+use crate::session::state::{Outbound, OutboundStage, Qos2Intent, SessionState, Subscription};
 use crate::transport::ConnInfo;
 
 mod connect;
@@ -53,7 +53,7 @@ mod tokens;
 
 pub(crate) use inbound::store_message;
 use inbound::{with_timestamp, AckResult};
-use outbound::{empty_message, publish_packet, record_message, CatchupStep, OutAliases};
+use outbound::{empty_message, record_message, CatchupStep};
 
 /// Stop taking deliveries when this many bytes wait to be written (or at
 /// `mqtt.max_output_buffer_bytes` if that is lower); reading stops at that limit.
@@ -229,20 +229,14 @@ struct Conn {
     /// Expiry given at CONNECT was 0: DISCONNECT may not raise it [MQTT-3.14.2-2].
     expiry_was_zero: bool,
     will: Option<LastWill>,
-    state: SessionState,
+    /// The session's state machine: subscriptions, positions, the queue, the in-flight
+    /// window (the client's Receive Maximum, capped by config) and topic aliases.
+    session: Session,
     slot: Arc<SessionSlot>,
     rx: crate::router::queue::Receiver,
     registration: Registration,
-    /// Our window towards the client: its Receive Maximum, capped by config.
-    window: usize,
-    /// Client's Maximum Packet Size (MQTT 5).
-    client_max_packet: Option<usize>,
-    /// Topic aliases we assign towards the client (MQTT 5).
-    out_aliases: OutAliases,
+    /// Topic aliases the client assigned (MQTT 5).
     topic_aliases: HashMap<u16, String>,
-    pending: VecDeque<Pending>,
-    /// Retained messages of SUBSCRIBEs in `pending` (at most `mqtt.max_retained_per_subscribe`).
-    retained_waiting: usize,
     /// Bytes waiting to be written to the client; reading pauses at
     /// `mqtt.max_output_buffer_bytes`.
     out: BytesMut,
@@ -419,10 +413,10 @@ impl Conn {
                 }
             }
             let can_read = acks.len() < MAX_OUTSTANDING_APPENDS && self.out.len() < out_limit;
-            let can_take = self.pending.len() < PENDING_HIGH_WATER && self.out.len() < high_water;
+            let can_take = self.session.queued() < PENDING_HIGH_WATER && self.out.len() < high_water;
             if catchup.is_none() && can_take && !self.offline.holds_catchup() {
                 if let Some((tp, lag)) = self.slot.lagging().into_iter().next() {
-                    let from = self.state.cursors.get(&tp).map(|c| c.read_from(lag)).unwrap_or(lag);
+                    let from = self.session.state.cursors.get(&tp).map(|c| c.read_from(lag)).unwrap_or(lag);
                     catchup = Some(self.fetch_step(tp, from));
                 }
             }
@@ -471,7 +465,7 @@ impl Conn {
                 d = self.rx.recv(), if can_take => {
                     self.on_delivery(d);
                     let mut n = 0;
-                    while n < 256 && self.pending.len() < PENDING_HIGH_WATER {
+                    while n < 256 && self.session.queued() < PENDING_HIGH_WATER {
                         match self.rx.try_recv() {
                             Some(d) => self.on_delivery(d),
                             None => break,
@@ -514,7 +508,7 @@ impl Conn {
                         self.pubrec_saving.append(&mut self.pubrec_waiting);
                         last_persist = Instant::now();
                         self.advance_idle_cursors();
-                        let stored = Stored::from_state(&self.state, self.session_expiry, None);
+                        let stored = Stored::from_state(&self.session.state, self.session_expiry, None);
                         self.persist = Some(self.save_session(Some(stored)));
                         self.stored = true;
                     }
@@ -599,7 +593,7 @@ impl Conn {
     /// Apply the client's acknowledgement to the session (`session::acks`), then do what it
     /// says: trace, bound the acknowledgements kept above an unacknowledged message, answer.
     fn on_client_ack(&mut self, ack: ClientAck) -> Result<(), End> {
-        let step = self.state.on_client_ack(ack, self.protocol);
+        let step = self.session.on_client_ack(ack);
         if let Some((message, how)) = &step.acked {
             self.trace(crate::trace::Kind::Acked, message, || how.to_string());
         }
@@ -663,7 +657,7 @@ impl Conn {
 
     /// Bring this connection's share of the in-flight / queued / subscription gauges up to date.
     fn report_gauges(&mut self) {
-        let now = [self.state.outbound.len(), self.pending.len(), self.state.subscriptions.len()];
+        let now = [self.session.state.outbound.len(), self.session.queued(), self.session.state.subscriptions.len()];
         self.gauges.report(&self.ctx.metrics, now);
     }
 
@@ -678,7 +672,7 @@ impl Conn {
         self.positions_at = now + POSITIONS_EVERY;
         self.positions_stale = false;
         let lagging: Vec<TopicPartition> = self.slot.lagging().into_iter().map(|(tp, _)| tp).collect();
-        let view = crate::session::backlog::SessionView::live(&self.state, &lagging, self.rx.is_empty());
+        let view = crate::session::backlog::SessionView::live(&self.session.state, &lagging, self.rx.is_empty());
         self.registration.live.set(view);
     }
 

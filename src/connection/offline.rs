@@ -163,7 +163,7 @@ impl Conn {
             (QoS::ExactlyOnce, Some(pid)) => {
                 // A refused MQTT 5 request ends with its PUBREC; otherwise PUBREL follows.
                 if !ack.code.is_error() {
-                    self.state.inbound_qos2.insert(pid.get());
+                    self.session.state.inbound_qos2.insert(pid.get());
                 }
                 self.send(&Packet::PubRec(PubResponse { packet_id: pid, ..ack }));
             }
@@ -190,7 +190,7 @@ impl Conn {
         }
         let Some((want, order)) = parse_request(payload) else { return ReasonCode::PAYLOAD_FORMAT_INVALID };
         // Bounded: earlier pulls (and deliveries) still waiting to be sent count against it.
-        if self.pending.len() + want > PENDING_HIGH_WATER || !self.offline.take_slot(Instant::now()) {
+        if self.session.queued() + want > PENDING_HIGH_WATER || !self.offline.take_slot(Instant::now()) {
             return self.ctx.limits.count(Refusal::OfflinePullLimit).reason_code();
         }
         match self.pull_backlog(want, order, timeout).await {
@@ -218,7 +218,7 @@ impl Conn {
                     None => continue, // pushed as before
                 },
             };
-            let c = self.state.cursor(&tp, lag);
+            let c = self.session.state.cursor(&tp, lag);
             let lo = c.committed().min(lag);
             c.hold(lo, end.max(lo));
         }
@@ -229,7 +229,7 @@ impl Conn {
     /// first, DESC from the last); returns how many.
     async fn pull_backlog(&mut self, want: usize, order: Order, timeout: Duration) -> Result<usize, BackendError> {
         let mut tps: Vec<TopicPartition> =
-            self.state.cursors.iter().filter(|(_, c)| c.held.is_some()).map(|(tp, _)| tp.clone()).collect();
+            self.session.state.cursors.iter().filter(|(_, c)| c.held.is_some()).map(|(tp, _)| tp.clone()).collect();
         tps.sort();
         if order == Order::Desc {
             tps.reverse();
@@ -237,12 +237,12 @@ impl Conn {
         let (mut taken, mut scanned) = (0, 0);
         for tp in tps {
             while taken < want && scanned < PULL_SCAN_MAX {
-                let Some(h) = self.state.cursors.get(&tp).and_then(|c| c.held) else { break };
+                let Some(h) = self.session.state.cursors.get(&tp).and_then(|c| c.held) else { break };
                 let (lo, hi) = match order {
                     Order::Asc => self.pull_oldest(&tp, h, want, &mut taken, &mut scanned, timeout).await?,
                     Order::Desc => self.pull_newest(&tp, h, want, &mut taken, &mut scanned, timeout).await?,
                 };
-                if let Some(c) = self.state.cursors.get_mut(&tp) {
+                if let Some(c) = self.session.state.cursors.get_mut(&tp) {
                     c.set_held(lo, hi);
                 }
             }
@@ -325,12 +325,14 @@ impl Conn {
     /// A record of a held backlog: queued for delivery if it is for this session and not
     /// delivered or acknowledged already (`true`), else passed over.
     fn offer_pulled(&mut self, r: &crate::backend::Record) -> bool {
-        let Some(c) = self.state.cursors.get(&r.tp) else { return false };
+        let Some(c) = self.session.state.cursors.get(&r.tp) else { return false };
         if c.pending.contains(&r.offset) || c.acked.contains(&r.offset) {
             return false;
         }
         let Some(message) = record_message(&self.ctx, &r.tp, &r.record) else { return false };
-        self.queue_if_matching(&r.tp, r.offset, message, None)
+        let queued = self.session.queue_if_matching(&r.tp, r.offset, message, None, now_ms());
+        self.dirty |= queued;
+        queued
     }
 }
 

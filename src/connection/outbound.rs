@@ -2,6 +2,7 @@
 //! lagging, the in-flight window and the write buffer.
 
 use super::*;
+use crate::session::machine::Next;
 use crate::trace::Kind;
 
 pub(super) enum CatchupStep {
@@ -11,131 +12,31 @@ pub(super) enum CatchupStep {
 }
 
 impl Conn {
+    /// Something the router delivered: queued if it matches (the session changed).
     pub(super) fn on_delivery(&mut self, d: Delivery) {
-        match d {
-            Delivery::Live(record, message) => self.consider(&record.tp, record.offset, message, None),
-            Delivery::Shared(shared) => {
-                let (record, message, filter) = *shared;
-                self.consider(&record.tp, record.offset, message, Some(&filter));
-            }
-            Delivery::Replay(records) => {
-                for (record, message) in *records {
-                    self.consider(&record.tp, record.offset, message, None);
-                }
-            }
-        }
+        self.dirty |= self.session.on_delivery(d, now_ms());
     }
 
-    /// A record of the core service reached this session (live, replayed or read back).
-    pub(super) fn consider(&mut self, tp: &TopicPartition, offset: u64, message: Arc<Message>, shared: Option<&str>) {
-        if shared.is_none() {
-            let cursor = self.state.cursor(tp, offset);
-            if offset < cursor.next || cursor.already_handled(offset) {
-                return;
-            }
-            cursor.next = offset + 1;
-        }
-        self.queue_if_matching(tp, offset, message, shared);
-    }
-
-    /// Queue a message of the core service for delivery if it has not expired and matches a
-    /// subscription (`shared`: the `$share` filter it came for); QoS 1/2 ones (not shared)
-    /// become pending at their offset. Returns whether it was queued.
-    pub(super) fn queue_if_matching(
-        &mut self,
-        tp: &TopicPartition,
-        offset: u64,
-        message: Arc<Message>,
-        shared: Option<&str>,
-    ) -> bool {
-        if message.expired(now_ms()) {
-            return false;
-        }
-        let Some(m) = self.state.matches(&message, shared) else { return false };
-        let origin = if m.qos != QoS::AtMostOnce && shared.is_none() {
-            self.state.cursor(tp, offset).pending.insert(offset);
-            Some(Origin { tp: tp.clone(), offset })
-        } else {
-            None
-        };
-        let retain = m.retain_as_published && message.retain;
-        self.pending.push_back(Pending {
-            message,
-            qos: m.qos,
-            retain,
-            subscription_ids: m.subscription_ids,
-            origin,
-            on_subscribe: false,
-        });
-        self.dirty = true;
-        true
-    }
-
-    /// Move messages from the pending queue into the in-flight window and the write buffer.
+    /// Move queued messages into the in-flight window and the write buffer while the buffer
+    /// is below the deliveries' high-water mark.
     pub(super) fn flush_pending(&mut self) {
+        let now = now_ms();
         while self.out.len() < self.deliveries_high_water() {
-            let Some(front) = self.pending.front() else { break };
-            if front.qos != QoS::AtMostOnce && self.state.outbound.len() >= self.window {
-                break;
-            }
-            let Some(p) = self.pending.pop_front() else { break };
-            if p.on_subscribe {
-                self.retained_waiting = self.retained_waiting.saturating_sub(1);
-            }
-            if p.message.expired(now_ms()) {
-                self.trace(Kind::Dropped, &p.message, || "message expiry interval passed".into());
-                self.state.ack_origin(&p.origin);
-                continue;
-            }
-            let pid = if p.qos == QoS::AtMostOnce { None } else { self.state.next_packet_id() };
-            let o = Outbound {
-                message: p.message,
-                qos: p.qos,
-                retain: p.retain,
-                subscription_ids: p.subscription_ids,
-                origin: p.origin,
-                stage: OutboundStage::Published,
-            };
-            let mut packet = Packet::Publish(publish_packet(&o, pid, false, self.protocol));
-            let Ok(mut len) = protocol::encoded_len(&packet, self.protocol) else {
-                self.state.ack_origin(&o.origin);
-                continue;
-            };
-            if self.client_max_packet.is_some_and(|max| len > max) {
-                // Too large for this client: dropped as if delivered [MQTT-3.1.2-25].
-                self.trace(Kind::Dropped, &o.message, || {
-                    format!("{len} bytes exceed the client's maximum packet size")
-                });
-                self.state.ack_origin(&o.origin);
-                continue;
-            }
-            // A new alias adds its 3 bytes; a known one replaces the topic by nothing.
-            let room_for_new = self.client_max_packet.is_none_or(|max| len + 3 <= max);
-            if let (Packet::Publish(publish), Some((alias, known))) =
-                (&mut packet, self.out_aliases.alias(&o.message.topic, room_for_new))
-            {
-                publish.properties.topic_alias = Some(alias);
-                if known {
-                    publish.topic.clear();
+            let Some(next) = self.session.next_publish(now) else { break };
+            match next {
+                Next::Dropped { message, why } => self.trace(Kind::Dropped, &message, || why.to_string()),
+                Next::Send { packet, len, message, qos, packet_id } => {
+                    self.reserve_out(len);
+                    if protocol::encode(&packet, self.protocol, &mut self.out).is_err() {
+                        self.session.abandon(packet_id);
+                        continue;
+                    }
+                    self.ctx.metrics.message_out(qos).inc();
+                    self.trace(Kind::Delivered, &message, || match packet_id {
+                        Some(pid) => format!("qos={} packet_id={pid}", qos as u8),
+                        None => "qos=0".into(),
+                    });
                 }
-                let Ok(aliased) = protocol::encoded_len(&packet, self.protocol) else {
-                    self.state.ack_origin(&o.origin);
-                    continue;
-                };
-                len = aliased;
-            }
-            self.reserve_out(len);
-            if protocol::encode(&packet, self.protocol, &mut self.out).is_err() {
-                self.state.ack_origin(&o.origin);
-                continue;
-            }
-            self.ctx.metrics.message_out(o.qos).inc();
-            self.trace(Kind::Delivered, &o.message, || match pid {
-                Some(pid) => format!("qos={} packet_id={pid}", o.qos as u8),
-                None => "qos=0".into(),
-            });
-            if let Some(pid) = pid {
-                self.state.outbound.insert(pid, o);
             }
         }
     }
@@ -150,7 +51,7 @@ impl Conn {
     /// empty queue: the routing position is read first, and every matching record below it
     /// was put in the queue before the position moved.
     pub(super) fn advance_idle_cursors(&mut self) {
-        let tps: Vec<TopicPartition> = self.state.cursors.keys().cloned().collect();
+        let tps: Vec<TopicPartition> = self.session.state.cursors.keys().cloned().collect();
         let positions = self.ctx.router.positions_of(&tps);
         if !self.rx.is_empty() {
             return;
@@ -160,7 +61,7 @@ impl Conn {
             if lagging.contains(&tp) {
                 continue;
             }
-            if let Some(c) = self.state.cursors.get_mut(&tp) {
+            if let Some(c) = self.session.state.cursors.get_mut(&tp) {
                 c.next = c.next.max(pos);
             }
         }
@@ -177,22 +78,23 @@ impl Conn {
                 // A log that is shorter than our position (records lost with a power failure
                 // before their fsync, never acknowledged to their publishers): continue from
                 // its end instead of skipping whatever is written there next.
-                if let Some(c) = self.state.cursors.get_mut(&tp) {
+                if let Some(c) = self.session.state.cursors.get_mut(&tp) {
                     if f.high_watermark < c.next {
                         tracing::warn!(partition = %tp, position = c.next, end = f.high_watermark, "log shorter than the session's position; continuing from its end");
                         c.next = f.high_watermark;
                         c.acked.retain(|o| *o < f.high_watermark);
                     }
                 }
+                let now = now_ms();
                 for rec in &f.records {
                     if let Some(message) = record_message(&self.ctx, &rec.tp, &rec.record) {
-                        self.consider(&rec.tp, rec.offset, message, None);
+                        self.dirty |= self.session.consider(&rec.tp, rec.offset, message, None, now);
                     } else {
-                        let c = self.state.cursor(&rec.tp, rec.offset);
+                        let c = self.session.state.cursor(&rec.tp, rec.offset);
                         c.next = c.next.max(rec.offset + 1);
                     }
                 }
-                let c = self.state.cursor(&tp, f.next_offset);
+                let c = self.session.state.cursor(&tp, f.next_offset);
                 c.next = c.next.max(f.next_offset);
                 let next = c.next;
                 if f.records.is_empty() || f.next_offset >= f.high_watermark {
@@ -208,7 +110,7 @@ impl Conn {
             }
             CatchupStep::Fetched(tp, Err(e)) => {
                 tracing::warn!(client_id = %self.client_id, error = %e, "reading back from the core service failed; retrying");
-                let from = self.state.cursors.get(&tp).map(|c| c.next).unwrap_or(0);
+                let from = self.session.state.cursors.get(&tp).map(|c| c.next).unwrap_or(0);
                 Some(
                     async move {
                         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -239,82 +141,6 @@ pub(super) fn record_message(
     ctx.router.topics().message_of(&tp.topic, rec).map(Arc::new)
 }
 
-pub(super) fn publish_packet(o: &Outbound, packet_id: Option<PacketId>, dup: bool, protocol: Protocol) -> Publish {
-    let mut properties =
-        if protocol == Protocol::V5 { o.message.publish_properties(now_ms()) } else { PublishProperties::default() };
-    if protocol == Protocol::V5 {
-        properties.subscription_identifiers = o.subscription_ids.clone();
-    }
-    Publish {
-        dup: dup && o.qos != QoS::AtMostOnce,
-        qos: o.qos,
-        retain: o.retain,
-        topic: o.message.topic.to_string(),
-        packet_id,
-        payload: o.message.payload.clone(),
-        properties,
-    }
-}
-
 pub(super) fn empty_message() -> Message {
     Message { qos: QoS::AtLeastOnce, ..Message::default() }
-}
-
-/// Topic aliases the gateway assigns towards one MQTT 5 client: at most the Topic Alias
-/// Maximum the client announced (and `mqtt.topic_alias_max`), the least recently used one
-/// re-assigned when all are taken. Per connection: a new connection starts with none.
-pub(super) struct OutAliases {
-    max: u16,
-    /// Topic, alias, last use.
-    entries: Vec<(Arc<str>, u16, u64)>,
-    clock: u64,
-}
-
-impl OutAliases {
-    pub(super) fn new(max: u16) -> OutAliases {
-        OutAliases { max, entries: Vec::new(), clock: 0 }
-    }
-
-    /// The alias to send `topic` with, and whether the client knows it already (then the
-    /// topic name is left out); a new mapping only when `may_add`.
-    pub(super) fn alias(&mut self, topic: &Arc<str>, may_add: bool) -> Option<(u16, bool)> {
-        if self.max == 0 {
-            return None;
-        }
-        self.clock += 1;
-        if let Some(e) = self.entries.iter_mut().find(|e| *e.0 == **topic) {
-            e.2 = self.clock;
-            return Some((e.1, true));
-        }
-        if !may_add {
-            return None;
-        }
-        if self.entries.len() < usize::from(self.max) {
-            let alias = u16::try_from(self.entries.len() + 1).ok()?;
-            self.entries.push((topic.clone(), alias, self.clock));
-            return Some((alias, false));
-        }
-        let lru = self.entries.iter_mut().min_by_key(|e| e.2)?;
-        *lru = (topic.clone(), lru.1, self.clock);
-        Some((lru.1, false))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn aliases_are_assigned_up_to_the_maximum_then_least_recently_used_reassigned() {
-        let t = |s: &str| -> Arc<str> { s.into() };
-        let mut a = OutAliases::new(2);
-        assert_eq!(a.alias(&t("a"), true), Some((1, false)));
-        assert_eq!(a.alias(&t("b"), true), Some((2, false)));
-        assert_eq!(a.alias(&t("a"), true), Some((1, true)));
-        // `b` is the least recently used: `c` takes its alias.
-        assert_eq!(a.alias(&t("c"), true), Some((2, false)));
-        assert_eq!(a.alias(&t("b"), false), None, "no new mapping when not allowed");
-        assert_eq!(a.alias(&t("c"), false), Some((2, true)));
-        assert_eq!(OutAliases::new(0).alias(&t("a"), true), None);
-    }
 }

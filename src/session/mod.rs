@@ -2,7 +2,8 @@
 //!
 //! - [`backlog`]: backlog and delay of sessions for the metrics.
 //! - [`state`]: subscriptions, read positions, messages in flight (pure data + rules).
-//! - [`acks`]: the client's PUBACK / PUBREC / PUBCOMP / PUBREL applied to that state (no I/O).
+//! - [`machine`]: the session as a state machine with no I/O — deliveries into the in-flight
+//!   window, packet identifiers, topic aliases, the client's acknowledgements.
 //! - [`persist`]: what of it is stored in the core service for persistent sessions.
 //! - [`registry`]: connected ClientIds on this gateway (takeover) and delayed wills.
 //! - [`expiry`]: removal of expired stored sessions.
@@ -10,9 +11,9 @@
 //! - [`takeover`]: closing local connections taken over on another gateway; forwarded resets.
 //! - [`reset`]: moving a persistent session's positions (latest, earliest, a time).
 
-pub mod acks;
 pub mod backlog;
 pub mod expiry;
+pub mod machine;
 pub mod owners;
 pub mod persist;
 pub mod registry;

@@ -1,0 +1,890 @@
+//! The MQTT session as a state machine with no I/O: what the gateway owes one client and
+//! what the client owes it, from the moment a message reaches the session to its last
+//! acknowledgement.
+//!
+//! The connection (the driver) feeds it events and carries out what it returns:
+//! - [`Session::on_delivery`] / [`Session::consider`]: a record of the core service reached
+//!   the session (live from the router, replayed, or read back). Records below the read
+//!   position or already handled are ignored; the rest are matched against the
+//!   subscriptions and, if they match and have not expired, queued. QoS 1/2 ones become
+//!   pending at their offset, so the read position cannot pass them before they are acked.
+//! - [`Session::queue_retained`]: retained messages answering a SUBSCRIBE.
+//! - [`Session::next_publish`]: the next PUBLISH to write, while the driver has room. It
+//!   respects the in-flight window (QoS 1/2 only), assigns packet identifiers, drops what
+//!   expired while queued or is larger than the client's Maximum Packet Size (as if
+//!   delivered [MQTT-3.1.2-25]), and uses topic aliases towards MQTT 5 clients.
+//! - [`Session::on_client_ack`]: PUBACK, PUBREC, PUBCOMP for delivered messages, PUBREL for
+//!   received QoS 2 ones. It says what to answer, whether the session changed (to be saved
+//!   at the next checkpoint), which delivered message was acknowledged (for the trace) and
+//!   how many acknowledgements its partition now remembers above the oldest unacknowledged
+//!   message (bounded by the driver).
+//! - [`Session::resend_inflight`]: what a resumed session sends again first.
+//!
+//! Subscriptions, read positions and the messages in flight are [`SessionState`] (the
+//! part that is persisted); the queue, the window and the aliases live and die with one
+//! connection.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use crate::backend::TopicPartition;
+use crate::protocol::{self, Packet, PacketId, Protocol, PubResponse, Publish, PublishProperties, QoS, ReasonCode};
+use crate::router::mapping::Message;
+use crate::router::Delivery;
+
+use super::state::{Origin, Outbound, OutboundStage, Pending, SessionState};
+
+/// What one connection allows the session to send.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// QoS 1/2 deliveries in flight at most (the client's Receive Maximum, capped).
+    pub window: usize,
+    /// The client's Maximum Packet Size, if it announced one.
+    pub client_max_packet: Option<usize>,
+    /// Topic aliases the gateway may assign towards the client (MQTT 5; 0: none).
+    pub topic_alias_max: u16,
+}
+
+/// One client's session while it is connected.
+pub struct Session {
+    /// Subscriptions, read positions, messages in flight: what is persisted.
+    pub state: SessionState,
+    protocol: Protocol,
+    window: usize,
+    client_max_packet: Option<usize>,
+    aliases: OutAliases,
+    /// Matched messages waiting for room in the window or in the driver's output.
+    queue: VecDeque<Pending>,
+    /// Retained messages in `queue` that answer a SUBSCRIBE (bounded by the driver).
+    retained_waiting: usize,
+}
+
+/// What [`Session::next_publish`] produced.
+#[derive(Debug)]
+// Returned and consumed at once, never stored: boxing the packet would cost an allocation
+// per delivery for nothing.
+#[allow(clippy::large_enum_variant)]
+pub enum Next {
+    /// A PUBLISH to write: `len` bytes encoded. QoS 1/2 ones are in flight already.
+    Send { packet: Packet, len: usize, message: Arc<Message>, qos: QoS, packet_id: Option<PacketId> },
+    /// A queued message that is not delivered, and why. Its read position moves on.
+    Dropped { message: Arc<Message>, why: Dropped },
+}
+
+/// Why a queued message was not delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dropped {
+    /// Its message expiry interval passed while it waited.
+    Expired,
+    /// Its PUBLISH (this many bytes) exceeds the client's Maximum Packet Size.
+    TooLarge(usize),
+    /// It cannot be encoded as a PUBLISH (a field beyond the protocol's limits).
+    Unencodable,
+}
+
+impl std::fmt::Display for Dropped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Dropped::Expired => f.write_str("message expiry interval passed"),
+            Dropped::TooLarge(len) => write!(f, "{len} bytes exceed the client's maximum packet size"),
+            Dropped::Unencodable => f.write_str("cannot be encoded as a PUBLISH"),
+        }
+    }
+}
+
+/// An acknowledgement packet from the client.
+#[derive(Debug, Clone)]
+pub enum ClientAck {
+    PubAck(PubResponse),
+    PubRec(PubResponse),
+    PubComp(PubResponse),
+    PubRel(PubResponse),
+}
+
+/// How the client acknowledged a delivered message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Acked {
+    /// QoS 1, with the client's reason code.
+    PubAck(ReasonCode),
+    /// QoS 2, first step (the message is the client's now; PUBREL follows).
+    PubRec,
+}
+
+impl std::fmt::Display for Acked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Acked::PubAck(code) => write!(f, "puback {}", code.0),
+            Acked::PubRec => f.write_str("pubrec"),
+        }
+    }
+}
+
+/// What an acknowledgement did to the session.
+#[derive(Debug, Default)]
+pub struct AckStep {
+    /// The answer to send: PUBREL after a PUBREC, PUBCOMP after a PUBREL.
+    pub reply: Option<Packet>,
+    /// The session changed; the next checkpoint saves it.
+    pub changed: bool,
+    /// The delivered message the client acknowledged, and how.
+    pub acked: Option<(Arc<Message>, Acked)>,
+    /// Acknowledgements the message's partition now remembers above its oldest
+    /// unacknowledged message (0 when none).
+    pub acked_above: usize,
+    /// A QoS 2 message from the client is complete (its PUBREL came): one slot of the
+    /// receive window is free again.
+    pub inbound_done: bool,
+}
+
+impl Session {
+    pub fn new(state: SessionState, protocol: Protocol, limits: Limits) -> Session {
+        let alias_max = if protocol == Protocol::V5 { limits.topic_alias_max } else { 0 };
+        Session {
+            state,
+            protocol,
+            window: limits.window.max(1),
+            client_max_packet: limits.client_max_packet,
+            aliases: OutAliases::new(alias_max),
+            queue: VecDeque::new(),
+            retained_waiting: 0,
+        }
+    }
+
+    /// Messages queued, not yet written.
+    pub fn queued(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Retained messages queued for SUBSCRIBEs, not yet written.
+    pub fn retained_waiting(&self) -> usize {
+        self.retained_waiting
+    }
+
+    /// Something the router delivered. Returns whether a message was queued.
+    pub fn on_delivery(&mut self, d: Delivery, now_ms: i64) -> bool {
+        match d {
+            Delivery::Live(record, message) => self.consider(&record.tp, record.offset, message, None, now_ms),
+            Delivery::Shared(shared) => {
+                let (record, message, filter) = *shared;
+                self.consider(&record.tp, record.offset, message, Some(&filter), now_ms)
+            }
+            Delivery::Replay(records) => {
+                let mut queued = false;
+                for (record, message) in *records {
+                    queued |= self.consider(&record.tp, record.offset, message, None, now_ms);
+                }
+                queued
+            }
+        }
+    }
+
+    /// A record of the core service reached this session (live, replayed or read back;
+    /// `shared`: the `$share` filter it was routed for). Plain records below the read
+    /// position or already handled are ignored, the position moves past the others.
+    /// Returns whether it was queued.
+    pub fn consider(
+        &mut self,
+        tp: &TopicPartition,
+        offset: u64,
+        message: Arc<Message>,
+        shared: Option<&str>,
+        now_ms: i64,
+    ) -> bool {
+        if shared.is_none() {
+            let cursor = self.state.cursor(tp, offset);
+            if offset < cursor.next || cursor.already_handled(offset) {
+                return false;
+            }
+            cursor.next = offset + 1;
+        }
+        self.queue_if_matching(tp, offset, message, shared, now_ms)
+    }
+
+    /// Queue a message of the core service if it has not expired and matches a subscription
+    /// (`shared`: the `$share` filter it came for); QoS 1/2 ones (not shared) become pending
+    /// at their offset. Returns whether it was queued.
+    pub fn queue_if_matching(
+        &mut self,
+        tp: &TopicPartition,
+        offset: u64,
+        message: Arc<Message>,
+        shared: Option<&str>,
+        now_ms: i64,
+    ) -> bool {
+        if message.expired(now_ms) {
+            return false;
+        }
+        let Some(m) = self.state.matches(&message, shared) else { return false };
+        let origin = if m.qos != QoS::AtMostOnce && shared.is_none() {
+            self.state.cursor(tp, offset).pending.insert(offset);
+            Some(Origin { tp: tp.clone(), offset })
+        } else {
+            None
+        };
+        let retain = m.retain_as_published && message.retain;
+        self.queue.push_back(Pending {
+            message,
+            qos: m.qos,
+            retain,
+            subscription_ids: m.subscription_ids,
+            origin,
+            on_subscribe: false,
+        });
+        true
+    }
+
+    /// Queue a retained message answering a SUBSCRIBE (QoS already capped by the
+    /// subscription; always sent with RETAIN set).
+    pub fn queue_retained(&mut self, message: Arc<Message>, qos: QoS, subscription_ids: Vec<u32>) {
+        self.retained_waiting += 1;
+        self.queue.push_back(Pending {
+            message,
+            qos,
+            retain: true,
+            subscription_ids,
+            origin: None,
+            on_subscribe: true,
+        });
+    }
+
+    /// The next queued message to write, if the window allows it: `None` when the queue is
+    /// empty or its head is a QoS 1/2 message and the window is full (a QoS 0 head goes
+    /// regardless; the queue keeps its order). The driver calls it while it has room.
+    pub fn next_publish(&mut self, now_ms: i64) -> Option<Next> {
+        let front = self.queue.front()?;
+        if front.qos != QoS::AtMostOnce && self.state.outbound.len() >= self.window {
+            return None;
+        }
+        let packet_id = match front.qos {
+            QoS::AtMostOnce => None,
+            // Every identifier in use: wait for an acknowledgement (the window is smaller
+            // than 65,535, so only a restored session could get here).
+            _ => Some(self.state.next_packet_id()?),
+        };
+        let p = self.queue.pop_front()?;
+        if p.on_subscribe {
+            self.retained_waiting = self.retained_waiting.saturating_sub(1);
+        }
+        if p.message.expired(now_ms) {
+            self.state.ack_origin(&p.origin);
+            return Some(Next::Dropped { message: p.message, why: Dropped::Expired });
+        }
+        let o = Outbound {
+            message: p.message,
+            qos: p.qos,
+            retain: p.retain,
+            subscription_ids: p.subscription_ids,
+            origin: p.origin,
+            stage: OutboundStage::Published,
+        };
+        let mut packet = Packet::Publish(publish_packet(&o, packet_id, false, self.protocol, now_ms));
+        let Some(mut len) = self.encoded_len(&packet) else { return Some(self.drop_outbound(o, Dropped::Unencodable)) };
+        if self.client_max_packet.is_some_and(|max| len > max) {
+            return Some(self.drop_outbound(o, Dropped::TooLarge(len)));
+        }
+        // A new alias adds its 3 bytes; a known one replaces the topic by nothing.
+        let room_for_new = self.client_max_packet.is_none_or(|max| len + 3 <= max);
+        if let (Packet::Publish(publish), Some((alias, known))) =
+            (&mut packet, self.aliases.alias(&o.message.topic, room_for_new))
+        {
+            publish.properties.topic_alias = Some(alias);
+            if known {
+                publish.topic.clear();
+            }
+            let Some(aliased) = self.encoded_len(&packet) else {
+                return Some(self.drop_outbound(o, Dropped::Unencodable));
+            };
+            len = aliased;
+        }
+        let (message, qos) = (o.message.clone(), o.qos);
+        if let Some(pid) = packet_id {
+            self.state.outbound.insert(pid, o);
+        }
+        Some(Next::Send { packet, len, message, qos, packet_id })
+    }
+
+    /// The driver could not write a PUBLISH [`Session::next_publish`] produced: it is done
+    /// with as if delivered, like a dropped one.
+    pub fn abandon(&mut self, packet_id: Option<PacketId>) {
+        if let Some(o) = packet_id.and_then(|pid| self.state.outbound.remove(&pid)) {
+            self.state.ack_origin(&o.origin);
+        }
+    }
+
+    /// What a resumed session sends first, in packet identifier order: PUBLISH (DUP set)
+    /// for messages not yet acknowledged, PUBREL for QoS 2 ones the client has received.
+    pub fn resend_inflight(&self, now_ms: i64) -> Vec<Packet> {
+        let mut ids: Vec<PacketId> = self.state.outbound.keys().copied().collect();
+        ids.sort();
+        ids.into_iter()
+            .filter_map(|pid| {
+                let o = self.state.outbound.get(&pid)?;
+                Some(match o.stage {
+                    OutboundStage::Released => Packet::PubRel(PubResponse::new(pid)),
+                    OutboundStage::Published => {
+                        Packet::Publish(publish_packet(o, Some(pid), true, self.protocol, now_ms))
+                    }
+                })
+            })
+            .collect()
+    }
+
+    fn encoded_len(&self, packet: &Packet) -> Option<usize> {
+        protocol::encoded_len(packet, self.protocol).ok()
+    }
+
+    fn drop_outbound(&mut self, o: Outbound, why: Dropped) -> Next {
+        self.state.ack_origin(&o.origin);
+        Next::Dropped { message: o.message, why }
+    }
+}
+
+impl Session {
+    /// Apply an acknowledgement from the client. Unknown packet identifiers change nothing;
+    /// MQTT 5 clients get reason code 0x92 on the PUBREL or PUBCOMP that answers them.
+    pub fn on_client_ack(&mut self, ack: ClientAck) -> AckStep {
+        let (protocol, state) = (self.protocol, &mut self.state);
+        let mut step = AckStep::default();
+        match ack {
+            ClientAck::PubAck(r) => {
+                if let Some(o) = state.outbound.remove(&r.packet_id) {
+                    step.acked_above = state.ack_origin(&o.origin);
+                    step.acked = Some((o.message, Acked::PubAck(r.code)));
+                    step.changed = true;
+                }
+            }
+            ClientAck::PubRec(r) if r.code.is_error() => {
+                // The client refuses the message: it is done with, no PUBREL.
+                if let Some(o) = state.outbound.remove(&r.packet_id) {
+                    step.acked_above = state.ack_origin(&o.origin);
+                    step.changed = true;
+                }
+            }
+            ClientAck::PubRec(r) => {
+                let pid = r.packet_id;
+                let origin = match state.outbound.get_mut(&pid) {
+                    Some(o) => {
+                        o.stage = OutboundStage::Released;
+                        step.acked = Some((o.message.clone(), Acked::PubRec));
+                        o.origin.clone()
+                    }
+                    None if protocol == Protocol::V5 => {
+                        let mut rel = PubResponse::new(pid);
+                        rel.code = ReasonCode::PACKET_IDENTIFIER_NOT_FOUND;
+                        step.reply = Some(Packet::PubRel(rel));
+                        return step;
+                    }
+                    None => None,
+                };
+                step.acked_above = state.ack_origin(&origin);
+                step.changed = true;
+                step.reply = Some(Packet::PubRel(PubResponse::new(pid)));
+            }
+            ClientAck::PubComp(r) => {
+                step.changed = state.outbound.remove(&r.packet_id).is_some();
+            }
+            ClientAck::PubRel(r) => {
+                let known = state.inbound_qos2.remove(&r.packet_id.get());
+                step.changed = known;
+                step.inbound_done = known;
+                let mut comp = PubResponse::new(r.packet_id);
+                if !known && protocol == Protocol::V5 {
+                    comp.code = ReasonCode::PACKET_IDENTIFIER_NOT_FOUND;
+                }
+                step.reply = Some(Packet::PubComp(comp));
+            }
+        }
+        step
+    }
+}
+
+/// The PUBLISH that delivers `o` (`dup`: a resend; never set for QoS 0).
+pub fn publish_packet(
+    o: &Outbound,
+    packet_id: Option<PacketId>,
+    dup: bool,
+    protocol: Protocol,
+    now_ms: i64,
+) -> Publish {
+    let mut properties =
+        if protocol == Protocol::V5 { o.message.publish_properties(now_ms) } else { PublishProperties::default() };
+    if protocol == Protocol::V5 {
+        properties.subscription_identifiers = o.subscription_ids.clone();
+    }
+    Publish {
+        dup: dup && o.qos != QoS::AtMostOnce,
+        qos: o.qos,
+        retain: o.retain,
+        topic: o.message.topic.to_string(),
+        packet_id,
+        payload: o.message.payload.clone(),
+        properties,
+    }
+}
+
+/// Topic aliases the gateway assigns towards one MQTT 5 client: at most the Topic Alias
+/// Maximum the client announced (and `mqtt.topic_alias_max`), the least recently used one
+/// re-assigned when all are taken. Per connection: a new connection starts with none.
+struct OutAliases {
+    max: u16,
+    /// Topic, alias, last use.
+    entries: Vec<(Arc<str>, u16, u64)>,
+    clock: u64,
+}
+
+impl OutAliases {
+    fn new(max: u16) -> OutAliases {
+        OutAliases { max, entries: Vec::new(), clock: 0 }
+    }
+
+    /// The alias to send `topic` with, and whether the client knows it already (then the
+    /// topic name is left out); a new mapping only when `may_add`.
+    fn alias(&mut self, topic: &Arc<str>, may_add: bool) -> Option<(u16, bool)> {
+        if self.max == 0 {
+            return None;
+        }
+        self.clock += 1;
+        if let Some(e) = self.entries.iter_mut().find(|e| *e.0 == **topic) {
+            e.2 = self.clock;
+            return Some((e.1, true));
+        }
+        if !may_add {
+            return None;
+        }
+        if self.entries.len() < usize::from(self.max) {
+            let alias = u16::try_from(self.entries.len() + 1).ok()?;
+            self.entries.push((topic.clone(), alias, self.clock));
+            return Some((alias, false));
+        }
+        let lru = self.entries.iter_mut().min_by_key(|e| e.2)?;
+        *lru = (topic.clone(), lru.1, self.clock);
+        Some((lru.1, false))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::TopicPartition;
+    use crate::protocol::{PacketId, QoS};
+
+    fn pid(n: u16) -> PacketId {
+        PacketId::new(n).expect("non-zero")
+    }
+
+    fn tp() -> TopicPartition {
+        TopicPartition::new(Arc::from("t"), 0)
+    }
+
+    /// A session with `n` messages in flight at `qos`, from offsets 0.. of one partition.
+    fn session_on(protocol: Protocol, n: u16, qos: QoS) -> Session {
+        let mut s = SessionState::new("c".into());
+        let cursor = s.cursor(&tp(), 0);
+        cursor.next = u64::from(n);
+        cursor.pending = (0..u64::from(n)).collect();
+        for i in 1..=n {
+            let o = Outbound {
+                message: Arc::new(Message { topic: format!("t/{i}").as_str().into(), ..Message::default() }),
+                qos,
+                retain: false,
+                subscription_ids: Vec::new(),
+                origin: Some(Origin { tp: tp(), offset: u64::from(i) - 1 }),
+                stage: OutboundStage::Published,
+            };
+            s.outbound.insert(pid(i), o);
+        }
+        Session::new(s, protocol, Limits { window: 64, client_max_packet: None, topic_alias_max: 0 })
+    }
+
+    fn session(n: u16, qos: QoS) -> Session {
+        session_on(Protocol::V5, n, qos)
+    }
+
+    fn resp(n: u16) -> PubResponse {
+        PubResponse::new(pid(n))
+    }
+
+    #[test]
+    fn puback_completes_a_qos1_delivery_and_moves_the_read_position() {
+        let mut s = session(2, QoS::AtLeastOnce);
+        let step = s.on_client_ack(ClientAck::PubAck(resp(1)));
+        assert!(step.changed && step.reply.is_none());
+        assert_eq!(
+            step.acked.map(|(m, how)| (m.topic.to_string(), how)),
+            Some(("t/1".into(), Acked::PubAck(ReasonCode::SUCCESS)))
+        );
+        assert!(!s.state.outbound.contains_key(&pid(1)) && s.state.outbound.contains_key(&pid(2)));
+        assert_eq!(s.state.cursors[&tp()].committed(), 1, "offset 0 acknowledged: reading resumes at 1");
+        // The same PUBACK again, or one for an id never used: nothing happens.
+        for n in [1, 9] {
+            let again = s.on_client_ack(ClientAck::PubAck(resp(n)));
+            assert!(!again.changed && again.acked.is_none() && again.reply.is_none());
+        }
+    }
+
+    #[test]
+    fn acknowledgements_out_of_order_are_remembered_above_the_oldest_unacknowledged() {
+        let mut s = session(3, QoS::AtLeastOnce);
+        assert_eq!(s.on_client_ack(ClientAck::PubAck(resp(3))).acked_above, 1);
+        assert_eq!(s.on_client_ack(ClientAck::PubAck(resp(2))).acked_above, 2);
+        assert_eq!(s.on_client_ack(ClientAck::PubAck(resp(1))).acked_above, 0);
+        assert_eq!(s.state.cursors[&tp()].committed(), 3);
+    }
+
+    #[test]
+    fn qos2_delivery_is_pubrec_then_pubrel_then_pubcomp() {
+        let mut s = session(1, QoS::ExactlyOnce);
+        let rec = s.on_client_ack(ClientAck::PubRec(resp(1)));
+        assert!(
+            matches!(rec.reply, Some(Packet::PubRel(ref r)) if r.code == ReasonCode::SUCCESS && r.packet_id == pid(1))
+        );
+        assert!(matches!(rec.acked, Some((_, Acked::PubRec))));
+        assert_eq!(s.state.outbound[&pid(1)].stage, OutboundStage::Released, "kept until PUBCOMP");
+        assert_eq!(s.state.cursors[&tp()].committed(), 1, "PUBREC hands the message over");
+        // A repeated PUBREC (the client did not get our PUBREL) is answered again.
+        let again = s.on_client_ack(ClientAck::PubRec(resp(1)));
+        assert!(matches!(again.reply, Some(Packet::PubRel(ref r)) if r.code == ReasonCode::SUCCESS));
+        let comp = s.on_client_ack(ClientAck::PubComp(resp(1)));
+        assert!(comp.changed && comp.reply.is_none() && s.state.outbound.is_empty());
+        assert!(!s.on_client_ack(ClientAck::PubComp(resp(1))).changed);
+    }
+
+    #[test]
+    fn pubrec_with_an_error_code_ends_the_delivery_without_pubrel() {
+        let mut s = session(1, QoS::ExactlyOnce);
+        let mut r = resp(1);
+        r.code = ReasonCode(0x80);
+        let step = s.on_client_ack(ClientAck::PubRec(r));
+        assert!(step.reply.is_none() && step.changed && s.state.outbound.is_empty());
+        assert_eq!(s.state.cursors[&tp()].committed(), 1);
+    }
+
+    #[test]
+    fn unknown_packet_ids_get_0x92_on_mqtt5_and_a_plain_answer_on_311() {
+        let mut s = session_on(Protocol::V5, 0, QoS::ExactlyOnce);
+        let mut s311 = session_on(Protocol::V311, 0, QoS::ExactlyOnce);
+        let v5 = s.on_client_ack(ClientAck::PubRec(resp(7)));
+        assert!(matches!(v5.reply, Some(Packet::PubRel(ref r)) if r.code == ReasonCode::PACKET_IDENTIFIER_NOT_FOUND));
+        assert!(!v5.changed);
+        let v311 = s311.on_client_ack(ClientAck::PubRec(resp(7)));
+        assert!(matches!(v311.reply, Some(Packet::PubRel(ref r)) if r.code == ReasonCode::SUCCESS));
+        let rel5 = s.on_client_ack(ClientAck::PubRel(resp(7)));
+        assert!(
+            matches!(rel5.reply, Some(Packet::PubComp(ref r)) if r.code == ReasonCode::PACKET_IDENTIFIER_NOT_FOUND)
+        );
+        assert!(!rel5.inbound_done && !rel5.changed);
+        let rel311 = s311.on_client_ack(ClientAck::PubRel(resp(7)));
+        assert!(matches!(rel311.reply, Some(Packet::PubComp(ref r)) if r.code == ReasonCode::SUCCESS));
+    }
+
+    proptest::proptest! {
+        /// Any order of PUBACKs (repeats and unknown ids included) against a model: the set
+        /// of messages not yet acknowledged. The session keeps exactly those in flight, its
+        /// read position is the oldest of them, and it reports how many acknowledgements it
+        /// keeps above that one.
+        #[test]
+        fn pubacks_in_any_order_match_the_model(
+            n in 1u16..40,
+            acks in proptest::collection::vec(1u16..45, 0..80),
+        ) {
+            let mut s = session(n, QoS::AtLeastOnce);
+            let mut unacked: std::collections::BTreeSet<u64> = (0..u64::from(n)).collect();
+            for k in acks {
+                let step = s.on_client_ack(ClientAck::PubAck(resp(k)));
+                let offset = u64::from(k) - 1;
+                let known = unacked.remove(&offset);
+                proptest::prop_assert_eq!(step.changed, known);
+                proptest::prop_assert!(step.reply.is_none());
+                let low = unacked.first().copied().unwrap_or(u64::from(n));
+                let above = (low + 1..u64::from(n)).filter(|o| !unacked.contains(o)).count();
+                if known {
+                    proptest::prop_assert_eq!(step.acked_above, above);
+                }
+                proptest::prop_assert_eq!(s.state.cursors[&tp()].committed(), low);
+                let in_flight: std::collections::BTreeSet<u64> =
+                    s.state.outbound.keys().map(|p| u64::from(p.get()) - 1).collect();
+                proptest::prop_assert_eq!(&in_flight, &unacked);
+            }
+        }
+    }
+
+    #[test]
+    fn pubrel_completes_a_received_qos2_message_once() {
+        let mut s = session(0, QoS::ExactlyOnce);
+        s.state.inbound_qos2.insert(5);
+        let step = s.on_client_ack(ClientAck::PubRel(resp(5)));
+        assert!(step.inbound_done && step.changed && s.state.inbound_qos2.is_empty());
+        assert!(
+            matches!(step.reply, Some(Packet::PubComp(ref r)) if r.code == ReasonCode::SUCCESS && r.packet_id == pid(5))
+        );
+        let again = s.on_client_ack(ClientAck::PubRel(resp(5)));
+        assert!(!again.inbound_done, "a repeated PUBREL frees no second slot");
+    }
+
+    // ---- deliveries into the window ----
+
+    const NOW: i64 = 1_000_000;
+
+    /// A session subscribed to `t/#` at `qos`, with the given limits.
+    fn subscribed(protocol: Protocol, qos: QoS, limits: Limits) -> Session {
+        let mut st = SessionState::new("c".into());
+        st.subscribe(crate::session::state::Subscription {
+            filter: "t/#".into(),
+            options: crate::protocol::SubscriptionOptions { qos, ..Default::default() },
+            identifier: Some(7),
+        });
+        Session::new(st, protocol, limits)
+    }
+
+    fn limits(window: usize) -> Limits {
+        Limits { window, client_max_packet: None, topic_alias_max: 0 }
+    }
+
+    fn msg(topic: &str, qos: QoS) -> Arc<Message> {
+        Arc::new(Message {
+            topic: topic.into(),
+            qos,
+            payload: bytes::Bytes::from_static(b"hello"),
+            timestamp_ms: NOW,
+            ..Message::default()
+        })
+    }
+
+    /// Drain what the session will send now: (topic as sent, packet id, qos) of each PUBLISH.
+    fn drain(s: &mut Session, now: i64) -> Vec<Next> {
+        std::iter::from_fn(|| s.next_publish(now)).collect()
+    }
+
+    fn sent(next: &Next) -> (String, Option<u16>, QoS, Option<u16>) {
+        match next {
+            Next::Send { packet: Packet::Publish(p), packet_id, qos, .. } => {
+                assert_eq!(p.packet_id, *packet_id);
+                assert_eq!(p.qos, *qos);
+                assert!(!p.dup, "a first delivery is not a duplicate");
+                (p.topic.clone(), packet_id.map(|p| p.get()), p.qos, p.properties.topic_alias)
+            }
+            other => panic!("expected a PUBLISH, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn qos1_deliveries_fill_the_window_then_wait_for_acknowledgements() {
+        let mut s = subscribed(Protocol::V5, QoS::AtLeastOnce, limits(2));
+        for offset in 0..3 {
+            assert!(s.consider(&tp(), offset, msg(&format!("t/{offset}"), QoS::AtLeastOnce), None, NOW));
+        }
+        let first = drain(&mut s, NOW);
+        assert_eq!(
+            first.iter().map(sent).collect::<Vec<_>>(),
+            vec![("t/0".into(), Some(1), QoS::AtLeastOnce, None), ("t/1".into(), Some(2), QoS::AtLeastOnce, None)],
+            "two in flight, the third waits"
+        );
+        assert_eq!(s.queued(), 1);
+        assert_eq!(s.state.cursors[&tp()].committed(), 0, "nothing acknowledged: the position stays");
+        let step = s.on_client_ack(ClientAck::PubAck(resp(1)));
+        assert!(step.changed);
+        assert_eq!(s.state.cursors[&tp()].committed(), 1);
+        let rest = drain(&mut s, NOW);
+        assert_eq!(rest.iter().map(sent).collect::<Vec<_>>(), vec![("t/2".into(), Some(3), QoS::AtLeastOnce, None)]);
+        // The subscription identifier goes with every PUBLISH to an MQTT 5 client.
+        let Next::Send { packet: Packet::Publish(p), .. } = &rest[0] else { unreachable!() };
+        assert_eq!(p.properties.subscription_identifiers, vec![7]);
+    }
+
+    #[test]
+    fn qos0_is_granted_the_lower_qos_and_needs_no_window() {
+        let mut s = subscribed(Protocol::V311, QoS::AtMostOnce, limits(1));
+        for offset in 0..5 {
+            s.consider(&tp(), offset, msg("t/a", QoS::ExactlyOnce), None, NOW);
+        }
+        let out = drain(&mut s, NOW);
+        assert_eq!(out.len(), 5, "QoS 0 is not held by the window");
+        assert!(out.iter().map(sent).all(|(_, pid, qos, _)| pid.is_none() && qos == QoS::AtMostOnce));
+        assert!(s.state.outbound.is_empty());
+        assert_eq!(s.state.cursors[&tp()].committed(), 5, "QoS 0 leaves nothing pending");
+    }
+
+    #[test]
+    fn records_below_the_position_or_seen_already_are_not_delivered_again() {
+        let mut s = subscribed(Protocol::V5, QoS::AtLeastOnce, limits(10));
+        assert!(s.consider(&tp(), 4, msg("t/a", QoS::AtLeastOnce), None, NOW));
+        assert!(!s.consider(&tp(), 4, msg("t/a", QoS::AtLeastOnce), None, NOW), "same offset twice");
+        assert!(!s.consider(&tp(), 3, msg("t/a", QoS::AtLeastOnce), None, NOW), "below the position");
+        assert!(!s.consider(&tp(), 5, msg("other", QoS::AtLeastOnce), None, NOW), "no matching subscription");
+        assert_eq!(s.state.cursors[&tp()].next, 6, "the position moves past what does not match");
+        assert_eq!(drain(&mut s, NOW).len(), 1);
+    }
+
+    #[test]
+    fn a_message_that_expires_while_queued_is_dropped_and_its_position_moves_on() {
+        let mut s = subscribed(Protocol::V5, QoS::AtLeastOnce, limits(10));
+        let expiring =
+            Arc::new(Message { message_expiry_interval: Some(10), ..(*msg("t/a", QoS::AtLeastOnce)).clone() });
+        assert!(s.consider(&tp(), 0, expiring.clone(), None, NOW));
+        assert!(!s.consider(&tp(), 1, expiring, None, NOW + 10_000), "expired already: not queued");
+        let out = drain(&mut s, NOW + 10_000);
+        assert!(matches!(out[..], [Next::Dropped { why: Dropped::Expired, .. }]), "{out:?}");
+        assert!(s.state.outbound.is_empty());
+        assert_eq!(s.state.cursors[&tp()].committed(), 2);
+        // Not yet expired: the expiry interval sent is what is left of it.
+        s.consider(
+            &tp(),
+            2,
+            Arc::new(Message { message_expiry_interval: Some(10), ..(*msg("t/a", QoS::AtLeastOnce)).clone() }),
+            None,
+            NOW,
+        );
+        let Some(Next::Send { packet: Packet::Publish(p), .. }) = s.next_publish(NOW + 4_000) else { panic!() };
+        assert_eq!(p.properties.message_expiry_interval, Some(6));
+    }
+
+    #[test]
+    fn a_message_larger_than_the_clients_maximum_packet_is_dropped_as_if_delivered() {
+        let mut s = subscribed(
+            Protocol::V5,
+            QoS::AtLeastOnce,
+            Limits { window: 10, client_max_packet: Some(40), topic_alias_max: 0 },
+        );
+        let big = Arc::new(Message { payload: vec![0u8; 100].into(), ..(*msg("t/a", QoS::AtLeastOnce)).clone() });
+        s.consider(&tp(), 0, big, None, NOW);
+        s.consider(&tp(), 1, msg("t/b", QoS::AtLeastOnce), None, NOW);
+        let out = drain(&mut s, NOW);
+        assert!(matches!(out[0], Next::Dropped { why: Dropped::TooLarge(len), .. } if len > 100), "{out:?}");
+        assert_eq!(sent(&out[1]).0, "t/b");
+        let Next::Send { len, .. } = out[1] else { unreachable!() };
+        assert!(len <= 40);
+        assert_eq!(s.state.outbound.len(), 1, "the dropped one takes no slot of the window");
+    }
+
+    #[test]
+    fn topic_aliases_replace_topics_the_client_knows_least_recently_used_reassigned() {
+        let mut s = subscribed(
+            Protocol::V5,
+            QoS::AtMostOnce,
+            Limits { window: 10, client_max_packet: None, topic_alias_max: 2 },
+        );
+        for (offset, topic) in ["t/a", "t/a", "t/b", "t/c", "t/b", "t/a"].iter().enumerate() {
+            s.consider(&tp(), offset as u64, msg(topic, QoS::AtMostOnce), None, NOW);
+        }
+        let out: Vec<(String, Option<u16>)> = drain(&mut s, NOW).iter().map(sent).map(|(t, _, _, a)| (t, a)).collect();
+        assert_eq!(
+            out,
+            vec![
+                ("t/a".into(), Some(1)),
+                (String::new(), Some(1)),
+                ("t/b".into(), Some(2)),
+                ("t/c".into(), Some(1)), // t/a was the least recently used
+                (String::new(), Some(2)),
+                ("t/a".into(), Some(1)), // t/c was
+            ]
+        );
+        // MQTT 3.1.1 has no aliases, whatever the limit says.
+        let mut v311 = subscribed(
+            Protocol::V311,
+            QoS::AtMostOnce,
+            Limits { window: 10, client_max_packet: None, topic_alias_max: 2 },
+        );
+        v311.consider(&tp(), 0, msg("t/a", QoS::AtMostOnce), None, NOW);
+        v311.consider(&tp(), 1, msg("t/a", QoS::AtMostOnce), None, NOW);
+        assert!(drain(&mut v311, NOW).iter().map(sent).all(|(t, _, _, a)| t == "t/a" && a.is_none()));
+    }
+
+    #[test]
+    fn retained_messages_for_a_subscribe_are_sent_with_retain_and_counted_until_written() {
+        let mut s = subscribed(Protocol::V5, QoS::AtLeastOnce, limits(1));
+        s.queue_retained(msg("t/r1", QoS::AtLeastOnce), QoS::AtLeastOnce, vec![]);
+        s.queue_retained(msg("t/r2", QoS::AtLeastOnce), QoS::AtLeastOnce, vec![]);
+        assert_eq!(s.retained_waiting(), 2);
+        let out = drain(&mut s, NOW);
+        assert_eq!(out.len(), 1, "window of one");
+        let Next::Send { packet: Packet::Publish(p), .. } = &out[0] else { panic!() };
+        assert!(p.retain);
+        assert_eq!(s.retained_waiting(), 1);
+    }
+
+    #[test]
+    fn a_resumed_session_resends_publish_with_dup_then_pubrel_in_packet_id_order() {
+        let mut s = session(3, QoS::ExactlyOnce);
+        s.on_client_ack(ClientAck::PubRec(resp(2)));
+        let again = s.resend_inflight(NOW);
+        let summary: Vec<(u16, &str, bool)> = again
+            .iter()
+            .map(|p| match p {
+                Packet::Publish(p) => (p.packet_id.map_or(0, |p| p.get()), "publish", p.dup),
+                Packet::PubRel(r) => (r.packet_id.get(), "pubrel", false),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(summary, vec![(1, "publish", true), (2, "pubrel", false), (3, "publish", true)]);
+    }
+
+    proptest::proptest! {
+        /// Records arrive in any interleaving with acknowledgements (some repeated, some
+        /// unknown), in a window of any size. Against the model: every matching QoS 1
+        /// record is sent exactly once, in offset order; no more than the window is ever
+        /// in flight; and once all is acknowledged the read position is past every record.
+        #[test]
+        fn deliveries_and_acknowledgements_in_any_interleaving_match_the_model(
+            window in 1usize..6,
+            steps in proptest::collection::vec((0u8..3, 0u16..8), 1..120),
+        ) {
+            let mut s = subscribed(Protocol::V5, QoS::AtLeastOnce, limits(window));
+            let mut next_offset = 0u64;
+            let mut sent_offsets: Vec<u64> = Vec::new();
+            let mut pid_to_offset = std::collections::HashMap::new();
+            for (kind, arg) in steps {
+                match kind {
+                    // A record arrives (half of them match), maybe delivered twice.
+                    0 => {
+                        let topic = if arg % 2 == 0 { "t/x" } else { "u/x" };
+                        s.consider(&tp(), next_offset, msg(topic, QoS::AtLeastOnce), None, NOW);
+                        if arg % 3 == 0 {
+                            s.consider(&tp(), next_offset, msg(topic, QoS::AtLeastOnce), None, NOW);
+                        }
+                        next_offset += 1;
+                    }
+                    // The client acknowledges the in-flight message with the arg-th lowest id.
+                    1 => {
+                        let mut ids: Vec<u16> = s.state.outbound.keys().map(|p| p.get()).collect();
+                        ids.sort();
+                        if let Some(&id) = ids.get(usize::from(arg) % ids.len().max(1)) {
+                            proptest::prop_assert!(s.on_client_ack(ClientAck::PubAck(resp(id))).changed);
+                        } else {
+                            proptest::prop_assert!(!s.on_client_ack(ClientAck::PubAck(resp(arg.max(1)))).changed);
+                        }
+                    }
+                    // The driver has room.
+                    _ => {}
+                }
+                while let Some(n) = s.next_publish(NOW) {
+                    let Next::Send { packet: Packet::Publish(p), packet_id: Some(pid), .. } = n else {
+                        proptest::prop_assert!(false, "only QoS 1 sends expected");
+                        unreachable!()
+                    };
+                    let offset = s.state.outbound[&pid].origin.as_ref().map(|o| o.offset);
+                    proptest::prop_assert_eq!(p.topic.as_str(), "t/x");
+                    let offset = offset.expect("QoS 1 has an origin");
+                    pid_to_offset.insert(pid, offset);
+                    sent_offsets.push(offset);
+                }
+                proptest::prop_assert!(s.state.outbound.len() <= window);
+            }
+            let mut sorted = sent_offsets.clone();
+            sorted.sort();
+            sorted.dedup();
+            proptest::prop_assert_eq!(&sorted, &sent_offsets, "in order, each once");
+            // Acknowledge everything left, draining the queue.
+            loop {
+                let ids: Vec<PacketId> = s.state.outbound.keys().copied().collect();
+                if ids.is_empty() && s.queued() == 0 {
+                    break;
+                }
+                for id in ids {
+                    s.on_client_ack(ClientAck::PubAck(PubResponse::new(id)));
+                }
+                while s.next_publish(NOW).is_some() {}
+            }
+            proptest::prop_assert_eq!(s.state.cursors.get(&tp()).map_or(next_offset, |c| c.committed()), next_offset);
+        }
+    }
+}

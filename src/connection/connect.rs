@@ -166,7 +166,6 @@ impl Conn {
         state.owner = Some(owner);
         state.p2p = ctx.config.naming == crate::config::Naming::Lmq;
 
-        let qos2_waiting = state.inbound_qos2.len();
         let (slot, rx) = ctx.router.register(client_id.clone().into(), mqtt.queue_capacity);
         let window = match protocol {
             Protocol::V5 => usize::from(connect.properties.receive_maximum.unwrap_or(u16::MAX).min(mqtt.max_inflight)),
@@ -201,21 +200,17 @@ impl Conn {
                     window,
                     client_max_packet: connect.properties.maximum_packet_size.map(|v| v as usize),
                     topic_alias_max: connect.properties.topic_alias_maximum.unwrap_or(0).min(mqtt.topic_alias_max),
+                    client_alias_max: mqtt.topic_alias_max,
+                    receive_maximum: mqtt.receive_maximum,
                 },
             ),
             slot,
             rx,
             registration,
-            topic_aliases: HashMap::new(),
             out: BytesMut::new(),
             dirty: false,
             stored: session_present,
             last_event: None,
-            // QoS 2 PUBLISHes of the restored session waiting for PUBREL still count.
-            inbound_inflight: qos2_waiting,
-            qos2_storing: HashSet::new(),
-            pubrec_waiting: Vec::new(),
-            pubrec_saving: Vec::new(),
             persist: None,
             save_soon: false,
             gauges: Default::default(),

@@ -5,15 +5,12 @@ use super::*;
 use crate::config::Naming;
 use crate::labels::Refusal;
 use crate::router::RouterError;
+use crate::session::machine::{AppendStep, Appended, Qos2Publish, Violation};
 use crate::trace::Kind;
 
-/// Result of one core-service append, in publish order.
-pub(super) struct AckResult {
-    packet_id: Option<PacketId>,
-    qos: QoS,
-    outcome: Result<(), String>,
-    /// The stored message's ID, for the MQTT 5 PUBACK / PUBREC.
-    msg_id: Option<Arc<str>>,
+/// The connection closes on a PUBLISH that breaks the protocol.
+fn violation(v: Violation) -> End {
+    End::Server(v.code, v.why)
 }
 
 impl Conn {
@@ -37,38 +34,23 @@ impl Conn {
     pub(super) async fn on_publish(
         &mut self,
         mut p: Publish,
-        acks: &mut FuturesOrdered<BoxFuture<'static, AckResult>>,
+        acks: &mut FuturesOrdered<BoxFuture<'static, Appended>>,
         backend_timeout: Duration,
     ) -> Result<(), End> {
-        // Topic alias (MQTT 5, client → server): checked against our Topic Alias Maximum
-        // first, and a new mapping is stored only once its topic passed the checks below,
-        // so the alias table holds at most `topic_alias_max` valid, length-limited topics.
-        let mut new_alias = None;
-        if let Some(alias) = p.properties.topic_alias {
-            if alias == 0 || alias > self.ctx.config.mqtt.topic_alias_max {
-                return Err(End::Server(ReasonCode::TOPIC_ALIAS_INVALID, "topic alias out of range [MQTT-3.3.2-9]"));
-            }
-            if p.topic.is_empty() {
-                match self.topic_aliases.get(&alias) {
-                    Some(t) => p.topic = t.clone(),
-                    None => return Err(End::Server(ReasonCode::PROTOCOL_ERROR, "unknown topic alias")),
-                }
-            } else {
-                new_alias = Some(alias);
-            }
-        }
-        if p.topic.is_empty() {
-            return Err(End::Server(ReasonCode::PROTOCOL_ERROR, "empty topic without alias [MQTT-4.7.3-1]"));
-        }
+        // Topic alias (MQTT 5, client → server); a new mapping is remembered only once its
+        // topic passed the checks below.
+        let new_alias = self.session.resolve_alias(&mut p).map_err(violation)?;
         if p.topic == tokens::SYS_UPLOAD_TOKEN {
             if let Some(alias) = new_alias {
-                self.topic_aliases.insert(alias, p.topic.clone());
+                self.session.remember_alias(alias, p.topic.clone());
             }
             // The gateway's own topic: not stored, not subject to the ACL.
             self.on_upload_token(&p.payload)?;
             match (p.qos, p.packet_id) {
                 (QoS::AtLeastOnce, Some(pid)) => self.send(&Packet::PubAck(PubResponse::new(pid))),
                 (QoS::ExactlyOnce, Some(pid)) => {
+                    // Counts against the Receive Maximum until its PUBREL, like any QoS 2.
+                    self.session.begin_receive(QoS::ExactlyOnce).map_err(violation)?;
                     self.session.state.inbound_qos2.insert(pid.get());
                     self.send(&Packet::PubRec(PubResponse::new(pid)));
                 }
@@ -78,7 +60,7 @@ impl Conn {
         }
         if p.topic == offline::SYS_GET_OFFLINE_MSG {
             if let Some(alias) = new_alias {
-                self.topic_aliases.insert(alias, p.topic.clone());
+                self.session.remember_alias(alias, p.topic.clone());
             }
             return self.on_pull_request(&p, backend_timeout).await;
         }
@@ -125,20 +107,13 @@ impl Conn {
         }
         // Any other message ends the wait for an offline pull request.
         self.offline.push();
-        if p.qos != QoS::AtMostOnce {
-            self.inbound_inflight += 1;
-            if self.protocol == Protocol::V5
-                && self.inbound_inflight > usize::from(self.ctx.config.mqtt.receive_maximum)
-            {
-                return Err(End::Server(ReasonCode::RECEIVE_MAXIMUM_EXCEEDED, "receive maximum exceeded"));
-            }
-        }
+        self.session.begin_receive(p.qos).map_err(violation)?;
         if let Err(r) = self.ctx.limits.check_payload(p.payload.len()) {
-            self.done_inbound(p.qos);
+            self.session.end_receive(p.qos);
             return Err(End::Server(r.reason_code(), "payload too large"));
         }
         if p.retain && !self.ctx.config.mqtt.retain_available {
-            self.done_inbound(p.qos);
+            self.session.end_receive(p.qos);
             return Err(End::Server(ReasonCode::RETAIN_NOT_SUPPORTED, "retain not supported"));
         }
         // LMQ names have no `$` topics; MQTT names have all but `$SYS` (refused as reserved below).
@@ -146,11 +121,11 @@ impl Conn {
             || self.ctx.limits.check_topic(&p.topic).is_err()
             || topic::validate_name(&p.topic).is_err()
         {
-            self.done_inbound(p.qos);
+            self.session.end_receive(p.qos);
             return self.refuse_publish(&p, ReasonCode::TOPIC_NAME_INVALID, "topic name not allowed");
         }
         if let Some(alias) = new_alias {
-            self.topic_aliases.insert(alias, alias_topic.unwrap_or_else(|| p.topic.clone()));
+            self.session.remember_alias(alias, alias_topic.unwrap_or_else(|| p.topic.clone()));
         }
         // The retained store every gateway holds is bounded (an empty payload only deletes).
         let limits = &self.ctx.config.limits;
@@ -164,24 +139,24 @@ impl Conn {
             )
         {
             self.ctx.limits.count(Refusal::RetainedStoreFull);
-            self.done_inbound(p.qos);
+            self.session.end_receive(p.qos);
             return self.refuse_publish(&p, ReasonCode::QUOTA_EXCEEDED, "retained store full");
         }
         let core = match self.ctx.router.topics().resolve(topic::parent(&p.topic)) {
             Ok(core) => core,
             Err(Unmapped::Undeclared) => {
-                self.done_inbound(p.qos);
+                self.session.end_receive(p.qos);
                 return self.refuse_publish(&p, ReasonCode::TOPIC_NAME_INVALID, "parent topic not declared");
             }
             Err(Unmapped::Reserved) => {
                 // Whatever the ACL says: the same answer as an ACL refusal (SPEC §8).
-                self.done_inbound(p.qos);
+                self.session.end_receive(p.qos);
                 let r = self.ctx.limits.refuse_reserved();
                 return self.refuse_publish(&p, r.reason_code(), "reserved topic");
             }
         };
         if let Err(d) = self.identity.check_publish(&p.topic) {
-            self.done_inbound(p.qos);
+            self.session.end_receive(p.qos);
             if d.token_invalid.is_some() {
                 return Err(self.deny(d));
             }
@@ -191,15 +166,9 @@ impl Conn {
         // (once the PUBREC may be sent at all, see `on_ack`); re-sent while the first copy is
         // still being stored: that copy's PUBREC answers both.
         if let (QoS::ExactlyOnce, Some(pid)) = (p.qos, p.packet_id) {
-            if self.qos2_storing.contains(&pid.get()) {
-                self.done_inbound(p.qos);
-                return Ok(());
-            }
-            if self.session.state.inbound_qos2.contains(&pid.get()) {
-                self.done_inbound(p.qos);
-                let waiting = |v: &[PubResponse]| v.iter().any(|r| r.packet_id == pid);
-                if !waiting(&self.pubrec_waiting) && !waiting(&self.pubrec_saving) {
-                    self.send(&Packet::PubRec(PubResponse::new(pid)));
+            if let Qos2Publish::Duplicate { reply } = self.session.on_qos2_publish(pid) {
+                if let Some(reply) = reply {
+                    self.send(&reply);
                 }
                 return Ok(());
             }
@@ -207,13 +176,13 @@ impl Conn {
         match self.ctx.router.ensure_for_publish(&core, &p.topic).await {
             Ok(()) => {}
             Err(RouterError::TopicLimit(_)) => {
-                self.done_inbound(p.qos);
+                self.session.end_receive(p.qos);
                 let r = self.ctx.limits.count(Refusal::CoreTopicLimit);
                 return self.refuse_publish(&p, r.reason_code(), "no room for another core topic");
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot create core topic");
-                self.done_inbound(p.qos);
+                self.session.end_receive(p.qos);
                 return Err(End::Server(ReasonCode::SERVER_BUSY, "core service unavailable"));
             }
         }
@@ -253,7 +222,7 @@ impl Conn {
                     None => return Ok(()),
                 }
             }
-            self.qos2_storing.insert(pid.get());
+            self.session.storing_qos2(pid);
         }
         self.ctx.metrics.message_in(qos).inc();
         // Queued in arrival order (this await is the back-pressure point); the durable
@@ -263,7 +232,7 @@ impl Conn {
             Ok(Ok(ack)) => ack,
             Ok(Err(e)) => {
                 let outcome = Err(e.to_string());
-                acks.push_back(async move { AckResult { packet_id, qos, outcome, msg_id: None } }.boxed());
+                acks.push_back(async move { Appended { packet_id, qos, outcome, msg_id: None } }.boxed());
                 return Ok(());
             }
             Err(_) => return Err(End::Server(ReasonCode::SERVER_BUSY, "core service queue full")),
@@ -284,7 +253,7 @@ impl Conn {
                         Err(format!("no acknowledgement within {backend_timeout:?}"))
                     }
                 };
-                AckResult { packet_id, qos, outcome, msg_id: Some(msg_id) }
+                Appended { packet_id, qos, outcome, msg_id: Some(msg_id) }
             }
             .boxed(),
         );
@@ -305,8 +274,7 @@ impl Conn {
             match found {
                 Ok(Ok(true)) => {
                     tracing::debug!(client_id = %self.client_id, packet_id = pid.get(), "re-sent QoS 2 PUBLISH was stored before; not stored again");
-                    self.session.state.inbound_qos2.insert(pid.get());
-                    self.pubrec_waiting.push(PubResponse::new(pid));
+                    self.session.found_stored_qos2(pid);
                     return Ok(None);
                 }
                 Ok(Ok(false)) => {}
@@ -349,60 +317,26 @@ impl Conn {
         }
     }
 
-    /// A positive PUBACK / PUBREC; MQTT 5 gets the message ID as user property `msgId`.
-    fn ack_with_id(&self, pid: PacketId, msg_id: Option<&str>) -> PubResponse {
-        let mut ack = PubResponse::new(pid);
-        if let (Protocol::V5, Some(id)) = (self.protocol, msg_id.filter(|id| !id.is_empty())) {
-            ack.properties.user_properties.push((crate::msgid::HEADER.to_string(), id.to_string()));
-        }
-        ack
-    }
-
-    pub(super) fn done_inbound(&mut self, qos: QoS) {
-        if qos != QoS::AtMostOnce {
-            self.inbound_inflight = self.inbound_inflight.saturating_sub(1);
-        }
-    }
-
-    pub(super) fn on_ack(&mut self, r: AckResult) -> Result<(), End> {
-        // QoS 2 counts against our Receive Maximum until its PUBCOMP, unless it failed.
-        if r.qos != QoS::ExactlyOnce || r.outcome.is_err() || r.packet_id.is_none() {
-            self.done_inbound(r.qos);
-        }
-        if let (QoS::ExactlyOnce, Some(pid)) = (r.qos, r.packet_id) {
-            self.qos2_storing.remove(&pid.get());
-        }
-        match (r.outcome, r.qos, r.packet_id) {
-            (Ok(()), QoS::AtMostOnce, _) => Ok(()),
-            (Ok(()), QoS::AtLeastOnce, Some(pid)) => {
-                let ack = self.ack_with_id(pid, r.msg_id.as_deref());
-                self.send(&Packet::PubAck(ack));
-                Ok(())
-            }
-            (Ok(()), QoS::ExactlyOnce, Some(pid)) => {
-                self.session.state.qos2_intents.remove(&pid.get());
-                self.session.state.inbound_qos2.insert(pid.get());
-                self.dirty = true;
-                let rec = self.ack_with_id(pid, r.msg_id.as_deref());
-                if self.session_expiry > 0 {
-                    // PUBREC once the packet id is saved with the session (next save, at once).
-                    self.pubrec_waiting.push(rec);
-                } else {
-                    // No session outlives the connection: nothing to recognise a re-send by.
-                    self.send(&Packet::PubRec(rec));
+    /// The core service answered an append: acknowledge (or wait for the session save that
+    /// must come first), or disconnect without acknowledging.
+    pub(super) fn on_ack(&mut self, r: Appended) -> Result<(), End> {
+        match self.session.on_appended(r, self.session_expiry > 0) {
+            AppendStep::Stored { reply, changed } => {
+                self.dirty |= changed;
+                if let Some(reply) = reply {
+                    self.send(&reply);
                 }
                 Ok(())
             }
-            (Err(e), QoS::AtMostOnce, _) => {
+            AppendStep::LostQos0(e) => {
                 tracing::warn!(client_id = %self.client_id, error = %e, "QoS 0 message not stored");
                 Ok(())
             }
-            (Err(e), _, _) => {
+            AppendStep::Failed(e) => {
                 // Never acknowledged: the client keeps the message and re-sends it.
                 tracing::warn!(client_id = %self.client_id, error = %e, "message not stored; disconnecting without acknowledging it");
                 Err(End::Server(ReasonCode::SERVER_BUSY, "core service did not acknowledge"))
             }
-            (Ok(()), _, None) => Ok(()),
         }
     }
 

@@ -21,7 +21,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use futures::future::BoxFuture;
 use futures::stream::{FuturesOrdered, StreamExt};
 use futures::FutureExt;
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -52,7 +52,7 @@ mod outbound;
 mod tokens;
 
 pub(crate) use inbound::store_message;
-use inbound::{with_timestamp, AckResult};
+use inbound::with_timestamp;
 use outbound::{empty_message, record_message, CatchupStep};
 
 /// Stop taking deliveries when this many bytes wait to be written (or at
@@ -235,8 +235,6 @@ struct Conn {
     slot: Arc<SessionSlot>,
     rx: crate::router::queue::Receiver,
     registration: Registration,
-    /// Topic aliases the client assigned (MQTT 5).
-    topic_aliases: HashMap<u16, String>,
     /// Bytes waiting to be written to the client; reading pauses at
     /// `mqtt.max_output_buffer_bytes`.
     out: BytesMut,
@@ -248,16 +246,6 @@ struct Conn {
     stored: bool,
     /// The last status event being written (events are chained to keep their order).
     last_event: Option<tokio::task::JoinHandle<()>>,
-    inbound_inflight: usize,
-    /// QoS 2 packet ids whose PUBLISH is being stored: a re-sent copy (DUP) arriving meanwhile
-    /// is not stored again.
-    qos2_storing: HashSet<u16>,
-    /// Persistent sessions: QoS 2 packet ids stored and recorded in `state.inbound_qos2`,
-    /// whose PUBREC waits for that record to be saved (so that after a crash of the gateway a
-    /// PUBLISH it PUBRECed is recognised when re-sent, never stored twice), and those in the
-    /// save under way.
-    pubrec_waiting: Vec<PubResponse>,
-    pubrec_saving: Vec<PubResponse>,
     /// The session save in flight (persistent sessions).
     persist: Option<BoxFuture<'static, Result<(), BackendError>>>,
     /// This connection's share of the in-flight / queued / subscription gauges.
@@ -306,7 +294,7 @@ impl Conn {
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
-        let mut acks: FuturesOrdered<BoxFuture<'static, AckResult>> = FuturesOrdered::new();
+        let mut acks: FuturesOrdered<BoxFuture<'static, crate::session::machine::Appended>> = FuturesOrdered::new();
         let end = self.serve_loop(reader, writer, inbuf, &mut acks).await;
         // Each future carries its own timeout, so this ends.
         while let Some(r) = acks.next().await {
@@ -320,7 +308,7 @@ impl Conn {
         reader: &mut R,
         writer: &mut W,
         mut inbuf: BytesMut,
-        acks: &mut FuturesOrdered<BoxFuture<'static, AckResult>>,
+        acks: &mut FuturesOrdered<BoxFuture<'static, crate::session::machine::Appended>>,
     ) -> End
     where
         R: AsyncRead + Unpin,
@@ -381,7 +369,7 @@ impl Conn {
             let persist_due = self.dirty && self.session_expiry > 0 && self.persist.is_none();
             // A PUBREC waiting for the save, or a change to save soon, makes it due at once.
             let persist_at = persist_due.then(|| {
-                if self.pubrec_waiting.is_empty() && !self.save_soon {
+                if !self.session.pubrecs_waiting() && !self.save_soon {
                     last_persist + checkpoint_every
                 } else {
                     last_persist
@@ -505,7 +493,7 @@ impl Conn {
                     if persist_at.is_some_and(|t| now >= t) {
                         self.dirty = false;
                         self.save_soon = false;
-                        self.pubrec_saving.append(&mut self.pubrec_waiting);
+                        self.session.saving();
                         last_persist = Instant::now();
                         self.advance_idle_cursors();
                         let stored = Stored::from_state(&self.session.state, self.session_expiry, None);
@@ -528,7 +516,7 @@ impl Conn {
         &mut self,
         inbuf: &mut BytesMut,
         max_packet: usize,
-        acks: &mut FuturesOrdered<BoxFuture<'static, AckResult>>,
+        acks: &mut FuturesOrdered<BoxFuture<'static, crate::session::machine::Appended>>,
         backend_timeout: Duration,
     ) -> Result<(), End> {
         loop {
@@ -550,7 +538,7 @@ impl Conn {
     async fn on_packet(
         &mut self,
         packet: Packet,
-        acks: &mut FuturesOrdered<BoxFuture<'static, AckResult>>,
+        acks: &mut FuturesOrdered<BoxFuture<'static, crate::session::machine::Appended>>,
         backend_timeout: Duration,
     ) -> Result<(), End> {
         match packet {
@@ -598,9 +586,6 @@ impl Conn {
             self.trace(crate::trace::Kind::Acked, message, || how.to_string());
         }
         self.dirty |= step.changed;
-        if step.inbound_done {
-            self.done_inbound(QoS::ExactlyOnce);
-        }
         self.check_acked_above(step.acked_above)?;
         if let Some(reply) = &step.reply {
             self.send(reply);
@@ -610,18 +595,12 @@ impl Conn {
 
     /// A session save finished: the PUBRECs that waited for it go out, or wait for the next.
     fn on_persisted(&mut self, res: Result<(), BackendError>) {
-        match res {
-            Ok(()) => {
-                for rec in std::mem::take(&mut self.pubrec_saving) {
-                    self.send(&Packet::PubRec(rec));
-                }
-            }
-            Err(e) => {
-                tracing::warn!(client_id = %self.client_id, error = %e, "cannot save session");
-                self.dirty = true;
-                let saving = std::mem::take(&mut self.pubrec_saving);
-                self.pubrec_waiting.extend(saving);
-            }
+        if let Err(e) = &res {
+            tracing::warn!(client_id = %self.client_id, error = %e, "cannot save session");
+            self.dirty = true;
+        }
+        for pubrec in self.session.on_saved(res.is_ok()) {
+            self.send(&pubrec);
         }
     }
 

@@ -24,7 +24,7 @@
 //! part that is persisted); the queue, the window and the aliases live and die with one
 //! connection.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use crate::backend::TopicPartition;
@@ -43,6 +43,11 @@ pub struct Limits {
     pub client_max_packet: Option<usize>,
     /// Topic aliases the gateway may assign towards the client (MQTT 5; 0: none).
     pub topic_alias_max: u16,
+    /// Topic aliases the client may assign (our Topic Alias Maximum, MQTT 5).
+    pub client_alias_max: u16,
+    /// QoS 1/2 PUBLISHes the client may have unacknowledged (our Receive Maximum; MQTT 5
+    /// clients that exceed it are disconnected).
+    pub receive_maximum: u16,
 }
 
 /// One client's session while it is connected.
@@ -57,6 +62,63 @@ pub struct Session {
     queue: VecDeque<Pending>,
     /// Retained messages in `queue` that answer a SUBSCRIBE (bounded by the driver).
     retained_waiting: usize,
+    /// Topic aliases the client assigned (at most `client_alias_max`).
+    client_aliases: HashMap<u16, String>,
+    client_alias_max: u16,
+    receive_maximum: u16,
+    /// QoS 1/2 PUBLISHes received and not acknowledged yet (QoS 2: until their PUBREL).
+    receiving: usize,
+    /// QoS 2 packet identifiers whose PUBLISH is being stored.
+    qos2_storing: HashSet<u16>,
+    /// PUBRECs of a persistent session waiting for its next save (the packet identifier must
+    /// be stored before the PUBREC goes out), and those waiting for the save in flight.
+    pubrec_waiting: Vec<PubResponse>,
+    pubrec_saving: Vec<PubResponse>,
+}
+
+/// A PUBLISH from the client that breaks the protocol: the connection closes with this
+/// reason code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Violation {
+    pub code: ReasonCode,
+    pub why: &'static str,
+}
+
+/// A QoS 2 PUBLISH from the client, seen against the ones received before.
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // returned and consumed at once, like `Next`
+pub enum Qos2Publish {
+    /// Not seen before (or completed with PUBREL): to be stored.
+    New,
+    /// Re-sent before its PUBREL: not stored again. `reply` is the PUBREC to send again, if
+    /// one is not already on its way (it is not while the first copy is still being stored,
+    /// or while its PUBREC waits for a session save).
+    Duplicate { reply: Option<Packet> },
+}
+
+/// The core service's answer to the append of a PUBLISH from the client.
+#[derive(Debug)]
+pub struct Appended {
+    pub packet_id: Option<PacketId>,
+    pub qos: QoS,
+    pub outcome: Result<(), String>,
+    /// The stored message's ID, for the MQTT 5 PUBACK / PUBREC.
+    pub msg_id: Option<Arc<str>>,
+}
+
+/// What an append result does.
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // returned and consumed at once, like `Next`
+pub enum AppendStep {
+    /// Stored: the acknowledgement to send now, if any; `changed` when the session must be
+    /// saved (a QoS 2 packet identifier to remember, whose PUBREC waits for that save when the
+    /// session is persistent).
+    Stored { reply: Option<Packet>, changed: bool },
+    /// A QoS 0 message the core service did not store (nothing to tell the client).
+    LostQos0(String),
+    /// A QoS 1/2 message not stored: never acknowledged; the client keeps it and re-sends it
+    /// on its next connection.
+    Failed(String),
 }
 
 /// What [`Session::next_publish`] produced.
@@ -140,13 +202,21 @@ impl Session {
     pub fn new(state: SessionState, protocol: Protocol, limits: Limits) -> Session {
         let alias_max = if protocol == Protocol::V5 { limits.topic_alias_max } else { 0 };
         Session {
-            state,
             protocol,
             window: limits.window.max(1),
             client_max_packet: limits.client_max_packet,
             aliases: OutAliases::new(alias_max),
             queue: VecDeque::new(),
             retained_waiting: 0,
+            client_aliases: HashMap::new(),
+            client_alias_max: limits.client_alias_max,
+            receive_maximum: limits.receive_maximum,
+            // QoS 2 PUBLISHes of a restored session waiting for PUBREL still count.
+            receiving: state.inbound_qos2.len(),
+            state,
+            qos2_storing: HashSet::new(),
+            pubrec_waiting: Vec::new(),
+            pubrec_saving: Vec::new(),
         }
     }
 
@@ -387,6 +457,9 @@ impl Session {
                 let known = state.inbound_qos2.remove(&r.packet_id.get());
                 step.changed = known;
                 step.inbound_done = known;
+                if known {
+                    self.receiving = self.receiving.saturating_sub(1);
+                }
                 let mut comp = PubResponse::new(r.packet_id);
                 if !known && protocol == Protocol::V5 {
                     comp.code = ReasonCode::PACKET_IDENTIFIER_NOT_FOUND;
@@ -395,6 +468,160 @@ impl Session {
             }
         }
         step
+    }
+}
+
+/// PUBLISHes from the client: topic aliases, the Receive Maximum, QoS 2 exactly once, and the
+/// acknowledgements that follow the core service's answer. The driver checks the topic and
+/// the rights, builds the record and appends it.
+impl Session {
+    /// Resolve the client's topic alias (MQTT 5): a PUBLISH without a topic gets its alias'
+    /// topic. A new mapping is returned, to be remembered with [`Session::remember_alias`]
+    /// only once its topic passed the driver's checks, so the table holds at most
+    /// `client_alias_max` valid topics.
+    pub fn resolve_alias(&self, p: &mut Publish) -> Result<Option<u16>, Violation> {
+        let Some(alias) = p.properties.topic_alias else {
+            if p.topic.is_empty() {
+                return Err(Violation {
+                    code: ReasonCode::PROTOCOL_ERROR,
+                    why: "empty topic without alias [MQTT-4.7.3-1]",
+                });
+            }
+            return Ok(None);
+        };
+        if alias == 0 || alias > self.client_alias_max {
+            return Err(Violation {
+                code: ReasonCode::TOPIC_ALIAS_INVALID,
+                why: "topic alias out of range [MQTT-3.3.2-9]",
+            });
+        }
+        if !p.topic.is_empty() {
+            return Ok(Some(alias));
+        }
+        match self.client_aliases.get(&alias) {
+            Some(t) => {
+                p.topic.clone_from(t);
+                Ok(None)
+            }
+            None => Err(Violation { code: ReasonCode::PROTOCOL_ERROR, why: "unknown topic alias" }),
+        }
+    }
+
+    pub fn remember_alias(&mut self, alias: u16, topic: String) {
+        self.client_aliases.insert(alias, topic);
+    }
+
+    /// A QoS 1/2 PUBLISH arrives: it counts against the Receive Maximum until acknowledged
+    /// (QoS 2: until its PUBREL). An MQTT 5 client beyond it breaks the protocol.
+    pub fn begin_receive(&mut self, qos: QoS) -> Result<(), Violation> {
+        if qos == QoS::AtMostOnce {
+            return Ok(());
+        }
+        self.receiving += 1;
+        if self.protocol == Protocol::V5 && self.receiving > usize::from(self.receive_maximum) {
+            return Err(Violation { code: ReasonCode::RECEIVE_MAXIMUM_EXCEEDED, why: "receive maximum exceeded" });
+        }
+        Ok(())
+    }
+
+    /// A PUBLISH that counted against the Receive Maximum is done with (refused, or answered).
+    pub fn end_receive(&mut self, qos: QoS) {
+        if qos != QoS::AtMostOnce {
+            self.receiving = self.receiving.saturating_sub(1);
+        }
+    }
+
+    /// A QoS 2 PUBLISH (counted by [`Session::begin_receive`]): new, or a re-send of one
+    /// stored or being stored, which is answered without storing it twice and frees its slot.
+    pub fn on_qos2_publish(&mut self, pid: PacketId) -> Qos2Publish {
+        if self.qos2_storing.contains(&pid.get()) {
+            self.end_receive(QoS::ExactlyOnce);
+            return Qos2Publish::Duplicate { reply: None };
+        }
+        if !self.state.inbound_qos2.contains(&pid.get()) {
+            return Qos2Publish::New;
+        }
+        self.end_receive(QoS::ExactlyOnce);
+        let waiting = |v: &[PubResponse]| v.iter().any(|r| r.packet_id == pid);
+        let reply = (!waiting(&self.pubrec_waiting) && !waiting(&self.pubrec_saving))
+            .then(|| Packet::PubRec(PubResponse::new(pid)));
+        Qos2Publish::Duplicate { reply }
+    }
+
+    /// The QoS 2 PUBLISH with `pid` is being appended.
+    pub fn storing_qos2(&mut self, pid: PacketId) {
+        self.qos2_storing.insert(pid.get());
+    }
+
+    /// A re-sent QoS 2 PUBLISH of a restored session was found in the log (stored before a
+    /// crash): received, its PUBREC waits for the next save like any other.
+    pub fn found_stored_qos2(&mut self, pid: PacketId) {
+        self.state.inbound_qos2.insert(pid.get());
+        self.pubrec_waiting.push(PubResponse::new(pid));
+    }
+
+    /// The core service answered an append (`persistent`: the session outlives the
+    /// connection, so a QoS 2 packet identifier must be saved before its PUBREC).
+    pub fn on_appended(&mut self, a: Appended, persistent: bool) -> AppendStep {
+        // QoS 2 counts against the Receive Maximum until its PUBREL, unless it failed.
+        if a.qos != QoS::ExactlyOnce || a.outcome.is_err() || a.packet_id.is_none() {
+            self.end_receive(a.qos);
+        }
+        if let (QoS::ExactlyOnce, Some(pid)) = (a.qos, a.packet_id) {
+            self.qos2_storing.remove(&pid.get());
+        }
+        match (a.outcome, a.qos, a.packet_id) {
+            (Err(e), QoS::AtMostOnce, _) => AppendStep::LostQos0(e),
+            (Err(e), _, _) => AppendStep::Failed(e),
+            (Ok(()), QoS::AtLeastOnce, Some(pid)) => AppendStep::Stored {
+                reply: Some(Packet::PubAck(self.ack_with_id(pid, a.msg_id.as_deref()))),
+                changed: false,
+            },
+            (Ok(()), QoS::ExactlyOnce, Some(pid)) => {
+                self.state.qos2_intents.remove(&pid.get());
+                self.state.inbound_qos2.insert(pid.get());
+                let rec = self.ack_with_id(pid, a.msg_id.as_deref());
+                let reply = if persistent {
+                    self.pubrec_waiting.push(rec);
+                    None
+                } else {
+                    // No session outlives the connection: nothing to recognise a re-send by.
+                    Some(Packet::PubRec(rec))
+                };
+                AppendStep::Stored { reply, changed: true }
+            }
+            (Ok(()), _, _) => AppendStep::Stored { reply: None, changed: false },
+        }
+    }
+
+    /// PUBRECs wait for a session save: the next one is due at once.
+    pub fn pubrecs_waiting(&self) -> bool {
+        !self.pubrec_waiting.is_empty()
+    }
+
+    /// A session save starts: the PUBRECs waiting go out when it lands.
+    pub fn saving(&mut self) {
+        self.pubrec_saving.append(&mut self.pubrec_waiting);
+    }
+
+    /// The save in flight landed (`true`) or failed: the PUBRECs to send now (none on
+    /// failure: they wait for the next save).
+    pub fn on_saved(&mut self, ok: bool) -> Vec<Packet> {
+        if ok {
+            return std::mem::take(&mut self.pubrec_saving).into_iter().map(Packet::PubRec).collect();
+        }
+        let saving = std::mem::take(&mut self.pubrec_saving);
+        self.pubrec_waiting.extend(saving);
+        Vec::new()
+    }
+
+    /// A positive PUBACK / PUBREC; MQTT 5 gets the message ID as user property `msgId`.
+    fn ack_with_id(&self, pid: PacketId, msg_id: Option<&str>) -> PubResponse {
+        let mut ack = PubResponse::new(pid);
+        if let (Protocol::V5, Some(id)) = (self.protocol, msg_id.filter(|id| !id.is_empty())) {
+            ack.properties.user_properties.push((crate::msgid::HEADER.to_string(), id.to_string()));
+        }
+        ack
     }
 }
 
@@ -493,7 +720,7 @@ mod tests {
             };
             s.outbound.insert(pid(i), o);
         }
-        Session::new(s, protocol, Limits { window: 64, client_max_packet: None, topic_alias_max: 0 })
+        Session::new(s, protocol, Limits { window: 64, ..limits(64) })
     }
 
     fn session(n: u16, qos: QoS) -> Session {
@@ -637,7 +864,7 @@ mod tests {
     }
 
     fn limits(window: usize) -> Limits {
-        Limits { window, client_max_packet: None, topic_alias_max: 0 }
+        Limits { window, client_max_packet: None, topic_alias_max: 0, client_alias_max: 4, receive_maximum: 3 }
     }
 
     fn msg(topic: &str, qos: QoS) -> Arc<Message> {
@@ -740,11 +967,7 @@ mod tests {
 
     #[test]
     fn a_message_larger_than_the_clients_maximum_packet_is_dropped_as_if_delivered() {
-        let mut s = subscribed(
-            Protocol::V5,
-            QoS::AtLeastOnce,
-            Limits { window: 10, client_max_packet: Some(40), topic_alias_max: 0 },
-        );
+        let mut s = subscribed(Protocol::V5, QoS::AtLeastOnce, Limits { client_max_packet: Some(40), ..limits(10) });
         let big = Arc::new(Message { payload: vec![0u8; 100].into(), ..(*msg("t/a", QoS::AtLeastOnce)).clone() });
         s.consider(&tp(), 0, big, None, NOW);
         s.consider(&tp(), 1, msg("t/b", QoS::AtLeastOnce), None, NOW);
@@ -758,11 +981,7 @@ mod tests {
 
     #[test]
     fn topic_aliases_replace_topics_the_client_knows_least_recently_used_reassigned() {
-        let mut s = subscribed(
-            Protocol::V5,
-            QoS::AtMostOnce,
-            Limits { window: 10, client_max_packet: None, topic_alias_max: 2 },
-        );
+        let mut s = subscribed(Protocol::V5, QoS::AtMostOnce, Limits { topic_alias_max: 2, ..limits(10) });
         for (offset, topic) in ["t/a", "t/a", "t/b", "t/c", "t/b", "t/a"].iter().enumerate() {
             s.consider(&tp(), offset as u64, msg(topic, QoS::AtMostOnce), None, NOW);
         }
@@ -779,11 +998,7 @@ mod tests {
             ]
         );
         // MQTT 3.1.1 has no aliases, whatever the limit says.
-        let mut v311 = subscribed(
-            Protocol::V311,
-            QoS::AtMostOnce,
-            Limits { window: 10, client_max_packet: None, topic_alias_max: 2 },
-        );
+        let mut v311 = subscribed(Protocol::V311, QoS::AtMostOnce, Limits { topic_alias_max: 2, ..limits(10) });
         v311.consider(&tp(), 0, msg("t/a", QoS::AtMostOnce), None, NOW);
         v311.consider(&tp(), 1, msg("t/a", QoS::AtMostOnce), None, NOW);
         assert!(drain(&mut v311, NOW).iter().map(sent).all(|(t, _, _, a)| t == "t/a" && a.is_none()));
@@ -886,5 +1101,142 @@ mod tests {
             }
             proptest::prop_assert_eq!(s.state.cursors.get(&tp()).map_or(next_offset, |c| c.committed()), next_offset);
         }
+    }
+
+    // ---- PUBLISHes from the client ----
+
+    fn publish(topic: &str, alias: Option<u16>) -> Publish {
+        let mut p = Publish {
+            dup: false,
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            topic: topic.into(),
+            packet_id: Some(pid(1)),
+            payload: bytes::Bytes::new(),
+            properties: PublishProperties::default(),
+        };
+        p.properties.topic_alias = alias;
+        p
+    }
+
+    fn appended(qos: QoS, id: u16, outcome: Result<(), String>) -> Appended {
+        Appended { packet_id: Some(pid(id)), qos, outcome, msg_id: Some("m-1".into()) }
+    }
+
+    #[test]
+    fn client_topic_aliases_are_checked_and_remembered_only_when_told() {
+        let mut s = subscribed(Protocol::V5, QoS::AtMostOnce, limits(1));
+        let code = |r: Result<Option<u16>, Violation>| r.map_err(|v| v.code);
+        assert_eq!(code(s.resolve_alias(&mut publish("", None))), Err(ReasonCode::PROTOCOL_ERROR));
+        assert_eq!(code(s.resolve_alias(&mut publish("a", Some(0)))), Err(ReasonCode::TOPIC_ALIAS_INVALID));
+        assert_eq!(code(s.resolve_alias(&mut publish("a", Some(5)))), Err(ReasonCode::TOPIC_ALIAS_INVALID), "max is 4");
+        assert_eq!(code(s.resolve_alias(&mut publish("", Some(2)))), Err(ReasonCode::PROTOCOL_ERROR), "unknown");
+        assert_eq!(code(s.resolve_alias(&mut publish("t/a", Some(2)))), Ok(Some(2)));
+        // Not remembered until the driver says the topic passed its checks.
+        assert_eq!(code(s.resolve_alias(&mut publish("", Some(2)))), Err(ReasonCode::PROTOCOL_ERROR));
+        s.remember_alias(2, "t/a".into());
+        let mut p = publish("", Some(2));
+        assert_eq!(code(s.resolve_alias(&mut p)), Ok(None));
+        assert_eq!(p.topic, "t/a");
+        assert_eq!(code(s.resolve_alias(&mut publish("t/b", None))), Ok(None));
+    }
+
+    #[test]
+    fn an_mqtt5_client_beyond_the_receive_maximum_breaks_the_protocol() {
+        let mut s = subscribed(Protocol::V5, QoS::AtMostOnce, limits(1));
+        for _ in 0..3 {
+            assert!(s.begin_receive(QoS::AtLeastOnce).is_ok());
+        }
+        assert!(s.begin_receive(QoS::AtMostOnce).is_ok(), "QoS 0 does not count");
+        assert_eq!(s.begin_receive(QoS::ExactlyOnce).map_err(|v| v.code), Err(ReasonCode::RECEIVE_MAXIMUM_EXCEEDED));
+        s.end_receive(QoS::ExactlyOnce);
+        s.end_receive(QoS::AtLeastOnce);
+        assert!(s.begin_receive(QoS::AtLeastOnce).is_ok(), "an acknowledged one frees its slot");
+        // MQTT 3.1.1 has no Receive Maximum to break.
+        let mut v311 = subscribed(Protocol::V311, QoS::AtMostOnce, limits(1));
+        assert!((0..10).all(|_| v311.begin_receive(QoS::AtLeastOnce).is_ok()));
+    }
+
+    #[test]
+    fn a_restored_session_counts_its_qos2_messages_waiting_for_pubrel() {
+        let mut st = SessionState::new("c".into());
+        st.inbound_qos2.extend([4, 5]);
+        let mut s = Session::new(st, Protocol::V5, limits(1));
+        assert!(s.begin_receive(QoS::ExactlyOnce).is_ok());
+        assert!(s.begin_receive(QoS::ExactlyOnce).is_err(), "2 waiting + 2 new > 3");
+        s.end_receive(QoS::ExactlyOnce);
+        assert!(s.on_client_ack(ClientAck::PubRel(resp(4))).inbound_done);
+        assert!(s.begin_receive(QoS::ExactlyOnce).is_ok(), "a PUBREL frees a slot");
+    }
+
+    #[test]
+    fn qos2_from_a_client_is_stored_once_and_acknowledged_once_per_copy() {
+        let mut s = subscribed(Protocol::V5, QoS::AtMostOnce, limits(1));
+        s.begin_receive(QoS::ExactlyOnce).unwrap();
+        assert!(matches!(s.on_qos2_publish(pid(9)), Qos2Publish::New));
+        s.storing_qos2(pid(9));
+        // Re-sent while the first copy is being stored: that copy's PUBREC answers both.
+        s.begin_receive(QoS::ExactlyOnce).unwrap();
+        assert!(matches!(s.on_qos2_publish(pid(9)), Qos2Publish::Duplicate { reply: None }));
+        let step = s.on_appended(appended(QoS::ExactlyOnce, 9, Ok(())), false);
+        let AppendStep::Stored { reply: Some(Packet::PubRec(rec)), changed: true } = step else { panic!("{step:?}") };
+        assert_eq!(rec.packet_id, pid(9));
+        assert_eq!(rec.properties.user_properties, vec![(crate::msgid::HEADER.to_string(), "m-1".to_string())]);
+        // Re-sent after the PUBREC (lost on the way): PUBREC again, not stored again.
+        s.begin_receive(QoS::ExactlyOnce).unwrap();
+        assert!(matches!(s.on_qos2_publish(pid(9)), Qos2Publish::Duplicate { reply: Some(Packet::PubRec(_)) }));
+        assert_eq!(s.receiving, 1, "only the first copy holds a slot, until PUBREL");
+        assert!(matches!(s.on_client_ack(ClientAck::PubRel(resp(9))).reply, Some(Packet::PubComp(_))));
+        assert_eq!(s.receiving, 0);
+        // After PUBCOMP the packet identifier is free for a new message.
+        assert!(matches!(s.on_qos2_publish(pid(9)), Qos2Publish::New));
+    }
+
+    #[test]
+    fn a_persistent_sessions_pubrec_waits_until_its_packet_id_is_saved() {
+        let mut s = subscribed(Protocol::V311, QoS::AtMostOnce, limits(1));
+        s.begin_receive(QoS::ExactlyOnce).unwrap();
+        s.storing_qos2(pid(3));
+        let step = s.on_appended(appended(QoS::ExactlyOnce, 3, Ok(())), true);
+        assert!(matches!(step, AppendStep::Stored { reply: None, changed: true }), "{step:?}");
+        assert!(s.pubrecs_waiting());
+        // A re-send meanwhile is not answered: the PUBREC is on its way.
+        assert!(matches!(s.on_qos2_publish(pid(3)), Qos2Publish::Duplicate { reply: None }));
+        s.saving();
+        assert!(!s.pubrecs_waiting());
+        assert!(s.on_saved(false).is_empty(), "the save failed: nothing goes out");
+        assert!(s.pubrecs_waiting(), "and the PUBREC waits for the next save");
+        s.saving();
+        let sent = s.on_saved(true);
+        assert!(
+            matches!(&sent[..], [Packet::PubRec(r)] if r.packet_id == pid(3) && r.properties.user_properties.is_empty())
+        );
+        assert!(s.on_saved(true).is_empty(), "sent once");
+    }
+
+    #[test]
+    fn appends_that_fail_are_never_acknowledged_and_free_their_slot() {
+        let mut s = subscribed(Protocol::V5, QoS::AtMostOnce, limits(1));
+        s.begin_receive(QoS::AtLeastOnce).unwrap();
+        assert!(matches!(
+            s.on_appended(appended(QoS::AtLeastOnce, 1, Err("down".into())), false),
+            AppendStep::Failed(_)
+        ));
+        assert!(matches!(
+            s.on_appended(appended(QoS::AtMostOnce, 1, Err("down".into())), false),
+            AppendStep::LostQos0(_)
+        ));
+        s.begin_receive(QoS::ExactlyOnce).unwrap();
+        s.storing_qos2(pid(2));
+        assert!(matches!(
+            s.on_appended(appended(QoS::ExactlyOnce, 2, Err("down".into())), true),
+            AppendStep::Failed(_)
+        ));
+        assert_eq!(s.receiving, 0);
+        assert!(matches!(s.on_qos2_publish(pid(2)), Qos2Publish::New), "not stored: a re-send is new");
+        let ok = s.on_appended(appended(QoS::AtLeastOnce, 4, Ok(())), false);
+        assert!(
+            matches!(ok, AppendStep::Stored { reply: Some(Packet::PubAck(ref a)), changed: false } if a.packet_id == pid(4))
+        );
     }
 }

@@ -36,6 +36,7 @@ pub mod events;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod gateway;
+pub mod ingest;
 pub mod labels;
 pub mod limits;
 pub mod metrics;

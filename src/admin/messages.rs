@@ -134,7 +134,7 @@ pub(super) async fn publish(
     // The one ingest path of every message (PUBLISH, will, this): record, append, trace.
     let stored = async {
         let (ack, msg_id) =
-            crate::connection::store_message(ctx, &core.name, Arc::new(message), None, due.map(|d| (d, now))).await?;
+            crate::ingest::store(ctx, &core.name, Arc::new(message), None, due.map(|d| (d, now))).await?;
         Ok::<_, crate::backend::BackendError>((ack.await?, msg_id))
     };
     let (position, msg_id) =

@@ -123,7 +123,15 @@ impl Conn {
                 tracing::warn!(client_id, error = %e, "cannot publish will");
                 return;
             }
-            let stored = match store_message(&ctx, &core.name, with_timestamp(message, now_ms()), None, None).await {
+            let stored = match crate::ingest::store(
+                &ctx,
+                &core.name,
+                crate::ingest::with_timestamp(message, now_ms()),
+                None,
+                None,
+            )
+            .await
+            {
                 Ok((ack, _)) => ack.await,
                 Err(e) => Err(e),
             };

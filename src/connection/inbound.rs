@@ -6,7 +6,6 @@ use crate::config::Naming;
 use crate::labels::Refusal;
 use crate::router::RouterError;
 use crate::session::machine::{AppendStep, Appended, Qos2Publish, Violation};
-use crate::trace::Kind;
 
 /// The connection closes on a PUBLISH that breaks the protocol.
 fn violation(v: Violation) -> End {
@@ -201,7 +200,7 @@ impl Conn {
             timestamp_ms: now_ms(),
             msg_id: None,
         });
-        let (packet_id, qos, retain) = (p.packet_id, p.qos, p.retain);
+        let (packet_id, qos) = (p.packet_id, p.qos);
         let mut qos2_id = None;
         if let (QoS::ExactlyOnce, Some(pid)) = (qos, packet_id) {
             if self.session_expiry > 0 {
@@ -227,7 +226,7 @@ impl Conn {
         self.ctx.metrics.message_in(qos).inc();
         // Queued in arrival order (this await is the back-pressure point); the durable
         // acknowledgements then complete in the background, in order.
-        let stored = store_message(&self.ctx, &core.name, message, qos2_id, delayed);
+        let stored = crate::ingest::store(&self.ctx, &core.name, message, qos2_id, delayed);
         let (fut, msg_id) = match tokio::time::timeout(backend_timeout, stored).await {
             Ok(Ok(ack)) => ack,
             Ok(Err(e)) => {
@@ -237,11 +236,9 @@ impl Conn {
             }
             Err(_) => return Err(End::Server(ReasonCode::SERVER_BUSY, "core service queue full")),
         };
-        if qos == QoS::AtMostOnce && !retain {
-            // Nothing to acknowledge: once queued the record is written whether or not anyone
-            // waits (a failure is logged by the core service).
-            return Ok(());
-        }
+        // QoS 0 too: nothing goes back to the client, but its append is awaited here like the
+        // others, so its trace, its latency sample and a delayed message's hand-over happen,
+        // and the appends a client can have outstanding stay bounded.
         let metrics = self.ctx.metrics.clone();
         acks.push_back(
             async move {
@@ -329,7 +326,9 @@ impl Conn {
                 Ok(())
             }
             AppendStep::LostQos0(e) => {
-                tracing::warn!(client_id = %self.client_id, error = %e, "QoS 0 message not stored");
+                // Counted in `lmq_append_errors_total`; one line per message would flood the log
+                // during an outage.
+                tracing::debug!(client_id = %self.client_id, error = %e, "QoS 0 message not stored");
                 Ok(())
             }
             AppendStep::Failed(e) => {
@@ -484,80 +483,7 @@ impl Conn {
     }
 }
 
-pub(super) fn with_timestamp(message: Arc<Message>, ts: i64) -> Arc<Message> {
-    let mut m = (*message).clone();
-    m.timestamp_ms = ts;
-    Arc::new(m)
-}
-
-/// Queue a message on its core topic (and, when retained, its retained-store update).
-/// Resolves once the message has its place in the log's order; the returned future
-/// resolves once both are durable.
-pub(crate) async fn store_message(
-    ctx: &Arc<Context>,
-    core: &str,
-    message: Arc<Message>,
-    qos2_id: Option<String>,
-    delayed: Option<(i64, i64)>,
-) -> Result<(BoxFuture<'static, Result<crate::backend::Position, BackendError>>, Arc<str>), BackendError> {
-    let mut record = ctx.router.topics().to_record(&message);
-    let msg_id: Arc<str> =
-        record.header(crate::msgid::HEADER).and_then(|v| std::str::from_utf8(v).ok()).unwrap_or_default().into();
-    if let Some(id) = qos2_id {
-        record.headers.push((mapping::header::QOS2_ID.to_string(), Bytes::from(id)));
-    }
-    let value = (message.retain && !message.payload.is_empty()).then(|| mapping::encode_record(&record));
-    // A delayed message is stored in its first delay level; its retain flag applies when it
-    // is delivered (`delay::forward`).
-    let core = match delayed {
-        Some((due, now)) => ctx.delay.place(&mut record, due, now),
-        None => core.to_owned(),
-    };
-    let due_ms = delayed.map(|(due, _)| due);
-    let traced = ctx.tracer.wants(&message.topic, Some(&msg_id)).then(|| {
-        let retain = if message.retain { " retain" } else { "" };
-        let detail = format!("topic={} qos={}{retain}", message.topic, message.qos as u8);
-        ctx.tracer.emit(Kind::Publish, &msg_id, &message.publisher, detail);
-        if let Some(due) = due_ms {
-            ctx.tracer.emit(Kind::Delayed, &msg_id, &message.publisher, format!("due_ms={due}"));
-        }
-        (ctx.tracer.clone(), msg_id.clone(), message.publisher.clone(), core.clone())
-    });
-    // Stored in a short level while this gateway forwards: handed to the level's forwarder.
-    let handed = (due_ms.is_some() && ctx.delay.hands_over(&core)).then(|| (ctx.delay.clone(), record.clone()));
-    let level = handed.as_ref().map(|_| core.clone());
-    let started = std::time::Instant::now();
-    let append = ctx.backend.enqueue(&core, record).await.inspect_err(|_| ctx.metrics.append_errors.inc())?;
-    let metrics = ctx.metrics.clone();
-    let append = async move {
-        let r = append.await;
-        metrics.append_done(started, r.is_ok());
-        if let (Ok(at), Some((delays, record)), Some(level)) = (&r, handed, level) {
-            delays.stored(&level, *at, record);
-        }
-        if let Some((tracer, id, publisher, core)) = traced {
-            let (kind, detail) = match &r {
-                Ok(pos) => (Kind::Stored, format!("{core}-{}@{}", pos.partition, pos.offset)),
-                Err(e) => (Kind::Dropped, format!("not stored: {e}")),
-            };
-            tracer.emit(kind, &id, &publisher, detail);
-        }
-        r
-    };
-    if !message.retain || due_ms.is_some() {
-        return Ok((append.boxed(), msg_id));
-    }
-    let retained = ctx.backend.put_state(StateStore::Retained, &message.topic, value);
-    let ctx = ctx.clone();
-    let done = async move {
-        let (position, ()) = futures::try_join!(append, retained)?;
-        let local = (!message.payload.is_empty()).then(|| message.clone());
-        ctx.router.apply_retained(&message.topic, local);
-        Ok(position)
-    };
-    Ok((done.boxed(), msg_id))
-}
-
+/// Whether a record with the intent's marker is in its topic at or after its offsets.
 /// Records scanned at most to find a QoS 2 marker (a client that returns long after a crash
 /// may find it stored twice rather than wait for a read of the whole log).
 const QOS2_SCAN_MAX_RECORDS: usize = 1_000_000;
@@ -565,7 +491,6 @@ const QOS2_SCAN_MAX_RECORDS: usize = 1_000_000;
 /// How long a SUBSCRIBE waits for the retained index after a start (see `router::retained`).
 const RETAINED_INDEX_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// Whether a record with the intent's marker is in its topic at or after its offsets.
 async fn find_qos2_record(
     backend: &crate::backend::SharedCoreService,
     intent: &Qos2Intent,

@@ -51,8 +51,6 @@ mod offline;
 mod outbound;
 mod tokens;
 
-pub(crate) use inbound::store_message;
-use inbound::with_timestamp;
 use outbound::{empty_message, record_message, CatchupStep};
 
 /// Stop taking deliveries when this many bytes wait to be written (or at

@@ -14,6 +14,7 @@ macro_rules! for_each_ops_check {
             messages_are_found_by_id_by_topic_and_time_and_by_key,
             a_session_reset_skips_its_backlog_or_replays_it_from_a_time,
             a_traced_qos1_message_shows_publish_stored_and_each_delivery_and_ack,
+            a_traced_qos0_message_shows_where_it_was_stored,
             backlog_of_an_offline_session_is_reported_until_it_returns,
             offline_pull_delivers_at_most_30_per_request_and_only_on_request,
             offline_pull_serves_at_most_5_requests_per_second,

@@ -85,3 +85,28 @@ pub async fn a_traced_qos1_message_shows_publish_stored_and_each_delivery_and_ac
     assert_eq!((status, body["error"]["code"].as_str()), (400, Some("invalid_msg_id")), "{body}");
     gw.shutdown().await;
 }
+
+/// A QoS 0 message is acknowledged to no one, but its trace still shows where it was stored:
+/// the gateway awaits its append like any other.
+pub async fn a_traced_qos0_message_shows_where_it_was_stored(core: &Core) {
+    let parent = unique("opst0");
+    let gw = core.start(&format!("{OPEN_AUTH}{ADMIN}trace:\n  enabled: true\n  parents: [{parent}]\n")).await;
+    let mut sub = v4::connect(gw.addr(), &unique("trace0-s")).await;
+    sub.subscribe(&format!("{parent}/#"), v4::QoS::AtMostOnce).await;
+    let publisher = unique("trace0-pub");
+    let (mut pc, code) = raw_connect(gw.addr(), &publisher, Protocol::V5, None, None).await;
+    assert_eq!(code, 0);
+    pc.send(&publish_packet(0, &format!("{parent}/t"), p::QoS::AtMostOnce, b"fire and forget")).await;
+    assert_eq!(&sub.next_publish().await.payload[..], b"fire and forget");
+    // Its ID, found by topic through the message query.
+    let (status, body) = api(&gw, "GET", &format!("/api/v1/messages?topic={parent}%2Ft"), None).await;
+    assert_eq!(status, 200, "{body}");
+    let id = body["messages"][0]["msgId"].as_str().expect("the message is found by its topic").to_string();
+
+    let events = trace_with(&gw, &id, 3).await;
+    let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap_or("")).collect();
+    assert_eq!(&kinds[..2], ["publish", "stored"], "{events:#?}");
+    assert!(events[1]["detail"].as_str().unwrap().starts_with(&format!("{parent}-")), "{events:#?}");
+    assert!(kinds.contains(&"delivered"), "{events:#?}");
+    gw.shutdown().await;
+}

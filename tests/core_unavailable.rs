@@ -25,6 +25,8 @@ const FAIL: u8 = 1;
 const STALL: u8 = 2;
 /// Appends work, but the live tail delivers nothing (the gateway falls behind the log).
 const PAUSE_TAIL: u8 = 3;
+/// The core service's queue is full: an append does not even get its place in the log.
+const QUEUE_FULL: u8 = 4;
 
 /// A live tail that waits while the mode is [`PAUSE_TAIL`].
 struct PausableTail {
@@ -70,6 +72,7 @@ impl CoreService for Flaky {
             // Queued, then never stored: the acknowledgement fails or never comes.
             FAIL => Box::pin(async { Ok(Box::pin(async { Err(BackendError::unavailable("injected")) }) as AppendAck) }),
             STALL => Box::pin(async { Ok(Box::pin(std::future::pending()) as AppendAck) }),
+            QUEUE_FULL => Box::pin(std::future::pending()),
             _ => self.inner.enqueue(topic, record),
         }
     }
@@ -125,10 +128,14 @@ impl CoreService for Flaky {
 }
 
 async fn start(mode: Arc<AtomicU8>) -> (Gateway, tempfile::TempDir) {
+    start_with_timeout(mode, 1).await
+}
+
+async fn start_with_timeout(mode: Arc<AtomicU8>, backend_timeout_secs: u64) -> (Gateway, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let yaml = format!(
-        "listeners:\n  - name: tcp\n    bind: 127.0.0.1:0\nmqtt:\n  backend_timeout_secs: 1\nauth:\n  allow_anonymous: true\n  allow_plain_client_ids: true\nadmin:\n  enabled: true\n  bind: 127.0.0.1:0\n  token: t\ncore:\n  embedded:\n    data_dir: {}\n",
-        dir.path().display()
+        "listeners:\n  - name: tcp\n    bind: 127.0.0.1:0\nmqtt:\n  backend_timeout_secs: {backend_timeout_secs}\nauth:\n  allow_anonymous: true\n  allow_plain_client_ids: true\nadmin:\n  enabled: true\n  bind: 127.0.0.1:0\n  token: t\ncore:\n  embedded:\n    data_dir: {}\n",
+        dir.path().display(),
     );
     let config = Config::from_yaml(&yaml).unwrap();
     let inner = EmbeddedCore::open(&config.core.embedded, &config.topics.events_topic).await.unwrap();
@@ -190,6 +197,48 @@ async fn stalled_core_service_gets_no_ack_and_a_bounded_wait() {
     assert!(!seen.iter().any(|p| matches!(p, Packet::PubAck(_))), "{seen:?}");
     assert!(start.elapsed() >= Duration::from_millis(900), "waited for the configured timeout");
     assert!(start.elapsed() < Duration::from_secs(4));
+}
+
+/// A PUBLISH waiting for its place in a full core service is waited for beside the
+/// connection's loop: meanwhile the client still gets its PINGRESP and its deliveries, and a
+/// takeover of its ClientId closes it at once, long before the wait times out.
+#[tokio::test]
+async fn a_publish_waiting_for_a_full_core_service_holds_off_nothing_else() {
+    let mode = Arc::new(AtomicU8::new(OK));
+    let (gw, _dir) = start_with_timeout(mode.clone(), 8).await;
+    let mut c = connected(gw.addr(), "waits", Protocol::V5).await;
+    let sub = p::Subscribe {
+        packet_id: NonZeroU16::new(9).unwrap(),
+        filters: vec![("cu/#".into(), p::SubscriptionOptions { qos: p::QoS::AtMostOnce, ..Default::default() })],
+        properties: Default::default(),
+    };
+    c.send(&Packet::Subscribe(sub)).await;
+    assert!(matches!(c.recv().await, Some(Packet::SubAck(_))));
+    // Another client's message is stored first, while the service has room.
+    let mut other = connected(gw.addr(), "other", Protocol::V5).await;
+    mode.store(QUEUE_FULL, Ordering::SeqCst);
+    let start = std::time::Instant::now();
+    c.send(&publish(1)).await;
+    c.send(&Packet::PingReq).await;
+    assert!(matches!(c.recv().await, Some(Packet::PingResp)), "PINGRESP while the PUBLISH waits");
+    assert!(start.elapsed() < Duration::from_secs(2), "answered at once: {:?}", start.elapsed());
+    // The service has room again for everyone else; the waiting PUBLISH keeps waiting.
+    mode.store(OK, Ordering::SeqCst);
+    other.send(&publish(5)).await;
+    assert!(matches!(other.recv().await, Some(Packet::PubAck(a)) if a.packet_id.get() == 5));
+    match c.recv().await {
+        Some(Packet::Publish(m)) => assert_eq!(&m.payload[..], b"m"),
+        other => panic!("expected the delivery while the PUBLISH waits, got {other:?}"),
+    }
+    // A takeover closes the waiting connection at once, without acknowledging its PUBLISH.
+    let _new = connected(gw.addr(), "waits", Protocol::V5).await;
+    let seen = c.until_closed().await;
+    assert!(start.elapsed() < Duration::from_secs(6), "closed before the wait timed out: {:?}", start.elapsed());
+    assert!(!seen.iter().any(|p| matches!(p, Packet::PubAck(_))), "{seen:?}");
+    assert!(
+        seen.iter().any(|p| matches!(p, Packet::Disconnect(d) if d.code == ReasonCode::SESSION_TAKEN_OVER)),
+        "{seen:?}"
+    );
 }
 
 #[tokio::test]

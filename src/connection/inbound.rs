@@ -1,6 +1,7 @@
 //! Client → gateway: PUBLISH stored through the core service and acknowledged only once
 //! durable, SUBSCRIBE / UNSUBSCRIBE.
 
+use super::appends::{Appends, Job, NotPlaced, Placed};
 use super::*;
 use crate::config::Naming;
 use crate::labels::Refusal;
@@ -17,7 +18,17 @@ impl Conn {
     /// otherwise the protocol has no negative answer and the connection closes.
     pub(super) fn refuse_publish(&mut self, p: &Publish, code: ReasonCode, why: &'static str) -> Result<(), End> {
         tracing::debug!(client_id = %self.client_id, topic = %p.topic, reason = why, "publish refused");
-        match (self.protocol, p.qos, p.packet_id) {
+        self.refuse(p.qos, p.packet_id, code, why)
+    }
+
+    fn refuse(
+        &mut self,
+        qos: QoS,
+        packet_id: Option<PacketId>,
+        code: ReasonCode,
+        why: &'static str,
+    ) -> Result<(), End> {
+        match (self.protocol, qos, packet_id) {
             (Protocol::V5, QoS::AtLeastOnce, Some(pid)) => {
                 self.send(&Packet::PubAck(PubResponse { packet_id: pid, code, properties: AckProperties::default() }));
                 Ok(())
@@ -33,7 +44,7 @@ impl Conn {
     pub(super) async fn on_publish(
         &mut self,
         mut p: Publish,
-        acks: &mut FuturesOrdered<BoxFuture<'static, Appended>>,
+        appends: &mut Appends,
         backend_timeout: Duration,
     ) -> Result<(), End> {
         // Topic alias (MQTT 5, client → server); a new mapping is remembered only once its
@@ -172,19 +183,6 @@ impl Conn {
                 return Ok(());
             }
         }
-        match self.ctx.router.ensure_for_publish(&core, &p.topic).await {
-            Ok(()) => {}
-            Err(RouterError::TopicLimit(_)) => {
-                self.session.end_receive(p.qos);
-                let r = self.ctx.limits.count(Refusal::CoreTopicLimit);
-                return self.refuse_publish(&p, r.reason_code(), "no room for another core topic");
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot create core topic");
-                self.session.end_receive(p.qos);
-                return Err(End::Server(ReasonCode::SERVER_BUSY, "core service unavailable"));
-            }
-        }
         let message = Arc::new(Message {
             topic: p.topic.as_str().into(),
             payload: p.payload.clone(),
@@ -204,6 +202,23 @@ impl Conn {
         let mut qos2_id = None;
         if let (QoS::ExactlyOnce, Some(pid)) = (qos, packet_id) {
             if self.session_expiry > 0 {
+                // The intent is saved with the session before the record is written, and
+                // looked for in the log from its core topic's ends: the PUBLISHes before this
+                // one are placed first, and the core topic must exist. (A rare path, awaited
+                // here: a persistent session's QoS 2.)
+                self.place_all(appends).await?;
+                match tokio::time::timeout(backend_timeout, self.ctx.router.ensure_for_publish(&core, &p.topic)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(RouterError::TopicLimit(_))) => {
+                        self.session.end_receive(qos);
+                        let r = self.ctx.limits.count(Refusal::CoreTopicLimit);
+                        return self.refuse_publish(&p, r.reason_code(), "no room for another core topic");
+                    }
+                    Ok(Err(_)) | Err(_) => {
+                        self.session.end_receive(qos);
+                        return Err(End::Server(ReasonCode::SERVER_BUSY, "core service unavailable"));
+                    }
+                }
                 // A delayed message's record is in its first delay level.
                 let stored_in = match delayed {
                     Some((due, at)) => {
@@ -224,36 +239,43 @@ impl Conn {
             self.session.storing_qos2(pid);
         }
         self.ctx.metrics.message_in(qos).inc();
-        // Queued in arrival order (this await is the back-pressure point); the durable
-        // acknowledgements then complete in the background, in order.
-        let stored = crate::ingest::store(&self.ctx, &core.name, message, qos2_id, delayed);
-        let (fut, msg_id) = match tokio::time::timeout(backend_timeout, stored).await {
-            Ok(Ok(ack)) => ack,
-            Ok(Err(e)) => {
-                let outcome = Err(e.to_string());
-                acks.push_back(async move { Appended { packet_id, qos, outcome, msg_id: None } }.boxed());
-                return Ok(());
+        // Placed in the log in arrival order, beside the loop; acknowledged once stored.
+        appends.placing.push(Job { core, message, packet_id, qos2_id, delayed });
+        Ok(())
+    }
+
+    /// A PUBLISH has its place in the log (its acknowledgement is awaited next, in order), or
+    /// is refused: no room for its core topic, or the core service unavailable or full.
+    pub(super) fn on_placed(&mut self, placed: Placed, appends: &mut Appends) -> Result<(), End> {
+        let (qos, packet_id) = (placed.qos, placed.packet_id);
+        match &placed.result {
+            Ok(_) | Err(NotPlaced::Refused(_)) => {
+                appends.acknowledge(placed);
+                Ok(())
             }
-            Err(_) => return Err(End::Server(ReasonCode::SERVER_BUSY, "core service queue full")),
-        };
-        // QoS 0 too: nothing goes back to the client, but its append is awaited here like the
-        // others, so its trace, its latency sample and a delayed message's hand-over happen,
-        // and the appends a client can have outstanding stay bounded.
-        let metrics = self.ctx.metrics.clone();
-        acks.push_back(
-            async move {
-                let outcome = match tokio::time::timeout(backend_timeout, fut).await {
-                    Ok(Ok(_)) => Ok(()),
-                    Ok(Err(e)) => Err(e.to_string()),
-                    Err(_) => {
-                        metrics.append_errors.inc();
-                        Err(format!("no acknowledgement within {backend_timeout:?}"))
-                    }
-                };
-                Appended { packet_id, qos, outcome, msg_id: Some(msg_id) }
+            Err(NotPlaced::TopicLimit) => {
+                self.session.not_stored(qos, packet_id);
+                let r = self.ctx.limits.count(Refusal::CoreTopicLimit);
+                self.refuse(qos, packet_id, r.reason_code(), "no room for another core topic")
             }
-            .boxed(),
-        );
+            Err(NotPlaced::Unavailable(e)) => {
+                tracing::warn!(client_id = %self.client_id, error = %e, "cannot create core topic");
+                self.session.not_stored(qos, packet_id);
+                Err(End::Server(ReasonCode::SERVER_BUSY, "core service unavailable"))
+            }
+            Err(NotPlaced::QueueFull) => {
+                self.session.not_stored(qos, packet_id);
+                Err(End::Server(ReasonCode::SERVER_BUSY, "core service queue full"))
+            }
+        }
+    }
+
+    /// Wait until every PUBLISH handed over has its place in the log (each wait bounded).
+    pub(super) async fn place_all(&mut self, appends: &mut Appends) -> Result<(), End> {
+        while appends.placing.busy() {
+            let placed = appends.placing.placed().await;
+            self.on_placed(placed, appends)?;
+        }
         Ok(())
     }
 

@@ -19,7 +19,7 @@
 
 use bytes::{Buf, Bytes, BytesMut};
 use futures::future::BoxFuture;
-use futures::stream::{FuturesOrdered, StreamExt};
+use futures::stream::StreamExt;
 use futures::FutureExt;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
@@ -44,12 +44,15 @@ use crate::session::registry::{Kick, Registration};
 use crate::session::state::{Outbound, OutboundStage, Qos2Intent, SessionState, Subscription};
 use crate::transport::ConnInfo;
 
+mod appends;
 mod connect;
 mod end;
 mod inbound;
 mod offline;
 mod outbound;
 mod tokens;
+
+use appends::Appends;
 
 use outbound::{empty_message, record_message, CatchupStep};
 
@@ -292,10 +295,20 @@ impl Conn {
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
-        let mut acks: FuturesOrdered<BoxFuture<'static, crate::session::machine::Appended>> = FuturesOrdered::new();
-        let end = self.serve_loop(reader, writer, inbuf, &mut acks).await;
-        // Each future carries its own timeout, so this ends.
-        while let Some(r) = acks.next().await {
+        let backend_timeout = Duration::from_secs(self.ctx.config.mqtt.backend_timeout_secs);
+        let mut appends = Appends::new(self.ctx.clone(), backend_timeout);
+        let end = self.serve_loop(reader, writer, inbuf, &mut appends).await;
+        // Each wait carries its own timeout, so this ends. A connection taken over (or shut
+        // down) does not make its successor wait for PUBLISHes that have no place in the log
+        // yet: none of them was acknowledged, so the client sends them again.
+        if matches!(end, End::Kicked(_)) {
+            appends.placing.clear();
+        }
+        while appends.placing.busy() {
+            let placed = appends.placing.placed().await;
+            let _ = self.on_placed(placed, &mut appends);
+        }
+        while let Some(r) = appends.acks.next().await {
             let _ = self.on_ack(r);
         }
         end
@@ -306,7 +319,7 @@ impl Conn {
         reader: &mut R,
         writer: &mut W,
         mut inbuf: BytesMut,
-        acks: &mut FuturesOrdered<BoxFuture<'static, crate::session::machine::Appended>>,
+        appends: &mut Appends,
     ) -> End
     where
         R: AsyncRead + Unpin,
@@ -334,7 +347,7 @@ impl Conn {
 
         // Packets that arrived together with CONNECT (boxed like every packet handling: inline,
         // its state would be part of the loop's for the connection's life).
-        if let Err(end) = Box::pin(self.decode_all(&mut inbuf, max_packet, acks, backend_timeout)).await {
+        if let Err(end) = Box::pin(self.decode_all(&mut inbuf, max_packet, appends, backend_timeout)).await {
             return end;
         }
         let mut last_read = 0usize;
@@ -398,7 +411,7 @@ impl Conn {
                     timer.as_mut().reset(at);
                 }
             }
-            let can_read = acks.len() < MAX_OUTSTANDING_APPENDS && self.out.len() < out_limit;
+            let can_read = appends.outstanding() < MAX_OUTSTANDING_APPENDS && self.out.len() < out_limit;
             let can_take = self.session.queued() < PENDING_HIGH_WATER && self.out.len() < high_water;
             if catchup.is_none() && can_take && !self.offline.holds_catchup() {
                 if let Some((tp, lag)) = self.slot.lagging().into_iter().next() {
@@ -425,10 +438,13 @@ impl Conn {
                         Ok(None) => unflushed = false,
                     }
                 }
-                Some(r) = acks.next(), if !acks.is_empty() => {
+                placed = appends.placing.placed(), if appends.placing.busy() => {
+                    if let Err(end) = self.on_placed(placed, appends) { return end; }
+                }
+                Some(r) = appends.acks.next(), if !appends.acks.is_empty() => {
                     if let Err(end) = self.on_ack(r) { return end; }
                     // Coalesce: take every acknowledgement that is already complete.
-                    while let Some(Some(r)) = acks.next().now_or_never() {
+                    while let Some(Some(r)) = appends.acks.next().now_or_never() {
                         if let Err(end) = self.on_ack(r) { return end; }
                     }
                 }
@@ -442,7 +458,7 @@ impl Conn {
                             last_packet = Instant::now();
                             // Boxed: packet handling (publish, subscribe) is a deep state machine
                             // that an idle connection should not carry.
-                            if let Err(end) = Box::pin(self.decode_all(&mut inbuf, max_packet, acks, backend_timeout)).await {
+                            if let Err(end) = Box::pin(self.decode_all(&mut inbuf, max_packet, appends, backend_timeout)).await {
                                 return end;
                             }
                         }
@@ -514,12 +530,12 @@ impl Conn {
         &mut self,
         inbuf: &mut BytesMut,
         max_packet: usize,
-        acks: &mut FuturesOrdered<BoxFuture<'static, crate::session::machine::Appended>>,
+        appends: &mut Appends,
         backend_timeout: Duration,
     ) -> Result<(), End> {
         loop {
             match protocol::decode(inbuf, self.protocol, max_packet) {
-                Ok(Some(p)) => self.on_packet(p, acks, backend_timeout).await?,
+                Ok(Some(p)) => self.on_packet(p, appends, backend_timeout).await?,
                 Ok(None) => return Ok(()),
                 Err(e) => {
                     if matches!(e, DecodeError::PacketTooLarge { .. }) {
@@ -533,14 +549,9 @@ impl Conn {
         }
     }
 
-    async fn on_packet(
-        &mut self,
-        packet: Packet,
-        acks: &mut FuturesOrdered<BoxFuture<'static, crate::session::machine::Appended>>,
-        backend_timeout: Duration,
-    ) -> Result<(), End> {
+    async fn on_packet(&mut self, packet: Packet, appends: &mut Appends, backend_timeout: Duration) -> Result<(), End> {
         match packet {
-            Packet::Publish(p) => self.on_publish(p, acks, backend_timeout).await,
+            Packet::Publish(p) => self.on_publish(p, appends, backend_timeout).await,
             Packet::PubAck(r) => self.on_client_ack(ClientAck::PubAck(r)),
             Packet::PubRec(r) => self.on_client_ack(ClientAck::PubRec(r)),
             Packet::PubComp(r) => self.on_client_ack(ClientAck::PubComp(r)),
@@ -576,7 +587,7 @@ impl Conn {
         }
     }
 
-    /// Apply the client's acknowledgement to the session (`session::acks`), then do what it
+    /// Apply the client's acknowledgement to the session (`session::machine`), then do what it
     /// says: trace, bound the acknowledgements kept above an unacknowledged message, answer.
     fn on_client_ack(&mut self, ack: ClientAck) -> Result<(), End> {
         let step = self.session.on_client_ack(ack);

@@ -548,6 +548,15 @@ impl Session {
         Qos2Publish::Duplicate { reply }
     }
 
+    /// A PUBLISH counted by [`Session::begin_receive`] (and, QoS 2, marked as being stored)
+    /// was refused before its append: it is neither stored nor being stored.
+    pub fn not_stored(&mut self, qos: QoS, packet_id: Option<PacketId>) {
+        self.end_receive(qos);
+        if let (QoS::ExactlyOnce, Some(pid)) = (qos, packet_id) {
+            self.qos2_storing.remove(&pid.get());
+        }
+    }
+
     /// The QoS 2 PUBLISH with `pid` is being appended.
     pub fn storing_qos2(&mut self, pid: PacketId) {
         self.qos2_storing.insert(pid.get());

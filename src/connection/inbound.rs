@@ -241,6 +241,15 @@ impl Conn {
         self.ctx.metrics.message_in(qos).inc();
         // Placed in the log in arrival order, beside the loop; acknowledged once stored.
         appends.placing.push(Job { core, message, packet_id, qos2_id, delayed });
+        self.take_placed(appends)
+    }
+
+    /// Handle every placement that is complete without waiting (usually all of them: the
+    /// core service has room), so a burst of PUBLISHes costs no loop turn each.
+    pub(super) fn take_placed(&mut self, appends: &mut Appends) -> Result<(), End> {
+        while let Some(placed) = appends.placing.placed().now_or_never() {
+            self.on_placed(placed, appends)?;
+        }
         Ok(())
     }
 

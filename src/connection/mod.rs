@@ -439,7 +439,9 @@ impl Conn {
                     }
                 }
                 placed = appends.placing.placed(), if appends.placing.busy() => {
-                    if let Err(end) = self.on_placed(placed, appends) { return end; }
+                    if let Err(end) = self.on_placed(placed, appends).and_then(|()| self.take_placed(appends)) {
+                        return end;
+                    }
                 }
                 Some(r) = appends.acks.next(), if !appends.acks.is_empty() => {
                     if let Err(end) = self.on_ack(r) { return end; }

@@ -6,7 +6,7 @@ use super::*;
 use crate::config::Naming;
 use crate::labels::Refusal;
 use crate::router::RouterError;
-use crate::session::machine::{AppendStep, Appended, Qos2Publish, Violation};
+use crate::session::machine::{AppendStep, Appended, Qos2Publish, SubscribePlan, Violation};
 
 /// The connection closes on a PUBLISH that breaks the protocol.
 fn violation(v: Violation) -> End {
@@ -371,28 +371,8 @@ impl Conn {
     }
 
     pub(super) async fn on_subscribe(&mut self, s: Subscribe) -> Result<(), End> {
-        // A filter repeated inside one SUBSCRIBE is one subscription: the last copy's options
-        // win (a repeated subscription replaces the earlier one [MQTT-3.8.4-3]); it is
-        // checked, counted against the quota and sent its retained messages once, and every
-        // copy gets its return code in the SUBACK. The work per SUBSCRIBE is then bounded by
-        // its distinct filters, not by how often a client repeats one.
-        let mut unique: Vec<(&str, SubscriptionOptions, bool)> = Vec::new();
-        let mut index_of: HashMap<&str, usize> = HashMap::new();
-        let mut copies = Vec::with_capacity(s.filters.len());
-        for (filter, options) in &s.filters {
-            let i = *index_of.entry(filter.as_str()).or_insert_with(|| {
-                unique.push((filter.as_str(), *options, false));
-                unique.len() - 1
-            });
-            if let Some(u) = unique.get_mut(i) {
-                u.1 = *options;
-                u.2 |= options.no_local;
-            }
-            copies.push(i);
-        }
-        drop(index_of);
-
-        let mut codes = Vec::with_capacity(unique.len());
+        let plan = SubscribePlan::new(&s);
+        let mut codes = Vec::with_capacity(plan.distinct.len());
         let mut retained: Vec<(Arc<Message>, QoS, Vec<u32>)> = Vec::new();
         // Retained messages waiting per connection are bounded: earlier SUBSCRIBEs' unsent
         // ones count against this one's share.
@@ -400,7 +380,7 @@ impl Conn {
             self.ctx.config.mqtt.max_retained_per_subscribe.saturating_sub(self.session.retained_waiting());
         let mut retained_cut = false;
         let router = self.ctx.router.clone();
-        for &(filter, options, any_no_local) in &unique {
+        for &(filter, options, any_no_local) in &plan.distinct {
             let parsed = match topic::parse_filter(filter) {
                 Ok(p) => p,
                 Err(_) => {
@@ -430,8 +410,9 @@ impl Conn {
                 continue;
             }
             // Replacing a subscription the client holds does not count against the quota.
-            let exists = self.session.state.subscription(filter).is_some();
-            if !exists && self.ctx.limits.check_subscription_count(self.session.state.subscriptions.len()).is_err() {
+            if !self.session.holds(filter)
+                && self.ctx.limits.check_subscription_count(self.session.state.subscriptions.len()).is_err()
+            {
                 codes.push(ReasonCode::QUOTA_EXCEEDED);
                 continue;
             }
@@ -459,21 +440,11 @@ impl Conn {
                     continue;
                 }
             };
-            for (tp, live) in positions {
-                self.session.state.cursor(&tp, live);
-            }
-            let sub =
-                Subscription { filter: filter.to_string(), options, identifier: s.properties.subscription_identifier };
-            self.session.state.subscribe(sub);
+            let send_retained =
+                self.session.subscribed(filter, options, s.properties.subscription_identifier, positions);
             self.dirty = true;
             self.save_soon = true;
             codes.push(ReasonCode(options.qos as u8));
-            let send_retained = parsed.group.is_none()
-                && match options.retain_handling {
-                    RetainHandling::OnSubscribe => true,
-                    RetainHandling::OnNewSubscription => !exists,
-                    RetainHandling::Never => false,
-                };
             if send_retained {
                 // The retained index is loaded in the background after a start: a SUBSCRIBE
                 // right after it waits (bounded) so that it gets every retained message.
@@ -493,7 +464,7 @@ impl Conn {
         if retained_cut {
             self.ctx.limits.count(Refusal::RetainedPerSubscribe);
         }
-        let codes = copies.iter().map(|&i| codes.get(i).copied().unwrap_or(ReasonCode::UNSPECIFIED_ERROR)).collect();
+        let codes = plan.codes(&codes);
         self.send(&Packet::SubAck(SubAck { packet_id: s.packet_id, codes, properties: AckProperties::default() }));
         for (message, qos, subscription_ids) in retained {
             self.session.queue_retained(message, qos, subscription_ids);
@@ -504,9 +475,8 @@ impl Conn {
     pub(super) fn on_unsubscribe(&mut self, u: Unsubscribe) {
         let mut codes = Vec::with_capacity(u.filters.len());
         for f in &u.filters {
-            let existed = self.session.state.unsubscribe(f);
+            codes.push(self.session.unsubscribe(f));
             self.ctx.router.unsubscribe(&self.slot, f);
-            codes.push(if existed { ReasonCode::SUCCESS } else { ReasonCode::NO_SUBSCRIPTION_EXISTED });
         }
         self.dirty = true;
         self.save_soon = true;

@@ -33,15 +33,15 @@ use crate::context::Context;
 use crate::events::{ClientEvent, EventType};
 use crate::protocol::{
     self, AckProperties, ConnAck, ConnAckProperties, Connect, DecodeError, Disconnect, DisconnectProperties, LastWill,
-    Packet, PacketId, Protocol, PubResponse, Publish, PublishProperties, QoS, ReasonCode, RetainHandling, SubAck,
-    Subscribe, SubscriptionOptions, UnsubAck, Unsubscribe,
+    Packet, PacketId, Protocol, PubResponse, Publish, PublishProperties, QoS, ReasonCode, SubAck, Subscribe, UnsubAck,
+    Unsubscribe,
 };
 use crate::router::mapping::{self, CoreTopic, Message, Unmapped};
 use crate::router::{topic, Delivery, Reattach, SessionSlot};
 use crate::session::machine::{ClientAck, Limits, Session};
 use crate::session::persist::{Stored, StoredInflight};
 use crate::session::registry::{Kick, Registration};
-use crate::session::state::{Outbound, OutboundStage, Qos2Intent, SessionState, Subscription};
+use crate::session::state::{Outbound, OutboundStage, Qos2Intent, SessionState};
 use crate::transport::ConnInfo;
 
 mod appends;

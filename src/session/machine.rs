@@ -28,11 +28,14 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use crate::backend::TopicPartition;
-use crate::protocol::{self, Packet, PacketId, Protocol, PubResponse, Publish, PublishProperties, QoS, ReasonCode};
+use crate::protocol::{
+    self, Packet, PacketId, Protocol, PubResponse, Publish, PublishProperties, QoS, ReasonCode, RetainHandling,
+    Subscribe, SubscriptionOptions,
+};
 use crate::router::mapping::Message;
 use crate::router::Delivery;
 
-use super::state::{Origin, Outbound, OutboundStage, Pending, SessionState};
+use super::state::{Origin, Outbound, OutboundStage, Pending, SessionState, Subscription};
 
 /// What one connection allows the session to send.
 #[derive(Debug, Clone, Copy)]
@@ -631,6 +634,89 @@ impl Session {
             ack.properties.user_properties.push((crate::msgid::HEADER.to_string(), id.to_string()));
         }
         ack
+    }
+}
+
+/// SUBSCRIBE and UNSUBSCRIBE: what the session records once the driver has checked a filter
+/// (syntax, limits, rights) and the router has taken it.
+impl Session {
+    /// Whether the session holds a subscription to exactly `filter` (replacing it costs no
+    /// quota, and `retain_handling` 1 sends no retained messages for it).
+    pub fn holds(&self, filter: &str) -> bool {
+        self.state.subscription(filter).is_some()
+    }
+
+    /// The router took the subscription to `filter` (`positions`: where the session starts
+    /// reading each partition it did not read yet). Returns whether the retained messages
+    /// matching it are to be sent: by its Retain Handling [MQTT-3.3.1-9, 3.3.1-10,
+    /// 3.3.1-11], and never for a shared subscription.
+    pub fn subscribed(
+        &mut self,
+        filter: &str,
+        options: SubscriptionOptions,
+        identifier: Option<u32>,
+        positions: impl IntoIterator<Item = (TopicPartition, u64)>,
+    ) -> bool {
+        let existed = self.holds(filter);
+        for (tp, live) in positions {
+            self.state.cursor(&tp, live);
+        }
+        self.state.subscribe(Subscription { filter: filter.to_string(), options, identifier });
+        let shared = filter.starts_with("$share/");
+        !shared
+            && match options.retain_handling {
+                RetainHandling::OnSubscribe => true,
+                RetainHandling::OnNewSubscription => !existed,
+                RetainHandling::Never => false,
+            }
+    }
+
+    /// Remove the subscription to `filter`: the UNSUBACK code for it.
+    pub fn unsubscribe(&mut self, filter: &str) -> ReasonCode {
+        if self.state.unsubscribe(filter) {
+            ReasonCode::SUCCESS
+        } else {
+            ReasonCode::NO_SUBSCRIPTION_EXISTED
+        }
+    }
+}
+
+/// The distinct filters of one SUBSCRIBE. A filter repeated inside it is one subscription:
+/// the last copy's options win (a repeated subscription replaces the earlier one
+/// [MQTT-3.8.4-3]), and No Local counts if any copy set it (it is refused on a shared
+/// subscription). Each distinct filter is checked, counted and sent its retained messages
+/// once, and every copy gets its code in the SUBACK: the work per SUBSCRIBE is bounded by
+/// its distinct filters, not by how often a client repeats one.
+pub struct SubscribePlan<'a> {
+    /// Filter, options (of its last copy), whether any copy set No Local.
+    pub distinct: Vec<(&'a str, SubscriptionOptions, bool)>,
+    /// For each filter of the packet, in order, its index in `distinct`.
+    copies: Vec<usize>,
+}
+
+impl<'a> SubscribePlan<'a> {
+    pub fn new(s: &'a Subscribe) -> SubscribePlan<'a> {
+        let mut distinct: Vec<(&str, SubscriptionOptions, bool)> = Vec::new();
+        let mut index_of: HashMap<&str, usize> = HashMap::new();
+        let mut copies = Vec::with_capacity(s.filters.len());
+        for (filter, options) in &s.filters {
+            let i = *index_of.entry(filter.as_str()).or_insert_with(|| {
+                distinct.push((filter.as_str(), *options, false));
+                distinct.len() - 1
+            });
+            if let Some(d) = distinct.get_mut(i) {
+                d.1 = *options;
+                d.2 |= options.no_local;
+            }
+            copies.push(i);
+        }
+        SubscribePlan { distinct, copies }
+    }
+
+    /// The SUBACK's codes, one per filter of the packet, from the codes of the distinct
+    /// filters (in `distinct` order).
+    pub fn codes(&self, distinct_codes: &[ReasonCode]) -> Vec<ReasonCode> {
+        self.copies.iter().map(|&i| distinct_codes.get(i).copied().unwrap_or(ReasonCode::UNSPECIFIED_ERROR)).collect()
     }
 }
 
@@ -1247,5 +1333,57 @@ mod tests {
         assert!(
             matches!(ok, AppendStep::Stored { reply: Some(Packet::PubAck(ref a)), changed: false } if a.packet_id == pid(4))
         );
+    }
+
+    // ---- SUBSCRIBE / UNSUBSCRIBE ----
+
+    fn options(qos: QoS, no_local: bool, retain_handling: RetainHandling) -> SubscriptionOptions {
+        SubscriptionOptions { qos, no_local, retain_as_published: false, retain_handling }
+    }
+
+    #[test]
+    fn a_filter_repeated_in_one_subscribe_is_one_subscription_with_the_last_options() {
+        let sub = Subscribe {
+            packet_id: pid(1),
+            filters: vec![
+                ("a/#".into(), options(QoS::AtMostOnce, true, RetainHandling::OnSubscribe)),
+                ("b".into(), options(QoS::AtLeastOnce, false, RetainHandling::OnSubscribe)),
+                ("a/#".into(), options(QoS::ExactlyOnce, false, RetainHandling::Never)),
+            ],
+            properties: Default::default(),
+        };
+        let plan = SubscribePlan::new(&sub);
+        assert_eq!(plan.distinct.len(), 2);
+        assert_eq!(plan.distinct[0].0, "a/#");
+        assert_eq!(plan.distinct[0].1.qos, QoS::ExactlyOnce, "the last copy's options");
+        assert!(plan.distinct[0].2, "No Local set by any copy");
+        let granted = [ReasonCode(2), ReasonCode::NOT_AUTHORIZED];
+        assert_eq!(plan.codes(&granted), vec![ReasonCode(2), ReasonCode::NOT_AUTHORIZED, ReasonCode(2)]);
+        assert_eq!(plan.codes(&granted[..1])[1], ReasonCode::UNSPECIFIED_ERROR, "a missing code is an error");
+    }
+
+    #[test]
+    fn retained_messages_follow_retain_handling_and_never_go_to_shared_subscriptions() {
+        let mut s = subscribed(Protocol::V5, QoS::AtMostOnce, limits(1));
+        let at = |o| vec![(TopicPartition::new(Arc::from("core"), 0), o)];
+        assert!(s.subscribed("x/#", options(QoS::AtLeastOnce, false, RetainHandling::OnSubscribe), Some(3), at(10)));
+        assert!(s.subscribed("x/#", options(QoS::AtLeastOnce, false, RetainHandling::OnSubscribe), None, at(99)));
+        assert!(s.subscribed("y", options(QoS::AtMostOnce, false, RetainHandling::OnNewSubscription), None, at(99)));
+        assert!(!s.subscribed("y", options(QoS::AtMostOnce, false, RetainHandling::OnNewSubscription), None, at(99)));
+        assert!(!s.subscribed("z", options(QoS::AtMostOnce, false, RetainHandling::Never), None, at(99)));
+        assert!(!s.subscribed(
+            "$share/g/x",
+            options(QoS::AtMostOnce, false, RetainHandling::OnSubscribe),
+            None,
+            at(99)
+        ));
+        // A partition's read position is set by the first subscription that reads it.
+        assert_eq!(s.state.cursors[&TopicPartition::new(Arc::from("core"), 0)].next, 10);
+        // Re-subscribing replaces the options and the identifier.
+        assert_eq!(s.state.subscription("x/#").map(|x| x.identifier), Some(None));
+        assert!(s.holds("y") && !s.holds("y/#"));
+        assert_eq!(s.unsubscribe("y"), ReasonCode::SUCCESS);
+        assert_eq!(s.unsubscribe("y"), ReasonCode::NO_SUBSCRIPTION_EXISTED);
+        assert!(!s.holds("y"));
     }
 }

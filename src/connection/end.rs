@@ -2,26 +2,30 @@
 //! write events, leave the router and the registry.
 
 use super::*;
+use crate::session::machine::{will_delay, Ending};
 
 impl Conn {
     /// After the loop: tell the client why, save or drop the session, publish the will,
     /// write events, leave the router and registry.
     pub(super) async fn finish<W: AsyncWrite + Unpin>(mut self, end: End, writer: &mut W) {
-        let (reason, publish_will, event_reason) = match &end {
-            End::ClientDisconnect { with_will } => (None, *with_will, "client disconnect".to_string()),
-            End::Dropped(why) => (None, true, why.to_string()),
-            End::Server(code, why) => (Some(*code), true, why.to_string()),
-            End::SlowReader => (Some(ReasonCode::QUOTA_EXCEEDED), true, "slow reader".to_string()),
-            End::Kicked(Kick::TakenOver { new_clean_start }) => {
-                // MQTT 5: the old connection's will is sent unless the new one resumes the
-                // session and the will is delayed.
-                let delayed = self.will.as_ref().and_then(|w| w.properties.will_delay_interval).unwrap_or(0) > 0;
-                (Some(ReasonCode::SESSION_TAKEN_OVER), *new_clean_start || !delayed, "session taken over".to_string())
+        let (reason, ending, event_reason) = match &end {
+            End::ClientDisconnect { with_will } => {
+                (None, Ending::Disconnect { with_will: *with_will }, "client disconnect".to_string())
             }
+            End::Dropped(why) => (None, Ending::Lost, why.to_string()),
+            End::Server(code, why) => (Some(*code), Ending::Lost, why.to_string()),
+            End::SlowReader => (Some(ReasonCode::QUOTA_EXCEEDED), Ending::Lost, "slow reader".to_string()),
+            End::Kicked(Kick::TakenOver { new_clean_start }) => (
+                Some(ReasonCode::SESSION_TAKEN_OVER),
+                Ending::TakenOver { new_clean_start: *new_clean_start },
+                "session taken over".to_string(),
+            ),
             End::Kicked(Kick::Shutdown) => {
-                (Some(ReasonCode::SERVER_SHUTTING_DOWN), true, "server shutting down".to_string())
+                (Some(ReasonCode::SERVER_SHUTTING_DOWN), Ending::Lost, "server shutting down".to_string())
             }
-            End::Kicked(Kick::Administrative) => (Some(ReasonCode::ADMINISTRATIVE_ACTION), true, "kicked".to_string()),
+            End::Kicked(Kick::Administrative) => {
+                (Some(ReasonCode::ADMINISTRATIVE_ACTION), Ending::Lost, "kicked".to_string())
+            }
         };
         if matches!(end, End::ClientDisconnect { .. }) {
             self.emit(EventType::Disconnect, None);
@@ -65,9 +69,9 @@ impl Conn {
         {
             tracing::warn!(client_id = %self.client_id, error = %e, "cannot save session at disconnect");
         }
-        if publish_will {
-            if let Some(will) = self.will.take() {
-                self.schedule_will(will);
+        if let Some(will) = self.will.take() {
+            if let Some(delay) = will_delay(ending, &will, self.session_expiry) {
+                self.schedule_will(will, delay);
             }
         }
         self.emit(EventType::Tcpclean, Some(event_reason));
@@ -82,25 +86,11 @@ impl Conn {
         tracing::debug!(client_id = %self.client_id, ?end, "client disconnected");
     }
 
-    pub(super) fn schedule_will(&self, will: LastWill) {
-        let delay = will.properties.will_delay_interval.unwrap_or(0).min(self.session_expiry);
+    /// Publish the will after `delay` seconds (cancelled if the session resumes meanwhile).
+    pub(super) fn schedule_will(&self, will: LastWill, delay: u32) {
         let ctx = self.ctx.clone();
         let client_id = self.client_id.clone();
-        let message = Arc::new(Message {
-            topic: will.topic.as_str().into(),
-            payload: will.payload.clone(),
-            qos: will.qos,
-            retain: will.retain,
-            publisher: client_id.as_str().into(),
-            payload_format_indicator: will.properties.payload_format_indicator,
-            message_expiry_interval: will.properties.message_expiry_interval,
-            content_type: will.properties.content_type.clone(),
-            response_topic: will.properties.response_topic.clone(),
-            correlation_data: will.properties.correlation_data.clone(),
-            user_properties: will.properties.user_properties.clone(),
-            timestamp_ms: now_ms(),
-            msg_id: None,
-        });
+        let message = Arc::new(Message::from_will(&will, client_id.as_str().into(), now_ms()));
         // Delayed wills wait in memory: bounded per identity, the rest are published at once.
         let max = ctx.config.limits.max_delayed_wills_per_identity;
         let cancel = (delay > 0).then(|| ctx.registry.park_will(&client_id, &self.identity.owner(), max)).flatten();

@@ -183,21 +183,7 @@ impl Conn {
                 return Ok(());
             }
         }
-        let message = Arc::new(Message {
-            topic: p.topic.as_str().into(),
-            payload: p.payload.clone(),
-            qos: p.qos,
-            retain: p.retain,
-            publisher: self.slot.client_id.clone(),
-            payload_format_indicator: p.properties.payload_format_indicator,
-            message_expiry_interval: p.properties.message_expiry_interval,
-            content_type: p.properties.content_type.clone(),
-            response_topic: p.properties.response_topic.clone(),
-            correlation_data: p.properties.correlation_data.clone(),
-            user_properties: std::mem::take(&mut p.properties.user_properties),
-            timestamp_ms: now_ms(),
-            msg_id: None,
-        });
+        let message = Arc::new(Message::from_publish(&mut p, self.slot.client_id.clone(), now_ms()));
         let (packet_id, qos) = (p.packet_id, p.qos);
         let mut qos2_id = None;
         if let (QoS::ExactlyOnce, Some(pid)) = (qos, packet_id) {

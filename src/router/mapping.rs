@@ -18,7 +18,7 @@ use std::sync::Arc;
 use crate::backend::CoreRecord;
 use crate::config::reserved::ReservedTopics;
 use crate::config::{Naming, RecordKey, TopicsConfig};
-use crate::protocol::{PublishProperties, QoS, UserProperties};
+use crate::protocol::{LastWill, Publish, PublishProperties, QoS, UserProperties};
 
 /// Header names (LMQ's, plus ours for what LMQ has no name for).
 pub mod header {
@@ -61,6 +61,45 @@ pub struct Message {
 }
 
 impl Message {
+    /// The message a client's PUBLISH carries (its user properties are taken), published by
+    /// `publisher` at `now_ms`.
+    pub fn from_publish(p: &mut Publish, publisher: Arc<str>, now_ms: i64) -> Message {
+        Message {
+            topic: p.topic.as_str().into(),
+            payload: p.payload.clone(),
+            qos: p.qos,
+            retain: p.retain,
+            publisher,
+            payload_format_indicator: p.properties.payload_format_indicator,
+            message_expiry_interval: p.properties.message_expiry_interval,
+            content_type: p.properties.content_type.clone(),
+            response_topic: p.properties.response_topic.clone(),
+            correlation_data: p.properties.correlation_data.clone(),
+            user_properties: std::mem::take(&mut p.properties.user_properties),
+            timestamp_ms: now_ms,
+            msg_id: None,
+        }
+    }
+
+    /// The message of a client's will, published by `publisher` at `now_ms`.
+    pub fn from_will(will: &LastWill, publisher: Arc<str>, now_ms: i64) -> Message {
+        Message {
+            topic: will.topic.as_str().into(),
+            payload: will.payload.clone(),
+            qos: will.qos,
+            retain: will.retain,
+            publisher,
+            payload_format_indicator: will.properties.payload_format_indicator,
+            message_expiry_interval: will.properties.message_expiry_interval,
+            content_type: will.properties.content_type.clone(),
+            response_topic: will.properties.response_topic.clone(),
+            correlation_data: will.properties.correlation_data.clone(),
+            user_properties: will.properties.user_properties.clone(),
+            timestamp_ms: now_ms,
+            msg_id: None,
+        }
+    }
+
     /// When a message with an expiry interval of `secs` expires. Saturating: the time is a
     /// record's, set by whoever produced it.
     fn expires_at(&self, secs: u32) -> i64 {

@@ -29,8 +29,8 @@ use std::sync::Arc;
 
 use crate::backend::TopicPartition;
 use crate::protocol::{
-    self, Packet, PacketId, Protocol, PubResponse, Publish, PublishProperties, QoS, ReasonCode, RetainHandling,
-    Subscribe, SubscriptionOptions,
+    self, LastWill, Packet, PacketId, Protocol, PubResponse, Publish, PublishProperties, QoS, ReasonCode,
+    RetainHandling, Subscribe, SubscriptionOptions,
 };
 use crate::router::mapping::Message;
 use crate::router::Delivery;
@@ -678,6 +678,32 @@ impl Session {
         } else {
             ReasonCode::NO_SUBSCRIPTION_EXISTED
         }
+    }
+}
+
+/// How a connection ended, as far as its will goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// The client sent DISCONNECT (`with_will`: with reason code 0x04).
+    Disconnect { with_will: bool },
+    /// Another connection took the session over (`new_clean_start`: it starts a new session).
+    TakenOver { new_clean_start: bool },
+    /// Anything else: the network, a protocol error, the keepalive, a slow reader, a kick, a
+    /// shutdown.
+    Lost,
+}
+
+/// Whether the will is published when a connection ends so, and after how many seconds.
+/// A normal DISCONNECT discards it [MQTT-3.1.2-10]; a takeover by a connection that resumes
+/// the session sends it only if it is not delayed (the resumed session is there before the
+/// delay ends, MQTT 5 §3.1.3.2.2); otherwise it goes after its Will Delay Interval, at most
+/// the session expiry interval [MQTT-3.1.3-9].
+pub fn will_delay(ending: Ending, will: &LastWill, session_expiry: u32) -> Option<u32> {
+    let delay = will.properties.will_delay_interval.unwrap_or(0);
+    match ending {
+        Ending::Disconnect { with_will: false } => None,
+        Ending::TakenOver { new_clean_start: false } if delay > 0 => None,
+        _ => Some(delay.min(session_expiry)),
     }
 }
 
@@ -1385,5 +1411,27 @@ mod tests {
         assert_eq!(s.unsubscribe("y"), ReasonCode::SUCCESS);
         assert_eq!(s.unsubscribe("y"), ReasonCode::NO_SUBSCRIPTION_EXISTED);
         assert!(!s.holds("y"));
+    }
+
+    // ---- will ----
+
+    #[test]
+    fn the_will_goes_unless_disconnected_normally_or_resumed_before_its_delay() {
+        let will = |delay: Option<u32>| LastWill {
+            topic: "w".into(),
+            payload: bytes::Bytes::new(),
+            qos: QoS::AtMostOnce,
+            retain: false,
+            properties: crate::protocol::WillProperties { will_delay_interval: delay, ..Default::default() },
+        };
+        let (now, later) = (will(None), will(Some(30)));
+        assert_eq!(will_delay(Ending::Disconnect { with_will: false }, &now, 100), None);
+        assert_eq!(will_delay(Ending::Disconnect { with_will: true }, &later, 100), Some(30));
+        assert_eq!(will_delay(Ending::Lost, &now, 100), Some(0));
+        assert_eq!(will_delay(Ending::Lost, &later, 10), Some(10), "at most the session expiry");
+        assert_eq!(will_delay(Ending::Lost, &later, 0), Some(0), "no session to wait for");
+        assert_eq!(will_delay(Ending::TakenOver { new_clean_start: false }, &later, 100), None, "resumed in time");
+        assert_eq!(will_delay(Ending::TakenOver { new_clean_start: false }, &now, 100), Some(0));
+        assert_eq!(will_delay(Ending::TakenOver { new_clean_start: true }, &later, 100), Some(30));
     }
 }

@@ -462,6 +462,10 @@ impl Session {
                 step.inbound_done = known;
                 if known {
                     self.receiving = self.receiving.saturating_sub(1);
+                    // A client that sends PUBREL before its PUBREC came gets no PUBREC after
+                    // the PUBCOMP: it could take it for one of a new message with this id.
+                    self.pubrec_waiting.retain(|p| p.packet_id != r.packet_id);
+                    self.pubrec_saving.retain(|p| p.packet_id != r.packet_id);
                 }
                 let mut comp = PubResponse::new(r.packet_id);
                 if !known && protocol == Protocol::V5 {
@@ -1433,5 +1437,96 @@ mod tests {
         assert_eq!(will_delay(Ending::TakenOver { new_clean_start: false }, &later, 100), None, "resumed in time");
         assert_eq!(will_delay(Ending::TakenOver { new_clean_start: false }, &now, 100), Some(0));
         assert_eq!(will_delay(Ending::TakenOver { new_clean_start: true }, &later, 100), Some(30));
+    }
+
+    proptest::proptest! {
+        /// QoS 2 from a client, exactly once: PUBLISHes (first copies and re-sends), append
+        /// results, session saves and PUBRELs in any order, for a persistent session or not.
+        /// Against a model of each packet identifier: a message is stored at most once
+        /// between its first PUBLISH and its PUBREL; a PUBREC goes out only for a stored
+        /// message (and, persistent, only after a save that followed the append); PUBREL is
+        /// answered with a successful PUBCOMP exactly when a stored message waited for it;
+        /// and the Receive Maximum counts exactly the messages between first PUBLISH and
+        /// PUBREL.
+        #[test]
+        fn qos2_from_a_client_is_stored_once_in_any_interleaving(
+            persistent in proptest::bool::ANY,
+            steps in proptest::collection::vec((0u8..4, 1u16..4), 1..150),
+        ) {
+            #[derive(Clone, Copy, PartialEq, Debug)]
+            enum M { Idle, Storing, Stored { saved: bool } }
+            let limits = Limits { receive_maximum: 1000, ..limits(1) };
+            let mut s = subscribed(Protocol::V5, QoS::AtMostOnce, limits);
+            let mut model = [M::Idle; 4];
+            let mut appending: std::collections::VecDeque<u16> = Default::default();
+            let mut stores = [0u32; 4];
+            let check_pubrec = |model: &[M; 4], id: u16, persistent: bool| {
+                match model[usize::from(id)] {
+                    M::Stored { saved } => !persistent || saved,
+                    _ => false,
+                }
+            };
+            for (op, id) in steps {
+                let i = usize::from(id);
+                match op {
+                    0 => {
+                        s.begin_receive(QoS::ExactlyOnce).unwrap();
+                        match s.on_qos2_publish(pid(id)) {
+                            Qos2Publish::New => {
+                                proptest::prop_assert_eq!(model[i], M::Idle, "stored twice");
+                                s.storing_qos2(pid(id));
+                                model[i] = M::Storing;
+                                appending.push_back(id);
+                                stores[i] += 1;
+                            }
+                            Qos2Publish::Duplicate { reply } => {
+                                proptest::prop_assert_ne!(model[i], M::Idle);
+                                if let Some(Packet::PubRec(r)) = reply {
+                                    proptest::prop_assert!(check_pubrec(&model, r.packet_id.get(), persistent));
+                                }
+                            }
+                        }
+                    }
+                    1 => {
+                        if let Some(done) = appending.pop_front() {
+                            let step = s.on_appended(appended(QoS::ExactlyOnce, done, Ok(())), persistent);
+                            model[usize::from(done)] = M::Stored { saved: false };
+                            let AppendStep::Stored { reply, changed } = step else {
+                                proptest::prop_assert!(false, "unexpected {:?}", step);
+                                unreachable!()
+                            };
+                            proptest::prop_assert!(changed);
+                            proptest::prop_assert_eq!(reply.is_some(), !persistent);
+                        }
+                    }
+                    2 => {
+                        s.saving();
+                        for m in model.iter_mut() {
+                            if let M::Stored { saved } = m {
+                                *saved = true;
+                            }
+                        }
+                        for sent in s.on_saved(true) {
+                            let Packet::PubRec(r) = sent else { unreachable!() };
+                            proptest::prop_assert!(check_pubrec(&model, r.packet_id.get(), persistent));
+                        }
+                    }
+                    _ => {
+                        let step = s.on_client_ack(ClientAck::PubRel(resp(id)));
+                        let waited = matches!(model[i], M::Stored { .. });
+                        proptest::prop_assert_eq!(step.inbound_done, waited);
+                        let Some(Packet::PubComp(c)) = step.reply else { unreachable!() };
+                        proptest::prop_assert_eq!(c.code == ReasonCode::SUCCESS, waited);
+                        if waited {
+                            model[i] = M::Idle;
+                            stores[i] = 0;
+                        }
+                    }
+                }
+                let between = model.iter().filter(|m| **m != M::Idle).count();
+                proptest::prop_assert_eq!(s.receiving, between);
+                proptest::prop_assert!(stores.iter().all(|n| *n <= 1));
+            }
+        }
     }
 }

@@ -190,9 +190,6 @@ impl Conn {
                 0 => Duration::from_secs(mqtt.idle_timeout_secs_when_keepalive_0),
                 ka => Duration::from_millis(u64::from(ka) * 1500),
             },
-            session_expiry,
-            expiry_was_zero: session_expiry == 0,
-            will: connect.will.clone(),
             session: Session::new(
                 state,
                 protocol,
@@ -203,16 +200,15 @@ impl Conn {
                     client_alias_max: mqtt.topic_alias_max,
                     receive_maximum: mqtt.receive_maximum,
                 },
-            ),
+            )
+            .with_lifetime(session_expiry, connect.will.clone()),
             slot,
             rx,
             registration,
             out: BytesMut::new(),
-            dirty: false,
             stored: session_present,
             last_event: None,
             persist: None,
-            save_soon: false,
             gauges: Default::default(),
             positions_at: Instant::now(),
             positions_stale: false,
@@ -257,8 +253,8 @@ impl Conn {
         // Re-sent in-flight messages go out right after CONNACK.
         conn.resend_inflight();
         if session_expiry > 0 {
-            conn.dirty = true;
-            conn.save_soon = true;
+            conn.session.changed = true;
+            conn.session.save_soon = true;
         }
         ctx.registry.describe(
             conn_id,
@@ -329,7 +325,7 @@ impl Conn {
         // dropped: nothing is read back from them for a client.
         let before = self.session.state.cursors.len();
         self.session.state.cursors.retain(|tp, _| !router.topics().is_reserved(&tp.topic));
-        self.dirty |= self.session.state.cursors.len() != before;
+        self.session.changed |= self.session.state.cursors.len() != before;
         // In-flight messages: fetch their bodies back from the log, a window of offsets per
         // read (one round trip for a window of consecutive messages, not one per message).
         let inflight: Vec<StoredInflight> =
@@ -416,8 +412,8 @@ impl Conn {
             tracing::info!(client_id = self.client_id, filter, why, "subscription no longer allowed: removed");
         }
         if !forbidden.is_empty() {
-            self.dirty = true;
-            self.save_soon = true;
+            self.session.changed = true;
+            self.session.save_soon = true;
         }
         forbidden.len()
     }

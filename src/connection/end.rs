@@ -56,8 +56,8 @@ impl Conn {
         // The save in flight lands first, so the final one is not overwritten by it.
         let in_flight = Duration::from_secs(self.ctx.config.mqtt.backend_timeout_secs);
         let _ = tokio::time::timeout(in_flight, self.finish_persist()).await;
-        let save = if self.session_expiry > 0 {
-            self.save_session(Some(Stored::from_state(&self.session.state, self.session_expiry, Some(now_ms()))))
+        let save = if self.session.expiry > 0 {
+            self.save_session(Some(Stored::from_state(&self.session.state, self.session.expiry, Some(now_ms()))))
         } else if self.stored {
             self.save_session(None)
         } else {
@@ -69,8 +69,8 @@ impl Conn {
         {
             tracing::warn!(client_id = %self.client_id, error = %e, "cannot save session at disconnect");
         }
-        if let Some(will) = self.will.take() {
-            if let Some(delay) = will_delay(ending, &will, self.session_expiry) {
+        if let Some(will) = self.session.will.take() {
+            if let Some(delay) = will_delay(ending, &will, self.session.expiry) {
                 self.schedule_will(will, delay);
             }
         }

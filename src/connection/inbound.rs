@@ -187,7 +187,7 @@ impl Conn {
         let (packet_id, qos) = (p.packet_id, p.qos);
         let mut qos2_id = None;
         if let (QoS::ExactlyOnce, Some(pid)) = (qos, packet_id) {
-            if self.session_expiry > 0 {
+            if self.session.expiry > 0 {
                 // The intent is saved with the session before the record is written, and
                 // looked for in the log from its core topic's ends: the PUBLISHes before this
                 // one are placed first, and the core topic must exist. (A rare path, awaited
@@ -283,7 +283,7 @@ impl Conn {
     async fn qos2_intent(&mut self, core: &CoreTopic, pid: PacketId, timeout: Duration) -> Result<Option<String>, End> {
         let backend = self.ctx.backend.clone();
         if let Some(intent) = self.session.state.qos2_intents.remove(&pid.get()) {
-            self.dirty = true;
+            self.session.changed = true;
             let found = tokio::time::timeout(timeout, find_qos2_record(&backend, &intent)).await;
             match found {
                 Ok(Ok(true)) => {
@@ -317,7 +317,7 @@ impl Conn {
             .state
             .qos2_intents
             .insert(pid.get(), Qos2Intent { marker: marker.clone(), topic: core.name.to_string(), from });
-        let stored = Stored::from_state(&self.session.state, self.session_expiry, None);
+        let stored = Stored::from_state(&self.session.state, self.session.expiry, None);
         let save = self.save_session(Some(stored));
         match tokio::time::timeout(timeout, save).await {
             Ok(Ok(())) => {
@@ -334,9 +334,9 @@ impl Conn {
     /// The core service answered an append: acknowledge (or wait for the session save that
     /// must come first), or disconnect without acknowledging.
     pub(super) fn on_ack(&mut self, r: Appended) -> Result<(), End> {
-        match self.session.on_appended(r, self.session_expiry > 0) {
+        match self.session.on_appended(r, self.session.expiry > 0) {
             AppendStep::Stored { reply, changed } => {
-                self.dirty |= changed;
+                self.session.changed |= changed;
                 if let Some(reply) = reply {
                     self.send(&reply);
                 }
@@ -428,8 +428,8 @@ impl Conn {
             };
             let send_retained =
                 self.session.subscribed(filter, options, s.properties.subscription_identifier, positions);
-            self.dirty = true;
-            self.save_soon = true;
+            self.session.changed = true;
+            self.session.save_soon = true;
             codes.push(ReasonCode(options.qos as u8));
             if send_retained {
                 // The retained index is loaded in the background after a start: a SUBSCRIBE
@@ -464,8 +464,8 @@ impl Conn {
             codes.push(self.session.unsubscribe(f));
             self.ctx.router.unsubscribe(&self.slot, f);
         }
-        self.dirty = true;
-        self.save_soon = true;
+        self.session.changed = true;
+        self.session.save_soon = true;
         self.send(&Packet::UnsubAck(UnsubAck { packet_id: u.packet_id, codes, properties: AckProperties::default() }));
     }
 }

@@ -226,10 +226,6 @@ struct Conn {
     expiry_notified: Vec<String>,
     channel_id: String,
     keep_alive: Duration,
-    session_expiry: u32,
-    /// Expiry given at CONNECT was 0: DISCONNECT may not raise it [MQTT-3.14.2-2].
-    expiry_was_zero: bool,
-    will: Option<LastWill>,
     /// The session's state machine: subscriptions, positions, the queue, the in-flight
     /// window (the client's Receive Maximum, capped by config) and topic aliases.
     session: Session,
@@ -239,10 +235,6 @@ struct Conn {
     /// Bytes waiting to be written to the client; reading pauses at
     /// `mqtt.max_output_buffer_bytes`.
     out: BytesMut,
-    dirty: bool,
-    /// A change that does not wait for the next checkpoint (a new connection's session, a
-    /// subscription change): the save starts at once, so a crash right after cannot lose it.
-    save_soon: bool,
     /// A stored session exists for this ClientId (so a clean end must delete it).
     stored: bool,
     /// The last status event being written (events are chained to keep their order).
@@ -377,10 +369,10 @@ impl Conn {
             if self.out.is_empty() && self.out.capacity() > 4096 {
                 self.out = BytesMut::new();
             }
-            let persist_due = self.dirty && self.session_expiry > 0 && self.persist.is_none();
+            let persist_due = self.session.changed && self.session.expiry > 0 && self.persist.is_none();
             // A PUBREC waiting for the save, or a change to save soon, makes it due at once.
             let persist_at = persist_due.then(|| {
-                if !self.session.pubrecs_waiting() && !self.save_soon {
+                if !self.session.pubrecs_waiting() && !self.session.save_soon {
                     last_persist + checkpoint_every
                 } else {
                     last_persist
@@ -507,12 +499,12 @@ impl Conn {
                         return End::SlowReader;
                     }
                     if persist_at.is_some_and(|t| now >= t) {
-                        self.dirty = false;
-                        self.save_soon = false;
+                        self.session.changed = false;
+                        self.session.save_soon = false;
                         self.session.saving();
                         last_persist = Instant::now();
                         self.advance_idle_cursors();
-                        let stored = Stored::from_state(&self.session.state, self.session_expiry, None);
+                        let stored = Stored::from_state(&self.session.state, self.session.expiry, None);
                         self.persist = Some(self.save_session(Some(stored)));
                         self.stored = true;
                     }
@@ -568,15 +560,10 @@ impl Conn {
                 Ok(())
             }
             Packet::Disconnect(d) => {
-                if let Some(e) = d.properties.session_expiry_interval {
-                    if self.expiry_was_zero && e > 0 {
-                        return Err(End::Server(
-                            ReasonCode::PROTOCOL_ERROR,
-                            "session expiry raised from 0 [MQTT-3.14.2-2]",
-                        ));
-                    }
-                    self.session_expiry = e.min(self.ctx.config.mqtt.session_expiry_max_secs);
-                }
+                let max = self.ctx.config.mqtt.session_expiry_max_secs;
+                self.session
+                    .on_disconnect_expiry(d.properties.session_expiry_interval, max)
+                    .map_err(|v| End::Server(v.code, v.why))?;
                 Err(End::ClientDisconnect { with_will: d.code == ReasonCode::DISCONNECT_WITH_WILL })
             }
             Packet::Connect(_) => Err(End::Server(ReasonCode::PROTOCOL_ERROR, "second CONNECT [MQTT-3.1.0-2]")),
@@ -596,7 +583,7 @@ impl Conn {
         if let Some((message, how)) = &step.acked {
             self.trace(crate::trace::Kind::Acked, message, || how.to_string());
         }
-        self.dirty |= step.changed;
+        self.session.changed |= step.changed;
         self.check_acked_above(step.acked_above)?;
         if let Some(reply) = &step.reply {
             self.send(reply);
@@ -608,7 +595,7 @@ impl Conn {
     fn on_persisted(&mut self, res: Result<(), BackendError>) {
         if let Err(e) = &res {
             tracing::warn!(client_id = %self.client_id, error = %e, "cannot save session");
-            self.dirty = true;
+            self.session.changed = true;
         }
         for pubrec in self.session.on_saved(res.is_ok()) {
             self.send(&pubrec);

@@ -222,7 +222,7 @@ impl Conn {
             let lo = c.committed().min(lag);
             c.hold(lo, end.max(lo));
         }
-        self.dirty = true;
+        self.session.changed = true;
     }
 
     /// Queue up to `want` messages of the held backlogs (partitions in order, ASC from the
@@ -331,7 +331,7 @@ impl Conn {
         }
         let Some(message) = record_message(&self.ctx, &r.tp, &r.record) else { return false };
         let queued = self.session.queue_if_matching(&r.tp, r.offset, message, None, now_ms());
-        self.dirty |= queued;
+        self.session.changed |= queued;
         queued
     }
 }

@@ -14,7 +14,7 @@ pub(super) enum CatchupStep {
 impl Conn {
     /// Something the router delivered: queued if it matches (the session changed).
     pub(super) fn on_delivery(&mut self, d: Delivery) {
-        self.dirty |= self.session.on_delivery(d, now_ms());
+        self.session.changed |= self.session.on_delivery(d, now_ms());
     }
 
     /// Move queued messages into the in-flight window and the write buffer while the buffer
@@ -88,7 +88,7 @@ impl Conn {
                 let now = now_ms();
                 for rec in &f.records {
                     if let Some(message) = record_message(&self.ctx, &rec.tp, &rec.record) {
-                        self.dirty |= self.session.consider(&rec.tp, rec.offset, message, None, now);
+                        self.session.changed |= self.session.consider(&rec.tp, rec.offset, message, None, now);
                     } else {
                         let c = self.session.state.cursor(&rec.tp, rec.offset);
                         c.next = c.next.max(rec.offset + 1);

@@ -57,6 +57,17 @@ pub struct Limits {
 pub struct Session {
     /// Subscriptions, read positions, messages in flight: what is persisted.
     pub state: SessionState,
+    /// Session Expiry Interval, seconds (0: the session ends with the connection).
+    pub expiry: u32,
+    /// The expiry given at CONNECT was 0: DISCONNECT may not raise it [MQTT-3.14.2-2].
+    expiry_was_zero: bool,
+    /// The client's will, while it may still be published.
+    pub will: Option<LastWill>,
+    /// Changed since the last save: a persistent session is saved at the next checkpoint.
+    pub changed: bool,
+    /// A change that does not wait for the next checkpoint (a new connection's session, a
+    /// subscription change): the save starts at once, so a crash right after cannot lose it.
+    pub save_soon: bool,
     protocol: Protocol,
     window: usize,
     client_max_packet: Option<usize>,
@@ -211,6 +222,11 @@ impl Session {
             aliases: OutAliases::new(alias_max),
             queue: VecDeque::new(),
             retained_waiting: 0,
+            expiry: 0,
+            expiry_was_zero: true,
+            will: None,
+            changed: false,
+            save_soon: false,
             client_aliases: HashMap::new(),
             client_alias_max: limits.client_alias_max,
             receive_maximum: limits.receive_maximum,
@@ -221,6 +237,33 @@ impl Session {
             pubrec_waiting: Vec::new(),
             pubrec_saving: Vec::new(),
         }
+    }
+
+    /// The Session Expiry Interval and the will given at CONNECT.
+    pub fn with_lifetime(mut self, expiry: u32, will: Option<LastWill>) -> Session {
+        self.expiry = expiry;
+        self.expiry_was_zero = expiry == 0;
+        self.will = will;
+        self
+    }
+
+    /// The session outlives the connection (and is saved).
+    pub fn persistent(&self) -> bool {
+        self.expiry > 0
+    }
+
+    /// A DISCONNECT may set a new Session Expiry Interval (capped at `max`), but not raise it
+    /// from 0 [MQTT-3.14.2-2].
+    pub fn on_disconnect_expiry(&mut self, requested: Option<u32>, max: u32) -> Result<(), Violation> {
+        let Some(e) = requested else { return Ok(()) };
+        if self.expiry_was_zero && e > 0 {
+            return Err(Violation {
+                code: ReasonCode::PROTOCOL_ERROR,
+                why: "session expiry raised from 0 [MQTT-3.14.2-2]",
+            });
+        }
+        self.expiry = e.min(max);
+        Ok(())
     }
 
     /// Messages queued, not yet written.
@@ -1609,5 +1652,20 @@ mod tests {
             }
             proptest::prop_assert_eq!(s.state.cursors.get(&tp()).map_or(next_offset, |c| c.committed()), next_offset);
         }
+    }
+
+    #[test]
+    fn disconnect_may_change_the_session_expiry_but_not_raise_it_from_zero() {
+        let base = || subscribed(Protocol::V5, QoS::AtMostOnce, limits(1));
+        let mut zero = base().with_lifetime(0, None);
+        assert!(!zero.persistent());
+        assert_eq!(zero.on_disconnect_expiry(Some(60), 3600).map_err(|v| v.code), Err(ReasonCode::PROTOCOL_ERROR));
+        assert!(zero.on_disconnect_expiry(Some(0), 3600).is_ok() && zero.on_disconnect_expiry(None, 3600).is_ok());
+        let mut some = base().with_lifetime(30, None);
+        assert!(some.persistent());
+        some.on_disconnect_expiry(Some(999_999), 3600).unwrap();
+        assert_eq!(some.expiry, 3600, "capped");
+        some.on_disconnect_expiry(Some(0), 3600).unwrap();
+        assert!(!some.persistent(), "lowered to 0: the session ends with the connection");
     }
 }

@@ -523,6 +523,46 @@ async fn no_acknowledged_message_lost_while_the_broker_stops_for_20_seconds() {
     drop(owned);
 }
 
+/// A broker refuses a request now and then with a retriable error — the first request to a
+/// partition it has just created and does not lead yet, on a busy machine — and may store the
+/// producer's next batch of that partition meanwhile: holding no sequence state for the
+/// producer there, it accepts a batch that does not start at sequence 0. The refused records
+/// are then not in the log, although the Kafka client takes the later success for their
+/// delivery too. They must not be acknowledged: the publisher sends them again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_acknowledged_message_lost_when_a_new_partition_refuses_its_first_batch() {
+    const TOTAL: u32 = 500;
+    let mut proxy = kafka_broker::FaultProxy::bind().await;
+    proxy.refuse_first_produce_to("kfirst");
+    let owned = kafka_broker::OwnedBroker::start_behind(Some(proxy.port));
+    proxy.forward_to(owned.broker().port);
+    let broker = owned.broker();
+    // Batches of two messages: those queued behind the first batch go out in the next ones
+    // while it is on its way, as with a steady stream of messages.
+    let yaml = format!(
+        "listeners:\n  - name: tcp\n    bind: 127.0.0.1:0\n{}    librdkafka:\n      batch.num.messages: \"2\"\n\
+         {OPEN_AUTH}gateway_id: gw-first\n",
+        broker.core_yaml()
+    );
+    let gw = Gateway::start(Config::from_yaml(&yaml).expect("config")).await.expect("gateway on Kafka starts");
+    let mut acked = BTreeSet::new();
+    let progress = AtomicUsize::new(0);
+    let pace = Pace { window: 200, rate: Some(1000.0) };
+    let mut next = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while next < TOTAL {
+        assert!(Instant::now() < deadline, "publishing did not finish");
+        next =
+            publish_pipelined(gw.addr(), "GID_k@@@first", "kfirst/a", next, TOTAL, pace, &mut acked, &progress).await;
+    }
+    assert!(proxy.refused(), "the first batch to the new partition was refused");
+    assert_eq!(acked.len() as u32, TOTAL, "every message acknowledged in the end");
+    let bootstrap = broker.bootstrap();
+    tokio::task::spawn_blocking(move || assert_all_in_kafka(&bootstrap, "kfirst", &acked)).await.expect("check");
+    gw.shutdown().await;
+    drop(owned);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_events_for_each_way_a_connection_ends() {
     let broker = kafka_broker::shared();

@@ -2,7 +2,8 @@
 //!
 //! - Appends: one idempotent `acks=all` producer per gateway. `enqueue` hands the record to
 //!   librdkafka (its place in the partition's order is fixed then; a full producer queue is
-//!   waited out — back-pressure) and the acknowledgement is the delivery report.
+//!   waited out — back-pressure) and the acknowledgement is the delivery report, when it gives
+//!   the record's offset (see [`stored_at`]).
 //! - Live tail: a consumer with manual assignment per `tail()` (`tail.rs`).
 //! - One-shot reads: a pool of consumers (`fetch.rs`).
 //! - State stores: compacted topics, materialised in memory on every gateway (`state.rs`).
@@ -390,13 +391,25 @@ impl KafkaCore {
                     Ok(delivery) => {
                         let slot = slot.clone();
                         let used = producer.clone();
+                        let topic = topic.clone();
                         let ack: AppendAck = Box::pin(async move {
                             match delivery.await {
                                 Ok(Ok(d)) => {
-                                    available.store(true, Ordering::Release);
-                                    Ok(Position {
-                                        partition: u32::try_from(d.partition).unwrap_or(0),
-                                        offset: u64::try_from(d.offset).unwrap_or(0),
+                                    let position = stored_at(&d);
+                                    if position.is_some() {
+                                        available.store(true, Ordering::Release);
+                                    } else {
+                                        tracing::warn!(
+                                            topic,
+                                            partition = d.partition,
+                                            "Kafka producer reported a record delivered without its offset (inferred \
+                                             from a later batch, not confirmed by the broker): not acknowledged"
+                                        );
+                                    }
+                                    position.ok_or_else(|| {
+                                        BackendError::unavailable(
+                                            "Kafka did not confirm the record: delivery inferred, no offset",
+                                        )
                                     })
                                 }
                                 Ok(Err((e, _))) => {
@@ -419,6 +432,18 @@ impl KafkaCore {
             }
         })
     }
+}
+
+/// Where a delivery report says the record is, when the broker said so: `None` for a report
+/// without an offset. librdkafka's idempotent producer reports a record as delivered without
+/// the broker's word when a later batch of the same partition is stored while the record's
+/// own batch was refused with a retriable error, taking the later success as proof of the
+/// earlier batch ("implicit ack"). A broker that holds no sequence state for the producer on
+/// that partition (a partition just created, or the producer's state there expired) accepts
+/// the later batch all the same, so the record is then not in the log: such a report is not
+/// an acknowledgement.
+fn stored_at(d: &rdkafka::producer::future_producer::Delivery) -> Option<Position> {
+    Some(Position { partition: u32::try_from(d.partition).ok()?, offset: u64::try_from(d.offset).ok()? })
 }
 
 /// The gateway's producer, replaced when librdkafka declares it failed for good (a fatal

@@ -25,8 +25,9 @@ if [ ! -d tests/browser/node_modules/playwright-core ]; then
 fi
 
 WORK=$(mktemp -d)
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-PORT=$(free_port); WS=$(free_port); WSS=$(free_port)
+# shellcheck source=scripts/lib/ports.sh
+. scripts/lib/ports.sh
+read -r PORT WS WSS SHIPPED_TCP SHIPPED_WS SHIPPED_ADMIN < <(free_ports 6)
 cat > "$WORK/gateway.yaml" <<YAML
 auth:
   allow_anonymous: true
@@ -50,7 +51,7 @@ log:
 YAML
 
 # The shipped gateway.yaml, on free loopback ports, with its data in $WORK.
-export SHIPPED_TCP=$(free_port) SHIPPED_WS=$(free_port) SHIPPED_ADMIN=$(free_port)
+export SHIPPED_TCP SHIPPED_WS SHIPPED_ADMIN
 mkdir -p "$WORK/shipped"
 sed -e "s|0\.0\.0\.0:1883|127.0.0.1:$SHIPPED_TCP|" \
     -e "s|0\.0\.0\.0:8083|127.0.0.1:$SHIPPED_WS|" \

@@ -10,11 +10,12 @@ BIN=${1:-target/debug/lmq-gateway}
 cd "$(dirname "$0")/.."
 
 WORK=$(mktemp -d)
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-PORT=$(free_port)
+# shellcheck source=scripts/lib/ports.sh
+. scripts/lib/ports.sh
+read -r PORT WS_PORT ADMIN_PORT < <(free_ports 3)
 sed -e "s|0\.0\.0\.0:1883|127.0.0.1:$PORT|" \
-    -e "s|0\.0\.0\.0:8083|127.0.0.1:$(free_port)|" \
-    -e "s|127\.0\.0\.1:8080|127.0.0.1:$(free_port)|" \
+    -e "s|0\.0\.0\.0:8083|127.0.0.1:$WS_PORT|" \
+    -e "s|127\.0\.0\.1:8080|127.0.0.1:$ADMIN_PORT|" \
     -e "s|data_dir: data |data_dir: $WORK/data |" \
     deploy/gateway-mqtt.yaml >"$WORK/gateway.yaml"
 grep -q "127.0.0.1:$PORT" "$WORK/gateway.yaml" || { echo "deploy/gateway-mqtt.yaml has no 0.0.0.0:1883 listener"; exit 2; }

@@ -21,8 +21,10 @@ if [ ! -d tests/browser/node_modules/playwright-core ]; then
 fi
 
 WORK=$(mktemp -d)
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-export TCP_PORT=$(free_port) ADMIN_PORT=$(free_port)
+# shellcheck source=scripts/lib/ports.sh
+. scripts/lib/ports.sh
+read -r TCP_PORT ADMIN_PORT < <(free_ports 2)
+export TCP_PORT ADMIN_PORT
 export ADMIN_TOKEN=ops-console-$RANDOM$RANDOM
 cat > "$WORK/gateway.yaml" <<YAML
 auth:

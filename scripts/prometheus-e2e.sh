@@ -19,8 +19,9 @@ done
 DASHBOARD=grafana/dashboards/lmq-gateway.json
 
 WORK=$(mktemp -d)
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-PORT=$(free_port); ADMIN=$(free_port); PROM=$(free_port)
+# shellcheck source=scripts/lib/ports.sh
+. scripts/lib/ports.sh
+read -r PORT ADMIN PROM < <(free_ports 3)
 cat > "$WORK/gateway.yaml" <<YAML
 listeners:
   - name: tcp

@@ -10,8 +10,9 @@ BIN=${1:-target/debug/lmq-gateway}
 [ -x "$BIN" ] || { echo "gateway binary $BIN not found (cargo build first)"; exit 2; }
 
 WORK=$(mktemp -d)
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-PORT=$(free_port); TLS=$(free_port); MTLS=$(free_port); SELF=$(free_port)
+# shellcheck source=lib/ports.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib/ports.sh"
+read -r PORT TLS MTLS SELF < <(free_ports 4)
 C=$WORK/certs; mkdir -p "$C"
 
 # CA, other CA, server certificate for 127.0.0.1/localhost, client certificate.

@@ -359,25 +359,8 @@ impl Conn {
                 i = offsets.partition_point(|&o| o < reached);
             }
         }
-        for inf in inflight {
-            let Some(pid) = inf.packet_id() else { continue };
-            let origin = inf.origin();
-            let qos = QoS::from_u8(inf.qos).unwrap_or(QoS::AtLeastOnce);
-            let message = if inf.released { None } else { bodies.remove(&(origin.tp.clone(), origin.offset)) };
-            if !inf.released && message.is_none() {
-                continue; // gone by retention
-            }
-            if message.as_ref().is_some_and(|m| self.identity.check_subscribe(&m.topic).is_err()) {
-                continue; // its subscription is no longer allowed
-            }
-            let stage = if inf.released { OutboundStage::Released } else { OutboundStage::Published };
-            let message = message.unwrap_or_else(|| Arc::new(empty_message()));
-            self.session.state.cursor(&origin.tp, origin.offset).pending.insert(origin.offset);
-            self.session.state.outbound.insert(
-                pid,
-                Outbound { message, qos, retain: false, subscription_ids: Vec::new(), origin: Some(origin), stage },
-            );
-        }
+        let identity = &self.identity;
+        self.session.restore_inflight(inflight, bodies, |topic| identity.check_subscribe(topic).is_ok());
         // Every cursor reads back what the session missed while away.
         let cursors: Vec<(TopicPartition, u64)> =
             self.session.state.cursors.iter().map(|(tp, c)| (tp.clone(), c.committed())).collect();

@@ -335,8 +335,7 @@ impl Conn {
     /// must come first), or disconnect without acknowledging.
     pub(super) fn on_ack(&mut self, r: Appended) -> Result<(), End> {
         match self.session.on_appended(r, self.session.expiry > 0) {
-            AppendStep::Stored { reply, changed } => {
-                self.session.changed |= changed;
+            AppendStep::Stored { reply, .. } => {
                 if let Some(reply) = reply {
                     self.send(&reply);
                 }
@@ -428,8 +427,6 @@ impl Conn {
             };
             let send_retained =
                 self.session.subscribed(filter, options, s.properties.subscription_identifier, positions);
-            self.session.changed = true;
-            self.session.save_soon = true;
             codes.push(ReasonCode(options.qos as u8));
             if send_retained {
                 // The retained index is loaded in the background after a start: a SUBSCRIBE
@@ -464,8 +461,6 @@ impl Conn {
             codes.push(self.session.unsubscribe(f));
             self.ctx.router.unsubscribe(&self.slot, f);
         }
-        self.session.changed = true;
-        self.session.save_soon = true;
         self.send(&Packet::UnsubAck(UnsubAck { packet_id: u.packet_id, codes, properties: AckProperties::default() }));
     }
 }

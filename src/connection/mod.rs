@@ -41,7 +41,7 @@ use crate::router::{topic, Delivery, Reattach, SessionSlot};
 use crate::session::machine::{ClientAck, Limits, Session};
 use crate::session::persist::{Stored, StoredInflight};
 use crate::session::registry::{Kick, Registration};
-use crate::session::state::{Outbound, OutboundStage, Qos2Intent, SessionState};
+use crate::session::state::{Qos2Intent, SessionState};
 use crate::transport::ConnInfo;
 
 mod appends;
@@ -54,7 +54,7 @@ mod tokens;
 
 use appends::Appends;
 
-use outbound::{empty_message, record_message, CatchupStep};
+use outbound::{record_message, CatchupStep};
 
 /// Stop taking deliveries when this many bytes wait to be written (or at
 /// `mqtt.max_output_buffer_bytes` if that is lower); reading stops at that limit.
@@ -369,15 +369,8 @@ impl Conn {
             if self.out.is_empty() && self.out.capacity() > 4096 {
                 self.out = BytesMut::new();
             }
-            let persist_due = self.session.changed && self.session.expiry > 0 && self.persist.is_none();
-            // A PUBREC waiting for the save, or a change to save soon, makes it due at once.
-            let persist_at = persist_due.then(|| {
-                if !self.session.pubrecs_waiting() && !self.session.save_soon {
-                    last_persist + checkpoint_every
-                } else {
-                    last_persist
-                }
-            });
+            let persist_at =
+                if self.persist.is_none() { self.session.save_due(last_persist, checkpoint_every) } else { None };
             let token_at = self.next_token_event().map(tokens::instant_at);
             let pull_deadline = self.offline.deadline();
             let high_water = self.deliveries_high_water();
@@ -499,8 +492,6 @@ impl Conn {
                         return End::SlowReader;
                     }
                     if persist_at.is_some_and(|t| now >= t) {
-                        self.session.changed = false;
-                        self.session.save_soon = false;
                         self.session.saving();
                         last_persist = Instant::now();
                         self.advance_idle_cursors();
@@ -583,7 +574,6 @@ impl Conn {
         if let Some((message, how)) = &step.acked {
             self.trace(crate::trace::Kind::Acked, message, || how.to_string());
         }
-        self.session.changed |= step.changed;
         self.check_acked_above(step.acked_above)?;
         if let Some(reply) = &step.reply {
             self.send(reply);
@@ -595,7 +585,6 @@ impl Conn {
     fn on_persisted(&mut self, res: Result<(), BackendError>) {
         if let Err(e) = &res {
             tracing::warn!(client_id = %self.client_id, error = %e, "cannot save session");
-            self.session.changed = true;
         }
         for pubrec in self.session.on_saved(res.is_ok()) {
             self.send(&pubrec);

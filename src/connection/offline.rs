@@ -330,9 +330,7 @@ impl Conn {
             return false;
         }
         let Some(message) = record_message(&self.ctx, &r.tp, &r.record) else { return false };
-        let queued = self.session.queue_if_matching(&r.tp, r.offset, message, None, now_ms());
-        self.session.changed |= queued;
-        queued
+        self.session.queue_if_matching(&r.tp, r.offset, message, None, now_ms())
     }
 }
 

@@ -12,9 +12,9 @@ pub(super) enum CatchupStep {
 }
 
 impl Conn {
-    /// Something the router delivered: queued if it matches (the session changed).
+    /// Something the router delivered: queued if it matches.
     pub(super) fn on_delivery(&mut self, d: Delivery) {
-        self.session.changed |= self.session.on_delivery(d, now_ms());
+        self.session.on_delivery(d, now_ms());
     }
 
     /// Move queued messages into the in-flight window and the write buffer while the buffer
@@ -88,7 +88,7 @@ impl Conn {
                 let now = now_ms();
                 for rec in &f.records {
                     if let Some(message) = record_message(&self.ctx, &rec.tp, &rec.record) {
-                        self.session.changed |= self.session.consider(&rec.tp, rec.offset, message, None, now);
+                        self.session.consider(&rec.tp, rec.offset, message, None, now);
                     } else {
                         let c = self.session.state.cursor(&rec.tp, rec.offset);
                         c.next = c.next.max(rec.offset + 1);
@@ -139,8 +139,4 @@ pub(super) fn record_message(
     rec: &crate::backend::CoreRecord,
 ) -> Option<Arc<Message>> {
     ctx.router.topics().message_of(&tp.topic, rec).map(Arc::new)
-}
-
-pub(super) fn empty_message() -> Message {
-    Message { qos: QoS::AtLeastOnce, ..Message::default() }
 }

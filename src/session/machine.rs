@@ -35,6 +35,7 @@ use crate::protocol::{
 use crate::router::mapping::Message;
 use crate::router::Delivery;
 
+use super::persist::StoredInflight;
 use super::state::{Origin, Outbound, OutboundStage, Pending, SessionState, Subscription};
 
 /// What one connection allows the session to send.
@@ -338,6 +339,7 @@ impl Session {
             None
         };
         let retain = m.retain_as_published && message.retain;
+        self.changed = true;
         self.queue.push_back(Pending {
             message,
             qos: m.qos,
@@ -424,6 +426,39 @@ impl Session {
     pub fn abandon(&mut self, packet_id: Option<PacketId>) {
         if let Some(o) = packet_id.and_then(|pid| self.state.outbound.remove(&pid)) {
             self.state.ack_origin(&o.origin);
+        }
+    }
+
+    /// Put back the messages a stored session had in flight: their bodies read back from the
+    /// log (`bodies`, by partition and offset; none is needed for a QoS 2 message the client
+    /// has received, PUBREL follows). A message whose record is gone by retention, or whose
+    /// topic the client may no longer read (`allowed`), is not resent. Each holds its offset
+    /// pending, so the read position cannot pass it before it is acknowledged.
+    pub fn restore_inflight(
+        &mut self,
+        inflight: Vec<StoredInflight>,
+        mut bodies: HashMap<(TopicPartition, u64), Arc<Message>>,
+        allowed: impl Fn(&str) -> bool,
+    ) {
+        for inf in inflight {
+            let Some(pid) = inf.packet_id() else { continue };
+            let origin = inf.origin();
+            let qos = QoS::from_u8(inf.qos).unwrap_or(QoS::AtLeastOnce);
+            let message = if inf.released { None } else { bodies.remove(&(origin.tp.clone(), origin.offset)) };
+            if !inf.released && message.is_none() {
+                continue; // gone by retention
+            }
+            if message.as_ref().is_some_and(|m| !allowed(&m.topic)) {
+                continue; // its subscription is no longer allowed
+            }
+            let stage = if inf.released { OutboundStage::Released } else { OutboundStage::Published };
+            // A released message is not sent again, only its PUBREL.
+            let message = message.unwrap_or_else(|| Arc::new(Message { qos: QoS::AtLeastOnce, ..Message::default() }));
+            self.state.cursor(&origin.tp, origin.offset).pending.insert(origin.offset);
+            self.state.outbound.insert(
+                pid,
+                Outbound { message, qos, retain: false, subscription_ids: Vec::new(), origin: Some(origin), stage },
+            );
         }
     }
 
@@ -517,6 +552,7 @@ impl Session {
                 step.reply = Some(Packet::PubComp(comp));
             }
         }
+        self.changed |= step.changed;
         step
     }
 }
@@ -615,6 +651,7 @@ impl Session {
     /// A re-sent QoS 2 PUBLISH of a restored session was found in the log (stored before a
     /// crash): received, its PUBREC waits for the next save like any other.
     pub fn found_stored_qos2(&mut self, pid: PacketId) {
+        self.changed = true;
         self.state.inbound_qos2.insert(pid.get());
         self.pubrec_waiting.push(PubResponse::new(pid));
     }
@@ -639,6 +676,7 @@ impl Session {
             (Ok(()), QoS::ExactlyOnce, Some(pid)) => {
                 self.state.qos2_intents.remove(&pid.get());
                 self.state.inbound_qos2.insert(pid.get());
+                self.changed = true;
                 let rec = self.ack_with_id(pid, a.msg_id.as_deref());
                 let reply = if persistent {
                     self.pubrec_waiting.push(rec);
@@ -653,13 +691,25 @@ impl Session {
         }
     }
 
-    /// PUBRECs wait for a session save: the next one is due at once.
-    pub fn pubrecs_waiting(&self) -> bool {
-        !self.pubrec_waiting.is_empty()
+    /// When the next save of a persistent session is due, given the last one and the
+    /// checkpoint interval: `None` when there is nothing to save; at once for PUBRECs held
+    /// for it and for changes that do not wait (a new session, a subscription change).
+    pub fn save_due<T: Copy + std::ops::Add<std::time::Duration, Output = T>>(
+        &self,
+        last: T,
+        every: std::time::Duration,
+    ) -> Option<T> {
+        if !self.changed || !self.persistent() {
+            return None;
+        }
+        Some(if self.pubrec_waiting.is_empty() && !self.save_soon { last + every } else { last })
     }
 
-    /// A session save starts: the PUBRECs waiting go out when it lands.
+    /// A session save starts with the state as it is now: unchanged since, and the PUBRECs
+    /// waiting go out when it lands.
     pub fn saving(&mut self) {
+        self.changed = false;
+        self.save_soon = false;
         self.pubrec_saving.append(&mut self.pubrec_waiting);
     }
 
@@ -671,6 +721,7 @@ impl Session {
         }
         let saving = std::mem::take(&mut self.pubrec_saving);
         self.pubrec_waiting.extend(saving);
+        self.changed = true;
         Vec::new()
     }
 
@@ -709,6 +760,8 @@ impl Session {
             self.state.cursor(&tp, live);
         }
         self.state.subscribe(Subscription { filter: filter.to_string(), options, identifier });
+        self.changed = true;
+        self.save_soon = true;
         let shared = filter.starts_with("$share/");
         !shared
             && match options.retain_handling {
@@ -720,6 +773,8 @@ impl Session {
 
     /// Remove the subscription to `filter`: the UNSUBACK code for it.
     pub fn unsubscribe(&mut self, filter: &str) -> ReasonCode {
+        self.changed = true;
+        self.save_soon = true;
         if self.state.unsubscribe(filter) {
             ReasonCode::SUCCESS
         } else {
@@ -1362,24 +1417,34 @@ mod tests {
 
     #[test]
     fn a_persistent_sessions_pubrec_waits_until_its_packet_id_is_saved() {
-        let mut s = subscribed(Protocol::V311, QoS::AtMostOnce, limits(1));
+        use std::time::{Duration, Instant};
+        let (t0, every) = (Instant::now(), Duration::from_secs(1));
+        let mut s = subscribed(Protocol::V311, QoS::AtMostOnce, limits(1)).with_lifetime(60, None);
+        assert_eq!(s.save_due(t0, every), None, "unchanged: nothing to save");
         s.begin_receive(QoS::ExactlyOnce).unwrap();
         s.storing_qos2(pid(3));
         let step = s.on_appended(appended(QoS::ExactlyOnce, 3, Ok(())), true);
         assert!(matches!(step, AppendStep::Stored { reply: None, changed: true }), "{step:?}");
-        assert!(s.pubrecs_waiting());
+        assert_eq!(s.save_due(t0, every), Some(t0), "a PUBREC waits: the save is due at once");
         // A re-send meanwhile is not answered: the PUBREC is on its way.
         assert!(matches!(s.on_qos2_publish(pid(3)), Qos2Publish::Duplicate { reply: None }));
         s.saving();
-        assert!(!s.pubrecs_waiting());
+        assert_eq!(s.save_due(t0, every), None, "saved as it is now");
         assert!(s.on_saved(false).is_empty(), "the save failed: nothing goes out");
-        assert!(s.pubrecs_waiting(), "and the PUBREC waits for the next save");
+        assert_eq!(s.save_due(t0, every), Some(t0), "and the PUBREC waits for the next save, due at once");
         s.saving();
         let sent = s.on_saved(true);
         assert!(
             matches!(&sent[..], [Packet::PubRec(r)] if r.packet_id == pid(3) && r.properties.user_properties.is_empty())
         );
         assert!(s.on_saved(true).is_empty(), "sent once");
+        // An acknowledgement changes the session: saved at the next checkpoint, not at once.
+        s.on_client_ack(ClientAck::PubRel(resp(3)));
+        assert_eq!(s.save_due(t0, every), Some(t0 + every));
+        // A session that ends with the connection is never saved.
+        let mut gone = subscribed(Protocol::V311, QoS::AtMostOnce, limits(1));
+        gone.unsubscribe("t/#");
+        assert_eq!(gone.save_due(t0, every), None);
     }
 
     #[test]
@@ -1667,5 +1732,33 @@ mod tests {
         assert_eq!(some.expiry, 3600, "capped");
         some.on_disconnect_expiry(Some(0), 3600).unwrap();
         assert!(!some.persistent(), "lowered to 0: the session ends with the connection");
+    }
+
+    #[test]
+    fn a_restored_session_resends_what_is_left_in_flight_and_holds_its_positions() {
+        let mut s = subscribed(Protocol::V5, QoS::AtLeastOnce, limits(10));
+        let inf = |packet_id: u16, offset: u64, released: bool| StoredInflight {
+            packet_id,
+            topic: "t".into(),
+            partition: 0,
+            offset,
+            qos: if released { 2 } else { 1 },
+            released,
+        };
+        let mut bodies = HashMap::new();
+        bodies.insert((tp(), 3), msg("t/ok", QoS::AtLeastOnce));
+        bodies.insert((tp(), 4), msg("t/forbidden", QoS::AtLeastOnce));
+        // Offset 5 is gone by retention; 6 is a QoS 2 message the client received (PUBREL).
+        let list = vec![inf(1, 3, false), inf(2, 4, false), inf(3, 5, false), inf(4, 6, true), inf(0, 7, false)];
+        s.restore_inflight(list, bodies, |topic| topic != "t/forbidden");
+        let mut ids: Vec<u16> = s.state.outbound.keys().map(|p| p.get()).collect();
+        ids.sort();
+        assert_eq!(ids, vec![1, 4], "gone, forbidden and invalid ids are not resent");
+        assert_eq!(s.state.outbound[&pid(4)].stage, OutboundStage::Released);
+        assert_eq!(s.state.cursors[&tp()].committed(), 3, "the position waits for the resent message");
+        let again = s.resend_inflight(NOW);
+        assert!(
+            matches!(&again[..], [Packet::Publish(p), Packet::PubRel(r)] if p.dup && p.topic == "t/ok" && r.packet_id == pid(4))
+        );
     }
 }

@@ -296,6 +296,18 @@ impl Conn {
     pub(super) async fn restore(&mut self, inflight: Vec<StoredInflight>) -> Result<(), ReasonCode> {
         let router = self.ctx.router.clone();
         self.drop_forbidden_subscriptions("restored");
+        // Positions in reserved topics (stored before the reserved namespace existed) are
+        // dropped: nothing is read back from them for a client.
+        let before = self.session.state.cursors.len();
+        self.session.state.cursors.retain(|tp, _| !router.topics().is_reserved(&tp.topic));
+        self.session.changed |= self.session.state.cursors.len() != before;
+        // Every stored position is marked lagging before the subscriptions go back to the
+        // router: the dispatcher skips this session there until it has read back what it
+        // missed (or the client pulled it), so a record routed meanwhile cannot overtake the
+        // backlog — nor be pushed while an offline pull request is awaited.
+        for (tp, c) in &self.session.state.cursors {
+            self.slot.mark_lagging(tp.clone(), c.committed());
+        }
         // Whether the core service holds records after a stored position (an offline backlog
         // the client may pull). Asked before the subscriptions go back to the router, so no
         // live delivery can arrive while this waits. An end that cannot be read in time counts
@@ -321,11 +333,6 @@ impl Conn {
                 self.session.state.cursor(&tp, live);
             }
         }
-        // Positions in reserved topics (stored before the reserved namespace existed) are
-        // dropped: nothing is read back from them for a client.
-        let before = self.session.state.cursors.len();
-        self.session.state.cursors.retain(|tp, _| !router.topics().is_reserved(&tp.topic));
-        self.session.changed |= self.session.state.cursors.len() != before;
         // In-flight messages: fetch their bodies back from the log, a window of offsets per
         // read (one round trip for a window of consecutive messages, not one per message).
         let inflight: Vec<StoredInflight> =

@@ -27,6 +27,8 @@ const STALL: u8 = 2;
 const PAUSE_TAIL: u8 = 3;
 /// The core service's queue is full: an append does not even get its place in the log.
 const QUEUE_FULL: u8 = 4;
+/// Creating a core topic does not finish (a slow broker's topic creation).
+const SLOW_TOPICS: u8 = 5;
 
 /// A live tail that waits while the mode is [`PAUSE_TAIL`].
 struct PausableTail {
@@ -62,6 +64,9 @@ impl CoreService for Flaky {
         "flaky"
     }
     fn ensure_topic(&self, topic: &str, partitions: u32) -> BoxFuture<'_, Result<()>> {
+        if self.mode.load(Ordering::SeqCst) == SLOW_TOPICS {
+            return Box::pin(std::future::pending());
+        }
         self.inner.ensure_topic(topic, partitions)
     }
     fn partitions(&self, topic: &str) -> Result<u32> {
@@ -239,6 +244,64 @@ async fn a_publish_waiting_for_a_full_core_service_holds_off_nothing_else() {
         seen.iter().any(|p| matches!(p, Packet::Disconnect(d) if d.code == ReasonCode::SESSION_TAKEN_OVER)),
         "{seen:?}"
     );
+}
+
+fn subscribe(id: u16, filter: &str) -> Packet {
+    Packet::Subscribe(p::Subscribe {
+        packet_id: NonZeroU16::new(id).unwrap(),
+        filters: vec![(filter.into(), p::SubscriptionOptions { qos: p::QoS::AtMostOnce, ..Default::default() })],
+        properties: Default::default(),
+    })
+}
+
+/// A SUBSCRIBE waiting for a new core topic is waited for beside the connection's loop:
+/// meanwhile the client still gets the deliveries of its other subscriptions, later packets
+/// wait their turn (packets take effect in order), and a takeover closes it at once, long
+/// before the wait times out. Once topics can be created again, the same SUBSCRIBE works.
+#[tokio::test]
+async fn a_subscribe_waiting_for_a_new_core_topic_holds_off_nothing_else() {
+    let mode = Arc::new(AtomicU8::new(OK));
+    let (gw, _dir) = start_with_timeout(mode.clone(), 8).await;
+    let mut c = connected(gw.addr(), "subwaits", Protocol::V5).await;
+    c.send(&subscribe(9, "cu/#")).await;
+    assert!(matches!(c.recv().await, Some(Packet::SubAck(_))));
+    let mut other = connected(gw.addr(), "other", Protocol::V5).await;
+    other.send(&publish(4)).await;
+    assert!(matches!(other.recv().await, Some(Packet::PubAck(a)) if a.packet_id.get() == 4));
+    assert!(matches!(c.recv().await, Some(Packet::Publish(_))));
+
+    mode.store(SLOW_TOPICS, Ordering::SeqCst);
+    let start = std::time::Instant::now();
+    c.send(&subscribe(10, "slowparent/#")).await;
+    c.send(&Packet::PingReq).await;
+    // Another client's message to the existing subscription is delivered while it waits.
+    other.send(&publish(5)).await;
+    assert!(matches!(other.recv().await, Some(Packet::PubAck(a)) if a.packet_id.get() == 5));
+    match c.recv().await {
+        Some(Packet::Publish(m)) => assert_eq!(&m.payload[..], b"m"),
+        other => panic!("expected the delivery while the SUBSCRIBE waits, got {other:?}"),
+    }
+    assert!(start.elapsed() < Duration::from_secs(2), "delivered at once: {:?}", start.elapsed());
+    // A takeover closes it at once; its SUBSCRIBE and the PINGREQ behind it were never answered.
+    let _new = connected(gw.addr(), "subwaits", Protocol::V5).await;
+    let seen = c.until_closed().await;
+    assert!(start.elapsed() < Duration::from_secs(6), "closed before the wait timed out: {:?}", start.elapsed());
+    assert!(!seen.iter().any(|p| matches!(p, Packet::SubAck(_) | Packet::PingResp)), "{seen:?}");
+    assert!(
+        seen.iter().any(|p| matches!(p, Packet::Disconnect(d) if d.code == ReasonCode::SESSION_TAKEN_OVER)),
+        "{seen:?}"
+    );
+
+    // Topics can be created again: the SUBSCRIBE is granted, then the PINGREQ behind it answered.
+    mode.store(OK, Ordering::SeqCst);
+    let mut again = connected(gw.addr(), "subagain", Protocol::V5).await;
+    again.send(&subscribe(11, "slowparent/#")).await;
+    again.send(&Packet::PingReq).await;
+    match again.recv().await {
+        Some(Packet::SubAck(a)) => assert_eq!(a.codes, vec![ReasonCode::SUCCESS]),
+        other => panic!("expected SUBACK, got {other:?}"),
+    }
+    assert!(matches!(again.recv().await, Some(Packet::PingResp)));
 }
 
 #[tokio::test]

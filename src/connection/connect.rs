@@ -213,6 +213,7 @@ impl Conn {
             positions_at: Instant::now(),
             positions_stale: false,
             offline: offline::OfflinePull::new(Duration::from_millis(mqtt.offline_pull_window_ms)),
+            waiting: Waiting::default(),
             ctx: ctx.clone(),
         };
 

@@ -2,11 +2,12 @@
 //! durable, SUBSCRIBE / UNSUBSCRIBE.
 
 use super::appends::{Appends, Job, NotPlaced, Placed};
+use super::waiting::{Resume, Step};
 use super::*;
 use crate::config::Naming;
 use crate::labels::Refusal;
 use crate::router::RouterError;
-use crate::session::machine::{AppendStep, Appended, Qos2Publish, SubscribePlan, Violation};
+use crate::session::machine::{AppendStep, Appended, Qos2Publish, Violation};
 
 /// The connection closes on a PUBLISH that breaks the protocol.
 fn violation(v: Violation) -> End {
@@ -41,12 +42,7 @@ impl Conn {
         }
     }
 
-    pub(super) async fn on_publish(
-        &mut self,
-        mut p: Publish,
-        appends: &mut Appends,
-        backend_timeout: Duration,
-    ) -> Result<(), End> {
+    pub(super) fn on_publish(&mut self, mut p: Publish, appends: &mut Appends) -> Result<(), End> {
         // Topic alias (MQTT 5, client → server); a new mapping is remembered only once its
         // topic passed the checks below.
         let new_alias = self.session.resolve_alias(&mut p).map_err(violation)?;
@@ -72,7 +68,7 @@ impl Conn {
             if let Some(alias) = new_alias {
                 self.session.remember_alias(alias, p.topic.clone());
             }
-            return self.on_pull_request(&p, backend_timeout).await;
+            return self.on_pull_request(&p, appends);
         }
         // Delayed (SPEC §9): `$delayed/<seconds>/<topic>`, or MQTT 5's `__STARTDELIVERTIME`;
         // everything below checks and stores the target topic.
@@ -185,48 +181,23 @@ impl Conn {
         }
         let message = Arc::new(Message::from_publish(&mut p, self.slot.client_id.clone(), now_ms()));
         let (packet_id, qos) = (p.packet_id, p.qos);
-        let mut qos2_id = None;
         if let (QoS::ExactlyOnce, Some(pid)) = (qos, packet_id) {
             if self.session.expiry > 0 {
-                // The intent is saved with the session before the record is written, and
-                // looked for in the log from its core topic's ends: the PUBLISHes before this
-                // one are placed first, and the core topic must exist. (A rare path, awaited
-                // here: a persistent session's QoS 2.)
-                self.place_all(appends).await?;
-                match tokio::time::timeout(backend_timeout, self.ctx.router.ensure_for_publish(&core, &p.topic)).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(RouterError::TopicLimit(_))) => {
-                        self.session.end_receive(qos);
-                        let r = self.ctx.limits.count(Refusal::CoreTopicLimit);
-                        return self.refuse_publish(&p, r.reason_code(), "no room for another core topic");
-                    }
-                    Ok(Err(_)) | Err(_) => {
-                        self.session.end_receive(qos);
-                        return Err(End::Server(ReasonCode::SERVER_BUSY, "core service unavailable"));
-                    }
-                }
-                // A delayed message's record is in its first delay level.
-                let stored_in = match delayed {
-                    Some((due, at)) => {
-                        let levels = &self.ctx.delay.levels;
-                        let name = levels.topic(levels.for_remaining(due - at));
-                        let partitions = self.ctx.backend.partitions(&name).unwrap_or(1);
-                        CoreTopic { name: name.into(), partitions }
-                    }
-                    None => core.clone(),
-                };
-                match self.qos2_intent(&stored_in, pid, backend_timeout).await? {
-                    Some(marker) => qos2_id = Some(marker),
-                    // Stored before a crash of the gateway that received it first; it counts
-                    // against the Receive Maximum until its PUBREL, like any QoS 2 PUBLISH.
-                    None => return Ok(()),
-                }
+                // The intent is saved with the session before the record is written (below).
+                let op = Qos2Storing { job: Job { core, message, packet_id, qos2_id: None, delayed }, pid };
+                let step = self.look_for_qos2(op);
+                return self.wait_for(step, appends);
             }
             self.session.storing_qos2(pid);
         }
+        self.place(Job { core, message, packet_id, qos2_id: None, delayed }, appends)
+    }
+
+    /// Placed in the log in arrival order, beside the loop; acknowledged once stored.
+    fn place(&mut self, job: Job, appends: &mut Appends) -> Result<(), End> {
+        let qos = job.message.qos;
         self.ctx.metrics.message_in(qos).inc();
-        // Placed in the log in arrival order, beside the loop; acknowledged once stored.
-        appends.placing.push(Job { core, message, packet_id, qos2_id, delayed });
+        appends.placing.push(job);
         self.take_placed(appends)
     }
 
@@ -265,70 +236,129 @@ impl Conn {
         }
     }
 
-    /// Wait until every PUBLISH handed over has its place in the log (each wait bounded).
-    pub(super) async fn place_all(&mut self, appends: &mut Appends) -> Result<(), End> {
-        while appends.placing.busy() {
-            let placed = appends.placing.placed().await;
-            self.on_placed(placed, appends)?;
-        }
-        Ok(())
-    }
-
     /// QoS 2 exactly once across a crash, for a persistent session: before its record is
     /// written, the PUBLISH's intent (a marker the record will carry, and the partitions'
     /// end offsets) is saved with the session. A session restored with an intent for a re-sent
     /// packet id looks for the marker in the log from those offsets: found, the PUBLISH is
-    /// acknowledged without storing it again (`Ok(None)`); otherwise it is stored under a new
-    /// intent (`Ok(Some(marker))`). The session cannot be saved: not stored, disconnected.
-    async fn qos2_intent(&mut self, core: &CoreTopic, pid: PacketId, timeout: Duration) -> Result<Option<String>, End> {
-        let backend = self.ctx.backend.clone();
-        if let Some(intent) = self.session.state.qos2_intents.remove(&pid.get()) {
-            self.session.changed = true;
-            let found = tokio::time::timeout(timeout, find_qos2_record(&backend, &intent)).await;
-            match found {
-                Ok(Ok(true)) => {
-                    tracing::debug!(client_id = %self.client_id, packet_id = pid.get(), "re-sent QoS 2 PUBLISH was stored before; not stored again");
-                    self.session.found_stored_qos2(pid);
-                    return Ok(None);
-                }
-                Ok(Ok(false)) => {}
-                Ok(Err(e)) => {
-                    tracing::warn!(client_id = %self.client_id, error = %e, "cannot look for a QoS 2 record");
-                    self.session.state.qos2_intents.insert(pid.get(), intent);
-                    return Err(End::Server(ReasonCode::SERVER_BUSY, "core service unavailable"));
-                }
-                Err(_) => {
-                    self.session.state.qos2_intents.insert(pid.get(), intent);
-                    return Err(End::Server(ReasonCode::SERVER_BUSY, "core service unavailable"));
-                }
+    /// acknowledged without storing it again; otherwise it is stored under a new intent. The
+    /// session cannot be saved: not stored, disconnected. First step: the core topic exists,
+    /// the earlier intent's record looked for, the end offsets read.
+    fn look_for_qos2(&mut self, op: Qos2Storing) -> Step {
+        let (router, backend) = (self.ctx.router.clone(), self.ctx.backend.clone());
+        let timeout = Duration::from_secs(self.ctx.config.mqtt.backend_timeout_secs);
+        let (core, topic) = (op.job.core.clone(), op.job.message.topic.clone());
+        // A delayed message's record is in its first delay level.
+        let stored_in = match op.job.delayed {
+            Some((due, at)) => {
+                let levels = &self.ctx.delay.levels;
+                let name = levels.topic(levels.for_remaining(due - at));
+                let partitions = self.ctx.backend.partitions(&name).unwrap_or(1);
+                CoreTopic { name: name.into(), partitions }
+            }
+            None => core.clone(),
+        };
+        let earlier = self.session.state.qos2_intents.get(&op.pid.get()).cloned();
+        let step = async move {
+            let ensured = match tokio::time::timeout(timeout, router.ensure_for_publish(&core, &topic)).await {
+                Ok(r) => r,
+                Err(_) => Err(RouterError::Backend(BackendError::Timeout(timeout))),
+            };
+            let mut looked = Qos2Looked { ensured, earlier: None, ends: Ok(Vec::new()), stored_in: stored_in.name };
+            if looked.ensured.is_err() {
+                return Resume::Qos2Looked(op, looked);
+            }
+            if let Some(intent) = &earlier {
+                looked.earlier =
+                    Some(bounded(tokio::time::timeout(timeout, find_qos2_record(&backend, intent)).await, timeout));
+            }
+            if matches!(looked.earlier, None | Some(Ok(false))) {
+                let ends = futures::future::try_join_all(
+                    (0..stored_in.partitions)
+                        .map(|p| backend.end_offset(&TopicPartition::new(looked.stored_in.clone(), p))),
+                );
+                looked.ends = bounded(tokio::time::timeout(timeout, ends).await, timeout);
+            }
+            Resume::Qos2Looked(op, looked)
+        };
+        Step::new(step.boxed())
+    }
+
+    /// Second step: stored before (a crash of the gateway that received it first) —
+    /// acknowledged, not stored again; otherwise the session is saved with a new intent.
+    pub(super) fn on_qos2_looked(&mut self, op: Qos2Storing, looked: Qos2Looked) -> Result<Option<Step>, End> {
+        let (qos, pid) = (QoS::ExactlyOnce, op.pid);
+        let busy = End::Server(ReasonCode::SERVER_BUSY, "core service unavailable");
+        match looked.ensured {
+            Ok(()) => {}
+            Err(RouterError::TopicLimit(_)) => {
+                self.session.end_receive(qos);
+                let r = self.ctx.limits.count(Refusal::CoreTopicLimit);
+                return self.refuse(qos, Some(pid), r.reason_code(), "no room for another core topic").map(|()| None);
+            }
+            Err(_) => {
+                self.session.end_receive(qos);
+                return Err(busy);
             }
         }
-        let ends = futures::future::try_join_all(
-            (0..core.partitions).map(|p| backend.end_offset(&TopicPartition::new(core.name.clone(), p))),
-        );
-        let from = match tokio::time::timeout(timeout, ends).await {
-            Ok(Ok(from)) => from,
-            _ => return Err(End::Server(ReasonCode::SERVER_BUSY, "core service unavailable")),
-        };
+        match looked.earlier {
+            Some(Ok(true)) => {
+                tracing::debug!(client_id = %self.client_id, packet_id = pid.get(), "re-sent QoS 2 PUBLISH was stored before; not stored again");
+                self.session.state.qos2_intents.remove(&pid.get());
+                self.session.changed = true;
+                // It counts against the Receive Maximum until its PUBREL, like any QoS 2 PUBLISH.
+                self.session.found_stored_qos2(pid);
+                return Ok(None);
+            }
+            Some(Err(e)) => {
+                tracing::warn!(client_id = %self.client_id, error = %e, "cannot look for a QoS 2 record");
+                return Err(busy);
+            }
+            _ => {}
+        }
+        let Ok(from) = looked.ends else { return Err(busy) };
         let marker = format!("{}:{}:{}", self.ctx.gateway_id, qos2_nonce(), pid.get());
-        // Saves land in the order they are made: the one in flight (without this intent) first.
-        self.finish_persist().await;
         self.session
             .state
             .qos2_intents
-            .insert(pid.get(), Qos2Intent { marker: marker.clone(), topic: core.name.to_string(), from });
-        let stored = Stored::from_state(&self.session.state, self.session.expiry, None);
-        let save = self.save_session(Some(stored));
-        match tokio::time::timeout(timeout, save).await {
-            Ok(Ok(())) => {
-                self.stored = true;
-                Ok(Some(marker))
-            }
-            _ => {
-                self.session.state.qos2_intents.remove(&pid.get());
-                Err(End::Server(ReasonCode::SERVER_BUSY, "cannot save the session"))
-            }
+            .insert(pid.get(), Qos2Intent { marker: marker.clone(), topic: looked.stored_in.to_string(), from });
+        let stored = Stored::from_state(&self.session.state, self.session.expiry, None).encode();
+        // Saves land in the order they are made: the one in flight (without this intent) first.
+        let earlier_save = self.persist.take();
+        let (ctx, client_id) = (self.ctx.clone(), self.client_id.clone());
+        let timeout = Duration::from_secs(self.ctx.config.mqtt.backend_timeout_secs);
+        let step = async move {
+            let earlier = match earlier_save {
+                Some(f) => Some(f.await),
+                None => None,
+            };
+            ctx.metrics.session_saves.inc();
+            let save = ctx.backend.put_state(StateStore::Sessions, &client_id, Some(stored));
+            let saved = matches!(tokio::time::timeout(timeout, save).await, Ok(Ok(())));
+            Resume::Qos2Saved(op, earlier, saved.then_some(marker))
+        };
+        Ok(Some(Step::saving(step.boxed())))
+    }
+
+    /// Last step: the intent is saved, the PUBLISH goes to its place in the log.
+    pub(super) fn on_qos2_saved(
+        &mut self,
+        op: Qos2Storing,
+        earlier: Option<Result<(), BackendError>>,
+        marker: Option<String>,
+        appends: &mut Appends,
+    ) -> Result<(), End> {
+        if let Some(res) = earlier {
+            self.on_persisted(res);
         }
+        let Some(marker) = marker else {
+            self.session.state.qos2_intents.remove(&op.pid.get());
+            return Err(End::Server(ReasonCode::SERVER_BUSY, "cannot save the session"));
+        };
+        self.stored = true;
+        self.session.storing_qos2(op.pid);
+        let mut job = op.job;
+        job.qos2_id = Some(marker);
+        self.place(job, appends)
     }
 
     /// The core service answered an append: acknowledge (or wait for the session save that
@@ -354,124 +384,29 @@ impl Conn {
             }
         }
     }
+}
 
-    pub(super) async fn on_subscribe(&mut self, s: Subscribe) -> Result<(), End> {
-        let plan = SubscribePlan::new(&s);
-        let mut codes = Vec::with_capacity(plan.distinct.len());
-        let mut retained: Vec<(Arc<Message>, QoS, Vec<u32>)> = Vec::new();
-        // Retained messages waiting per connection are bounded: earlier SUBSCRIBEs' unsent
-        // ones count against this one's share.
-        let mut retained_budget =
-            self.ctx.config.mqtt.max_retained_per_subscribe.saturating_sub(self.session.retained_waiting());
-        let mut retained_cut = false;
-        let router = self.ctx.router.clone();
-        for &(filter, options, any_no_local) in &plan.distinct {
-            let parsed = match topic::parse_filter(filter) {
-                Ok(p) => p,
-                Err(_) => {
-                    codes.push(ReasonCode::TOPIC_FILTER_INVALID);
-                    continue;
-                }
-            };
-            if parsed.group.is_some() && any_no_local {
-                return Err(End::Server(
-                    ReasonCode::PROTOCOL_ERROR,
-                    "no local on a shared subscription [MQTT-3.8.3-4]",
-                ));
-            }
-            if self.ctx.limits.check_filter(parsed.filter).is_err() {
-                codes.push(ReasonCode::TOPIC_FILTER_INVALID);
-                continue;
-            }
-            if self.ctx.router.topics().resolve(topic::parent(parsed.filter)) == Err(Unmapped::Reserved) {
-                codes.push(self.ctx.limits.refuse_reserved().reason_code());
-                continue;
-            }
-            if let Err(d) = self.identity.check_subscribe(filter) {
-                if d.token_invalid.is_some() {
-                    return Err(self.deny(d));
-                }
-                codes.push(d.reason_code);
-                continue;
-            }
-            // Replacing a subscription the client holds does not count against the quota.
-            if !self.session.holds(filter)
-                && self.ctx.limits.check_subscription_count(self.session.state.subscriptions.len()).is_err()
-            {
-                codes.push(ReasonCode::QUOTA_EXCEEDED);
-                continue;
-            }
-            if let Err(r) = self.ctx.limits.check_share_groups(self.session.state.share_groups_with(parsed.group)) {
-                codes.push(r.reason_code());
-                continue;
-            }
-            let positions = match router.subscribe(&self.slot, filter, options.qos).await {
-                Ok(p) => p,
-                Err(RouterError::UndeclaredParent(_)) => {
-                    codes.push(ReasonCode::TOPIC_FILTER_INVALID);
-                    continue;
-                }
-                Err(RouterError::Reserved(_)) => {
-                    codes.push(self.ctx.limits.refuse_reserved().reason_code());
-                    continue;
-                }
-                Err(RouterError::TopicLimit(_)) => {
-                    codes.push(self.ctx.limits.count(Refusal::CoreTopicLimit).reason_code());
-                    continue;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "subscribe failed");
-                    codes.push(ReasonCode::UNSPECIFIED_ERROR);
-                    continue;
-                }
-            };
-            let send_retained =
-                self.session.subscribed(filter, options, s.properties.subscription_identifier, positions);
-            codes.push(ReasonCode(options.qos as u8));
-            if send_retained {
-                // The retained index is loaded in the background after a start: a SUBSCRIBE
-                // right after it waits (bounded) so that it gets every retained message.
-                if !router.retained_loaded(RETAINED_INDEX_WAIT).await {
-                    tracing::warn!(client_id = %self.client_id, "retained index still loading: retained messages may be missing");
-                }
-                let now = now_ms();
-                let (topics, matched) = router.retained_matching(parsed.filter, retained_budget, now);
-                retained_cut |= matched > topics.len();
-                retained_budget -= topics.len();
-                for m in router.retained_messages(topics, now).await {
-                    let qos = m.qos.min(options.qos);
-                    retained.push((m, qos, s.properties.subscription_identifier.into_iter().collect()));
-                }
-            }
-        }
-        if retained_cut {
-            self.ctx.limits.count(Refusal::RetainedPerSubscribe);
-        }
-        let codes = plan.codes(&codes);
-        self.send(&Packet::SubAck(SubAck { packet_id: s.packet_id, codes, properties: AckProperties::default() }));
-        for (message, qos, subscription_ids) in retained {
-            self.session.queue_retained(message, qos, subscription_ids);
-        }
-        Ok(())
-    }
+/// A persistent session's QoS 2 PUBLISH whose intent is being saved.
+pub(super) struct Qos2Storing {
+    job: Job,
+    pid: PacketId,
+}
 
-    pub(super) fn on_unsubscribe(&mut self, u: Unsubscribe) {
-        let mut codes = Vec::with_capacity(u.filters.len());
-        for f in &u.filters {
-            codes.push(self.session.unsubscribe(f));
-            self.ctx.router.unsubscribe(&self.slot, f);
-        }
-        self.send(&Packet::UnsubAck(UnsubAck { packet_id: u.packet_id, codes, properties: AckProperties::default() }));
-    }
+/// What the first step of [`Qos2Storing`] found.
+pub(super) struct Qos2Looked {
+    ensured: Result<(), RouterError>,
+    /// Whether the earlier intent's record (if the packet id had one) is in the log.
+    earlier: Option<Result<bool, BackendError>>,
+    /// The end offsets of `stored_in`'s partitions, from which the new intent's record will
+    /// be looked for.
+    ends: Result<Vec<u64>, BackendError>,
+    stored_in: Arc<str>,
 }
 
 /// Whether a record with the intent's marker is in its topic at or after its offsets.
 /// Records scanned at most to find a QoS 2 marker (a client that returns long after a crash
 /// may find it stored twice rather than wait for a read of the whole log).
 const QOS2_SCAN_MAX_RECORDS: usize = 1_000_000;
-
-/// How long a SUBSCRIBE waits for the retained index after a start (see `router::retained`).
-const RETAINED_INDEX_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 async fn find_qos2_record(
     backend: &crate::backend::SharedCoreService,
@@ -502,6 +437,14 @@ async fn find_qos2_record(
         tracing::warn!(topic = %intent.topic, "QoS 2 marker not found within the scan bound; storing the PUBLISH again");
     }
     Ok(false)
+}
+
+/// The result of a read bounded by `timeout`.
+fn bounded<T>(
+    r: Result<Result<T, BackendError>, tokio::time::error::Elapsed>,
+    timeout: Duration,
+) -> Result<T, BackendError> {
+    r.unwrap_or(Err(BackendError::Timeout(timeout)))
 }
 
 /// A value no earlier intent of this ClientId used: the time in nanoseconds, made unique

@@ -11,7 +11,9 @@
 //!
 //! - this file: the task, the select loop, packet dispatch;
 //! - `connect`: CONNECT → CONNACK, session restore;
-//! - `inbound`: PUBLISH (store, then acknowledge), SUBSCRIBE, UNSUBSCRIBE;
+//! - `inbound`: PUBLISH (checked, then stored and acknowledged beside the loop: `appends`);
+//! - `subscribe`: SUBSCRIBE, UNSUBSCRIBE;
+//! - `waiting`: packet handling that waits (new core topics, reads, saves), beside the loop;
 //! - `outbound`: deliveries, catch-up from the core service, in-flight window;
 //! - `end`: session save, will, events at the end;
 //! - `tokens`: denials, `$SYS` token topics, token expiry and revocation;
@@ -50,9 +52,12 @@ mod end;
 mod inbound;
 mod offline;
 mod outbound;
+mod subscribe;
 mod tokens;
+mod waiting;
 
 use appends::Appends;
+use waiting::Waiting;
 
 use outbound::{record_message, CatchupStep};
 
@@ -61,7 +66,7 @@ use outbound::{record_message, CatchupStep};
 const OUT_HIGH_WATER: usize = 256 * 1024;
 /// Stop taking deliveries when this many messages wait for the in-flight window.
 const PENDING_HIGH_WATER: usize = 256;
-/// Outstanding core-service appends per connection before reading pauses.
+/// Outstanding core-service appends per connection before decoding (and reading) pauses.
 const MAX_OUTSTANDING_APPENDS: usize = 1024;
 /// Records read back per catch-up fetch.
 const CATCHUP_BATCH: usize = 256;
@@ -249,6 +254,8 @@ struct Conn {
     positions_stale: bool,
     /// Offline pull: whether the restored backlog is pushed, held, or pulled on request.
     offline: offline::OfflinePull,
+    /// Packet handling waiting beside the loop; no further packet is decoded meanwhile.
+    waiting: Waiting,
 }
 
 impl Conn {
@@ -331,17 +338,11 @@ impl Conn {
         let timer = tokio::time::sleep_until(keepalive_at);
         tokio::pin!(timer);
         let max_packet = self.ctx.limits.max_packet_size();
-        let backend_timeout = Duration::from_secs(self.ctx.config.mqtt.backend_timeout_secs);
         // The kick receiver moves out of `self` so the loop can borrow `self` freely.
         let (_unused, placeholder) = tokio::sync::oneshot::channel();
         let mut kicked = std::mem::replace(&mut self.registration.kicked, placeholder);
         let shutdown = self.ctx.shutdown.clone();
 
-        // Packets that arrived together with CONNECT (boxed like every packet handling: inline,
-        // its state would be part of the loop's for the connection's life).
-        if let Err(end) = Box::pin(self.decode_all(&mut inbuf, max_packet, appends, backend_timeout)).await {
-            return end;
-        }
         let mut last_read = 0usize;
         // Bounded output (SPEC §8): reading pauses while `out_limit` bytes wait to be written,
         // deliveries earlier; a client that leaves its output backed up for `stall_timeout`
@@ -354,6 +355,12 @@ impl Conn {
         let mut unflushed = false;
         let (bytes_in, bytes_out) = (self.ctx.metrics.bytes_in().clone(), self.ctx.metrics.bytes_out().clone());
         loop {
+            // Packets take effect in order, each at once or beside the loop (`waiting`); the
+            // bytes after a packet that waits, or past the outstanding appends' bound, stay in
+            // the buffer until then (those that came with CONNECT included).
+            if let Err(end) = self.decode_all(&mut inbuf, max_packet, appends) {
+                return end;
+            }
             self.flush_pending();
             self.report_gauges();
             self.report_positions();
@@ -369,9 +376,13 @@ impl Conn {
             if self.out.is_empty() && self.out.capacity() > 4096 {
                 self.out = BytesMut::new();
             }
-            let persist_at =
-                if self.persist.is_none() { self.session.save_due(last_persist, checkpoint_every) } else { None };
-            let token_at = self.next_token_event().map(tokens::instant_at);
+            let waiting = self.waiting.busy();
+            let persist_at = if self.persist.is_none() && !waiting {
+                self.session.save_due(last_persist, checkpoint_every)
+            } else {
+                None
+            };
+            let token_at = if waiting { None } else { self.next_token_event().map(tokens::instant_at) };
             let pull_deadline = self.offline.deadline();
             let high_water = self.deliveries_high_water();
             if self.out.len() < high_water {
@@ -396,8 +407,10 @@ impl Conn {
                     timer.as_mut().reset(at);
                 }
             }
-            let can_read = appends.outstanding() < MAX_OUTSTANDING_APPENDS && self.out.len() < out_limit;
-            let can_take = self.session.queued() < PENDING_HIGH_WATER && self.out.len() < high_water;
+            let can_read = !waiting && appends.outstanding() < MAX_OUTSTANDING_APPENDS && self.out.len() < out_limit;
+            let can_take = !self.waiting.holds_deliveries()
+                && self.session.queued() < PENDING_HIGH_WATER
+                && self.out.len() < high_water;
             if catchup.is_none() && can_take && !self.offline.holds_catchup() {
                 if let Some((tp, lag)) = self.slot.lagging().into_iter().next() {
                     let from = self.session.state.cursors.get(&tp).map(|c| c.read_from(lag)).unwrap_or(lag);
@@ -428,6 +441,9 @@ impl Conn {
                         return end;
                     }
                 }
+                resume = self.waiting.done(), if waiting => {
+                    if let Err(end) = self.on_resume(resume, appends) { return end; }
+                }
                 Some(r) = appends.acks.next(), if !appends.acks.is_empty() => {
                     if let Err(end) = self.on_ack(r) { return end; }
                     // Coalesce: take every acknowledgement that is already complete.
@@ -443,11 +459,6 @@ impl Conn {
                             bytes_in.inc_by(n as u64);
                             last_read = n;
                             last_packet = Instant::now();
-                            // Boxed: packet handling (publish, subscribe) is a deep state machine
-                            // that an idle connection should not carry.
-                            if let Err(end) = Box::pin(self.decode_all(&mut inbuf, max_packet, appends, backend_timeout)).await {
-                                return end;
-                            }
                         }
                     }
                 }
@@ -470,10 +481,8 @@ impl Conn {
                     self.persist = None;
                     self.on_persisted(res);
                 }
-                r = async { match self.revocations.as_mut() { Some(rx) => rx.recv().await, None => std::future::pending().await } }, if self.revocations.is_some() => {
-                    // Boxed: a revocation check reads the core service, a state an idle
-                    // connection should not carry.
-                    if let Err(end) = Box::pin(self.on_revocation(r)).await { return end; }
+                r = async { match self.revocations.as_mut() { Some(rx) => rx.recv().await, None => std::future::pending().await } }, if self.revocations.is_some() && !waiting => {
+                    if let Err(end) = self.on_revocation(r, appends) { return end; }
                 }
                 // Positions changed within a second of the last publication: the loop's next
                 // turn publishes them once more.
@@ -481,10 +490,11 @@ impl Conn {
                     let now = Instant::now();
                     if !self.keep_alive.is_zero() && now >= keepalive_at {
                         let due = last_packet + self.keep_alive;
-                        if now >= due {
+                        // While a packet's handling waits, the client's next packets wait unread.
+                        if now >= due && !waiting {
                             return End::Server(ReasonCode::KEEP_ALIVE_TIMEOUT, "keepalive timeout");
                         }
-                        keepalive_at = due;
+                        keepalive_at = due.max(now + Duration::from_secs(1));
                     }
                     if stall_at.is_some_and(|t| now >= t) {
                         self.ctx.limits.count(crate::labels::Refusal::SlowReader);
@@ -511,16 +521,12 @@ impl Conn {
         }
     }
 
-    async fn decode_all(
-        &mut self,
-        inbuf: &mut BytesMut,
-        max_packet: usize,
-        appends: &mut Appends,
-        backend_timeout: Duration,
-    ) -> Result<(), End> {
-        loop {
+    /// Decode and handle the buffered packets, until one waits beside the loop or the
+    /// outstanding appends reach their bound (the rest stays buffered, unread further).
+    fn decode_all(&mut self, inbuf: &mut BytesMut, max_packet: usize, appends: &mut Appends) -> Result<(), End> {
+        while !inbuf.is_empty() && !self.waiting.busy() && appends.outstanding() < MAX_OUTSTANDING_APPENDS {
             match protocol::decode(inbuf, self.protocol, max_packet) {
-                Ok(Some(p)) => self.on_packet(p, appends, backend_timeout).await?,
+                Ok(Some(p)) => self.on_packet(p, appends)?,
                 Ok(None) => return Ok(()),
                 Err(e) => {
                     if matches!(e, DecodeError::PacketTooLarge { .. }) {
@@ -532,16 +538,17 @@ impl Conn {
                 }
             }
         }
+        Ok(())
     }
 
-    async fn on_packet(&mut self, packet: Packet, appends: &mut Appends, backend_timeout: Duration) -> Result<(), End> {
+    fn on_packet(&mut self, packet: Packet, appends: &mut Appends) -> Result<(), End> {
         match packet {
-            Packet::Publish(p) => self.on_publish(p, appends, backend_timeout).await,
+            Packet::Publish(p) => self.on_publish(p, appends),
             Packet::PubAck(r) => self.on_client_ack(ClientAck::PubAck(r)),
             Packet::PubRec(r) => self.on_client_ack(ClientAck::PubRec(r)),
             Packet::PubComp(r) => self.on_client_ack(ClientAck::PubComp(r)),
             Packet::PubRel(r) => self.on_client_ack(ClientAck::PubRel(r)),
-            Packet::Subscribe(s) => self.on_subscribe(s).await,
+            Packet::Subscribe(s) => self.on_subscribe(s, appends),
             Packet::Unsubscribe(u) => {
                 self.on_unsubscribe(u);
                 Ok(())
@@ -599,6 +606,11 @@ impl Conn {
 
     /// Finish the session save in flight, if any (a save made now must land after it).
     pub(super) async fn finish_persist(&mut self) {
+        // A step that saves the session (a QoS 2 intent) lands first too; what it would have
+        // done next no longer matters.
+        if self.waiting.saves() {
+            let _ = self.waiting.done().await;
+        }
         if let Some(f) = self.persist.take() {
             let res = f.await;
             self.on_persisted(res);

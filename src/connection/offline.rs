@@ -18,6 +18,8 @@
 //! whole: each request reads the core service in windows of [`PULL_FETCH`] records and looks
 //! at [`PULL_SCAN_MAX`] records at most.
 
+use super::appends::Appends;
+use super::waiting::{Resume, Step};
 use super::*;
 use crate::labels::Refusal;
 use crate::session::state::Held;
@@ -145,12 +147,226 @@ impl OfflinePull {
     }
 }
 
+/// An offline pull request being served: read window by window beside the loop
+/// (`waiting`), each window's messages queued as it arrives. Deliveries and read-back wait
+/// meanwhile: they must not read a backlog while it is being held or pulled.
+pub(super) struct Pulling {
+    qos: QoS,
+    packet_id: Option<PacketId>,
+    payload: Bytes,
+    want: usize,
+    order: Order,
+    /// The held backlogs' partitions in the request's order, and the one read next.
+    tps: Vec<TopicPartition>,
+    next: usize,
+    taken: usize,
+    scanned: usize,
+}
+
+/// One read of a held backlog.
+pub(super) struct PullRead {
+    tp: TopicPartition,
+    held: Held,
+    window: Result<Window, BackendError>,
+}
+
+pub(super) enum Window {
+    /// Oldest first: one fetch from the bottom of the held range.
+    Oldest(Fetched),
+    /// Newest first: the records of the range's top window, from `start`.
+    Newest { records: Vec<Arc<crate::backend::Record>>, start: u64 },
+}
+
+/// What a request does first, by the connection's mode.
+enum First {
+    Refuse,
+    Hold(Vec<(TopicPartition, u64)>),
+    Pull,
+}
+
 impl Conn {
     /// A PUBLISH to `$SYS/getOfflineMsg`: answered (PUBACK / PUBREC with the outcome; MQTT
     /// 3.1.1 has no reason codes, so a refused request there just delivers nothing), and the
     /// pulled messages queued for delivery.
-    pub(super) async fn on_pull_request(&mut self, p: &Publish, timeout: Duration) -> Result<(), End> {
-        let code = self.pull(&p.payload, timeout).await;
+    pub(super) fn on_pull_request(&mut self, p: &Publish, appends: &mut Appends) -> Result<(), End> {
+        let op = Pulling {
+            qos: p.qos,
+            packet_id: p.packet_id,
+            payload: p.payload.clone(),
+            want: 0,
+            order: Order::Asc,
+            tps: Vec::new(),
+            next: 0,
+            taken: 0,
+            scanned: 0,
+        };
+        let first = match &mut self.offline.mode {
+            Mode::Pull => First::Pull,
+            // Too late: the backlog is being pushed already.
+            Mode::Push => First::Refuse,
+            Mode::Deciding { deadline, .. } if Instant::now() >= *deadline => First::Refuse,
+            Mode::Deciding { held, .. } => First::Hold(held.take().unwrap_or_default()),
+        };
+        let step = match first {
+            First::Refuse => {
+                self.offline.mode = Mode::Push;
+                self.pull_answer(op, ReasonCode::IMPLEMENTATION_SPECIFIC_ERROR)
+            }
+            First::Hold(ends) => {
+                self.offline.mode = Mode::Pull;
+                Some(self.hold_backlog(op, ends))
+            }
+            First::Pull => self.pull_start(op),
+        };
+        match step {
+            Some(step) => self.wait_for(step, appends),
+            None => Ok(()),
+        }
+    }
+
+    /// Pull mode begins: each partition waiting to be read back holds its backlog, from the
+    /// committed position to the end of the log now (nothing of it was delivered yet), and is
+    /// read back (live) from there on. `ends`: the router's positions at CONNECT, used where
+    /// the end cannot be read.
+    fn hold_backlog(&self, op: Pulling, ends: Vec<(TopicPartition, u64)>) -> Step {
+        let lagging = self.slot.lagging();
+        let backend = self.ctx.backend.clone();
+        let timeout = Duration::from_secs(self.ctx.config.mqtt.backend_timeout_secs);
+        let step = async move {
+            let mut held = Vec::with_capacity(lagging.len());
+            for (tp, lag) in lagging {
+                let end = match tokio::time::timeout(timeout, backend.end_offset(&tp)).await {
+                    Ok(Ok(end)) => Some(end),
+                    _ => ends.iter().find(|(t, _)| *t == tp).map(|(_, end)| *end),
+                };
+                held.push((tp, lag, end));
+            }
+            Resume::PullHeld(op, held)
+        };
+        Step::holding_deliveries(step.boxed())
+    }
+
+    /// The backlogs' ends are known: hold them (a partition whose end is unknown is pushed as
+    /// before), then serve the request.
+    pub(super) fn on_pull_held(
+        &mut self,
+        op: Pulling,
+        held: Vec<(TopicPartition, u64, Option<u64>)>,
+    ) -> Result<Option<Step>, End> {
+        for (tp, lag, end) in held {
+            let Some(end) = end else { continue };
+            let c = self.session.state.cursor(&tp, lag);
+            let lo = c.committed().min(lag);
+            c.hold(lo, end.max(lo));
+        }
+        self.session.changed = true;
+        Ok(self.pull_start(op))
+    }
+
+    fn pull_start(&mut self, mut op: Pulling) -> Option<Step> {
+        let Some((want, order)) = parse_request(&op.payload) else {
+            return self.pull_answer(op, ReasonCode::PAYLOAD_FORMAT_INVALID);
+        };
+        // Bounded: earlier pulls (and deliveries) still waiting to be sent count against it.
+        if self.session.queued() + want > PENDING_HIGH_WATER || !self.offline.take_slot(Instant::now()) {
+            let code = self.ctx.limits.count(Refusal::OfflinePullLimit).reason_code();
+            return self.pull_answer(op, code);
+        }
+        let mut tps: Vec<TopicPartition> =
+            self.session.state.cursors.iter().filter(|(_, c)| c.held.is_some()).map(|(tp, _)| tp.clone()).collect();
+        tps.sort();
+        if order == Order::Desc {
+            tps.reverse();
+        }
+        (op.want, op.order, op.tps) = (want, order, tps);
+        self.pull_next(op)
+    }
+
+    /// Read the next window of the held backlogs (partitions in order, ASC from the first,
+    /// DESC from the last), or answer once `want` messages are queued, the scan bound is
+    /// reached or nothing is held any more.
+    fn pull_next(&mut self, mut op: Pulling) -> Option<Step> {
+        while op.taken < op.want && op.scanned < PULL_SCAN_MAX {
+            let Some(tp) = op.tps.get(op.next).cloned() else { break };
+            let Some(held) = self.session.state.cursors.get(&tp).and_then(|c| c.held) else {
+                op.next += 1;
+                continue;
+            };
+            let ctx = self.ctx.clone();
+            let timeout = Duration::from_secs(self.ctx.config.mqtt.backend_timeout_secs);
+            let step = async move {
+                let window = read_window(&ctx, &tp, held, op.order, timeout).await;
+                Resume::Pulled(op, PullRead { tp, held, window })
+            };
+            return Some(Step::holding_deliveries(step.boxed()));
+        }
+        tracing::debug!(client_id = %self.client_id, pulled = op.taken, order = ?op.order, "offline pull");
+        self.pull_answer(op, ReasonCode::SUCCESS)
+    }
+
+    /// A window was read: queue its messages, keep what is still held, read on.
+    pub(super) fn on_pulled(&mut self, mut op: Pulling, read: PullRead) -> Result<Option<Step>, End> {
+        let h = read.held;
+        let (lo, hi) = match &read.window {
+            Err(e) => {
+                tracing::warn!(client_id = %self.client_id, error = %e, "offline pull: cannot read the core service");
+                return Ok(self.pull_answer(op, ReasonCode::UNSPECIFIED_ERROR));
+            }
+            Ok(Window::Oldest(f)) => self.take_oldest(f, h, &mut op),
+            Ok(Window::Newest { records, start }) => self.take_newest(records, *start, h, &mut op),
+        };
+        if let Some(c) = self.session.state.cursors.get_mut(&read.tp) {
+            c.set_held(lo, hi);
+        }
+        Ok(self.pull_next(op))
+    }
+
+    /// Queue the messages of a window from the bottom of `h`; returns what is still held.
+    fn take_oldest(&mut self, f: &Fetched, h: Held, op: &mut Pulling) -> (u64, u64) {
+        let mut lo = h.lo;
+        for r in f.records.iter().filter(|r| r.offset >= h.lo) {
+            if op.taken >= op.want {
+                return (lo, h.hi);
+            }
+            if r.offset >= h.hi {
+                return (h.hi, h.hi);
+            }
+            op.scanned += 1;
+            lo = r.offset + 1;
+            if self.offer_pulled(r) {
+                op.taken += 1;
+            }
+        }
+        // The whole read is behind us; nothing read: the log ends before the backlog did
+        // (records lost before their fsync, never acknowledged to their publishers).
+        let next = if f.records.is_empty() && f.next_offset <= h.lo { h.hi } else { f.next_offset };
+        (lo.max(next).min(h.hi), h.hi)
+    }
+
+    /// Queue the messages of the window at the top of `h` (from `start`), newest first;
+    /// returns what is still held.
+    fn take_newest(
+        &mut self,
+        window: &[Arc<crate::backend::Record>],
+        start: u64,
+        h: Held,
+        op: &mut Pulling,
+    ) -> (u64, u64) {
+        for r in window.iter().rev() {
+            if op.taken >= op.want {
+                return (h.lo, r.offset + 1);
+            }
+            op.scanned += 1;
+            if self.offer_pulled(r) {
+                op.taken += 1;
+            }
+        }
+        // The whole window is behind us.
+        (h.lo, start)
+    }
+
+    /// Answer the request with `code`.
+    fn pull_answer(&mut self, op: Pulling, code: ReasonCode) -> Option<Step> {
         if code.is_error() {
             tracing::debug!(client_id = %self.client_id, code = code.0, "offline pull request refused");
         }
@@ -158,7 +374,7 @@ impl Conn {
         if self.protocol == Protocol::V5 {
             ack.code = code;
         }
-        match (p.qos, p.packet_id) {
+        match (op.qos, op.packet_id) {
             (QoS::AtLeastOnce, Some(pid)) => self.send(&Packet::PubAck(PubResponse { packet_id: pid, ..ack })),
             (QoS::ExactlyOnce, Some(pid)) => {
                 // A refused MQTT 5 request ends with its PUBREC; otherwise PUBREL follows.
@@ -169,157 +385,7 @@ impl Conn {
             }
             _ => {}
         }
-        Ok(())
-    }
-
-    async fn pull(&mut self, payload: &[u8], timeout: Duration) -> ReasonCode {
-        let now = Instant::now();
-        match &mut self.offline.mode {
-            Mode::Pull => {}
-            // Too late: the backlog is being pushed already.
-            Mode::Push => return ReasonCode::IMPLEMENTATION_SPECIFIC_ERROR,
-            Mode::Deciding { deadline, .. } if now >= *deadline => {
-                self.offline.mode = Mode::Push;
-                return ReasonCode::IMPLEMENTATION_SPECIFIC_ERROR;
-            }
-            Mode::Deciding { held, .. } => {
-                let ends = held.take().unwrap_or_default();
-                self.offline.mode = Mode::Pull;
-                self.hold_backlog(ends, timeout).await;
-            }
-        }
-        let Some((want, order)) = parse_request(payload) else { return ReasonCode::PAYLOAD_FORMAT_INVALID };
-        // Bounded: earlier pulls (and deliveries) still waiting to be sent count against it.
-        if self.session.queued() + want > PENDING_HIGH_WATER || !self.offline.take_slot(Instant::now()) {
-            return self.ctx.limits.count(Refusal::OfflinePullLimit).reason_code();
-        }
-        match self.pull_backlog(want, order, timeout).await {
-            Ok(n) => {
-                tracing::debug!(client_id = %self.client_id, pulled = n, ?order, "offline pull");
-                ReasonCode::SUCCESS
-            }
-            Err(e) => {
-                tracing::warn!(client_id = %self.client_id, error = %e, "offline pull: cannot read the core service");
-                ReasonCode::UNSPECIFIED_ERROR
-            }
-        }
-    }
-
-    /// Pull mode begins: each partition waiting to be read back holds its backlog, from the
-    /// committed position to the end of the log now (nothing of it was delivered yet), and is
-    /// read back (live) from there on. `ends`: the router's positions at CONNECT, used where
-    /// the end cannot be read.
-    async fn hold_backlog(&mut self, ends: Vec<(TopicPartition, u64)>, timeout: Duration) {
-        for (tp, lag) in self.slot.lagging() {
-            let end = match tokio::time::timeout(timeout, self.ctx.backend.end_offset(&tp)).await {
-                Ok(Ok(end)) => end,
-                _ => match ends.iter().find(|(t, _)| *t == tp) {
-                    Some((_, end)) => *end,
-                    None => continue, // pushed as before
-                },
-            };
-            let c = self.session.state.cursor(&tp, lag);
-            let lo = c.committed().min(lag);
-            c.hold(lo, end.max(lo));
-        }
-        self.session.changed = true;
-    }
-
-    /// Queue up to `want` messages of the held backlogs (partitions in order, ASC from the
-    /// first, DESC from the last); returns how many.
-    async fn pull_backlog(&mut self, want: usize, order: Order, timeout: Duration) -> Result<usize, BackendError> {
-        let mut tps: Vec<TopicPartition> =
-            self.session.state.cursors.iter().filter(|(_, c)| c.held.is_some()).map(|(tp, _)| tp.clone()).collect();
-        tps.sort();
-        if order == Order::Desc {
-            tps.reverse();
-        }
-        let (mut taken, mut scanned) = (0, 0);
-        for tp in tps {
-            while taken < want && scanned < PULL_SCAN_MAX {
-                let Some(h) = self.session.state.cursors.get(&tp).and_then(|c| c.held) else { break };
-                let (lo, hi) = match order {
-                    Order::Asc => self.pull_oldest(&tp, h, want, &mut taken, &mut scanned, timeout).await?,
-                    Order::Desc => self.pull_newest(&tp, h, want, &mut taken, &mut scanned, timeout).await?,
-                };
-                if let Some(c) = self.session.state.cursors.get_mut(&tp) {
-                    c.set_held(lo, hi);
-                }
-            }
-        }
-        Ok(taken)
-    }
-
-    /// One window from the bottom of `h`; returns what is still held.
-    async fn pull_oldest(
-        &mut self,
-        tp: &TopicPartition,
-        h: Held,
-        want: usize,
-        taken: &mut usize,
-        scanned: &mut usize,
-        timeout: Duration,
-    ) -> Result<(u64, u64), BackendError> {
-        let f = fetch(&self.ctx, tp, h.lo, PULL_FETCH, timeout).await?;
-        if f.records.is_empty() && f.next_offset <= h.lo && h.lo < f.high_watermark {
-            return Err(BackendError::unavailable(format!("nothing read at {tp}:{}", h.lo)));
-        }
-        let mut lo = h.lo;
-        for r in f.records.iter().filter(|r| r.offset >= h.lo) {
-            if *taken >= want {
-                return Ok((lo, h.hi));
-            }
-            if r.offset >= h.hi {
-                return Ok((h.hi, h.hi));
-            }
-            *scanned += 1;
-            lo = r.offset + 1;
-            if self.offer_pulled(r) {
-                *taken += 1;
-            }
-        }
-        // The whole read is behind us; nothing read: the log ends before the backlog did
-        // (records lost before their fsync, never acknowledged to their publishers).
-        let next = if f.records.is_empty() && f.next_offset <= h.lo { h.hi } else { f.next_offset };
-        Ok((lo.max(next).min(h.hi), h.hi))
-    }
-
-    /// One window from the top of `h`, newest first; returns what is still held.
-    async fn pull_newest(
-        &mut self,
-        tp: &TopicPartition,
-        h: Held,
-        want: usize,
-        taken: &mut usize,
-        scanned: &mut usize,
-        timeout: Duration,
-    ) -> Result<(u64, u64), BackendError> {
-        let start = h.hi.saturating_sub(PULL_FETCH as u64).max(h.lo);
-        let mut window: Vec<Arc<crate::backend::Record>> = Vec::new();
-        let mut from = start;
-        while from < h.hi {
-            let max = usize::try_from(h.hi - from).unwrap_or(PULL_FETCH).min(PULL_FETCH);
-            let f = fetch(&self.ctx, tp, from, max, timeout).await?;
-            if f.records.is_empty() && f.next_offset <= from && from < f.high_watermark {
-                return Err(BackendError::unavailable(format!("nothing read at {tp}:{from}")));
-            }
-            window.extend(f.records.iter().filter(|r| r.offset >= from && r.offset < h.hi).cloned());
-            if f.records.is_empty() || f.next_offset <= from {
-                break;
-            }
-            from = f.next_offset;
-        }
-        for r in window.iter().rev() {
-            if *taken >= want {
-                return Ok((h.lo, r.offset + 1));
-            }
-            *scanned += 1;
-            if self.offer_pulled(r) {
-                *taken += 1;
-            }
-        }
-        // The whole window is behind us.
-        Ok((h.lo, start))
+        None
     }
 
     /// A record of a held backlog: queued for delivery if it is for this session and not
@@ -332,6 +398,39 @@ impl Conn {
         let Some(message) = record_message(&self.ctx, &r.tp, &r.record) else { return false };
         self.session.queue_if_matching(&r.tp, r.offset, message, None, now_ms())
     }
+}
+
+/// Read one window of the held range `h`: from its bottom (oldest first) or its top.
+async fn read_window(
+    ctx: &Context,
+    tp: &TopicPartition,
+    h: Held,
+    order: Order,
+    timeout: Duration,
+) -> Result<Window, BackendError> {
+    if order == Order::Asc {
+        let f = fetch(ctx, tp, h.lo, PULL_FETCH, timeout).await?;
+        if f.records.is_empty() && f.next_offset <= h.lo && h.lo < f.high_watermark {
+            return Err(BackendError::unavailable(format!("nothing read at {tp}:{}", h.lo)));
+        }
+        return Ok(Window::Oldest(f));
+    }
+    let start = h.hi.saturating_sub(PULL_FETCH as u64).max(h.lo);
+    let mut records: Vec<Arc<crate::backend::Record>> = Vec::new();
+    let mut from = start;
+    while from < h.hi {
+        let max = usize::try_from(h.hi - from).unwrap_or(PULL_FETCH).min(PULL_FETCH);
+        let f = fetch(ctx, tp, from, max, timeout).await?;
+        if f.records.is_empty() && f.next_offset <= from && from < f.high_watermark {
+            return Err(BackendError::unavailable(format!("nothing read at {tp}:{from}")));
+        }
+        records.extend(f.records.iter().filter(|r| r.offset >= from && r.offset < h.hi).cloned());
+        if f.records.is_empty() || f.next_offset <= from {
+            break;
+        }
+        from = f.next_offset;
+    }
+    Ok(Window::Newest { records, start })
 }
 
 async fn fetch(

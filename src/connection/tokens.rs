@@ -2,6 +2,8 @@
 //! notices and expiry, revocation of tokens and device credentials. The decisions are the
 //! `auth` module's; this file turns them into packets and ends the connection when needed.
 
+use super::appends::Appends;
+use super::waiting::{Resume, Step};
 use super::*;
 use crate::auth::{Denied, Revocation};
 use tokio::sync::broadcast::error::RecvError;
@@ -94,11 +96,22 @@ impl Conn {
         Ok(())
     }
 
-    pub(super) async fn on_revocation(&mut self, r: Result<Revocation, RecvError>) -> Result<(), End> {
+    /// A token or credential was revoked somewhere: disconnect if this identity used it.
+    /// Revocations missed (the stream lagged): the whole identity is checked against the
+    /// current ones, beside the loop (`waiting`).
+    pub(super) fn on_revocation(&mut self, r: Result<Revocation, RecvError>, appends: &mut Appends) -> Result<(), End> {
         let denied = match r {
             Ok(rev) => self.identity.affected_by(&rev),
-            // Missed some: check the whole identity against the current revocations.
-            Err(RecvError::Lagged(_)) => self.ctx.auth.recheck(&self.identity).await,
+            Err(RecvError::Lagged(_)) => {
+                let (ctx, identity) = (self.ctx.clone(), self.identity.clone());
+                let timeout = Duration::from_secs(self.ctx.config.mqtt.backend_timeout_secs);
+                let step = async move {
+                    // A check that cannot finish in time keeps the connection, as one that
+                    // cannot read the credentials' view does: the revocation stream goes on.
+                    Resume::Rechecked(tokio::time::timeout(timeout, ctx.auth.recheck(&identity)).await.unwrap_or(None))
+                };
+                return self.wait_for(Step::new(step.boxed()), appends);
+            }
             Err(RecvError::Closed) => {
                 self.revocations = None;
                 None

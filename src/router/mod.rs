@@ -449,6 +449,13 @@ impl Router {
         raw_filter: &str,
         qos: QoS,
     ) -> Result<Vec<(TopicPartition, u64)>, RouterError> {
+        self.prepare_subscribe(raw_filter).await?;
+        self.attach(slot, raw_filter, qos)
+    }
+
+    /// The waiting part of a subscription: its core topics exist and are tailed here (and a
+    /// shared subscription's group readers run). [`Router::attach`] then adds it at once.
+    pub async fn prepare_subscribe(self: &Arc<Self>, raw_filter: &str) -> Result<(), RouterError> {
         let parsed = topic::parse_filter(raw_filter).map_err(|_| RouterError::UndeclaredParent(raw_filter.into()))?;
         let cores = self.core_topics_for_filter(parsed.filter)?;
         for t in &cores {
@@ -457,6 +464,20 @@ impl Router {
         if let Some(g) = parsed.group.filter(|_| self.consumer_groups) {
             self.start_group_readers(g, &cores)?;
         }
+        Ok(())
+    }
+
+    /// Add a subscription whose core topics are ready ([`Router::prepare_subscribe`]).
+    /// Returns the partitions it reads and, for each, the offset from which live delivery
+    /// starts (a core topic not tailed here has none: nothing is routed from it).
+    pub fn attach(
+        &self,
+        slot: &SessionSlot,
+        raw_filter: &str,
+        qos: QoS,
+    ) -> Result<Vec<(TopicPartition, u64)>, RouterError> {
+        let parsed = topic::parse_filter(raw_filter).map_err(|_| RouterError::UndeclaredParent(raw_filter.into()))?;
+        let cores = self.core_topics_for_filter(parsed.filter)?;
         let mut st = self.state.lock();
         match parsed.group {
             None => {

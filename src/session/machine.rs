@@ -815,21 +815,21 @@ pub fn will_delay(ending: Ending, will: &LastWill, session_expiry: u32) -> Optio
 /// subscription). Each distinct filter is checked, counted and sent its retained messages
 /// once, and every copy gets its code in the SUBACK: the work per SUBSCRIBE is bounded by
 /// its distinct filters, not by how often a client repeats one.
-pub struct SubscribePlan<'a> {
+pub struct SubscribePlan {
     /// Filter, options (of its last copy), whether any copy set No Local.
-    pub distinct: Vec<(&'a str, SubscriptionOptions, bool)>,
+    pub distinct: Vec<(String, SubscriptionOptions, bool)>,
     /// For each filter of the packet, in order, its index in `distinct`.
     copies: Vec<usize>,
 }
 
-impl<'a> SubscribePlan<'a> {
-    pub fn new(s: &'a Subscribe) -> SubscribePlan<'a> {
-        let mut distinct: Vec<(&str, SubscriptionOptions, bool)> = Vec::new();
+impl SubscribePlan {
+    pub fn new(s: &Subscribe) -> SubscribePlan {
+        let mut distinct: Vec<(String, SubscriptionOptions, bool)> = Vec::new();
         let mut index_of: HashMap<&str, usize> = HashMap::new();
         let mut copies = Vec::with_capacity(s.filters.len());
         for (filter, options) in &s.filters {
             let i = *index_of.entry(filter.as_str()).or_insert_with(|| {
-                distinct.push((filter.as_str(), *options, false));
+                distinct.push((filter.clone(), *options, false));
                 distinct.len() - 1
             });
             if let Some(d) = distinct.get_mut(i) {

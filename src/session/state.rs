@@ -198,13 +198,13 @@ impl SessionState {
         }
     }
 
-    /// Share groups the session's subscriptions are in, counting `group` too (`None`: none).
-    pub fn share_groups_with(&self, group: Option<&str>) -> usize {
+    /// Share groups the session's subscriptions are in, counting `groups` too.
+    pub fn share_groups_with<'a>(&'a self, groups: impl IntoIterator<Item = &'a str>) -> usize {
         let mut groups: Vec<&str> = self
             .subscriptions
             .iter()
             .filter_map(|s| topic::parse_filter(&s.filter).ok().and_then(|p| p.group))
-            .chain(group)
+            .chain(groups)
             .collect();
         groups.sort_unstable();
         groups.dedup();

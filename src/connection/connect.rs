@@ -205,7 +205,7 @@ impl Conn {
             slot,
             rx,
             registration,
-            out: BytesMut::new(),
+            out: Output::new(mqtt.max_output_buffer_bytes),
             stored: session_present,
             last_event: None,
             persist: None,
@@ -248,7 +248,7 @@ impl Conn {
         let ack = Packet::ConnAck(ConnAck { session_present, code: ReasonCode::SUCCESS, properties: props });
         ctx.metrics.connect_result(ReasonCode::SUCCESS);
         conn.emit(EventType::Connect, None);
-        if protocol::encode(&ack, protocol, &mut conn.out).is_err() {
+        if conn.out.send(&ack, protocol).is_err() {
             return None;
         }
         // Re-sent in-flight messages go out right after CONNACK.

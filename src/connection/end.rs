@@ -4,7 +4,73 @@
 use super::*;
 use crate::session::machine::{will_delay, Ending};
 
+/// How a connection ended.
+#[derive(Debug, Clone)]
+pub(super) enum End {
+    /// DISCONNECT from the client; `with_will` for MQTT 5 reason 0x04.
+    ClientDisconnect {
+        with_will: bool,
+    },
+    /// Socket closed or failed without DISCONNECT.
+    Dropped(&'static str),
+    /// We close it; MQTT 5 clients get a DISCONNECT with this reason first.
+    Server(ReasonCode, &'static str),
+    /// The client left its output backed up longer than `mqtt.write_stall_timeout_secs`
+    /// (MQTT 5: DISCONNECT 0x97 if it can still be written).
+    SlowReader,
+    Kicked(Kick),
+}
+
+impl End {
+    /// `reason` label of `lmq_connections_closed_total` (a fixed set of names).
+    pub(super) fn metric_reason(&self) -> &'static str {
+        match self {
+            End::ClientDisconnect { .. } => "client_disconnect",
+            End::Dropped(_) => "connection_lost",
+            End::Server(code, _) => match *code {
+                ReasonCode::KEEP_ALIVE_TIMEOUT => "keepalive_timeout",
+                ReasonCode::NOT_AUTHORIZED => "not_authorized",
+                ReasonCode::SERVER_BUSY => "core_unavailable",
+                ReasonCode::PACKET_TOO_LARGE | ReasonCode::TOPIC_NAME_INVALID | ReasonCode::QUOTA_EXCEEDED => "limit",
+                _ => "protocol_error",
+            },
+            End::SlowReader => "slow_reader",
+            End::Kicked(Kick::TakenOver { .. }) => "taken_over",
+            End::Kicked(Kick::Shutdown) => "shutdown",
+            End::Kicked(Kick::Administrative) => "kicked",
+        }
+    }
+}
+
 impl Conn {
+    /// Write a status event. Events of one connection are written in order: each waits for
+    /// the previous one, without holding up the connection.
+    pub(super) fn emit(&mut self, event_type: EventType, reason: Option<String>) {
+        let ev = ClientEvent {
+            event_type,
+            client_id: self.client_id.clone(),
+            channel_id: self.channel_id.clone(),
+            client_ip: self.info.peer.ip().to_string(),
+            time: now_ms(),
+            gateway_id: self.ctx.gateway_id.clone(),
+            username: self.username.clone(),
+            reason,
+        };
+        let backend = self.ctx.backend.clone();
+        let ctx = self.ctx.clone();
+        let previous = self.last_event.take();
+        self.last_event = Some(tokio::spawn(async move {
+            if let Some(p) = previous {
+                let _ = p.await;
+            }
+            let written = backend.emit_event(ev).await;
+            ctx.metrics.event_written(event_type, written.is_ok());
+            if let Err(e) = written {
+                tracing::warn!(error = %e, "cannot write client status event");
+            }
+        }));
+    }
+
     /// After the loop: tell the client why, save or drop the session, publish the will,
     /// write events, leave the router and registry.
     pub(super) async fn finish<W: AsyncWrite + Unpin>(mut self, end: End, writer: &mut W) {
@@ -37,8 +103,8 @@ impl Conn {
             let d = Disconnect { code, properties };
             self.send(&Packet::Disconnect(d));
         }
-        if !self.out.is_empty() {
-            let out = std::mem::take(&mut self.out);
+        let out = self.out.take();
+        if !out.is_empty() {
             self.ctx.metrics.bytes_out().inc_by(out.len() as u64);
             let _ = tokio::time::timeout(Duration::from_secs(2), async {
                 let _ = writer.write_all(&out).await;
@@ -129,5 +195,27 @@ impl Conn {
                 tracing::warn!(client_id, error = %e, "cannot publish will");
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn close_reasons_are_the_ones_counted_from_the_start() {
+        let mut ends = vec![
+            End::ClientDisconnect { with_will: false },
+            End::Dropped("eof"),
+            End::SlowReader,
+            End::Kicked(Kick::TakenOver { new_clean_start: true }),
+            End::Kicked(Kick::Shutdown),
+            End::Kicked(Kick::Administrative),
+        ];
+        ends.extend((0..=u8::MAX).map(|c| End::Server(ReasonCode(c), "")));
+        for end in &ends {
+            let reason = end.metric_reason();
+            assert!(crate::metrics::CLOSE_REASONS.contains(&reason), "{reason} missing from metrics::CLOSE_REASONS");
+        }
     }
 }

@@ -2,24 +2,28 @@
 //! packets, applies them to the session, writes batched responses and deliveries, keeps
 //! the keepalive, and at the end saves the session, publishes the will and writes events.
 //!
-//! Every wait a client or the core service can stall is bounded: CONNECT timeout,
-//! keepalive, core-service acknowledgement timeout, final flush. Inbound QoS 1/2 is
-//! acknowledged only when the core service's append future resolved (SPEC §3).
-//! Reading the socket pauses while too many appends are outstanding (back-pressure), and
-//! while `mqtt.max_output_buffer_bytes` wait to be written: a client that does not read is
-//! paused, then disconnected after `mqtt.write_stall_timeout_secs` (SPEC §8).
+//! The loop is the driver: it owns the socket, the buffers and the one timer, and selects
+//! only over cancel-safe operations. Packet handling is synchronous (the `Session` state
+//! machine and the checks decide at once); everything that waits runs beside the loop as a
+//! future it polls — the appends (`appends`), packet handling that waits (`waiting`), catch-up
+//! reads, session saves — never inside one of its branches, and every such wait is bounded.
+//! Inbound QoS 1/2 is acknowledged only when the core service's append resolved (SPEC §3).
+//! Decoding pauses while too many appends are outstanding (back-pressure), and reading while
+//! `mqtt.max_output_buffer_bytes` wait to be written: a client that does not read is paused,
+//! then disconnected after `mqtt.write_stall_timeout_secs` (SPEC §8).
 //!
-//! - this file: the task, the select loop, packet dispatch;
+//! - this file: the task, the select loop, its deadlines, packet dispatch;
 //! - `connect`: CONNECT → CONNACK, session restore;
 //! - `inbound`: PUBLISH (checked, then stored and acknowledged beside the loop: `appends`);
 //! - `subscribe`: SUBSCRIBE, UNSUBSCRIBE;
 //! - `waiting`: packet handling that waits (new core topics, reads, saves), beside the loop;
 //! - `outbound`: deliveries, catch-up from the core service, in-flight window;
-//! - `end`: session save, will, events at the end;
+//! - `output`: the bounded write buffer;
+//! - `end`: how a connection ended; session save, will, events at the end;
 //! - `tokens`: denials, `$SYS` token topics, token expiry and revocation;
 //! - `offline`: LMQ's offline pull (`$SYS/getOfflineMsg`).
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use futures::future::BoxFuture;
 use futures::stream::StreamExt;
 use futures::FutureExt;
@@ -52,18 +56,18 @@ mod end;
 mod inbound;
 mod offline;
 mod outbound;
+mod output;
 mod subscribe;
 mod tokens;
 mod waiting;
 
 use appends::Appends;
+use end::End;
+use output::{write_now, Output};
 use waiting::Waiting;
 
 use outbound::{record_message, CatchupStep};
 
-/// Stop taking deliveries when this many bytes wait to be written (or at
-/// `mqtt.max_output_buffer_bytes` if that is lower); reading stops at that limit.
-const OUT_HIGH_WATER: usize = 256 * 1024;
 /// Stop taking deliveries when this many messages wait for the in-flight window.
 const PENDING_HIGH_WATER: usize = 256;
 /// Outstanding core-service appends per connection before decoding (and reading) pauses.
@@ -75,6 +79,46 @@ const BUSY_READ_BUFFER: usize = 16 * 1024;
 const IDLE_READ_BUFFER: usize = 256;
 /// A busy connection publishes its read positions (backlog metrics) at most this often.
 const POSITIONS_EVERY: Duration = Duration::from_secs(1);
+
+/// The deadlines of the connection's loop, behind its one timer: the keepalive (checked only
+/// when it comes due, then moved to the last packet plus the keepalive), the next session
+/// checkpoint, the offline pull window, the next token event and a stalled output.
+struct Deadlines {
+    keepalive_at: Instant,
+    last_packet: Instant,
+    last_persist: Instant,
+    persist_at: Option<Instant>,
+    pull_at: Option<Instant>,
+    token_at: Option<Instant>,
+    stall_at: Option<Instant>,
+}
+
+impl Deadlines {
+    fn new(keep_alive: Duration) -> Deadlines {
+        let now = Instant::now();
+        Deadlines {
+            keepalive_at: now + keep_alive.max(Duration::from_secs(1)),
+            last_packet: now,
+            last_persist: now,
+            persist_at: None,
+            pull_at: None,
+            token_at: None,
+            stall_at: None,
+        }
+    }
+}
+
+/// Memory follows traffic: a connection whose last read was small and whose buffer is drained
+/// holds a few hundred bytes, a busy one room for a burst.
+fn size_read_buffer(inbuf: &mut BytesMut, last_read: usize) {
+    if inbuf.is_empty() && last_read < IDLE_READ_BUFFER {
+        if inbuf.capacity() > IDLE_READ_BUFFER {
+            *inbuf = BytesMut::with_capacity(IDLE_READ_BUFFER);
+        }
+    } else if inbuf.capacity() - inbuf.len() < 1024 {
+        inbuf.reserve(BUSY_READ_BUFFER);
+    }
+}
 
 pub use crate::now_ms;
 
@@ -157,64 +201,6 @@ where
     Box::pin(conn.finish(end, &mut writer)).await;
 }
 
-/// Write some of `out`, or flush when it is empty: `Some(n)` written, `None` flushed.
-async fn write_or_flush<W: AsyncWrite + Unpin>(w: &mut W, out: &[u8]) -> std::io::Result<Option<usize>> {
-    if out.is_empty() {
-        w.flush().await.map(|()| None)
-    } else {
-        w.write(out).await.map(Some)
-    }
-}
-
-async fn write_now<W: AsyncWrite + Unpin>(w: &mut W, p: &Packet, proto: Protocol) -> std::io::Result<()> {
-    let mut b = BytesMut::new();
-    protocol::encode(p, proto, &mut b).map_err(|e| std::io::Error::other(e.to_string()))?;
-    tokio::time::timeout(Duration::from_secs(5), async {
-        w.write_all(&b).await?;
-        w.flush().await
-    })
-    .await
-    .map_err(|_| std::io::Error::other("write timeout"))?
-}
-
-/// How a connection ended.
-#[derive(Debug, Clone)]
-enum End {
-    /// DISCONNECT from the client; `with_will` for MQTT 5 reason 0x04.
-    ClientDisconnect {
-        with_will: bool,
-    },
-    /// Socket closed or failed without DISCONNECT.
-    Dropped(&'static str),
-    /// We close it; MQTT 5 clients get a DISCONNECT with this reason first.
-    Server(ReasonCode, &'static str),
-    /// The client left its output backed up longer than `mqtt.write_stall_timeout_secs`
-    /// (MQTT 5: DISCONNECT 0x97 if it can still be written).
-    SlowReader,
-    Kicked(Kick),
-}
-
-impl End {
-    /// `reason` label of `lmq_connections_closed_total` (a fixed set of names).
-    fn metric_reason(&self) -> &'static str {
-        match self {
-            End::ClientDisconnect { .. } => "client_disconnect",
-            End::Dropped(_) => "connection_lost",
-            End::Server(code, _) => match *code {
-                ReasonCode::KEEP_ALIVE_TIMEOUT => "keepalive_timeout",
-                ReasonCode::NOT_AUTHORIZED => "not_authorized",
-                ReasonCode::SERVER_BUSY => "core_unavailable",
-                ReasonCode::PACKET_TOO_LARGE | ReasonCode::TOPIC_NAME_INVALID | ReasonCode::QUOTA_EXCEEDED => "limit",
-                _ => "protocol_error",
-            },
-            End::SlowReader => "slow_reader",
-            End::Kicked(Kick::TakenOver { .. }) => "taken_over",
-            End::Kicked(Kick::Shutdown) => "shutdown",
-            End::Kicked(Kick::Administrative) => "kicked",
-        }
-    }
-}
-
 struct Conn {
     ctx: Arc<Context>,
     protocol: Protocol,
@@ -237,9 +223,8 @@ struct Conn {
     slot: Arc<SessionSlot>,
     rx: crate::router::queue::Receiver,
     registration: Registration,
-    /// Bytes waiting to be written to the client; reading pauses at
-    /// `mqtt.max_output_buffer_bytes`.
-    out: BytesMut,
+    /// Bytes waiting to be written to the client (bounded: `output`).
+    out: Output,
     /// A stored session exists for this ClientId (so a clean end must delete it).
     stored: bool,
     /// The last status event being written (events are chained to keep their order).
@@ -259,34 +244,6 @@ struct Conn {
 }
 
 impl Conn {
-    /// Write a status event. Events of one connection are written in order: each waits for
-    /// the previous one, without holding up the connection.
-    fn emit(&mut self, event_type: EventType, reason: Option<String>) {
-        let ev = ClientEvent {
-            event_type,
-            client_id: self.client_id.clone(),
-            channel_id: self.channel_id.clone(),
-            client_ip: self.info.peer.ip().to_string(),
-            time: now_ms(),
-            gateway_id: self.ctx.gateway_id.clone(),
-            username: self.username.clone(),
-            reason,
-        };
-        let backend = self.ctx.backend.clone();
-        let ctx = self.ctx.clone();
-        let previous = self.last_event.take();
-        self.last_event = Some(tokio::spawn(async move {
-            if let Some(p) = previous {
-                let _ = p.await;
-            }
-            let written = backend.emit_event(ev).await;
-            ctx.metrics.event_written(event_type, written.is_ok());
-            if let Err(e) = written {
-                tracing::warn!(error = %e, "cannot write client status event");
-            }
-        }));
-    }
-
     /// The main loop, then completion of the appends still outstanding: a message the
     /// client handed over (QoS 0 included) is stored even if the client left right after.
     async fn serve<R, W>(&mut self, reader: &mut R, writer: &mut W, inbuf: BytesMut) -> End
@@ -325,17 +282,11 @@ impl Conn {
         W: AsyncWrite + Unpin,
     {
         let mut catchup: Option<BoxFuture<'static, CatchupStep>> = None;
-        let mut last_persist = Instant::now();
-        // How often a dirty persistent session is saved (`mqtt.session_checkpoint_ms`).
-        let checkpoint_every = Duration::from_millis(self.ctx.config.mqtt.session_checkpoint_ms);
-        let mut last_packet = Instant::now();
-        // One timer per connection for every deadline of the loop (keepalive, checkpoint,
-        // positions, offline pull, token events, stalled output), re-armed only when the
-        // earliest of them moves. The keepalive check moves only when it comes due (then to
-        // the last packet plus the keepalive): an idle connection costs no wake-ups, a busy
-        // one no timer churn, and the loop's state holds one timer, not six.
-        let mut keepalive_at = Instant::now() + self.keep_alive.max(Duration::from_secs(1));
-        let timer = tokio::time::sleep_until(keepalive_at);
+        // One timer for every deadline of the loop (`Deadlines`), re-armed only when the
+        // earliest of them moves: an idle connection costs no wake-ups, a busy one no timer
+        // churn, and the loop's state holds one timer, not six.
+        let mut deadlines = Deadlines::new(self.keep_alive);
+        let timer = tokio::time::sleep_until(deadlines.keepalive_at);
         tokio::pin!(timer);
         let max_packet = self.ctx.limits.max_packet_size();
         // The kick receiver moves out of `self` so the loop can borrow `self` freely.
@@ -344,15 +295,6 @@ impl Conn {
         let shutdown = self.ctx.shutdown.clone();
 
         let mut last_read = 0usize;
-        // Bounded output (SPEC §8): reading pauses while `out_limit` bytes wait to be written,
-        // deliveries earlier; a client that leaves its output backed up for `stall_timeout`
-        // without draining it below the deliveries' high-water mark is disconnected.
-        let out_limit = self.ctx.config.mqtt.max_output_buffer_bytes;
-        let stall_timeout = Duration::from_secs(self.ctx.config.mqtt.write_stall_timeout_secs);
-        let mut backed_up_since: Option<Instant> = None;
-        // Written but not yet flushed: TLS and WebSocket streams buffer inside, and only a
-        // flush pushes the rest out once the socket has room again.
-        let mut unflushed = false;
         let (bytes_in, bytes_out) = (self.ctx.metrics.bytes_in().clone(), self.ctx.metrics.bytes_out().clone());
         loop {
             // Packets take effect in order, each at once or beside the loop (`waiting`); the
@@ -364,53 +306,18 @@ impl Conn {
             self.flush_pending();
             self.report_gauges();
             self.report_positions();
-            // Memory follows traffic: a connection whose last read was small and whose
-            // buffers are drained holds a few hundred bytes, not kilobytes.
-            if inbuf.is_empty() && last_read < IDLE_READ_BUFFER {
-                if inbuf.capacity() > IDLE_READ_BUFFER {
-                    inbuf = BytesMut::with_capacity(IDLE_READ_BUFFER);
-                }
-            } else if inbuf.capacity() - inbuf.len() < 1024 {
-                inbuf.reserve(BUSY_READ_BUFFER);
-            }
-            if self.out.is_empty() && self.out.capacity() > 4096 {
-                self.out = BytesMut::new();
-            }
+            size_read_buffer(&mut inbuf, last_read);
             let waiting = self.waiting.busy();
-            let persist_at = if self.persist.is_none() && !waiting {
-                self.session.save_due(last_persist, checkpoint_every)
-            } else {
-                None
-            };
-            let token_at = if waiting { None } else { self.next_token_event().map(tokens::instant_at) };
-            let pull_deadline = self.offline.deadline();
-            let high_water = self.deliveries_high_water();
-            if self.out.len() < high_water {
-                backed_up_since = None;
-            } else if backed_up_since.is_none() {
-                backed_up_since = Some(Instant::now());
-            }
-            let stall_at = backed_up_since.map(|t| t + stall_timeout);
-            let deadline = [
-                (!self.keep_alive.is_zero()).then_some(keepalive_at),
-                persist_at,
-                self.positions_stale.then_some(self.positions_at),
-                pull_deadline,
-                token_at,
-                stall_at,
-            ]
-            .into_iter()
-            .flatten()
-            .min();
+            let deadline = self.deadlines(&mut deadlines);
             if let Some(at) = deadline {
                 if timer.deadline() != at {
                     timer.as_mut().reset(at);
                 }
             }
-            let can_read = !waiting && appends.outstanding() < MAX_OUTSTANDING_APPENDS && self.out.len() < out_limit;
+            let can_read = !waiting && appends.outstanding() < MAX_OUTSTANDING_APPENDS && self.out.below_limit();
             let can_take = !self.waiting.holds_deliveries()
                 && self.session.queued() < PENDING_HIGH_WATER
-                && self.out.len() < high_water;
+                && self.out.below_high_water();
             if catchup.is_none() && can_take && !self.offline.holds_catchup() {
                 if let Some((tp, lag)) = self.slot.lagging().into_iter().next() {
                     let from = self.session.state.cursors.get(&tp).map(|c| c.read_from(lag)).unwrap_or(lag);
@@ -422,18 +329,13 @@ impl Conn {
                     return End::Kicked(k.unwrap_or(Kick::Administrative));
                 }
                 _ = shutdown.cancelled() => return End::Kicked(Kick::Shutdown),
-                n = write_or_flush(writer, &self.out), if !self.out.is_empty() || unflushed => {
+                n = self.out.write(writer), if self.out.pending() => {
                     match n {
                         Ok(Some(0)) | Err(_) => return End::Dropped("write failed"),
-                        Ok(Some(n)) => {
-                            self.out.advance(n);
-                            unflushed = true;
-                            bytes_out.inc_by(n as u64);
-                            if self.out.len() < high_water {
-                                backed_up_since = None;
-                            }
+                        Ok(n) => {
+                            bytes_out.inc_by(n.unwrap_or(0) as u64);
+                            self.out.written(n);
                         }
-                        Ok(None) => unflushed = false,
                     }
                 }
                 placed = appends.placing.placed(), if appends.placing.busy() => {
@@ -458,7 +360,7 @@ impl Conn {
                         Ok(n) => {
                             bytes_in.inc_by(n as u64);
                             last_read = n;
-                            last_packet = Instant::now();
+                            deadlines.last_packet = Instant::now();
                         }
                     }
                 }
@@ -484,41 +386,72 @@ impl Conn {
                 r = async { match self.revocations.as_mut() { Some(rx) => rx.recv().await, None => std::future::pending().await } }, if self.revocations.is_some() && !waiting => {
                     if let Err(end) = self.on_revocation(r, appends) { return end; }
                 }
-                // Positions changed within a second of the last publication: the loop's next
-                // turn publishes them once more.
                 _ = &mut timer, if deadline.is_some() => {
-                    let now = Instant::now();
-                    if !self.keep_alive.is_zero() && now >= keepalive_at {
-                        let due = last_packet + self.keep_alive;
-                        // While a packet's handling waits, the client's next packets wait unread.
-                        if now >= due && !waiting {
-                            return End::Server(ReasonCode::KEEP_ALIVE_TIMEOUT, "keepalive timeout");
-                        }
-                        keepalive_at = due.max(now + Duration::from_secs(1));
-                    }
-                    if stall_at.is_some_and(|t| now >= t) {
-                        self.ctx.limits.count(crate::labels::Refusal::SlowReader);
-                        tracing::debug!(client_id = %self.client_id, waiting = self.out.len(), "client does not read; disconnecting");
-                        return End::SlowReader;
-                    }
-                    if persist_at.is_some_and(|t| now >= t) {
-                        self.session.saving();
-                        last_persist = Instant::now();
-                        self.advance_idle_cursors();
-                        let stored = Stored::from_state(&self.session.state, self.session.expiry, None);
-                        self.persist = Some(self.save_session(Some(stored)));
-                        self.stored = true;
-                    }
-                    // No offline pull request in time: the held backlog is pushed.
-                    if pull_deadline.is_some_and(|t| now >= t) {
-                        self.offline.push();
-                    }
-                    if token_at.is_some_and(|t| now >= t) {
-                        if let Err(end) = self.on_token_event() { return end; }
-                    }
+                    if let Err(end) = self.on_deadline(&mut deadlines, waiting) { return end; }
                 }
             }
         }
+    }
+
+    /// This turn's deadlines (see [`Deadlines`]); the earliest of them.
+    fn deadlines(&mut self, d: &mut Deadlines) -> Option<Instant> {
+        let mqtt = &self.ctx.config.mqtt;
+        let waiting = self.waiting.busy();
+        // While packet handling waits, no save starts and no token event is handled (`waiting`).
+        d.persist_at = if self.persist.is_none() && !waiting {
+            self.session.save_due(d.last_persist, Duration::from_millis(mqtt.session_checkpoint_ms))
+        } else {
+            None
+        };
+        d.token_at = if waiting { None } else { self.next_token_event().map(tokens::instant_at) };
+        d.pull_at = self.offline.deadline();
+        d.stall_at = self.out.tick(Duration::from_secs(mqtt.write_stall_timeout_secs));
+        [
+            (!self.keep_alive.is_zero()).then_some(d.keepalive_at),
+            d.persist_at,
+            // Positions changed within a second of the last publication: published once more.
+            self.positions_stale.then_some(self.positions_at),
+            d.pull_at,
+            d.token_at,
+            d.stall_at,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// The timer fired: handle whatever came due.
+    fn on_deadline(&mut self, d: &mut Deadlines, waiting: bool) -> Result<(), End> {
+        let now = Instant::now();
+        if !self.keep_alive.is_zero() && now >= d.keepalive_at {
+            let due = d.last_packet + self.keep_alive;
+            // While a packet's handling waits, the client's next packets wait unread.
+            if now >= due && !waiting {
+                return Err(End::Server(ReasonCode::KEEP_ALIVE_TIMEOUT, "keepalive timeout"));
+            }
+            d.keepalive_at = due.max(now + Duration::from_secs(1));
+        }
+        if d.stall_at.is_some_and(|t| now >= t) {
+            self.ctx.limits.count(crate::labels::Refusal::SlowReader);
+            tracing::debug!(client_id = %self.client_id, waiting = self.out.len(), "client does not read; disconnecting");
+            return Err(End::SlowReader);
+        }
+        if d.persist_at.is_some_and(|t| now >= t) {
+            self.session.saving();
+            d.last_persist = now;
+            self.advance_idle_cursors();
+            let stored = Stored::from_state(&self.session.state, self.session.expiry, None);
+            self.persist = Some(self.save_session(Some(stored)));
+            self.stored = true;
+        }
+        // No offline pull request in time: the held backlog is pushed.
+        if d.pull_at.is_some_and(|t| now >= t) {
+            self.offline.push();
+        }
+        if d.token_at.is_some_and(|t| now >= t) {
+            self.on_token_event()?;
+        }
+        Ok(())
     }
 
     /// Decode and handle the buffered packets, until one waits beside the loop or the
@@ -628,11 +561,6 @@ impl Conn {
         Ok(())
     }
 
-    /// Deliveries (and retained messages) are moved into the output buffer only below this.
-    fn deliveries_high_water(&self) -> usize {
-        OUT_HIGH_WATER.min(self.ctx.config.mqtt.max_output_buffer_bytes)
-    }
-
     /// Bring this connection's share of the in-flight / queued / subscription gauges up to date.
     fn report_gauges(&mut self) {
         let now = [self.session.state.outbound.len(), self.session.queued(), self.session.state.subscriptions.len()];
@@ -654,52 +582,9 @@ impl Conn {
         self.registration.live.set(view);
     }
 
-    /// Make room for `needed` more bytes in the output buffer. Beyond 64 KiB it grows in two
-    /// steps (to the deliveries' high-water mark, then to the limit, each plus 64 KiB) and
-    /// compacts while copying, instead of doubling: the buffers a doubling leaves behind on
-    /// the way to 1 MiB add up to as much again, and the allocator may keep them resident.
-    fn reserve_out(&mut self, needed: usize) {
-        const STEP: usize = 64 * 1024;
-        let want = self.out.len().saturating_add(needed);
-        if self.out.capacity() >= want || want <= STEP {
-            return;
-        }
-        let limit = self.ctx.config.mqtt.max_output_buffer_bytes;
-        let target =
-            [STEP, self.deliveries_high_water() + STEP, limit + STEP].into_iter().find(|t| *t >= want).unwrap_or(want);
-        let mut bigger = BytesMut::with_capacity(target);
-        bigger.extend_from_slice(&self.out);
-        self.out = bigger;
-    }
-
     fn send(&mut self, p: &Packet) {
-        if let Ok(len) = protocol::encoded_len(p, self.protocol) {
-            self.reserve_out(len);
-        }
-        if let Err(e) = protocol::encode(p, self.protocol, &mut self.out) {
+        if let Err(e) = self.out.send(p, self.protocol) {
             tracing::warn!(client_id = %self.client_id, error = %e, "cannot encode packet");
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn close_reasons_are_the_ones_counted_from_the_start() {
-        let mut ends = vec![
-            End::ClientDisconnect { with_will: false },
-            End::Dropped("eof"),
-            End::SlowReader,
-            End::Kicked(Kick::TakenOver { new_clean_start: true }),
-            End::Kicked(Kick::Shutdown),
-            End::Kicked(Kick::Administrative),
-        ];
-        ends.extend((0..=u8::MAX).map(|c| End::Server(ReasonCode(c), "")));
-        for end in &ends {
-            let reason = end.metric_reason();
-            assert!(crate::metrics::CLOSE_REASONS.contains(&reason), "{reason} missing from metrics::CLOSE_REASONS");
         }
     }
 }

@@ -21,13 +21,12 @@ impl Conn {
     /// is below the deliveries' high-water mark.
     pub(super) fn flush_pending(&mut self) {
         let now = now_ms();
-        while self.out.len() < self.deliveries_high_water() {
+        while self.out.below_high_water() {
             let Some(next) = self.session.next_publish(now) else { break };
             match next {
                 Next::Dropped { message, why } => self.trace(Kind::Dropped, &message, || why.to_string()),
                 Next::Send { packet, len, message, qos, packet_id } => {
-                    self.reserve_out(len);
-                    if protocol::encode(&packet, self.protocol, &mut self.out).is_err() {
+                    if self.out.send_sized(&packet, len, self.protocol).is_err() {
                         self.session.abandon(packet_id);
                         continue;
                     }

@@ -81,9 +81,15 @@ core:
     data_dir: $3
     fsync: $2
 auth:
-  # The load generator connects anonymously (authentication costs one HMAC per CONNECT).
+  # The load generator connects anonymously, except in the signed connect storm
+  # (LMQ signature authentication: one HMAC-SHA1 per CONNECT).
   allow_anonymous: true
   allow_plain_client_ids: true
+  access_keys:
+    - id: bench-key
+      secret: bench-secret
+      publish: ["#"]
+      subscribe: ["#"]
 log:
   level: warn
 EOF
@@ -132,6 +138,9 @@ wait_port "$MOSQ_PORT"
 echo "gateway pid $GW_PID (fsync=$FSYNC, :$GW_PORT), ${GW_NEVER_PID:+gateway pid $GW_NEVER_PID (fsync=never, :$GW_NEVER_PORT), }mosquitto pid $MOSQ_PID (:$MOSQ_PORT); results in $OUT" >&2
 
 # ---- scenarios ----------------------------------------------------------------------------
+# Every scenario runs against the gateway and Mosquitto (each_server), the QoS 1 ones and the
+# QoS 0 latency also against the fsync=never gateway (with_never); the signed connect storm runs
+# against the gateway only and is compared with Mosquitto's anonymous storm.
 # run_case CASE SERVER PORT PID lmq-bench-args...  -> $OUT/CASE.SERVER.json (+ .cpu pidstat log)
 run_case() {
     local case=$1 server=$2 port=$3 pid=$4
@@ -181,9 +190,10 @@ with_never() {
 D="--duration $DURATION"
 each_server idle idle --clients "$IDLE_CONNS" --concurrency 500 --duration 10
 each_server storm connect-storm --clients "$STORM_CONNS" --concurrency 100
+run_case storm-signed gw "$GW_PORT" "$GW_PID" connect-storm --clients "$STORM_CONNS" --concurrency 100 --sign bench-key:bench-secret
 each_server fanin-q0 fan-in --clients 8 --payload 64 --qos 0 $D
 with_never fanin-q1 fan-in --clients 8 --payload 64 --qos 1 --inflight 64 $D
-each_server lat-q0 fan-in --clients 8 --payload 64 --qos 0 --rate 20000 $D
+with_never lat-q0 fan-in --clients 8 --payload 64 --qos 0 --rate 20000 $D
 with_never lat-q1 fan-in --clients 8 --payload 64 --qos 1 --rate 20000 $D
 each_server fanout-q0 fan-out --clients "$FANOUT_SUBS" --payload 64 --qos 0 $D
 with_never fanout-q1 fan-out --clients "$FANOUT_SUBS" --payload 64 --qos 1 $D
@@ -237,5 +247,9 @@ row() { # label case jq-expr [noratio]
     row "idle: server RSS MB at $IDLE_CONNS conns" idle '(.idle.rss_kb_after_hold // 0) / 1024'
     row "connect storm $STORM_CONNS: connects/s" storm '.storm.connects_per_s'
     row "connect storm: CONNACK p99 µs" storm '.storm.connack_latency_us.p99'
+    # The gateway's signed storm against Mosquitto's anonymous one.
+    g=$(get storm-signed gw '.storm.connects_per_s')
+    m=$(get storm mosq '.storm.connects_per_s')
+    echo "| connect storm $STORM_CONNS, gateway signed (HMAC) vs mosquitto anonymous: connects/s | $g | $m | $(ratio "$g" "$m") |  |  |"
 } | tee "$OUT/table.md"
 echo "results: $OUT" >&2

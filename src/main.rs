@@ -12,6 +12,7 @@ use lmq_gateway::config::auth::Secret;
 use lmq_gateway::config::{Config, LogFormat};
 use lmq_gateway::gateway::Gateway;
 
+#[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

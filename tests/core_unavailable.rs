@@ -304,6 +304,36 @@ async fn a_subscribe_waiting_for_a_new_core_topic_holds_off_nothing_else() {
     assert!(matches!(again.recv().await, Some(Packet::PingResp)));
 }
 
+/// The appends a connection has outstanding are bounded per packet (1,024), not per socket
+/// read: with the core service's queue full, a burst of 1,000 PUBLISHes and a PINGREQ gets its
+/// PINGRESP at once, but in a second burst the packets past the bound stay unread — the PINGREQ
+/// behind them is not answered while the first 1,024 wait.
+#[tokio::test]
+async fn outstanding_appends_are_bounded_per_packet_not_per_read() {
+    let mode = Arc::new(AtomicU8::new(OK));
+    let (gw, _dir) = start_with_timeout(mode.clone(), 30).await;
+    // MQTT 3.1.1: no Receive Maximum to keep the client below the bound.
+    let mut c = connected(gw.addr(), "bounded", Protocol::V311).await;
+    mode.store(QUEUE_FULL, Ordering::SeqCst);
+    let burst = |ids: std::ops::RangeInclusive<u16>| {
+        let mut b = bytes::BytesMut::new();
+        for id in ids {
+            p::encode(&publish(id), Protocol::V311, &mut b).unwrap();
+        }
+        p::encode(&Packet::PingReq, Protocol::V311, &mut b).unwrap();
+        b
+    };
+    c.send_bytes(&burst(1..=1000)).await;
+    assert!(matches!(c.recv().await, Some(Packet::PingResp)), "1,000 outstanding: still read");
+    c.send_bytes(&burst(1001..=1100)).await;
+    let answered = tokio::time::timeout(Duration::from_millis(1500), c.recv()).await;
+    assert!(answered.is_err(), "the PINGREQ past 1,024 outstanding appends stays unread: {answered:?}");
+    // Taken over: closed at once, nothing acknowledged.
+    let _new = connected(gw.addr(), "bounded", Protocol::V5).await;
+    let seen = c.until_closed().await;
+    assert!(!seen.iter().any(|p| matches!(p, Packet::PubAck(_) | Packet::PingResp)), "{seen:?}");
+}
+
 #[tokio::test]
 async fn shutdown_disconnects_v5_clients_with_0x8b() {
     let mode = Arc::new(AtomicU8::new(OK));

@@ -188,8 +188,18 @@ pub enum RouterError {
 }
 
 enum Command {
-    Assign { topic: CoreTopic, done: oneshot::Sender<Result<(), crate::backend::BackendError>> },
-    Reattach { slot: Arc<SessionSlot>, tp: TopicPartition, from: u64, done: oneshot::Sender<Reattach> },
+    /// Tail `topic` from `ends` (one per partition, read by the caller).
+    Assign {
+        topic: CoreTopic,
+        ends: Vec<u64>,
+        done: oneshot::Sender<()>,
+    },
+    Reattach {
+        slot: Arc<SessionSlot>,
+        tp: TopicPartition,
+        from: u64,
+        done: oneshot::Sender<Reattach>,
+    },
 }
 
 #[derive(Default)]
@@ -377,9 +387,18 @@ impl Router {
         }
         self.room_for(topic)?;
         self.backend.ensure_topic(&topic.name, topic.partitions).await?;
+        // The partitions' ends are read here, all at once, not by the dispatcher: it routes
+        // every session's records and must not wait for the core service on one topic's
+        // behalf. Tailing starts at these ends; a record appended meanwhile is after them.
+        let partitions = self.backend.partitions(&topic.name)?;
+        let ends = futures::future::try_join_all(
+            (0..partitions).map(|p| self.backend.end_offset(&TopicPartition::new(topic.name.clone(), p))),
+        )
+        .await?;
         let (done, rx) = oneshot::channel();
-        self.commands.send(Command::Assign { topic: topic.clone(), done }).await.map_err(|_| RouterError::Stopped)?;
-        rx.await.map_err(|_| RouterError::Stopped)??;
+        let assign = Command::Assign { topic: topic.clone(), ends, done };
+        self.commands.send(assign).await.map_err(|_| RouterError::Stopped)?;
+        rx.await.map_err(|_| RouterError::Stopped)?;
         Ok(())
     }
 
@@ -781,9 +800,9 @@ async fn dispatch(
                 let Some(cmd) = cmd else { return };
                 let Some(r) = router.upgrade() else { return };
                 match cmd {
-                    Command::Assign { topic, done } => {
-                        let res = assign(&r, tail.as_mut(), &topic).await;
-                        let _ = done.send(res);
+                    Command::Assign { topic, ends, done } => {
+                        assign(&r, tail.as_mut(), &topic, ends);
+                        let _ = done.send(());
                     }
                     Command::Reattach { slot, tp, from, done } => {
                         let _ = done.send(reattach(&r, &slot, &tp, from, &rings));
@@ -805,14 +824,14 @@ async fn dispatch(
     }
 }
 
-async fn assign(r: &Router, tail: &mut dyn Tail, topic: &CoreTopic) -> Result<(), crate::backend::BackendError> {
+/// Start tailing `topic`'s partitions from `ends` (a topic tailed already stays as it is).
+fn assign(r: &Router, tail: &mut dyn Tail, topic: &CoreTopic, ends: Vec<u64>) {
     if r.state.lock().assigned.contains_key(&topic.name) {
-        return Ok(());
+        return;
     }
-    let partitions = r.backend.partitions(&topic.name)?;
-    for p in 0..partitions {
+    let partitions = u32::try_from(ends.len()).unwrap_or(u32::MAX);
+    for (p, end) in (0..partitions).zip(ends) {
         let tp = TopicPartition::new(topic.name.clone(), p);
-        let end = r.backend.end_offset(&tp).await?;
         tail.assign(tp.clone(), end);
         r.state.lock().positions.insert(tp, end);
     }
@@ -820,7 +839,6 @@ async fn assign(r: &Router, tail: &mut dyn Tail, topic: &CoreTopic) -> Result<()
     st.writable.remove(&topic.name);
     st.assigned.insert(topic.name.clone(), partitions);
     r.known.write().insert(topic.name.clone(), true);
-    Ok(())
 }
 
 fn reattach(r: &Router, slot: &Arc<SessionSlot>, tp: &TopicPartition, from: u64, rings: &ReplayRings) -> Reattach {

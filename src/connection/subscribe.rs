@@ -54,14 +54,13 @@ impl Conn {
         let router = self.ctx.router.clone();
         let timeout = Duration::from_secs(self.ctx.config.mqtt.backend_timeout_secs);
         let step = async move {
-            // Every filter's core topics at once: the SUBSCRIBE waits one timeout at most.
-            let ready = futures::future::join_all(pending.iter().map(|filter| async {
-                match tokio::time::timeout(timeout, router.prepare_subscribe(filter)).await {
+            let mut ready = Vec::with_capacity(pending.len());
+            for filter in &pending {
+                ready.push(match tokio::time::timeout(timeout, router.prepare_subscribe(filter)).await {
                     Ok(r) => r,
                     Err(_) => Err(RouterError::Backend(BackendError::Timeout(timeout))),
-                }
-            }))
-            .await;
+                });
+            }
             // The retained index is loaded in the background after a start: a SUBSCRIBE
             // right after it waits (bounded) so that it gets every retained message.
             let loaded = !may_want_retained || router.retained_loaded(RETAINED_INDEX_WAIT).await;
@@ -156,13 +155,11 @@ impl Conn {
         let done = Subscribed { packet_id, identifier, codes: plan.codes(&codes), retained_cut };
         let timeout = Duration::from_secs(self.ctx.config.mqtt.backend_timeout_secs);
         let step = async move {
-            // Read at once for every filter, each bounded; one not read in time gives none.
-            let router = &router;
-            let retained = futures::future::join_all(reads.into_iter().map(|(topics, qos)| async move {
+            let mut retained = Vec::with_capacity(reads.len());
+            for (topics, qos) in reads {
                 let messages = tokio::time::timeout(timeout, router.retained_messages(topics, now)).await;
-                (messages.unwrap_or_default(), qos)
-            }))
-            .await;
+                retained.push((messages.unwrap_or_default(), qos));
+            }
             Resume::Retained(done, retained)
         };
         Step::holding_deliveries(step.boxed())

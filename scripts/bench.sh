@@ -16,6 +16,9 @@
 #   GW_PORT [18831] GW_NEVER_PORT [18832] MOSQ_PORT [18833]
 #   OUT [a new temp dir]  where JSON results, logs and the report go
 #   SKIP_BUILD [0]    1 = use the binaries already built
+#   CASES [all]       space-separated scenarios to run (idle storm storm-signed fanin-q0
+#                     fanin-q1 lat-q0 lat-q1 fanout-q0 fanout-q1), e.g. for an A/B run of two
+#                     builds; the report's other rows then show –
 set -euo pipefail
 
 FSYNC="${1:-always}"
@@ -145,6 +148,9 @@ echo "gateway pid $GW_PID (fsync=$FSYNC, :$GW_PORT), ${GW_NEVER_PID:+gateway pid
 run_case() {
     local case=$1 server=$2 port=$3 pid=$4
     shift 4
+    if [[ -n "${CASES:-}" ]] && [[ " $CASES " != *" $case "* ]]; then
+        return 0
+    fi
     local file="$OUT/$case.$server.json"
     echo "== $case on $server: lmq-bench $* --port $port" >&2
     echo "$BENCH $* --port $port --server-pid $pid --json" >> "$OUT/commands.txt"

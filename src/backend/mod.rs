@@ -181,6 +181,13 @@ pub trait Tail: Send {
     fn poll(&mut self) -> BoxFuture<'_, Result<Vec<Arc<Record>>>>;
 }
 
+/// Where a core service that can push hands the records of a partition as they become
+/// visible (the router): called by whoever made them visible, at once, in offset order per
+/// partition, possibly from several tasks for different partitions. Must not wait.
+pub trait LiveSink: Send + Sync {
+    fn offer(&self, records: &[Arc<Record>]);
+}
+
 /// A member of one of the core service's consumer groups: the partitions of a topic are split
 /// among all members of the group, across gateway processes, so each record reaches one
 /// member. Like a Kafka consumer with `subscribe`.
@@ -245,6 +252,14 @@ pub trait CoreService: Send + Sync + 'static {
 
     /// A new live tail with nothing assigned.
     fn tail(&self) -> Box<dyn Tail>;
+
+    /// Push instead of a tail, where the service can: every record of `tp` from the returned
+    /// offset on is handed to `sink` when it becomes visible ([`LiveSink`]), with no task in
+    /// between. `None`: this service does not push; tail the partition. Registering the same
+    /// sink again changes nothing but the returned offset. The sink is held weakly.
+    fn push_to(&self, _tp: &TopicPartition, _sink: std::sync::Weak<dyn LiveSink>) -> Option<Result<u64>> {
+        None
+    }
 
     /// Whether [`CoreService::group_tail`] is supported. Without consumer groups the router
     /// picks a member of a shared subscription among this gateway's sessions itself.

@@ -303,7 +303,7 @@ impl Conn {
         self.session.state.cursors.retain(|tp, _| !router.topics().is_reserved(&tp.topic));
         self.session.changed |= self.session.state.cursors.len() != before;
         // Every stored position is marked lagging before the subscriptions go back to the
-        // router: the dispatcher skips this session there until it has read back what it
+        // router: the router skips this session there until it has read back what it
         // missed (or the client pulled it), so a record routed meanwhile cannot overtake the
         // backlog — nor be pushed while an offline pull request is awaited.
         for (tp, c) in &self.session.state.cursors {

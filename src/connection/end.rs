@@ -56,19 +56,24 @@ impl Conn {
             username: self.username.clone(),
             reason,
         };
-        let backend = self.ctx.backend.clone();
         let ctx = self.ctx.clone();
         let previous = self.last_event.take();
-        self.last_event = Some(tokio::spawn(async move {
+        // The task is not joined: it frees itself once the event is written, and what the
+        // connection keeps until its next event is the small signal that it was (an idle
+        // connection does not hold its connect event's task for its life).
+        let (written_tx, written_rx) = tokio::sync::oneshot::channel();
+        self.last_event = Some(written_rx);
+        tokio::spawn(async move {
             if let Some(p) = previous {
                 let _ = p.await;
             }
-            let written = backend.emit_event(ev).await;
+            let written = ctx.backend.emit_event(ev).await;
             ctx.metrics.event_written(event_type, written.is_ok());
             if let Err(e) = written {
                 tracing::warn!(error = %e, "cannot write client status event");
             }
-        }));
+            let _ = written_tx.send(());
+        });
     }
 
     /// After the loop: tell the client why, save or drop the session, publish the will,

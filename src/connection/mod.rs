@@ -227,8 +227,8 @@ struct Conn {
     out: Output,
     /// A stored session exists for this ClientId (so a clean end must delete it).
     stored: bool,
-    /// The last status event being written (events are chained to keep their order).
-    last_event: Option<tokio::task::JoinHandle<()>>,
+    /// Resolves once the last status event is written (events are chained to keep their order).
+    last_event: Option<tokio::sync::oneshot::Receiver<()>>,
     /// The session save in flight (persistent sessions).
     persist: Option<BoxFuture<'static, Result<(), BackendError>>>,
     /// This connection's share of the in-flight / queued / subscription gauges.

@@ -7,7 +7,6 @@ use crate::trace::Kind;
 
 pub(super) enum CatchupStep {
     Fetched(TopicPartition, Result<Fetched, BackendError>),
-    Reattached(TopicPartition, u64, Result<Reattach, crate::router::RouterError>),
     Retry(TopicPartition, u64),
 }
 
@@ -97,12 +96,10 @@ impl Conn {
                 c.next = c.next.max(f.next_offset);
                 let next = c.next;
                 if f.records.is_empty() || f.next_offset >= f.high_watermark {
-                    let router = self.ctx.router.clone();
-                    let slot = self.slot.clone();
-                    Some(
-                        async move { CatchupStep::Reattached(tp.clone(), next, router.reattach(slot, tp, next).await) }
-                            .boxed(),
-                    )
+                    match self.ctx.router.reattach(&self.slot, &tp, next) {
+                        Reattach::Attached => None,
+                        Reattach::Behind(from) => Some(self.fetch_step(tp, from)),
+                    }
                 } else {
                     Some(self.fetch_step(tp, next))
                 }
@@ -119,15 +116,6 @@ impl Conn {
                 )
             }
             CatchupStep::Retry(tp, from) => Some(self.fetch_step(tp, from)),
-            CatchupStep::Reattached(_, _, Ok(Reattach::Attached)) => None,
-            CatchupStep::Reattached(tp, _, Ok(Reattach::Behind(from))) => Some(self.fetch_step(tp, from)),
-            CatchupStep::Reattached(tp, from, Err(_)) => Some(
-                async move {
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                    CatchupStep::Retry(tp, from)
-                }
-                .boxed(),
-            ),
         }
     }
 }

@@ -1,7 +1,7 @@
 //! Shared subscriptions through the core service's consumer groups (Kafka): for each share
 //! group and core topic with members on this gateway, one group member reads the topic; the
 //! service splits the partitions among the gateways, so a message reaches one member of the
-//! group across all gateways. Without consumer groups (embedded log) the dispatcher picks a
+//! group across all gateways. Without consumer groups (embedded log) the router picks a
 //! member among this gateway's sessions instead (`Router::route_one`).
 
 use std::sync::{Arc, Weak};

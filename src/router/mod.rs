@@ -1,10 +1,18 @@
 //! Routing records from the core service to the sessions of this gateway.
 //!
-//! The dispatcher task owns the core service's live [`Tail`]. For every record it builds the
-//! MQTT [`Message`] once, finds the matching local sessions in the subscription [`trie`], and
-//! offers the shared `Arc`s to each session's bounded queue with `try_send` — it never waits
-//! for a session. When a queue is full, a QoS 0 delivery is dropped and counted; for QoS 1/2
-//! the session is marked *lagging* on that partition: the dispatcher skips it there, and the
+//! Records reach the router in one of two ways, both ending in [`Router::route`]:
+//! - **pushed** ([`LiveSink`]): a core service that can push (the embedded log) hands each
+//!   batch to the router in the task that made it visible — the partition's writer — so a
+//!   delivery waits for no other task;
+//! - **tailed**: for the others (Kafka, RocketMQ) the dispatcher task owns the core service's
+//!   live [`Tail`] and routes what each poll returns.
+//!
+//! For every record the router builds the MQTT [`Message`] once, finds the matching local
+//! sessions in the subscription [`trie`], and offers the shared `Arc`s to each session's
+//! bounded queue with `try_send` — it never waits for a session. Each partition's routing
+//! position lives under the router's lock; a record below it was routed already and is
+//! skipped, so a batch pushed twice is routed once. When a queue is full, a QoS 0 delivery is dropped and counted; for QoS 1/2
+//! the session is marked *lagging* on that partition: the router skips it there, and the
 //! session reads the missed records back from the core service itself, then re-attaches
 //! (see `session::catchup`). The log is the buffer; a slow subscriber blocks no one.
 //!
@@ -27,7 +35,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, Notify};
 
-use crate::backend::{Record, SharedCoreService, StateStore, StateUpdate, Tail, TopicPartition};
+use crate::backend::{LiveSink, Record, SharedCoreService, StateStore, StateUpdate, Tail, TopicPartition};
 use crate::protocol::QoS;
 use crate::trace::Kind;
 use mapping::{CoreTopic, Message, TopicMap};
@@ -91,7 +99,7 @@ impl ReplayRings {
 /// Identifies one connected session in the router (unique per process).
 pub type SessionId = u64;
 
-/// Records the dispatcher keeps (all partitions together) so that a session re-attaching
+/// Records the router keeps (all partitions together) so that a session re-attaching
 /// slightly behind can be served without another read from the core service; their bytes
 /// are bounded by `limits.max_replay_bytes`.
 const REPLAY_RECORDS: usize = 65_536;
@@ -116,7 +124,7 @@ pub struct SessionSlot {
     pub id: SessionId,
     pub client_id: Arc<str>,
     queue: queue::DeliveryQueue,
-    /// Partitions the dispatcher skips for this session → first offset it did not deliver.
+    /// Partitions the router skips for this session → first offset it did not deliver.
     lagging: Mutex<HashMap<TopicPartition, u64>>,
     any_lagging: AtomicBool,
     /// Woken when a partition starts lagging.
@@ -167,7 +175,7 @@ impl SessionSlot {
 pub enum Reattach {
     /// Live delivery resumed (records the session had not read were handed over as a replay).
     Attached,
-    /// The dispatcher has moved on too far; read on from the given offset and try again.
+    /// Routing has moved on too far; read on from the given offset and try again.
     Behind(u64),
 }
 
@@ -189,25 +197,14 @@ pub enum RouterError {
 
 enum Command {
     /// Tail `topic` from `ends` (one per partition, read by the caller).
-    Assign {
-        topic: CoreTopic,
-        ends: Vec<u64>,
-        done: oneshot::Sender<()>,
-    },
-    Reattach {
-        slot: Arc<SessionSlot>,
-        tp: TopicPartition,
-        from: u64,
-        done: oneshot::Sender<Reattach>,
-    },
+    Assign { topic: CoreTopic, ends: Vec<u64>, done: oneshot::Sender<()> },
 }
 
-#[derive(Default)]
 struct State {
     trie: Trie,
     sessions: HashMap<SessionId, Arc<SessionSlot>>,
     by_client: HashMap<Arc<str>, SessionId>,
-    /// Next offset the dispatcher will route, per assigned partition.
+    /// Next offset to route, per assigned partition (pushed or tailed).
     positions: HashMap<TopicPartition, u64>,
     /// Core topics assigned to the tail.
     assigned: HashMap<Arc<str>, u32>,
@@ -217,9 +214,25 @@ struct State {
     share_members: HashMap<Arc<str>, usize>,
     /// Consumer-group readers running, per (share group, core topic).
     group_readers: HashSet<(Arc<str>, Arc<str>)>,
+    /// Recently routed records, for sessions re-attaching ([`Router::reattach`]).
+    rings: ReplayRings,
 }
 
 impl State {
+    fn new(max_replay_bytes: usize) -> State {
+        State {
+            trie: Trie::default(),
+            sessions: HashMap::new(),
+            by_client: HashMap::new(),
+            positions: HashMap::new(),
+            assigned: HashMap::new(),
+            writable: HashMap::new(),
+            share_members: HashMap::new(),
+            group_readers: HashSet::new(),
+            rings: ReplayRings::new(max_replay_bytes),
+        }
+    }
+
     fn count_share_member(&mut self, group: &str, delta: isize) {
         let n = self.share_members.entry(group.into()).or_insert(0);
         *n = n.saturating_add_signed(delta);
@@ -268,9 +281,11 @@ impl RouterLimits {
 }
 
 pub struct Router {
+    /// This router, for registering it as a [`LiveSink`].
+    me: std::sync::Weak<Router>,
     limits: RouterLimits,
     state: Mutex<State>,
-    /// What a PUBLISH needs to know, readable without `state`, which the dispatcher holds
+    /// What a PUBLISH needs to know, readable without `state`, which routing holds
     /// while it routes a batch: the core topics known here (`true`: tailed), and whether a
     /// subscription's filter starts with a wildcard (then every topic is tailed).
     known: parking_lot::RwLock<HashMap<Arc<str>, bool>>,
@@ -296,9 +311,10 @@ impl Router {
         limits: RouterLimits,
     ) -> Result<Arc<Router>, RouterError> {
         let (cmd_tx, cmd_rx) = mpsc::channel(1024);
-        let router = Arc::new(Router {
+        let router = Arc::new_cyclic(|me| Router {
+            me: me.clone(),
             limits,
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State::new(limits.max_replay_bytes)),
             known: Default::default(),
             root_wildcard: AtomicBool::new(false),
             retained: retained::RetainedIndex::new(),
@@ -315,7 +331,7 @@ impl Router {
         backend.follow_state(StateStore::Retained, upd_tx).await?;
         tokio::spawn(retained::load(Arc::downgrade(&router), upd_rx));
         let tail = backend.tail();
-        tokio::spawn(dispatch(Arc::downgrade(&router), tail, cmd_rx, limits.max_replay_bytes));
+        tokio::spawn(dispatch(Arc::downgrade(&router), tail, cmd_rx));
         let declared: Vec<CoreTopic> = router.topics.declared().map(|(_, t)| t.clone()).collect();
         for t in declared {
             router.ensure_core_topic(&t).await?;
@@ -379,7 +395,8 @@ impl Router {
         Ok(true)
     }
 
-    /// Create the core topic if needed and make the dispatcher tail it.
+    /// Create the core topic if needed and route its records from now on: pushed by the core
+    /// service where it can, else tailed by the dispatcher.
     pub async fn ensure_core_topic(&self, topic: &CoreTopic) -> Result<(), RouterError> {
         self.refuse_reserved(topic)?;
         if self.state.lock().assigned.contains_key(&topic.name) {
@@ -387,6 +404,9 @@ impl Router {
         }
         self.room_for(topic)?;
         self.backend.ensure_topic(&topic.name, topic.partitions).await?;
+        if self.push_from_now(topic)? {
+            return Ok(());
+        }
         // The partitions' ends are read here, all at once, not by the dispatcher: it routes
         // every session's records and must not wait for the core service on one topic's
         // behalf. Tailing starts at these ends; a record appended meanwhile is after them.
@@ -400,6 +420,31 @@ impl Router {
         self.commands.send(assign).await.map_err(|_| RouterError::Stopped)?;
         rx.await.map_err(|_| RouterError::Stopped)?;
         Ok(())
+    }
+
+    /// Have the core service push `topic`'s records to this router from now on; false when it
+    /// cannot push (the dispatcher tails the topic then). Under the lock, so that a pushed
+    /// batch finds its partition's position set.
+    fn push_from_now(&self, topic: &CoreTopic) -> Result<bool, RouterError> {
+        let partitions = self.backend.partitions(&topic.name)?;
+        let sink: std::sync::Weak<dyn LiveSink> = self.me.clone();
+        let mut st = self.state.lock();
+        if st.assigned.contains_key(&topic.name) {
+            return Ok(true);
+        }
+        for p in 0..partitions {
+            let tp = TopicPartition::new(topic.name.clone(), p);
+            match self.backend.push_to(&tp, sink.clone()) {
+                None => return Ok(false),
+                Some(from) => {
+                    st.positions.insert(tp, from?);
+                }
+            }
+        }
+        st.writable.remove(&topic.name);
+        st.assigned.insert(topic.name.clone(), partitions);
+        self.known.write().insert(topic.name.clone(), true);
+        Ok(true)
     }
 
     /// Register a connected session; its deliveries arrive on the returned receiver.
@@ -543,7 +588,7 @@ impl Router {
         tps.iter().filter_map(|tp| st.positions.get(tp).map(|p| (tp.clone(), *p))).collect()
     }
 
-    /// Records appended to the tailed partitions that the dispatcher has not routed yet
+    /// Records appended to the routed partitions that the router has not routed yet
     /// (`lmq_consumer_lag_records`); partitions whose end cannot be read count 0.
     pub async fn lag(&self) -> u64 {
         let positions: Vec<(TopicPartition, u64)> =
@@ -595,16 +640,30 @@ impl Router {
         Ok(())
     }
 
-    /// Ask the dispatcher to resume live delivery of `tp` to `slot` from offset `from`.
-    pub async fn reattach(
-        &self,
-        slot: Arc<SessionSlot>,
-        tp: TopicPartition,
-        from: u64,
-    ) -> Result<Reattach, RouterError> {
-        let (done, rx) = oneshot::channel();
-        self.commands.send(Command::Reattach { slot, tp, from, done }).await.map_err(|_| RouterError::Stopped)?;
-        rx.await.map_err(|_| RouterError::Stopped)
+    /// Resume live delivery of `tp` to `slot` from offset `from`: at once when routing has
+    /// not passed `from`, with the records since `from` handed over as one replay when the
+    /// replay ring still holds them all, else [`Reattach::Behind`]. Under the lock that
+    /// routing takes, so no record is offered twice or skipped in between.
+    pub fn reattach(&self, slot: &SessionSlot, tp: &TopicPartition, from: u64) -> Reattach {
+        let st = self.state.lock();
+        let pos = st.positions.get(tp).copied().unwrap_or(0);
+        if pos <= from {
+            slot.clear_lagging(tp);
+            return Reattach::Attached;
+        }
+        let Some(ring) = st.rings.get(tp) else { return Reattach::Behind(from) };
+        let covered = ring.front().is_some_and(|(rec, _)| rec.offset <= from);
+        if !covered {
+            return Reattach::Behind(from);
+        }
+        let records: Vec<_> = ring.iter().filter(|(rec, _)| rec.offset >= from).cloned().collect();
+        match slot.queue.try_send(Delivery::Replay(Box::new(records))) {
+            Ok(()) => {
+                slot.clear_lagging(tp);
+                Reattach::Attached
+            }
+            Err(_) => Reattach::Behind(from),
+        }
     }
 
     /// The first `limit` unexpired retained messages matching a filter (not `$share`), in
@@ -672,29 +731,27 @@ impl Router {
         self.retained.index(topic, message, false);
     }
 
-    /// Route one batch of records (called by the dispatcher only).
-    fn route(&self, records: Vec<Arc<Record>>, rings: &mut ReplayRings) {
+    /// Route a batch of records: each partition's in offset order, those below the
+    /// partition's routing position skipped (routed already).
+    fn route(&self, records: &[Arc<Record>]) {
         // Decoded before the lock is taken: publishers and subscribers wait for it.
-        let decoded: Vec<(Arc<Record>, Option<Arc<Message>>)> = records
-            .into_iter()
-            .map(|record| {
-                let message = self.topics.message_of(&record.tp.topic, &record.record).map(Arc::new);
-                if let Some(message) = &message {
-                    rings.push(&record, message);
-                }
-                (record, message)
-            })
+        let decoded: Vec<(&Arc<Record>, Option<Arc<Message>>)> = records
+            .iter()
+            .map(|record| (record, self.topics.message_of(&record.tp.topic, &record.record).map(Arc::new)))
             .collect();
         let mut st = self.state.lock();
         let mut plain: Vec<PlainMatch> = Vec::new();
         let mut sent: HashSet<SessionId> = HashSet::new();
         for (record, message) in decoded {
-            let next = record.offset + 1;
-            if let Some(message) = message {
-                self.route_one(&mut st, &record, &message, &mut plain, &mut sent);
-            }
             let pos = st.positions.entry(record.tp.clone()).or_insert(0);
-            *pos = (*pos).max(next);
+            if record.offset < *pos {
+                continue;
+            }
+            *pos = record.offset + 1;
+            if let Some(message) = message {
+                st.rings.push(record, &message);
+                self.route_one(&mut st, record, &message, &mut plain, &mut sent);
+            }
         }
     }
 
@@ -787,32 +844,27 @@ impl Router {
     }
 }
 
-async fn dispatch(
-    router: std::sync::Weak<Router>,
-    mut tail: Box<dyn Tail>,
-    mut commands: mpsc::Receiver<Command>,
-    max_replay_bytes: usize,
-) {
-    let mut rings = ReplayRings::new(max_replay_bytes);
+impl LiveSink for Router {
+    fn offer(&self, records: &[Arc<Record>]) {
+        self.route(records);
+    }
+}
+
+/// The dispatcher: tails the core topics that are not pushed.
+async fn dispatch(router: std::sync::Weak<Router>, mut tail: Box<dyn Tail>, mut commands: mpsc::Receiver<Command>) {
     loop {
         tokio::select! {
             cmd = commands.recv() => {
                 let Some(cmd) = cmd else { return };
                 let Some(r) = router.upgrade() else { return };
-                match cmd {
-                    Command::Assign { topic, ends, done } => {
-                        assign(&r, tail.as_mut(), &topic, ends);
-                        let _ = done.send(());
-                    }
-                    Command::Reattach { slot, tp, from, done } => {
-                        let _ = done.send(reattach(&r, &slot, &tp, from, &rings));
-                    }
-                }
+                let Command::Assign { topic, ends, done } = cmd;
+                assign(&r, tail.as_mut(), &topic, ends);
+                let _ = done.send(());
             }
             batch = tail.poll() => {
                 let Some(r) = router.upgrade() else { return };
                 match batch {
-                    Ok(records) => r.route(records, &mut rings),
+                    Ok(records) => r.route(&records),
                     Err(crate::backend::BackendError::Closed) => return,
                     Err(e) => {
                         tracing::warn!(error = %e, "reading from the core service failed; retrying");
@@ -839,28 +891,6 @@ fn assign(r: &Router, tail: &mut dyn Tail, topic: &CoreTopic, ends: Vec<u64>) {
     st.writable.remove(&topic.name);
     st.assigned.insert(topic.name.clone(), partitions);
     r.known.write().insert(topic.name.clone(), true);
-}
-
-fn reattach(r: &Router, slot: &Arc<SessionSlot>, tp: &TopicPartition, from: u64, rings: &ReplayRings) -> Reattach {
-    let st = r.state.lock();
-    let pos = st.positions.get(tp).copied().unwrap_or(0);
-    if pos <= from {
-        slot.clear_lagging(tp);
-        return Reattach::Attached;
-    }
-    let Some(ring) = rings.get(tp) else { return Reattach::Behind(from) };
-    let covered = ring.front().map(|(rec, _)| rec.offset <= from).unwrap_or(false);
-    if !covered {
-        return Reattach::Behind(from);
-    }
-    let records: Vec<_> = ring.iter().filter(|(rec, _)| rec.offset >= from).cloned().collect();
-    match slot.queue.try_send(Delivery::Replay(Box::new(records))) {
-        Ok(()) => {
-            slot.clear_lagging(tp);
-            Reattach::Attached
-        }
-        Err(_) => Reattach::Behind(from),
-    }
 }
 
 #[cfg(test)]
@@ -911,6 +941,64 @@ mod tests {
         }
         assert_eq!(rings.order.len(), REPLAY_RECORDS);
         assert_eq!(offsets(&rings, "many").first(), Some(&10));
+    }
+
+    /// A router on an embedded log in `dir` (which pushes), with a session subscribed to `t/#`.
+    async fn pushed_router(dir: &std::path::Path) -> (Arc<Router>, Arc<SessionSlot>, queue::Receiver) {
+        let config = crate::config::EmbeddedConfig { data_dir: dir.into(), ..Default::default() };
+        let core: SharedCoreService = crate::backend::embedded::EmbeddedCore::open(&config, "events").await.unwrap();
+        let metrics = crate::metrics::Metrics::new();
+        let trace = crate::config::TraceConfig::default();
+        let (tracer, _events) = crate::trace::Tracer::new(&trace, "gw", metrics.trace_dropped.clone());
+        let config: crate::config::TopicsConfig =
+            serde_yaml_ng::from_str("parents: [{name: '*', partitions: 1}]").unwrap();
+        let topics = TopicMap::new(&config, Default::default());
+        let limits = RouterLimits::new(&crate::config::LimitsConfig::default());
+        let router = Router::start(core, topics, RouterStats::new(&metrics, tracer), limits).await.unwrap();
+        let (slot, rx) = router.register("sub".into(), 64);
+        router.subscribe(&slot, "t/#", QoS::AtLeastOnce).await.unwrap();
+        (router, slot, rx)
+    }
+
+    fn offset_of(d: Delivery) -> u64 {
+        match d {
+            Delivery::Live(record, _) => record.offset,
+            other => panic!("not a live delivery: {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn pushed_records_are_routed_once_in_order_and_replayed_on_reattach() {
+        let dir = tempfile::tempdir().unwrap();
+        let (router, slot, rx) = pushed_router(dir.path()).await;
+        let core = router.topics().resolve("t").unwrap();
+        let tp = TopicPartition::new(core.name.clone(), 0);
+        let mut records = Vec::new();
+        for i in 0..3u8 {
+            let message =
+                Message { topic: "t/a".into(), payload: vec![i].into(), qos: QoS::AtLeastOnce, ..Message::default() };
+            let pos = router.backend().append(&core.name, router.topics().to_record(&message)).await.unwrap();
+            // Delivered by the time the append is acknowledged: the writer pushed it first.
+            let delivered = rx.try_recv().expect("delivered before the acknowledgement");
+            assert_eq!(offset_of(delivered), pos.offset);
+            records.push(router.backend().fetch(&tp, pos.offset, 1).await.unwrap().records.remove(0));
+        }
+        assert_eq!(router.positions_of(std::slice::from_ref(&tp)), vec![(tp.clone(), 3)]);
+        // The same records offered again (a push racing a registration, a tail re-reading)
+        // are not routed again.
+        LiveSink::offer(&*router, &records);
+        assert!(rx.try_recv().is_none());
+        // A session that fell behind at offset 1 gets 1 and 2 back as one replay.
+        assert_eq!(router.reattach(&slot, &tp, 1), Reattach::Attached);
+        match rx.try_recv() {
+            Some(Delivery::Replay(replay)) => {
+                assert_eq!(replay.iter().map(|(r, _)| r.offset).collect::<Vec<_>>(), vec![1, 2]);
+            }
+            other => panic!("expected a replay, got {other:?}"),
+        }
+        // Up to date: attached with nothing to replay.
+        assert_eq!(router.reattach(&slot, &tp, 3), Reattach::Attached);
+        assert!(rx.try_recv().is_none());
     }
 
     #[test]

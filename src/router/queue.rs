@@ -1,4 +1,4 @@
-//! A session's delivery queue: bounded, filled by the dispatcher without waiting, emptied by
+//! A session's delivery queue: bounded, filled by the router without waiting, emptied by
 //! the session's connection.
 //!
 //! It allocates nothing until the first delivery and gives its memory back once drained, so

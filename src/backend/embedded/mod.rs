@@ -27,8 +27,11 @@
 //! # Read path
 //!
 //! `fetch` serves from the cache when the offset is in it, otherwise from the segments via
-//! the sparse index on the blocking pool. A [`Tail`] keeps next offsets per assigned
-//! partition and waits on a per-tail `Notify` registered with those partitions.
+//! the sparse index on the blocking pool. Live records are pushed: a partition's writer hands
+//! each batch it makes visible to the registered [`LiveSink`]s (the router) in its own task,
+//! before the acknowledgements, so a delivery waits for no other task
+//! ([`CoreService::push_to`]). A [`Tail`] (for callers that poll) keeps next offsets per
+//! assigned partition and waits on a per-tail `Notify` registered with those partitions.
 //!
 //! # Recovery, retention, health
 //!
@@ -59,7 +62,7 @@ use tokio::task::JoinHandle;
 use self::partition::{AppendReq, Partition, PartitionSettings};
 use self::state::KvStore;
 use super::{
-    AppendAck, BackendError, CoreRecord, CoreService, Fetched, Record, Result, StateStore, StateUpdate, Tail,
+    AppendAck, BackendError, CoreRecord, CoreService, Fetched, LiveSink, Record, Result, StateStore, StateUpdate, Tail,
     TopicPartition,
 };
 use crate::config::EmbeddedConfig;
@@ -453,6 +456,11 @@ impl CoreService for EmbeddedCore {
     fn end_offset(&self, tp: &TopicPartition) -> BoxFuture<'static, Result<u64>> {
         let end = self.shared.check_open().and_then(|()| self.shared.partition(tp)).map(|p| p.high_watermark());
         Box::pin(async move { end })
+    }
+
+    fn push_to(&self, tp: &TopicPartition, sink: Weak<dyn LiveSink>) -> Option<Result<u64>> {
+        let part = self.shared.check_open().and_then(|()| self.shared.partition(tp));
+        Some(part.map(|p| p.push_to(sink)))
     }
 
     fn tail(&self) -> Box<dyn Tail> {

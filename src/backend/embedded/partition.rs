@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
 
 use super::segment::{self, ReadSpan, SegmentMeta};
-use crate::backend::{BackendError, CoreRecord, Fetched, Position, Record, Result, TopicPartition};
+use crate::backend::{BackendError, CoreRecord, Fetched, LiveSink, Position, Record, Result, TopicPartition};
 use crate::config::FsyncPolicy;
 
 /// Most append requests written as one batch.
@@ -88,6 +88,8 @@ pub(crate) struct Partition {
     writer: Mutex<Option<JoinHandle<()>>>,
     /// Tails to wake when records become visible.
     waiters: Mutex<Vec<Weak<Notify>>>,
+    /// Where the writer pushes records as it makes them visible (the router).
+    sinks: Mutex<Vec<Weak<dyn LiveSink>>>,
 }
 
 impl Partition {
@@ -158,6 +160,7 @@ impl Partition {
             sender: Mutex::new(None),
             writer: Mutex::new(None),
             waiters: Mutex::new(Vec::new()),
+            sinks: Mutex::new(Vec::new()),
         })
     }
 
@@ -203,6 +206,35 @@ impl Partition {
     #[cfg(test)]
     pub(crate) fn segment_count(&self) -> usize {
         self.state.lock().segments.len()
+    }
+
+    /// Push every record from the returned offset on to `sink` as it becomes visible. The
+    /// offset is read and the sink added under the state lock, and the writer reads the
+    /// sinks after publishing a batch under that lock: no record at or after the offset is
+    /// missed (one published just before may be pushed too).
+    pub(crate) fn push_to(&self, sink: Weak<dyn LiveSink>) -> u64 {
+        let st = self.state.lock();
+        let mut sinks = self.sinks.lock();
+        sinks.retain(|s| s.strong_count() > 0);
+        if !sinks.iter().any(|s| Weak::ptr_eq(s, &sink)) {
+            sinks.push(sink);
+        }
+        st.high_watermark
+    }
+
+    /// Hand records just made visible to the sinks, in the writer's task.
+    fn push(&self, records: &[Arc<Record>]) {
+        let sinks: Vec<Arc<dyn LiveSink>> = {
+            let mut sinks = self.sinks.lock();
+            if sinks.is_empty() {
+                return;
+            }
+            sinks.retain(|s| s.strong_count() > 0);
+            sinks.iter().filter_map(Weak::upgrade).collect()
+        };
+        for sink in sinks {
+            sink.offer(records);
+        }
     }
 
     /// Register a tail to wake when new records become visible.
@@ -552,6 +584,7 @@ impl Writer {
         // Readers see the records now (with `interval` / `never`: written, not yet synced —
         // they survive a crash of this process, not of the machine).
         let mut dones = Vec::with_capacity(batch.len());
+        let mut visible = Vec::with_capacity(batch.len());
         {
             let (cache_cap, cache_bytes) = (self.part.settings().cache_records, self.part.settings().cache_bytes);
             let mut st = self.part.state.lock();
@@ -561,14 +594,16 @@ impl Writer {
                     active.push(offset, req.record.timestamp_ms, len);
                 }
                 let size = req.record.memory_size();
+                let CoreRecord { key, headers, timestamp_ms, .. } = req.record;
+                let record = CoreRecord { key, headers, value: buf.slice(value), timestamp_ms };
+                let record = Arc::new(Record { tp: self.part.tp.clone(), offset, record });
+                visible.push(record.clone());
                 if cache_cap > 0 && size <= cache_bytes {
                     while !st.cache.is_empty() && (st.cache.len() >= cache_cap || st.cached_bytes + size > cache_bytes)
                     {
                         st.cache_pop_front();
                     }
-                    let CoreRecord { key, headers, timestamp_ms, .. } = req.record;
-                    let record = CoreRecord { key, headers, value: buf.slice(value), timestamp_ms };
-                    st.cache.push_back(Arc::new(Record { tp: self.part.tp.clone(), offset, record }));
+                    st.cache.push_back(record);
                     st.cached_bytes += size;
                 } else {
                     // Too large to cache: the cache must stay consecutive up to the high
@@ -581,6 +616,9 @@ impl Writer {
             }
             st.high_watermark = base + dones.len() as u64;
         }
+        // Pushed before the acknowledgements: a delivery does not wait for the appenders.
+        self.part.push(&visible);
+        drop(visible);
         self.part.wake_tails();
         self.file = Some(file);
         self.dirty = !sync;

@@ -300,3 +300,60 @@ async fn dropped_tail_and_core_stop_cleanly() {
     assert_eq!(total, 10);
     core.shutdown().await;
 }
+
+/// Collects what a partition pushes.
+#[derive(Default)]
+struct Collect(parking_lot::Mutex<Vec<u64>>);
+
+impl LiveSink for Collect {
+    fn offer(&self, records: &[Arc<Record>]) {
+        self.0.lock().extend(records.iter().map(|r| r.offset));
+    }
+}
+
+#[tokio::test]
+async fn records_are_pushed_from_the_registered_offset_on_in_order_once_per_sink() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = EmbeddedCore::open(&config(dir.path()), "events").await.unwrap();
+    core.ensure_topic("t", 2).await.unwrap();
+    let tp = TopicPartition::new("t", 0);
+    for i in 0..3 {
+        core.append("t", CoreRecord { key: Some(Bytes::from_static(b"k")), ..record(i, 1) }).await.unwrap();
+    }
+    let sink = Arc::new(Collect::default());
+    let weak: Weak<dyn LiveSink> = Arc::downgrade(&sink) as Weak<dyn LiveSink>;
+    // The key picks one partition: register on that one.
+    let (keyed, unkeyed) = match core.end_offset(&tp).await.unwrap() {
+        3 => (tp, TopicPartition::new("t", 1)),
+        _ => (TopicPartition::new("t", 1), tp),
+    };
+    let from = core.push_to(&keyed, weak.clone()).unwrap().unwrap();
+    assert_eq!(from, 3);
+    // Registering again adds nothing.
+    assert_eq!(core.push_to(&keyed, weak).unwrap().unwrap(), 3);
+    // Appends queued together become one batch; each record arrives once, in offset order,
+    // and the acknowledgement comes after the push.
+    let acks: Vec<_> = futures::future::join_all(
+        (3..103).map(|i| core.enqueue("t", CoreRecord { key: Some(Bytes::from_static(b"k")), ..record(i, 1) })),
+    )
+    .await;
+    for ack in acks {
+        let pos = ack.unwrap().await.unwrap();
+        assert!(sink.0.lock().contains(&pos.offset), "acknowledged before pushed: {}", pos.offset);
+    }
+    assert_eq!(*sink.0.lock(), (3..103).collect::<Vec<u64>>());
+    // A dropped sink is not called (and is forgotten).
+    drop(sink);
+    core.append("t", CoreRecord { key: Some(Bytes::from_static(b"k")), ..record(0, 1) }).await.unwrap();
+    // A sink registered on one partition gets nothing of another.
+    let elsewhere = Arc::new(Collect::default());
+    core.push_to(&unkeyed, Arc::downgrade(&elsewhere) as Weak<dyn LiveSink>).unwrap().unwrap();
+    let pos = core.append("t", CoreRecord { key: Some(Bytes::from_static(b"k")), ..record(0, 1) }).await.unwrap();
+    assert_eq!(pos.partition, keyed.partition);
+    assert!(elsewhere.0.lock().is_empty());
+    core.append("t", record(0, 1)).await.unwrap();
+    core.append("t", record(0, 1)).await.unwrap();
+    assert_eq!(elsewhere.0.lock().len(), 1, "round-robin: one of two unkeyed records");
+    // A partition of a topic that does not exist cannot push.
+    assert!(core.push_to(&TopicPartition::new("missing", 0), Weak::<Collect>::new()).unwrap().is_err());
+}

@@ -536,3 +536,18 @@ async fn the_retained_store_is_bounded() {
         ]
     );
 }
+
+/// The allocator asks the kernel for transparent huge pages, and the kernel zeroing a fresh
+/// 2 MiB page held a runtime thread for about 10 ms in the middle of deliveries: the gateway
+/// turns them off for its process at start (docs/benchmarks.md). An operator sees that in
+/// `/proc/<pid>/status`.
+#[test]
+fn the_gateway_process_runs_without_transparent_huge_pages() {
+    let gw = GatewayProcess::options(
+        "core:\n  embedded:\n    data_dir: data\n    fsync: never\nauth:\n  allow_anonymous: true\n",
+    )
+    .start();
+    let status = std::fs::read_to_string(format!("/proc/{}/status", gw.pid())).unwrap();
+    let line = status.lines().find(|l| l.starts_with("THP_enabled:")).expect("THP_enabled in /proc/<pid>/status");
+    assert_eq!(line.split_whitespace().nth(1), Some("0"), "{line}");
+}
